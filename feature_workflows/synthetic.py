@@ -1,0 +1,255 @@
+"""Synthetic e-commerce shop with planted, learnable structure (the embedded default dataset).
+
+What is planted, so that models can be checked against known truth:
+- users have a latent category preference (Dirichlet), favourite brands and a preferred price;
+- item popularity is long-tailed (Pareto weights) and drives what is shown;
+- clicks follow category/brand/price match; add-to-cart and purchase follow clicks;
+- about half the users shift interest to new categories late in the timeline, so recent
+  behaviour predicts the near future better than the long-term profile;
+- the hour of day nudges the session's intent category (context matters, a little).
+The latent truth per user is written to `ground_truth.parquet` beside the raw tables.
+
+Generation is deterministic for a seed and streamed: users are produced in chunks, each chunk's
+interactions are written as one parquet part, so memory is bounded at any size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+DAY = 86_400
+END_TS = 1_767_225_600  # 2026-01-01T00:00:00Z: the end of the simulated timeline
+USER_ID_BASE = 1_000_000
+ITEM_ID_BASE = 5_000_000
+
+
+@dataclass(frozen=True)
+class ShopSize:
+    users: int
+    items: int
+    categories: int
+    sessions_per_user: float
+    slate: int  # impressions per session
+    days: int = 90
+    chunk_users: int = 20_000
+
+
+SIZES = {
+    "tiny": ShopSize(users=600, items=400, categories=12, sessions_per_user=6, slate=8),
+    "small": ShopSize(users=4_000, items=2_000, categories=20, sessions_per_user=8, slate=10),
+    "medium": ShopSize(users=100_000, items=100_000, categories=40, sessions_per_user=8, slate=10),
+    "large": ShopSize(users=1_000_000, items=1_000_000, categories=60, sessions_per_user=9, slate=10),
+}
+
+REGIONS = np.array([f"region_{i}" for i in range(8)])
+DEVICES = np.array(["mobile", "desktop", "tablet"])
+GENDERS = np.array(["F", "M", "U"])
+
+
+def _items(size: ShopSize, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+    n, c = size.items, size.categories
+    cat_p = 1.0 / np.arange(1, c + 1) ** 0.6
+    cat_p /= cat_p.sum()
+    category = rng.choice(c, size=n, p=cat_p)
+    n_brands = max(2 * c, n // 40)
+    # brand b belongs to category b % c; an item's brand is one of its category's brands
+    brands_per_cat = n_brands // c
+    brand = category + c * rng.integers(0, brands_per_cat, size=n)
+    cat_log_price = rng.uniform(2.0, 6.0, size=c)
+    price = np.round(np.exp(cat_log_price[category] + rng.normal(0, 0.45, size=n)), 2)
+    popularity = rng.pareto(1.1, size=n) + 1.0  # long tail
+    start = END_TS - size.days * DAY
+    created = rng.integers(start - 180 * DAY, END_TS - 2 * DAY, size=n)
+    frame = pd.DataFrame(
+        {
+            "item_id": ITEM_ID_BASE + np.arange(n, dtype=np.int64),
+            "category": np.char.add("cat_", np.char.zfill(category.astype(str), 2)),
+            "brand": np.char.add("brand_", np.char.zfill(brand.astype(str), 4)),
+            "price": price,
+            "created_ts": created.astype(np.int64),
+        }
+    )
+    # items sorted by category, cumulative popularity: vectorised popularity sampling per category
+    order = np.argsort(category, kind="stable")
+    cum = np.cumsum(popularity[order])
+    counts = np.bincount(category, minlength=c)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    cum_lo = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
+    cum_hi = cum[ends - 1]
+    state = {
+        "category": category,
+        "brand": brand,
+        "log_price": np.log(price),
+        "log_pop": np.log(popularity),
+        "created": created,
+        "order": order,
+        "cum": cum,
+        "cum_lo": cum_lo,
+        "cum_hi": cum_hi,
+        "global_cum": np.cumsum(popularity),
+        "cat_log_price": cat_log_price,
+        "brands_per_cat": brands_per_cat,
+    }
+    return frame, state
+
+
+def _sample_in_category(cats: np.ndarray, items: dict, rng: np.random.Generator) -> np.ndarray:
+    lo, hi = items["cum_lo"][cats], items["cum_hi"][cats]
+    x = lo + rng.random(len(cats)) * (hi - lo)
+    pos = np.searchsorted(items["cum"], x, side="right")
+    return items["order"][np.minimum(pos, len(items["order"]) - 1)]
+
+
+def _sample_popular(n: int, items: dict, rng: np.random.Generator) -> np.ndarray:
+    cum = items["global_cum"]
+    return np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _user_chunk(size: ShopSize, items: dict, first: int, count: int, seed: int):
+    rng = np.random.default_rng([seed, 1, first])
+    c = size.categories
+    uid = first + np.arange(count)
+    age = rng.integers(18, 71, size=count)
+    gender = rng.choice(3, size=count, p=[0.48, 0.48, 0.04])
+    region = rng.integers(0, len(REGIONS), size=count)
+    device = rng.choice(3, size=count, p=[0.6, 0.3, 0.1])
+    # latent preference: a segment prior (age/region) plus a personal Dirichlet draw
+    segment = (age // 15 + region) % c
+    pref = rng.dirichlet(np.full(c, 0.15), size=count)
+    pref[np.arange(count), segment] += 0.3
+    pref /= pref.sum(1, keepdims=True)
+    shifted = rng.random(count) < 0.5
+    pref2 = rng.dirichlet(np.full(c, 0.1), size=count)
+    start = END_TS - size.days * DAY
+    shift_ts = rng.integers(start + size.days * DAY * 6 // 10, END_TS, size=count)
+    fav_cat = pref.argmax(1)
+    fav_brands = fav_cat[:, None] + c * rng.integers(0, items["brands_per_cat"], size=(count, 2))
+    pref_log_price = items["cat_log_price"][fav_cat] + rng.normal(0, 0.3, size=count)
+
+    users = pd.DataFrame(
+        {
+            "user_id": USER_ID_BASE + uid.astype(np.int64),
+            "age": age.astype(np.int64),
+            "gender": GENDERS[gender],
+            "region": REGIONS[region],
+            "device": DEVICES[device],
+        }
+    )
+    truth = pd.DataFrame(
+        {
+            "user_id": users["user_id"],
+            "true_category": fav_cat,
+            "shifted": shifted,
+            "shift_ts": np.where(shifted, shift_ts, -1),
+            "late_category": np.where(shifted, pref2.argmax(1), fav_cat),
+        }
+    )
+
+    # sessions
+    n_sess = rng.poisson(size.sessions_per_user, size=count) + 1
+    s_user = np.repeat(np.arange(count), n_sess)
+    n_s = len(s_user)
+    peak_hour = rng.integers(0, 24, size=count)
+    day = rng.integers(0, size.days, size=n_s)
+    hour = (peak_hour[s_user] + np.round(rng.normal(0, 3, size=n_s)).astype(int)) % 24
+    s_ts = start + day * DAY + hour * 3600 + rng.integers(0, 3600, size=n_s)
+    late = shifted[s_user] & (s_ts >= shift_ts[s_user])
+    s_pref = np.where(late[:, None], pref2[s_user], pref[s_user])
+    cum = s_pref.cumsum(1)
+    intent = (cum < rng.random(n_s)[:, None]).sum(1).clip(0, c - 1)
+    by_hour = rng.random(n_s) < 0.15
+    intent = np.where(by_hour, (hour // 4) % c, intent)
+    s_device = np.where(rng.random(n_s) < 0.8, device[s_user], rng.integers(0, 3, size=n_s))
+
+    # impressions: 60% from the intent category, 40% from global popularity
+    m = size.slate
+    imp_sess = np.repeat(np.arange(n_s), m)
+    from_cat = rng.random(len(imp_sess)) < 0.6
+    imp_item = np.empty(len(imp_sess), dtype=np.int64)
+    imp_item[from_cat] = _sample_in_category(intent[imp_sess[from_cat]], items, rng)
+    imp_item[~from_cat] = _sample_popular(int((~from_cat).sum()), items, rng)
+    imp_ts = s_ts[imp_sess] + np.tile(np.arange(m), n_s)
+    keep = items["created"][imp_item] <= imp_ts  # nothing is shown before it exists
+    imp_sess, imp_item, imp_ts = imp_sess[keep], imp_item[keep], imp_ts[keep]
+    iu = s_user[imp_sess]
+
+    icat = items["category"][imp_item]
+    fav_brand = (items["brand"][imp_item][:, None] == fav_brands[iu]).any(1)
+    price_gap = np.abs(items["log_price"][imp_item] - pref_log_price[iu])
+    logit = (
+        -3.2
+        + 2.2 * (icat == intent[imp_sess])
+        + 3.0 * s_pref[imp_sess, icat]
+        + 1.2 * fav_brand
+        - 0.8 * price_gap
+        + 0.25 * items["log_pop"][imp_item]
+    )
+    click = rng.random(len(logit)) < _sigmoid(logit)
+    p_buy = _sigmoid(-1.0 + 1.5 * fav_brand - 1.2 * price_gap + 0.5 * (s_device[imp_sess] == 1))
+    purchase = click & (rng.random(len(logit)) < p_buy)
+    cart = purchase | (click & (rng.random(len(logit)) < 0.3))
+
+    parts = []
+    for name, mask, delay in (("impression", None, 0), ("click", click, 5), ("cart", cart, 30), ("purchase", purchase, 60)):
+        sel = slice(None) if mask is None else mask
+        parts.append(
+            pd.DataFrame(
+                {
+                    "user_id": USER_ID_BASE + uid[iu[sel]].astype(np.int64),
+                    "item_id": ITEM_ID_BASE + imp_item[sel],
+                    "ts": (imp_ts[sel] + delay).astype(np.int64),
+                    "session_id": (first * 64 + imp_sess[sel]).astype(np.int64),
+                    "event": name,
+                    "device": DEVICES[s_device[imp_sess[sel]]],
+                }
+            )
+        )
+    inter = pd.concat(parts, ignore_index=True).sort_values(["ts", "user_id"], kind="stable")
+    return users, truth, inter.reset_index(drop=True)
+
+
+def generate(out_dir: str | Path, size: str = "small", seed: int = 7, progress: bool = True) -> dict:
+    """Write users.parquet, items.parquet, interactions/part-*.parquet and ground_truth.parquet."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    spec = SIZES[size]
+    out = Path(out_dir)
+    (out / "interactions").mkdir(parents=True, exist_ok=True)
+    for old in (out / "interactions").glob("part-*.parquet"):
+        old.unlink()
+    t0 = time.time()
+    rng = np.random.default_rng([seed, 0])
+    items_df, items = _items(spec, rng)
+    items_df.to_parquet(out / "items.parquet", index=False)
+
+    users_writer = truth_writer = None
+    n_events = 0
+    chunks = range(0, spec.users, spec.chunk_users)
+    for i, first in enumerate(tqdm(chunks, desc=f"generate {size}", unit="chunk", disable=not progress)):
+        count = min(spec.chunk_users, spec.users - first)
+        users, truth, inter = _user_chunk(spec, items, first, count, seed)
+        inter.to_parquet(out / "interactions" / f"part-{i:05d}.parquet", index=False)
+        n_events += len(inter)
+        ut, tt = pa.Table.from_pandas(users, preserve_index=False), pa.Table.from_pandas(truth, preserve_index=False)
+        if users_writer is None:
+            users_writer = pq.ParquetWriter(out / "users.parquet", ut.schema)
+            truth_writer = pq.ParquetWriter(out / "ground_truth.parquet", tt.schema)
+        users_writer.write_table(ut)
+        truth_writer.write_table(tt)
+    users_writer.close()
+    truth_writer.close()
+    return {"size": size, "seed": seed, "users": spec.users, "items": spec.items, "interactions": n_events,
+            "seconds": round(time.time() - t0, 2)}

@@ -1,0 +1,93 @@
+"""The tensor contract: every name, dtype and shape that crosses a step boundary.
+
+Each Triton step's config.pbtxt is generated from this module (serving/repository.py) and a test
+regenerates and diffs the committed files; the ONNX exporters name their inputs/outputs from it.
+Dims exclude the batch dimension; -1 is variable (feature counts come from the fitted workflow
+and are recorded in the serving bundle's contract.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENSEMBLE = "recommender"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # Triton dtype without the TYPE_ prefix: INT64, INT32, FP32, BOOL, STRING
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    @property
+    def numpy_dtype(self) -> str:
+        return {"INT64": "int64", "INT32": "int32", "FP32": "float32", "BOOL": "bool", "STRING": "object"}[self.dtype]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    runtime: str  # "python": python backend everywhere; "onnx": python+ORT on cpu, TensorRT plan on gpu
+    gpu_kind: str  # instance kind in the gpu profile: KIND_CPU for light steps, KIND_GPU for models
+    max_batch_size: int = 256
+    preferred_batch_sizes: tuple[int, ...] = (8, 32, 64)
+    max_queue_delay_us: int = 200
+
+
+# request inputs (per request: one user)
+USER_ID = Tensor("user_id", "INT64", (1,))
+K = Tensor("k", "INT32", (1,))
+HOUR = Tensor("hour", "INT32", (1,), optional=True)
+WEEKDAY = Tensor("weekday", "INT32", (1,), optional=True)
+DEVICE = Tensor("device", "STRING", (1,), optional=True)
+# intermediate tensors
+USER_CAT = Tensor("user_cat", "INT64", (-1,))
+USER_CONT = Tensor("user_cont", "FP32", (-1,))
+COLD_START = Tensor("cold_start", "BOOL", (1,))
+USER_EMBEDDING = Tensor("user_embedding", "FP32", (-1,))
+CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", (-1,))
+RETRIEVAL_SCORES = Tensor("retrieval_scores", "FP32", (-1,))
+ITEM_CAT = Tensor("item_cat", "INT64", (-1, -1))
+ITEM_CONT = Tensor("item_cont", "FP32", (-1, -1))
+RANKING_SCORES = Tensor("ranking_scores", "FP32", (-1,))
+# response
+ITEM_IDS = Tensor("item_ids", "INT64", (-1,))
+SCORES = Tensor("scores", "FP32", (-1,))
+
+REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, DEVICE)
+RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START)
+
+STEPS: tuple[Step, ...] = (
+    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, DEVICE), (USER_CAT, USER_CONT, COLD_START), "python", "KIND_CPU"),
+    Step("user_tower", (USER_CAT, USER_CONT), (USER_EMBEDDING,), "onnx", "KIND_GPU"),
+    Step("retrieval", (USER_EMBEDDING, COLD_START), (CANDIDATE_ROWS, RETRIEVAL_SCORES), "python", "KIND_GPU"),
+    Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "python", "KIND_CPU"),
+    Step("ranker", (USER_CAT, USER_CONT, ITEM_CAT, ITEM_CONT), (RANKING_SCORES,), "onnx", "KIND_GPU", max_batch_size=64,
+         preferred_batch_sizes=(4, 16, 32)),
+    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START), (ITEM_IDS, SCORES), "python", "KIND_CPU"),
+)
+STEP_BY_NAME = {s.name: s for s in STEPS}
+
+# ONNX graphs exported by training/export.py: (inputs, outputs), batch dim first
+ONNX_MODELS = {
+    "user_tower": ((USER_CAT, USER_CONT), (USER_EMBEDDING,)),
+    "item_tower": ((ITEM_CAT, ITEM_CONT), (Tensor("item_embedding", "FP32", (-1,)),)),
+    "ranker": ((USER_CAT, USER_CONT, ITEM_CAT, ITEM_CONT), (RANKING_SCORES,)),
+}
+
+# the serving bundle (artifacts/serving): every file a Triton step loads, checked by manifest
+BUNDLE_FILES = {
+    "query_plan": "query_plan.json",
+    "query_vocab": "query_vocab.npz",
+    "user_store": "user_store.npz",
+    "item_table": "item_table.npz",
+    "user_tower": "user_tower.onnx",
+    "ranker": "ranker.onnx",
+    "item_tower": "item_tower.onnx",
+    "item_embeddings": "item_embeddings.npy",
+    "faiss_index": "items.faiss",
+    "contract": "contract.json",
+}
