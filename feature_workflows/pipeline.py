@@ -67,7 +67,7 @@ def _store_arrays(store: pd.DataFrame, columns: list[str]) -> dict[str, np.ndarr
         if pd.api.types.is_numeric_dtype(s):
             arrays[col] = s.values.astype(np.float64)
         else:
-            arrays[col] = s.fillna("").astype(str).values.astype(str)
+            arrays[col] = np.asarray(s.fillna("").astype(str).values, dtype=str)
         arrays[f"{col}__null"] = null
     return arrays
 
@@ -134,6 +134,7 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
         feats["user_id_raw"] = part["user_id"].values
         feats["item_id_raw"] = part["item_id"].values
         feats["ts"] = part["ts"].values
+        feats["device_raw"] = part["device"].astype(str).values  # raw request context, for evaluation
         feats.to_parquet(out / f"{name}.parquet", index=False)
         split_sizes[name] = int(len(feats))
     steps.update()
@@ -155,8 +156,8 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
         cat_names=np.array(item_plan_cat),
         cont_names=np.array(item_plan_cont),
         popular_rows=popular,
-        category=items["category"].astype(str).values,
-        brand=items["brand"].astype(str).values,
+        category=np.asarray(items["category"].astype(str).values, dtype=str),
+        brand=np.asarray(items["brand"].astype(str).values, dtype=str),
         price=items["price"].values.astype(np.float64),
     )
     steps.update()

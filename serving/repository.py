@@ -65,7 +65,7 @@ def step_config(step: contract.Step, profile: str) -> mc.ModelConfig:
 
 
 def ensemble_config() -> mc.ModelConfig:
-    cfg = mc.ModelConfig(name=contract.ENSEMBLE, platform="ensemble", max_batch_size=256)
+    cfg = mc.ModelConfig(name=contract.ENSEMBLE, platform="ensemble", max_batch_size=min(s.max_batch_size for s in contract.STEPS))
     cfg.input.extend(_io(mc.ModelInput, t) for t in contract.REQUEST_INPUTS)
     cfg.output.extend(_io(mc.ModelOutput, t, with_optional=False) for t in contract.RESPONSE_OUTPUTS)
     for step in contract.STEPS:

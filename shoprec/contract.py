@@ -49,7 +49,6 @@ USER_CONT = Tensor("user_cont", "FP32", (-1,))
 COLD_START = Tensor("cold_start", "BOOL", (1,))
 USER_EMBEDDING = Tensor("user_embedding", "FP32", (-1,))
 CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", (-1,))
-RETRIEVAL_SCORES = Tensor("retrieval_scores", "FP32", (-1,))
 ITEM_CAT = Tensor("item_cat", "INT64", (-1, -1))
 ITEM_CONT = Tensor("item_cont", "FP32", (-1, -1))
 RANKING_SCORES = Tensor("ranking_scores", "FP32", (-1,))
@@ -63,7 +62,7 @@ RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START)
 STEPS: tuple[Step, ...] = (
     Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, DEVICE), (USER_CAT, USER_CONT, COLD_START), "python", "KIND_CPU"),
     Step("user_tower", (USER_CAT, USER_CONT), (USER_EMBEDDING,), "onnx", "KIND_GPU"),
-    Step("retrieval", (USER_EMBEDDING, COLD_START), (CANDIDATE_ROWS, RETRIEVAL_SCORES), "python", "KIND_GPU"),
+    Step("retrieval", (USER_EMBEDDING, COLD_START), (CANDIDATE_ROWS,), "python", "KIND_GPU"),
     Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "python", "KIND_CPU"),
     Step("ranker", (USER_CAT, USER_CONT, ITEM_CAT, ITEM_CONT), (RANKING_SCORES,), "onnx", "KIND_GPU", max_batch_size=64,
          preferred_batch_sizes=(4, 16, 32)),
@@ -74,7 +73,8 @@ STEP_BY_NAME = {s.name: s for s in STEPS}
 # ONNX graphs exported by training/export.py: (inputs, outputs), batch dim first
 ONNX_MODELS = {
     "user_tower": ((USER_CAT, USER_CONT), (USER_EMBEDDING,)),
-    "item_tower": ((ITEM_CAT, ITEM_CONT), (Tensor("item_embedding", "FP32", (-1,)),)),
+    "item_tower": ((Tensor("item_cat", "INT64", (-1,)), Tensor("item_cont", "FP32", (-1,))),
+                   (Tensor("item_embedding", "FP32", (-1,)),)),
     "ranker": ((USER_CAT, USER_CONT, ITEM_CAT, ITEM_CONT), (RANKING_SCORES,)),
 }
 

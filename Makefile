@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` (set up + run everything, ending in served
+# recommendations) and `make test`. .ci/run calls `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SIZE ?= small
+
+.PHONY: setup demo test test-fast repository bench clean
+
+$(VENV)/.installed: requirements/offline.lock requirements/offline.in pyproject.toml
+	@command -v apt-get >/dev/null && ! dpkg -s libb64-0d >/dev/null 2>&1 && \
+	  { echo "installing Debian package libb64-0d (perf_analyzer needs it)"; \
+	    (apt-get update -qq && apt-get install -y -qq libb64-0d) || echo "WARNING: could not install libb64-0d; perf_analyzer benchmarks will fail"; } || true
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q "pip==24.0"   # newer pip rejects merlin-dataloader 23.8's metadata
+	$(VENV)/bin/pip install -q -r requirements/offline.in -c requirements/offline.lock
+	$(VENV)/bin/pip install -q --no-deps -e . --config-settings editable_mode=compat
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/shoprec all --size $(SIZE)
+
+test: setup
+	$(PY) -m pytest -q
+
+repository: setup
+	$(PY) -m serving.repository
+
+bench: setup
+	$(VENV)/bin/shoprec bench
+
+clean:
+	rm -rf artifacts

@@ -1,0 +1,106 @@
+"""Python client for the `recommender` ensemble, over Triton gRPC (default) or HTTP, sync or async.
+
+    from client import RecommenderClient
+    with RecommenderClient("127.0.0.1:8001") as c:
+        rec = c.recommend(1000001, k=10, hour=20, device="mobile")
+        rec.item_ids, rec.scores, rec.cold_start
+
+gRPC is the protocol to expose beyond the host; Triton 2.51's HTTP/JSON front end can be killed
+by a malformed request declaring a huge shape, so keep HTTP on loopback (see README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoprec.contract import ENSEMBLE
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user_id: int
+    item_ids: np.ndarray
+    scores: np.ndarray
+    cold_start: bool
+
+
+def _module(protocol: str, aio: bool = False):
+    if protocol == "grpc":
+        import tritonclient.grpc as m
+        import tritonclient.grpc.aio as a
+    elif protocol == "http":
+        import tritonclient.http as m
+        import tritonclient.http.aio as a
+    else:
+        raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
+    return a if aio else m
+
+
+def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, device=None) -> list:
+    def tensor(name, value, dtype, np_dtype):
+        t = mod.InferInput(name, [1, 1], dtype)
+        t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
+        return t
+
+    inputs = [tensor("user_id", user_id, "INT64", np.int64), tensor("k", k, "INT32", np.int32)]
+    if hour is not None:
+        inputs.append(tensor("hour", hour, "INT32", np.int32))
+    if weekday is not None:
+        inputs.append(tensor("weekday", weekday, "INT32", np.int32))
+    if device is not None:
+        inputs.append(tensor("device", device.encode(), "BYTES", np.object_))
+    return inputs
+
+
+def _parse(user_id, result) -> Recommendation:
+    return Recommendation(user_id, result.as_numpy("item_ids")[0], result.as_numpy("scores")[0],
+                          bool(result.as_numpy("cold_start")[0, 0]))
+
+
+class RecommenderClient:
+    """Synchronous client. `url` is host:port (8001 for gRPC, 8000 for HTTP by default)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = ENSEMBLE):
+        self._mod = _module(protocol)
+        self._client = self._mod.InferenceServerClient(url)
+        self.model = model
+
+    def ready(self) -> bool:
+        return self._client.is_server_ready() and self._client.is_model_ready(self.model)
+
+    def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, device=None) -> Recommendation:
+        result = self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, device))
+        return _parse(user_id, result)
+
+    def close(self):
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncRecommenderClient:
+    """asyncio client: `await c.recommend(...)`; many in flight at once share one connection."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = ENSEMBLE):
+        self._mod = _module(protocol, aio=True)
+        self._client = self._mod.InferenceServerClient(url)
+        self.model = model
+
+    async def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, device=None) -> Recommendation:
+        result = await self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, device))
+        return _parse(user_id, result)
+
+    async def close(self):
+        await self._client.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

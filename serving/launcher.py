@@ -1,0 +1,158 @@
+"""Start a real tritonserver from the nvidia-pytriton wheel (no Docker), wait for readiness, stop.
+
+What it takes care of (see README "Serving without Docker"):
+- the python backend stub for this interpreter's X.Y is put into a private backends folder;
+- this interpreter's libpython comes first on LD_LIBRARY_PATH (the stub otherwise loads
+  Debian's libpython3.11 under a pyenv 3.11 stdlib and dies);
+- this venv's bin is first on PATH so the stub imports this venv's packages;
+- HTTP and gRPC bind to loopback unless told otherwise;
+- it refuses to start when the serving bundle's manifest does not match its files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoprec.config import REPO_ROOT, ServeConfig
+from shoprec.manifest import verify_tree
+
+from .steps import bundle_dir
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise LaunchError("nvidia-pytriton is not installed: `make setup` installs it") from exc
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def backends_dir(work: Path) -> Path:
+    """A backends folder whose python backend has the stub matching this interpreter."""
+    src = pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise LaunchError(f"no python backend stub for Python {version} in {stub.parent.parent}")
+    dst = work / "backends" / "python"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in (src / "backends" / "python").iterdir():
+        if f.is_file() and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+    if not (dst / stub.name).exists():
+        shutil.copy2(stub, dst / stub.name)
+    return work / "backends"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(artifacts: Path) -> dict:
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    # the wheel's bundled libraries (auditwheel): the copied stub no longer finds them by RPATH
+    wheel_libs = [str(p) for p in pytriton_root().parent.parent.glob("nvidia_pytriton*.libs")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, *wheel_libs, env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["SHOPREC_ARTIFACTS"] = str(artifacts)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver process. Use as a context manager, or call start()/stop()."""
+
+    repository: Path
+    artifacts: Path
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    address: str = "127.0.0.1"
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig, artifacts: Path, profile: str = "cpu", ephemeral_ports: bool = False, log_path=None):
+        ports = (free_port(), free_port(), free_port()) if ephemeral_ports else (cfg.http_port, cfg.grpc_port, cfg.metrics_port)
+        return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self, backends: Path) -> list[str]:
+        return [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.address}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=true", "--log-verbose=0",
+        ]
+
+    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        bundle = self.artifacts / "serving"
+        verify_tree(bundle)  # refuse to serve files that differ from what export wrote
+        work = self.artifacts / "triton"
+        cmd = self.command(backends_dir(work))
+        log = open(self.log_path or work / "server.log", "w")
+        self.process = subprocess.Popen(cmd, env=server_env(self.artifacts), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise LaunchError(f"tritonserver exited with {self.process.returncode}; log: {log.name}\n"
+                                  + Path(log.name).read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise LaunchError(f"tritonserver not ready after {timeout_s:.0f}s; log: {log.name}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)  # the server and its python stubs
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self):
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def default_artifacts() -> Path:
+    return bundle_dir().parent

@@ -1,0 +1,1 @@
+"""Training: two-tower retrieval and DLRM ranking in plain PyTorch, evaluation, export."""
