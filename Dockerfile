@@ -14,12 +14,12 @@
 # it into the engine cache key, so moving TRITON_IMAGE to a newer release rebuilds the engines.
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.10-py3
 
-# ---- builder: the serving wheels into one folder; pip and build caches stay in this stage ------
+# ---- builder: every wheel the image needs, in one folder; nothing of this stage ships -----------
 FROM ${TRITON_IMAGE} AS builder
 WORKDIR /src
-COPY docker/requirements-serving.txt docker/
-RUN python3 -m pip install --no-cache-dir --only-binary=:all: \
-        --target /opt/shoprec/site -r docker/requirements-serving.txt
+COPY docker/requirements-serving.txt /wheels/
+RUN python3 -m pip wheel --no-cache-dir --only-binary=:all: --wheel-dir /wheels \
+        -r /wheels/requirements-serving.txt
 # pyproject's readme is left out: it only fills the wheel's long description (setuptools warns)
 COPY pyproject.toml ./
 COPY shoprec/ shoprec/
@@ -27,23 +27,25 @@ COPY feature_workflows/ feature_workflows/
 COPY serving/ serving/
 COPY training/ training/
 COPY client/ client/
-# --no-deps: the offline stack (NVTabular, pandas, torch) never enters the image. serving imports
-# training.index, which needs only NumPy and FAISS.
-RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
-    && python3 -m pip install --no-cache-dir --no-deps --target /opt/shoprec/site /tmp/wheels/shoprec-*.whl
+RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---- runtime ------------------------------------------------------------------------------------
 FROM ${TRITON_IMAGE}
-# PYTHONPATH reaches both the entrypoint and the python backend's stub processes (they inherit
-# tritonserver's environment), so `from serving.triton_models import ...` resolves there too.
-ENV PYTHONPATH=/opt/shoprec/site \
-    PYTHONDONTWRITEBYTECODE=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     SHOPREC_ARTIFACTS=/models/artifacts \
     SHOPREC_ENGINE_CACHE=/engines \
     SHOPREC_MODEL_PROFILE=/opt/shoprec/model_repository/gpu \
     SHOPREC_RUNTIME_REPO=/tmp/shoprec/model_repository
-COPY --from=builder /opt/shoprec/site /opt/shoprec/site
+# The packages go into the system site-packages of the image's Python. The python backend's stub
+# embeds that interpreter in isolated mode, which ignores PYTHONPATH (we saw this with the 2.51
+# stub: sys.flags.isolated=1), so a side folder on PYTHONPATH would hide `serving` from model.py.
+# The wheels are bind-mounted from the builder and never stored in a layer. --no-deps on the
+# project keeps the offline stack out of the image: serving imports training.index, which needs
+# only NumPy and FAISS.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python3 -m pip install --no-cache-dir --no-index --find-links /wheels -r /wheels/requirements-serving.txt \
+    && python3 -m pip install --no-cache-dir --no-index --no-deps /wheels/shoprec-*.whl
 COPY model_repository/gpu/ /opt/shoprec/model_repository/gpu/
 COPY docker/entrypoint.py /opt/shoprec/docker/entrypoint.py
 # Fail the build here, not the first pod on a GPU node: trtexec and tritonserver must be present

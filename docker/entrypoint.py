@@ -175,9 +175,11 @@ def check_tools(env: dict, run=subprocess.run) -> list[str]:
 def tensorrt_version(trtexec: str, run=subprocess.run) -> str:
     """The version the engine builder itself reports: banner '[TensorRT v101303]' -> '10.13.3'."""
     proc = run([trtexec, "--help"], capture_output=True, text=True, timeout=120)
-    match = re.search(r"\[TensorRT v(\d+)\]", (proc.stdout or "") + (proc.stderr or ""))
+    match = re.search(r"\[TensorRT v([\d.]+)\]", (proc.stdout or "") + (proc.stderr or ""))
     if not match:
         raise StartupError(f"cannot read the TensorRT version from `{trtexec} --help`", EXIT_NO_TOOL)
+    if "." in match.group(1):  # some builds print it dotted already
+        return match.group(1)
     n = int(match.group(1))
     return f"{n // 10000}.{n // 100 % 100}.{n % 100}"
 

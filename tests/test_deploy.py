@@ -86,7 +86,10 @@ def test_dockerfile_shape():
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", base), base
     assert base.split(":")[1] > "24.10-py3", "24.10 (Triton 2.51) HTTP dies on a tiny huge-shape request"
     assert len(args["FROM"]) == 2 and args["FROM"][0].endswith("AS builder")  # multi-stage
-    assert any(a.startswith("--from=builder /opt/shoprec/site") for a in args["COPY"])
+    # the runtime stage takes only the builder's wheels, through a bind mount (no wheel in a layer)
+    install = next(a for a in args["RUN"] if "--mount=type=bind,from=builder,source=/wheels" in a)
+    assert "--no-index" in install and "--no-deps /wheels/shoprec-" in install
+    assert "PYTHONPATH" not in " ".join(args["ENV"]), "the python backend stub ignores PYTHONPATH"
     user = args["USER"][-1]
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user), "numeric non-root USER, so k8s can check runAsNonRoot"
     health = args["HEALTHCHECK"][0]

@@ -199,6 +199,7 @@ def test_profile_max_batch_matches_contract_and_export_shapes():
 
 def test_tensorrt_version_from_trtexec_banner():
     assert ep.tensorrt_version("trtexec", FakeMachine(trt_banner="[TensorRT v100100] [b7]")) == "10.1.0"
+    assert ep.tensorrt_version("trtexec", FakeMachine(trt_banner="[TensorRT v10.16.0] [b7]")) == "10.16.0"
     with pytest.raises(ep.StartupError, match="TensorRT version"):
         ep.tensorrt_version("trtexec", FakeMachine(trt_banner="no banner"))
 

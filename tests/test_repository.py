@@ -1,0 +1,45 @@
+"""The committed model repository is exactly what the contract generates, and parses as Triton config."""
+
+import filecmp
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from serving.repository import PROFILES, generate
+from shoprec import contract
+from shoprec.config import REPO_ROOT
+
+
+def test_committed_repository_matches_contract(tmp_path):
+    generate(tmp_path)
+    committed = REPO_ROOT / "model_repository"
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(tmp_path)
+            assert (committed / rel).is_file(), f"{rel} missing: run `make repository`"
+            assert filecmp.cmp(path, committed / rel, shallow=False), f"{rel} differs: run `make repository`"
+    extra = {p.relative_to(committed) for p in committed.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert extra == {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def _load(profile, name):
+    cfg = mc.ModelConfig()
+    text_format.Parse((REPO_ROOT / "model_repository" / profile / name / "config.pbtxt").read_text(), cfg)
+    return cfg
+
+
+def test_configs_parse_and_follow_contract():
+    for profile in PROFILES:
+        ens = _load(profile, contract.ENSEMBLE)
+        assert ens.platform == "ensemble"
+        assert [s.model_name for s in ens.ensemble_scheduling.step] == [s.name for s in contract.STEPS]
+        assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "device"}
+        for step in contract.STEPS:
+            cfg = _load(profile, step.name)
+            assert [i.name for i in cfg.input] == [t.name for t in step.inputs]
+            assert [o.name for o in cfg.output] == [t.name for t in step.outputs]
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == step.max_queue_delay_us
+    gpu = _load("gpu", "ranker")
+    assert gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert _load("gpu", "topk").instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert _load("cpu", "ranker").backend == "python"
