@@ -7,13 +7,14 @@ SIZE ?= small
 
 .PHONY: setup demo test test-fast repository bench clean
 
-$(VENV)/.installed: requirements/offline.lock requirements/offline.in pyproject.toml
+$(VENV)/.installed: requirements/offline.lock requirements/offline.in requirements/dev-tools.txt pyproject.toml
 	@command -v apt-get >/dev/null && ! dpkg -s libb64-0d >/dev/null 2>&1 && \
 	  { echo "installing Debian package libb64-0d (perf_analyzer needs it)"; \
 	    (apt-get update -qq && apt-get install -y -qq libb64-0d) || echo "WARNING: could not install libb64-0d; perf_analyzer benchmarks will fail"; } || true
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q "pip==24.0"   # newer pip rejects merlin-dataloader 23.8's metadata
 	$(VENV)/bin/pip install -q -r requirements/offline.in -c requirements/offline.lock
+	$(VENV)/bin/pip install -q -r requirements/dev-tools.txt -c requirements/offline.lock   # hadolint, kubernetes-validate
 	$(VENV)/bin/pip install -q --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 

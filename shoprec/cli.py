@@ -7,7 +7,7 @@
   evaluate   offline quality report vs popularity and ALS baselines (benchmarks/results)
   serve      start tritonserver on the generated model repository (Ctrl-C stops it)
   recommend  ask a running server for top-k items for a user (HTTP or gRPC)
-  bench      perf_analyzer sweep + Triton vs FastAPI vs in-process comparison
+  bench      request-time transform latency: NVTabular Workflow.transform vs the NumPy plan
   all        data -> features -> train -> export -> evaluate -> serve + recommend (the demo)
 """
 
@@ -92,9 +92,9 @@ def cmd_recommend(args, cfg):
 
 
 def cmd_bench(args, cfg):
-    from benchmarks.serve_bench import main as bench
+    from benchmarks.transform_bench import main as bench
 
-    bench(args, cfg)
+    bench(["--artifacts", str(_artifacts(args)), "--out", str(Path(args.results) / "transform_latency.json")])
 
 
 def cmd_all(args, cfg):
@@ -147,10 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hour", type=int)
     p.add_argument("--weekday", type=int)
     p.add_argument("--device", help="request context device, e.g. mobile")
-    p = add("bench", cmd_bench, "perf_analyzer sweep and the Triton / FastAPI / in-process comparison")
+    p = add("bench", cmd_bench, "request-time transform latency (Workflow.transform vs NumPy plan), batch 1 and 256")
     p.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))
-    p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
-    p.add_argument("--concurrency", default="1,2,4,8,16,32")
     return parser
 
 

@@ -322,3 +322,23 @@ def test_gpu_profile_ensemble_wires_every_step():
     assert [i.name for i in cfg.input] == [t.name for t in contract.REQUEST_INPUTS]
     assert [o.name for o in cfg.output] == [t.name for t in contract.RESPONSE_OUTPUTS]
     assert set(ep.ENGINE_MODELS) == {s.name for s in contract.STEPS if s.runtime == "onnx"}
+
+
+@pytest.mark.slow
+def test_real_exported_bundle_gives_profiles_the_onnx_graphs_accept(artifacts, tmp_path):
+    """The exporter's bundle (conftest: tiny pipeline) against the entrypoint: the manifest
+    verifies, contract.json has the dims, and every trtexec shape fits the ONNX graph's inputs."""
+    import onnx
+
+    env = {"SHOPREC_ARTIFACTS": str(artifacts), "SHOPREC_ENGINE_CACHE": str(tmp_path / "engines"),
+           "SHOPREC_MODEL_PROFILE": str(GPU_PROFILE), "SHOPREC_RUNTIME_REPO": str(tmp_path / "repo")}
+    plan = ep.plan_start(ep.Settings.from_env(env), env, FakeMachine(), gpu_name=GPU, trt_version="10.13.3")
+    for engine in plan.engines:
+        graph = onnx.load(str(engine.onnx), load_external_data=False).graph
+        inputs = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        assert list(inputs) == list(engine.shapes), engine.model
+        for name, (lo, opt, hi) in engine.shapes.items():
+            assert len(inputs[name]) == len(hi), name
+            for axis, static in enumerate(inputs[name]):
+                if static is not None:  # a fixed ONNX axis must get exactly that size
+                    assert lo[axis] == opt[axis] == hi[axis] == static, (engine.model, name, axis)

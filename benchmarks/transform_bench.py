@@ -1,0 +1,74 @@
+"""Request-time transform cost: NVTabular Workflow.transform vs the exported NumPy plan, same rows.
+
+    .venv/bin/python -m benchmarks.transform_bench [--artifacts artifacts]
+
+Writes benchmarks/results/transform_latency.json (median of repeated calls, batch 1 and 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shoprec.config import REPO_ROOT, load_config
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def main(argv=None) -> dict:
+    warnings.filterwarnings("ignore")
+    import nvtabular as nvt
+
+    from feature_workflows import nvt_compat
+    from feature_workflows.request_transform import TransformPlan
+    from feature_workflows.workflows import query_input_columns
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"))
+    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "transform_latency.json"))
+    args = p.parse_args(argv)
+    feat = Path(args.artifacts) / "features"
+    cfg = load_config()
+    wf = nvt.Workflow.load(str(feat / "workflows" / "query"))
+    plan = TransformPlan.load(feat / "serving" / "query_plan.json", feat / "serving" / "query_vocab.npz")
+    store = np.load(feat / "serving" / "user_store.npz", allow_pickle=False)
+    results = {}
+    for batch in (1, 256):
+        idx = np.arange(batch) % len(store["user_id"])
+        raw = {"user_id": store["user_id"][idx]}
+        for col in query_input_columns(cfg.features):
+            if col in ("user_id", "hour", "weekday", "device"):
+                continue
+            v, null = store[col][idx], store[f"{col}__null"][idx]
+            raw[col] = np.where(null, np.nan, v) if v.dtype.kind == "f" else np.where(null, None, v.astype(object))
+        raw["hour"], raw["weekday"] = np.full(batch, 20), np.full(batch, 4)
+        raw["device"] = np.full(batch, "mobile", dtype=object)
+        frame = pd.DataFrame(raw).assign(click=0, purchase=0)
+        nvt_ms = _median_ms(lambda: nvt_compat.transform(wf, frame), 30)
+        plan_ms = _median_ms(lambda: plan.pack(plan.transform(raw)), 300)
+        results[f"batch_{batch}"] = {"workflow_transform_ms": round(nvt_ms, 3), "numpy_plan_ms": round(plan_ms, 4),
+                                     "speedup": round(nvt_ms / plan_ms, 1)}
+    report = {"command": "python -m benchmarks.transform_bench", "machine": f"{platform.machine()}, 2-core CPU, no GPU",
+              "python": platform.python_version(), "results": results}
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
