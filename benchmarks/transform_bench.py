@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from shoprec.config import REPO_ROOT, load_config
+from shoprec.manifest import verify_manifest
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -44,6 +45,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     feat = Path(args.artifacts) / "features"
     cfg = load_config()
+    verify_manifest(feat)  # Workflow.load unpickles: only bytes the features stage wrote
     wf = nvt.Workflow.load(str(feat / "workflows" / "query"))
     plan = TransformPlan.load(feat / "serving" / "query_plan.json", feat / "serving" / "query_vocab.npz")
     store = np.load(feat / "serving" / "user_store.npz", allow_pickle=False)

@@ -45,7 +45,9 @@ def demo_served(artifacts: Path, cfg) -> None:
     """Start Triton, ask it over HTTP and gRPC for two users, print, stop."""
     from serving.launcher import TritonServer
 
-    with np.load(artifacts / "serving" / "user_store.npz", allow_pickle=False) as z:
+    from shoprec.manifest import verified_path
+
+    with np.load(verified_path(artifacts / "serving", "user_store.npz"), allow_pickle=False) as z:
         users = z["user_id"][:2]
     details = item_details(artifacts)
     with TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True) as server:

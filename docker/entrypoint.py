@@ -17,7 +17,7 @@ gRPC (0.0.0.0:8001) is the exposed protocol and metrics listen on 0.0.0.0:8002; 
 a huge shape aborted a whole Triton (2.51) in our fuzzing while gRPC survived every malformed case.
 SHOPREC_HTTP_PUBLIC=1 opts HTTP in to 0.0.0.0.
 
-Only the standard library and shoprec.manifest are imported, so the unit tests run every step
+Only the standard library and shoprec (manifest, tensorrt_shapes) are imported, so the unit tests run every step
 without Docker, a GPU or TensorRT (`run` and `execvp` are injectable, --dry-run prints the plan).
 """
 
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest
+from shoprec.tensorrt_shapes import OPT_BATCH, profile_shapes, trtexec_command  # noqa: F401 - shared with export
 
 ENGINE_MODELS = ("user_tower", "ranker")  # the steps the gpu profile serves as tensorrt_plan
 CONTRACT_KEYS = ("user_cat_dim", "user_cont_dim", "item_cat_dim", "item_cont_dim", "embedding_dim", "num_candidates")
-OPT_BATCH = 16
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 EXIT_BAD_BUNDLE = 2
 EXIT_NO_TOOL = 3
@@ -192,31 +192,6 @@ def config_max_batch_size(config_pbtxt: Path) -> int:
     if not match:
         raise StartupError(f"{config_pbtxt}: no max_batch_size", EXIT_BAD_BUNDLE)
     return int(match.group(1))
-
-
-def profile_shapes(model: str, dims: dict[str, int], max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) shape per ONNX input: batch 1 / 16 / max_batch_size, feature dims fixed.
-
-    The candidate axis N is fixed too: retrieval always returns num_candidates rows per user.
-    """
-    per_row = {
-        "user_cat": (dims["user_cat_dim"],),
-        "user_cont": (dims["user_cont_dim"],),
-        "item_cat": (dims["num_candidates"], dims["item_cat_dim"]),
-        "item_cont": (dims["num_candidates"], dims["item_cont_dim"]),
-    }
-    names = {"user_tower": ("user_cat", "user_cont"), "ranker": ("user_cat", "user_cont", "item_cat", "item_cont")}[model]
-    batches = (1, min(OPT_BATCH, max_batch), max_batch)
-    return {n: tuple((b, *per_row[n]) for b in batches) for n in names}
-
-
-def trtexec_command(trtexec: str, onnx: Path, engine: Path, shapes: dict) -> list[str]:
-    def fmt(i: int) -> str:
-        return ",".join(f"{name}:{'x'.join(map(str, s[i]))}" for name, s in shapes.items())
-
-    # --skipInference: the start path only needs the plan, not trtexec's benchmark run
-    return [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", "--fp16",
-            f"--minShapes={fmt(0)}", f"--optShapes={fmt(1)}", f"--maxShapes={fmt(2)}", "--skipInference"]
 
 
 def cache_key(gpu_name: str, onnx_sha256: str, trt_version: str, shapes: dict) -> str:

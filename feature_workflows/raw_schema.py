@@ -93,7 +93,3 @@ def summarize(raw_dir: str | Path) -> dict:
         "interactions": int(len(inter)),
         **{f"events_{k}": int(v) for k, v in counts.items()},
     }
-
-
-def to_int64(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.int64)

@@ -26,7 +26,6 @@ from pathlib import Path
 from shoprec.config import REPO_ROOT, ServeConfig
 from shoprec.manifest import verify_tree
 
-from .steps import bundle_dir
 
 
 class LaunchError(RuntimeError):
@@ -152,7 +151,3 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def default_artifacts() -> Path:
-    return bundle_dir().parent

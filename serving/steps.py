@@ -7,10 +7,11 @@ id for id. Each step loads only files from the serving bundle, checked against i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +35,26 @@ def bundle_dir() -> Path:
 
 @dataclass
 class Bundle:
+    """The serving bundle. Each file is checked against the manifest once, each .npz read once,
+    however many steps of one process ask for it."""
+
     path: Path
+    _checked: set = field(default_factory=set, repr=False)
+    _arrays: dict = field(default_factory=dict, repr=False)
 
     def file(self, key: str) -> Path:
-        verify_manifest(self.path, [BUNDLE_FILES[key]])
+        if key not in self._checked:
+            verify_manifest(self.path, [BUNDLE_FILES[key]])
+            self._checked.add(key)
         return self.path / BUNDLE_FILES[key]
 
     def npz(self, key: str) -> dict[str, np.ndarray]:
-        with np.load(self.file(key), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        if key not in self._arrays:
+            with np.load(self.file(key), allow_pickle=False) as z:
+                self._arrays[key] = {k: z[k] for k in z.files}
+        return dict(self._arrays[key])  # callers may pop keys; the arrays themselves are shared
 
-    @property
+    @functools.cached_property
     def dims(self) -> dict:
         return json.loads(self.file("contract").read_text())
 

@@ -20,10 +20,6 @@ class Tensor:
     dims: tuple[int, ...]
     optional: bool = False
 
-    @property
-    def numpy_dtype(self) -> str:
-        return {"INT64": "int64", "INT32": "int32", "FP32": "float32", "BOOL": "bool", "STRING": "object"}[self.dtype]
-
 
 @dataclass(frozen=True)
 class Step:

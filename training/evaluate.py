@@ -17,6 +17,7 @@ import numpy as np
 
 from feature_workflows.history import context_from_ts
 from shoprec.config import Config
+from shoprec.manifest import verified_path
 
 from .data import FeatureData
 from .index import search
@@ -104,7 +105,7 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
     for name, top in (("popularity", pop_top), ("als", als_top), ("two_tower_retrieval_order", rows), ("two_tower_+_dlrm_ranking", ranked)):
         nd, hr = _ndcg_hr(top, g_list)
         final[name] = {"ndcg@10": nd, "hitrate@10": hr, "coverage@10": float(len(np.unique(top[:, :10])) / data.n_items)}
-    train_report = json.loads((Path(features_dir).parent / "models" / "train_report.json").read_text())
+    train_report = json.loads(verified_path(Path(features_dir).parent / "models", "train_report.json").read_text())
     report = {
         "dataset": tag, "test_users": int(len(users)), "cold_start_users": int(cold.sum()), "items": int(data.n_items),
         "retrieval": retrieval, "final": final, "ranker_test_auc": train_report["ranking"]["test"],

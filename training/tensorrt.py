@@ -11,21 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-
-def profile_shapes(model: str, dims: dict, max_batch: int, opt_batch: int = 16) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) shape per input; dims from the bundle's contract.json."""
-    def per_row(name):
-        n = dims["num_candidates"]
-        return {"user_cat": (dims["user_cat_dim"],), "user_cont": (dims["user_cont_dim"],),
-                "item_cat": (n, dims["item_cat_dim"]), "item_cont": (n, dims["item_cont_dim"])}[name]
-    names = ["user_cat", "user_cont"] + (["item_cat", "item_cont"] if model == "ranker" else [])
-    return {n: ((1, *per_row(n)), (min(opt_batch, max_batch), *per_row(n)), (max_batch, *per_row(n))) for n in names}
-
-
-def trtexec_command(onnx: Path, engine: Path, shapes: dict) -> list[str]:
-    fmt = lambda i: ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shapes.items())  # noqa: E731
-    return ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}", "--fp16",
-            f"--minShapes={fmt(0)}", f"--optShapes={fmt(1)}", f"--maxShapes={fmt(2)}"]
+from shoprec.tensorrt_shapes import profile_shapes, trtexec_command
 
 
 def tensorrt_available() -> str | None:
@@ -49,7 +35,7 @@ def build_engines(bundle: Path, dims: dict, max_batches: dict[str, int]) -> dict
     built = {}
     for model, max_batch in max_batches.items():
         engine = bundle / f"{model}.plan"
-        cmd = trtexec_command(bundle / f"{model}.onnx", engine, profile_shapes(model, dims, max_batch))
+        cmd = trtexec_command("trtexec", bundle / f"{model}.onnx", engine, profile_shapes(model, dims, max_batch))
         subprocess.run(cmd, check=True)
         built[model] = str(engine)
     return {"built": True, "engines": built}

@@ -33,7 +33,7 @@ def _t(x, device, dtype=None):
 
 
 def build_two_tower(data: FeatureData, cfg: RetrievalConfig) -> TwoTower:
-    return TwoTower(data.user_card, len(data.user_cont_cols), data.item_card, data.item_cat.shape[1] and data.item_cont.shape[1],
+    return TwoTower(data.user_card, len(data.user_cont_cols), data.item_card, data.item_cont.shape[1],
                     cfg.embedding_dim, list(cfg.tower_hidden))
 
 
