@@ -43,10 +43,25 @@ def test_dlrm_shapes_and_interaction():
     assert InteractionArch(4)(torch.randn(2, 4, 3)).shape == (2, 6)
     m = DLRM([5, 6, 7], 3, dim=4, bottom=[8, 4], top=[8])
     assert m(torch.randint(0, 5, (10, 3)), torch.randn(10, 3)).shape == (10, 2)
-    r = RankerServing(m)(torch.randint(0, 5, (2, 1)), torch.randn(2, 1), torch.randint(0, 5, (2, 7, 2)), torch.randn(2, 7, 2))
+    r = RankerServing(m, 1)(torch.randint(0, 5, (2, 1)), torch.randn(2, 1), torch.randint(0, 5, (2, 7, 2)), torch.randn(2, 7, 2))
     assert r.shape == (2, 7) and (r >= 0).all() and (r <= 2).all()
     with pytest.raises(ValueError, match="bottom MLP must end in the embedding dim"):
         DLRM([5], 3, dim=4, bottom=[8], top=[8])
+
+
+@pytest.mark.parametrize("fu,fi", [(1, 1), (3, 2), (4, 3)])
+def test_factorised_serving_ranker_equals_dlrm_on_broadcast_rows(fu, fi):
+    torch.manual_seed(fu * 10 + fi)
+    m = DLRM([9] * (fu + fi), 5, dim=4, bottom=[8, 4], top=[16, 8]).eval()
+    b, n = 3, 11
+    ucat, ucont = torch.randint(0, 12, (b, fu)), torch.randn(b, 2)  # codes past a table are clamped by both
+    icat, icont = torch.randint(0, 9, (b, n, fi)), torch.randn(b, n, 3)
+    cat = torch.cat([ucat[:, None].expand(b, n, fu), icat], 2).reshape(b * n, -1)
+    dense = torch.cat([ucont[:, None].expand(b, n, 2), icont], 2).reshape(b * n, -1)
+    with torch.no_grad():
+        naive = torch.sigmoid(m(cat, dense)).sum(1).reshape(b, n)
+        factorised = RankerServing(m, fu)(ucat, ucont, icat, icont)
+    torch.testing.assert_close(factorised, naive, rtol=1e-5, atol=1e-6)
 
 
 def test_short_training_learns_planted_structure(artifacts):

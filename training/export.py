@@ -74,7 +74,7 @@ def export_bundle(features_dir: str | Path, models_dir: str | Path, out_dir: str
     two_tower = load_two_tower(models_dir, data, cfg.retrieval, "cpu")
     dlrm = build_dlrm(data, cfg.ranking)
     dlrm.load_state_dict(torch.load(verified_path(models_dir, "ranker.pt"), map_location="cpu", weights_only=True))
-    ranker = RankerServing(dlrm.eval()).eval()
+    ranker = RankerServing(dlrm.eval(), len(data.user_card)).eval()
     ucat, ucont, icat, icont = sample_inputs(data, 4, 7)
     report = {"onnx_max_abs_diff": {}}
     files = contract.BUNDLE_FILES

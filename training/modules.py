@@ -102,21 +102,54 @@ class DLRM(nn.Module):
 
 
 class RankerServing(nn.Module):
-    """The exported ranker: one user against N candidates, loss-free.
+    """The exported ranker: one user against N candidates, loss-free, the same function as DLRM.
 
     user_cat [B, Fu], user_cont [B, Cu], item_cat [B, N, Fi], item_cont [B, N, Ci] -> scores [B, N],
     score = P(click) + P(purchase): the expected gain with click=1, purchase=2 (as NDCG counts it).
+
+    Factorised for serving: everything that depends on the user alone (its Fu embeddings, their
+    Fu(Fu-1)/2 pairwise dots and those dots' share of the first top-MLP layer) is computed once per
+    user instead of once per candidate; per candidate only the pairs that involve the dense vector
+    or an item field remain. Same outputs as DLRM on the broadcast rows (tests/test_models.py).
     """
 
-    def __init__(self, dlrm: DLRM):
+    def __init__(self, dlrm: DLRM, n_user_fields: int):
         super().__init__()
         self.dlrm = dlrm
+        fu = n_user_fields
+        fi = len(dlrm.sparse.tables) - fu
+        dim = dlrm.dense[-2].out_features
+        first = dlrm.over[0]
+        if not isinstance(first, nn.Linear) or fi < 1:
+            raise ValueError("RankerServing expects DLRM's top MLP to start with a Linear and at least one item field")
+        # vectors: 0 = dense, 1..fu = user fields, fu+1..fu+fi = item fields; pair p -> column dim + p
+        column = {(int(a), int(b)): dim + p for p, (a, b) in enumerate(zip(*torch.triu_indices(fu + fi + 1, fu + fi + 1, 1)))}
+        users, items = range(1, fu + 1), range(fu + 1, fu + fi + 1)
+        uu = [(a, b) for a in users for b in users if a < b]
+        self.item_pairs = [(a - fu - 1, b - fu - 1) for a in items for b in items if a < b]
+        per_candidate = (list(range(dim)) + [column[0, u] for u in users] + [column[0, i] for i in items]
+                         + [column[u, i] for i in items for u in users] + [column[a, b] for a in items for b in items if a < b])
+        weight = first.weight.detach()
+        self.register_buffer("w_candidate", weight[:, per_candidate].clone())
+        self.register_buffer("w_user", weight[:, [column[p] for p in uu]].clone())
+        self.register_buffer("bias", first.bias.detach().clone())
+        self.register_buffer("uu_flat", torch.tensor([(a - 1) * fu + (b - 1) for a, b in uu], dtype=torch.long))
+        self.fu, self.fi = fu, fi
 
     def forward(self, user_cat, user_cont, item_cat, item_cont):
         b, n = item_cat.shape[0], item_cat.shape[1]
-        uc = user_cat[:, None, :].expand(b, n, user_cat.shape[1])
-        ud = user_cont[:, None, :].expand(b, n, user_cont.shape[1])
-        cat = torch.cat([uc, item_cat], dim=2).reshape(b * n, -1)
-        dense = torch.cat([ud, item_cont], dim=2).reshape(b * n, -1)
-        probs = torch.sigmoid(self.dlrm(cat, dense))
-        return (probs[:, 0] + probs[:, 1]).reshape(b, n)
+        tables = self.dlrm.sparse.tables
+        user = torch.stack([tables[f](user_cat[:, f].clamp(0, tables[f].num_embeddings - 1))
+                            for f in range(self.fu)], dim=1)  # [B, Fu, D]
+        item = torch.stack([tables[self.fu + j](item_cat[:, :, j].clamp(0, tables[self.fu + j].num_embeddings - 1))
+                            for j in range(self.fi)], dim=2)  # [B, N, Fi, D]
+        dense = self.dlrm.dense(torch.cat([user_cont[:, None, :].expand(b, n, user_cont.shape[1]), item_cont], dim=2))
+        user_t = user.transpose(1, 2)  # [B, D, Fu]
+        uu = (user @ user_t).flatten(1)[:, self.uu_flat]  # [B, Fu(Fu-1)/2], once per user
+        h_user = uu @ self.w_user.T + self.bias  # [B, H]
+        parts = [dense, dense @ user_t, (dense[:, :, None, :] * item).sum(-1),
+                 (item.reshape(b, n * self.fi, -1) @ user_t).reshape(b, n, self.fi * self.fu)]
+        parts += [(item[:, :, a] * item[:, :, c]).sum(-1, keepdim=True) for a, c in self.item_pairs]
+        hidden = torch.cat(parts, dim=2) @ self.w_candidate.T + h_user[:, None, :]
+        probs = torch.sigmoid(self.dlrm.over[1:](hidden))
+        return probs[..., 0] + probs[..., 1]
