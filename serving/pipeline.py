@@ -15,7 +15,7 @@ class Pipeline:
         bundle = Bundle(Path(path) if path else bundle_dir())
         self.transform = FeatureTransform(bundle)
         self.user_tower = OnnxModel(bundle, "user_tower", threads=threads)
-        self.retrieval = Retrieval(bundle)
+        self.retrieval = Retrieval(bundle, threads=threads)
         self.candidates = CandidateFeatures(bundle)
         self.ranker = OnnxModel(bundle, "ranker", threads=threads)
         self.topk = TopK(bundle)

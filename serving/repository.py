@@ -56,7 +56,7 @@ def step_config(step: contract.Step, profile: str) -> mc.ModelConfig:
     cfg.input.extend(_io(mc.ModelInput, t) for t in step.inputs)
     cfg.output.extend(_io(mc.ModelOutput, t, with_optional=False) for t in step.outputs)
     cfg.dynamic_batching.preferred_batch_size.extend(step.preferred_batch_sizes)
-    cfg.dynamic_batching.max_queue_delay_microseconds = step.max_queue_delay_us
+    cfg.dynamic_batching.max_queue_delay_microseconds = step.gpu_queue_delay_us if profile == "gpu" else step.cpu_queue_delay_us
     kind = step.gpu_kind if profile == "gpu" else "KIND_CPU"
     cfg.instance_group.add(count=1, kind=getattr(mc.ModelInstanceGroup, kind))
     if not native:

@@ -141,8 +141,12 @@ class Retrieval:
 
     Cold-start users get the N most popular items (scores: descending popularity rank)."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", device_id: int = 0):
+    def __init__(self, bundle: Bundle, device: str = "cpu", device_id: int = 0, threads: int = 1):
         import faiss
+
+        # one thread per instance, like the ONNX sessions: parallelism comes from Triton instances
+        # (or server workers); FAISS's OpenMP team otherwise spins against them on a few cores
+        faiss.omp_set_num_threads(threads)
 
         from training.index import search  # numpy + faiss only
 

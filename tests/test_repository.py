@@ -38,7 +38,8 @@ def test_configs_parse_and_follow_contract():
             cfg = _load(profile, step.name)
             assert [i.name for i in cfg.input] == [t.name for t in step.inputs]
             assert [o.name for o in cfg.output] == [t.name for t in step.outputs]
-            assert cfg.dynamic_batching.max_queue_delay_microseconds == step.max_queue_delay_us
+            delay = step.gpu_queue_delay_us if profile == "gpu" else step.cpu_queue_delay_us
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == delay
     gpu = _load("gpu", "ranker")
     assert gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert _load("gpu", "topk").instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
