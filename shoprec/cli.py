@@ -7,7 +7,8 @@
   evaluate   offline quality report vs popularity and ALS baselines (benchmarks/results)
   serve      start tritonserver on the generated model repository (Ctrl-C stops it)
   recommend  ask a running server for top-k items for a user (HTTP or gRPC)
-  bench      request-time transform latency: NVTabular Workflow.transform vs the NumPy plan
+  bench      benchmarks: request-time transform (NVTabular vs NumPy plan) and serving (perf_analyzer:
+             Triton ensemble vs FastAPI vs in-process), results in benchmarks/results
   all        data -> features -> train -> export -> evaluate -> serve + recommend (the demo)
 """
 
@@ -92,9 +93,14 @@ def cmd_recommend(args, cfg):
 
 
 def cmd_bench(args, cfg):
-    from benchmarks.transform_bench import main as bench
+    if args.suite in ("transform", "all"):
+        from benchmarks.transform_bench import main as transform_bench
 
-    bench(["--artifacts", str(_artifacts(args)), "--out", str(Path(args.results) / "transform_latency.json")])
+        transform_bench(["--artifacts", str(_artifacts(args)), "--out", str(Path(args.results) / "transform_latency.json")])
+    if args.suite in ("serving", "all"):
+        from benchmarks.serving_bench import main as serving_bench
+
+        serving_bench(["--artifacts", str(_artifacts(args)), "--out", str(args.results)])
 
 
 def cmd_all(args, cfg):
@@ -147,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hour", type=int)
     p.add_argument("--weekday", type=int)
     p.add_argument("--device", help="request context device, e.g. mobile")
-    p = add("bench", cmd_bench, "request-time transform latency (Workflow.transform vs NumPy plan), batch 1 and 256")
+    p = add("bench", cmd_bench, "benchmarks on the built artifacts: request-time transform latency (Workflow.transform "
+            "vs NumPy plan) and serving (perf_analyzer sweep: Triton ensemble vs FastAPI vs in-process, ~5 min)")
     p.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--suite", default="all", choices=["transform", "serving", "all"])
     return parser
 
 

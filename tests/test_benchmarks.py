@@ -1,0 +1,76 @@
+"""The serving benchmark's parts against real components: perf_analyzer (the 2.51 wheel's binary)
+driving the real tritonserver, the FastAPI baseline answering what the pipeline answers, and the
+probe ensemble loading and serving."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.serving_bench import input_data, probe_repository, run_perf_analyzer
+
+
+@pytest.fixture(scope="module")
+def requests_file(artifacts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "input.json"
+    users = input_data(artifacts, path, n=40)
+    return path, users
+
+
+def _recommender_successes(server) -> int:
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("recommender", as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_drives_the_ensemble(triton, requests_file, protocol):
+    path, users = requests_file
+    assert json.loads(path.read_text())["data"][0] == {"user_id": [int(users[0])], "k": [10]}
+    before = _recommender_successes(triton)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    row = run_perf_analyzer(url, protocol, 2, path, 60)
+    assert row["throughput_rps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert _recommender_successes(triton) - before >= 60  # the requests really reached the ensemble
+
+
+def test_fastapi_baseline_answers_like_the_pipeline(artifacts, pipeline, requests_file, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import benchmarks.fastapi_app as app_module
+
+    monkeypatch.setenv("SHOPREC_ARTIFACTS", str(artifacts))
+    monkeypatch.setattr(app_module, "_pipeline", None)
+    _, users = requests_file
+    with TestClient(app_module.app) as client:
+        assert client.get("/v2/models/recommender").json()["inputs"][0]["name"] == "user_id"
+        assert client.get("/v2/models/recommender/config").json()["max_batch_size"] == 64
+        for user in users[:5]:
+            body = {"inputs": [{"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [int(user)]},
+                               {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [7]}]}
+            out = {o["name"]: o for o in client.post("/v2/models/recommender/infer", json=body).json()["outputs"]}
+            ids, scores, cold = pipeline.recommend([user], 7)[0]
+            assert out["item_ids"]["data"] == ids.tolist()
+            np.testing.assert_allclose(out["scores"]["data"], scores, rtol=1e-6)
+            assert out["cold_start"]["data"] == [cold]
+        bad_k = {"inputs": [{"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [1]},
+                            {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [0]}]}
+        r = client.post("/v2/models/recommender/infer", json=bad_k)
+        assert r.status_code == 400 and "k must be >= 1" in r.json()["detail"]
+        r = client.post("/v2/models/recommender/infer", json={"inputs": bad_k["inputs"][1:]})
+        assert r.status_code == 400 and "missing input 'user_id'" in r.json()["detail"]
+        r = client.post("/v2/models/recommender/infer", content=b"{not json")
+        assert r.status_code == 400
+
+
+def test_probe_ensemble_serves(artifacts, cfg, requests_file, tmp_path):
+    from serving.launcher import TritonServer, free_port
+
+    path, _ = requests_file
+    with TritonServer(probe_repository(tmp_path / "probe"), artifacts, free_port(), free_port(), free_port(),
+                      log_path=tmp_path / "probe.log") as probe:
+        row = run_perf_analyzer(probe.grpc_url, "grpc", 1, path, 30, model="probe")
+    assert row["throughput_rps"] > 0 and row["p50_ms"] > 0
