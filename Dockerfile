@@ -25,7 +25,6 @@ COPY pyproject.toml ./
 COPY shoprec/ shoprec/
 COPY feature_workflows/ feature_workflows/
 COPY serving/ serving/
-COPY training/ training/
 COPY client/ client/
 RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
@@ -41,8 +40,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # embeds that interpreter in isolated mode, which ignores PYTHONPATH (we saw this with the 2.51
 # stub: sys.flags.isolated=1), so a side folder on PYTHONPATH would hide `serving` from model.py.
 # The wheels are bind-mounted from the builder and never stored in a layer. --no-deps on the
-# project keeps the offline stack out of the image: serving imports training.index, which needs
-# only NumPy and FAISS.
+# project keeps the offline stack out of the image, and training/ is not copied at all: serving
+# needs only shoprec/, feature_workflows/request_transform.py and serving/ (NumPy, ORT, FAISS).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python3 -m pip install --no-cache-dir --no-index --find-links /wheels -r /wheels/requirements-serving.txt \
     && python3 -m pip install --no-cache-dir --no-index --no-deps /wheels/shoprec-*.whl

@@ -19,6 +19,7 @@ import numpy as np
 from feature_workflows.request_transform import TransformPlan
 from shoprec.config import REPO_ROOT
 from shoprec.contract import BUNDLE_FILES
+from shoprec.faiss_search import search
 from shoprec.manifest import verify_manifest
 
 MAX_DEVICE_BYTES = 64
@@ -147,8 +148,6 @@ class Retrieval:
         # one thread per instance, like the ONNX sessions: parallelism comes from Triton instances
         # (or server workers); FAISS's OpenMP team otherwise spins against them on a few cores
         faiss.omp_set_num_threads(threads)
-
-        from training.index import search  # numpy + faiss only
 
         self._search = search
         self.embeddings = np.load(bundle.file("item_embeddings"), allow_pickle=False)

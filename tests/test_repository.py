@@ -1,6 +1,8 @@
 """The committed model repository is exactly what the contract generates, and parses as Triton config."""
 
 import filecmp
+import subprocess
+import sys
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -44,3 +46,13 @@ def test_configs_parse_and_follow_contract():
     assert gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert _load("gpu", "topk").instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert _load("cpu", "ranker").backend == "python"
+
+
+def test_serving_imports_without_the_offline_stack():
+    # the serving image has NumPy, ONNX Runtime and FAISS only: no training package, no NVTabular,
+    # pandas or torch, and nothing that unpickles
+    blocked = ("training", "nvtabular", "merlin", "pandas", "torch", "dask", "cloudpickle")
+    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+            + "import serving.steps, serving.pipeline, serving.repository\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
