@@ -25,6 +25,7 @@ import io
 import json
 import os
 import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -138,6 +139,36 @@ def _step_times(before: dict, after: dict) -> dict:
     return out
 
 
+def process_cpu(pgid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process in a process group, by role: the Triton
+    core, each python-backend stub by its model, uvicorn workers."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2:].split()
+            if int(fields[2]) != pgid:
+                continue
+            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        model = next((Path(c.decode()).parent.parent.name for c in cmd if c.endswith(b"/model.py")), None)
+        if model:
+            role = f"stub:{model}"
+        elif any(b"uvicorn" in c or b"multiprocessing" in c for c in cmd):
+            role = "uvicorn (FastAPI workers)"
+        else:
+            role = Path(cmd[0].decode()).name or "?"
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    return {k: round((after[k] - before.get(k, 0.0)) / requests * 1e3, 3) for k in sorted(after)
+            if after[k] - before.get(k, 0.0) > 0}
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -221,11 +252,18 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "os": platform.platform(), "python": platform.python_version()}
 
 
-def sweep(results: dict, target: str, url: str, protocol: str, levels, data: Path, grpc_stats_url: str | None = None):
+def sweep(results: dict, target: str, url: str, protocol: str, levels, data: Path, pgid: int,
+          grpc_stats_url: str | None = None):
     rows = []
     for c in levels:
         before = _model_stats(grpc_stats_url) if grpc_stats_url else None
+        cpu0, gen0 = process_cpu(pgid), resource.getrusage(resource.RUSAGE_CHILDREN)
         row = run_perf_analyzer(url, protocol, c, data, _request_count(c))
+        cpu1, gen1 = process_cpu(pgid), resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU ms per request: where the cores went (server processes by role, and the load generator)
+        row["cpu_ms_per_request"] = _cpu_per_request(cpu0, cpu1, row["requests"])
+        row["cpu_ms_per_request"]["load_generator"] = round(
+            ((gen1.ru_utime + gen1.ru_stime) - (gen0.ru_utime + gen0.ru_stime)) / row["requests"] * 1e3, 3)
         if grpc_stats_url:
             row["steps"] = _step_times(before, _model_stats(grpc_stats_url))
         rows.append(row)
@@ -300,7 +338,21 @@ def markdown(report: dict) -> str:
         cells = [f"{r['steps'][n]['queue_us']:.0f} / {r['steps'][n]['compute_infer_us']:.0f}; {r['steps'][n]['avg_batch']}"
                  if n in r.get("steps", {}) else "" for n in report["steps"]]
         lines.append(f"| {r['concurrency']} | " + " | ".join(cells) + " |")
+    c_hi = 16 if 16 in report["concurrency"] else report["concurrency"][-1]
+    rows = {t: next(r for r in report["targets"][t] if r["concurrency"] == c_hi) for t in report["targets"]}
+    roles = sorted({k for r in rows.values() for k in r.get("cpu_ms_per_request", {})})
+    lines += ["", f"CPU time per request at concurrency {c_hi} (ms, summed over both cores; where the cores go):", "",
+              "| process | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for role in roles:
+        lines.append(f"| {role} | " + " | ".join(_ms(r.get("cpu_ms_per_request", {}).get(role)) for r in rows.values()) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{sum(r.get('cpu_ms_per_request', {}).values()):.3f}**" for r in rows.values()) + " |")
+    lines += ["", f"In-process: {report['in_process']['p50_ms']:.3f} ms per request at batch 1, "
+              f"{report['in_process']['batch16_ms_per_request']:.3f} ms per request at batch 16 (same steps, one process)."]
     return "\n".join(lines) + "\n"
+
+
+def _ms(value) -> str:
+    return "—" if not value else f"{value:.3f}"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -354,10 +406,11 @@ def main(argv=None) -> dict:
         print(f"in-process    c=1   {report['in_process']['throughput_rps']:8.1f} req/s  "
               f"p50 {report['in_process']['p50_ms']:7.2f} ms", flush=True)
         with TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True, log_path=Path(tmp) / "triton.log") as server:
-            sweep(report["targets"], "triton-grpc", server.grpc_url, "grpc", args.concurrency, data, server.grpc_url)
-            sweep(report["targets"], "triton-http", server.http_url, "http", args.concurrency, data)
+            pgid = server.process.pid  # started in its own session: the stubs share its process group
+            sweep(report["targets"], "triton-grpc", server.grpc_url, "grpc", args.concurrency, data, pgid, server.grpc_url)
+            sweep(report["targets"], "triton-http", server.http_url, "http", args.concurrency, data, pgid)
         with FastAPIServer(artifacts, args.fastapi_workers) as api:
-            sweep(report["targets"], "fastapi-http", api.url, "http", args.concurrency, data)
+            sweep(report["targets"], "fastapi-http", api.url, "http", args.concurrency, data, api.proc.pid)
         probe_root = probe_repository(Path(tmp) / "probe")
         with TritonServer(probe_root, artifacts, free_port(), free_port(), free_port(), log_path=Path(tmp) / "probe.log") as probe:
             report["probe"] = {"what": "ensemble of 6 identity python-backend models (no model work), gRPC",
