@@ -24,6 +24,7 @@ class FeatureConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     recent_items: int = 3
+    recent_categories: int = 10
     age_buckets: tuple[int, ...] = (18, 25, 35, 45, 55, 65)
 
 
