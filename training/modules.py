@@ -17,28 +17,69 @@ def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
 
 
 class SparseArch(nn.Module):
-    """One embedding table per categorical field: cat [B, F] int64 -> [B, F, D]."""
+    """Embedding lookup: cat [B, F] int64 -> [B, F, D].
 
-    def __init__(self, cardinalities: list[int], dim: int):
+    `tables[f]` names field f's table (default: one per field). Fields encoded with one joint
+    vocabulary (the last N clicked items, the categories of the last N clicks) share a table, so a
+    value learns one vector whichever slot it appears in: N times the examples per vector.
+    """
+
+    def __init__(self, cardinalities: list[int], dim: int, tables: list[int] | None = None):
         super().__init__()
-        self.tables = nn.ModuleList(nn.Embedding(int(c), dim) for c in cardinalities)
+        tables = list(range(len(cardinalities))) if tables is None else [int(t) for t in tables]
+        if len(tables) != len(cardinalities):
+            raise ValueError(f"{len(cardinalities)} fields but {len(tables)} table assignments")
+        keys = sorted(set(tables))
+        self.field_table = [keys.index(t) for t in tables]
+        sizes = [max(int(c) for c, t in zip(cardinalities, self.field_table) if t == k) for k in range(len(keys))]
+        self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in sizes)
         for t in self.tables:
             nn.init.normal_(t.weight, std=0.05)
 
     def forward(self, cat: torch.Tensor) -> torch.Tensor:
         # codes beyond a table (never produced by the workflow) are clamped rather than crash ONNX
-        return torch.stack(
-            [t(cat[:, i].clamp(0, t.num_embeddings - 1)) for i, t in enumerate(self.tables)], dim=1
-        )
+        out = []
+        for i, t in enumerate(self.field_table):
+            table = self.tables[t]
+            out.append(table(cat[:, i].clamp(0, table.num_embeddings - 1)))
+        return torch.stack(out, dim=1)
+
+
+class FieldArch(nn.Module):
+    """The embedding vectors a model reads: cat [B, F] int64 -> [B, V, D].
+
+    `fields` picks the categorical columns used (default: all F); `tables` assigns each column an
+    embedding table (see SparseArch). Columns sharing a table (the slots of one history list) are
+    mean-pooled into one vector: the mix of the user's recent categories, not their order. V is the
+    number of distinct tables among the used fields.
+    """
+
+    def __init__(self, cardinalities: list[int], dim: int, tables: list[int] | None = None,
+                 fields: list[int] | None = None):
+        super().__init__()
+        fields = list(range(len(cardinalities))) if fields is None else [int(f) for f in fields]
+        tables = list(range(len(cardinalities))) if tables is None else list(tables)
+        self.register_buffer("fields", torch.tensor(fields, dtype=torch.long), persistent=False)
+        self.sparse = SparseArch([cardinalities[f] for f in fields], dim, [tables[f] for f in fields])
+        groups = self.sparse.field_table
+        pool = torch.zeros(max(groups) + 1, len(groups))
+        for i, g in enumerate(groups):
+            pool[g, i] = 1.0
+        self.register_buffer("pool", pool / pool.sum(1, keepdim=True), persistent=False)
+        self.n_vectors = len(pool)
+
+    def forward(self, cat: torch.Tensor) -> torch.Tensor:
+        return self.pool @ self.sparse(cat.index_select(1, self.fields))
 
 
 class Tower(nn.Module):
-    """cat [B, F], cont [B, C] -> L2-normalised embedding [B, D_out]."""
+    """cat [B, F], cont [B, C] -> L2-normalised embedding [B, D_out] (fields/tables: see FieldArch)."""
 
-    def __init__(self, cardinalities: list[int], n_cont: int, emb_dim: int, hidden: list[int], out_dim: int):
+    def __init__(self, cardinalities: list[int], n_cont: int, emb_dim: int, hidden: list[int], out_dim: int,
+                 tables: list[int] | None = None, fields: list[int] | None = None):
         super().__init__()
-        self.sparse = SparseArch(cardinalities, emb_dim)
-        self.mlp = mlp([len(cardinalities) * emb_dim + n_cont, *hidden, out_dim])
+        self.sparse = FieldArch(cardinalities, emb_dim, tables, fields)
+        self.mlp = mlp([self.sparse.n_vectors * emb_dim + n_cont, *hidden, out_dim])
 
     def forward(self, cat: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.sparse(cat).flatten(1), cont], dim=1)
@@ -47,9 +88,10 @@ class Tower(nn.Module):
 
 class TwoTower(nn.Module):
     def __init__(self, user_card: list[int], user_cont: int, item_card: list[int], item_cont: int,
-                 out_dim: int, hidden: list[int], emb_dim: int = 16):
+                 out_dim: int, hidden: list[int], emb_dim: int = 16, user_tables: list[int] | None = None,
+                 user_fields: list[int] | None = None):
         super().__init__()
-        self.user_tower = Tower(user_card, user_cont, emb_dim, hidden, out_dim)
+        self.user_tower = Tower(user_card, user_cont, emb_dim, hidden, out_dim, user_tables, user_fields)
         self.item_tower = Tower(item_card, item_cont, emb_dim, hidden, out_dim)
 
 
@@ -69,7 +111,7 @@ def sampled_softmax_loss(user: torch.Tensor, item: torch.Tensor, item_ids: torch
 
 
 class InteractionArch(nn.Module):
-    """Pairwise dot products: [B, F+1, D] -> upper triangle [B, (F+1)F/2]."""
+    """Pairwise dot products: [B, V+1, D] -> upper triangle [B, (V+1)V/2]."""
 
     def __init__(self, n_vectors: int):
         super().__init__()
@@ -83,15 +125,16 @@ class InteractionArch(nn.Module):
 
 
 class DLRM(nn.Module):
-    """cat [B, F], dense [B, C] -> logits [B, 2] (click, purchase)."""
+    """cat [B, F], dense [B, C] -> logits [B, 2] (click, purchase) (fields/tables: see FieldArch)."""
 
-    def __init__(self, cardinalities: list[int], n_dense: int, dim: int, bottom: list[int], top: list[int]):
+    def __init__(self, cardinalities: list[int], n_dense: int, dim: int, bottom: list[int], top: list[int],
+                 tables: list[int] | None = None, fields: list[int] | None = None):
         super().__init__()
         if bottom[-1] != dim:
             raise ValueError(f"bottom MLP must end in the embedding dim {dim}, got {bottom}")
-        self.sparse = SparseArch(cardinalities, dim)
+        self.sparse = FieldArch(cardinalities, dim, tables, fields)
         self.dense = mlp([n_dense, *bottom], final_activation=True)
-        n = len(cardinalities) + 1
+        n = self.sparse.n_vectors + 1
         self.interaction = InteractionArch(n)
         self.over = mlp([dim + n * (n - 1) // 2, *top, 2])
 
