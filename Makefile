@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SIZE ?= small
 
-.PHONY: setup demo test test-fast repository bench clean
+.PHONY: setup demo test test-fast repository bench bench-train clean
 
 $(VENV)/.installed: requirements/offline.lock requirements/offline.in requirements/dev-tools.txt pyproject.toml
 	@command -v apt-get >/dev/null && ! dpkg -s libb64-0d >/dev/null 2>&1 && \
@@ -31,6 +31,9 @@ repository: setup
 
 bench: setup
 	$(VENV)/bin/shoprec bench
+
+bench-train: setup   # after `make demo`: training samples/s -> benchmarks/results/train_throughput.json
+	$(PY) -m benchmarks.train_throughput
 
 clean:
 	rm -rf artifacts

@@ -27,7 +27,7 @@ from shoprec.manifest import write_manifest
 
 from . import nvt_compat
 from .export_plan import save_plan
-from .history import DAY, attach_history, click_states, context_from_ts, recent_item_columns, snapshot
+from .history import DAY, attach_history, click_states, context_from_ts, recent_category_columns, recent_item_columns, snapshot
 from .raw_schema import RawDataError, read_table
 from .request_transform import TransformPlan
 from .workflows import TARGET_COLUMNS, item_workflow, query_input_columns, query_workflow
@@ -50,8 +50,14 @@ def impression_rows(inter: pd.DataFrame) -> pd.DataFrame:
 
 
 def _query_rows(rows: pd.DataFrame, users: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
+    """Impression rows + profile + history + context. History is the state when the row's session
+    began: the server's user store is a snapshot that no click of the running session updates, so a
+    model trained on in-session history would lean on a signal it never gets when serving."""
     rows = rows.merge(users.rename(columns={"device": "user_device"}), on="user_id", how="left")
+    row_ts = rows["ts"].values
+    rows["ts"] = rows.groupby("session_id")["ts"].transform("min").values
     rows = attach_history(rows, states)
+    rows["ts"] = row_ts
     rows["hour"], rows["weekday"] = context_from_ts(rows["ts"].values)
     return rows
 
@@ -88,11 +94,16 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
     t_test = int(np.quantile(imp["ts"].values, 1 - cfg.test_fraction))
     steps.update()
 
-    # clicks carry the item's category for the history state
+    # clicks carry the item's category and its price relative to the category's (catalog known at
+    # t_valid) for the history state
+    known = items[items["created_ts"] < t_valid]
+    cat_log_price = np.log(known["price"].clip(lower=0.01)).groupby(known["category"]).mean()
     clicks = inter.loc[inter["event"] == "click", ["user_id", "item_id", "ts"]].merge(
-        items[["item_id", "category"]], on="item_id", how="left"
+        items[["item_id", "category", "price"]], on="item_id", how="left"
     )
-    states = click_states(clicks, cfg.recent_items)
+    rel = np.log(clicks.pop("price").clip(lower=0.01)) - clicks["category"].map(cat_log_price)
+    clicks["rel_price"] = rel.fillna(0.0)
+    states = click_states(clicks, cfg.recent_items, cfg.recent_categories)
     rows = _query_rows(imp, users, states)
     train = rows[rows["ts"] < t_valid]
     valid = rows[(rows["ts"] >= t_valid) & (rows["ts"] < t_test)]
@@ -167,8 +178,11 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
         sizes = col.properties.get("embedding_sizes")
         if sizes:
             item_card[col.name] = int(sizes["cardinality"])
+    # columns encoded with one joint vocabulary (recent items, recent categories) share an embedding table
+    vocab_of = {c["name"]: next((op["vocab"] for op in c["ops"] if op["type"] == "categorify"), c["name"]) for c in plan.columns}
     schema = {
         "query_cat": plan.cat_names,
+        "query_vocabularies": [vocab_of[c] for c in plan.cat_names],
         "query_cont": plan.cont_names,
         "query_cardinalities": plan.cardinalities,
         "item_cat": item_plan_cat,
@@ -177,6 +191,7 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
         "targets": TARGET_COLUMNS,
         "user_id_column": "user_id",
         "recent_item_columns": recent_item_columns(cfg.recent_items),
+        "recent_category_columns": recent_category_columns(cfg.recent_categories),
         "t_valid": t_valid,
         "t_test": t_test,
         "rows": split_sizes,

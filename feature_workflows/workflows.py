@@ -11,10 +11,10 @@ from pathlib import Path
 
 from shoprec.config import FeatureConfig
 
-from .history import recent_item_columns
+from .history import recent_category_columns, recent_item_columns
 from .nvt_compat import categorify
 
-USER_STRING_COLUMNS = ["gender", "region", "user_device", "fav_category", "recent_category"]
+USER_STRING_COLUMNS = ["gender", "region", "user_device", "fav_category"]
 CONTEXT_COLUMNS = ["hour", "weekday", "device"]
 TARGET_COLUMNS = ["click", "purchase"]
 ITEM_CONTINUOUS = ["price", "popularity", "item_age_days"]
@@ -22,7 +22,8 @@ ITEM_CONTINUOUS = ["price", "popularity", "item_age_days"]
 
 def query_input_columns(cfg: FeatureConfig) -> list[str]:
     """Raw columns a request row has (after the user store lookup)."""
-    return ["user_id", "age", *USER_STRING_COLUMNS, *recent_item_columns(cfg.recent_items), "activity", *CONTEXT_COLUMNS]
+    return ["user_id", "age", *USER_STRING_COLUMNS, *recent_item_columns(cfg.recent_items),
+            *recent_category_columns(cfg.recent_categories), "activity", "price_level", *CONTEXT_COLUMNS]
 
 
 def query_workflow(cfg: FeatureConfig, cat_dir: str | Path, with_targets: bool = True):
@@ -40,9 +41,12 @@ def query_workflow(cfg: FeatureConfig, cat_dir: str | Path, with_targets: bool =
     user_cats = USER_STRING_COLUMNS >> categorify(cat_dir) >> ops.AddTags([Tags.USER])
     # recent items share one vocabulary (joint encoding): the same item has the same code in every slot
     recent = [recent_item_columns(cfg.recent_items)] >> categorify(cat_dir, encode_type="joint") >> ops.AddTags([Tags.USER])
+    recent_cats = ([recent_category_columns(cfg.recent_categories)] >> categorify(cat_dir, encode_type="joint")
+                   >> ops.AddTags([Tags.USER]))
     activity = ["activity"] >> ops.FillMissing(fill_val=0) >> ops.LogOp() >> ops.Normalize() >> ops.AddTags([Tags.USER])
+    price_level = ["price_level"] >> ops.FillMissing(fill_val=0) >> ops.Normalize() >> ops.AddTags([Tags.USER])
     context = CONTEXT_COLUMNS >> categorify(cat_dir) >> ops.AddTags([Tags.CONTEXT])
-    graph = user_id + age + user_cats + recent + activity + context
+    graph = user_id + age + user_cats + recent + recent_cats + activity + price_level + context
     if with_targets:
         graph = graph + (TARGET_COLUMNS >> ops.AddTags([Tags.TARGET, Tags.BINARY_CLASSIFICATION]))
     return nvt.Workflow(graph)

@@ -24,6 +24,7 @@ class FeatureConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     recent_items: int = 3
+    recent_categories: int = 10
     age_buckets: tuple[int, ...] = (18, 25, 35, 45, 55, 65)
 
 
@@ -33,6 +34,7 @@ class RetrievalConfig:
     tower_hidden: tuple[int, ...] = (128,)
     temperature: float = 0.05
     logq_correction: bool = True
+    ignore_user_features: tuple[str, ...] = ("user_id", "recent_item_*")
     batch_size: int = 1024
     epochs: int = 8
     learning_rate: float = 3e-3
@@ -46,12 +48,14 @@ class RankingConfig:
     bottom_mlp: tuple[int, ...] = (64, 16)
     top_mlp: tuple[int, ...] = (128, 64)
     cvr_loss_weight: float = 0.5
-    hard_negatives: int = 20
-    random_negatives: int = 10
-    batch_size: int = 2048
-    epochs: int = 6
+    ignore_user_features: tuple[str, ...] = ("user_id", "recent_item_*")
+    random_negatives: int = 60
+    hard_negatives: int = 0
+    hard_negative_ranks: tuple[int, ...] = (100, 300)
+    batch_size: int = 4096
+    epochs: int = 3
     learning_rate: float = 3e-3
-    patience: int = 2
+    patience: int = 1
     seed: int = 7
 
 

@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore")
 @pytest.fixture(scope="session")
 def cfg():
     c = load_config()
-    c = c.replace("retrieval", epochs=4, patience=4)
+    c = c.replace("retrieval", epochs=4, patience=4, batch_size=256)  # tiny has few clicks: more, smaller steps
     return c.replace("ranking", epochs=2, patience=2)
 
 

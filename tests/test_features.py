@@ -8,6 +8,7 @@ import pytest
 
 from feature_workflows import nvt_compat
 from feature_workflows.export_plan import UnsupportedOp, build_plan
+from feature_workflows.history import recent_category_columns
 from feature_workflows.request_transform import TransformPlan
 from feature_workflows.workflows import query_input_columns
 from shoprec.manifest import verify_manifest
@@ -85,7 +86,7 @@ def test_request_transform_equals_workflow_transform(artifacts, cfg):
     plan = TransformPlan.load(feat / "serving" / "query_plan.json", feat / "serving" / "query_vocab.npz")
     rows = _raw_rows(artifacts)
     frame = pd.DataFrame({c: rows[c] for c in query_input_columns(cfg.features)})
-    for c in ("gender", "region", "user_device", "fav_category", "recent_category", "device"):
+    for c in ("gender", "region", "user_device", "fav_category", *recent_category_columns(cfg.features.recent_categories), "device"):
         frame[c] = frame[c].astype(object)
     frame["click"] = 0
     frame["purchase"] = 0

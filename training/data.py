@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -26,7 +27,16 @@ class FeatureData:
         self.user_cat_cols = self.schema["query_cat"]
         self.user_cont_cols = self.schema["query_cont"]
         self.user_card = [int(self.schema["query_cardinalities"][c]) for c in self.user_cat_cols]
+        vocabs = self.schema.get("query_vocabularies", self.user_cat_cols)
+        self.user_tables = [vocabs.index(v) for v in vocabs]  # fields sharing a vocabulary share a table
         self.item_card = [int(self.schema["item_cardinalities"][c]) for c in self.schema["item_cat"]]
+
+    def user_fields(self, ignore: tuple[str, ...] | list[str]) -> list[int]:
+        """Indices of the user categorical columns not matched by any of the `ignore` patterns."""
+        for pattern in ignore:
+            if not fnmatch.filter(self.user_cat_cols, pattern):
+                raise ValueError(f"ignored user feature {pattern!r} matches none of {self.user_cat_cols}")
+        return [i for i, c in enumerate(self.user_cat_cols) if not any(fnmatch.fnmatch(c, p) for p in ignore)]
 
     @property
     def n_items(self) -> int:
@@ -50,7 +60,7 @@ class FeatureData:
                 yield {c: v[idx] for c, v in merged.items()}
 
         read_cols = cols + [c for c in ("click", "purchase") if c not in cols]  # `where` filters on labels
-        for rb in pf.iter_batches(batch_size=65_536, columns=read_cols):
+        for rb in pf.iter_batches(batch_size=min(65_536, buffer_rows), columns=read_cols):
             part = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in read_cols}
             mask = where(part) if where is not None else slice(None)
             part = {c: part[c][mask] for c in cols}

@@ -1,8 +1,14 @@
-"""`shoprec train`: the two-tower retrieval model, then the DLRM ranker on its candidates.
+"""`shoprec train`: the two-tower retrieval model, then the DLRM ranker.
+
+Both stream their training rows from the features stage's parquet in batches (training/data.py),
+so memory does not grow with the dataset: the two-tower reads the clicked rows, the ranker reads
+every impression in blocks and draws its negatives per block, afresh each epoch.
 
 Device chosen once (shoprec.device); mixed precision (bf16 autocast) on CUDA; seeds fixed; tqdm
-progress; best checkpoint by validation metric with early stopping. Checkpoints are plain
-state_dicts (loaded with weights_only=True) listed in the models/ manifest.
+progress; one epoch loop (`_fit`) for both models: samples/s over the training steps, best
+checkpoint by a validation metric, early stopping. The retrieval metric is the test protocol's:
+per-user Recall@50 from the user's state when the period starts. Checkpoints are plain state_dicts
+(loaded with weights_only=True) listed in the models/ manifest.
 """
 
 from __future__ import annotations
@@ -34,12 +40,16 @@ def _t(x, device, dtype=None):
 
 def build_two_tower(data: FeatureData, cfg: RetrievalConfig) -> TwoTower:
     return TwoTower(data.user_card, len(data.user_cont_cols), data.item_card, data.item_cont.shape[1],
-                    cfg.embedding_dim, list(cfg.tower_hidden))
+                    cfg.embedding_dim, list(cfg.tower_hidden), user_tables=data.user_tables,
+                    user_fields=data.user_fields(cfg.ignore_user_features))
 
 
 def build_dlrm(data: FeatureData, cfg: RankingConfig) -> DLRM:
+    n_user = len(data.user_card)
+    fields = data.user_fields(cfg.ignore_user_features) + [n_user + i for i in range(len(data.item_card))]
     return DLRM(data.user_card + data.item_card, len(data.user_cont_cols) + data.item_cont.shape[1], cfg.embedding_dim,
-                list(cfg.bottom_mlp), list(cfg.top_mlp))
+                list(cfg.bottom_mlp), list(cfg.top_mlp), tables=data.user_tables + list(range(n_user, n_user + len(data.item_card))),
+                fields=fields)
 
 
 @torch.no_grad()
@@ -51,17 +61,94 @@ def item_embeddings(model: TwoTower, data: FeatureData, device: str, batch: int 
     return torch.cat(out)
 
 
+def _split_queries(data: FeatureData, split: str, max_users: int) -> tuple[dict, list[set]]:
+    """Each user's first row in `split` (their state when the period starts) and the items they click
+    in it, for up to `max_users` users with a click: the query/truth pairs training/evaluate.py
+    scores on the test split. Streamed, so memory is bounded by `max_users`."""
+    cols = data.user_cat_cols + data.user_cont_cols
+    first: dict[int, int] = {}
+    rows: dict[str, list] = {c: [] for c in cols}
+    truth: list[set] = []
+    for b in data.batches(split, 65_536, cols + ["user_id_raw", "item_row", "click"]):
+        users = b["user_id_raw"]
+        _, at = np.unique(users, return_index=True)
+        for i in np.sort(at):
+            u = int(users[i])
+            if u not in first and len(first) < max_users:
+                first[u] = len(first)
+                truth.append(set())
+                for c in cols:
+                    rows[c].append(b[c][i])
+        for u, r in zip(users[b["click"] == 1], b["item_row"][b["click"] == 1]):
+            j = first.get(int(u))
+            if j is not None:
+                truth[j].add(int(r))
+    keep = [j for j, t in enumerate(truth) if t]
+    return {c: np.asarray(v)[keep] for c, v in rows.items()}, [truth[j] for j in keep]
+
+
 @torch.no_grad()
-def _recall_at(model, data, device, split="valid", k=50, max_rows=5000) -> float:
-    rows = data.read(split, data.user_cat_cols + data.user_cont_cols + ["item_row"], where=lambda b: b["click"] == 1)
-    n = min(len(rows["item_row"]), max_rows)
-    if n == 0:
+def user_recall_at(model: TwoTower, data: FeatureData, device: str, split: str = "valid", k: int = 50,
+                   max_users: int = 5000) -> float:
+    """Mean per-user Recall@k: one query per user from their state at the start of `split`, scored
+    against everything they click in it (as the test evaluation does). A per-click metric would
+    reward what predicts the next click of the same session, which the test does not ask for."""
+    model.eval()
+    queries, truth = _split_queries(data, split, max_users)
+    if not truth:
         return 0.0
     items = item_embeddings(model, data, device)
-    cat, cont = data.user_arrays({c: v[:n] for c, v in rows.items()})
-    users = model.user_tower(_t(cat, device), _t(cont, device)).float()
-    top = (users @ items.T).topk(min(k, data.n_items), dim=1).indices.cpu().numpy()
-    return float((top == rows["item_row"][:n, None]).any(1).mean())
+    cat, cont = data.user_arrays(queries)
+    hits = []
+    for s in range(0, len(truth), 256):
+        u = model.user_tower(_t(cat[s : s + 256], device), _t(cont[s : s + 256], device)).float()
+        top = (u @ items.T).topk(min(k, data.n_items), dim=1).indices.cpu().numpy()
+        hits += [len(set(t) & g) / min(len(g), k) for t, g in zip(top.tolist(), truth[s : s + 256])]
+    return float(np.mean(hits))
+
+
+def popularity_recall_at(data: FeatureData, split: str = "valid", k: int = 50, max_users: int = 5000) -> float:
+    """`user_recall_at` of the most-popular list (train clicks): the baseline on the same queries."""
+    _, truth = _split_queries(data, split, max_users)
+    top = set(data.popular_rows[:k].tolist())
+    return float(np.mean([len(top & g) / min(len(g), k) for g in truth])) if truth else 0.0
+
+
+def _fit(model: torch.nn.Module, cfg: RetrievalConfig | RankingConfig, epoch_batches, step, validate, metric: str,
+         checkpoint: Path, device: str, name: str, progress: bool) -> dict:
+    """The epoch loop both models share: `step(batch) -> (loss, samples)` over `epoch_batches(epoch)`,
+    timed (device synced) for samples/s, `validate() -> dict` after each epoch, best checkpoint by
+    `metric` (higher is better), early stop after `cfg.patience` epochs without a new best. Ends with
+    the best weights loaded."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    best, best_epoch, history, samples, t_train = -float("inf"), -1, [], 0, 0.0
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        losses = []
+        for b in tqdm(epoch_batches(epoch), desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                      disable=not progress, leave=False):
+            loss, n = step(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            samples += n
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t_train += time.perf_counter() - t0
+        scores = validate()
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **scores})
+        if progress:
+            print(f"{name} epoch {epoch + 1}: loss {np.mean(losses):.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if scores[metric] > best:
+            best, best_epoch = scores[metric], epoch
+            torch.save(model.state_dict(), checkpoint)
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True))
+    return {"best": best, "epochs_run": len(history), "history": history, "train_samples": samples,
+            "train_seconds": round(t_train, 2), "train_samples_per_s": round(samples / max(t_train, 1e-9), 1)}
 
 
 def train_retrieval(features_dir: str | Path, out_dir: str | Path, cfg: RetrievalConfig, device: str = "auto",
@@ -70,7 +157,6 @@ def train_retrieval(features_dir: str | Path, out_dir: str | Path, cfg: Retrieva
     torch.manual_seed(cfg.seed)
     data = FeatureData(features_dir)
     model = build_two_tower(data, cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     is_pos = lambda b: b["click"] == 1  # noqa: E731
     counts = np.zeros(data.n_items)
     for b in data.batches("train", 1 << 20, ["item_row", "click"], where=is_pos):
@@ -79,40 +165,23 @@ def train_retrieval(features_dir: str | Path, out_dir: str | Path, cfg: Retrieva
     item_cat, item_cont = _t(data.item_cat, device), _t(data.item_cont, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    best, best_epoch, history, samples, t_train = -1.0, -1, [], 0, 0.0
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        losses = []
-        batches = data.batches("train", cfg.batch_size, data.user_cat_cols + data.user_cont_cols + ["item_row", "click"],
-                               where=is_pos, shuffle_seed=cfg.seed + epoch)
-        for b in tqdm(batches, desc=f"retrieval epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False):
-            cat, cont = data.user_arrays(b)
-            rows = _t(b["item_row"], device)
-            with _autocast(device):
-                u = model.user_tower(_t(cat, device), _t(cont, device))
-                v = model.item_tower(item_cat[rows], item_cont[rows])
-                loss = sampled_softmax_loss(u.float(), v.float(), rows, log_q_all[rows] if cfg.logq_correction else None,
-                                            cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            samples += len(rows)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t_train += time.perf_counter() - t0
-        recall = _recall_at(model, data, device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "valid_recall@50": recall})
-        if progress:
-            print(f"retrieval epoch {epoch + 1}: loss {np.mean(losses):.4f}  valid Recall@50 {recall:.4f}")
-        if recall > best:
-            best, best_epoch = recall, epoch
-            torch.save(model.state_dict(), out / "retrieval.pt")
-        elif epoch - best_epoch >= cfg.patience:
-            break
-    return {"device": device, "best_valid_recall@50": best, "epochs_run": len(history), "history": history,
-            "train_samples_per_s": round(samples / max(t_train, 1e-9), 1)}
+    cols = data.user_cat_cols + data.user_cont_cols + ["item_row", "click"]
+
+    def step(b):
+        cat, cont = data.user_arrays(b)
+        rows = _t(b["item_row"], device)
+        with _autocast(device):
+            u = model.user_tower(_t(cat, device), _t(cont, device))
+            v = model.item_tower(item_cat[rows], item_cont[rows])
+            loss = sampled_softmax_loss(u.float(), v.float(), rows, log_q_all[rows] if cfg.logq_correction else None,
+                                        cfg.temperature)
+        return loss, len(rows)
+
+    fit = _fit(model, cfg, lambda epoch: data.batches("train", cfg.batch_size, cols, where=is_pos, shuffle_seed=cfg.seed + epoch),
+               step, lambda: {"valid_recall@50": user_recall_at(model, data, device)}, "valid_recall@50",
+               out / "retrieval.pt", device, "retrieval", progress)
+    return {"device": device, "best_valid_recall@50": fit.pop("best"),
+            "valid_popularity_recall@50": popularity_recall_at(data), **fit}
 
 
 def load_two_tower(models_dir: str | Path, data: FeatureData, cfg: RetrievalConfig, device: str = "cpu") -> TwoTower:
@@ -123,28 +192,44 @@ def load_two_tower(models_dir: str | Path, data: FeatureData, cfg: RetrievalConf
 
 
 @torch.no_grad()
-def ranking_negatives(model: TwoTower, data: FeatureData, cfg: RankingConfig, device: str, max_queries: int = 200_000):
-    """For clicked train rows: hard negatives from the retrieval model's own top candidates (not the
-    clicked item) plus random items. Returned as (row index into the positives, item_row) pairs."""
-    rng = np.random.default_rng(cfg.seed)
-    pos = data.read("train", data.user_cat_cols + data.user_cont_cols + ["item_row"], where=lambda b: b["click"] == 1)
-    n = len(pos["item_row"])
-    take = np.sort(rng.choice(n, size=min(n, max_queries), replace=False))
-    items = item_embeddings(model, data, device)
-    pool = min(100, data.n_items)
-    q_idx, i_idx = [], []
-    for s in range(0, len(take), 4096):
-        sel = take[s : s + 4096]
-        cat, cont = data.user_arrays({c: v[sel] for c, v in pos.items()})
-        top = (model.user_tower(_t(cat, device), _t(cont, device)).float() @ items.T).topk(pool, dim=1).indices.cpu().numpy()
-        pick = rng.integers(0, pool, size=(len(sel), cfg.hard_negatives))
-        hard = np.take_along_axis(top, pick, axis=1)
-        rand = rng.integers(0, data.n_items, size=(len(sel), cfg.random_negatives))
-        cand = np.concatenate([hard, rand], axis=1)
-        ok = cand != pos["item_row"][sel, None]
-        q_idx.append(np.repeat(sel, cand.shape[1])[ok.ravel()])
-        i_idx.append(cand.ravel()[ok.ravel()])
-    return pos, np.concatenate(q_idx), np.concatenate(i_idx)
+def sampled_negatives(two_tower: TwoTower | None, item_emb: torch.Tensor | None, data: FeatureData, batch: dict, cfg: RankingConfig,
+                      rng: np.random.Generator, device: str) -> dict:
+    """Negatives for the clicked rows of one batch of impressions, labelled 0: `hard_negatives` drawn
+    from the retrieval model's ranks [lo, hi) for that row's user state, plus `random_negatives`
+    uniform items (never the clicked item). Each carries its clicked row's user features."""
+    clicked = np.flatnonzero(batch["click"] == 1)
+    user_cols = data.user_cat_cols + data.user_cont_cols
+    cand = [rng.integers(0, data.n_items, size=(len(clicked), cfg.random_negatives))]
+    lo, hi = (min(r, data.n_items) for r in cfg.hard_negative_ranks)
+    if cfg.hard_negatives and len(clicked) and lo < hi:
+        cat, cont = data.user_arrays({c: batch[c][clicked] for c in user_cols})
+        u = two_tower.user_tower(_t(cat, device), _t(cont, device)).float()
+        top = (u @ item_emb.T).topk(hi, dim=1).indices.cpu().numpy()
+        cand.append(np.take_along_axis(top, rng.integers(lo, hi, size=(len(clicked), cfg.hard_negatives)), axis=1))
+    cand = np.concatenate(cand, axis=1)
+    ok = (cand != batch["item_row"][clicked, None]).ravel()
+    src = np.repeat(clicked, cand.shape[1])[ok]
+    neg = {c: batch[c][src] for c in user_cols}
+    neg["item_row"] = cand.ravel()[ok].astype(np.int64)
+    neg["click"] = neg["purchase"] = np.zeros(len(src), np.int8)
+    return neg
+
+
+def ranking_batches(two_tower: TwoTower | None, data: FeatureData, cfg: RankingConfig, epoch: int, device: str,
+                    block_rows: int = 16_384, buffer_rows: int = 262_144):
+    """One epoch of ranker training batches, streamed: train impressions are read in blocks of
+    `block_rows` (shuffled within a `buffer_rows` window), each block gets fresh negatives for its
+    clicks, and the block plus its negatives is shuffled into batches. Memory is bounded by the
+    window and one block, whatever the size of the split."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    item_emb = item_embeddings(two_tower, data, device) if cfg.hard_negatives else None
+    cols = data.user_cat_cols + data.user_cont_cols + ["item_row", "click", "purchase"]
+    for block in data.batches("train", block_rows, cols, shuffle_seed=cfg.seed + epoch, buffer_rows=buffer_rows):
+        neg = sampled_negatives(two_tower, item_emb, data, block, cfg, rng, device)
+        rows = {c: np.concatenate([block[c], neg[c]]) for c in cols}
+        order = rng.permutation(len(rows["item_row"]))
+        for s in range(0, len(order), cfg.batch_size):
+            yield {c: v[order[s : s + cfg.batch_size]] for c, v in rows.items()}
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -177,61 +262,31 @@ def ranker_auc(model: DLRM, data: FeatureData, split: str, device: str) -> dict:
 
 def train_ranking(features_dir: str | Path, models_dir: str | Path, retrieval_cfg: RetrievalConfig, cfg: RankingConfig,
                   device: str = "auto", progress: bool = True) -> dict:
+    """DLRM on every train impression (labelled click / purchase) plus sampled negatives of the
+    clicked ones (see `ranking_batches`), streamed from disk."""
     device = torch_device(device)
     torch.manual_seed(cfg.seed)
     data = FeatureData(features_dir)
-    two_tower = load_two_tower(models_dir, data, retrieval_cfg, device)
-    pos, q_idx, i_idx = ranking_negatives(two_tower, data, cfg, device)
-    # training rows: every train impression (labelled) + the sampled negatives of clicked rows
-    cols = data.user_cat_cols + data.user_cont_cols + ["item_row", "click", "purchase"]
-    imp = data.read("train", cols)
-    neg = {c: pos[c][q_idx] for c in data.user_cat_cols + data.user_cont_cols}
-    neg.update(item_row=i_idx, click=np.zeros(len(i_idx), np.int8), purchase=np.zeros(len(i_idx), np.int8))
-    rows = {c: np.concatenate([imp[c], neg[c]]) for c in cols}
-    n = len(rows["item_row"])
+    two_tower = load_two_tower(models_dir, data, retrieval_cfg, device) if cfg.hard_negatives else None
     model = build_dlrm(data, cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     bce = torch.nn.BCEWithLogitsLoss()
-    out = Path(models_dir)
-    best, best_epoch, history, samples, t_train = -1.0, -1, [], 0, 0.0
-    rng = np.random.default_rng(cfg.seed)
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        order = rng.permutation(n)
-        losses = []
-        for s in tqdm(range(0, n, cfg.batch_size), desc=f"ranking epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                      disable=not progress, leave=False):
-            idx = order[s : s + cfg.batch_size]
-            b = {c: v[idx] for c, v in rows.items()}
-            cat, cont = data.user_arrays(b)
-            r = b["item_row"]
-            y = _t(np.stack([b["click"], b["purchase"]], 1), device, torch.float32)
-            with _autocast(device):
-                logits = model(_t(np.concatenate([cat, data.item_cat[r]], 1), device),
-                               _t(np.concatenate([cont, data.item_cont[r]], 1), device)).float()
-            loss = bce(logits[:, 0], y[:, 0]) + cfg.cvr_loss_weight * bce(logits[:, 1], y[:, 1])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            samples += len(idx)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t_train += time.perf_counter() - t0
-        auc = ranker_auc(model, data, "valid", device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **{f"valid_{k}": v for k, v in auc.items()}})
-        if progress:
-            print(f"ranking epoch {epoch + 1}: loss {np.mean(losses):.4f}  valid AUC ctr {auc['auc_ctr']:.4f} cvr {auc['auc_cvr']:.4f}")
-        if auc["auc_ctr"] > best:
-            best, best_epoch = auc["auc_ctr"], epoch
-            torch.save(model.state_dict(), out / "ranker.pt")
-        elif epoch - best_epoch >= cfg.patience:
-            break
-    model.load_state_dict(torch.load(out / "ranker.pt", weights_only=True))
-    test_auc = ranker_auc(model, data, "test", device)
-    return {"device": device, "rows": int(n), "hard_and_random_negatives": int(len(i_idx)), "history": history,
-            "test": test_auc, "train_samples_per_s": round(samples / max(t_train, 1e-9), 1)}
+
+    def step(b):
+        cat, cont = data.user_arrays(b)
+        r = b["item_row"]
+        y = _t(np.stack([b["click"], b["purchase"]], 1), device, torch.float32)
+        with _autocast(device):
+            logits = model(_t(np.concatenate([cat, data.item_cat[r]], 1), device),
+                           _t(np.concatenate([cont, data.item_cont[r]], 1), device)).float()
+        return bce(logits[:, 0], y[:, 0]) + cfg.cvr_loss_weight * bce(logits[:, 1], y[:, 1]), len(r)
+
+    def validate():
+        return {f"valid_{k}": v for k, v in ranker_auc(model, data, "valid", device).items()}
+
+    fit = _fit(model, cfg, lambda epoch: ranking_batches(two_tower, data, cfg, epoch, device), step, validate,
+               "valid_auc_ctr", Path(models_dir) / "ranker.pt", device, "ranking", progress)
+    fit.pop("best")
+    return {"device": device, **fit, "test": ranker_auc(model, data, "test", device)}
 
 
 def train_all(features_dir, models_dir, retrieval_cfg, ranking_cfg, device="auto", progress=True) -> dict:
