@@ -36,7 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from shoprec import contract as shoprec_contract
 from shoprec.config import REPO_ROOT, load_config
+from shoprec.manifest import verify_manifest
+
+from .machine import cpu_model
 
 TARGETS = ("triton-grpc", "triton-http", "fastapi-http")
 COMMAND = "python -m benchmarks.serving_bench"
@@ -82,8 +86,6 @@ def _request_count(concurrency: int) -> int:
 
 def input_data(artifacts: Path, path: Path, n: int = 1000, k: int = 10, seed: int = 0) -> np.ndarray:
     """Real user ids from the serving user store (known users: the personalised path)."""
-    from shoprec.manifest import verify_manifest
-
     verify_manifest(artifacts / "serving", ["user_store.npz"])
     ids = np.load(artifacts / "serving" / "user_store.npz", allow_pickle=False)["user_id"]
     users = np.random.default_rng(seed).choice(ids, size=n, replace=len(ids) < n)
@@ -252,9 +254,8 @@ def probe_repository(root: Path, steps: int = 6) -> Path:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "os": platform.platform(), "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None, "os": platform.platform(),
+            "python": platform.python_version()}
 
 
 def sweep(results: dict, target: str, url: str, protocol: str, levels, data: Path, pgid: int,
@@ -291,7 +292,7 @@ def summarise(report: dict) -> dict:
             at("triton-http", c_hi)["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"], 2),
         "triton_grpc_p50_c1_over_in_process_p50": round(lat, 2),
         "probe_p50_c1_over_in_process_p50": round(report["probe"]["c1"]["p50_ms"] / floor, 2),
-        f"probe_throughput_c16_over_fastapi": round(
+        "probe_throughput_c16_over_fastapi": round(
             report["probe"]["c16"]["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"], 2),
         "target_throughput_3x_met": thr >= 3.0,
         "target_latency_1.5x_met": lat <= 1.5,
@@ -398,12 +399,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     artifacts = Path(args.artifacts)
     cfg = load_config()
+    verify_manifest(artifacts / "serving", ["contract.json"])
     contract = json.loads((artifacts / "serving" / "contract.json").read_text())
     report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": machine(),
               "catalog_items": contract["n_items"], "num_candidates": contract["num_candidates"],
               "concurrency": args.concurrency, "fastapi_workers": args.fastapi_workers,
               "load": "gRPC for triton-grpc, HTTP/JSON (KServe v2) for the others; k=10; "
-                      f"request count per level max(1500, 400*c); 1000 real user ids", "targets": {}}
+                      "request count per level max(1500, 400*c); 1000 real user ids", "targets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "input.json"
         users = input_data(artifacts, data)
@@ -424,7 +426,7 @@ def main(argv=None) -> dict:
                                "c16": run_perf_analyzer(probe.grpc_url, "grpc", 16, data, _request_count(16), model="probe")}
             print(f"probe         c=1   p50 {report['probe']['c1']['p50_ms']:.2f} ms; "
                   f"c=16 {report['probe']['c16']['throughput_rps']:.0f} req/s", flush=True)
-    report["steps"] = [s for s in ("feature_transform", "user_tower", "retrieval", "candidate_features", "ranker", "topk")]
+    report["steps"] = [s.name for s in shoprec_contract.STEPS]
     report["summary"] = summarise(report)
     write_outputs(report, Path(args.out))
     print(json.dumps(report["summary"], indent=1))

@@ -15,23 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 from shoprec.config import REPO_ROOT, load_config
+from shoprec.manifest import verify_manifest
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from .machine import describe
 
 
 def main(argv=None) -> dict:
@@ -49,13 +41,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     features = Path(args.artifacts) / "features"
+    verify_manifest(features, ["schema.json"])
     schema = json.loads((features / "schema.json").read_text())
     load_before = os.getloadavg()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         report = train_all(features, scratch, cfg.retrieval, cfg.ranking, args.device, progress=False)
     device = report["retrieval"]["device"]
-    machine = f"{platform.machine()}, {os.cpu_count()}-core {_cpu_model()}"
+    machine = describe()
     if device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"
     result = {

@@ -20,6 +20,8 @@ import pandas as pd
 from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verify_manifest
 
+from .machine import describe
+
 
 def _median_ms(fn, repeats: int) -> float:
     fn()
@@ -65,7 +67,7 @@ def main(argv=None) -> dict:
         plan_ms = _median_ms(lambda: plan.pack(plan.transform(raw)), 300)
         results[f"batch_{batch}"] = {"workflow_transform_ms": round(nvt_ms, 3), "numpy_plan_ms": round(plan_ms, 4),
                                      "speedup": round(nvt_ms / plan_ms, 1)}
-    report = {"command": "python -m benchmarks.transform_bench", "machine": f"{platform.machine()}, 2-core CPU, no GPU",
+    report = {"command": "python -m benchmarks.transform_bench", "machine": f"{describe()}, no GPU",
               "python": platform.python_version(), "results": results}
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

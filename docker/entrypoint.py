@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest
-from shoprec.tensorrt_shapes import OPT_BATCH, profile_shapes, trtexec_command  # noqa: F401 - shared with export
+from shoprec.tensorrt_shapes import profile_shapes, trtexec_command
 
 ENGINE_MODELS = ("user_tower", "ranker")  # the steps the gpu profile serves as tensorrt_plan
 CONTRACT_KEYS = ("user_cat_dim", "user_cont_dim", "item_cat_dim", "item_cont_dim", "embedding_dim", "num_candidates")

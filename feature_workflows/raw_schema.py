@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 EVENTS = ("impression", "click", "cart", "purchase")  # ordered: a later event implies the earlier ones

@@ -50,7 +50,7 @@ class RankingConfig:
     cvr_loss_weight: float = 0.5
     ignore_user_features: tuple[str, ...] = ("user_id", "recent_item_*")
     random_negatives: int = 60
-    hard_negatives: int = 0
+    hard_negatives: int = 10
     hard_negative_ranks: tuple[int, ...] = (100, 300)
     batch_size: int = 4096
     epochs: int = 3

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from shoprec.manifest import ArtifactError, verify_manifest, verify_tree, write_manifest
-from training.index import build_index, recall_vs_exact, search
-from training.modules import DLRM, FieldArch, InteractionArch, RankerServing, TwoTower, sampled_softmax_loss
 from shoprec.config import IndexConfig
+from shoprec.faiss_search import recall_vs_exact, search
+from shoprec.manifest import ArtifactError, verify_manifest, verify_tree, write_manifest
+from training.index import build_index
+from training.modules import DLRM, FieldArch, InteractionArch, RankerServing, TwoTower, sampled_softmax_loss
 
 
 def test_tower_shapes_and_normalisation():

@@ -17,15 +17,16 @@ import numpy as np
 
 from feature_workflows.history import context_from_ts
 from shoprec.config import Config
+from shoprec.faiss_search import search
 from shoprec.manifest import verified_path
 
 from .data import FeatureData
-from .index import search
 
 KS = (10, 50, 100, 500)
 
 
-def _recall(top: np.ndarray, truth: list[set], k: int) -> float:
+def recall_at(top: np.ndarray, truth: list[set], k: int) -> float:
+    """Mean per-user Recall@k: hits in the top k over min(|truth|, k) (training's validation uses it too)."""
     return float(np.mean([len(set(t[:k]) & g) / min(len(g), k) for t, g in zip(top, truth)]))
 
 
@@ -100,7 +101,7 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
         ranked[s : s + 256] = np.take_along_axis(rows[s : s + 256], order, axis=1)
 
     methods = {"popularity": pop_top, "als": als_top, "two_tower": tt_top}
-    retrieval = {m: {f"recall@{k}": _recall(top, t_list, k) for k in KS if k <= kmax} for m, top in methods.items()}
+    retrieval = {m: {f"recall@{k}": recall_at(top, t_list, k) for k in KS if k <= kmax} for m, top in methods.items()}
     final = {}
     for name, top in (("popularity", pop_top), ("als", als_top), ("two_tower_retrieval_order", rows), ("two_tower_+_dlrm_ranking", ranked)):
         nd, hr = _ndcg_hr(top, g_list)

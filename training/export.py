@@ -18,10 +18,11 @@ import torch
 
 from shoprec import contract
 from shoprec.config import Config
+from shoprec.faiss_search import recall_vs_exact
 from shoprec.manifest import verified_path, verify_manifest, write_manifest
 
 from .data import FeatureData
-from .index import build_index, recall_vs_exact
+from .index import build_index
 from .modules import RankerServing
 from .tensorrt import build_engines
 from .train import build_dlrm, item_embeddings, load_two_tower

@@ -11,7 +11,6 @@ import numpy as np
 
 from shoprec.config import IndexConfig
 from shoprec.device import faiss_gpu_available
-from shoprec.faiss_search import recall_vs_exact, search  # noqa: F401 - shared with serving
 
 EXACT_MAX_ITEMS = 100_000
 

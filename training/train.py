@@ -27,6 +27,7 @@ from shoprec.device import torch_device
 from shoprec.manifest import verified_path, write_manifest
 
 from .data import FeatureData
+from .evaluate import recall_at
 from .modules import DLRM, TwoTower, sampled_softmax_loss
 
 
@@ -88,30 +89,28 @@ def _split_queries(data: FeatureData, split: str, max_users: int) -> tuple[dict,
 
 
 @torch.no_grad()
-def user_recall_at(model: TwoTower, data: FeatureData, device: str, split: str = "valid", k: int = 50,
-                   max_users: int = 5000) -> float:
-    """Mean per-user Recall@k: one query per user from their state at the start of `split`, scored
-    against everything they click in it (as the test evaluation does). A per-click metric would
-    reward what predicts the next click of the same session, which the test does not ask for."""
+def user_recall_at(model: TwoTower, data: FeatureData, device: str, queries: tuple[dict, list[set]], k: int = 50) -> float:
+    """Mean per-user Recall@k over `_split_queries` output: one query per user from their state at the
+    start of the split, scored against everything they click in it (as the test evaluation does). A
+    per-click metric would reward what predicts the next click of the same session, which the test
+    does not ask for."""
     model.eval()
-    queries, truth = _split_queries(data, split, max_users)
+    rows, truth = queries
     if not truth:
         return 0.0
     items = item_embeddings(model, data, device)
-    cat, cont = data.user_arrays(queries)
-    hits = []
+    cat, cont = data.user_arrays(rows)
+    top = []
     for s in range(0, len(truth), 256):
         u = model.user_tower(_t(cat[s : s + 256], device), _t(cont[s : s + 256], device)).float()
-        top = (u @ items.T).topk(min(k, data.n_items), dim=1).indices.cpu().numpy()
-        hits += [len(set(t) & g) / min(len(g), k) for t, g in zip(top.tolist(), truth[s : s + 256])]
-    return float(np.mean(hits))
+        top.append((u @ items.T).topk(min(k, data.n_items), dim=1).indices.cpu().numpy())
+    return recall_at(np.concatenate(top), truth, k)
 
 
-def popularity_recall_at(data: FeatureData, split: str = "valid", k: int = 50, max_users: int = 5000) -> float:
+def popularity_recall_at(data: FeatureData, queries: tuple[dict, list[set]], k: int = 50) -> float:
     """`user_recall_at` of the most-popular list (train clicks): the baseline on the same queries."""
-    _, truth = _split_queries(data, split, max_users)
-    top = set(data.popular_rows[:k].tolist())
-    return float(np.mean([len(top & g) / min(len(g), k) for g in truth])) if truth else 0.0
+    truth = queries[1]
+    return recall_at(np.tile(data.popular_rows[:k], (len(truth), 1)), truth, k) if truth else 0.0
 
 
 def _fit(model: torch.nn.Module, cfg: RetrievalConfig | RankingConfig, epoch_batches, step, validate, metric: str,
@@ -177,11 +176,12 @@ def train_retrieval(features_dir: str | Path, out_dir: str | Path, cfg: Retrieva
                                         cfg.temperature)
         return loss, len(rows)
 
+    valid = _split_queries(data, "valid", max_users=5000)  # read once, scored after every epoch
     fit = _fit(model, cfg, lambda epoch: data.batches("train", cfg.batch_size, cols, where=is_pos, shuffle_seed=cfg.seed + epoch),
-               step, lambda: {"valid_recall@50": user_recall_at(model, data, device)}, "valid_recall@50",
+               step, lambda: {"valid_recall@50": user_recall_at(model, data, device, valid)}, "valid_recall@50",
                out / "retrieval.pt", device, "retrieval", progress)
     return {"device": device, "best_valid_recall@50": fit.pop("best"),
-            "valid_popularity_recall@50": popularity_recall_at(data), **fit}
+            "valid_popularity_recall@50": popularity_recall_at(data, valid), **fit}
 
 
 def load_two_tower(models_dir: str | Path, data: FeatureData, cfg: RetrievalConfig, device: str = "cpu") -> TwoTower:
