@@ -29,6 +29,7 @@ interactions are written as one parquet part, so memory is bounded at any size.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
+
+from shoprec.progress import progress as progress_iter
+
+from .raw_schema import make_schema, raw_paths
 
 DAY = 86_400
 END_TS = 1_767_225_600  # 2026-01-01T00:00:00Z: the end of the simulated timeline
@@ -47,6 +51,8 @@ POPULAR_SHARE = 0.2  # impressions from the shop-wide best-seller list; the rest
 SHOP_CANDIDATES = 4  # popularity-drawn items the shop's ranking chooses each in-category impression from
 SHIFT_WINDOW = (0.45, 0.85)  # interest shifts happen between these fractions of the timeline
 ITEM_ID_BASE = 5_000_000
+ITEM_KINDS = {"category": "categorical", "brand": "categorical", "price": "numeric", "created_ts": "timestamp"}
+USER_KINDS = {"age": "numeric", "gender": "categorical", "region": "categorical", "device": "categorical"}
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,7 @@ def generate(out_dir: str | Path, size: str = "small", seed: int = 7, progress: 
     users_writer = truth_writer = None
     n_events = 0
     chunks = range(0, spec.users, spec.chunk_users)
-    for i, first in enumerate(tqdm(chunks, desc=f"generate {size}", unit="chunk", disable=not progress)):
+    for i, first in enumerate(progress_iter(chunks, f"generate {size}", progress, total=len(chunks))):
         count = min(spec.chunk_users, spec.users - first)
         users, truth, inter = _user_chunk(spec, items, first, count, seed)
         inter.to_parquet(out / "interactions" / f"part-{i:05d}.parquet", index=False)
@@ -276,5 +282,7 @@ def generate(out_dir: str | Path, size: str = "small", seed: int = 7, progress: 
         truth_writer.write_table(tt)
     users_writer.close()
     truth_writer.close()
+    schema = make_schema(ITEM_KINDS, USER_KINDS, source=f"synthetic-{size}", size=size, seed=seed)
+    raw_paths(out)["schema"].write_text(json.dumps(schema, indent=1) + "\n")
     return {"size": size, "seed": seed, "users": spec.users, "items": spec.items, "interactions": n_events,
             "seconds": round(time.time() - t0, 2)}
