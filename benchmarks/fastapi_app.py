@@ -26,7 +26,7 @@ from serving.steps import RequestError
 from shoprec import contract
 
 _pipeline: Pipeline | None = None
-_DTYPES = {"INT64": np.int64, "INT32": np.int32, "BYTES": object}
+_DTYPES = {"INT64": np.int64, "INT32": np.int32, "BYTES": object, "BOOL": bool}
 
 
 def pipeline() -> Pipeline:
@@ -127,7 +127,8 @@ def _infer(request: InferRequest) -> dict:
         out = pipeline().recommend(arrays["user_id"].ravel(), arrays["k"].ravel(),
                                    hour=None if "hour" not in arrays else arrays["hour"].ravel(),
                                    weekday=None if "weekday" not in arrays else arrays["weekday"].ravel(),
-                                   device=None if device is None else device.ravel())
+                                   device=None if device is None else device.ravel(),
+                                   exclude_seen=None if "exclude_seen" not in arrays else arrays["exclude_seen"].ravel())
     except (RequestError, ValueError) as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from exc
     ids = np.stack([o[0] for o in out])

@@ -85,9 +85,10 @@ def _request_count(concurrency: int) -> int:
 
 
 def input_data(artifacts: Path, path: Path, n: int = 1000, k: int = 10, seed: int = 0) -> np.ndarray:
-    """Real user ids from the serving user store (known users: the personalised path)."""
+    """Real user ids from the serving user store (users with history: the personalised path)."""
     verify_manifest(artifacts / "serving", ["user_store.npz"])
-    ids = np.load(artifacts / "serving" / "user_store.npz", allow_pickle=False)["user_id"]
+    with np.load(artifacts / "serving" / "user_store.npz", allow_pickle=False) as z:
+        ids = z["user_id"][z["activity"] > 0]
     users = np.random.default_rng(seed).choice(ids, size=n, replace=len(ids) < n)
     path.write_text(json.dumps({"data": [{"user_id": [int(u)], "k": [k]} for u in users]}))
     return users

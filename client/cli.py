@@ -10,6 +10,7 @@ from . import RecommenderClient
 
 
 def item_details(artifacts: Path) -> dict | None:
+    """Display columns of the item table (category and the items' text/categorical attributes), if the bundle is here."""
     from shoprec.manifest import verified_path
 
     try:
@@ -17,19 +18,25 @@ def item_details(artifacts: Path) -> dict | None:
     except Exception:  # noqa: BLE001 - details are optional for a remote server
         return None
     with np.load(path, allow_pickle=False) as z:
-        return {"ids": z["item_ids"], "category": z["category"], "brand": z["brand"], "price": z["price"]}
+        names, codes = z["category_names"], z["category_code"]
+        columns = {"category": np.where(codes >= 0, names[np.maximum(codes, 0)] if len(names) else "", "")}
+        for key in z.files:
+            if key.startswith("display__") and key[len("display__"):] != "category" and len(columns) < 3:
+                columns[key[len("display__"):]] = z[key]
+        return {"ids": z["item_ids"], "columns": columns}
 
 
 def format_table(rec, details) -> str:
-    lines = [f"user {rec.user_id}: {len(rec.item_ids)} items" + ("  (cold start: popular items)" if rec.cold_start else "")]
-    lines.append(f"{'rank':>4}  {'item_id':>9}  {'score':>7}  category  brand       price")
+    lines = [f"user {rec.user_id}: {len(rec.item_ids)} items" + ("  (cold start: no history)" if rec.cold_start else "")]
+    cols = list(details["columns"]) if details else []
+    lines.append(f"{'rank':>4}  {'item_id':>9}  {'score':>7}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
     order = np.argsort(details["ids"]) if details else None
     for i, (item, score) in enumerate(zip(rec.item_ids, rec.scores), 1):
         extra = ""
         if details is not None:
             j = order[np.searchsorted(details["ids"], item, sorter=order)]
-            extra = f"  {details['category'][j]:<8}  {details['brand'][j]:<10}  {details['price'][j]:.2f}"
-        lines.append(f"{i:>4}  {item:>9}  {score:7.4f}{extra}")
+            extra = "  ".join(f"{str(details['columns'][c][j])[:24]:<24}" for c in cols)
+        lines.append(f"{i:>4}  {item:>9}  {score:7.4f}  {extra}")
     return "\n".join(lines)
 
 
@@ -37,23 +44,25 @@ def run(args, cfg) -> None:
     port = cfg.serve.grpc_port if args.protocol == "grpc" else cfg.serve.http_port
     url = args.url or f"127.0.0.1:{port}"
     with RecommenderClient(url, args.protocol) as c:
-        rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.device)
+        rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.context_device,
+                          exclude_seen=False if args.include_seen else None)
     print(format_table(rec, item_details(Path(args.artifacts))))
 
 
-def demo_served(artifacts: Path, cfg) -> None:
-    """Start Triton, ask it over HTTP and gRPC for two users, print, stop."""
+def demo_served(artifacts: Path, cfg, config_path=None) -> None:
+    """Start Triton, ask it over HTTP and gRPC for a user with history and for an unknown one, print, stop."""
     from serving.launcher import TritonServer
 
     from shoprec.manifest import verified_path
 
     with np.load(verified_path(artifacts / "serving", "user_store.npz"), allow_pickle=False) as z:
-        users = z["user_id"][:2]
+        warm = z["user_id"][z["activity"] > 0]
+    user = int(warm[0]) if len(warm) else 1
     details = item_details(artifacts)
-    with TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True) as server:
+    with TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True, config_path=config_path) as server:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with RecommenderClient(url, protocol) as c:
-                rec = c.recommend(int(users[0]), k=5, hour=20, weekday=4, device="mobile")
+                rec = c.recommend(user, k=5)
             print(f"[{protocol}] " + format_table(rec, details))
         with RecommenderClient(server.grpc_url, "grpc") as c:
-            print("[grpc] " + format_table(c.recommend(123, k=5), details))
+            print("[grpc] " + format_table(c.recommend(-1, k=5), details))

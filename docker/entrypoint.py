@@ -38,7 +38,8 @@ from shoprec.manifest import ArtifactError, sha256_file, verify_manifest
 from shoprec.tensorrt_shapes import profile_shapes, trtexec_command
 
 ENGINE_MODELS = ("user_tower", "ranker")  # the steps the gpu profile serves as tensorrt_plan
-CONTRACT_KEYS = ("user_cat_dim", "user_cont_dim", "item_cat_dim", "item_cont_dim", "embedding_dim", "num_candidates")
+CONTRACT_KEYS = ("user_cat_dim", "user_cont_dim", "seq_len", "item_cat_dim", "item_cont_dim", "dense_dim", "embedding_dim",
+                 "num_candidates")
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 EXIT_BAD_BUNDLE = 2
 EXIT_NO_TOOL = 3

@@ -1,205 +1,327 @@
-"""`shoprec features`: raw tables -> fitted workflows, transformed splits, serving feature files.
+"""`shoprec features`: raw tables -> splits, fitted workflows, training rows, serving feature files.
+
+Splits (config [features] split): `time` (global timestamp quantiles: the last test_fraction of
+the timeline is test, the valid_fraction before it valid), `user-time` (inside each user), `random`
+(per action), or `none` (deployment: every event trains and the served user state holds every
+event). Valid and test exist for evaluation and tuning only.
+
+Inside train, a holdout (`holdout_latest` of each user's latest actions plus `holdout_random` of
+the rest) is what the two-tower early-stops on and what the ranker learns to rank (models fitted
+on the other train actions produce its candidates); training then refits on all of train.
 
 Writes into OUT (default artifacts/features):
   workflows/query, workflows/item   saved NVTabular workflows (offline use only: they unpickle)
-  train/valid/test.parquet          transformed query features + labels + item_row, time-split
-  item_features.parquet             transformed catalog (one row per item, row = item_row)
+  actions.parquet                   every action (user, item_row, ts, session, kind, split, fold)
+  train.parquet                     two-tower rows: each positive train action with the user's
+                                    state at its session start (transformed) and the item row
   serving/query_plan.json, query_vocab.npz   the request-time transform (NumPy, no pickles)
-  serving/user_store.npz            raw user profile + history snapshot at the test cut-off
-  serving/item_table.npz            packed item features, raw ids, popularity order, display data
-  schema.json                       column groups, cardinalities, split times
+  serving/user_store.npz            user attributes + history state after the train split
+  serving/item_table.npz            packed item features, raw ids, display data, popularity order
+  schema.json                       column groups, cardinalities, roles, split summary
   manifest.json                     sha256 of every file above
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from shoprec.config import FeatureConfig
 from shoprec.manifest import write_manifest
+from shoprec.progress import Steps
 
 from . import nvt_compat
 from .export_plan import save_plan
-from .history import DAY, attach_history, click_states, context_from_ts, recent_category_columns, recent_item_columns, snapshot
-from .raw_schema import RawDataError, read_table
-from .request_transform import TransformPlan
-from .workflows import TARGET_COLUMNS, item_workflow, query_input_columns, query_workflow
+from .history import DAY, NEVER, POSITIVE_KIND, ActionLog, actions_from_events, context_from_ts
+from .raw_schema import RawDataError, read_schema, read_table
+from .request_transform import TransformPlan, raw_rows
+from .workflows import (item_input_frame, item_spec, item_workflow, multi_slot_columns, query_input_columns, query_spec,
+                        query_workflow, usable_columns)
 
-STORE_COLUMNS_EXCLUDE = {"hour", "weekday", "device"}  # context comes with the request, not the store
-
-
-def impression_rows(inter: pd.DataFrame) -> pd.DataFrame:
-    """One row per (session, item) shown, labelled with click / purchase."""
-    keys = ["user_id", "item_id", "session_id"]
-    imp = inter[inter["event"] == "impression"].drop_duplicates(keys)[keys + ["ts", "device"]]
-    for label in TARGET_COLUMNS:
-        hit = inter.loc[inter["event"] == label, keys].drop_duplicates()
-        hit[label] = 1
-        imp = imp.merge(hit, on=keys, how="left")
-        imp[label] = imp[label].fillna(0).astype(np.int8)
-    if imp.empty:
-        raise RawDataError("interactions contain no 'impression' events; nothing to train on")
-    return imp.sort_values("ts", kind="stable").reset_index(drop=True)
+log = logging.getLogger("shoprec.features")
+SPLITS = ("time", "user-time", "random", "none")
+SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 
-def _query_rows(rows: pd.DataFrame, users: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
-    """Impression rows + profile + history + context. History is the state when the row's session
-    began: the server's user store is a snapshot that no click of the running session updates, so a
-    model trained on in-session history would lean on a signal it never gets when serving."""
-    rows = rows.merge(users.rename(columns={"device": "user_device"}), on="user_id", how="left")
-    row_ts = rows["ts"].values
-    rows["ts"] = rows.groupby("session_id")["ts"].transform("min").values
-    rows = attach_history(rows, states)
-    rows["ts"] = row_ts
-    rows["hour"], rows["weekday"] = context_from_ts(rows["ts"].values)
-    return rows
+def assign_split(ts: np.ndarray, user: np.ndarray, item: np.ndarray, cfg: FeatureConfig) -> tuple[np.ndarray, dict]:
+    """Split code (0 train, 1 valid, 2 test) per action, and the cut points."""
+    n = len(ts)
+    fv, ft = cfg.valid_fraction, cfg.test_fraction
+    if cfg.split == "none":
+        return np.zeros(n, np.int8), {}
+    if cfg.split == "time":
+        t_valid, t_test = (int(np.quantile(ts, q)) for q in (1 - fv - ft, 1 - ft))
+        part = np.where(ts < t_valid, 0, np.where(ts < t_test, 1, 2)).astype(np.int8)
+        return part, {"t_valid": t_valid, "t_test": t_test}
+    if cfg.split == "random":
+        u = np.random.default_rng(cfg.split_seed).random(n)
+        return np.where(u < 1 - fv - ft, 0, np.where(u < 1 - ft, 1, 2)).astype(np.int8), {}
+    if cfg.split == "user-time":
+        order = np.lexsort((item, ts, user))
+        rank, size = _rank_in_user(user[order])
+        n_tr, n_va = np.floor((1 - fv - ft) * size), np.floor(fv * size)
+        part = np.empty(n, np.int8)
+        part[order] = np.where(rank < n_tr, 0, np.where(rank < n_tr + n_va, 1, 2))
+        return part, {}
+    raise ValueError(f"features.split must be one of {SPLITS}, got {cfg.split!r}")
 
 
-def _store_arrays(store: pd.DataFrame, columns: list[str]) -> dict[str, np.ndarray]:
-    store = store.sort_values("user_id").reset_index(drop=True)
-    arrays = {"user_id": store["user_id"].values.astype(np.int64)}
-    for col in columns:
-        if col == "user_id":
-            continue
-        s = store[col]
-        null = s.isna().values
-        if pd.api.types.is_numeric_dtype(s):
-            arrays[col] = s.values.astype(np.float64)
-        else:
-            arrays[col] = np.asarray(s.fillna("").astype(str).values, dtype=str)
-        arrays[f"{col}__null"] = null
+def _rank_in_user(sorted_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]
+    sizes = np.diff(np.r_[starts, len(sorted_users)])
+    return np.arange(len(sorted_users)) - np.repeat(starts, sizes), np.repeat(sizes, sizes)
+
+
+def assign_holdout(actions: pd.DataFrame, cfg: FeatureConfig) -> np.ndarray:
+    """Fold per train action: 0 fit, 1 holdout (the latest `holdout_latest` of each user's train
+    actions, by (ts, item), plus `holdout_random` of the others at random)."""
+    a = actions
+    order = np.lexsort((a["item_row"].values, a["ts"].values, a["user_id"].values))
+    rank, size = _rank_in_user(a["user_id"].values[order])
+    latest = np.zeros(len(a), bool)
+    latest[order] = rank >= size - np.floor(cfg.holdout_latest * size)
+    rnd = np.random.default_rng(cfg.split_seed + 1).random(len(a)) < cfg.holdout_random
+    return (latest | rnd).astype(np.int8)
+
+
+def _category_codes(items: pd.DataFrame, roles: dict, kinds: dict) -> tuple[np.ndarray | None, np.ndarray]:
+    col = roles.get("category")
+    if col is None or col not in items.columns or items[col].isna().all():
+        return None, np.array([], dtype=str)
+    values = items[col]
+    if kinds.get(col) == "multi":
+        values = values.map(lambda v: None if v is None or v != v else (str(v).split("|")[0].strip() or None))
+    codes, names = pd.factorize(values.astype("object"), sort=True)
+    return codes.astype(np.int64), np.asarray(names.astype(str), dtype=str)
+
+
+def _rel_price(items: pd.DataFrame, roles: dict, category: np.ndarray | None) -> np.ndarray | None:
+    col = roles.get("price")
+    if col is None or col not in items.columns or items[col].isna().all():
+        return None
+    logp = np.log(items[col].astype(float).clip(lower=0.01))
+    if category is not None:
+        logp = logp - logp.groupby(category).transform("mean")
+    return logp.fillna(0.0).values.astype(np.float64)
+
+
+def _item_statistics(items: pd.DataFrame, train: pd.DataFrame, impressions: pd.DataFrame, roles: dict,
+                     t_ref: int) -> pd.DataFrame:
+    """Statistics per item row from the given training actions: positives, exposures (shown or acted
+    on), positive rate (smoothed toward the catalog mean) and age."""
+    n = len(items)
+    pos = np.bincount(train.loc[train["kind"] >= POSITIVE_KIND, "item_row"], minlength=n).astype(np.float64)
+    exposures = np.bincount(train["item_row"], minlength=n) + np.bincount(impressions["item_row"], minlength=n)
+    prior = pos.sum() / max(exposures.sum(), 1)
+    stats = pd.DataFrame({"popularity": pos, "exposures": exposures.astype(np.float64),
+                          "positive_rate": (pos + 5 * prior) / (exposures + 5)})
+    created = roles.get("created")
+    if created is not None and created in items.columns and items[created].notna().any():
+        stats["item_age_days"] = ((t_ref - items[created].astype("float64")) / DAY).clip(lower=0).values
+    return stats
+
+
+def _store_arrays(users: pd.DataFrame, attr_cols: list[str], log_: ActionLog, n_seq: int, n_cat: int) -> dict:
+    """user_store.npz: attributes (+ null masks), state after every action in `log_`, history CSR."""
+    users = users.sort_values("user_id").reset_index(drop=True)
+    ids = users["user_id"].values.astype(np.int64)
+    arrays: dict[str, np.ndarray] = {"user_id": ids}
+    for col in attr_cols:
+        s = users[col]
+        arrays[f"attr__{col}__null"] = s.isna().values
+        arrays[f"attr__{col}"] = (s.astype(float).values if pd.api.types.is_numeric_dtype(s)
+                                  else np.asarray(s.fillna("").astype(str).values, dtype=str))
+    state = log_.states(ids, NEVER, n_seq, n_cat)
+    for key, value in state.items():
+        arrays[key] = value
+    arrays["hist_indptr"], arrays["hist_rows"], arrays["hist_kinds"] = log_.history_csr(ids)
     return arrays
 
 
 def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig, progress: bool = True) -> dict:
     t0 = time.time()
+    if cfg.split not in SPLITS:
+        raise ValueError(f"features.split must be one of {SPLITS}, got {cfg.split!r}")
     out = Path(out_dir)
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # never leave a stale file of an earlier run beside the new ones
     (out / "serving").mkdir(parents=True)
-    steps = tqdm(total=7, desc="features", unit="step", disable=not progress)
+    steps = Steps("features", 6, progress)
 
+    raw_schema = read_schema(raw_dir)
     users = read_table(raw_dir, "users")
-    items = read_table(raw_dir, "items")
+    items = read_table(raw_dir, "items").sort_values("item_id", kind="stable").reset_index(drop=True)
     inter = read_table(raw_dir, "interactions")
-    imp = impression_rows(inter)
-    t_valid = int(np.quantile(imp["ts"].values, 1 - cfg.valid_fraction - cfg.test_fraction))
-    t_test = int(np.quantile(imp["ts"].values, 1 - cfg.test_fraction))
-    steps.update()
+    item_row = pd.Series(np.arange(len(items)), index=items["item_id"].values)
+    unknown_items = ~inter["item_id"].isin(item_row.index)
+    if unknown_items.any():
+        raise RawDataError(f"{raw_dir}: interactions reference {int(unknown_items.sum())} events of item ids missing from "
+                           f"items.parquet (e.g. {int(inter.loc[unknown_items, 'item_id'].iloc[0])})")
+    missing_users = np.setdiff1d(inter["user_id"].unique(), users["user_id"].values)
+    if len(missing_users):  # users known only from their events: no attributes (nulls)
+        users = pd.concat([users, pd.DataFrame({"user_id": missing_users})], ignore_index=True)
+    actions = actions_from_events(inter, item_row)
+    session_device = inter.drop_duplicates(["user_id", "session_id"]).set_index(["user_id", "session_id"])["device"]
+    actions["device"] = session_device.reindex(pd.MultiIndex.from_arrays(
+        [actions["user_id"].values, actions["session_id"].values])).values
+    if not len(actions):
+        raise RawDataError(f"{raw_dir}: no user interactions (view/click/cart/purchase) to learn from")
+    imp = inter[inter["event"] == "impression"]
+    impressions = pd.DataFrame({"user_id": imp["user_id"].values, "item_row": imp["item_id"].map(item_row).values,
+                                "ts": imp["ts"].values})
+    part, cuts = assign_split(actions["ts"].values, actions["user_id"].values, actions["item_row"].values, cfg)
+    actions["split"] = part
+    if not (part == 0).any():
+        raise RawDataError(f"{raw_dir}: the {cfg.split!r} split left no training actions")
+    if cfg.split != "none" and not ((part == 2) & (actions["kind"].values >= POSITIVE_KIND)).any():
+        raise RawDataError(f"{raw_dir}: the {cfg.split!r} split left no positive in the test part; "
+                           "need more data or `features.split = \"none\"`")
+    fold = np.full(len(actions), -1, np.int8)
+    fold[part == 0] = assign_holdout(actions[part == 0], cfg)
+    actions["fold"] = fold
+    train_end = int(actions.loc[part == 0, "ts"].max()) + 1
+    if cfg.split == "time":
+        impressions = impressions[impressions["ts"] < cuts["t_valid"]]
+    elif cfg.split != "none":  # per-user or random splits: keep the impressions shown before the user's first held-out action
+        first_out = actions[part > 0].groupby("user_id")["ts"].min()
+        impressions = impressions[impressions["ts"] < impressions["user_id"].map(first_out).fillna(NEVER).values]
+    steps.done("split")
 
-    # clicks carry the item's category and its price relative to the category's (catalog known at
-    # t_valid) for the history state
-    known = items[items["created_ts"] < t_valid]
-    cat_log_price = np.log(known["price"].clip(lower=0.01)).groupby(known["category"]).mean()
-    clicks = inter.loc[inter["event"] == "click", ["user_id", "item_id", "ts"]].merge(
-        items[["item_id", "category", "price"]], on="item_id", how="left"
-    )
-    rel = np.log(clicks.pop("price").clip(lower=0.01)) - clicks["category"].map(cat_log_price)
-    clicks["rel_price"] = rel.fillna(0.0)
-    states = click_states(clicks, cfg.recent_items, cfg.recent_categories)
-    rows = _query_rows(imp, users, states)
-    train = rows[rows["ts"] < t_valid]
-    valid = rows[(rows["ts"] >= t_valid) & (rows["ts"] < t_test)]
-    test = rows[rows["ts"] >= t_test]
-    if len(train) == 0 or len(test) == 0:
-        raise RawDataError("time split left an empty train or test set; need interactions spread over time")
-    steps.update()
-
-    # item catalog: statistics from the training window only
-    train_clicks = clicks[clicks["ts"] < t_valid]
-    pop = train_clicks.groupby("item_id").size()
-    items = items.reset_index(drop=True)
-    items["popularity"] = items["item_id"].map(pop).fillna(0).astype(np.float64)
-    items["item_age_days"] = ((t_test - items["created_ts"]) / DAY).astype(np.float64)
-    iw = item_workflow(out / "categories")
-    iw.fit(__import__("nvtabular").Dataset(items[items["created_ts"] < t_valid].reset_index(drop=True)))
-    item_feats = nvt_compat.transform(iw, items)
-    item_feats["item_id_raw"] = items["item_id"].values
-    item_feats.to_parquet(out / "item_features.parquet", index=False)
+    # items: attributes that carry information, statistics from the training window
+    item_kinds, dropped_items = usable_columns(items, raw_schema["items"])
+    roles = raw_schema["roles"]
+    category, category_names = _category_codes(items, roles, raw_schema["items"])
+    rel_price = _rel_price(items, roles, category)
+    # two sets of statistics: from every train action (served), and from the fit fold only (what the
+    # models trained on the fold see), so no holdout label counts toward its own item's popularity
+    stats = _item_statistics(items, actions[part == 0], impressions, roles, train_end)
+    stats_fit = _item_statistics(items, actions[(part == 0) & (fold == 0)], impressions, roles, train_end)
+    ispec = item_spec(item_kinds, roles, "item_age_days" in stats.columns)
+    iframe = item_input_frame(pd.concat([items, stats], axis=1), ispec)
+    iframe_fit = item_input_frame(pd.concat([items, stats_fit], axis=1), ispec)
+    acted = np.zeros(len(items), bool)
+    acted[actions.loc[part == 0, "item_row"].values] = True
+    iw = item_workflow(ispec, out / "categories")
+    nvt_compat.fit(iw, iframe[acted])  # ids never acted on in train stay out-of-vocabulary
+    item_feats = nvt_compat.transform(iw, iframe)
+    item_feats_fit = nvt_compat.transform(iw, iframe_fit)
     iw.save(str(out / "workflows" / "item"))
-    steps.update()
+    item_cat_names = ["item_id", *ispec["cat"], *[c for m in ispec["multi"] for c in multi_slot_columns(m)]]
+    item_cont_names = [*ispec["num"], *ispec["price"], *ispec["stats"]]
+    steps.done("item workflow")
 
-    # query (user + context) workflow, fit on train rows
-    qcols = query_input_columns(cfg)
-    qw = query_workflow(cfg, out / "categories")
-    import nvtabular as nvt
-
-    qw.fit(nvt.Dataset(train[qcols + TARGET_COLUMNS].reset_index(drop=True)))
+    # history state and the two-tower training rows: each positive train action, with the state when
+    # its session began (the server's snapshot never holds the running session's own clicks)
+    user_kinds, dropped_users = usable_columns(users, raw_schema["users"])
+    qspec = query_spec(user_kinds, cfg.recent_categories, category is not None, rel_price is not None)
+    train_actions = actions[part == 0]
+    log_all = ActionLog(train_actions, category, rel_price)
+    rows = train_actions[train_actions["kind"] >= POSITIVE_KIND]
+    session_start = rows.groupby(["user_id", "session_id"])["ts"].transform("min").values
+    state = log_all.states(rows["user_id"].values, session_start, cfg.sequence_length, cfg.recent_categories)
+    attrs = _user_attrs(users, rows["user_id"].values, qspec)
+    row_device = rows["device"].values
+    hour, weekday = context_from_ts(rows["ts"].values)
+    raw = raw_rows(qspec, state, attrs, category_names, hour, weekday, row_device)
+    qframe = pd.DataFrame(raw)[query_input_columns(qspec)]
+    qw = query_workflow(qspec, out / "categories")
+    nvt_compat.fit(qw, qframe)
     qw.save(str(out / "workflows" / "query"))
-    steps.update()
+    steps.done("query workflow")
 
-    order = np.argsort(items["item_id"].values)
-    sorted_ids = items["item_id"].values[order]
-    split_sizes = {}
-    for name, part in (("train", train), ("valid", valid), ("test", test)):
-        feats = nvt_compat.transform(qw, part[qcols + TARGET_COLUMNS])
-        pos = np.searchsorted(sorted_ids, part["item_id"].values)
-        feats["item_row"] = order[np.minimum(pos, len(order) - 1)].astype(np.int64)
-        feats["user_id_raw"] = part["user_id"].values
-        feats["item_id_raw"] = part["item_id"].values
-        feats["ts"] = part["ts"].values
-        feats["device_raw"] = part["device"].astype(str).values  # raw request context, for evaluation
-        feats.to_parquet(out / f"{name}.parquet", index=False)
-        split_sizes[name] = int(len(feats))
-    steps.update()
+    feats = nvt_compat.transform(qw, qframe)
+    codes = item_feats["item_id"].values.astype(np.int64)
+    seq = state["seq_rows"]
+    extra = {f"seq_{i + 1}": np.where(seq[:, i] >= 0, codes[np.maximum(seq[:, i], 0)], 0) for i in range(cfg.sequence_length)}
+    extra.update({f"seq_kind_{i + 1}": state["seq_kinds"][:, i] for i in range(cfg.sequence_length)})
+    extra.update({"item_row": rows["item_row"].values, "kind": rows["kind"].values, "fold": rows["fold"].values,
+                  "user_id_raw": rows["user_id"].values, "ts": rows["ts"].values})
+    feats = pd.concat([feats, pd.DataFrame(extra)], axis=1)
+    feats.to_parquet(out / "train.parquet", index=False)
+    actions.to_parquet(out / "actions.parquet", index=False)
+    steps.done("training rows")
 
-    # serving files: plan, user store snapshot at the test cut-off, packed item table
+    # serving files: plan, user store (state after the train split), packed item table
     save_plan(qw, out / "serving", "query")
     plan = TransformPlan.load(out / "serving" / "query_plan.json", out / "serving" / "query_vocab.npz")
-    store = users.rename(columns={"device": "user_device"}).merge(snapshot(states, t_test), on="user_id", how="left")
-    store_cols = [c for c in qcols if c not in STORE_COLUMNS_EXCLUDE]
-    np.savez(out / "serving" / "user_store.npz", **_store_arrays(store, store_cols))
-    item_plan_cat = [c for c in item_feats.columns if c in ("item_id", "category", "brand")]
-    item_plan_cont = [c for c in item_feats.columns if c in ("price", "popularity", "item_age_days")]
-    popular = np.argsort(-items["popularity"].values, kind="stable").astype(np.int64)
+    attr_cols = [c.removeprefix("user_") for c in qspec["user_cat"] + qspec["user_num"]]
+    store = _store_arrays(users[["user_id", *attr_cols]], attr_cols, log_all, cfg.sequence_length, cfg.recent_categories)
+    np.savez(out / "serving" / "user_store.npz", **store)
+    display = {f"display__{c}": np.asarray(items[c].fillna("").astype(str).values, dtype=str)
+               for c, k in raw_schema["items"].items() if k in ("text", "categorical", "multi")}
     np.savez(
         out / "serving" / "item_table.npz",
         item_ids=items["item_id"].values.astype(np.int64),
-        item_cat=item_feats[item_plan_cat].values.astype(np.int64),
-        item_cont=item_feats[item_plan_cont].values.astype(np.float32),
-        cat_names=np.array(item_plan_cat),
-        cont_names=np.array(item_plan_cont),
-        popular_rows=popular,
-        category=np.asarray(items["category"].astype(str).values, dtype=str),
-        brand=np.asarray(items["brand"].astype(str).values, dtype=str),
-        price=items["price"].values.astype(np.float64),
+        item_cat=item_feats[item_cat_names].values.astype(np.int64),
+        item_cont=item_feats[item_cont_names].values.astype(np.float32),
+        item_cont_fit=item_feats_fit[item_cont_names].values.astype(np.float32),
+        popular_rows_fit=np.lexsort((np.arange(len(items)), -stats_fit["popularity"].values)).astype(np.int64),
+        cat_names=np.array(item_cat_names),
+        cont_names=np.array(item_cont_names),
+        popular_rows=np.lexsort((np.arange(len(items)), -stats["popularity"].values)).astype(np.int64),
+        popularity=stats["popularity"].values.astype(np.float64),
+        category_code=category if category is not None else np.full(len(items), -1, np.int64),
+        category_names=category_names,
+        rel_price=rel_price if rel_price is not None else np.zeros(0),  # empty: the items have no price
+        **display,
     )
-    steps.update()
+    steps.done("serving files")
 
     item_card = {}
     for col in iw.output_schema:
         sizes = col.properties.get("embedding_sizes")
         if sizes:
             item_card[col.name] = int(sizes["cardinality"])
-    # columns encoded with one joint vocabulary (recent items, recent categories) share an embedding table
     vocab_of = {c["name"]: next((op["vocab"] for op in c["ops"] if op["type"] == "categorify"), c["name"]) for c in plan.columns}
+    split_rows = {name: int((part == code).sum()) for name, code in SPLIT_CODE.items()}
     schema = {
+        "query_spec": qspec,
         "query_cat": plan.cat_names,
         "query_vocabularies": [vocab_of[c] for c in plan.cat_names],
         "query_cont": plan.cont_names,
         "query_cardinalities": plan.cardinalities,
-        "item_cat": item_plan_cat,
-        "item_cont": item_plan_cont,
-        "item_cardinalities": {c: item_card[c] for c in item_plan_cat},
-        "targets": TARGET_COLUMNS,
-        "user_id_column": "user_id",
-        "recent_item_columns": recent_item_columns(cfg.recent_items),
-        "recent_category_columns": recent_category_columns(cfg.recent_categories),
-        "t_valid": t_valid,
-        "t_test": t_test,
-        "rows": split_sizes,
+        "context_columns": [c for c in plan.cat_names if c in qspec["context"]],
+        "item_cat": item_cat_names,
+        "item_vocabularies": [c if not any(c in multi_slot_columns(m) for m in ispec["multi"])
+                              else next(m for m in ispec["multi"] if c in multi_slot_columns(m)) for c in item_cat_names],
+        "item_cont": item_cont_names,
+        "item_cardinalities": {c: item_card[c] for c in item_cat_names},
+        "sequence_length": cfg.sequence_length,
+        "recent_categories": cfg.recent_categories,
+        "roles": roles,
+        "dropped_columns": {"items": dropped_items, "users": dropped_users},
+        "split": cfg.split, "cuts": cuts, "train_end": train_end,
+        "actions": split_rows,
+        "holdout_actions": int((fold == 1).sum()),
+        "train_rows": int(len(feats)),
         "items": int(len(items)),
         "users": int(len(users)),
+        "source": raw_schema.get("source"),
     }
     (out / "schema.json").write_text(json.dumps(schema, indent=1) + "\n")
     write_manifest(out, extra={"stage": "features"})
-    steps.update()
-    steps.close()
-    return {"out": str(out), **split_sizes, "items": int(len(items)), "seconds": round(time.time() - t0, 1)}
+    steps.done("schema + manifest")
+    if dropped_items or dropped_users:
+        log.warning("left out columns without any value: items %s, users %s", dropped_items, dropped_users)
+    return {"out": str(out), "split": cfg.split, **split_rows, "train_rows": int(len(feats)), "items": int(len(items)),
+            "dropped_columns": schema["dropped_columns"], "seconds": round(time.time() - t0, 1)}
+
+
+def _user_attrs(users: pd.DataFrame, user_ids: np.ndarray, qspec: dict) -> dict[str, np.ndarray]:
+    """Raw attribute columns for each query user (None / NaN where unknown)."""
+    cat = [c.removeprefix("user_") for c in qspec["user_cat"]]
+    num = [c.removeprefix("user_") for c in qspec["user_num"]]
+    table = users.set_index("user_id")[cat + num].reindex(user_ids)
+    out: dict[str, np.ndarray] = {"user_id": np.asarray(user_ids, dtype=np.int64)}
+    for col in cat:
+        v = table[col]
+        out[col] = np.asarray(v.astype("object").where(v.notna(), None).map(lambda x: x if x is None else str(x)).values, dtype=object)
+    for col in num:
+        out[col] = table[col].astype(float).values
+    return out

@@ -1,10 +1,17 @@
-"""Request-time feature transform: executes an exported workflow plan with NumPy only.
+"""Request-time feature transform: the user store and an exported workflow plan, NumPy only.
 
-This is what the Triton `feature_transform` step runs. It imports neither NVTabular nor pandas
-and loads no pickles (vocabularies come from an .npz opened with allow_pickle=False), so the
-serving environment is free of the 2023 Merlin pins. Its outputs equal `Workflow.transform` on
-the same rows (tests/test_request_transform.py checks that over many rows, unknown and null
-values included).
+This is what the Triton `feature_transform` step runs, and what the offline stages use to build
+the same rows (the ranker's queries, the evaluation's users). It imports neither NVTabular nor
+pandas and loads no pickles (arrays come from .npz files opened with allow_pickle=False), so the
+serving environment is free of the 2023 Merlin pins. `TransformPlan.transform` equals
+`Workflow.transform` on the same rows (tests/test_features.py checks that over many rows,
+unknown and null values included).
+
+The user store holds, per user, the raw attributes and the history state of
+`feature_workflows.history` (summaries, the last N actions, every action for the seen-item filter
+and the item-to-item recall route). `raw_rows` turns states into the query workflow's raw input
+columns; a missing context is null, the same "unknown" the training rows hold when context is
+dropped out, never the server's clock.
 """
 
 from __future__ import annotations
@@ -99,3 +106,95 @@ class TransformPlan:
         cat = np.stack([columns[c] for c in self.cat_names], axis=1) if self.cat_names else np.zeros((n, 0), np.int64)
         cont = np.stack([columns[c] for c in self.cont_names], axis=1) if self.cont_names else np.zeros((n, 0), np.float32)
         return cat.astype(np.int64, copy=False), cont.astype(np.float32, copy=False)
+
+
+def raw_rows(spec: dict, state: dict[str, np.ndarray], attrs: dict[str, np.ndarray], category_names: np.ndarray,
+             hour=None, weekday=None, device=None) -> dict[str, np.ndarray]:
+    """The query workflow's raw input columns for n queries.
+
+    spec: `workflows.query_spec` (saved in the features schema); state: `ActionLog.states` or the
+    store's rows; attrs: user_id and raw attribute columns (object arrays, None = null; floats, NaN
+    = null); category_names: category code -> name; context arrays or None (null)."""
+    n = len(attrs["user_id"])
+    raw: dict[str, np.ndarray] = {"user_id": np.asarray(attrs["user_id"], dtype=np.int64)}
+    for col in spec["user_cat"] + spec["user_num"]:
+        raw[col] = attrs[col.removeprefix("user_")]
+    names = np.asarray(category_names, dtype=object)
+
+    def cat_name(codes):
+        codes = np.asarray(codes, dtype=np.int64)
+        return np.where(codes >= 0, names[np.clip(codes, 0, max(len(names) - 1, 0))] if len(names) else None, None)
+
+    for i, col in enumerate(c for c in spec["history_cat"] if c.startswith("recent_category_")):
+        raw[col] = cat_name(state["recent_categories"][:, i])
+    if "fav_category" in spec["history_cat"]:
+        raw["fav_category"] = cat_name(state["fav_category"])
+    for col in spec["history_num"]:
+        raw[col] = np.asarray(state[col], dtype=np.float64)
+    raw["hour"] = np.full(n, np.nan) if hour is None else np.asarray(hour, dtype=np.float64)
+    raw["weekday"] = np.full(n, np.nan) if weekday is None else np.asarray(weekday, dtype=np.float64)
+    raw["device"] = np.full(n, None, dtype=object) if device is None else np.asarray(device, dtype=object)
+    return raw
+
+
+class UserStore:
+    """The serving snapshot of every known user (user_store.npz), looked up by raw user id.
+
+    Arrays: user_id (sorted), attr__<col> (+ attr__<col>__null), the state columns, seq_rows /
+    seq_kinds [U, N] and the action history as CSR (hist_indptr, hist_rows, hist_kinds)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.user_id = arrays["user_id"]
+        self.arrays = arrays
+        self.attr_names = [k[len("attr__"):] for k in arrays if k.startswith("attr__") and not k.endswith("__null")]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "UserStore":
+        with np.load(path, allow_pickle=False) as npz:
+            return cls({k: npz[k] for k in npz.files})
+
+    def lookup(self, user_id: np.ndarray) -> np.ndarray:
+        """Store row of each user id, -1 when the store does not know the user."""
+        user_id = np.asarray(user_id, dtype=np.int64)
+        if not len(self.user_id):
+            return np.full(len(user_id), -1, np.int64)
+        pos = np.searchsorted(self.user_id, user_id)
+        pos_c = np.minimum(pos, len(self.user_id) - 1)
+        return np.where((pos < len(self.user_id)) & (self.user_id[pos_c] == user_id), pos_c, -1).astype(np.int64)
+
+    def attrs(self, user_id: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        known = rows >= 0
+        safe = np.maximum(rows, 0)
+        out = {"user_id": np.asarray(user_id, dtype=np.int64)}
+        for col in self.attr_names:
+            values = self.arrays[f"attr__{col}"][safe] if len(self.user_id) else np.zeros(len(rows))
+            null = ~known | (self.arrays[f"attr__{col}__null"][safe] if len(self.user_id) else True)
+            out[col] = np.where(null, np.nan, values) if values.dtype.kind == "f" else np.where(null, None, values.astype(object))
+        return out
+
+    def state(self, rows: np.ndarray, n_seq: int) -> dict[str, np.ndarray]:
+        """History state of each store row (-1: the empty state of an unknown user)."""
+        known = rows >= 0
+        safe = np.maximum(rows, 0)
+        a = self.arrays
+        has = len(self.user_id) > 0
+        out = {}
+        for col in ("activity", "positives", "price_level"):
+            if col in a:
+                out[col] = np.where(known, a[col][safe], 0.0 if col != "price_level" else np.nan) if has else np.zeros(len(rows))
+        for col, pad in (("recent_categories", -1), ("seq_rows", -1), ("seq_kinds", 0)):
+            if col in a:
+                width = a[col].shape[1] if col != "recent_categories" else a[col].shape[1]
+                out[col] = np.where(known[:, None], a[col][safe], pad) if has else np.full((len(rows), width), pad)
+        if "fav_category" in a:
+            out["fav_category"] = np.where(known, a["fav_category"][safe], -1) if has else np.full(len(rows), -1)
+        out["seq_rows"], out["seq_kinds"] = out["seq_rows"][:, :n_seq], out["seq_kinds"][:, :n_seq]
+        return out
+
+    def history(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item rows, kinds) of every action of one store row (empty for -1)."""
+        if row < 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int8)
+        a = self.arrays
+        lo, hi = a["hist_indptr"][row], a["hist_indptr"][row + 1]
+        return a["hist_rows"][lo:hi], a["hist_kinds"][lo:hi]

@@ -63,7 +63,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env(artifacts: Path) -> dict:
+def server_env(artifacts: Path, config_path: Path | None = None) -> dict:
     env = dict(os.environ)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     # the wheel's bundled libraries (auditwheel): the copied stub no longer finds them by RPATH
@@ -72,6 +72,8 @@ def server_env(artifacts: Path) -> dict:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["SHOPREC_ARTIFACTS"] = str(artifacts)
+    if config_path is not None:  # the steps read their serve-time settings from the same file
+        env["SHOPREC_CONFIG"] = str(Path(config_path).resolve())
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
@@ -87,12 +89,16 @@ class TritonServer:
     metrics_port: int
     address: str = "127.0.0.1"
     log_path: Path | None = None
+    config_path: Path | None = None
+    ready_timeout_s: float = 120.0
     process: subprocess.Popen | None = None
 
     @classmethod
-    def from_config(cls, cfg: ServeConfig, artifacts: Path, profile: str = "cpu", ephemeral_ports: bool = False, log_path=None):
+    def from_config(cls, cfg: ServeConfig, artifacts: Path, profile: str = "cpu", ephemeral_ports: bool = False, log_path=None,
+                    config_path: Path | None = None):
         ports = (free_port(), free_port(), free_port()) if ephemeral_ports else (cfg.http_port, cfg.grpc_port, cfg.metrics_port)
-        return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path)
+        return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path,
+                   config_path=config_path, ready_timeout_s=cfg.ready_timeout_s)
 
     @property
     def http_url(self) -> str:
@@ -113,13 +119,14 @@ class TritonServer:
             "--exit-on-error=true", "--log-verbose=0",
         ]
 
-    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+    def start(self, timeout_s: float | None = None) -> "TritonServer":
+        timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         bundle = self.artifacts / "serving"
         verify_tree(bundle)  # refuse to serve files that differ from what export wrote
         work = self.artifacts / "triton"
         cmd = self.command(backends_dir(work))
         log = open(self.log_path or work / "server.log", "w")
-        self.process = subprocess.Popen(cmd, env=server_env(self.artifacts), stdout=log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from feature_workflows.request_transform import TransformPlan
-from shoprec.config import REPO_ROOT
+from feature_workflows.request_transform import TransformPlan, UserStore, raw_rows
+from shoprec.candidates import CandidateGenerator, ItemNeighbours
+from shoprec.config import REPO_ROOT, ServeConfig, load_config
 from shoprec.contract import BUNDLE_FILES
-from shoprec.faiss_search import search
 from shoprec.manifest import verify_manifest
 
 MAX_DEVICE_BYTES = 64
@@ -60,11 +59,24 @@ class Bundle:
         return json.loads(self.file("contract").read_text())
 
 
-def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray | None, device) -> None:
+def serve_config() -> ServeConfig:
+    """Serve-time settings, read when a step starts (the launcher passes the config file it was given)."""
+    return load_config(os.environ.get("SHOPREC_CONFIG") or None).serve
+
+
+def max_k(bundle: Bundle, cfg: ServeConfig) -> int:
+    """The largest k a request may ask: the candidates ranked per request (never more than the catalog)."""
+    return int(min(cfg.num_candidates, bundle.dims["n_items"]))
+
+
+def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray | None, device, k_max: int) -> None:
     if k.size == 0:
         raise RequestError("empty request: send at least one row")
     if (k < 1).any():
         raise RequestError(f"k must be >= 1, got {int(k.min())}")
+    if (k > k_max).any():
+        raise RequestError(f"k must be <= {k_max} (the candidates ranked per request, serve.num_candidates), "
+                           f"got {int(k.max())}")
     if hour is not None and ((hour < 0) | (hour > 23)).any():
         raise RequestError(f"hour must be in 0..23, got {int(hour[(hour < 0) | (hour > 23)][0])}")
     if weekday is not None and ((weekday < 0) | (weekday > 6)).any():
@@ -83,40 +95,32 @@ def decode_device(raw) -> np.ndarray:
 
 
 class FeatureTransform:
-    """(user_id, optional hour/weekday/device) -> user_cat [B, Fu], user_cont [B, Cu], cold_start [B].
+    """(user_id, optional hour/weekday/device) -> user_cat [B, Fu], user_cont [B, Cu], seq_items [B, L],
+    seq_kinds [B, L], user_row [B] (the user store row, -1 unknown), cold_start [B].
 
-    Profile and history come from the user store snapshot; absent context defaults to the current
-    UTC hour/weekday and a null device (encoded as the workflow's null code)."""
+    Profile and history come from the user store snapshot. Absent context is null: the "unknown"
+    the training rows carry when their context is dropped out, never the server's clock. A user is
+    cold when the store holds no action of theirs, whatever their id."""
 
     def __init__(self, bundle: Bundle):
         self.plan = TransformPlan.load(bundle.file("query_plan"), bundle.file("query_vocab"))
-        store = bundle.npz("user_store")
-        self.store_ids = store.pop("user_id")
-        self.store = store
-        self.user_id_col = self.plan.cat_names.index("user_id")
+        self.store = UserStore(bundle.npz("user_store"))
+        table = bundle.npz("item_table")
+        self.item_codes = table["item_cat"][:, 0]
+        self.category_names = table["category_names"]
+        self.spec = bundle.dims["query_spec"]
+        self.seq_len = int(bundle.dims["seq_len"])
 
     def __call__(self, user_id: np.ndarray, hour=None, weekday=None, device=None):
-        n = len(user_id)
-        pos = np.searchsorted(self.store_ids, user_id)
-        pos_c = np.minimum(pos, len(self.store_ids) - 1)
-        known = (pos < len(self.store_ids)) & (self.store_ids[pos_c] == user_id)
-        raw: dict[str, np.ndarray] = {"user_id": user_id.astype(np.int64)}
-        for col in self.plan.inputs:
-            if col in raw or col in ("hour", "weekday", "device"):
-                continue
-            values = self.store[col][pos_c]
-            null = ~known | self.store.get(f"{col}__null", np.zeros(len(self.store_ids), bool))[pos_c]
-            if values.dtype.kind == "f":
-                raw[col] = np.where(null, np.nan, values)
-            else:
-                raw[col] = np.where(null, None, values.astype(object))
-        now = time.gmtime()
-        raw["hour"] = hour.astype(np.int64) if hour is not None else np.full(n, now.tm_hour)
-        raw["weekday"] = weekday.astype(np.int64) if weekday is not None else np.full(n, now.tm_wday)
-        raw["device"] = device if device is not None else np.full(n, None, dtype=object)
+        user_id = np.asarray(user_id, dtype=np.int64)
+        rows = self.store.lookup(user_id)
+        state = self.store.state(rows, self.seq_len)
+        raw = raw_rows(self.spec, state, self.store.attrs(user_id, rows), self.category_names, hour, weekday, device)
         cat, cont = self.plan.pack(self.plan.transform(raw))
-        cold = cat[:, self.user_id_col] <= 2  # null or out-of-vocabulary user id: no personal signal
-        return cat, cont, cold
+        seq_rows = state["seq_rows"]
+        seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
+        cold = state["activity"] <= 0
+        return cat, cont, seq, state["seq_kinds"].astype(np.int64), rows, cold
 
 
 class OnnxModel:
@@ -138,58 +142,79 @@ class OnnxModel:
 
 
 class Retrieval:
-    """user_embedding [B, D], cold_start [B] -> candidate_rows [B, N], retrieval_scores [B, N].
+    """user_embedding [B, D], user_row [B], exclude_seen [B] -> candidate_rows [B, N] (-1 pads when the
+    catalog minus the user's seen items has fewer than N), candidate_dense [B, N, F].
 
-    Cold-start users get the N most popular items (scores: descending popularity rank)."""
+    The recall routes of `shoprec.candidates` over the user's actions in the store."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", device_id: int = 0, threads: int = 1):
+    def __init__(self, bundle: Bundle, cfg: ServeConfig, device: str = "cpu", device_id: int = 0, threads: int = 1):
         import faiss
 
         # one thread per instance, like the ONNX sessions: parallelism comes from Triton instances
         # (or server workers); FAISS's OpenMP team otherwise spins against them on a few cores
         faiss.omp_set_num_threads(threads)
-
-        self._search = search
-        self.embeddings = np.load(bundle.file("item_embeddings"), allow_pickle=False)
+        embeddings = np.load(bundle.file("item_embeddings"), allow_pickle=False)
         index = faiss.read_index(str(bundle.file("faiss_index")))
-        if device == "cuda" and hasattr(faiss, "StandardGpuResources"):
+        if device == "cuda":
+            if not hasattr(faiss, "StandardGpuResources"):
+                raise RuntimeError("retrieval: Triton gave this instance a GPU but FAISS has no GPU support; "
+                                   "install faiss-gpu or serve the cpu profile")
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, device_id, index)  # the GPU Triton assigned
-        self.index = index
-        dims = bundle.dims
-        self.n = int(dims["num_candidates"])
-        self.popular = bundle.npz("item_table")["popular_rows"][: self.n]
+        table = bundle.npz("item_table")
+        names = [str(n) for n in table["category_names"]]
+        unknown = sorted(set(cfg.repeat_categories) - set(names))
+        if unknown:
+            raise ValueError(f"serve.repeat_categories names categories the catalog does not have: {unknown}")
+        exempt = np.isin(table["category_code"], [names.index(c) for c in cfg.repeat_categories])
+        self.generator = CandidateGenerator(
+            embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
+            table["popular_rows"], max_k(bundle, cfg), cfg.recent_window, exempt)
+        self.store = UserStore(bundle.npz("user_store"))
+        self.default_exclude = cfg.exclude_seen
 
-    def __call__(self, user_embedding: np.ndarray, cold_start: np.ndarray):
-        scores, rows = self._search(self.index, user_embedding, self.n, self.embeddings)
-        if cold_start.any():
-            rows[cold_start] = self.popular
-            scores[cold_start] = np.linspace(1.0, 0.0, self.n, dtype=np.float32)
-        return rows.astype(np.int64), scores.astype(np.float32)
+    @property
+    def n(self) -> int:
+        return self.generator.n
+
+    def __call__(self, user_embedding: np.ndarray, user_row: np.ndarray, exclude_seen: np.ndarray | None = None):
+        user_row = np.asarray(user_row, dtype=np.int64).ravel()
+        parts = [self.store.history(int(r)) for r in user_row]
+        indptr = np.r_[0, np.cumsum([len(p[0]) for p in parts])].astype(np.int64)
+        rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        kinds = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int8)
+        exclude = self.default_exclude if exclude_seen is None else np.asarray(exclude_seen, dtype=bool).ravel()
+        cand, dense, _ = self.generator(user_embedding, indptr, rows.astype(np.int64), kinds, exclude)
+        return cand, dense
 
 
 class CandidateFeatures:
-    """candidate_rows [B, N] -> item_cat [B, N, Fi], item_cont [B, N, Ci] from the precomputed table."""
+    """candidate_rows [B, N] -> item_cat [B, N, Fi], item_cont [B, N, Ci] from the precomputed table
+    (padding rows, -1, get row 0's features; the ranker's score for them is never served)."""
 
     def __init__(self, bundle: Bundle):
         table = bundle.npz("item_table")
         self.item_cat, self.item_cont = table["item_cat"], table["item_cont"]
 
     def __call__(self, rows: np.ndarray):
-        return self.item_cat[rows], self.item_cont[rows]
+        n = len(self.item_cat)
+        if (rows >= n).any():
+            raise ValueError(f"candidate row {int(rows.max())} outside the item table ({n} items)")
+        safe = np.maximum(rows, 0)
+        return self.item_cat[safe], self.item_cont[safe]
 
 
 class TopK:
-    """(candidate_rows, ranking_scores, k) -> raw item_ids [k], scores [k], best first.
+    """(candidate_rows [N], ranking_scores [N], k) -> raw item_ids, scores (best first, padding dropped).
 
-    k above min(max_k, N) is clamped to it (documented); k < 1 is rejected upstream."""
+    k is validated upstream (1 <= k <= max_k); a user whose unseen candidates are fewer than k gets
+    all of them."""
 
     def __init__(self, bundle: Bundle):
         self.item_ids = bundle.npz("item_table")["item_ids"]
-        dims = bundle.dims
-        self.max_k = int(min(dims["max_k"], dims["num_candidates"]))
 
     def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int):
-        k = int(min(max(k, 1), self.max_k, len(rows)))
-        order = np.argsort(-scores, kind="stable")[:k]
+        valid = rows >= 0
+        order = np.argsort(-np.where(valid, scores, -np.inf), kind="stable")[: int(k)]
+        order = order[valid[order]]
         return self.item_ids[rows[order]], scores[order].astype(np.float32)

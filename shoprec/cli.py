@@ -1,10 +1,10 @@
 """`shoprec`: one entry point, a subcommand per stage. Stages hand over through files on disk.
 
-  data       generate the synthetic shop, or import MovieLens files, into ARTIFACTS/data/raw
-  features   fit the NVTabular workflows, write transformed splits + serving feature files
-  train      train the two-tower retrieval model, then the DLRM ranker on its candidates
-  export     ONNX + parity checks, item embeddings, FAISS index, TensorRT (where present)
-  evaluate   offline quality report vs popularity and ALS baselines (benchmarks/results)
+  data       the synthetic shop, MovieLens files or your own interactions -> ARTIFACTS/data/raw
+  features   split, fit the NVTabular workflows, write training rows + serving feature files
+  train      two-tower retrieval, item-to-item routes (EASE / item-kNN), ranker on their candidates
+  export     ONNX + parity checks, item embeddings, FAISS index, routes, TensorRT (where present)
+  evaluate   offline quality: served pipeline vs popularity, ALS, item-kNN, EASE, two-tower alone
   serve      start tritonserver on the generated model repository (Ctrl-C stops it)
   recommend  ask a running server for top-k items for a user (HTTP or gRPC)
   bench      benchmarks: request-time transform (NVTabular vs NumPy plan) and serving (perf_analyzer:
@@ -27,17 +27,31 @@ def _artifacts(args) -> Path:
 
 
 def cmd_data(args, cfg):
+    from feature_workflows.raw_schema import write_raw
+
     raw = _artifacts(args) / "data" / "raw"
-    if cfg.data.source == "synthetic":
+    d = cfg.data
+    if d.source == "synthetic":
         from feature_workflows.synthetic import generate
 
-        info = generate(raw, cfg.data.size, cfg.data.seed, progress=not args.quiet)
-    else:
-        from feature_workflows.movielens import load_movielens, write_raw
+        info = generate(raw, d.size, d.seed, progress=not args.quiet)
+    elif d.source == "interactions":
+        from feature_workflows.sources import SourceSpec, load_interactions_source, parse_column_kinds
 
-        if not cfg.data.movielens_dir:
-            raise SystemExit("data.source is MovieLens: pass --movielens-dir DIR (the unpacked download)")
-        info = write_raw(load_movielens(cfg.data.movielens_dir, cfg.data.source), raw)
+        if not getattr(args, "interactions", None):
+            raise SystemExit("shoprec data: --source interactions needs --interactions PATH (CSV or Parquet)")
+        spec = SourceSpec(args.interactions, args.items, args.users, parse_column_kinds(args.item_column or []),
+                          parse_column_kinds(args.user_column or []), d.positive_threshold, d.strong_threshold,
+                          tuple(d.rating_range), args.category_column, args.price_column)
+        tables, schema = load_interactions_source(spec)
+        info = {"source": "interactions", **write_raw(tables, schema, raw), "load_report": schema.get("load_report")}
+    else:
+        from feature_workflows.movielens import load_movielens
+
+        if not d.movielens_dir:
+            raise SystemExit("shoprec data: a MovieLens source needs --movielens-dir DIR (the files you downloaded)")
+        tables, schema = load_movielens(d.movielens_dir, d.source)
+        info = {"source": d.source, **write_raw(tables, schema, raw), "load_report": schema.get("load_report")}
     print(json.dumps({"raw": str(raw), **info}))
 
 
@@ -52,8 +66,15 @@ def cmd_train(args, cfg):
     from training.train import train_all
 
     art = _artifacts(args)
-    report = train_all(art / "features", art / "models", cfg.retrieval, cfg.ranking, args.device, progress=not args.quiet)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in report.items()}))
+    report = train_all(art / "features", art / "models", cfg, args.device, progress=not args.quiet)
+    print(json.dumps(_summary(report)))
+
+
+def _summary(report: dict) -> dict:
+    """The train report without per-epoch histories (those are in models/train_report.json)."""
+    def strip(v):
+        return {k: strip(x) for k, x in v.items() if k != "history"} if isinstance(v, dict) else v
+    return strip(report)
 
 
 def cmd_export(args, cfg):
@@ -67,8 +88,11 @@ def cmd_evaluate(args, cfg):
     from training.evaluate import evaluate
 
     art = _artifacts(args)
-    report = evaluate(art / "features", art / "serving", Path(args.results), cfg, tag=args.tag)
-    print(json.dumps(report["summary"], indent=1))
+    report = evaluate(art / "features", art / "serving", Path(args.results), cfg, tag=args.tag, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    from training.evaluate import markdown
+
+    print(markdown(report))
 
 
 def cmd_serve(args, cfg):
@@ -76,7 +100,7 @@ def cmd_serve(args, cfg):
 
     from serving.launcher import TritonServer
 
-    server = TritonServer.from_config(cfg.serve, _artifacts(args), profile=args.profile)
+    server = TritonServer.from_config(cfg.serve, _artifacts(args), profile=args.profile, config_path=args.config)
     with server:
         print(f"tritonserver ready: gRPC {server.grpc_url}  HTTP {server.http_url}  (Ctrl-C stops)", flush=True)
         try:
@@ -104,20 +128,57 @@ def cmd_bench(args, cfg):
 
 
 def cmd_all(args, cfg):
-    for step in (cmd_data, cmd_features, cmd_train, cmd_export, cmd_evaluate):
+    steps = [cmd_data, cmd_features, cmd_train, cmd_export]
+    if cfg.features.split != "none":
+        steps.append(cmd_evaluate)
+    for step in steps:
         print(f"== shoprec {step.__name__[4:]}", flush=True)
         step(args, cfg)
     from client.cli import demo_served
 
     print("== shoprec serve + recommend (HTTP and gRPC)", flush=True)
-    demo_served(_artifacts(args), cfg)
+    demo_served(_artifacts(args), cfg, args.config)
+
+
+SOURCES = ["synthetic", "interactions", "movielens-100k", "movielens-1m", "movielens-latest-small"]
+SPLITS = ["time", "user-time", "random", "none"]
+
+
+def _data_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--source", choices=SOURCES, help="where the data comes from (default: config data.source = synthetic)")
+    g.add_argument("--size", choices=["tiny", "small", "medium", "large"], help="synthetic shop size")
+    g.add_argument("--seed", type=int, help="synthetic generator seed")
+    g.add_argument("--movielens-dir", help="folder holding the MovieLens files you downloaded")
+    g.add_argument("--interactions", help="your interactions: CSV/TSV/Parquet with user_id, item_id, timestamp and event or rating")
+    g.add_argument("--items", help="optional item attributes table (item_id + columns)")
+    g.add_argument("--users", help="optional user attributes table (user_id + columns)")
+    g.add_argument("--item-column", action="append", metavar="NAME=KIND",
+                   help="kind of an item column: categorical|numeric|multi|text|timestamp (repeatable; others inferred)")
+    g.add_argument("--user-column", action="append", metavar="NAME=KIND", help="kind of a user column (repeatable)")
+    g.add_argument("--category-column", help="the item column that is the item's category (default: first categorical/multi)")
+    g.add_argument("--price-column", help="the numeric item column that is its price (default: a column named price)")
+    g.add_argument("--positive-threshold", type=float, help="rating data: a rating >= this is a positive (default 4)")
+
+
+def _split_args(p):
+    p.add_argument("--split", choices=SPLITS, help="evaluation split (default: config features.split = time); "
+                   "`none` trains on everything for deployment")
+    p.add_argument("--deploy", action="store_true", help="same as --split none: refit on all the data, serve every event")
+
+
+def _results_args(p):
+    p.add_argument("--results", default=str(REPO_ROOT / "artifacts" / "results"),
+                   help="folder of the quality report (default: artifacts/results; committed reports live in benchmarks/results)")
+    p.add_argument("--tag", default=None, help="report name: quality_<tag>.* (default: the dataset)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report of the same tag")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoprec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="TOML config (default: configs/default.toml)")
     parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"), help="where every stage reads/writes (default: ./artifacts)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help_):
@@ -125,24 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for name, func, help_ in (("data", cmd_data, "create the raw users/items/interactions tables"),
-                              ("all", cmd_all, "run every stage and finish with served recommendations")):
-        p = add(name, func, help_)
-        p.add_argument("--size", choices=["tiny", "small", "medium", "large"], help="synthetic dataset size (overrides config)")
-        p.add_argument("--seed", type=int, help="generator seed (overrides config)")
-        p.add_argument("--source", choices=["synthetic", "movielens-100k", "movielens-1m"], help="data source (overrides config)")
-        p.add_argument("--movielens-dir", help="folder holding the MovieLens files you downloaded")
-        if name == "all":
-            p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-            p.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))
-            p.add_argument("--tag", default=None, help="suffix of the quality report file (default: the dataset size)")
-    add("features", cmd_features, "fit NVTabular workflows; write splits, item table, request-time plan")
-    p = add("train", cmd_train, "train two-tower retrieval and DLRM ranking")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
-    add("export", cmd_export, "export ONNX (+ parity), item embeddings, FAISS index, serving bundle")
-    p = add("evaluate", cmd_evaluate, "offline quality report against popularity and ALS baselines")
-    p.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))
-    p.add_argument("--tag", default=None, help="suffix of the report file (default: the dataset size)")
+    _data_args(add("data", cmd_data, "create the raw users/items/interactions tables (synthetic shop, MovieLens or your own files)"))
+    p = add("all", cmd_all, "run every stage and finish with served recommendations")
+    _data_args(p)
+    _split_args(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device for training")
+    _results_args(p)
+    _split_args(add("features", cmd_features, "split; fit NVTabular workflows; write training rows, item table, user store, "
+                    "request-time plan"))
+    p = add("train", cmd_train, "train the two-tower, the item-to-item routes and the ranker (then refit on all of train)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (auto: CUDA when present)")
+    add("export", cmd_export, "export ONNX (+ parity), item embeddings, FAISS index, routes, serving bundle")
+    _results_args(add("evaluate", cmd_evaluate, "offline quality: the served pipeline against popularity, ALS, item-kNN, EASE "
+                      "and the two-tower alone, same split and user state, seen items excluded for all"))
     p = add("serve", cmd_serve, "start tritonserver on model_repository/<profile> (loopback by default)")
     p.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
     p = add("recommend", cmd_recommend, "top-k items for a user from a running server")
@@ -150,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     p.add_argument("--url", default=None, help="host:port (default: loopback and the configured port)")
-    p.add_argument("--hour", type=int)
-    p.add_argument("--weekday", type=int)
-    p.add_argument("--device", help="request context device, e.g. mobile")
+    p.add_argument("--hour", type=int, help="request context: hour of day 0-23 (default: unknown)")
+    p.add_argument("--weekday", type=int, help="request context: weekday 0-6, 0 = Monday (default: unknown)")
+    p.add_argument("--context-device", help="request context: the client's device, e.g. mobile (default: unknown)")
+    p.add_argument("--include-seen", action="store_true", help="do not filter out items the user already interacted with")
     p = add("bench", cmd_bench, "benchmarks on the built artifacts: request-time transform latency (Workflow.transform "
             "vs NumPy plan) and serving (perf_analyzer sweep: Triton ensemble vs FastAPI vs in-process, ~5 min)")
     p.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))
@@ -160,15 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config)
-    for attr, key in (("size", "size"), ("seed", "seed"), ("source", "source"), ("movielens_dir", "movielens_dir")):
+def _apply_overrides(args, cfg):
+    for attr, key in (("size", "size"), ("seed", "seed"), ("source", "source"), ("movielens_dir", "movielens_dir"),
+                      ("positive_threshold", "positive_threshold")):
         if getattr(args, attr, None) is not None:
             cfg = cfg.replace("data", **{key: getattr(args, attr)})
+    if getattr(args, "deploy", False):
+        cfg = cfg.replace("features", split="none")
+    elif getattr(args, "split", None):
+        cfg = cfg.replace("features", split=args.split)
     if getattr(args, "tag", "unset") is None:
         args.tag = cfg.data.size if cfg.data.source == "synthetic" else cfg.data.source
-    args.func(args, cfg)
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import one_line, user_facing_types
+
+    try:
+        cfg = _apply_overrides(args, load_config(args.config))
+        args.func(args, cfg)
+    except user_facing_types() as exc:  # bad input or a stale artifact: one line naming the file, no traceback
+        print(f"shoprec {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

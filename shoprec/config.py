@@ -13,33 +13,56 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.toml"
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"
+    source: str = "synthetic"  # synthetic | interactions | movielens-100k | movielens-1m | movielens-latest-small
     movielens_dir: str = ""
     size: str = "small"
     seed: int = 7
+    positive_threshold: float = 4.0  # rating data: rating >= this is a positive
+    strong_threshold: float = 5.0  # rating data: rating >= this is also a "purchase" (the CVR target)
+    rating_range: tuple[float, float] = (0.5, 5.0)
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
+    split: str = "time"  # time | user-time | random | none (deployment: everything trains)
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
-    recent_items: int = 3
+    split_seed: int = 2026
+    holdout_latest: float = 0.1  # of each user's latest train actions: what the ranker learns to rank
+    holdout_random: float = 0.1  # plus this share of the other train actions, at random
+    sequence_length: int = 50  # the last N actions the towers and the ranker read
     recent_categories: int = 10
-    age_buckets: tuple[int, ...] = (18, 25, 35, 45, 55, 65)
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
     embedding_dim: int = 64
+    id_dim: int = 32
+    field_dim: int = 16
     tower_hidden: tuple[int, ...] = (128,)
     temperature: float = 0.05
     logq_correction: bool = True
-    ignore_user_features: tuple[str, ...] = ("user_id", "recent_item_*")
-    batch_size: int = 1024
-    epochs: int = 8
-    learning_rate: float = 3e-3
-    patience: int = 2
+    mixed_negatives: int = 256  # uniform random items added to each batch's in-batch negatives
+    use_user_id: bool = False
+    id_dropout: float = 0.1  # item-id dropout in the item tower: attributes carry unseen items
+    context_dropout: float = 0.25  # rows trained with the "unknown" context the server gets without one
+    dropout: float = 0.1
+    weight_decay: float = 1e-5
+    batch_size: int = 512
+    epochs: int = 30
+    learning_rate: float = 2e-3
+    patience: int = 3
+    max_valid_users: int = 5000
     seed: int = 7
+
+
+@dataclass(frozen=True)
+class CFConfig:
+    method: str = "auto"  # auto (EASE up to ease_max_items items, else item-kNN) | ease | knn | none
+    ease_lambdas: tuple[float, ...] = (100.0, 300.0, 1000.0)  # chosen on the holdout
+    ease_max_items: int = 12_000
+    neighbours: int = 500  # strongest |weights| kept per item: the exported route is sparse
+    max_entries: int = 20_000_000  # at most this many weights in all (fewer neighbours per item in big catalogs)
 
 
 @dataclass(frozen=True)
@@ -47,15 +70,20 @@ class RankingConfig:
     embedding_dim: int = 16
     bottom_mlp: tuple[int, ...] = (64, 16)
     top_mlp: tuple[int, ...] = (128, 64)
+    din: bool = True
+    deep: str = "auto"  # auto: the deep part (embeddings, DIN, dot interactions) from deep_min_lists lists on | on | off
+    deep_min_lists: int = 2000
+    ignore_user_features: tuple[str, ...] = ("user_id",)
+    cvr_weight: float = 1.0  # score = pCTR * (1 + cvr_weight * pCVR): a purchase counts 1 + w clicks
     cvr_loss_weight: float = 0.5
-    ignore_user_features: tuple[str, ...] = ("user_id", "recent_item_*")
-    random_negatives: int = 60
-    hard_negatives: int = 10
-    hard_negative_ranks: tuple[int, ...] = (100, 300)
-    batch_size: int = 4096
-    epochs: int = 3
-    learning_rate: float = 3e-3
-    patience: int = 1
+    max_users: int = 20_000
+    users_per_batch: int = 8
+    steps: int = 4000  # a fixed budget: a few hundred held-out lists are too few to early-stop on
+    ema_decay: float = 0.995  # the served weights: a moving average of the trained ones
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    dropout: float = 0.1
+    valid_share: float = 0.1  # of the holdout users, kept out of training to report the ranker's NDCG@10
     seed: int = 7
 
 
@@ -68,8 +96,10 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    num_candidates: int = 300
-    max_k: int = 100
+    num_candidates: int = 300  # N items merged from the recall routes and ranked; the largest k a request may ask
+    recent_window: int = 5  # the last actions the short-term item-to-item score reads
+    exclude_seen: bool = True  # default of the request flag `exclude_seen`
+    repeat_categories: tuple[str, ...] = ()  # items of these categories stay recommendable after an interaction
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -82,6 +112,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    cf: CFConfig = field(default_factory=CFConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -43,12 +43,17 @@ K = Tensor("k", "INT32", (1,))
 HOUR = Tensor("hour", "INT32", (1,), optional=True)
 WEEKDAY = Tensor("weekday", "INT32", (1,), optional=True)
 DEVICE = Tensor("device", "STRING", (1,), optional=True)
+EXCLUDE_SEEN = Tensor("exclude_seen", "BOOL", (1,), optional=True)
 # intermediate tensors
 USER_CAT = Tensor("user_cat", "INT64", (-1,))
 USER_CONT = Tensor("user_cont", "FP32", (-1,))
+SEQ_ITEMS = Tensor("seq_items", "INT64", (-1,))
+SEQ_KINDS = Tensor("seq_kinds", "INT64", (-1,))
+USER_ROW = Tensor("user_row", "INT64", (1,))
 COLD_START = Tensor("cold_start", "BOOL", (1,))
 USER_EMBEDDING = Tensor("user_embedding", "FP32", (-1,))
 CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", (-1,))
+CANDIDATE_DENSE = Tensor("candidate_dense", "FP32", (-1, -1))
 ITEM_CAT = Tensor("item_cat", "INT64", (-1, -1))
 ITEM_CONT = Tensor("item_cont", "FP32", (-1, -1))
 RANKING_SCORES = Tensor("ranking_scores", "FP32", (-1,))
@@ -56,26 +61,28 @@ RANKING_SCORES = Tensor("ranking_scores", "FP32", (-1,))
 ITEM_IDS = Tensor("item_ids", "INT64", (-1,))
 SCORES = Tensor("scores", "FP32", (-1,))
 
-REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, DEVICE)
+REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, DEVICE, EXCLUDE_SEEN)
 RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START)
+USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
+RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
 
 STEPS: tuple[Step, ...] = (
-    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, DEVICE), (USER_CAT, USER_CONT, COLD_START), "python", "KIND_CPU"),
-    Step("user_tower", (USER_CAT, USER_CONT), (USER_EMBEDDING,), "onnx", "KIND_GPU"),
-    Step("retrieval", (USER_EMBEDDING, COLD_START), (CANDIDATE_ROWS,), "python", "KIND_GPU"),
+    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, DEVICE), (*USER_MODEL_INPUTS, USER_ROW, COLD_START), "python",
+         "KIND_CPU"),
+    Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "onnx", "KIND_GPU"),
+    Step("retrieval", (USER_EMBEDDING, USER_ROW, EXCLUDE_SEEN), (CANDIDATE_ROWS, CANDIDATE_DENSE), "python", "KIND_GPU"),
     Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "python", "KIND_CPU"),
-    Step("ranker", (USER_CAT, USER_CONT, ITEM_CAT, ITEM_CONT), (RANKING_SCORES,), "onnx", "KIND_GPU", max_batch_size=64,
-         preferred_batch_sizes=(4, 16, 32)),
+    Step("ranker", RANKER_INPUTS, (RANKING_SCORES,), "onnx", "KIND_GPU", max_batch_size=64, preferred_batch_sizes=(4, 16, 32)),
     Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START), (ITEM_IDS, SCORES), "python", "KIND_CPU"),
 )
 STEP_BY_NAME = {s.name: s for s in STEPS}
 
 # ONNX graphs exported by training/export.py: (inputs, outputs), batch dim first
 ONNX_MODELS = {
-    "user_tower": ((USER_CAT, USER_CONT), (USER_EMBEDDING,)),
+    "user_tower": (USER_MODEL_INPUTS, (USER_EMBEDDING,)),
     "item_tower": ((Tensor("item_cat", "INT64", (-1,)), Tensor("item_cont", "FP32", (-1,))),
                    (Tensor("item_embedding", "FP32", (-1,)),)),
-    "ranker": ((USER_CAT, USER_CONT, ITEM_CAT, ITEM_CONT), (RANKING_SCORES,)),
+    "ranker": (RANKER_INPUTS, (RANKING_SCORES,)),
 }
 
 # the serving bundle (artifacts/serving): every file a Triton step loads, checked by manifest
@@ -89,5 +96,7 @@ BUNDLE_FILES = {
     "item_tower": "item_tower.onnx",
     "item_embeddings": "item_embeddings.npy",
     "faiss_index": "items.faiss",
+    "cf_all": "cf_all.npz",
+    "cf_pos": "cf_pos.npz",
     "contract": "contract.json",
 }

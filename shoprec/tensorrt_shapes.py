@@ -17,10 +17,14 @@ def profile_shapes(model: str, dims: dict[str, int], max_batch: int) -> dict[str
     per_row = {
         "user_cat": (dims["user_cat_dim"],),
         "user_cont": (dims["user_cont_dim"],),
+        "seq_items": (dims["seq_len"],),
+        "seq_kinds": (dims["seq_len"],),
         "item_cat": (dims["num_candidates"], dims["item_cat_dim"]),
         "item_cont": (dims["num_candidates"], dims["item_cont_dim"]),
+        "candidate_dense": (dims["num_candidates"], dims["dense_dim"]),
     }
-    names = {"user_tower": ("user_cat", "user_cont"), "ranker": ("user_cat", "user_cont", "item_cat", "item_cont")}[model]
+    user = ("user_cat", "user_cont", "seq_items", "seq_kinds")
+    names = {"user_tower": user, "ranker": (*user, "item_cat", "item_cont", "candidate_dense")}[model]
     batches = (1, min(OPT_BATCH, max_batch), max_batch)
     return {n: tuple((b, *per_row[n]) for b in batches) for n in names}
 

@@ -13,11 +13,15 @@ from shoprec.config import load_config
 warnings.filterwarnings("ignore")
 
 
+def small_config(cfg):
+    """The default config with training budgets cut for test-sized data (same code paths)."""
+    cfg = cfg.replace("retrieval", epochs=4, patience=2, batch_size=256)
+    return cfg.replace("ranking", steps=300)
+
+
 @pytest.fixture(scope="session")
 def cfg():
-    c = load_config()
-    c = c.replace("retrieval", epochs=4, patience=4, batch_size=256)  # tiny has few clicks: more, smaller steps
-    return c.replace("ranking", epochs=2, patience=2)
+    return small_config(load_config())
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +34,7 @@ def artifacts(tmp_path_factory, cfg) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
     generate(root / "data" / "raw", "tiny", seed=7, progress=False)
     build_features(root / "data" / "raw", root / "features", cfg.features, progress=False)
-    train_all(root / "features", root / "models", cfg.retrieval, cfg.ranking, "cpu", progress=False)
+    train_all(root / "features", root / "models", cfg, "cpu", progress=False)
     export_bundle(root / "features", root / "models", root / "serving", cfg)
     return root
 
@@ -45,7 +49,7 @@ def triton(artifacts, cfg):
 
 
 @pytest.fixture(scope="session")
-def pipeline(artifacts):
+def pipeline(artifacts, cfg):
     from serving.pipeline import Pipeline
 
-    return Pipeline(artifacts / "serving")
+    return Pipeline(artifacts / "serving", cfg=cfg.serve)

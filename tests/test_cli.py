@@ -1,9 +1,11 @@
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
 from shoprec.cli import build_parser
+from shoprec.config import Config, load_config
 
 COMMANDS = ["data", "features", "train", "export", "evaluate", "serve", "recommend", "bench", "all"]
 
@@ -21,9 +23,42 @@ def test_subcommand_help(command):
 
 
 def test_config_rejects_unknown_keys(tmp_path):
-    from shoprec.config import load_config
-
     p = tmp_path / "c.toml"
     p.write_text("[serve]\nnum_candidate = 3\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_candidate'\]"):
         load_config(p)
+
+
+def test_default_file_and_dataclass_defaults_agree():
+    # a partial config file falls back to the dataclass defaults: they must be the shipped defaults
+    assert load_config() == Config()
+    assert dataclasses.asdict(load_config())["serve"]["num_candidates"] == 300
+
+
+def test_bad_input_is_one_line_naming_file_row_and_column(tmp_path):
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,item_id,timestamp,event\n1,2,1700000000,click\n1,3,yesterday,view\n")
+    out = subprocess.run([sys.executable, "-m", "shoprec.cli", "--artifacts", str(tmp_path / "a"), "data", "--source",
+                          "interactions", "--interactions", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert "events.csv: row 2: column 'timestamp'" in lines[0] and lines[0].startswith("shoprec data: error:")
+
+
+def test_evaluate_scores_every_system_with_standard_errors_and_keeps_reports(artifacts, cfg, tmp_path):
+    import json
+
+    from training.evaluate import EvaluationError, evaluate
+
+    report = evaluate(artifacts / "features", artifacts / "serving", tmp_path, cfg, tag="t", progress=False)
+    warm = {name: r["warm"] for name, r in report["results"].items()}
+    assert {"popularity", "als", "item_knn", "ease", "two_tower", "served_pipeline", "merged_order"} <= set(warm)
+    for figures in warm.values():
+        for metric in ("recall@10", "recall@50", "recall@100", "ndcg@10", "hitrate@10", "diversity@10", "novelty@10"):
+            assert 0 <= figures[metric]["mean"] and figures[metric]["se"] >= 0
+    assert warm["served_pipeline"]["ndcg@10"]["mean"] > warm["popularity"]["ndcg@10"]["mean"]
+    assert json.loads((tmp_path / "quality_t.json").read_text())["dataset"] == "t"
+    assert (tmp_path / "quality_t.md").read_text().count("served_pipeline") >= 1 and (tmp_path / "quality_t.png").exists()
+    with pytest.raises(EvaluationError, match="quality_t.json exists; pass --tag NAME"):
+        evaluate(artifacts / "features", artifacts / "serving", tmp_path, cfg, tag="t")

@@ -20,7 +20,8 @@ from shoprec.manifest import write_manifest
 
 ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.py"
 GPU_PROFILE = REPO_ROOT / "model_repository" / "gpu"
-DIMS = {"user_cat_dim": 7, "user_cont_dim": 3, "item_cat_dim": 5, "item_cont_dim": 2, "embedding_dim": 32,
+DIMS = {"user_cat_dim": 7, "user_cont_dim": 3, "seq_len": 6, "item_cat_dim": 5, "item_cont_dim": 2, "dense_dim": 7,
+        "embedding_dim": 32,
         "num_candidates": 50}
 GPU = "NVIDIA H100 80GB HBM3"
 
@@ -173,14 +174,14 @@ def test_trtexec_commands_are_fp16_with_contract_shapes(env):
     user = commands["user_tower"]
     assert "--fp16" in user
     assert f"--onnx={bundle_of(env) / 'user_tower.onnx'}" in user
-    assert "--minShapes=user_cat:1x7,user_cont:1x3" in user
-    assert "--optShapes=user_cat:16x7,user_cont:16x3" in user
-    assert "--maxShapes=user_cat:256x7,user_cont:256x3" in user  # user_tower max_batch_size
+    seq = "seq_items:{b}x6,seq_kinds:{b}x6"
+    for flag, b in (("min", 1), ("opt", 16), ("max", 256)):  # user_tower max_batch_size 256
+        assert f"--{flag}Shapes=user_cat:{b}x7,user_cont:{b}x3,{seq.format(b=b)}" in user
     ranker = commands["ranker"]
     assert "--fp16" in ranker
-    assert "--minShapes=user_cat:1x7,user_cont:1x3,item_cat:1x50x5,item_cont:1x50x2" in ranker
-    assert "--optShapes=user_cat:16x7,user_cont:16x3,item_cat:16x50x5,item_cont:16x50x2" in ranker
-    assert "--maxShapes=user_cat:64x7,user_cont:64x3,item_cat:64x50x5,item_cont:64x50x2" in ranker  # ranker max 64
+    for flag, b in (("min", 1), ("opt", 16), ("max", 64)):  # ranker max_batch_size 64
+        assert (f"--{flag}Shapes=user_cat:{b}x7,user_cont:{b}x3,{seq.format(b=b)},item_cat:{b}x50x5,item_cont:{b}x50x2,"
+                f"candidate_dense:{b}x50x7") in ranker
     for e in plan.engines:
         assert f"--saveEngine={Path(env['SHOPREC_ENGINE_CACHE']) / e.key / 'model.plan'}" in e.command()
 

@@ -1,4 +1,4 @@
-"""NVTabular workflows, the CPU-bug workaround, and parity of the NumPy request-time path."""
+"""Splits, point-in-time history, NVTabular workflows, and parity of the NumPy request-time path."""
 
 import json
 
@@ -8,9 +8,12 @@ import pytest
 
 from feature_workflows import nvt_compat
 from feature_workflows.export_plan import UnsupportedOp, build_plan
-from feature_workflows.history import recent_category_columns
-from feature_workflows.request_transform import TransformPlan
+from feature_workflows.history import NEVER, ActionLog
+from feature_workflows.pipeline import assign_holdout, build_features
+from feature_workflows.raw_schema import make_schema, write_raw
+from feature_workflows.request_transform import TransformPlan, UserStore, raw_rows
 from feature_workflows.workflows import query_input_columns
+from shoprec.config import FeatureConfig
 from shoprec.manifest import verify_manifest
 
 
@@ -39,66 +42,87 @@ def test_shuffled_index_bug_is_worked_around(tmp_path):
     assert raw != expected
 
 
+def test_history_is_point_in_time():
+    acts = pd.DataFrame({"user_id": [1, 1, 1, 2], "item_row": [5, 6, 7, 5], "ts": [10, 20, 30, 15],
+                         "kind": [1, 2, 4, 2]})
+    category = np.array([0, 0, 0, 0, 0, 1, 2, 1])
+    log = ActionLog(acts, category, np.linspace(-1, 1, 8))
+    s = log.states(np.array([1, 1, 1, 2, 3]), np.array([10, 25, NEVER, 15, 99]), n_seq=3, n_categories=2)
+    np.testing.assert_array_equal(s["activity"], [0, 2, 3, 0, 0])  # strictly before t; unknown user 3: empty
+    np.testing.assert_array_equal(s["positives"], [0, 1, 2, 0, 0])
+    np.testing.assert_array_equal(s["seq_rows"], [[-1, -1, -1], [6, 5, -1], [7, 6, 5], [-1, -1, -1], [-1, -1, -1]])
+    np.testing.assert_array_equal(s["seq_kinds"][2], [4, 2, 1])
+    np.testing.assert_array_equal(s["recent_categories"][2], [1, 2])
+    assert s["fav_category"][2] == 1 and s["fav_category"][0] == -1  # two of category 1 beat one of 2
+    indptr, rows, kinds = log.history_csr(np.array([2, 1]), 25)
+    np.testing.assert_array_equal(indptr, [0, 1, 3])
+    np.testing.assert_array_equal(rows, [5, 5, 6])
+    np.testing.assert_array_equal(kinds, [2, 1, 2])
+
+
+def test_holdout_takes_each_users_latest_share_plus_random():
+    n = 40
+    acts = pd.DataFrame({"user_id": np.repeat([1, 2], n), "item_row": np.tile(np.arange(n), 2),
+                         "ts": np.tile(np.arange(n) * 10, 2), "kind": 2})
+    fold = assign_holdout(acts, FeatureConfig(holdout_latest=0.1, holdout_random=0.0))
+    for u in (1, 2):
+        held = acts[(acts.user_id == u) & (fold == 1)]
+        assert sorted(held.item_row) == list(range(n - 4, n))  # the latest 10 %
+    mixed = assign_holdout(acts, FeatureConfig(holdout_latest=0.1, holdout_random=0.5))
+    assert (mixed == 1).sum() > 8 + 20  # plus about half of the rest
+
+
 def test_workflow_save_load_round_trip(artifacts):
     import nvtabular as nvt
 
     wf = nvt.Workflow.load(str(artifacts / "features" / "workflows" / "query"))
-    train = pd.read_parquet(artifacts / "features" / "train.parquet")
-    assert wf.output_schema["user_id"].int_domain.max + 1 >= train["user_id"].max()
-    assert {"user_id", "recent_item_1", "hour", "click"} <= set(wf.output_schema.column_names)
     tags = {c.name: {t.value for t in c.tags} for c in wf.output_schema}
-    assert {"id", "user"} <= tags["user_id"] and "context" in tags["hour"] and "target" in tags["click"]
-    assert {"id", "item"} <= {t.value for t in nvt.Workflow.load(str(artifacts / "features" / "workflows" / "item")).output_schema["item_id"].tags}
+    assert {"id", "user"} <= tags["user_id"] and "context" in tags["hour"] and "user" in tags["recent_category_1"]
+    item = nvt.Workflow.load(str(artifacts / "features" / "workflows" / "item"))
+    assert {"id", "item"} <= {t.value for t in item.output_schema["item_id"].tags}
 
 
-def _raw_rows(artifacts, n=400, seed=0):
-    """Raw query rows like the server builds them, with unknown ids, unseen strings and nulls mixed in."""
-    from feature_workflows.synthetic import USER_ID_BASE
-
+def _store_rows(artifacts, n=400, seed=0):
+    """Raw query rows as the server builds them from the store, with unknown users, unseen values and nulls."""
     rng = np.random.default_rng(seed)
-    store = np.load(artifacts / "features" / "serving" / "user_store.npz", allow_pickle=False)
-    pick = rng.integers(0, len(store["user_id"]), n)
-    rows = {"user_id": store["user_id"][pick].astype(np.int64)}
-    for col in store.files:
-        if col.endswith("__null") or col == "user_id":
-            continue
-        v, null = store[col][pick], store[f"{col}__null"][pick]
-        rows[col] = np.where(null, np.nan, v) if v.dtype.kind == "f" else np.where(null, None, v.astype(object))
-    rows["user_id"][:20] = USER_ID_BASE + 10**6 + np.arange(20)  # unknown users
-    rows["gender"][20:30] = "X"  # unseen value
-    rows["region"][30:40] = None  # null
-    rows["age"] = rows["age"].astype(float)
-    rows["age"][40:50] = np.nan
-    rows["recent_item_1"][50:60] = 123.0  # unknown item id
-    rows["activity"][60:70] = np.nan
-    rows["hour"] = rng.integers(0, 24, n)
-    rows["weekday"] = rng.integers(0, 7, n)
-    rows["device"] = rng.choice(np.array(["mobile", "desktop", "tablet", "fridge", None], dtype=object), n)
-    return rows
+    schema = json.loads((artifacts / "features" / "schema.json").read_text())
+    store = UserStore.load(artifacts / "features" / "serving" / "user_store.npz")
+    with np.load(artifacts / "features" / "serving" / "item_table.npz") as z:
+        names = z["category_names"]
+    users = store.user_id[rng.integers(0, len(store.user_id), n)]
+    users[:20] = 10**12 + np.arange(20)  # unknown users
+    rows = store.lookup(users)
+    attrs = store.attrs(users, rows)
+    attrs["gender"][20:30] = "X"  # unseen value
+    attrs["region"][30:40] = None  # null
+    attrs["age"][40:50] = np.nan
+    hour = rng.integers(0, 24, n).astype(float)
+    hour[50:60] = np.nan  # unknown context
+    device = rng.choice(np.array(["mobile", "desktop", "tablet", "fridge", None], dtype=object), n)
+    raw = raw_rows(schema["query_spec"], store.state(rows, schema["sequence_length"]), attrs, names,
+                   hour, rng.integers(0, 7, n).astype(float), device)
+    return schema, raw
 
 
-def test_request_transform_equals_workflow_transform(artifacts, cfg):
+def test_request_transform_equals_workflow_transform(artifacts):
     import nvtabular as nvt
 
     feat = artifacts / "features"
     verify_manifest(feat)
     wf = nvt.Workflow.load(str(feat / "workflows" / "query"))
     plan = TransformPlan.load(feat / "serving" / "query_plan.json", feat / "serving" / "query_vocab.npz")
-    rows = _raw_rows(artifacts)
-    frame = pd.DataFrame({c: rows[c] for c in query_input_columns(cfg.features)})
-    for c in ("gender", "region", "user_device", "fav_category", *recent_category_columns(cfg.features.recent_categories), "device"):
-        frame[c] = frame[c].astype(object)
-    frame["click"] = 0
-    frame["purchase"] = 0
+    schema, raw = _store_rows(artifacts)
+    frame = pd.DataFrame({c: raw[c] for c in query_input_columns(schema["query_spec"])})
     want = nvt_compat.transform(wf, frame)
-    got = plan.transform(rows)
-    assert set(plan.cat_names) | set(plan.cont_names) == set(want.columns) - {"click", "purchase"}
+    got = plan.transform(raw)
+    assert set(plan.cat_names) | set(plan.cont_names) == set(want.columns)
     for name in plan.cat_names:
         np.testing.assert_array_equal(got[name], want[name].values.astype(np.int64), err_msg=name)
     for name in plan.cont_names:
         np.testing.assert_allclose(got[name], want[name].values.astype(np.float32), rtol=1e-6, atol=1e-6, err_msg=name)
     assert (got["user_id"][:20] == 2).all()  # unknown users -> OOV, never a crash
-    assert (got["region"][30:40] == 1).all()  # null -> null code
+    assert (got["user_region"][30:40] == 1).all()  # null -> null code
+    assert (got["hour"][50:60] == 1).all()  # unknown context -> null code, the value training rows carry
 
 
 def test_plan_is_json_and_npz_without_pickles(artifacts):
@@ -121,8 +145,44 @@ def test_unsupported_op_is_refused_at_export(tmp_path):
         build_plan(wf)
 
 
-def test_split_is_by_time_and_stats_from_train(artifacts):
+def test_split_is_by_time_and_the_store_holds_train_only(artifacts):
     feat = artifacts / "features"
     schema = json.loads((feat / "schema.json").read_text())
-    train, test = pd.read_parquet(feat / "train.parquet"), pd.read_parquet(feat / "test.parquet")
-    assert train.ts.max() < schema["t_valid"] <= schema["t_test"] <= test.ts.min()
+    acts = pd.read_parquet(feat / "actions.parquet")
+    cuts = schema["cuts"]
+    assert acts[acts.split == 0].ts.max() < cuts["t_valid"] <= acts[acts.split == 2].ts.min()
+    store = UserStore.load(feat / "serving" / "user_store.npz")
+    assert store.arrays["hist_rows"].size == (acts.split == 0).sum()  # every train action, nothing later
+    assert set(np.unique(acts.fold[acts.split == 0])) == {0, 1} and (acts.fold[acts.split > 0] == -1).all()
+
+
+def test_item_statistics_of_the_fit_fold_never_count_a_holdout_label(artifacts):
+    feat = artifacts / "features"
+    acts = pd.read_parquet(feat / "actions.parquet")
+    with np.load(feat / "serving" / "item_table.npz") as z:
+        names, full, fit = list(z["cont_names"]), z["item_cont"], z["item_cont_fit"]
+    col = names.index("popularity")
+    fit_pos = np.bincount(acts[(acts.split == 0) & (acts.fold == 0) & (acts.kind >= 2)].item_row, minlength=len(fit))
+    all_pos = np.bincount(acts[(acts.split == 0) & (acts.kind >= 2)].item_row, minlength=len(fit))
+    # the transformed popularity is monotone in the raw count: its order follows the fit-fold counts
+    assert np.corrcoef(fit[:, col], np.log1p(fit_pos))[0, 1] > 0.999
+    assert np.corrcoef(full[:, col], np.log1p(all_pos))[0, 1] > 0.999
+
+
+def test_a_column_without_values_is_left_out_and_nothing_nan_reaches_a_model(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 3000
+    inter = pd.DataFrame({"user_id": rng.integers(0, 60, n), "item_id": rng.integers(0, 40, n),
+                          "ts": np.sort(rng.integers(0, 10**6, n)), "event": rng.choice(["view", "click"], n)})
+    inter["session_id"] = np.arange(n)
+    inter["device"] = "unknown"
+    items = pd.DataFrame({"item_id": np.arange(40), "genre": rng.choice(["a", "b"], 40), "price": np.nan})
+    schema = make_schema({"genre": "categorical", "price": "numeric"}, {}, "test")
+    write_raw({"interactions": inter, "items": items, "users": pd.DataFrame({"user_id": np.arange(60)})}, schema,
+              tmp_path / "raw")
+    out = build_features(tmp_path / "raw", tmp_path / "features", FeatureConfig(split="random"), progress=False)
+    assert out["dropped_columns"]["items"] == ["price"]
+    with np.load(tmp_path / "features" / "serving" / "item_table.npz") as z:
+        assert "price" not in list(z["cont_names"]) and np.isfinite(z["item_cont"]).all()
+    train = pd.read_parquet(tmp_path / "features" / "train.parquet")
+    assert np.isfinite(train.select_dtypes("number").values).all()

@@ -1,168 +1,210 @@
-"""Modules, losses, a short training run on planted data, ONNX parity, FAISS, manifests."""
+"""Modules, losses, the recall routes, a short training run on planted data, fail-fast, ONNX parity,
+FAISS, manifests and lineage."""
 
-import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from shoprec.candidates import CandidateGenerator, ItemNeighbours, _round_robin
 from shoprec.config import IndexConfig
 from shoprec.faiss_search import recall_vs_exact, search
 from shoprec.manifest import ArtifactError, verify_manifest, verify_tree, write_manifest
+from training import metrics as M
+from training.cf import _top_abs_dense, ease_weights, to_neighbours
 from training.index import build_index
-from training.modules import DLRM, FieldArch, InteractionArch, RankerServing, TwoTower, sampled_softmax_loss
+from training.modules import FieldArch, Ranker, RankerServing, SequenceEncoder, TargetAttention, TwoTower, sampled_softmax_loss
 
 
-def test_tower_shapes_and_normalisation():
+def _two_tower(seq_len=5):
     torch.manual_seed(0)
-    m = TwoTower([10, 5], 1, [7, 3], 2, out_dim=8, hidden=[16])
-    u = m.user_tower(torch.randint(0, 5, (4, 2)), torch.randn(4, 1))
-    v = m.item_tower(torch.randint(0, 3, (4, 2)), torch.randn(4, 2))
-    assert u.shape == (4, 8) and v.shape == (4, 8)
-    torch.testing.assert_close(u.norm(dim=1), torch.ones(4))
+    # user fields: 0 id, 1 age, 2-3 two slots of one history list (one table); item: id + genre
+    return TwoTower([50, 7, 9, 9], [0, 1, 2, 2], [1, 2, 3], 2, [30, 6], [0, 1], 3, seq_len, out_dim=8, hidden=[16],
+                    id_dim=4, field_dim=4)
 
 
-def test_fields_sharing_a_table_are_pooled_and_ignored_fields_unread():
+def test_towers_shapes_normalisation_and_empty_history():
+    m = _two_tower().eval()
+    cat, cont = torch.tensor([[3, 2, 5, 0], [49, 2, 0, 0]]), torch.randn(2, 2)
+    seq = torch.tensor([[4, 7, 0, 0, 0], [0, 0, 0, 0, 0]])  # the second user has no history
+    kinds = torch.tensor([[2, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    u = m.user_tower(cat, cont, seq, kinds)
+    v = m.item_tower(torch.randint(3, 6, (4, 2)), torch.randn(4, 3))
+    assert u.shape == (2, 8) and v.shape == (4, 8) and torch.isfinite(u).all()
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(2))
+    assert m.user_tower.sequence.items is m.item_tower.id_table  # one item-id table for both towers
+
+
+def test_pooled_fields_ignore_padding_and_nulls():
+    # fields: 0 id (unused), 1 age, 2-3 two slots of one history list (one table, mean-pooled)
+    arch = FieldArch([50, 9, 9, 9], dim=4, tables=[0, 1, 2, 2], fields=[1, 2, 3])
+    out = arch(torch.tensor([[5, 3, 0, 1], [5, 3, 4, 6]]))
+    age, history = arch.tables[0].weight, arch.tables[1].weight
+    torch.testing.assert_close(out[0, 0], age[3])
+    torch.testing.assert_close(out[0, 1], torch.zeros(4))  # padding (0) and null (1) slots are left out
+    torch.testing.assert_close(out[1, 1], (history[4] + history[6]) / 2)
+
+
+def test_sequence_order_matters():
+    torch.manual_seed(1)
+    enc = SequenceEncoder(torch.nn.Embedding(20, 8), 4, 8).eval()
+    a = enc(torch.tensor([[3, 4, 5, 0]]), torch.tensor([[2, 2, 1, 0]]))
+    b = enc(torch.tensor([[5, 4, 3, 0]]), torch.tensor([[1, 2, 2, 0]]))
+    assert not torch.allclose(a, b)  # positions and kinds are read: the same bag in another order differs
+
+
+def test_logq_correction_lowers_the_logit_of_popular_negatives_by_their_log_q():
     torch.manual_seed(0)
-    # fields: 0 user id (ignored), 1 age, 2-4 three slots of one history list (one table)
-    arch = FieldArch([50, 7, 9, 9, 9], dim=4, tables=[0, 1, 2, 2, 2], fields=[1, 2, 3, 4])
-    assert len(arch.sparse.tables) == 2 and arch.n_vectors == 2
-    cat = torch.tensor([[3, 5, 1, 2, 8], [49, 5, 8, 1, 2]])
-    out = arch(cat)
-    assert out.shape == (2, 2, 4)
-    history = arch.sparse.tables[1].weight
-    torch.testing.assert_close(out[0, 1], history[[1, 2, 8]].mean(0))
-    torch.testing.assert_close(out[0], out[1])  # same age, same history mix: the ignored id and the order do not matter
+    u = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    ids = torch.arange(3)
+    log_q = torch.tensor([2.0, 0.0, 0.0])  # item 0 is a popular (often sampled) negative
+    got = sampled_softmax_loss(u, v, ids, log_q, 0.5)
+    logits = u @ v.T / 0.5 - log_q[None, :]
+    want = torch.nn.functional.cross_entropy(logits, ids)
+    torch.testing.assert_close(got, want)
+    # users 1 and 2 see item 0 as a negative with a lower logit, so their loss falls
+    per_row = torch.nn.functional.cross_entropy(logits, ids, reduction="none")
+    plain = torch.nn.functional.cross_entropy(u @ v.T / 0.5, ids, reduction="none")
+    assert (per_row[1:] < plain[1:]).all()
 
 
-def test_sampled_softmax_prefers_aligned_pairs_and_masks_duplicates():
-    e = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
-    ids = torch.arange(6)
-    aligned = sampled_softmax_loss(e, e, ids, None, 0.1)
-    shuffled = sampled_softmax_loss(e, e[torch.randperm(6)], ids, None, 0.1)
-    assert aligned < shuffled
-    # a duplicated item is not its own negative: loss with duplicates masked is finite and <= unmasked
-    dup = torch.tensor([0, 0, 1, 2, 3, 4])
-    assert torch.isfinite(sampled_softmax_loss(e, e, dup, torch.zeros(6), 0.1))
-
-
-def test_logq_correction_lowers_popular_logits():
+def test_mixed_negatives_add_to_the_softmax_and_mask_the_positive():
     e = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     ids = torch.arange(4)
-    log_q = torch.tensor([0.0, -5.0, -5.0, -5.0])  # item 0 is very popular
-    assert sampled_softmax_loss(e, e, ids, log_q, 1.0) != sampled_softmax_loss(e, e, ids, None, 1.0)
+    base = sampled_softmax_loss(e, e, ids, None, 0.1)
+    extra = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    assert sampled_softmax_loss(e, e, ids, None, 0.1, extra, torch.arange(10, 15)) > base
+    # an extra negative that is a row's own positive is masked: same loss as without it
+    torch.testing.assert_close(sampled_softmax_loss(e, e, ids, None, 0.1, e[:1], torch.tensor([0]))
+                               - sampled_softmax_loss(e, e, ids, None, 0.1, e[:1], torch.tensor([99])) <= 0, torch.tensor(True))
 
 
-def test_dlrm_shapes_and_interaction():
-    assert InteractionArch(4)(torch.randn(2, 4, 3)).shape == (2, 6)
-    m = DLRM([5, 6, 7], 3, dim=4, bottom=[8, 4], top=[8])
-    assert m(torch.randint(0, 5, (10, 3)), torch.randn(10, 3)).shape == (10, 2)
-    r = RankerServing(m, 1)(torch.randint(0, 5, (2, 1)), torch.randn(2, 1), torch.randint(0, 5, (2, 7, 2)), torch.randn(2, 7, 2))
-    assert r.shape == (2, 7) and (r >= 0).all() and (r <= 2).all()
-    with pytest.raises(ValueError, match="bottom MLP must end in the embedding dim"):
-        DLRM([5], 3, dim=4, bottom=[8], top=[8])
+def test_target_attention_without_history_is_zero():
+    att = TargetAttention(4)
+    out = att(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.zeros(2, 5))
+    torch.testing.assert_close(out, torch.zeros(2, 3, 4), atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("fu,fi,tables,fields", [
-    (1, 1, None, None), (3, 2, None, None), (4, 3, None, None),
-    # an ignored user field (0) and two user fields sharing one table, mean-pooled into one vector
-    (4, 2, [0, 1, 1, 3, 4, 5], [1, 2, 3, 4, 5]),
-])
-def test_factorised_serving_ranker_equals_dlrm_on_broadcast_rows(fu, fi, tables, fields):
-    torch.manual_seed(fu * 10 + fi)
-    m = DLRM([9] * (fu + fi), 5, dim=4, bottom=[8, 4], top=[16, 8], tables=tables, fields=fields).eval()
-    b, n = 3, 11
-    ucat, ucont = torch.randint(0, 12, (b, fu)), torch.randn(b, 2)  # codes past a table are clamped by both
-    icat, icont = torch.randint(0, 9, (b, n, fi)), torch.randn(b, n, 3)
-    cat = torch.cat([ucat[:, None].expand(b, n, fu), icat], 2).reshape(b * n, -1)
-    dense = torch.cat([ucont[:, None].expand(b, n, 2), icont], 2).reshape(b * n, -1)
-    with torch.no_grad():
-        naive = torch.sigmoid(m(cat, dense)).sum(1).reshape(b, n)
-        factorised = RankerServing(m, fu)(ucat, ucont, icat, icont)
-    torch.testing.assert_close(factorised, naive, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("deep", [True, False])
+def test_ranker_shapes_and_serving_scores(deep):
+    torch.manual_seed(0)
+    ids = torch.nn.Embedding(30, 4)
+    r = Ranker([50, 7], [0, 1], [1], 2, [30, 6], [0, 1], 3, 7, 5, dim=4, bottom=[8, 4], top=[8], id_table=ids, deep=deep)
+    args = (torch.tensor([[3, 2]]), torch.randn(1, 2), torch.tensor([[4, 5, 0, 0, 0]]), torch.tensor([[2, 1, 0, 0, 0]]),
+            torch.randint(3, 6, (1, 11, 2)), torch.randn(1, 11, 3), torch.randn(1, 11, 7))
+    assert r(*args).shape == (1, 11, 2)
+    s = RankerServing(r.eval(), cvr_weight=1.0)(*args)
+    assert s.shape == (1, 11) and ((s >= 0) & (s <= 2)).all()
+    assert not r.item_ids.weight.requires_grad  # the two-tower's item-id table, frozen
 
 
-def test_short_training_learns_planted_structure(artifacts, cfg):
-    import pandas as pd
+def test_item_neighbours_score_like_the_dense_product():
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=(6, 6)).astype(np.float32)
+    nb = to_neighbours(_top_abs_dense(b, 3))
+    dense = nb_dense = np.zeros((6, 6), np.float32)
+    for i in range(6):
+        nb_dense[i, nb.indices[nb.indptr[i]:nb.indptr[i + 1]]] = nb.values[nb.indptr[i]:nb.indptr[i + 1]]
+    # each row keeps its 3 largest |weights|
+    assert all(set(np.flatnonzero(dense[i])) == set(np.argsort(-np.abs(b[i]))[:3]) for i in range(6))
+    hist = (np.array([0, 2, 3]), np.array([1, 4, 5]))  # user 0: items 1, 4; user 1: item 5
+    want = np.stack([nb_dense[[1, 4]].sum(0), nb_dense[5]])
+    np.testing.assert_allclose(nb.scores(*hist), want, rtol=1e-6)
 
-    from training.data import FeatureData
-    from training.train import item_embeddings, load_two_tower
 
+def test_ease_weights_have_zero_diagonal_and_reconstruct():
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], np.float32))
+    b = ease_weights(x, 0.5)
+    assert np.allclose(np.diag(b), 0)
+    scores = np.asarray(x[0] @ b).ravel()
+    assert scores[2] > scores[3]  # item 2 co-occurs with item 1, item 3 with neither of user 0's items
+
+
+def _generator(n_items=8, exempt=None):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(n_items, 4)).astype(np.float32)
+    full = np.ones((n_items, n_items), np.float32) - np.eye(n_items, dtype=np.float32)
+    nb = to_neighbours(_top_abs_dense(full * rng.random((n_items, n_items)).astype(np.float32), 3))
+    return CandidateGenerator(emb, None, nb, nb, np.arange(n_items), 5, 2, exempt), emb
+
+
+def test_candidates_never_hold_a_seen_item_unless_exempt_or_asked():
+    gen, emb = _generator()
+    indptr, rows, kinds = np.array([0, 3, 3]), np.array([0, 1, 2]), np.array([2, 1, 2])
+    cand, dense, lists = gen(emb[:2], indptr, rows, kinds)
+    assert not set(cand[0]) & {0, 1, 2} and (cand >= 0).all() and dense.shape == (2, 5, 7)
+    assert (lists["cf_all"][1] == -1).all() and (lists["cf_pos"][1] == -1).all()  # no history: ANN + popular only
+    kept, _, _ = gen(emb[:2], indptr, rows, kinds, exclude_seen=np.array([False, True]))
+    assert set(kept[0]) & {0, 1, 2}
+    gen2, _ = _generator(exempt=np.isin(np.arange(8), [1]))
+    cand2, _, _ = gen2(emb[:1], indptr[:2], rows, kinds)
+    assert not set(cand2[0]) & {0, 2}  # item 1 is of a repeat-purchase category: it may come back
+
+
+def test_round_robin_merge():
+    a, b = np.array([[3, 1, -1], [5, 6, 7]]), np.array([[1, 2, 4], [7, 8, -1]])
+    np.testing.assert_array_equal(_round_robin([a, b], 4), [[3, 1, 2, 4], [5, 7, 6, 8]])
+
+
+def test_metrics_follow_the_referee_definitions():
+    top = np.array([[1, 2, 3, 4], [9, 8, 7, 6]])
+    truth = [{2, 5}, {6}]
+    np.testing.assert_allclose(M.per_user_recall(top, truth, 2), [0.5, 0.0])
+    np.testing.assert_allclose(M.per_user_ndcg(top, truth, 4), [(1 / np.log2(3)) / (1 + 1 / np.log2(3)), 1 / np.log2(5)])
+    np.testing.assert_allclose(M.per_user_hit(top, truth, 4), [1.0, 1.0])
+    mean, se = M.mean_se(np.array([0.0, 1.0]))
+    assert mean == 0.5 and se == pytest.approx(0.5)
+
+
+def test_short_training_learns_and_reports(artifacts):
     report = json.loads((artifacts / "models" / "train_report.json").read_text())
-    retrieval = report["retrieval"]
-    # per-user valid Recall@50 (the test protocol), above the most-popular list on the same users
-    assert retrieval["best_valid_recall@50"] > 1.1 * retrieval["valid_popularity_recall@50"], retrieval
-    assert retrieval["history"][-1]["loss"] < retrieval["history"][0]["loss"]
-    assert report["ranking"]["test"]["auc_ctr"] > 0.6
-
-    # against the planted truth: top-10 items fall in the user's latent current category far more
-    # often than the best-sellers do
-    data = FeatureData(artifacts / "features")
-    model = load_two_tower(artifacts / "models", data, cfg.retrieval)
-    test = next(data.batches("test", 1 << 20, data.user_cat_cols + data.user_cont_cols + ["user_id_raw"]))
-    users, first = np.unique(test["user_id_raw"], return_index=True)
-    cat, cont = data.user_arrays({c: v[first] for c, v in test.items()})
-    with torch.no_grad():
-        users_emb = model.user_tower(torch.as_tensor(cat), torch.as_tensor(cont))
-        top = (users_emb @ item_embeddings(model, data, "cpu").T).topk(10).indices.numpy()
-    truth = pd.read_parquet(artifacts / "data" / "raw" / "ground_truth.parquet").set_index("user_id").loc[users]
-    latent = np.where(truth["shifted"], truth["late_category"], truth["true_category"])
-    names = np.load(artifacts / "features" / "serving" / "item_table.npz")["category"]
-    category = np.array([int(c.removeprefix("cat_")) for c in names])
-    model_share = (category[top] == latent[:, None]).mean()
-    popular_share = (category[data.popular_rows[:10]][None, :] == latent[:, None]).mean()
-    assert model_share > 2 * popular_share, (model_share, popular_share)
+    stage_a = report["retrieval_stage_a"]
+    # holdout Recall@50 of the two-tower alone, above the most-popular list on the same users
+    assert stage_a["best_holdout_recall@50"] > 1.2 * stage_a["holdout_popularity_recall@50"], stage_a
+    assert stage_a["history"][-1]["loss"] < stage_a["history"][0]["loss"]
+    assert all(np.isfinite(h["loss"]) for h in stage_a["history"] + report["ranking"]["history"])
+    assert report["ranking"]["candidate_recall"] > 0.5
+    assert report["retrieval"]["epochs_run"] == max(1, stage_a["best_epoch"])  # the refit runs stage A's epochs
 
 
-def test_ranker_batches_stream_every_impression_once_with_fresh_negatives(artifacts, cfg):
-    import tracemalloc
-
+def test_non_finite_input_stops_training_with_the_stage_named(artifacts, cfg):
     from training.data import FeatureData
-    from training.train import load_two_tower, ranking_batches
+    from training.train import TrainingError, train_two_tower
 
     data = FeatureData(artifacts / "features")
-    two_tower = load_two_tower(artifacts / "models", data, cfg.retrieval)
-    rcfg = dataclasses.replace(cfg.ranking, batch_size=512, random_negatives=3, hard_negatives=2, hard_negative_ranks=(5, 50))
-    full = data.read("train", ["item_row", "click", "purchase"])
-    full_bytes = sum(v.nbytes for v in data.read("train", data.user_cat_cols + data.user_cont_cols).values())
-    epochs = []
-    for epoch in (0, 1):
-        if epoch == 1:  # the first epoch also imports lazily-loaded modules: measure the second
-            tracemalloc.start()
-        seen = {"rows": 0, "clicks": 0, "purchases": 0, "max_batch": 0, "items": []}
-        for b in ranking_batches(two_tower, data, rcfg, epoch, "cpu", block_rows=256, buffer_rows=512):
-            seen["rows"] += len(b["item_row"])
-            seen["clicks"] += int(b["click"].sum())
-            seen["purchases"] += int(b["purchase"].sum())
-            seen["max_batch"] = max(seen["max_batch"], len(b["item_row"]))
-            seen["items"].append(b["item_row"][:8].copy())
-        epochs.append(seen)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    n_imp, n_click = len(full["click"]), int(full["click"].sum())
-    for e in epochs:
-        # every impression exactly once (labels intact); up to 5 negatives per click (never the clicked item)
-        assert e["clicks"] == n_click and e["purchases"] == int(full["purchase"].sum())
-        assert n_imp + 4 * n_click <= e["rows"] <= n_imp + 5 * n_click
-        assert e["max_batch"] <= rcfg.batch_size
-    assert not np.array_equal(np.concatenate(epochs[0]["items"]), np.concatenate(epochs[1]["items"]))  # drawn afresh
-    # a window of 512 impressions plus one block's negatives at a time, never the whole split
-    assert peak < full_bytes / 4, (peak, full_bytes)
+    bad = data.item_cont.copy()
+    bad[:, 0] = np.nan
+    with pytest.raises(TrainingError, match=r"retrieval: loss is nan in epoch 1; a model input is probably NaN"):
+        train_two_tower(data, cfg.retrieval, (0,), bad, "cpu", 1, None, False, "retrieval")
 
 
-def test_onnx_parity_recorded_in_manifest(artifacts):
-    manifest = verify_manifest(artifacts / "serving")
-    diffs = manifest["report"]["onnx_max_abs_diff"]
-    assert set(diffs) == {"user_tower", "item_tower", "ranker"}
-    assert max(diffs.values()) < 1e-4
+def test_export_refuses_models_of_other_features(artifacts, cfg, tmp_path):
+    from training.export import export_bundle
+
+    copy = tmp_path / "a"
+    for part in ("features", "models"):
+        shutil.copytree(artifacts / part, copy / part)
+    manifest = json.loads((copy / "features" / "manifest.json").read_text())
+    manifest["created_unix"] += 1  # a re-run of the features stage: another manifest
+    (copy / "features" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="trained from other features"):
+        export_bundle(copy / "features", copy / "models", copy / "serving", cfg)
+    assert not (copy / "serving").exists()
 
 
-def test_onnx_names_follow_the_contract(artifacts):
+def test_onnx_parity_and_names(artifacts):
     import onnxruntime as ort
 
     from shoprec.contract import ONNX_MODELS
 
+    manifest = verify_manifest(artifacts / "serving")
+    diffs = manifest["report"]["onnx_max_abs_diff"]
+    assert set(diffs) == {"user_tower", "item_tower", "ranker"} and max(diffs.values()) < 1e-4
     for name, (inputs, outputs) in ONNX_MODELS.items():
         s = ort.InferenceSession(str(artifacts / "serving" / f"{name}.onnx"))
         assert [i.name for i in s.get_inputs()] == [t.name for t in inputs]

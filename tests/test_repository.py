@@ -35,7 +35,7 @@ def test_configs_parse_and_follow_contract():
         ens = _load(profile, contract.ENSEMBLE)
         assert ens.platform == "ensemble"
         assert [s.model_name for s in ens.ensemble_scheduling.step] == [s.name for s in contract.STEPS]
-        assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "device"}
+        assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "device", "exclude_seen"}
         for step in contract.STEPS:
             cfg = _load(profile, step.name)
             assert [i.name for i in cfg.input] == [t.name for t in step.inputs]

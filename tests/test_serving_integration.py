@@ -8,14 +8,24 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import AsyncRecommenderClient, RecommenderClient
+from feature_workflows.request_transform import UserStore
 from shoprec.manifest import ArtifactError
 
 pytestmark = pytest.mark.integration
 
 
+def _store(artifacts) -> UserStore:
+    return UserStore.load(artifacts / "serving" / "user_store.npz")
+
+
 def _users(artifacts, n=12):
-    with np.load(artifacts / "serving" / "user_store.npz", allow_pickle=False) as z:
-        return [int(u) for u in z["user_id"][:: max(1, len(z["user_id"]) // n)][:n]]
+    store = _store(artifacts)
+    warm = store.user_id[store.arrays["activity"] > 0]
+    return [int(u) for u in warm[:: max(1, len(warm) // n)][:n]]
+
+
+def _seen(store: UserStore, user: int) -> set:
+    return set(store.history(int(store.lookup(np.array([user]))[0]))[0].tolist())
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -24,31 +34,65 @@ def test_served_topk_equals_in_process_id_for_id(triton, pipeline, artifacts, pr
     with RecommenderClient(url, protocol) as c:
         assert c.ready()
         for u in _users(artifacts):
-            served = c.recommend(u, k=10, hour=20, weekday=4, device="mobile")
-            ids, scores, cold = pipeline.recommend([u], 10, hour=20, weekday=4, device="mobile")[0]
-            np.testing.assert_array_equal(served.item_ids, ids)
-            np.testing.assert_allclose(served.scores, scores, rtol=1e-5, atol=1e-6)
-            assert served.item_ids.dtype == np.int64 and served.scores.dtype == np.float32
-            assert served.cold_start == cold
+            for context in ({}, {"hour": 20, "weekday": 4, "device": "mobile"}):
+                served = c.recommend(u, k=10, **context)
+                ids, scores, cold = pipeline.recommend([u], 10, **context)[0]
+                np.testing.assert_array_equal(served.item_ids, ids)
+                np.testing.assert_allclose(served.scores, scores, rtol=1e-5, atol=1e-6)
+                assert served.item_ids.dtype == np.int64 and served.scores.dtype == np.float32
+                assert served.cold_start == cold is False
 
 
-def test_unknown_user_gets_flagged_popular_fallback(triton, pipeline):
+def test_no_seen_item_is_served_unless_asked(triton, pipeline, artifacts):
+    store = _store(artifacts)
+    item_ids = pipeline.item_table["item_ids"]
+    repeats = 0
     with RecommenderClient(triton.grpc_url) as c:
-        rec = c.recommend(424242, k=5)
-    assert rec.cold_start and len(rec.item_ids) == 5
-    popular_ids = set(pipeline.item_table["item_ids"][pipeline.item_table["popular_rows"][: pipeline.retrieval.n]])
-    assert set(rec.item_ids) <= popular_ids
+        for u in _users(artifacts, 30):
+            seen_ids = set(item_ids[list(_seen(store, u))].tolist())
+            served = c.recommend(u, k=50)
+            assert not seen_ids & set(served.item_ids.tolist()), u
+            unfiltered = c.recommend(u, k=50, exclude_seen=False)
+            np.testing.assert_array_equal(unfiltered.item_ids, pipeline.recommend([u], 50, exclude_seen=False)[0][0])
+            repeats += len(seen_ids & set(unfiltered.item_ids.tolist()))
+    assert repeats > 0  # with the filter off, items the users acted on do come back
 
 
-def test_k_is_validated_and_clamped(triton, pipeline, artifacts):
+def test_cold_means_no_history_in_the_store(triton, artifacts):
+    store = _store(artifacts)
+    without = store.user_id[store.arrays["activity"] == 0]
+    with RecommenderClient(triton.grpc_url) as c:
+        unknown = c.recommend(424242, k=5)
+        assert unknown.cold_start and len(unknown.item_ids) == 5
+        assert not c.recommend(_users(artifacts)[0], k=5).cold_start
+        if len(without):  # known to the store (a registered user) but no action yet: cold too
+            assert c.recommend(int(without[0]), k=5).cold_start
+
+
+def test_k_is_validated_against_the_served_candidates(triton, pipeline, artifacts):
     u = _users(artifacts)[0]
+    n = pipeline.max_k
     with RecommenderClient(triton.grpc_url) as c:
         with pytest.raises(InferenceServerException, match="k must be >= 1, got 0"):
             c.recommend(u, k=0)
-        big = c.recommend(u, k=10**6, hour=1)
-    assert len(big.item_ids) == pipeline.topk.max_k
-    with pytest.raises(InferenceServerException, match=r"hour must be in 0..23, got 31"):
-        RecommenderClient(triton.grpc_url).recommend(u, k=3, hour=31)
+        with pytest.raises(InferenceServerException, match=rf"k must be <= {n} \(the candidates ranked per request, "
+                                                           rf"serve.num_candidates\), got {n + 1}"):
+            c.recommend(u, k=n + 1)
+        assert len(c.recommend(u, k=n).item_ids) <= n
+        with pytest.raises(InferenceServerException, match=r"hour must be in 0..23, got 31"):
+            c.recommend(u, k=3, hour=31)
+
+
+def test_missing_context_is_unknown_not_the_clock(pipeline, artifacts, monkeypatch):
+    import time
+
+    u = _users(artifacts)[0]
+    first = pipeline.recommend([u], 10)[0][0]
+    monkeypatch.setattr(time, "gmtime", lambda *a: time.struct_time((2030, 1, 1, 3, 0, 0, 1, 1, 0)))
+    np.testing.assert_array_equal(pipeline.recommend([u], 10)[0][0], first)
+    ucat = pipeline.transform(np.array([u]))[0]
+    plan_cols = pipeline.transform.plan.cat_names
+    assert all(ucat[0, plan_cols.index(c)] == 1 for c in ("hour", "weekday", "device"))  # the null code
 
 
 def test_wrong_dtype_shape_and_empty_batch_are_rejected(triton):

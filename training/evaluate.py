@@ -1,145 +1,294 @@
-"""`shoprec evaluate`: offline quality on the time-based test split, baselines in the same harness.
+"""`shoprec evaluate`: every system on the same split, the same user state, seen items excluded for all.
 
-The two-tower and ranker are evaluated through the *serving* code path (serving.pipeline steps
-over the exported bundle), so the numbers describe what the server returns. Baselines: most
-popular (train clicks) and implicit's ALS on the train click matrix. Writes
-benchmarks/results/quality_<tag>.{json,md,png}.
+Protocol: the features stage's test split. A user's state is their train actions (the valid split
+is for choosing the baselines' hyper-parameters only, and is not part of anyone's state). Truth:
+the user's test positives on items they had not acted on in train. Every system ranks the whole
+catalog minus the user's train actions. Warm users have at least one train action, cold users none.
+
+Systems: popularity, ALS (implicit), item-kNN (implicit, cosine), EASE, the two-tower alone (the ANN
+route of the bundle), the full served pipeline (serving.pipeline: the server's steps in-process;
+tests/test_serving_integration.py checks the server returns the same lists), and as diagnostics the
+merged candidate order before ranking and each recall route alone. The baselines' hyper-parameters
+are chosen on valid NDCG@10 from small grids, the same budget for each.
+
+Figures, each with its standard error over users, for warm and cold users separately:
+Recall@10/50/100, NDCG@10, HitRate@10, intra-list category diversity@10 and novelty@10; coverage@10
+of the catalog. Written to RESULTS/quality_<tag>.{json,md,png}; an existing report is never
+overwritten unless asked.
 """
 
 from __future__ import annotations
 
 import json
-import platform
+import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
-from feature_workflows.history import context_from_ts
+from feature_workflows.history import POSITIVE_KIND
 from shoprec.config import Config
-from shoprec.faiss_search import search
-from shoprec.manifest import verified_path
 
+from . import cf as cflib
+from . import metrics as M
 from .data import FeatureData
 
-KS = (10, 50, 100, 500)
+log = logging.getLogger("shoprec.evaluate")
+K_RECALL = (10, 50, 100)
+TOPN = 100
 
 
-def recall_at(top: np.ndarray, truth: list[set], k: int) -> float:
-    """Mean per-user Recall@k: hits in the top k over min(|truth|, k) (training's validation uses it too)."""
-    return float(np.mean([len(set(t[:k]) & g) / min(len(g), k) for t, g in zip(top, truth)]))
+class EvaluationError(RuntimeError):
+    pass
 
 
-def _ndcg_hr(top: np.ndarray, gains: list[dict], k: int = 10) -> tuple[float, float]:
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    ndcg, hr = [], []
-    for t, g in zip(top, gains):
-        got = np.array([g.get(int(i), 0.0) for i in t[:k]])
-        ideal = np.sort(np.array(list(g.values())))[::-1][:k]
-        ndcg.append(float((got * disc[: len(got)]).sum() / (ideal * disc[: len(ideal)]).sum()))
-        hr.append(float((got > 0).any()))
-    return float(np.mean(ndcg)), float(np.mean(hr))
+def _truth(data: FeatureData, part: int, train) -> tuple[np.ndarray, list[set]]:
+    acts = data.actions
+    pos = acts[(acts["split"] == part) & (acts["kind"] >= POSITIVE_KIND)]
+    seen = set(zip(train["user_id"].values.tolist(), train["item_row"].values.tolist()))
+    truth: dict[int, set] = {}
+    for u, r in zip(pos["user_id"].values.tolist(), pos["item_row"].values.tolist()):
+        if (u, r) not in seen:
+            truth.setdefault(u, set()).add(r)
+    users = np.array(sorted(truth), dtype=np.int64)
+    return users, [truth[int(u)] for u in users]
 
 
-def _als_top(data: FeatureData, users_raw: np.ndarray, k: int, seed: int) -> np.ndarray:
-    import scipy.sparse as sp
-    from implicit.cpu.als import AlternatingLeastSquares
-
-    tr = data.read("train", ["user_id_raw", "item_row"], where=lambda b: b["click"] == 1)
-    uniq, uidx = np.unique(tr["user_id_raw"], return_inverse=True)
-    mat = sp.csr_matrix((np.ones(len(uidx), np.float32), (uidx, tr["item_row"])), shape=(len(uniq), data.n_items))
-    mat.data[:] = 1.0
-    model = AlternatingLeastSquares(factors=64, iterations=15, regularization=0.05, random_state=seed)
-    model.fit(mat, show_progress=False)
-    pos = np.searchsorted(uniq, users_raw)
-    known = (pos < len(uniq)) & (uniq[np.minimum(pos, len(uniq) - 1)] == users_raw)
-    top = np.tile(data.popular_rows[:k], (len(users_raw), 1))  # unknown users: popularity
-    if known.any():
-        ids, _ = model.recommend(pos[known], mat[pos[known]], N=k, filter_already_liked_items=False)
-        top[known] = ids
-    return top
+def _seen(users: np.ndarray, train, n_items: int) -> sp.csr_matrix:
+    idx = {int(u): i for i, u in enumerate(users)}
+    rows = train["user_id"].map(idx)
+    keep = rows.notna().values
+    m = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep].astype(int).values, train["item_row"].values[keep])),
+                      shape=(len(users), n_items))
+    m.sum_duplicates()
+    return m
 
 
-def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str | Path, cfg: Config, tag: str) -> dict:
+def _topn(scores: np.ndarray, seen: sp.csr_matrix, n: int = TOPN) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).copy()
+    r, c = seen.nonzero()
+    s[r, c] = -np.inf
+    order = np.argsort(-s, axis=1, kind="stable")[:, :n]
+    return np.where(np.take_along_axis(s, order, 1) > -np.inf, order, -1)
+
+
+class Baselines:
+    """Popularity, ALS, item-kNN and EASE fitted on the train positives (users x items)."""
+
+    def __init__(self, data: FeatureData, train, cfg: Config):
+        self.data, self.cfg = data, cfg
+        pos = train[train["kind"] >= POSITIVE_KIND]
+        self.x, self.users = cflib.interaction_matrix(pos["user_id"].values, pos["item_row"].values, data.n_items)
+        self.pop = np.asarray(self.x.sum(0)).ravel()
+
+    def rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = np.searchsorted(self.users, users)
+        ok = (at < len(self.users)) & (self.users[np.minimum(at, len(self.users) - 1)] == users)
+        return np.minimum(at, len(self.users) - 1), ok
+
+    def scorer(self, name: str, params: dict):
+        x = self.x
+        if name == "popularity":
+            return lambda rows: np.broadcast_to(self.pop, (len(rows), len(self.pop)))
+        if name == "als":
+            from implicit.cpu.als import AlternatingLeastSquares
+
+            m = AlternatingLeastSquares(random_state=self.cfg.retrieval.seed, **params)
+            m.fit(x, show_progress=False)
+            return lambda rows: m.user_factors[rows] @ m.item_factors.T
+        if name == "item_knn":
+            from implicit.nearest_neighbours import CosineRecommender
+
+            m = CosineRecommender(**params)
+            m.fit(x, show_progress=False)
+            sim = m.similarity.tocsr()
+            return lambda rows: (x[rows] @ sim).toarray()
+        if name == "ease":
+            b = cflib.ease_weights(x, params["lam"])
+            return lambda rows: np.asarray(x[rows] @ b)
+        raise ValueError(name)
+
+    GRIDS = {
+        "popularity": [{}],
+        "als": [{"factors": f, "regularization": r, "alpha": a, "iterations": 15}
+                for f in (64, 128) for r in (0.01, 0.1, 1.0) for a in (1.0, 10.0)],
+        "item_knn": [{"K": k} for k in (50, 200, 400)],
+        "ease": [{"lam": lam} for lam in (100.0, 300.0, 1000.0)],
+    }
+
+    def run(self, name: str, users, seen, valid: tuple | None) -> tuple[np.ndarray, dict]:
+        """Top-N for `users` with the grid point best on valid NDCG@10 (the first one without valid)."""
+        grid = self.GRIDS[name]
+        if name == "ease" and self.data.n_items > self.cfg.cf.ease_max_items:
+            raise EvaluationError(f"EASE skipped: {self.data.n_items} items > cf.ease_max_items ({self.cfg.cf.ease_max_items})")
+        best, chosen = -1.0, grid[0]
+        if valid is not None and len(grid) > 1:
+            v_users, v_truth, v_seen = valid
+            rows, ok = self.rows(v_users)
+            for params in grid:
+                fn = self.scorer(name, params)
+                top = _topn(np.where(ok[:, None], fn(rows), 0.0), v_seen)
+                score = M.ndcg_at(top, v_truth, 10)
+                if score > best:
+                    best, chosen = score, params
+        fn = self.scorer(name, chosen)
+        rows, ok = self.rows(users)
+        out = []
+        for s in range(0, len(users), 1024):
+            sl = slice(s, s + 1024)
+            sc = np.where(ok[sl, None], fn(rows[sl]), self.pop[None, :])  # no train positive: popularity
+            out.append(_topn(sc, seen[sl]))
+        return np.concatenate(out), {"params": chosen, "valid_ndcg@10": best if best >= 0 else None}
+
+
+def figures(top: np.ndarray, truth: list[set], data: FeatureData, pop: np.ndarray, n_users: int) -> dict:
+    out = {}
+    for k in K_RECALL:
+        out[f"recall@{k}"] = M.mean_se(M.per_user_recall(top, truth, k))
+    out["ndcg@10"] = M.mean_se(M.per_user_ndcg(top, truth, 10))
+    out["hitrate@10"] = M.mean_se(M.per_user_hit(top, truth, 10))
+    out["diversity@10"] = M.mean_se(M.per_user_diversity(top, data.category, 10))
+    out["novelty@10"] = M.mean_se(M.per_user_novelty(top, pop, n_users, 10))
+    out["coverage@10"] = (M.coverage(top, data.n_items, 10), None)
+    return {k: {"mean": v[0], "se": v[1]} for k, v in out.items()}
+
+
+def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 128) -> tuple[np.ndarray, dict, np.ndarray]:
+    """The full pipeline's top-N (the server's steps, in-process), the merged candidate order and each
+    route's list, and the cold flags."""
     from serving.pipeline import Pipeline
 
+    pipe = Pipeline(bundle_dir, cfg=cfg.serve)
+    n = min(TOPN, pipe.max_k)
+    full, merged, routes, cold = [], [], {}, []
+    for s in range(0, len(users), batch):
+        u = users[s : s + batch]
+        ucat, ucont, seq, kinds, rows, c = pipe.transform(u)
+        emb = pipe.user_tower(ucat, ucont, seq, kinds)
+        parts = [pipe.retrieval.store.history(int(r)) for r in rows]
+        indptr = np.r_[0, np.cumsum([len(p[0]) for p in parts])].astype(np.int64)
+        cand, dense, lists = pipe.retrieval.generator(emb, indptr, np.concatenate([p[0] for p in parts]).astype(np.int64),
+                                                      np.concatenate([p[1] for p in parts]), True)
+        icat, icont = pipe.candidates(cand)
+        scores = pipe.ranker(ucat, ucont, seq, kinds, icat, icont, dense)
+        order = np.argsort(-np.where(cand >= 0, scores, -np.inf), axis=1, kind="stable")[:, :n]
+        full.append(np.take_along_axis(cand, order, 1))
+        merged.append(cand[:, :n])
+        for r, lst in lists.items():
+            routes.setdefault(r, []).append(lst[:, :n])
+        cold.append(c)
+    return np.concatenate(full), {"merged_order": np.concatenate(merged),
+                                  **{f"route_{r}": np.concatenate(v) for r, v in routes.items()}}, np.concatenate(cold)
+
+
+def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str | Path, cfg: Config, tag: str,
+             overwrite: bool = False, max_users: int = 20_000, progress: bool = True) -> dict:
     t0 = time.time()
-    data = FeatureData(features_dir)
-    pipe = Pipeline(bundle_dir)
-    test = data.read("test", ["user_id_raw", "item_row", "click", "purchase", "ts", "device_raw"])
-    clicked = test["click"] == 1
-    users = np.unique(test["user_id_raw"][clicked])
-    first = {}
-    for u, ts, dev in zip(test["user_id_raw"], test["ts"], test["device_raw"]):
-        first.setdefault(int(u), (int(ts), str(dev)))
-    truth = {int(u): set() for u in users}
-    gains = {int(u): {} for u in users}
-    for u, r, c, p in zip(test["user_id_raw"][clicked], test["item_row"][clicked], test["click"][clicked], test["purchase"][clicked]):
-        truth[int(u)].add(int(r))
-        gains[int(u)][int(r)] = max(gains[int(u)].get(int(r), 0.0), float(c + p))
-    ts = np.array([first[int(u)][0] for u in users])
-    hour, weekday = context_from_ts(ts)
-    device = np.array([first[int(u)][1] for u in users], dtype=object)
-    t_list = [truth[int(u)] for u in users]
-    g_list = [gains[int(u)] for u in users]
-
-    kmax = min(max(KS), data.n_items)
-    ucat, ucont, cold = pipe.transform(users, hour, weekday, device)
-    emb = pipe.user_tower(ucat, ucont)
-    _, tt_top = search(pipe.retrieval.index, emb, kmax, pipe.retrieval.embeddings)
-    tt_top[cold] = data.popular_rows[:kmax]
-    pop_top = np.tile(data.popular_rows[:kmax], (len(users), 1))
-    als_top = _als_top(data, users, kmax, cfg.retrieval.seed)
-
-    n = pipe.retrieval.n
-    rows, _ = pipe.retrieval(emb, cold)
-    ranked = np.empty((len(users), min(10, n)), dtype=np.int64)
-    for s in range(0, len(users), 256):
-        icat, icont = pipe.candidates(rows[s : s + 256])
-        scores = pipe.ranker(ucat[s : s + 256], ucont[s : s + 256], icat, icont)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-        ranked[s : s + 256] = np.take_along_axis(rows[s : s + 256], order, axis=1)
-
-    methods = {"popularity": pop_top, "als": als_top, "two_tower": tt_top}
-    retrieval = {m: {f"recall@{k}": recall_at(top, t_list, k) for k in KS if k <= kmax} for m, top in methods.items()}
-    final = {}
-    for name, top in (("popularity", pop_top), ("als", als_top), ("two_tower_retrieval_order", rows), ("two_tower_+_dlrm_ranking", ranked)):
-        nd, hr = _ndcg_hr(top, g_list)
-        final[name] = {"ndcg@10": nd, "hitrate@10": hr, "coverage@10": float(len(np.unique(top[:, :10])) / data.n_items)}
-    train_report = json.loads(verified_path(Path(features_dir).parent / "models", "train_report.json").read_text())
-    report = {
-        "dataset": tag, "test_users": int(len(users)), "cold_start_users": int(cold.sum()), "items": int(data.n_items),
-        "retrieval": retrieval, "final": final, "ranker_test_auc": train_report["ranking"]["test"],
-        "num_candidates": int(n), "machine": f"{platform.machine()} {platform.node()}, CPU",
-        "command": f"shoprec evaluate  (part of `make demo`, dataset {tag})", "seconds": round(time.time() - t0, 1),
-    }
-    report["summary"] = {
-        "recall@100": {m: round(v.get("recall@100", float("nan")), 4) for m, v in retrieval.items()},
-        "ndcg@10": {m: round(v["ndcg@10"], 4) for m, v in final.items()},
-        "ranker_auc": {k: round(v, 4) for k, v in report["ranker_test_auc"].items()},
-    }
     out = Path(results_dir)
+    target = out / f"quality_{tag}.json"
+    if target.exists() and not overwrite:
+        raise EvaluationError(f"{target} exists; pass --tag NAME for a new report or --overwrite to replace it")
+    data = FeatureData(features_dir)
+    if data.schema["split"] == "none":
+        raise EvaluationError("the features were built for deployment (split = none): nothing is held out to evaluate on; "
+                              "run `shoprec features --split time` (or user-time, random) first")
+    acts = data.actions
+    train = acts[acts["split"] == 0]
+    users, truth = _truth(data, 2, train)
+    if not len(users):
+        raise EvaluationError("no test user has a positive on an item they had not acted on in train")
+    if len(users) > max_users:
+        keep = np.sort(np.random.default_rng(0).choice(len(users), max_users, replace=False))
+        users, truth = users[keep], [truth[i] for i in keep]
+    v_users, v_truth = _truth(data, 1, train)
+    valid = (v_users, v_truth, _seen(v_users, train, data.n_items)) if len(v_users) else None
+    seen = _seen(users, train, data.n_items)
+    warm = np.isin(users, train["user_id"].unique())
+    base = Baselines(data, train, cfg)
+    n_train_users = int(train["user_id"].nunique())
+
+    systems, params = {}, {}
+    for name in ("popularity", "als", "item_knn", "ease"):
+        try:
+            systems[name], params[name] = base.run(name, users, seen, valid)
+        except EvaluationError as exc:
+            params[name] = {"skipped": str(exc)}
+        if progress:
+            print(f"evaluate: {name} ({time.time() - t0:.0f}s)", flush=True)
+    full, extra, cold = served_lists(Path(bundle_dir), users, cfg)
+    systems["two_tower"] = extra.pop("route_ann")
+    systems["served_pipeline"] = full
+    for k, v in extra.items():
+        systems[k] = v
+    if progress:
+        print(f"evaluate: served pipeline ({time.time() - t0:.0f}s)", flush=True)
+    if (cold != ~warm).any():
+        log.warning("%d users: the store's cold flag differs from 'no train action'", int((cold != ~warm).sum()))
+
+    results = {}
+    for name, top in systems.items():
+        results[name] = {group: figures(top[mask], [t for t, m in zip(truth, mask) if m], data, base.pop, n_train_users)
+                         for group, mask in (("warm", warm), ("cold", ~warm)) if mask.any()}
+    report = {
+        "dataset": tag, "source": data.schema.get("source"), "split": data.schema["split"],
+        "users": {"warm": int(warm.sum()), "cold": int((~warm).sum())}, "items": int(data.n_items),
+        "protocol": "test positives on items the user had not acted on in train; state = train actions; every system "
+                    "ranks the catalog minus the user's train actions; baselines tuned on valid NDCG@10",
+        "baseline_params": params, "results": results,
+        "train_report": _train_summary(Path(features_dir).parent / "models"),
+        "machine": _machine(), "command": f"shoprec evaluate --tag {tag}", "seconds": round(time.time() - t0, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"quality_{tag}.md").write_text(_markdown(report))
+    target.write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"quality_{tag}.md").write_text(markdown(report))
     _plot(report, out / f"quality_{tag}.png")
     return report
 
 
-def _markdown(r: dict) -> str:
-    ks = [k for k in KS if f"recall@{k}" in r["retrieval"]["two_tower"]]
-    lines = [f"# Offline quality — dataset `{r['dataset']}`", "",
-             f"{r['test_users']} test users ({r['cold_start_users']} cold start), {r['items']} items, "
-             f"time-based test split. Command: `{r['command']}`.", "",
-             "| retrieval | " + " | ".join(f"Recall@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for m, v in r["retrieval"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{v[f'recall@{k}']:.4f}" for k in ks) + " |")
-    lines += ["", "| final top-10 | NDCG@10 | HitRate@10 | coverage@10 |", "|---|---|---|---|"]
-    for m, v in r["final"].items():
-        lines.append(f"| {m} | {v['ndcg@10']:.4f} | {v['hitrate@10']:.4f} | {v['coverage@10']:.4f} |")
-    a = r["ranker_test_auc"]
-    lines += ["", f"Ranker test AUC: CTR {a['auc_ctr']:.4f}, CVR {a['auc_cvr']:.4f}.", ""]
-    return "\n".join(lines)
+def _train_summary(models_dir: Path) -> dict:
+    try:
+        r = json.loads((models_dir / "train_report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"cf": r.get("cf"), "retrieval_best_epoch": r.get("retrieval_stage_a", {}).get("best_epoch"),
+            "holdout_recall@50": r.get("retrieval_stage_a", {}).get("best_holdout_recall@50"),
+            "holdout_popularity_recall@50": r.get("retrieval_stage_a", {}).get("holdout_popularity_recall@50"),
+            "ranker": {k: r.get("ranking", {}).get(k) for k in ("deep", "steps", "valid_ndcg@10", "valid_ndcg@10_merged_order",
+                                                                "candidate_recall")}}
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+
+
+ORDER = ("popularity", "als", "item_knn", "ease", "two_tower", "served_pipeline")
+
+
+def markdown(r: dict) -> str:
+    cols = ["recall@10", "recall@50", "recall@100", "ndcg@10", "hitrate@10", "coverage@10", "diversity@10", "novelty@10"]
+    lines = [f"# Offline quality: `{r['dataset']}`", "",
+             f"Split `{r['split']}`; {r['users']['warm']} warm and {r['users']['cold']} cold test users, {r['items']} items. "
+             f"{r['protocol']}. Mean ± standard error over users. Command: `{r['command']}`.", ""]
+    for group in ("warm", "cold"):
+        names = [n for n in list(ORDER) + [n for n in r["results"] if n not in ORDER] if group in r["results"].get(n, {})]
+        if not names:
+            continue
+        lines += [f"## {group} users", "", "| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for n in names:
+            f = r["results"][n][group]
+            cells = [f"{f[c]['mean']:.4f}" + (f" ± {f[c]['se']:.4f}" if f[c]["se"] is not None else "") for c in cols]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    skipped = {k: v["skipped"] for k, v in r["baseline_params"].items() if "skipped" in v}
+    chosen = {k: v["params"] for k, v in r["baseline_params"].items() if "params" in v}
+    lines += [f"Baseline hyper-parameters (chosen on valid): `{json.dumps(chosen)}`."]
+    if skipped:
+        lines += [f"Skipped: {skipped}."]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(r: dict, path: Path) -> None:
@@ -148,19 +297,16 @@ def _plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, v in r["retrieval"].items():
-        ks = [int(k.split("@")[1]) for k in v]
-        a.plot(ks, list(v.values()), marker="o", label=m)
-    a.set_xscale("log")
-    a.set_xlabel("K")
-    a.set_ylabel("Recall@K")
-    a.set_title(f"retrieval ({r['dataset']})")
-    a.legend()
-    names = list(r["final"])
-    b.barh(names, [r["final"][n]["ndcg@10"] for n in names])
-    b.set_xlabel("NDCG@10")
-    b.set_title("final top-10")
+    group = "warm" if any("warm" in v for v in r["results"].values()) else "cold"
+    names = [n for n in ORDER if group in r["results"].get(n, {})]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("recall@10", "ndcg@10")):
+        means = [r["results"][n][group][metric]["mean"] for n in names]
+        ses = [r["results"][n][group][metric]["se"] for n in names]
+        ax.barh(names, means, xerr=ses, color=["#999"] * (len(names) - 1) + ["#2a6"])
+        ax.set_xlabel(f"{metric} ({group} users, ± s.e.)")
+        ax.invert_yaxis()
+    fig.suptitle(f"{r['dataset']}: split {r['split']}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,0 +1,249 @@
+"""What each part of the model adds: one training run, then parts switched off one at a time.
+
+    .venv/bin/python -m benchmarks.ablation --artifacts artifacts --tag small           # the synthetic shop
+    .venv/bin/python -m benchmarks.ablation --referee random-8-1-1 --tag mlls-random    # ml-latest-small
+
+It needs a trained artifacts folder (`shoprec all`, or `--referee PROTOCOL`, which builds one from the
+referee's split of ml-latest-small exactly as benchmarks/referee_bench.py does, without a server).
+
+Parts measured (same split, same user state, seen items excluded unless said otherwise):
+- the ranker: the full list vs the merged candidate order (no ranker), and rankers retrained on the
+  same held-out lists with a feature group removed (the item-to-item scores, the two-tower scores)
+  or with the deep part (embeddings, DIN, interactions) forced on or off;
+- the recall routes alone (cf_all, cf_pos, ann, popular);
+- the two-tower alone, retrained on the fit fold without a part (the action sequence, logQ
+  correction, the mixed negatives) or with the user-id embedding: holdout Recall@50;
+- the seen-item filter: the full pipeline with it off.
+Writes benchmarks/results/ablation_<tag>.{json,md}. Figures are means over users with standard errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shoprec.candidates import DENSE_FEATURES, CandidateGenerator
+from shoprec.config import REPO_ROOT, load_config
+
+from .machine import describe
+
+
+def _groups(n_user_cont: int, n_item_cont: int) -> dict[str, list[int]]:
+    off = n_user_cont + n_item_cont
+    idx = {f: off + i for i, f in enumerate(DENSE_FEATURES)}
+    return {"item-to-item scores": [idx[f] for f in ("cf_all", "cf_pos", "cf_recent", "rank_cf_all", "rank_cf_pos")],
+            "two-tower scores": [idx[f] for f in ("two_tower", "rank_ann")]}
+
+
+def _mask_features(lists: dict, cols: list[int], n_user_cont: int, n_item_cont: int) -> dict:
+    """A copy of the lists whose dense features in `cols` are constant (no information)."""
+    out = dict(lists)
+    dense = lists["dense"].copy()
+    for c in cols:
+        dense[..., c - n_user_cont - n_item_cont] = 0.0
+    out["dense"] = dense
+    return out
+
+
+def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
+    """evaluate_lists(data, top [U, N] item rows, users) -> {metric: (mean, se)} for the evaluated users."""
+    from training import train as T
+    from training.data import FeatureData, context_of
+
+    data = FeatureData(artifacts / "features")
+    acts = data.actions
+    train = acts[acts["split"] == 0]
+    fit, hold = train[train["fold"] == 0], train[train["fold"] == 1]
+    rc, kc = cfg.retrieval, cfg.ranking
+    users, truth, first_ts = data.holdout_truth(fit, hold, max(rc.max_valid_users, kc.max_users), rc.seed)
+    hour, weekday = context_of(first_ts, rc.context_dropout, np.random.default_rng(kc.seed))
+    q = data.queries(users, data.action_log(fit), hour=hour, weekday=weekday)
+    valid = {"q": {k: v for k, v in q.items() if not k.startswith("hist")}, "truth": [set(t) for t in truth],
+             "seen": T.seen_mask(q, data.n_items)}
+    report: dict = {"two_tower_holdout_recall@50": {}, "ranker": {}, "routes": {}}
+
+    # the two-tower without one part at a time (stage A: fit fold, holdout Recall@50)
+    variants = {"as configured": {}, "+ user-id embedding": {"use_user_id": True}, "- logQ correction": {"logq_correction": False},
+                "- mixed negatives": {"mixed_negatives": 0}}
+    tt_a = None
+    for name, change in variants.items():
+        t0 = time.time()
+        model, rep = T.train_two_tower(data, cfg.replace("retrieval", **change).retrieval, (0,), data.items["item_cont_fit"],
+                                       "cpu", rc.epochs, valid, progress, "retrieval")
+        report["two_tower_holdout_recall@50"][name] = rep["best_holdout_recall@50"]
+        if not change:
+            tt_a = model
+        print(f"ablation: two-tower {name}: {rep['best_holdout_recall@50']:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    no_seq = dict(valid, q={**valid["q"], "seq": np.zeros_like(valid["q"]["seq"]), "seq_kinds": np.zeros_like(valid["q"]["seq_kinds"])})
+    report["two_tower_holdout_recall@50"]["- action sequence (at serving time)"] = T.retrieval_recall(
+        tt_a, data, data.items["item_cont_fit"], no_seq, "cpu")
+    report["two_tower_holdout_recall@50"]["popularity"] = T.recall_at(
+        T._popular_unseen(data.items["popular_rows_fit"], valid["seen"], 50), valid["truth"], 50)
+
+    # rankers on stage A's lists: all features, a group removed, deep on/off
+    lam, _ = T.choose_cf_lambda(data, fit, users, truth, cfg)
+    cf_all_a, cf_pos_a = T.fit_routes(data, fit, cfg, lam)
+    gen_a = CandidateGenerator(T.item_embeddings(tt_a, data.item_cat, data.items["item_cont_fit"], "cpu"), None, cf_all_a,
+                               cf_pos_a, data.items["popular_rows_fit"], cfg.serve.num_candidates, cfg.serve.recent_window)
+    n = min(len(users), kc.max_users)
+    sel = np.arange(n)
+    lists = T.ranker_lists(data, gen_a, T._slice_q(q, sel), T.user_embeddings(tt_a, T._slice_q(q, sel), "cpu"), truth[:n])
+    is_valid = np.random.default_rng(kc.seed + 1).random(n) < kc.valid_share
+    tr = np.flatnonzero(~is_valid)
+    sub = {k: v[tr] for k, v in lists.items()}
+    empty = {k: v[:0] for k, v in lists.items()}
+    nu, ni = len(data.user_cont_cols), data.item_cont.shape[1]
+    rankers = {}
+    for name, (cols, deep) in {"full": ([], kc.deep), "deep part on": ([], "on"), "deep part off": ([], "off"),
+                               **{f"- {g}": (c, kc.deep) for g, c in _groups(nu, ni).items()}}.items():
+        t0 = time.time()
+        model, rep = T.train_ranker(data, cfg.replace("ranking", deep=deep).ranking, _mask_features(sub, cols, nu, ni), empty, [],
+                                    data.items["item_cont_fit"], tt_a.item_ids, "cpu", progress)
+        rankers[name] = (model, cols)
+        print(f"ablation: ranker {name} trained ({time.time() - t0:.0f}s)", flush=True)
+
+    # the final models (stage B, in the bundle) rank the evaluated users' candidates
+    ev = evaluate_lists.prepare(data, cfg)
+    for name, (model, cols) in rankers.items():
+        scores = T.ranker_scores(model, data, _mask_features(ev["lists"], cols, nu, ni), data.item_cont, kc.cvr_weight, "cpu")
+        order = np.argsort(-scores, axis=1, kind="stable")
+        report["ranker"][name] = evaluate_lists(np.take_along_axis(ev["lists"]["rows"], order, 1))
+    report["ranker"]["no ranker (merged candidate order)"] = evaluate_lists(ev["lists"]["rows"])
+    for route, top in ev["routes"].items():
+        report["routes"][route] = evaluate_lists(top)
+    report["ranker"]["full, seen items not filtered"] = evaluate_lists(ev["unfiltered"])
+    return report
+
+
+class Evaluator:
+    """Scores item-row lists for a fixed set of users against a fixed truth (callable), after `prepare`
+    built the bundle's candidate lists for them."""
+
+    def __init__(self, users: np.ndarray, score_fn):
+        self.users, self.score_fn = users, score_fn
+
+    def prepare(self, data, cfg) -> dict:
+        from training import train as T
+
+        bundle = self.bundle
+        tt = T.load_two_tower(bundle.parent / "models", data, cfg.retrieval)
+        gen = CandidateGenerator(T.item_embeddings(tt, data.item_cat, data.item_cont, "cpu"), None,
+                                 T.load_neighbours(bundle.parent / "models" / "cf_all.npz"),
+                                 T.load_neighbours(bundle.parent / "models" / "cf_pos.npz"), data.popular_rows,
+                                 cfg.serve.num_candidates, cfg.serve.recent_window)
+        q = data.queries(self.users, data.action_log(data.actions[data.actions["split"] == 0]))
+        emb = T.user_embeddings(tt, q, "cpu")
+        rows, dense, routes = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])
+        lists = {"rows": rows, "dense": dense, **{k: q[k] for k in ("user_cat", "user_cont", "seq", "seq_kinds")}}
+        loose, dense_l, _ = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"], exclude_seen=False)
+        ranker = T.load_ranker(bundle.parent / "models", data, cfg.ranking)
+        sc = T.ranker_scores(ranker, data, {**lists, "rows": loose, "dense": dense_l}, data.item_cont, cfg.ranking.cvr_weight, "cpu")
+        unfiltered = np.take_along_axis(loose, np.argsort(-sc, axis=1, kind="stable"), 1)
+        return {"lists": lists, "routes": routes, "unfiltered": unfiltered}
+
+    def __call__(self, top: np.ndarray) -> dict:
+        return self.score_fn(top)
+
+
+def markdown(report: dict, meta: dict) -> str:
+    lines = [f"# Ablation: `{meta['tag']}`", "", f"Command: `{meta['command']}` ({meta['date']}, {meta['machine']}).", ""]
+    lines += ["## Ranking and recall (evaluated users, mean ± s.e.)", "", "| variant | Recall@10 | NDCG@10 | Recall@100 |",
+              "|---|---|---|---|"]
+    for section in ("ranker", "routes"):
+        for name, m in report[section].items():
+            label = name if section == "ranker" else f"route {name} alone"
+            lines.append(f"| {label} | {m['Recall@10'][0]:.4f} ± {m['Recall@10'][1]:.4f} | {m['NDCG@10'][0]:.4f} ± "
+                         f"{m['NDCG@10'][1]:.4f} | {m['Recall@100'][0]:.4f} |")
+    lines += ["", "## Two-tower alone (holdout of the training data, Recall@50)", "", "| variant | Recall@50 |", "|---|---|"]
+    for name, v in report["two_tower_holdout_recall@50"].items():
+        lines.append(f"| {name} | {v:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_from(per_user: dict) -> dict:
+    from training.metrics import mean_se
+
+    return {k: mean_se(v) for k, v in per_user.items()}
+
+
+def shop_evaluator(artifacts: Path):
+    """The synthetic shop (or any features with a test split): test positives on unseen items."""
+    from training import metrics as M
+    from training.data import FeatureData
+    from training.evaluate import _truth
+
+    data = FeatureData(artifacts / "features")
+    train = data.actions[data.actions["split"] == 0]
+    users, truth = _truth(data, 2, train)
+    warm = np.isin(users, train["user_id"].unique())
+    users, truth = users[warm], [t for t, w in zip(truth, warm) if w]
+
+    def score(top):
+        return _metrics_from({"Recall@10": M.per_user_recall(top, truth, 10), "NDCG@10": M.per_user_ndcg(top, truth, 10),
+                              "Recall@100": M.per_user_recall(top, truth, 100)})
+
+    ev = Evaluator(users, score)
+    ev.bundle = artifacts / "serving"
+    return ev
+
+
+def referee_evaluator(artifacts: Path, protocol: str):
+    """ml-latest-small under the referee's protocol: its test users, its scoring."""
+    sys.path.insert(0, str(REPO_ROOT.parent / "shared" / "quality"))
+    import referee
+
+    from training.data import FeatureData
+
+    split = referee.get_split("mlls", protocol)
+    users = split.users[split.eval_rows["test"]]
+    ids = FeatureData(artifacts / "features").items["item_ids"]
+
+    def score(top):
+        m = referee.evaluate_ranked(users, [[int(ids[r]) for r in t if r >= 0] for t in top], split, "test")
+        se = m["stderr"]
+        return {k: (m[k], se.get(k)) for k in ("Recall@10", "NDCG@10", "Recall@100")}
+
+    ev = Evaluator(users, score)
+    ev.bundle = artifacts / "serving"
+    return ev
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"))
+    parser.add_argument("--referee", choices=["random-8-1-1", "user-temporal-8-1-1"],
+                        help="build artifacts from the referee's split of ml-latest-small and score with the referee")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = load_config(args.config).replace("features", split="none") if args.referee else load_config(args.config)
+    artifacts = Path(args.artifacts)
+    if args.referee:
+        from .referee_bench import build_artifacts
+
+        artifacts = build_artifacts(args.referee, Path(args.artifacts) / "ablation" / args.referee, args.config)
+        evaluator = referee_evaluator(artifacts, args.referee)
+    else:
+        evaluator = shop_evaluator(artifacts)
+    t0 = time.time()
+    report = run(artifacts, cfg, evaluator)
+    meta = {"tag": args.tag, "command": "python -m benchmarks.ablation " + " ".join(argv or sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d"), "machine": describe(), "seconds": round(time.time() - t0, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ablation_{args.tag}.json").write_text(json.dumps({**meta, **report}, indent=1, default=float) + "\n")
+    (out / f"ablation_{args.tag}.md").write_text(markdown(report, meta))
+    print(markdown(report, meta))
+    return report
+
+
+if __name__ == "__main__":
+    main()

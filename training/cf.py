@@ -1,0 +1,121 @@
+"""Item-to-item collaborative filtering for the cf_all / cf_pos recall routes (and the evaluation's
+EASE / item-kNN baselines): fitted here, exported as sparse neighbour arrays, scored by
+`shoprec.candidates.ItemNeighbours` offline and in the server alike.
+
+EASE (Steck, WWW 2019): B = I - P / diag(P), P = (X'X + lambda I)^-1, diag(B) = 0. Exact and strong,
+but dense items x items, so only up to `ease_max_items` items. Above that, cosine item-kNN with
+same matrix. Either way each item keeps its `neighbours` largest |weights|: EASE's
+negative weights matter (keeping only the positive ones cost about 4 % NDCG@10 on ml-latest-small).
+The exported route holds at most `max_entries` weights, so big catalogs keep fewer neighbours per item.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+
+from shoprec.candidates import ItemNeighbours
+from shoprec.config import CFConfig
+
+log = logging.getLogger("shoprec.cf")
+
+
+def interaction_matrix(users: np.ndarray, rows: np.ndarray, n_items: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Binary users x items matrix (users: raw ids, rows: item rows) and its sorted user ids."""
+    uniq, uidx = np.unique(users, return_inverse=True)
+    m = sp.csr_matrix((np.ones(len(uidx), np.float32), (uidx, rows)), shape=(len(uniq), n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m, uniq
+
+
+def ease_weights(x: sp.csr_matrix, lam: float) -> np.ndarray:
+    import scipy.linalg
+
+    g = (x.T @ x).toarray().astype(np.float32)
+    g[np.diag_indices_from(g)] += lam
+    # float32 LAPACK inverse: 5x faster than numpy's float64 one at 9k items, same top lists
+    p = scipy.linalg.inv(g, overwrite_a=True, check_finite=False)
+    b = -p / np.diag(p)
+    b[np.diag_indices_from(b)] = 0.0
+    return b.astype(np.float32)
+
+
+def knn_weights(x: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Cosine item-item similarity, the top k per item (implicit's sparse, multi-threaded kNN)."""
+    from implicit.nearest_neighbours import CosineRecommender
+
+    model = CosineRecommender(K=k)
+    model.fit(x.tocsr().astype(np.float32), show_progress=False)
+    sim = model.similarity.tocsr().astype(np.float32)
+    sim.setdiag(0.0)
+    sim.eliminate_zeros()
+    return sim
+
+
+def _top_abs_dense(w: np.ndarray, k: int) -> sp.csr_matrix:
+    k = min(k, w.shape[1])
+    idx = np.argpartition(-np.abs(w), k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(w, idx, axis=1)
+    keep = vals != 0
+    rows = np.repeat(np.arange(w.shape[0]), keep.sum(1))
+    return sp.csr_matrix((vals[keep], (rows, idx[keep])), shape=w.shape)
+
+
+def to_neighbours(w: sp.csr_matrix) -> ItemNeighbours:
+    w = w.tocsr()
+    w.sort_indices()
+    return ItemNeighbours(w.indptr.astype(np.int64), w.indices.astype(np.int64), w.data.astype(np.float32), w.shape[0])
+
+
+def choose_method(n_items: int, cfg: CFConfig) -> str:
+    if cfg.method not in ("auto", "ease", "knn", "none"):
+        raise ValueError(f"cf.method must be auto, ease, knn or none; got {cfg.method!r}")
+    if cfg.method == "auto":
+        return "ease" if n_items <= cfg.ease_max_items else "knn"
+    return cfg.method
+
+
+def neighbours_per_item(n_items: int, cfg: CFConfig) -> int:
+    """cfg.neighbours, fewer for big catalogs: the exported route holds at most cfg.max_entries weights."""
+    return int(max(10, min(cfg.neighbours, cfg.max_entries // max(n_items, 1))))
+
+
+def fit_neighbours(x: sp.csr_matrix, cfg: CFConfig, lam: float | None = None) -> ItemNeighbours:
+    """Sparse item-to-item weights from a users x items matrix (EASE with `lam`, or kNN)."""
+    method = choose_method(x.shape[1], cfg)
+    if method == "none" or x.nnz == 0:
+        return ItemNeighbours.empty(x.shape[1])
+    k = neighbours_per_item(x.shape[1], cfg)
+    if method == "ease":
+        return to_neighbours(_top_abs_dense(ease_weights(x, lam if lam is not None else cfg.ease_lambdas[0]), k))
+    return to_neighbours(knn_weights(x, k))
+
+
+def choose_lambda(x: sp.csr_matrix, eval_x: sp.csr_matrix, truth: list[np.ndarray], seen: sp.csr_matrix,
+                  cfg: CFConfig) -> tuple[float | None, dict]:
+    """The EASE lambda of `cfg.ease_lambdas` with the best holdout NDCG@10 (None for kNN).
+
+    x: the fit matrix; eval_x: the rows (users) whose holdout items `truth` are scored; seen: their
+    items to exclude."""
+    if choose_method(x.shape[1], cfg) != "ease" or len(cfg.ease_lambdas) == 1:
+        return (cfg.ease_lambdas[0] if choose_method(x.shape[1], cfg) == "ease" else None), {}
+    scores = {}
+    for lam in cfg.ease_lambdas:
+        b = ease_weights(x, lam)
+        s = np.asarray(eval_x @ b)
+        s[seen.nonzero()] = -np.inf
+        top = np.argsort(-s, axis=1, kind="stable")[:, :10]
+        scores[lam] = float(np.mean([_ndcg(t, g) for t, g in zip(top, truth)]))
+    best = max(scores, key=lambda k: scores[k])
+    log.info("EASE lambda %s (holdout NDCG@10 by lambda: %s)", best, scores)
+    return best, {str(k): round(v, 4) for k, v in scores.items()}
+
+
+def _ndcg(top: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    hits = np.isin(top[:k], truth)
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = disc[: min(k, len(truth))].sum()
+    return float((hits * disc[: len(hits)]).sum() / ideal) if ideal else 0.0
