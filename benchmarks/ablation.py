@@ -100,7 +100,9 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     empty = {k: v[:0] for k, v in lists.items()}
     nu, ni = len(data.user_cont_cols), data.item_cont.shape[1]
     rankers = {}
-    for name, (cols, deep) in {"full": ([], kc.deep), "deep part on": ([], "on"), "deep part off": ([], "off"),
+    auto_deep = kc.deep == "on" or (kc.deep == "auto" and len(tr) >= kc.deep_min_lists)
+    flipped = ("deep part off (auto: on)", "off") if auto_deep else ("deep part on (auto: off)", "on")
+    for name, (cols, deep) in {"full": ([], kc.deep), flipped[0]: ([], flipped[1]),
                                **{f"- {g}": (c, kc.deep) for g, c in _groups(nu, ni).items()}}.items():
         t0 = time.time()
         model, rep = T.train_ranker(data, cfg.replace("ranking", deep=deep).ranking, _mask_features(sub, cols, nu, ni), empty, [],

@@ -46,8 +46,8 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
-        report = train_all(features, scratch, cfg.retrieval, cfg.ranking, args.device, progress=False)
-    device = report["retrieval"]["device"]
+        report = train_all(features, scratch, cfg, args.device, progress=False)
+    device = report["device"]
     machine = describe()
     if device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"
@@ -59,16 +59,19 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "dataset": {"name": args.dataset or f"{cfg.data.source} {cfg.data.size}", "users": schema["users"],
-                    "items": schema["items"], "rows": schema["rows"]},
+                    "items": schema["items"], "actions": schema["actions"], "two_tower_rows": schema["train_rows"]},
         "wall_seconds": round(time.time() - t0, 1),
     }
-    for stage in ("retrieval", "ranking"):
-        r = report[stage]
+    for stage, part in (("retrieval (stage A, fit fold)", "retrieval_stage_a"), ("retrieval (refit, all of train)", "retrieval"),
+                        ("ranking", "ranking")):
+        r = report[part]
         result[stage] = {k: r[k] for k in ("train_samples_per_s", "train_samples", "train_seconds", "epochs_run")}
-        result[stage]["batch_size"] = getattr(cfg, stage).batch_size
-    result["retrieval"]["sample"] = "clicked (user, item) pair; in-batch softmax over the batch's items"
-    result["ranking"]["sample"] = (f"impression or sampled negative ({cfg.ranking.random_negatives} random + "
-                                   f"{cfg.ranking.hard_negatives} hard per click), streamed in blocks")
+    result["retrieval (stage A, fit fold)"]["batch_size"] = cfg.retrieval.batch_size
+    result["ranking"]["users_per_batch"] = cfg.ranking.users_per_batch
+    result["sample"] = {"retrieval": "positive (user, item) action; softmax over the batch's items plus "
+                                     f"{cfg.retrieval.mixed_negatives} uniform random items",
+                        "ranking": f"one candidate of a held-out user's list ({cfg.serve.num_candidates} per user)"}
+    result["total_train_seconds"] = report["seconds"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shoprec.config import REPO_ROOT, load_config
+from shoprec.config import REPO_ROOT
 from shoprec.manifest import verify_manifest
 
 from .machine import describe
@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     import nvtabular as nvt
 
     from feature_workflows import nvt_compat
-    from feature_workflows.request_transform import TransformPlan
+    from feature_workflows.request_transform import TransformPlan, UserStore, raw_rows
     from feature_workflows.workflows import query_input_columns
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,23 +46,20 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "transform_latency.json"))
     args = p.parse_args(argv)
     feat = Path(args.artifacts) / "features"
-    cfg = load_config()
     verify_manifest(feat)  # Workflow.load unpickles: only bytes the features stage wrote
+    schema = json.loads((feat / "schema.json").read_text())
     wf = nvt.Workflow.load(str(feat / "workflows" / "query"))
     plan = TransformPlan.load(feat / "serving" / "query_plan.json", feat / "serving" / "query_vocab.npz")
-    store = np.load(feat / "serving" / "user_store.npz", allow_pickle=False)
+    store = UserStore.load(feat / "serving" / "user_store.npz")
+    with np.load(feat / "serving" / "item_table.npz", allow_pickle=False) as z:
+        names = z["category_names"]
     results = {}
     for batch in (1, 256):
-        idx = np.arange(batch) % len(store["user_id"])
-        raw = {"user_id": store["user_id"][idx]}
-        for col in query_input_columns(cfg.features):
-            if col in ("user_id", "hour", "weekday", "device"):
-                continue
-            v, null = store[col][idx], store[f"{col}__null"][idx]
-            raw[col] = np.where(null, np.nan, v) if v.dtype.kind == "f" else np.where(null, None, v.astype(object))
-        raw["hour"], raw["weekday"] = np.full(batch, 20), np.full(batch, 4)
-        raw["device"] = np.full(batch, "mobile", dtype=object)
-        frame = pd.DataFrame(raw).assign(click=0, purchase=0)
+        users = store.user_id[np.arange(batch) % len(store.user_id)]
+        rows = store.lookup(users)
+        raw = raw_rows(schema["query_spec"], store.state(rows, schema["sequence_length"]), store.attrs(users, rows), names,
+                       np.full(batch, 20.0), np.full(batch, 4.0), np.full(batch, "mobile", dtype=object))
+        frame = pd.DataFrame({c: raw[c] for c in query_input_columns(schema["query_spec"])})
         nvt_ms = _median_ms(lambda: nvt_compat.transform(wf, frame), 30)
         plan_ms = _median_ms(lambda: plan.pack(plan.transform(raw)), 300)
         results[f"batch_{batch}"] = {"workflow_transform_ms": round(nvt_ms, 3), "numpy_plan_ms": round(plan_ms, 4),

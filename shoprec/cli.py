@@ -88,7 +88,11 @@ def cmd_evaluate(args, cfg):
     from training.evaluate import evaluate
 
     art = _artifacts(args)
-    report = evaluate(art / "features", art / "serving", Path(args.results), cfg, tag=args.tag, overwrite=args.overwrite,
+    results = Path(args.results).resolve()
+    # reports inside the artifacts folder are regenerated material; elsewhere (benchmarks/results is
+    # committed) an existing report is replaced only when asked
+    overwrite = args.overwrite or results.is_relative_to(art)
+    report = evaluate(art / "features", art / "serving", results, cfg, tag=args.tag, overwrite=overwrite,
                       progress=not args.quiet)
     from training.evaluate import markdown
 
@@ -168,8 +172,9 @@ def _split_args(p):
 
 
 def _results_args(p):
-    p.add_argument("--results", default=str(REPO_ROOT / "artifacts" / "results"),
-                   help="folder of the quality report (default: artifacts/results; committed reports live in benchmarks/results)")
+    p.add_argument("--results", default=None,
+                   help="folder of the quality report (default: ARTIFACTS/results, replaced on every run; committed reports "
+                        "live in benchmarks/results and are replaced only with --overwrite)")
     p.add_argument("--tag", default=None, help="report name: quality_<tag>.* (default: the dataset)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report of the same tag")
 
@@ -226,12 +231,28 @@ def _apply_overrides(args, cfg):
         cfg = cfg.replace("features", split="none")
     elif getattr(args, "split", None):
         cfg = cfg.replace("features", split=args.split)
+    if hasattr(args, "results") and args.results is None:
+        args.results = str(Path(args.artifacts) / "results")
     if getattr(args, "tag", "unset") is None:
         args.tag = cfg.data.size if cfg.data.source == "synthetic" else cfg.data.source
     return cfg
 
 
+# known, harmless library warnings that would otherwise bury the progress lines
+QUIET_WARNINGS = (
+    r"Tensorflow dtype mappings did not load",  # merlin without TensorFlow
+    r"Initializing an NVTabular Dataset in CPU mode",  # NVTabular on CPU: what this project does
+    r"OpenBLAS is configured to use",  # implicit's ALS advice; EASE wants the threads
+    r"Method expects CSR input",  # implicit converting a COO matrix itself
+    r"Exporting aten::index operator",  # ONNX export of embedding lookups (indices are never negative)
+)
+
+
 def main(argv=None) -> int:
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     args = build_parser().parse_args(argv)
     from .errors import one_line, user_facing_types
 

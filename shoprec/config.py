@@ -49,6 +49,7 @@ class RetrievalConfig:
     dropout: float = 0.1
     weight_decay: float = 1e-5
     batch_size: int = 512
+    max_rows_per_epoch: int = 400_000  # bigger training sets: each epoch is a random sample of this many rows
     epochs: int = 30
     learning_rate: float = 2e-3
     patience: int = 3
@@ -71,6 +72,7 @@ class RankingConfig:
     bottom_mlp: tuple[int, ...] = (64, 16)
     top_mlp: tuple[int, ...] = (128, 64)
     din: bool = True
+    din_length: int = 20  # the most recent actions target attention reads
     deep: str = "auto"  # auto: the deep part (embeddings, DIN, dot interactions) from deep_min_lists lists on | on | off
     deep_min_lists: int = 2000
     ignore_user_features: tuple[str, ...] = ("user_id",)

@@ -58,9 +58,10 @@ class FeatureData:
         return [i for i, c in enumerate(self.user_cat_cols) if use_user_id or c != "user_id"]
 
     def train_batches(self, batch_size: int, folds: tuple[int, ...], shuffle_seed: int | None = None,
-                      buffer_rows: int = 262_144):
+                      buffer_rows: int = 262_144, sample_rate: float = 1.0):
         """Two-tower rows (positive train actions of the given folds) as dicts of arrays, shuffled within
-        a bounded buffer so memory stays flat at any size."""
+        a bounded buffer so memory stays flat at any size; with sample_rate < 1 a random share of them
+        (another one for every seed)."""
         cols = self.user_cat_cols + self.user_cont_cols + self.seq_columns() + ["item_row", "fold"]
         pf = pq.ParquetFile(self.dir / "train.parquet")
         rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
@@ -77,6 +78,8 @@ class FeatureData:
         for rb in pf.iter_batches(batch_size=65_536, columns=cols):
             part = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in cols}
             keep = np.isin(part["fold"], folds)
+            if sample_rate < 1.0:
+                keep &= (rng if rng is not None else np.random.default_rng(0)).random(len(keep)) < sample_rate
             pending.append({c: v[keep] for c, v in part.items()})
             n_pending += int(keep.sum())
             if n_pending >= buffer_rows:

@@ -125,6 +125,8 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
     if n_rows == 0:
         raise TrainingError(f"{stage}: no positive training actions (click or stronger) to learn from")
     p_item = counts / counts.sum()
+    # big data: an epoch is a random sample of max_rows_per_epoch rows, so early stopping looks often enough
+    rate = min(1.0, cfg.max_rows_per_epoch / n_rows) if cfg.max_rows_per_epoch else 1.0
     item_cat, item_cont_t = _t(data.item_cat, device), _t(item_cont, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx = data.context_fields
@@ -133,7 +135,7 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
         model.train()
         t0 = time.perf_counter()
         losses = []
-        for b in progress_iter(data.train_batches(cfg.batch_size, folds, shuffle_seed=cfg.seed + epoch),
+        for b in progress_iter(data.train_batches(cfg.batch_size, folds, shuffle_seed=cfg.seed + epoch, sample_rate=rate),
                                f"{stage} epoch {epoch}", progress):
             cat, cont, seq, kinds = data.arrays(b)
             if ctx and cfg.context_dropout:
@@ -215,7 +217,7 @@ def build_ranker(data: FeatureData, cfg: RankingConfig, n_dense: int, id_table: 
     fields = [i for i, c in enumerate(data.user_cat_cols) if not any(fnmatch.fnmatch(c, p) for p in cfg.ignore_user_features)]
     return Ranker(data.user_card, data.user_tables, fields, len(data.user_cont_cols), data.item_card, data.item_tables,
                   data.item_cont.shape[1], n_dense, data.seq_len, cfg.embedding_dim, list(cfg.bottom_mlp), list(cfg.top_mlp),
-                  id_table, cfg.din, cfg.dropout, deep)
+                  id_table, cfg.din, cfg.dropout, deep, cfg.din_length)
 
 
 def ranker_lists(data: FeatureData, gen: CandidateGenerator, q: dict, user_emb: np.ndarray, truth: list[dict],
