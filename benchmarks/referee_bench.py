@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
         runs[protocol] = run_protocol(protocol, args, args.config)
         (out / f"referee_{protocol}.json").write_text(json.dumps(runs[protocol], indent=1) + "\n")
     baselines = published_baselines(Path(args.referee).parent / "README.md")
-    meta = {"command": "python -m benchmarks.referee_bench " + " ".join(argv or sys.argv[1:]),
+    meta = {"command": " ".join(["python -m benchmarks.referee_bench", *(argv or sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d"), "machine": describe()}
     summary = summarize(runs, baselines)
     prev = json.loads((out / "referee_summary.json").read_text())["protocols"] if (out / "referee_summary.json").exists() else {}
