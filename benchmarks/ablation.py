@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
         evaluator = shop_evaluator(artifacts)
     t0 = time.time()
     report = run(artifacts, cfg, evaluator)
-    meta = {"tag": args.tag, "command": "python -m benchmarks.ablation " + " ".join(argv or sys.argv[1:]),
+    meta = {"tag": args.tag, "command": " ".join(["python -m benchmarks.ablation", *(argv or sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d"), "machine": describe(), "seconds": round(time.time() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
