@@ -74,7 +74,7 @@ class RankingConfig:
     din: bool = True
     din_length: int = 20  # the most recent actions target attention reads
     deep: str = "auto"  # auto: the deep part (embeddings, DIN, dot interactions) from deep_min_lists lists on | on | off
-    deep_min_lists: int = 2000
+    deep_min_lists: int = 10_000  # see configs/default.toml
     ignore_user_features: tuple[str, ...] = ("user_id",)
     cvr_weight: float = 1.0  # score = pCTR * (1 + cvr_weight * pCVR): a purchase counts 1 + w clicks
     cvr_loss_weight: float = 0.5
