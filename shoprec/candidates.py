@@ -151,7 +151,10 @@ class CandidateGenerator:
         return _compact(found, ok, n)
 
     def _popular(self, blocked: np.ndarray, n: int) -> np.ndarray:
-        pop = np.broadcast_to(self.popular, (len(blocked), len(self.popular)))
+        # a user has at most `extra` blocked items, so the n + extra most popular hold their first n unblocked
+        extra = int(blocked.sum(1).max()) if len(blocked) else 0
+        head = self.popular[: n + extra]
+        pop = np.broadcast_to(head, (len(blocked), len(head)))
         return _compact(pop, ~np.take_along_axis(blocked, pop, 1), n)
 
 

@@ -146,6 +146,22 @@ def test_candidates_never_hold_a_seen_item_unless_exempt_or_asked():
     assert not set(cand2[0]) & {0, 2}  # item 1 is of a repeat-purchase category: it may come back
 
 
+def test_popular_route_is_the_popularity_order_without_each_users_seen_items():
+    rng = np.random.default_rng(3)
+    n_items, n = 200, 20
+    popular = rng.permutation(n_items)
+    gen = CandidateGenerator(rng.normal(size=(n_items, 4)).astype(np.float32), None, *(2 * [to_neighbours(
+        _top_abs_dense(rng.random((n_items, n_items)).astype(np.float32), 3))]), popular, n, 2)
+    lengths = np.array([0, 1, 30, 150])  # the last user has seen most of the catalog: 50 items left
+    indptr = np.r_[0, np.cumsum(lengths)]
+    rows = np.concatenate([rng.choice(n_items, size=k, replace=False) for k in lengths])
+    _, _, lists = gen(np.zeros((4, 4), np.float32), indptr, rows, np.full(len(rows), 2))
+    for u in range(4):
+        seen = set(rows[indptr[u]:indptr[u + 1]].tolist())
+        want = [int(i) for i in popular if i not in seen][:n]
+        assert lists["popular"][u].tolist() == want
+
+
 def test_round_robin_merge():
     a, b = np.array([[3, 1, -1], [5, 6, 7]]), np.array([[1, 2, 4], [7, 8, -1]])
     np.testing.assert_array_equal(_round_robin([a, b], 4), [[3, 1, 2, 4], [5, 7, 6, 8]])
