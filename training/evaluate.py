@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from feature_workflows.history import POSITIVE_KIND
 from shoprec.config import Config
@@ -67,11 +68,24 @@ def _seen(users: np.ndarray, train, n_items: int) -> sp.csr_matrix:
 
 
 def _topn(scores: np.ndarray, seen: sp.csr_matrix, n: int = TOPN) -> np.ndarray:
-    s = np.asarray(scores, dtype=np.float64).copy()
+    """Per row the n best unseen columns, ties in column order (what a stable full sort gives), -1 where
+    fewer are left. Only the entries at or above each row's n-th best value are sorted."""
+    scores = np.asarray(scores)
+    s = np.array(scores, dtype=np.result_type(scores.dtype, np.float32))  # a copy; converting a broadcast array is slow
     r, c = seen.nonzero()
     s[r, c] = -np.inf
-    order = np.argsort(-s, axis=1, kind="stable")[:, :n]
-    return np.where(np.take_along_axis(s, order, 1) > -np.inf, order, -1)
+    n = min(n, s.shape[1])
+    kth = torch.topk(torch.from_numpy(s), n, dim=1).values[:, -1:].numpy()  # the n-th best value (numpy's partition: 17x slower)
+    rows, cols = np.nonzero(s >= kth)
+    vals = s[rows, cols]
+    order = np.lexsort((cols, -vals, rows))  # by row, then best first, then column
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    start = np.r_[0, np.cumsum(np.bincount(rows, minlength=len(s)))[:-1]]
+    rank = np.arange(len(rows)) - start[rows]
+    keep = rank < n
+    out = np.full((len(s), n), -1, np.int64)
+    out[rows[keep], rank[keep]] = np.where(vals[keep] > -np.inf, cols[keep], -1)
+    return out
 
 
 class Baselines:
@@ -129,7 +143,8 @@ class Baselines:
             rows, ok = self.rows(v_users)
             for params in grid:
                 fn = self.scorer(name, params)
-                top = _topn(np.where(ok[:, None], fn(rows), 0.0), v_seen)
+                top = np.concatenate([_topn(np.where(ok[s : s + 1024, None], fn(rows[s : s + 1024]), 0.0), v_seen[s : s + 1024])
+                                      for s in range(0, len(v_users), 1024)])  # bounded memory at any catalog size
                 score = M.ndcg_at(top, v_truth, 10)
                 if score > best:
                     best, chosen = score, params
@@ -184,7 +199,7 @@ def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 
 
 
 def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str | Path, cfg: Config, tag: str,
-             overwrite: bool = False, max_users: int = 20_000, progress: bool = True) -> dict:
+             overwrite: bool = False, max_users: int = 20_000, max_valid_users: int = 5_000, progress: bool = True) -> dict:
     t0 = time.time()
     out = Path(results_dir)
     target = out / f"quality_{tag}.json"
@@ -203,6 +218,9 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
         keep = np.sort(np.random.default_rng(0).choice(len(users), max_users, replace=False))
         users, truth = users[keep], [truth[i] for i in keep]
     v_users, v_truth = _truth(data, 1, train)
+    if len(v_users) > max_valid_users:  # the baselines' grid is chosen on a sample: every grid point scores them all
+        keep = np.sort(np.random.default_rng(1).choice(len(v_users), max_valid_users, replace=False))
+        v_users, v_truth = v_users[keep], [v_truth[i] for i in keep]
     valid = (v_users, v_truth, _seen(v_users, train, data.n_items)) if len(v_users) else None
     seen = _seen(users, train, data.n_items)
     warm = np.isin(users, train["user_id"].unique())
