@@ -258,3 +258,21 @@ def test_manifest_refuses_tampered_and_unlisted_files(tmp_path):
     (tmp_path / "extra.bin").write_bytes(b"x")
     with pytest.raises(ArtifactError, match="files not in the manifest"):
         verify_tree(tmp_path)
+
+
+def test_evaluation_top_n_equals_a_stable_full_sort_without_seen_items():
+    import scipy.sparse as sp
+
+    from training.evaluate import _topn
+
+    rng = np.random.default_rng(5)
+    for t in range(12):
+        users, items = int(rng.integers(1, 40)), int(rng.integers(1, 300))
+        scores = rng.integers(0, 4, size=(users, items)).astype(np.float32) if t % 2 else rng.normal(size=(users, items))
+        seen = sp.random(users, items, density=[0.0, 0.2, 1.0][t % 3], format="csr", random_state=t)
+        s = scores.astype(np.float64)
+        s[seen.nonzero()] = -np.inf
+        for n in (1, 10, 100):
+            order = np.argsort(-s, axis=1, kind="stable")[:, :n]  # ties in column order
+            want = np.where(np.take_along_axis(s, order, 1) > -np.inf, order, -1)
+            np.testing.assert_array_equal(_topn(scores, seen, n), want)
