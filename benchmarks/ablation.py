@@ -30,6 +30,7 @@ import torch
 
 from shoprec.candidates import DENSE_FEATURES, CandidateGenerator
 from shoprec.config import REPO_ROOT, load_config
+from shoprec.manifest import verify_manifest
 
 from .machine import describe
 
@@ -100,7 +101,7 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     empty = {k: v[:0] for k, v in lists.items()}
     nu, ni = len(data.user_cont_cols), data.item_cont.shape[1]
     rankers = {}
-    auto_deep = kc.deep == "on" or (kc.deep == "auto" and len(tr) >= kc.deep_min_lists)
+    auto_deep = T.deep_part_on(kc, len(tr))
     flipped = ("deep part off (auto: on)", "off") if auto_deep else ("deep part on (auto: off)", "on")
     for name, (cols, deep) in {"full": ([], kc.deep), flipped[0]: ([], flipped[1]),
                                **{f"- {g}": (c, kc.deep) for g, c in _groups(nu, ni).items()}}.items():
@@ -134,6 +135,7 @@ class Evaluator:
         from training import train as T
 
         bundle = self.bundle
+        verify_manifest(bundle.parent / "models")  # the checkpoints below are loaded from these bytes only
         tt = T.load_two_tower(bundle.parent / "models", data, cfg.retrieval)
         gen = CandidateGenerator(T.item_embeddings(tt, data.item_cat, data.item_cont, "cpu"), None,
                                  T.load_neighbours(bundle.parent / "models" / "cf_all.npz"),

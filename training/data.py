@@ -65,6 +65,7 @@ class FeatureData:
         cols = self.user_cat_cols + self.user_cont_cols + self.seq_columns() + ["item_row", "fold"]
         pf = pq.ParquetFile(self.dir / "train.parquet")
         rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+        sampler = rng if rng is not None else np.random.default_rng(0)  # one stream for the whole pass
         pending, n_pending = [], 0
 
         def flush(parts):
@@ -79,7 +80,7 @@ class FeatureData:
             part = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in cols}
             keep = np.isin(part["fold"], folds)
             if sample_rate < 1.0:
-                keep &= (rng if rng is not None else np.random.default_rng(0)).random(len(keep)) < sample_rate
+                keep &= sampler.random(len(keep)) < sample_rate
             pending.append({c: v[keep] for c, v in part.items()})
             n_pending += int(keep.sum())
             if n_pending >= buffer_rows:

@@ -213,6 +213,11 @@ def choose_cf_lambda(data: FeatureData, fit, users: np.ndarray, truth: list[dict
 
 # --- ranker ------------------------------------------------------------------------------------
 
+def deep_part_on(cfg: RankingConfig, n_lists: int) -> bool:
+    """Whether the ranker's deep part is trained: `ranking.deep`, "auto" deciding by the number of lists."""
+    return cfg.deep == "on" or (cfg.deep == "auto" and n_lists >= cfg.deep_min_lists)
+
+
 def build_ranker(data: FeatureData, cfg: RankingConfig, n_dense: int, id_table: torch.nn.Embedding, deep: bool = True) -> Ranker:
     fields = [i for i, c in enumerate(data.user_cat_cols) if not any(fnmatch.fnmatch(c, p) for p in cfg.ignore_user_features)]
     return Ranker(data.user_card, data.user_tables, fields, len(data.user_cont_cols), data.item_card, data.item_tables,
@@ -278,7 +283,7 @@ def train_ranker(data: FeatureData, cfg: RankingConfig, train: dict, valid: dict
     .001). The validation NDCG is reported per epoch."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    deep = cfg.deep == "on" or (cfg.deep == "auto" and len(train["rows"]) >= cfg.deep_min_lists)
+    deep = deep_part_on(cfg, len(train["rows"]))
     model = build_ranker(data, cfg, train["dense"].shape[2], id_table, deep).to(device)
     ok = train["rows"] >= 0
     rows = np.maximum(train["rows"], 0)
