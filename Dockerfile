@@ -23,7 +23,7 @@ RUN python3 -m pip wheel --no-cache-dir --only-binary=:all: --wheel-dir /wheels 
 # pyproject's readme is left out: it only fills the wheel's long description (setuptools warns)
 COPY pyproject.toml ./
 COPY shoprec/ shoprec/
-COPY feature_workflows/ feature_workflows/
+COPY runtime/ runtime/
 COPY serving/ serving/
 COPY client/ client/
 RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
@@ -35,22 +35,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SHOPREC_ARTIFACTS=/models/artifacts \
     SHOPREC_ENGINE_CACHE=/engines \
     SHOPREC_MODEL_PROFILE=/opt/shoprec/model_repository/gpu \
-    SHOPREC_RUNTIME_REPO=/tmp/shoprec/model_repository
+    SHOPREC_RUNTIME_REPO=/tmp/shoprec/model_repository \
+    SHOPREC_CONFIG=/opt/shoprec/configs/default.toml
 # The packages go into the system site-packages of the image's Python. The python backend's stub
 # embeds that interpreter in isolated mode, which ignores PYTHONPATH (we saw this with the 2.51
 # stub: sys.flags.isolated=1), so a side folder on PYTHONPATH would hide `serving` from model.py.
 # The wheels are bind-mounted from the builder and never stored in a layer. --no-deps on the
 # project keeps the offline stack out of the image, and training/ is not copied at all: serving
-# needs only shoprec/, feature_workflows/request_transform.py and serving/ (NumPy, ORT, FAISS).
+# needs only shoprec/ (core), runtime/ and serving/ (NumPy, ORT, FAISS).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python3 -m pip install --no-cache-dir --no-index --find-links /wheels -r /wheels/requirements-serving.txt \
     && python3 -m pip install --no-cache-dir --no-index --no-deps /wheels/shoprec-*.whl
 COPY model_repository/gpu/ /opt/shoprec/model_repository/gpu/
 COPY docker/entrypoint.py /opt/shoprec/docker/entrypoint.py
+COPY configs/default.toml /opt/shoprec/configs/default.toml
 # Fail the build here, not the first pod on a GPU node: trtexec and tritonserver must be present
 # with trtexec's libraries resolving, and the steps must import. FAISS-GPU imports without a GPU.
 RUN python3 /opt/shoprec/docker/entrypoint.py --check-tools \
-    && python3 -c "import faiss, numpy, onnxruntime, serving.steps, feature_workflows.request_transform" \
+    && python3 -c "import faiss, numpy, onnxruntime, runtime.steps, runtime.pipeline, serving.command" \
     && mkdir -p /engines /models/artifacts \
     && chown 1000:1000 /engines /models/artifacts
 # triton-server (uid 1000) comes with the base image. A numeric USER lets Kubernetes check

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shoprec.candidates import DENSE_FEATURES, CandidateGenerator
+from runtime.candidates import DENSE_FEATURES, CandidateGenerator
 from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verify_manifest
 

@@ -20,9 +20,9 @@ from fastapi.concurrency import run_in_threadpool
 from google.protobuf import json_format
 from pydantic import BaseModel, ValidationError
 
-from serving.pipeline import Pipeline
+from runtime.pipeline import Pipeline
 from serving.repository import ensemble_config
-from serving.steps import RequestError
+from runtime.steps import RequestError
 from shoprec import contract
 
 _pipeline: Pipeline | None = None
@@ -123,12 +123,8 @@ def _infer(request: InferRequest) -> dict:
         for name in ("user_id", "k"):
             if name not in arrays:
                 raise RequestError(f"missing input {name!r}")
-        device = arrays.get("device")
-        out = pipeline().recommend(arrays["user_id"].ravel(), arrays["k"].ravel(),
-                                   hour=None if "hour" not in arrays else arrays["hour"].ravel(),
-                                   weekday=None if "weekday" not in arrays else arrays["weekday"].ravel(),
-                                   device=None if device is None else device.ravel(),
-                                   exclude_seen=None if "exclude_seen" not in arrays else arrays["exclude_seen"].ravel())
+        out = pipeline().recommend(*(None if arrays.get(t.name) is None else arrays[t.name].ravel()
+                                     for t in contract.REQUEST_INPUTS))
     except (RequestError, ValueError) as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from exc
     ids = np.stack([o[0] for o in out])

@@ -118,7 +118,7 @@ def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: st
     env = {**os.environ, "REFEREE_DATA": str(Path(data).parent)}
     _run([py, referee, "split", "--dataset", "mlls", "--protocol", protocol, "--out", str(split_dir)], env)
     _ml_layout(split_dir, Path(data), ml_dir)
-    shoprec = [py, "-m", "shoprec.cli", "--artifacts", str(art), "--quiet"] + (["--config", cfg_path] if cfg_path else [])
+    shoprec = [py, "-m", "app.cli", "--artifacts", str(art), "--quiet"] + (["--config", cfg_path] if cfg_path else [])
     for stage, extra in (("data", ["--source", "movielens-latest-small", "--movielens-dir", str(ml_dir)]),
                          ("features", ["--deploy"]), ("train", []), ("export", [])):
         t = time.time()

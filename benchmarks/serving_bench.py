@@ -6,7 +6,7 @@ One load generator, one run: perf_analyzer (the tritonclient 2.51.0 wheel's bina
   - triton-grpc  the ensemble over gRPC (the documented remote protocol), with Triton's per-step
                  statistics (queue, compute, average batch) diffed around every measurement;
   - triton-http  the ensemble over HTTP/JSON;
-  - fastapi-http the same steps (serving/pipeline.py) behind FastAPI + uvicorn, one worker per
+  - fastapi-http the same steps (runtime/pipeline.py) behind FastAPI + uvicorn, one worker per
                  core, speaking the same KServe v2 JSON (benchmarks/fastapi_app.py);
 with the same real user ids as input data, a fixed request count per concurrency level.
 The in-process floor is the same pipeline called directly, one request at a time, same users.
@@ -96,7 +96,7 @@ def input_data(artifacts: Path, path: Path, n: int = 1000, k: int = 10, seed: in
 
 def in_process_floor(artifacts: Path, users: np.ndarray, k: int = 10) -> dict:
     """The same steps called directly, one request at a time (batch 1), no server."""
-    from serving.pipeline import Pipeline
+    from runtime.pipeline import Pipeline
 
     pipe = Pipeline(artifacts / "serving", threads=1)
     for u in users[:100]:

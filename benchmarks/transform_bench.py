@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     import nvtabular as nvt
 
     from feature_workflows import nvt_compat
-    from feature_workflows.request_transform import TransformPlan, UserStore, raw_rows
+    from runtime.request_transform import TransformPlan, UserStore, raw_rows
     from feature_workflows.workflows import query_input_columns
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,7 +2,7 @@
 
     from client import RecommenderClient
     with RecommenderClient("127.0.0.1:8001") as c:
-        rec = c.recommend(1000001, k=10, hour=20, device="mobile")
+        rec = c.recommend(1000001, k=10, hour=20, client_device="mobile")
         rec.item_ids, rec.scores, rec.cold_start
 
 gRPC is the protocol to expose beyond the host; Triton 2.51's HTTP/JSON front end can be killed
@@ -38,7 +38,7 @@ def _module(protocol: str, aio: bool = False):
     return a if aio else m
 
 
-def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, device=None, exclude_seen=None) -> list:
+def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_device=None, exclude_seen=None) -> list:
     def tensor(name, value, dtype, np_dtype):
         t = mod.InferInput(name, [1, 1], dtype)
         t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
@@ -49,8 +49,8 @@ def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, device=None
         inputs.append(tensor("hour", hour, "INT32", np.int32))
     if weekday is not None:
         inputs.append(tensor("weekday", weekday, "INT32", np.int32))
-    if device is not None:
-        inputs.append(tensor("device", device.encode(), "BYTES", np.object_))
+    if client_device is not None:
+        inputs.append(tensor("client_device", client_device.encode(), "BYTES", np.object_))
     if exclude_seen is not None:
         inputs.append(tensor("exclude_seen", bool(exclude_seen), "BOOL", np.bool_))
     return inputs
@@ -72,10 +72,10 @@ class RecommenderClient:
     def ready(self) -> bool:
         return self._client.is_server_ready() and self._client.is_model_ready(self.model)
 
-    def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, device=None, exclude_seen=None) -> Recommendation:
-        """Top-k for one user. Context (hour, weekday, device) is optional: absent means unknown.
+    def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None, exclude_seen=None) -> Recommendation:
+        """Top-k for one user. Context (hour, weekday, client_device: mobile, web...) is optional: absent means unknown.
         exclude_seen=False keeps items the user already interacted with (default: the server's setting)."""
-        result = self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, device, exclude_seen))
+        result = self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen))
         return _parse(user_id, result)
 
     def close(self):
@@ -96,9 +96,9 @@ class AsyncRecommenderClient:
         self._client = self._mod.InferenceServerClient(url)
         self.model = model
 
-    async def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, device=None,
+    async def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None,
                         exclude_seen=None) -> Recommendation:
-        result = await self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, device, exclude_seen))
+        result = await self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen))
         return _parse(user_id, result)
 
     async def close(self):

@@ -44,25 +44,6 @@ def run(args, cfg) -> None:
     port = cfg.serve.grpc_port if args.protocol == "grpc" else cfg.serve.http_port
     url = args.url or f"127.0.0.1:{port}"
     with RecommenderClient(url, args.protocol) as c:
-        rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.context_device,
+        rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.client_device,
                           exclude_seen=False if args.include_seen else None)
     print(format_table(rec, item_details(Path(args.artifacts))))
-
-
-def demo_served(artifacts: Path, cfg, config_path=None) -> None:
-    """Start Triton, ask it over HTTP and gRPC for a user with history and for an unknown one, print, stop."""
-    from serving.launcher import TritonServer
-
-    from shoprec.manifest import verified_path
-
-    with np.load(verified_path(artifacts / "serving", "user_store.npz"), allow_pickle=False) as z:
-        warm = z["user_id"][z["activity"] > 0]
-    user = int(warm[0]) if len(warm) else 1
-    details = item_details(artifacts)
-    with TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True, config_path=config_path) as server:
-        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-            with RecommenderClient(url, protocol) as c:
-                rec = c.recommend(user, k=5)
-            print(f"[{protocol}] " + format_table(rec, details))
-        with RecommenderClient(server.grpc_url, "grpc") as c:
-            print("[grpc] " + format_table(c.recommend(-1, k=5), details))

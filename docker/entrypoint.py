@@ -34,12 +34,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.command import tritonserver_command
+from shoprec import contract
+from shoprec.config import ServeConfig, load_config
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest
 from shoprec.tensorrt_shapes import profile_shapes, trtexec_command
 
-ENGINE_MODELS = ("user_tower", "ranker")  # the steps the gpu profile serves as tensorrt_plan
-CONTRACT_KEYS = ("user_cat_dim", "user_cont_dim", "seq_len", "item_cat_dim", "item_cont_dim", "dense_dim", "embedding_dim",
-                 "num_candidates")
+ENGINE_MODELS = contract.ENGINE_STEPS  # the steps the gpu profile serves as tensorrt_plan
+# the sizes the engine steps' inputs name, as the exporter recorded them (num_candidates comes from the serve config)
+CONTRACT_KEYS = tuple(sorted({d for s in ENGINE_MODELS for t in contract.STEP_BY_NAME[s].inputs for d in t.dims
+                              if isinstance(d, str)} - {"num_candidates"} | {"n_items"}))
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 EXIT_BAD_BUNDLE = 2
 EXIT_NO_TOOL = 3
@@ -60,22 +64,24 @@ class Settings:
     engine_cache: Path
     profile: Path
     runtime_repo: Path
+    serve: ServeConfig = ServeConfig()
     http_public: bool = False
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
 
     @classmethod
     def from_env(cls, env: dict) -> "Settings":
+        """Paths from the environment; ports and candidate counts from the serve config ($SHOPREC_CONFIG, else the
+        defaults), the same file the steps read."""
+        try:
+            serve = load_config(env.get("SHOPREC_CONFIG") or None).serve
+        except (OSError, ValueError) as err:
+            raise StartupError(f"serve config: {err}", EXIT_BAD_BUNDLE) from err
         return cls(
             bundle=Path(env.get("SHOPREC_ARTIFACTS", "/models/artifacts")) / "serving",
             engine_cache=Path(env.get("SHOPREC_ENGINE_CACHE", "/engines")),
             profile=Path(env.get("SHOPREC_MODEL_PROFILE", "/opt/shoprec/model_repository/gpu")),
             runtime_repo=Path(env.get("SHOPREC_RUNTIME_REPO", "/tmp/shoprec/model_repository")),
+            serve=serve,
             http_public=env.get("SHOPREC_HTTP_PUBLIC", "0").lower() in ("1", "true", "yes"),
-            http_port=int(env.get("SHOPREC_HTTP_PORT", 8000)),
-            grpc_port=int(env.get("SHOPREC_GRPC_PORT", 8001)),
-            metrics_port=int(env.get("SHOPREC_METRICS_PORT", 8002)),
         )
 
 
@@ -125,8 +131,9 @@ def verify_bundle(bundle: Path) -> dict:
     return manifest
 
 
-def load_contract(bundle: Path) -> dict[str, int]:
-    """The dims the exporter recorded; call only after verify_bundle (the file is then trusted)."""
+def load_contract(bundle: Path, serve: ServeConfig) -> dict[str, int]:
+    """The sizes the engine steps' inputs name: the dims the exporter recorded (call only after verify_bundle, the
+    file is then trusted) plus num_candidates from the serve config."""
     try:
         raw = json.loads((bundle / "contract.json").read_text())
     except ValueError as err:
@@ -134,7 +141,9 @@ def load_contract(bundle: Path) -> dict[str, int]:
     bad = [k for k in CONTRACT_KEYS if not isinstance(raw.get(k), int) or isinstance(raw.get(k), bool) or raw[k] < 1]
     if bad:
         raise StartupError(f"{bundle}/contract.json: keys {bad} must be positive integers", EXIT_BAD_BUNDLE)
-    return {k: raw[k] for k in CONTRACT_KEYS}
+    sizes = {k: raw[k] for k in CONTRACT_KEYS}
+    sizes["num_candidates"] = contract.num_candidates(serve.num_candidates, sizes["n_items"])
+    return sizes
 
 
 # --- the machine -----------------------------------------------------------------------------
@@ -263,22 +272,15 @@ def prepare_runtime_repo(settings: Settings, engines: list[EnginePlan]) -> Path:
 
 def server_command(settings: Settings, repo: Path) -> list[str]:
     http_address = "0.0.0.0" if settings.http_public else "127.0.0.1"
-    return [
-        "tritonserver",
-        f"--model-repository={repo}",
-        f"--http-address={http_address}", f"--http-port={settings.http_port}",
-        "--grpc-address=0.0.0.0", f"--grpc-port={settings.grpc_port}",
-        "--metrics-address=0.0.0.0", f"--metrics-port={settings.metrics_port}",
-        # configs are generated in full from shoprec/contract.py: a mismatch must fail, not be patched
-        "--disable-auto-complete-config",
-        "--exit-on-error=true",
-    ]
+    return tritonserver_command("tritonserver", repo, http_address=http_address, http_port=settings.serve.http_port,
+                                grpc_address="0.0.0.0", grpc_port=settings.serve.grpc_port, metrics_address="0.0.0.0",
+                                metrics_port=settings.serve.metrics_port)
 
 
 def plan_start(settings: Settings, env: dict, run=subprocess.run, gpu_name: str | None = None,
                trt_version: str | None = None) -> StartPlan:
     manifest = verify_bundle(settings.bundle)
-    dims = load_contract(settings.bundle)
+    dims = load_contract(settings.bundle, settings.serve)
     if not (settings.profile / "recommender" / "config.pbtxt").is_file():
         raise StartupError(f"{settings.profile}: not a generated model repository profile", EXIT_BAD_BUNDLE)
     gpu = gpu_name or detect_gpu_name(run)
@@ -301,8 +303,8 @@ def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.
     parser.add_argument("server_args", nargs="*", help="after --: passed to tritonserver unchanged")
     args = parser.parse_args(argv)
     env = dict(os.environ if env is None else env)
-    settings = Settings.from_env(env)
     try:
+        settings = Settings.from_env(env)
         if args.check_tools:
             print("[entrypoint] tools ok: " + ", ".join(check_tools(env, run)))
             return 0

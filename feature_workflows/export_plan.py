@@ -62,7 +62,7 @@ def _op_spec(op, col: str, vocabs: dict) -> dict | None:
         return {"type": "bucketize", "boundaries": [float(b) for b in op.boundaries(col)]}
     if name == "Clip":
         return {"type": "clip", "min": op.min_value, "max": op.max_value}
-    raise UnsupportedOp(f"op {name} on column {col!r} has no NumPy execution in feature_workflows.request_transform")
+    raise UnsupportedOp(f"op {name} on column {col!r} has no NumPy execution in runtime.request_transform")
 
 
 def _chains(node, vocabs: dict) -> dict[str, tuple[str, list]]:

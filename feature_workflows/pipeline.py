@@ -40,7 +40,7 @@ from . import nvt_compat
 from .export_plan import save_plan
 from .history import DAY, NEVER, POSITIVE_KIND, ActionLog, actions_from_events, context_from_ts
 from .raw_schema import RawDataError, read_schema, read_table
-from .request_transform import TransformPlan, raw_rows
+from runtime.request_transform import TransformPlan, raw_rows
 from .workflows import (item_input_frame, item_spec, item_workflow, multi_slot_columns, query_input_columns, query_spec,
                         query_workflow, usable_columns)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from shoprec.errors import UserError
 
 EVENTS = ("impression", "view", "click", "cart", "purchase")  # weakest first
 INTERACTION_EVENTS = EVENTS[1:]  # what the user did (the seen-item filter), not what was shown
@@ -41,7 +42,7 @@ INTERACTION_COLUMNS = {"user_id": "int", "item_id": "int", "ts": "int", "session
 ID_COLUMN = {"users": "user_id", "items": "item_id"}
 
 
-class RawDataError(ValueError):
+class RawDataError(UserError, ValueError):
     """A raw input is missing, empty, or has a missing, mistyped or invalid column (one-line message)."""
 
 

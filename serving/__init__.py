@@ -1,2 +1,3 @@
-"""Serving: the Triton steps (NumPy / ONNX Runtime / FAISS only), the repository generator,
-the launcher, and the in-process reference pipeline. No NVTabular, no pandas, no pickles."""
+"""Serving on Triton: the generic python-model adapter, the model repository generator, the
+tritonserver command line and launcher. Imports only the core (shoprec) and runtime: no training,
+no NVTabular, no pandas, no pickles."""

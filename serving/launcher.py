@@ -26,6 +26,7 @@ from pathlib import Path
 from shoprec.config import REPO_ROOT, ServeConfig
 from shoprec.manifest import verify_tree
 
+from .command import tritonserver_command
 
 
 class LaunchError(RuntimeError):
@@ -109,15 +110,9 @@ class TritonServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def command(self, backends: Path) -> list[str]:
-        return [
-            str(pytriton_root() / "bin" / "tritonserver"),
-            f"--model-repository={self.repository}",
-            f"--backend-directory={backends}",
-            f"--http-address={self.address}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}",
-            "--exit-on-error=true", "--log-verbose=0",
-        ]
+        return tritonserver_command(str(pytriton_root() / "bin" / "tritonserver"), self.repository, backend_directory=backends,
+                                    http_address=self.address, http_port=self.http_port, grpc_address=self.address,
+                                    grpc_port=self.grpc_port, metrics_address=self.address, metrics_port=self.metrics_port)
 
     def start(self, timeout_s: float | None = None) -> "TritonServer":
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s

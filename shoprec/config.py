@@ -134,7 +134,10 @@ def _build(cls, values: dict, where: str):
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Load the TOML config; missing sections/keys take the dataclass defaults."""
+    """Load the TOML config; missing sections/keys take the dataclass defaults. Without a path: configs/default.toml
+    beside the code, or, where the code is installed without it (the serving image), the dataclass defaults."""
+    if not path and not DEFAULT_CONFIG.is_file():
+        return Config()
     path = Path(path) if path else DEFAULT_CONFIG
     with open(path, "rb") as fh:
         raw = tomllib.load(fh)

@@ -1,9 +1,17 @@
-"""The tensor contract: every name, dtype and shape that crosses a step boundary.
+"""The step graph, declared once: every step, the tensors that cross its boundaries, its batching,
+device and profiles, and the class that computes it.
 
-Each Triton step's config.pbtxt is generated from this module (serving/repository.py) and a test
-regenerates and diffs the committed files; the ONNX exporters name their inputs/outputs from it.
-Dims exclude the batch dimension; -1 is variable (feature counts come from the fitted workflow
-and are recorded in the serving bundle's contract.json).
+From this one declaration come every generated config.pbtxt of both profiles
+(serving/repository.py), the Triton python models (serving/triton_models.py: one generic adapter),
+the TensorRT shape profiles (shoprec/tensorrt_shapes.py), the container's engine list
+(docker/entrypoint.py), the in-process pipeline used by evaluation and the FastAPI baseline
+(runtime/pipeline.py), and the names of the exported ONNX graphs (training/export.py).
+
+A dim is an int, -1 (varies per request), or the name of a size the exporter records in the bundle's
+contract.json ("user_cat_dim") or the serve config fixes ("num_candidates"). Configs render named
+dims as -1; every step checks them against its bundle when it loads. Dims exclude the batch dim.
+
+Standard library only: the container entrypoint imports it without NumPy.
 """
 
 from __future__ import annotations
@@ -11,14 +19,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENSEMBLE = "recommender"
+PROFILES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
 class Tensor:
     name: str
     dtype: str  # Triton dtype without the TYPE_ prefix: INT64, INT32, FP32, BOOL, STRING
-    dims: tuple[int, ...]
+    dims: tuple[int | str, ...]
     optional: bool = False
+
+    def resolve(self, sizes: dict) -> tuple[int, ...]:
+        """The dims with named sizes looked up in `sizes` (contract.json plus num_candidates)."""
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+    @property
+    def config_dims(self) -> list[int]:
+        return [-1 if isinstance(d, str) else d for d in self.dims]
 
 
 @dataclass(frozen=True)
@@ -26,8 +43,11 @@ class Step:
     name: str
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
-    runtime: str  # "python": python backend everywhere; "onnx": python+ORT on cpu, TensorRT plan on gpu
+    impl: str  # the class in runtime/steps.py that computes the step (Triton and in-process alike)
     gpu_kind: str  # instance kind in the gpu profile: KIND_CPU for light steps, KIND_GPU for models
+    engine: bool = False  # an exported ONNX graph: python+ORT in the cpu profile, a TensorRT plan in the gpu profile
+    per_request: bool = False  # output length differs per request (top-k): run request by request
+    profiles: tuple[str, ...] = PROFILES
     max_batch_size: int = 256
     preferred_batch_sizes: tuple[int, ...] = (8, 32, 64)
     # cpu: no queue delay. On a few cores every step instance is busy under load, so requests queue
@@ -36,53 +56,69 @@ class Step:
     cpu_queue_delay_us: int = 0
     gpu_queue_delay_us: int = 100
 
+    def kind(self, profile: str) -> str:
+        return self.gpu_kind if profile == "gpu" else "KIND_CPU"
+
 
 # request inputs (per request: one user)
 USER_ID = Tensor("user_id", "INT64", (1,))
 K = Tensor("k", "INT32", (1,))
 HOUR = Tensor("hour", "INT32", (1,), optional=True)
 WEEKDAY = Tensor("weekday", "INT32", (1,), optional=True)
-DEVICE = Tensor("device", "STRING", (1,), optional=True)
+CLIENT_DEVICE = Tensor("client_device", "STRING", (1,), optional=True)  # request context (mobile, web): not a compute device
 EXCLUDE_SEEN = Tensor("exclude_seen", "BOOL", (1,), optional=True)
 # intermediate tensors
-USER_CAT = Tensor("user_cat", "INT64", (-1,))
-USER_CONT = Tensor("user_cont", "FP32", (-1,))
-SEQ_ITEMS = Tensor("seq_items", "INT64", (-1,))
-SEQ_KINDS = Tensor("seq_kinds", "INT64", (-1,))
+USER_CAT = Tensor("user_cat", "INT64", ("user_cat_dim",))
+USER_CONT = Tensor("user_cont", "FP32", ("user_cont_dim",))
+SEQ_ITEMS = Tensor("seq_items", "INT64", ("seq_len",))
+SEQ_KINDS = Tensor("seq_kinds", "INT64", ("seq_len",))
 USER_ROW = Tensor("user_row", "INT64", (1,))
 COLD_START = Tensor("cold_start", "BOOL", (1,))
-USER_EMBEDDING = Tensor("user_embedding", "FP32", (-1,))
-CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", (-1,))
-CANDIDATE_DENSE = Tensor("candidate_dense", "FP32", (-1, -1))
-ITEM_CAT = Tensor("item_cat", "INT64", (-1, -1))
-ITEM_CONT = Tensor("item_cont", "FP32", (-1, -1))
-RANKING_SCORES = Tensor("ranking_scores", "FP32", (-1,))
+USER_EMBEDDING = Tensor("user_embedding", "FP32", ("embedding_dim",))
+CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", ("num_candidates",))
+CANDIDATE_DENSE = Tensor("candidate_dense", "FP32", ("num_candidates", "dense_dim"))
+ITEM_CAT = Tensor("item_cat", "INT64", ("num_candidates", "item_cat_dim"))
+ITEM_CONT = Tensor("item_cont", "FP32", ("num_candidates", "item_cont_dim"))
+RANKING_SCORES = Tensor("ranking_scores", "FP32", ("num_candidates",))
 # response
 ITEM_IDS = Tensor("item_ids", "INT64", (-1,))
 SCORES = Tensor("scores", "FP32", (-1,))
 
-REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, DEVICE, EXCLUDE_SEEN)
+REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN)
 RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START)
 USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
 RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
 
 STEPS: tuple[Step, ...] = (
-    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, DEVICE), (*USER_MODEL_INPUTS, USER_ROW, COLD_START), "python",
-         "KIND_CPU"),
-    Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "onnx", "KIND_GPU"),
-    Step("retrieval", (USER_EMBEDDING, USER_ROW, EXCLUDE_SEEN), (CANDIDATE_ROWS, CANDIDATE_DENSE), "python", "KIND_GPU"),
-    Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "python", "KIND_CPU"),
-    Step("ranker", RANKER_INPUTS, (RANKING_SCORES,), "onnx", "KIND_GPU", max_batch_size=64, preferred_batch_sizes=(4, 16, 32)),
-    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START), (ITEM_IDS, SCORES), "python", "KIND_CPU"),
+    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE), (*USER_MODEL_INPUTS, USER_ROW, COLD_START),
+         "FeatureTransform", "KIND_CPU"),
+    Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "OnnxStep", "KIND_GPU", engine=True),
+    Step("retrieval", (USER_EMBEDDING, USER_ROW, EXCLUDE_SEEN), (CANDIDATE_ROWS, CANDIDATE_DENSE), "Retrieval", "KIND_GPU"),
+    Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU"),
+    Step("ranker", RANKER_INPUTS, (RANKING_SCORES,), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
+         preferred_batch_sizes=(4, 16, 32)),
+    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START), (ITEM_IDS, SCORES), "TopK", "KIND_CPU", per_request=True),
 )
 STEP_BY_NAME = {s.name: s for s in STEPS}
+ENGINE_STEPS = tuple(s.name for s in STEPS if s.engine)  # the ONNX graphs the gpu profile serves as TensorRT plans
 
-# ONNX graphs exported by training/export.py: (inputs, outputs), batch dim first
+
+def profile_steps(profile: str) -> tuple[Step, ...]:
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    return tuple(s for s in STEPS if profile in s.profiles)
+
+
+def num_candidates(configured: int, n_items: int) -> int:
+    """Candidates ranked per request, and so the largest k: the serve config's count, never more than the catalog."""
+    return int(min(configured, n_items))
+
+
+# ONNX graphs exported by training/export.py: (inputs, outputs), batch dim first. The served ones are steps.
 ONNX_MODELS = {
-    "user_tower": (USER_MODEL_INPUTS, (USER_EMBEDDING,)),
-    "item_tower": ((Tensor("item_cat", "INT64", (-1,)), Tensor("item_cont", "FP32", (-1,))),
-                   (Tensor("item_embedding", "FP32", (-1,)),)),
-    "ranker": (RANKER_INPUTS, (RANKING_SCORES,)),
+    **{name: (STEP_BY_NAME[name].inputs, STEP_BY_NAME[name].outputs) for name in ENGINE_STEPS},
+    "item_tower": ((Tensor("item_cat", "INT64", ("item_cat_dim",)), Tensor("item_cont", "FP32", ("item_cont_dim",))),
+                   (Tensor("item_embedding", "FP32", ("embedding_dim",)),)),
 }
 
 # the serving bundle (artifacts/serving): every file a Triton step loads, checked by manifest

@@ -1,23 +1,14 @@
-"""Errors a user can act on, reported as one line by the CLI (no traceback)."""
+"""Errors a user can act on: the CLI reports them as one line (no traceback).
+
+Each stage's error type derives from `UserError`, so the application layer catches them all
+without importing any stage.
+"""
 
 from __future__ import annotations
 
 
-def user_facing_types() -> tuple[type[BaseException], ...]:
-    from feature_workflows.raw_schema import RawDataError
-
-    from .manifest import ArtifactError
-
-    types: list[type[BaseException]] = [RawDataError, ArtifactError, FileNotFoundError]
-    try:
-        from training.evaluate import EvaluationError
-        from training.export import ExportError
-        from training.train import TrainingError
-
-        types += [TrainingError, ExportError, EvaluationError]
-    except ImportError:  # the serving image has no training stack
-        pass
-    return tuple(types)
+class UserError(Exception):
+    """Bad input, a stale artifact or a failed run the user can fix: reported as one line naming the file/field."""
 
 
 def one_line(exc: BaseException) -> str:

@@ -12,11 +12,12 @@ import json
 import platform
 import time
 from pathlib import Path
+from .errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An artifact is missing, or its bytes differ from the manifest written at export."""
 
 

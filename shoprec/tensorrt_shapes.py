@@ -1,32 +1,29 @@
-"""TensorRT optimisation profiles and the trtexec command: one definition for the export-time
-build (training/tensorrt.py) and the container's start-up build (docker/entrypoint.py).
-Standard library only, so the entrypoint can import it in the serving image."""
+"""TensorRT optimisation profiles and the trtexec command, derived from the step graph: one
+definition for the export-time build (training/tensorrt.py) and the container's start-up build
+(docker/entrypoint.py). Standard library only, so the entrypoint can import it in the serving image."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import contract
+
 OPT_BATCH = 16
 
 
-def profile_shapes(model: str, dims: dict[str, int], max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) shape per ONNX input: batch 1 / 16 / max_batch_size, feature dims fixed.
+def profile_shapes(step: str, sizes: dict[str, int], max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shape per input of an engine step: batch 1 / 16 / max_batch_size, the other dims
+    resolved from `sizes` (the bundle's contract.json plus num_candidates).
 
-    The candidate axis N is fixed too: retrieval always returns num_candidates rows per user.
+    The candidate axis is fixed too: retrieval always returns num_candidates rows per user.
     """
-    per_row = {
-        "user_cat": (dims["user_cat_dim"],),
-        "user_cont": (dims["user_cont_dim"],),
-        "seq_items": (dims["seq_len"],),
-        "seq_kinds": (dims["seq_len"],),
-        "item_cat": (dims["num_candidates"], dims["item_cat_dim"]),
-        "item_cont": (dims["num_candidates"], dims["item_cont_dim"]),
-        "candidate_dense": (dims["num_candidates"], dims["dense_dim"]),
-    }
-    user = ("user_cat", "user_cont", "seq_items", "seq_kinds")
-    names = {"user_tower": user, "ranker": (*user, "item_cat", "item_cont", "candidate_dense")}[model]
+    if step not in contract.ENGINE_STEPS:
+        raise ValueError(f"{step!r} is not an engine step; engine steps: {contract.ENGINE_STEPS}")
     batches = (1, min(OPT_BATCH, max_batch), max_batch)
-    return {n: tuple((b, *per_row[n]) for b in batches) for n in names}
+    missing = sorted({d for t in contract.STEP_BY_NAME[step].inputs for d in t.dims if isinstance(d, str)} - set(sizes))
+    if missing:
+        raise ValueError(f"{step}: sizes {missing} are not known (contract.json or serve.num_candidates)")
+    return {t.name: tuple((b, *t.resolve(sizes)) for b in batches) for t in contract.STEP_BY_NAME[step].inputs}
 
 
 def trtexec_command(trtexec: str, onnx: Path, engine: Path, shapes: dict) -> list[str]:

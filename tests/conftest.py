@@ -50,6 +50,6 @@ def triton(artifacts, cfg):
 
 @pytest.fixture(scope="session")
 def pipeline(artifacts, cfg):
-    from serving.pipeline import Pipeline
+    from runtime.pipeline import Pipeline
 
     return Pipeline(artifacts / "serving", cfg=cfg.serve)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from shoprec.cli import build_parser
+from app.cli import build_parser
 from shoprec.config import Config, load_config
 
 COMMANDS = ["data", "features", "train", "export", "evaluate", "serve", "recommend", "bench", "all"]
@@ -18,7 +18,7 @@ def test_help_lists_every_stage():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_subcommand_help(command):
-    out = subprocess.run([sys.executable, "-m", "shoprec.cli", command, "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "app.cli", command, "--help"], capture_output=True, text=True, check=True)
     assert "usage: shoprec" in out.stdout and command in out.stdout
 
 
@@ -38,7 +38,7 @@ def test_default_file_and_dataclass_defaults_agree():
 def test_bad_input_is_one_line_naming_file_row_and_column(tmp_path):
     bad = tmp_path / "events.csv"
     bad.write_text("user_id,item_id,timestamp,event\n1,2,1700000000,click\n1,3,yesterday,view\n")
-    out = subprocess.run([sys.executable, "-m", "shoprec.cli", "--artifacts", str(tmp_path / "a"), "data", "--source",
+    out = subprocess.run([sys.executable, "-m", "app.cli", "--artifacts", str(tmp_path / "a"), "data", "--source",
                           "interactions", "--interactions", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

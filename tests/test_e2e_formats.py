@@ -11,7 +11,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from shoprec.cli import main
+from app.cli import main
 from shoprec.config import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.integration
@@ -84,9 +84,9 @@ def write_config(path, **sections):
 @pytest.mark.parametrize("layout", ["movielens-100k", "movielens-1m", "movielens-latest-small", "generic"])
 def test_end_to_end(layout, tmp_path):
     from client import RecommenderClient
-    from feature_workflows.request_transform import UserStore
+    from runtime.request_transform import UserStore
     from serving.launcher import TritonServer
-    from serving.pipeline import Pipeline
+    from runtime.pipeline import Pipeline
     from shoprec.config import load_config
     from shoprec.manifest import verify_manifest
 

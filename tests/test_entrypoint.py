@@ -20,9 +20,9 @@ from shoprec.manifest import write_manifest
 
 ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.py"
 GPU_PROFILE = REPO_ROOT / "model_repository" / "gpu"
-DIMS = {"user_cat_dim": 7, "user_cont_dim": 3, "seq_len": 6, "item_cat_dim": 5, "item_cont_dim": 2, "dense_dim": 7,
-        "embedding_dim": 32,
-        "num_candidates": 50}
+EXPORTED = {"user_cat_dim": 7, "user_cont_dim": 3, "seq_len": 6, "item_cat_dim": 5, "item_cont_dim": 2, "dense_dim": 7,
+            "embedding_dim": 32, "n_items": 2000}  # contract.json as the exporter writes it
+DIMS = {**EXPORTED, "num_candidates": 50}  # plus the serve config's candidate count (the env's config file)
 GPU = "NVIDIA H100 80GB HBM3"
 
 
@@ -69,8 +69,10 @@ def env(tmp_path):
     bundle.mkdir(parents=True)
     (bundle / "user_tower.onnx").write_bytes(b"fake user tower onnx")
     (bundle / "ranker.onnx").write_bytes(b"fake ranker onnx")
-    (bundle / "contract.json").write_text(json.dumps(DIMS))
+    (bundle / "contract.json").write_text(json.dumps(EXPORTED))
     write_manifest(bundle, packages=())
+    config = tmp_path / "serve.toml"
+    config.write_text("[serve]\nnum_candidates = 50\n")
     trtexec = tmp_path / "bin" / "trtexec"
     trtexec.parent.mkdir()
     trtexec.write_text("#!/bin/sh\nexit 0\n")
@@ -81,6 +83,7 @@ def env(tmp_path):
         "SHOPREC_MODEL_PROFILE": str(GPU_PROFILE),
         "SHOPREC_RUNTIME_REPO": str(tmp_path / "runtime" / "model_repository"),
         "SHOPREC_TRTEXEC": str(trtexec),
+        "SHOPREC_CONFIG": str(config),
     }
 
 
@@ -228,10 +231,29 @@ def test_bundle_without_manifest_or_engine_files_refuses(env, capsys):
 
 
 def test_contract_without_dims_refuses(env, capsys):
-    (bundle_of(env) / "contract.json").write_text(json.dumps({**DIMS, "num_candidates": "300"}))
+    (bundle_of(env) / "contract.json").write_text(json.dumps({**EXPORTED, "seq_len": "6"}))
     write_manifest(bundle_of(env), packages=())
     assert start(env, FakeMachine())[0] == ep.EXIT_BAD_BUNDLE
-    assert "['num_candidates'] must be positive integers" in capsys.readouterr().err
+    assert "['seq_len'] must be positive integers" in capsys.readouterr().err
+
+
+def test_candidate_count_and_ports_come_from_the_serve_config(env):
+    """The serve config the steps read also sizes the engines' candidate axis and sets the ports; the
+    catalog caps the candidates."""
+    plan = ep.plan_start(ep.Settings.from_env(env), env, FakeMachine())
+    assert all(shape[-1][1] == 50 for e in plan.engines if e.model == "ranker" for n, shape in e.shapes.items()
+               if n.startswith("item_"))
+    assert "--grpc-port=8001" in plan.server_command and "--http-port=8000" in plan.server_command
+    Path(env["SHOPREC_CONFIG"]).write_text("[serve]\nnum_candidates = 5000\ngrpc_port = 9001\n")
+    plan = ep.plan_start(ep.Settings.from_env(env), env, FakeMachine())
+    assert next(e for e in plan.engines if e.model == "ranker").shapes["item_cat"][2] == (64, 2000, 5)
+    assert "--grpc-port=9001" in plan.server_command
+
+
+def test_bad_serve_config_refuses(env, capsys):
+    Path(env["SHOPREC_CONFIG"]).write_text("[serve]\nnum_candidate = 50\n")
+    assert start(env, FakeMachine())[0] == ep.EXIT_BAD_BUNDLE
+    assert "unknown key(s) ['num_candidate']" in capsys.readouterr().err
 
 
 def test_no_gpu_refuses_with_a_clear_message(env, capsys):
@@ -300,10 +322,10 @@ def test_gpu_profile_config_parses_and_matches_contract(step):
     assert cfg.name == step.name
     assert cfg.max_batch_size == step.max_batch_size
     assert ep.config_max_batch_size(GPU_PROFILE / step.name / "config.pbtxt") == cfg.max_batch_size
-    assert _io(cfg.input) == [(t.name, f"TYPE_{t.dtype}", list(t.dims)) for t in step.inputs]
+    assert _io(cfg.input) == [(t.name, f"TYPE_{t.dtype}", t.config_dims) for t in step.inputs]
     assert [i.name for i in cfg.input if i.optional] == [t.name for t in step.inputs if t.optional]
-    assert _io(cfg.output) == [(t.name, f"TYPE_{t.dtype}", list(t.dims)) for t in step.outputs]
-    assert [mc.ModelInstanceGroup.Kind.Name(g.kind) for g in cfg.instance_group] == [step.gpu_kind]
+    assert _io(cfg.output) == [(t.name, f"TYPE_{t.dtype}", t.config_dims) for t in step.outputs]
+    assert [mc.ModelInstanceGroup.Kind.Name(g.kind) for g in cfg.instance_group] == [step.kind("gpu")]
     if step.name in ep.ENGINE_MODELS:
         assert (cfg.platform, cfg.default_model_filename, cfg.backend) == ("tensorrt_plan", "model.plan", "")
         assert not (GPU_PROFILE / step.name / "1" / "model.plan").exists()  # built at start, never committed
@@ -318,7 +340,7 @@ def test_gpu_profile_ensemble_wires_every_step():
     assert [s.model_name for s in cfg.ensemble_scheduling.step] == [s.name for s in contract.STEPS]
     assert [i.name for i in cfg.input] == [t.name for t in contract.REQUEST_INPUTS]
     assert [o.name for o in cfg.output] == [t.name for t in contract.RESPONSE_OUTPUTS]
-    assert set(ep.ENGINE_MODELS) == {s.name for s in contract.STEPS if s.runtime == "onnx"}
+    assert set(ep.ENGINE_MODELS) == {s.name for s in contract.STEPS if s.engine} == {"user_tower", "ranker"}
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_configs_parse_and_follow_contract():
         ens = _load(profile, contract.ENSEMBLE)
         assert ens.platform == "ensemble"
         assert [s.model_name for s in ens.ensemble_scheduling.step] == [s.name for s in contract.STEPS]
-        assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "device", "exclude_seen"}
+        assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "client_device", "exclude_seen"}
         for step in contract.STEPS:
             cfg = _load(profile, step.name)
             assert [i.name for i in cfg.input] == [t.name for t in step.inputs]
@@ -53,6 +53,6 @@ def test_serving_imports_without_the_offline_stack():
     # pandas or torch, and nothing that unpickles
     blocked = ("training", "nvtabular", "merlin", "pandas", "torch", "dask", "cloudpickle")
     code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-            + "import serving.steps, serving.pipeline, serving.repository\nprint('ok')\n")
+            + "import runtime.steps, runtime.pipeline, serving.repository\nprint('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -8,7 +8,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import AsyncRecommenderClient, RecommenderClient
-from feature_workflows.request_transform import UserStore
+from runtime.request_transform import UserStore
 from shoprec.manifest import ArtifactError
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def test_served_topk_equals_in_process_id_for_id(triton, pipeline, artifacts, pr
     with RecommenderClient(url, protocol) as c:
         assert c.ready()
         for u in _users(artifacts):
-            for context in ({}, {"hour": 20, "weekday": 4, "device": "mobile"}):
+            for context in ({}, {"hour": 20, "weekday": 4, "client_device": "mobile"}):
                 served = c.recommend(u, k=10, **context)
                 ids, scores, cold = pipeline.recommend([u], 10, **context)[0]
                 np.testing.assert_array_equal(served.item_ids, ids)
@@ -90,8 +90,8 @@ def test_missing_context_is_unknown_not_the_clock(pipeline, artifacts, monkeypat
     first = pipeline.recommend([u], 10)[0][0]
     monkeypatch.setattr(time, "gmtime", lambda *a: time.struct_time((2030, 1, 1, 3, 0, 0, 1, 1, 0)))
     np.testing.assert_array_equal(pipeline.recommend([u], 10)[0][0], first)
-    ucat = pipeline.transform(np.array([u]))[0]
-    plan_cols = pipeline.transform.plan.cat_names
+    ucat = pipeline.run(pipeline.request([u], 10), stop="user_tower")["user_cat"]
+    plan_cols = pipeline.steps["feature_transform"].plan.cat_names
     assert all(ucat[0, plan_cols.index(c)] == 1 for c in ("hour", "weekday", "device"))  # the null code
 
 

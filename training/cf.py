@@ -1,6 +1,6 @@
 """Item-to-item collaborative filtering for the cf_all / cf_pos recall routes (and the evaluation's
 EASE / item-kNN baselines): fitted here, exported as sparse neighbour arrays, scored by
-`shoprec.candidates.ItemNeighbours` offline and in the server alike.
+`runtime.candidates.ItemNeighbours` offline and in the server alike.
 
 EASE (Steck, WWW 2019): B = I - P / diag(P), P = (X'X + lambda I)^-1, diag(B) = 0. Exact and strong,
 but dense items x items, so only up to `ease_max_items` items. Above that, cosine item-kNN with
@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 
-from shoprec.candidates import ItemNeighbours
+from runtime.candidates import ItemNeighbours
 from shoprec.config import CFConfig
 
 log = logging.getLogger("shoprec.cf")

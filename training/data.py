@@ -3,7 +3,7 @@
 `FeatureData` holds the item table, the actions, the request-time plan and the user attributes,
 streams the two-tower's training rows from parquet, and builds model inputs for any set of users
 from any set of actions (`queries`) with the same code the server runs per request
-(`feature_workflows.request_transform`).
+(`runtime.request_transform`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from feature_workflows.history import NEVER, POSITIVE_KIND, ActionLog, context_from_ts
-from feature_workflows.request_transform import TransformPlan, UserStore, raw_rows
+from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from shoprec.manifest import verify_manifest
 
 NULL_CODE = 1  # Categorify's null code: the "unknown" context

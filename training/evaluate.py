@@ -6,7 +6,7 @@ the user's test positives on items they had not acted on in train. Every system 
 catalog minus the user's train actions. Warm users have at least one train action, cold users none.
 
 Systems: popularity, ALS (implicit), item-kNN (implicit, cosine), EASE, the two-tower alone (the ANN
-route of the bundle), the full served pipeline (serving.pipeline: the server's steps in-process;
+route of the bundle), the full served pipeline (runtime.pipeline: the server's steps in-process;
 tests/test_serving_integration.py checks the server returns the same lists), and as diagnostics the
 merged candidate order before ranking and each recall route alone. The baselines' hyper-parameters
 are chosen on valid NDCG@10 from small grids, the same budget for each.
@@ -35,13 +35,14 @@ from shoprec.config import Config
 from . import cf as cflib
 from . import metrics as M
 from .data import FeatureData
+from shoprec.errors import UserError
 
 log = logging.getLogger("shoprec.evaluate")
 K_RECALL = (10, 50, 100)
 TOPN = 100
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     pass
 
 
@@ -173,27 +174,22 @@ def figures(top: np.ndarray, truth: list[set], data: FeatureData, pop: np.ndarra
 def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 128) -> tuple[np.ndarray, dict, np.ndarray]:
     """The full pipeline's top-N (the server's steps, in-process), the merged candidate order and each
     route's list, and the cold flags."""
-    from serving.pipeline import Pipeline
+    from runtime.pipeline import Pipeline
+    from runtime.steps import best_first
 
     pipe = Pipeline(bundle_dir, cfg=cfg.serve)
     n = min(TOPN, pipe.max_k)
     full, merged, routes, cold = [], [], {}, []
     for s in range(0, len(users), batch):
-        u = users[s : s + batch]
-        ucat, ucont, seq, kinds, rows, c = pipe.transform(u)
-        emb = pipe.user_tower(ucat, ucont, seq, kinds)
-        parts = [pipe.retrieval.store.history(int(r)) for r in rows]
-        indptr = np.r_[0, np.cumsum([len(p[0]) for p in parts])].astype(np.int64)
-        cand, dense, lists = pipe.retrieval.generator(emb, indptr, np.concatenate([p[0] for p in parts]).astype(np.int64),
-                                                      np.concatenate([p[1] for p in parts]), True)
-        icat, icont = pipe.candidates(cand)
-        scores = pipe.ranker(ucat, ucont, seq, kinds, icat, icont, dense)
-        order = np.argsort(-np.where(cand >= 0, scores, -np.inf), axis=1, kind="stable")[:, :n]
+        t = pipe.run(pipe.request(users[s : s + batch], n, exclude_seen=True), stop="retrieval")
+        cand, dense, lists = pipe.steps["retrieval"].candidates(t)  # the route lists too, computed once
+        t = pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features", stop="topk")
+        order = best_first(cand, t["ranking_scores"], n)  # top-k's order, on store rows instead of raw ids
         full.append(np.take_along_axis(cand, order, 1))
         merged.append(cand[:, :n])
         for r, lst in lists.items():
             routes.setdefault(r, []).append(lst[:, :n])
-        cold.append(c)
+        cold.append(t["cold_start"].ravel())
     return np.concatenate(full), {"merged_order": np.concatenate(merged),
                                   **{f"route_{r}": np.concatenate(v) for r, v in routes.items()}}, np.concatenate(cold)
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from shoprec import contract
-from shoprec.candidates import DENSE_FEATURES
+from runtime.candidates import DENSE_FEATURES
 from shoprec.config import Config
-from shoprec.faiss_search import recall_vs_exact
+from runtime.faiss_search import recall_vs_exact
 from shoprec.manifest import verified_path, verify_manifest, write_manifest
 
 from .data import FeatureData
@@ -29,11 +29,12 @@ from .index import build_index
 from .modules import RankerServing
 from .tensorrt import build_engines
 from .train import check_lineage, item_embeddings, load_ranker, load_two_tower
+from shoprec.errors import UserError
 
 OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The exported graph does not compute what the PyTorch model does."""
 
 
@@ -125,13 +126,14 @@ def export_bundle(features_dir: str | Path, models_dir: str | Path, out_dir: str
         "user_cat_dim": len(data.user_cat_cols), "user_cont_dim": len(data.user_cont_cols), "seq_len": data.seq_len,
         "item_cat_dim": int(data.item_cat.shape[1]), "item_cont_dim": int(data.item_cont.shape[1]),
         "dense_dim": len(DENSE_FEATURES), "embedding_dim": int(emb.shape[1]),
-        "num_candidates": int(min(cfg.serve.num_candidates, len(emb))), "n_items": int(len(emb)),
+        "n_items": int(len(emb)),
         "user_cat_columns": data.user_cat_cols, "user_cont_columns": data.user_cont_cols,
         "dense_features": list(DENSE_FEATURES), "query_spec": data.schema["query_spec"],
         "recent_categories": int(data.schema["recent_categories"]), "onnx_opset": OPSET,
     }
     (tmp / files["contract"]).write_text(json.dumps(dims, indent=1) + "\n")
-    report["tensorrt"] = build_engines(tmp, dims, {s: contract.STEP_BY_NAME[s].max_batch_size for s in ("user_tower", "ranker")})
+    sizes = {**dims, "num_candidates": contract.num_candidates(cfg.serve.num_candidates, len(emb))}
+    report["tensorrt"] = build_engines(tmp, sizes)
     write_manifest(tmp, extra={"stage": "export", "report": report})
     if out.exists():
         shutil.rmtree(out)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from shoprec import contract
 from shoprec.tensorrt_shapes import profile_shapes, trtexec_command
 
 
@@ -24,7 +25,8 @@ def tensorrt_available() -> str | None:
         return None
 
 
-def build_engines(bundle: Path, dims: dict, max_batches: dict[str, int]) -> dict:
+def build_engines(bundle: Path, sizes: dict) -> dict:
+    """Every engine step of the graph (contract.ENGINE_STEPS) as a plan; `sizes`: contract.json plus num_candidates."""
     tool = tensorrt_available()
     if tool is None:
         return {"built": False, "reason": "TensorRT not found (no `trtexec` on PATH, no `tensorrt` module). "
@@ -33,9 +35,10 @@ def build_engines(bundle: Path, dims: dict, max_batches: dict[str, int]) -> dict
     if tool != "trtexec":
         return {"built": False, "reason": "only the `tensorrt` module was found; use trtexec (ships in the NGC container)"}
     built = {}
-    for model, max_batch in max_batches.items():
+    for model in contract.ENGINE_STEPS:
         engine = bundle / f"{model}.plan"
-        cmd = trtexec_command("trtexec", bundle / f"{model}.onnx", engine, profile_shapes(model, dims, max_batch))
+        shapes = profile_shapes(model, sizes, contract.STEP_BY_NAME[model].max_batch_size)
+        cmd = trtexec_command("trtexec", bundle / f"{model}.onnx", engine, shapes)
         subprocess.run(cmd, check=True)
         built[model] = str(engine)
     return {"built": True, "engines": built}

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shoprec.candidates import CandidateGenerator, ItemNeighbours
+from runtime.candidates import CandidateGenerator, ItemNeighbours
 from shoprec.config import Config, RankingConfig, RetrievalConfig
 from shoprec.device import torch_device
 from shoprec.manifest import read_manifest, sha256_file, verified_path, write_manifest
@@ -37,11 +37,12 @@ from . import cf as cflib
 from .data import NULL_CODE, FeatureData, context_of
 from .metrics import ndcg_at, recall_at
 from .modules import OOV_CODE, Ranker, TwoTower, sampled_softmax_loss
+from shoprec.errors import UserError
 
 log = logging.getLogger("shoprec.train")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot produce a usable model (non-finite loss, nothing to learn from)."""
 
 

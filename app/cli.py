@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import REPO_ROOT, load_config
+from shoprec.config import REPO_ROOT, load_config
 
 
 def _artifacts(args) -> Path:
@@ -138,10 +138,28 @@ def cmd_all(args, cfg):
     for step in steps:
         print(f"== shoprec {step.__name__[4:]}", flush=True)
         step(args, cfg)
-    from client.cli import demo_served
-
     print("== shoprec serve + recommend (HTTP and gRPC)", flush=True)
     demo_served(_artifacts(args), cfg, args.config)
+
+
+def demo_served(artifacts: Path, cfg, config_path=None) -> None:
+    """Start Triton, ask it over HTTP and gRPC for a user with history and for an unknown one, print, stop."""
+    from client import RecommenderClient
+    from client.cli import format_table, item_details
+    from serving.launcher import TritonServer
+    from shoprec.manifest import verified_path
+
+    with np.load(verified_path(artifacts / "serving", "user_store.npz"), allow_pickle=False) as z:
+        warm = z["user_id"][z["activity"] > 0]
+    user = int(warm[0]) if len(warm) else 1
+    details = item_details(artifacts)
+    with TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True, config_path=config_path) as server:
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with RecommenderClient(url, protocol) as c:
+                rec = c.recommend(user, k=5)
+            print(f"[{protocol}] " + format_table(rec, details))
+        with RecommenderClient(server.grpc_url, "grpc") as c:
+            print("[grpc] " + format_table(c.recommend(-1, k=5), details))
 
 
 SOURCES = ["synthetic", "interactions", "movielens-100k", "movielens-1m", "movielens-latest-small"]
@@ -213,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="host:port (default: loopback and the configured port)")
     p.add_argument("--hour", type=int, help="request context: hour of day 0-23 (default: unknown)")
     p.add_argument("--weekday", type=int, help="request context: weekday 0-6, 0 = Monday (default: unknown)")
-    p.add_argument("--context-device", help="request context: the client's device, e.g. mobile (default: unknown)")
+    p.add_argument("--client-device", help="request context: the device the user is on, e.g. mobile (default: unknown); not a compute device")
     p.add_argument("--include-seen", action="store_true", help="do not filter out items the user already interacted with")
     p = add("bench", cmd_bench, "benchmarks on the built artifacts: request-time transform latency (Workflow.transform "
             "vs NumPy plan) and serving (perf_analyzer sweep: Triton ensemble vs FastAPI vs in-process, ~5 min)")
@@ -254,12 +272,12 @@ def main(argv=None) -> int:
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     args = build_parser().parse_args(argv)
-    from .errors import one_line, user_facing_types
+    from shoprec.errors import UserError, one_line
 
     try:
         cfg = _apply_overrides(args, load_config(args.config))
         args.func(args, cfg)
-    except user_facing_types() as exc:  # bad input or a stale artifact: one line naming the file, no traceback
+    except (UserError, FileNotFoundError) as exc:  # bad input or a stale artifact: one line naming the file, no traceback
         print(f"shoprec {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,77 @@
+"""The step graph in-process: the reference the served results must equal, the latency floor for the
+benchmarks, the engine behind the FastAPI comparison server, and what `shoprec evaluate` scores as
+"the full served pipeline".
+
+It runs the same step classes as the Triton models (runtime/steps.py), in the order the graph
+declares them (shoprec/contract.py), over tensors shaped as Triton ships them, and checks every
+step's outputs against the declaration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shoprec import contract
+
+from .steps import NUMPY_DTYPES, Bundle, bundle_dir, check_outputs, load_step, max_k, serve_config
+
+
+class Pipeline:
+    def __init__(self, path: str | Path | None = None, threads: int = 1, cfg=None, profile: str = "cpu"):
+        self.bundle = bundle = Bundle(Path(path) if path else bundle_dir())
+        self.cfg = cfg or serve_config()
+        self.graph = contract.profile_steps(profile)
+        self.steps = {s.name: load_step(s, bundle, self.cfg, threads=threads) for s in self.graph}
+        self.sizes = bundle.sizes(self.cfg)
+        self.max_k = max_k(bundle, self.cfg)
+        self.item_table = bundle.npz("item_table")
+
+    def run(self, tensors: dict, start: str | None = None, stop: str | None = None) -> dict:
+        """Run the steps from `start` up to (not including) `stop` over a batch; returns every tensor.
+
+        Request inputs are [B, 1] arrays (absent optional inputs: missing or None). A step whose
+        outputs differ in length per request (top-k) runs once per request as Triton runs it: call
+        `recommend` for those."""
+        tensors = dict(tensors)
+        names = [s.name for s in self.graph]
+        first = names.index(start) if start else 0
+        last = names.index(stop) if stop else len(names)
+        for step in self.graph[first:last]:
+            impl = self.steps[step.name]
+            inputs = impl.check({t.name: tensors.get(t.name) for t in step.inputs})
+            outputs = impl.run(inputs)
+            check_outputs(step, outputs, self.sizes)
+            tensors.update(inputs)
+            tensors.update(zip((t.name for t in step.outputs), outputs))
+        return tensors
+
+    @staticmethod
+    def request(user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None) -> dict:
+        """Request tensors ([B, 1], the contract's dtypes) from scalars or per-user arrays."""
+        user_id = np.asarray(user_id, dtype=np.int64).reshape(-1, 1)
+        values = {"k": k, "hour": hour, "weekday": weekday, "client_device": client_device, "exclude_seen": exclude_seen}
+        out = {"user_id": user_id}
+        for t in contract.REQUEST_INPUTS[1:]:
+            v = values[t.name]
+            if v is not None:
+                out[t.name] = np.broadcast_to(np.asarray(v, dtype=NUMPY_DTYPES[t.dtype]).reshape(-1, 1), user_id.shape).copy()
+        return out
+
+    def rank(self, request: dict) -> dict:
+        """Every step before the per-request ones for a batch of users: candidate_rows, ranking_scores, cold_start, ..."""
+        per_request = next((s.name for s in self.graph if s.per_request), None)
+        return self.run(request, stop=per_request)
+
+    def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None):
+        """Batch of users -> list of (item_ids, scores, cold_start), one per user (each user its own request)."""
+        tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen))
+        start = next(s.name for s in self.graph if s.per_request)
+        out = []
+        for i in range(len(tensors["user_id"])):
+            one = self.run({n: None if a is None else a[i : i + 1] for n, a in tensors.items()}, start=start)
+            ids, scores = one["item_ids"][0], one["scores"][0]
+            keep = ids >= 0
+            out.append((ids[keep], scores[keep], bool(one["cold_start"][0, 0])))
+        return out
+

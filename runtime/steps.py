@@ -1,0 +1,352 @@
+"""The steps of the graph (shoprec/contract.py) as NumPy / ONNX Runtime / FAISS classes over batches.
+
+Every step class takes (declaration, bundle, serve config, device, device id, threads) and has
+  check(tensors)  validate one request's inputs (RequestError names the field), return them;
+  run(tensors)    compute a batch: the declared outputs, in order, shaped as Triton ships them.
+Triton's generic python model (serving/triton_models.py) and the in-process pipeline
+(runtime/pipeline.py) run these same objects, so served and in-process results agree id for id.
+A step loads only files of the serving bundle, each checked against the manifest, and checks the
+bundle's sizes against its declaration when it loads; its outputs are checked against the
+declared dtypes and dims on every batch (`check_outputs`).
+
+Adding a step: a subclass of `StepImpl` here, and one `Step(...)` entry in contract.STEPS.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.request_transform import TransformPlan, UserStore, raw_rows
+from runtime.candidates import CandidateGenerator, ItemNeighbours
+from shoprec.config import REPO_ROOT, ServeConfig, load_config
+from shoprec import contract
+from shoprec.contract import BUNDLE_FILES
+from shoprec.manifest import ArtifactError, verify_manifest
+
+MAX_DEVICE_BYTES = 64
+
+
+class RequestError(ValueError):
+    """A bad request: reported to that request only, never to the batch it shares."""
+
+
+def bundle_dir() -> Path:
+    root = Path(os.environ.get("SHOPREC_ARTIFACTS", REPO_ROOT / "artifacts"))
+    return root / "serving"
+
+
+@dataclass
+class Bundle:
+    """The serving bundle. Each file is checked against the manifest once, each .npz read once,
+    however many steps of one process ask for it."""
+
+    path: Path
+    _checked: set = field(default_factory=set, repr=False)
+    _arrays: dict = field(default_factory=dict, repr=False)
+
+    def file(self, key: str) -> Path:
+        if key not in self._checked:
+            verify_manifest(self.path, [BUNDLE_FILES[key]])
+            self._checked.add(key)
+        return self.path / BUNDLE_FILES[key]
+
+    def npz(self, key: str) -> dict[str, np.ndarray]:
+        if key not in self._arrays:
+            with np.load(self.file(key), allow_pickle=False) as z:
+                self._arrays[key] = {k: z[k] for k in z.files}
+        return dict(self._arrays[key])  # callers may pop keys; the arrays themselves are shared
+
+    @functools.cached_property
+    def dims(self) -> dict:
+        return json.loads(self.file("contract").read_text())
+
+    def sizes(self, cfg: ServeConfig) -> dict:
+        """The named dims of the step graph: what the exporter recorded plus the serve-time candidate count."""
+        return {**self.dims, "num_candidates": contract.num_candidates(cfg.num_candidates, self.dims["n_items"])}
+
+
+def serve_config() -> ServeConfig:
+    """Serve-time settings, read when a step starts (the launcher passes the config file it was given)."""
+    return load_config(os.environ.get("SHOPREC_CONFIG") or None).serve
+
+
+def max_k(bundle: Bundle, cfg: ServeConfig) -> int:
+    """The largest k a request may ask: the candidates ranked per request (never more than the catalog)."""
+    return contract.num_candidates(cfg.num_candidates, bundle.dims["n_items"])
+
+
+def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray | None, client_device, k_max: int) -> None:
+    if k.size == 0:
+        raise RequestError("empty request: send at least one row")
+    if (k < 1).any():
+        raise RequestError(f"k must be >= 1, got {int(k.min())}")
+    if (k > k_max).any():
+        raise RequestError(f"k must be <= {k_max} (the candidates ranked per request, serve.num_candidates), "
+                           f"got {int(k.max())}")
+    if hour is not None and ((hour < 0) | (hour > 23)).any():
+        raise RequestError(f"hour must be in 0..23, got {int(hour[(hour < 0) | (hour > 23)][0])}")
+    if weekday is not None and ((weekday < 0) | (weekday > 6)).any():
+        raise RequestError(f"weekday must be in 0..6 (0 = Monday), got {int(weekday[(weekday < 0) | (weekday > 6)][0])}")
+    if client_device is not None:
+        for d in client_device:
+            if len(d) > MAX_DEVICE_BYTES:
+                raise RequestError(f"client_device must be at most {MAX_DEVICE_BYTES} bytes")
+
+
+def decode_text(raw, name: str) -> np.ndarray:
+    try:
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.ravel(raw)], dtype=object)
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{name} must be UTF-8 text") from exc
+
+
+def _flat(x):
+    return None if x is None else np.ravel(x)
+
+
+NUMPY_DTYPES = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "STRING": np.object_}
+
+
+def check_outputs(step: contract.Step, outputs, sizes: dict, batch: int | None = None) -> None:
+    """The step's outputs against its declaration: count, dtype and every dim but the variable ones.
+    A mismatch is a bug or a bundle built for another graph; it fails the batch with the step's name."""
+    if len(outputs) != len(step.outputs):
+        raise RuntimeError(f"{step.name}: returned {len(outputs)} outputs, the graph declares {len(step.outputs)}")
+    for t, out in zip(step.outputs, outputs):
+        want = t.resolve(sizes)
+        if out.dtype != NUMPY_DTYPES[t.dtype] or out.ndim != len(want) + 1 \
+                or any(w != -1 and w != g for w, g in zip(want, out.shape[1:])) or (batch is not None and len(out) != batch):
+            raise RuntimeError(f"{step.name}: output {t.name} is {out.dtype}{list(out.shape)}, the graph declares "
+                               f"{t.dtype}[batch, {', '.join(map(str, want))}]")
+
+
+class StepImpl:
+    """One step of the graph. `self.step` is its declaration, `self.sizes` the named dims of this bundle."""
+
+    def __init__(self, step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str = "cpu", device_id: int = 0,
+                 threads: int = 1):
+        self.step, self.bundle, self.cfg = step, bundle, cfg
+        self.device, self.device_id, self.threads = device, device_id, threads
+        self.sizes = bundle.sizes(cfg)
+
+    def check(self, t: dict) -> dict:
+        return t
+
+    def run(self, t: dict) -> tuple:
+        raise NotImplementedError
+
+
+def load_step(step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str = "cpu", device_id: int = 0,
+              threads: int = 1) -> StepImpl:
+    """The step's class, named by its declaration, loaded over the bundle."""
+    cls = globals().get(step.impl)
+    if not (isinstance(cls, type) and issubclass(cls, StepImpl)):
+        raise ValueError(f"step {step.name}: impl {step.impl!r} is not a StepImpl in runtime/steps.py")
+    return cls(step, bundle, cfg, device, device_id, threads)
+
+
+class FeatureTransform(StepImpl):
+    """user_id, k, optional hour/weekday/client_device -> user_cat, user_cont, seq_items, seq_kinds,
+    user_row (the user store row, -1 unknown), cold_start.
+
+    Profile and history come from the user store snapshot. Absent context is null: the "unknown"
+    the training rows carry when their context is dropped out, never the server's clock. A user is
+    cold when the store holds no action of theirs, whatever their id."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        bundle = self.bundle
+        self.plan = TransformPlan.load(bundle.file("query_plan"), bundle.file("query_vocab"))
+        self.store = UserStore(bundle.npz("user_store"))
+        table = bundle.npz("item_table")
+        self.item_codes = table["item_cat"][:, 0]
+        self.category_names = table["category_names"]
+        self.spec = bundle.dims["query_spec"]
+        self.seq_len = int(bundle.dims["seq_len"])
+        self.k_max = max_k(bundle, self.cfg)
+
+    def check(self, t: dict) -> dict:
+        n = len(t["user_id"])
+        if n == 0:
+            raise RequestError("empty request: send at least one row")
+        if t["k"].shape != t["user_id"].shape:
+            raise RequestError(f"k must have the same shape as user_id, got {list(t['k'].shape)} vs {list(t['user_id'].shape)}")
+        if t.get("client_device") is not None:
+            t["client_device"] = decode_text(t["client_device"], "client_device")
+        for name in ("hour", "weekday", "client_device"):
+            if t.get(name) is not None and len(np.ravel(t[name])) != n:
+                raise RequestError(f"{name} must have one value per user_id row")
+        validate_request(t["k"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")), t.get("client_device"), self.k_max)
+        return t
+
+    def run(self, t: dict) -> tuple:
+        cat, cont, seq, kinds, rows, cold = self(t["user_id"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")),
+                                                 _flat(t.get("client_device")))
+        return cat, cont, seq, kinds, rows[:, None], cold[:, None]
+
+    def __call__(self, user_id: np.ndarray, hour=None, weekday=None, client_device=None):
+        user_id = np.asarray(user_id, dtype=np.int64)
+        rows = self.store.lookup(user_id)
+        state = self.store.state(rows, self.seq_len)
+        raw = raw_rows(self.spec, state, self.store.attrs(user_id, rows), self.category_names, hour, weekday, client_device)
+        cat, cont = self.plan.pack(self.plan.transform(raw))
+        seq_rows = state["seq_rows"]
+        seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
+        cold = state["activity"] <= 0
+        return cat, cont, seq, state["seq_kinds"].astype(np.int64), rows, cold
+
+
+class OnnxStep(StepImpl):
+    """An exported graph (the bundle file named like the step) in ONNX Runtime; the CUDA provider when
+    Triton gave the instance a GPU. Its inputs are checked against the declaration when it loads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        providers = [("CUDAExecutionProvider", {"device_id": self.device_id})] if self.device == "cuda" else []
+        providers.append("CPUExecutionProvider")
+        path = self.bundle.file(self.step.name)
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        if self.device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeError(f"{self.step.name}: Triton gave this instance a GPU but ONNX Runtime has no CUDA provider "
+                               f"(providers: {self.session.get_providers()}); install onnxruntime-gpu or serve the cpu profile")
+        got = {i.name: i.shape for i in self.session.get_inputs()}
+        for t in self.step.inputs:
+            if t.name not in got:
+                raise ArtifactError(f"{path}: has no input {t.name!r} (inputs: {sorted(got)}); re-run `shoprec export`")
+            want = t.resolve(self.sizes)
+            fixed = [(w, g) for w, g in zip(want, got[t.name][1:]) if isinstance(g, int)]
+            if len(got[t.name]) != len(want) + 1 or any(w != g for w, g in fixed):
+                raise ArtifactError(f"{path}: input {t.name} has shape {got[t.name]}, the bundle's contract.json says "
+                                    f"[batch, {', '.join(map(str, want))}]; re-run `shoprec export`")
+        self.inputs = [t.name for t in self.step.inputs]
+
+    def run(self, t: dict) -> tuple:
+        return tuple(self.session.run(None, {n: t[n] for n in self.inputs}))
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        return self.session.run(None, dict(zip(self.inputs, arrays)))[0]
+
+
+class Retrieval(StepImpl):
+    """user_embedding [B, D], user_row [B, 1], exclude_seen [B, 1] -> candidate_rows [B, N] (-1 pads when the
+    catalog minus the user's seen items has fewer than N), candidate_dense [B, N, F].
+
+    The recall routes of `runtime.candidates` over the user's actions in the store."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import faiss
+
+        bundle, cfg = self.bundle, self.cfg
+        # one thread per instance, like the ONNX sessions: parallelism comes from Triton instances
+        # (or server workers); FAISS's OpenMP team otherwise spins against them on a few cores
+        faiss.omp_set_num_threads(self.threads)
+        embeddings = np.load(bundle.file("item_embeddings"), allow_pickle=False)
+        if embeddings.shape[1] != self.sizes["embedding_dim"]:
+            raise ArtifactError(f"{bundle.path}: item embeddings are {embeddings.shape[1]}-d, contract.json says "
+                                f"{self.sizes['embedding_dim']}; re-run `shoprec export`")
+        index = faiss.read_index(str(bundle.file("faiss_index")))
+        if self.device == "cuda":
+            if not hasattr(faiss, "StandardGpuResources"):
+                raise RuntimeError("retrieval: Triton gave this instance a GPU but FAISS has no GPU support; "
+                                   "install faiss-gpu or serve the cpu profile")
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, self.device_id, index)  # the GPU Triton assigned
+        table = bundle.npz("item_table")
+        names = [str(n) for n in table["category_names"]]
+        unknown = sorted(set(cfg.repeat_categories) - set(names))
+        if unknown:
+            raise ValueError(f"serve.repeat_categories names categories the catalog does not have: {unknown}")
+        exempt = np.isin(table["category_code"], [names.index(c) for c in cfg.repeat_categories])
+        self.generator = CandidateGenerator(
+            embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
+            table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt)
+        self.store = UserStore(bundle.npz("user_store"))
+        self.default_exclude = cfg.exclude_seen
+
+    @property
+    def n(self) -> int:
+        return self.generator.n
+
+    def run(self, t: dict) -> tuple:
+        cand, dense, _ = self.candidates(t)
+        return cand, dense
+
+    def candidates(self, t: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(candidate_rows, candidate_dense, each route's ranked list): the lists are for evaluation."""
+        user_row = np.asarray(t["user_row"], dtype=np.int64).ravel()
+        parts = [self.store.history(int(r)) for r in user_row]
+        indptr = np.r_[0, np.cumsum([len(p[0]) for p in parts])].astype(np.int64)
+        rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        kinds = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int8)
+        flag = t.get("exclude_seen")
+        exclude = self.default_exclude if flag is None else np.asarray(flag, dtype=bool).ravel()
+        return self.generator(t["user_embedding"], indptr, rows.astype(np.int64), kinds, exclude)
+
+
+class CandidateFeatures(StepImpl):
+    """candidate_rows [B, N] -> item_cat [B, N, Fi], item_cont [B, N, Ci] from the precomputed table.
+    Padding rows (-1) get row 0's features: documented, because their score is masked (-inf) by top-k
+    and never served. A row outside the table fails the batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        table = self.bundle.npz("item_table")
+        self.item_cat, self.item_cont = table["item_cat"], table["item_cont"]
+
+    def run(self, t: dict) -> tuple:
+        rows = t["candidate_rows"]
+        n = len(self.item_cat)
+        if (rows >= n).any() or (rows < -1).any():
+            bad = rows[(rows >= n) | (rows < -1)]
+            raise ValueError(f"candidate row {int(bad[0])} outside the item table (0..{n - 1}, -1 = padding)")
+        safe = np.maximum(rows, 0)
+        return self.item_cat[safe], self.item_cont[safe]
+
+
+def best_first(rows: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the n best-scored candidates per row ([B, N] -> [B, n]); padding (-1) sorts last,
+    ties keep the candidate order (stable)."""
+    return np.argsort(-np.where(rows >= 0, scores, -np.inf), axis=-1, kind="stable")[..., : int(n)]
+
+
+class TopK(StepImpl):
+    """Per request (k differs between requests, so the output length does too): candidate_rows [B, N],
+    ranking_scores [B, N], k [B, 1] -> item_ids, scores [B, k'] best first, raw ids. A user whose unseen
+    candidates are fewer than k gets all of them; the rows of a batch are padded to the longest with
+    item_id -1 and score -inf. k is validated upstream (1 <= k <= max k)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.item_ids = self.bundle.npz("item_table")["item_ids"]
+
+    def check(self, t: dict) -> dict:
+        k = t["k"].ravel()
+        if len(k) and (k != k[0]).any():
+            raise RequestError("k must be the same for every row of one request")
+        return t
+
+    def run(self, t: dict) -> tuple:
+        rows, scores, k = t["candidate_rows"], t["ranking_scores"], int(t["k"].ravel()[0])
+        top = [self(rows[i], scores[i], k) for i in range(len(rows))]
+        width = max(len(ids) for ids, _ in top)
+        ids = np.stack([np.pad(a, (0, width - len(a)), constant_values=-1) for a, _ in top]).astype(np.int64)
+        sc = np.stack([np.pad(s, (0, width - len(s)), constant_values=-np.inf) for _, s in top]).astype(np.float32)
+        return ids, sc
+
+    def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int):
+        """One user: (raw item ids, scores) best first, padding dropped."""
+        order = best_first(rows, scores, k)
+        order = order[rows[order] >= 0]
+        return self.item_ids[rows[order]], scores[order].astype(np.float32)
