@@ -34,8 +34,12 @@ def format_table(rec, details) -> str:
     for i, (item, score) in enumerate(zip(rec.item_ids, rec.scores), 1):
         extra = ""
         if details is not None:
-            j = order[np.searchsorted(details["ids"], item, sorter=order)]
-            extra = "  ".join(f"{str(details['columns'][c][j])[:24]:<24}" for c in cols)
+            at = int(np.searchsorted(details["ids"], item, sorter=order))
+            j = order[at] if at < len(order) else None
+            if j is None or details["ids"][j] != item:  # a server with another bundle: say so, never show a neighbour's row
+                extra = "(not in the local item table)"
+            else:
+                extra = "  ".join(f"{str(details['columns'][c][j])[:24]:<24}" for c in cols)
         lines.append(f"{i:>4}  {item:>9}  {score:7.4f}  {extra}")
     return "\n".join(lines)
 

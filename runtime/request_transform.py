@@ -123,7 +123,10 @@ def raw_rows(spec: dict, state: dict[str, np.ndarray], attrs: dict[str, np.ndarr
 
     def cat_name(codes):
         codes = np.asarray(codes, dtype=np.int64)
-        return np.where(codes >= 0, names[np.clip(codes, 0, max(len(names) - 1, 0))] if len(names) else None, None)
+        if (codes >= len(names)).any():  # the store and the item table come from one export: never a neighbour's name
+            raise ValueError(f"user store: category code {int(codes.max())} outside the item table's {len(names)} "
+                             "categories; the bundle mixes exports (re-run `shoprec export`)")
+        return np.where(codes >= 0, names[np.maximum(codes, 0)] if len(names) else None, None)
 
     for i, col in enumerate(c for c in spec["history_cat"] if c.startswith("recent_category_")):
         raw[col] = cat_name(state["recent_categories"][:, i])

@@ -77,9 +77,7 @@ def test_mixed_negatives_add_to_the_softmax_and_mask_the_positive():
     base = sampled_softmax_loss(e, e, ids, None, 0.1)
     extra = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
     assert sampled_softmax_loss(e, e, ids, None, 0.1, extra, torch.arange(10, 15)) > base
-    # an extra negative that is a row's own positive is masked: same loss as without it
-    torch.testing.assert_close(sampled_softmax_loss(e, e, ids, None, 0.1, e[:1], torch.tensor([0]))
-                               - sampled_softmax_loss(e, e, ids, None, 0.1, e[:1], torch.tensor([99])) <= 0, torch.tensor(True))
+    # masking of a row's own positive among the extras: tests/test_fallbacks.py, against a hand-computed softmax
 
 
 def test_target_attention_without_history_is_zero():

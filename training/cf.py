@@ -18,9 +18,14 @@ import scipy.sparse as sp
 
 from runtime.candidates import ItemNeighbours
 from shoprec.config import CFConfig
+from shoprec.errors import UserError
 
 log = logging.getLogger("shoprec.cf")
 
+
+
+class CFError(UserError, RuntimeError):
+    """The item-to-item route cannot be fitted as configured."""
 
 def interaction_matrix(users: np.ndarray, rows: np.ndarray, n_items: int) -> tuple[sp.csr_matrix, np.ndarray]:
     """Binary users x items matrix (users: raw ids, rows: item rows) and its sorted user ids."""
@@ -109,6 +114,9 @@ def choose_lambda(x: sp.csr_matrix, eval_x: sp.csr_matrix, truth: list[np.ndarra
         s[seen.nonzero()] = -np.inf
         top = np.argsort(-s, axis=1, kind="stable")[:, :10]
         scores[lam] = float(np.mean([_ndcg(t, g) for t, g in zip(top, truth)]))
+    if not all(np.isfinite(v) for v in scores.values()):  # NaN never compares greater: max() would pick at random
+        raise CFError(f"EASE: holdout NDCG@10 by lambda is {scores}; the holdout has no scorable user or the weights are "
+                      "not finite")
     best = max(scores, key=lambda k: scores[k])
     log.info("EASE lambda %s (holdout NDCG@10 by lambda: %s)", best, scores)
     return best, {str(k): round(v, 4) for k, v in scores.items()}

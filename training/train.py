@@ -103,6 +103,9 @@ def retrieval_recall(model: TwoTower, data: FeatureData, item_cont: np.ndarray, 
     """Holdout Recall@k of the two-tower alone, the user's fit-fold items excluded."""
     emb = item_embeddings(model, data.item_cat, item_cont, device)
     users = user_embeddings(model, valid["q"], device)
+    if not (np.isfinite(emb).all() and np.isfinite(users).all()):  # NaN scores would still rank, and a NaN model be kept
+        raise TrainingError("two-tower: the user or item embeddings are not finite on the holdout (check the input "
+                            "features for NaN/inf)")
     top = []
     for s in range(0, len(users), 1024):
         scores = users[s : s + 1024] @ emb.T

@@ -1,0 +1,52 @@
+"""Former silent fallbacks, each now a clear error (or a documented one), tested to fail for the right reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from client import Recommendation
+from client.cli import format_table
+from runtime.request_transform import raw_rows
+from shoprec.config import CFConfig
+from training.cf import CFError, choose_lambda
+from training.modules import sampled_softmax_loss
+
+
+def test_recommend_table_never_shows_a_neighbours_details():
+    details = {"ids": np.array([10, 20, 30]), "columns": {"category": np.array(["a", "b", "c"])}}
+    out = format_table(Recommendation(1, np.array([20, 25, 99]), np.array([0.3, 0.2, 0.1]), False), details)
+    lines = out.splitlines()[2:]
+    assert lines[0].split()[-1] == "b"
+    assert lines[1].endswith("(not in the local item table)") and lines[2].endswith("(not in the local item table)")
+
+
+def test_store_category_codes_outside_the_item_table_are_refused():
+    spec = {"user_cat": [], "user_num": [], "history_cat": ["recent_category_1"], "history_num": []}
+    state = {"recent_categories": np.array([[0], [5]])}
+    with pytest.raises(ValueError, match="category code 5 outside the item table's 2 categories"):
+        raw_rows(spec, state, {"user_id": np.array([1, 2])}, np.array(["x", "y"], dtype=object))
+
+
+def test_ease_lambda_choice_refuses_a_non_finite_holdout_score():
+    x = sp.csr_matrix(np.eye(4, dtype=np.float32))
+    with pytest.raises(CFError, match="holdout NDCG@10 by lambda"):
+        # no held-out item for anyone: NDCG is undefined, and NaN would be "chosen" at random
+        choose_lambda(x, x, [np.zeros(0, np.int64)] * 0, sp.csr_matrix((0, 4)), CFConfig(method="ease", ease_lambdas=(1.0, 2.0)))
+
+
+def test_mixed_negatives_equal_the_hand_computed_softmax():
+    torch.manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    extra = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
+    ids, extra_ids = torch.tensor([5, 6, 7]), torch.tensor([6, 9])  # extra 0 is row 1's own positive
+    got = sampled_softmax_loss(u, v, ids, None, 0.5, extra, extra_ids)
+    rows = []
+    for i in range(3):
+        logits = [float(u[i] @ v[j]) / 0.5 for j in range(3)]
+        logits += [float(u[i] @ extra[m]) / 0.5 for m in range(2) if int(extra_ids[m]) != int(ids[i])]
+        rows.append(-logits[i] + float(torch.logsumexp(torch.tensor(logits), 0)))
+    torch.testing.assert_close(got, torch.tensor(float(np.mean(rows))))

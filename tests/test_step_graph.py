@@ -1,0 +1,119 @@
+"""The step graph's contracts on the tiny exported bundle (conftest), run on every compute device.
+
+`DEVICES` is the one switch: "cuda" runs the same tests on a GPU machine. Without a usable GPU path
+the cuda case checks the other half of the contract: asking a step for a GPU fails at load with a
+message naming the missing piece, never a silent CPU fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from runtime.pipeline import Pipeline
+from runtime.steps import Bundle, CandidateFeatures, check_outputs, load_step
+from shoprec import contract
+from shoprec.device import faiss_gpu_available, has_cuda
+from shoprec.manifest import ArtifactError, write_manifest
+
+DEVICES = ["cpu", "cuda"]
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def gpu_path(step: contract.Step) -> bool:
+    """Whether this machine can run the step on a GPU: what its class needs for a cuda instance."""
+    if step.impl == "OnnxStep":
+        return has_cuda() and _ort_cuda()
+    if step.impl == "Retrieval":
+        return faiss_gpu_available()
+    return True  # light steps run on the host whatever the instance kind
+
+
+def _request(pipeline, n=6):
+    users = pipeline.steps["feature_transform"].store.user_id[:n]
+    return pipeline.request(users, 10, hour=20, weekday=3, client_device="mobile")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", [s for s in contract.STEPS if s.gpu_kind == "KIND_GPU"], ids=lambda s: s.name)
+def test_gpu_steps_match_cpu_or_refuse_clearly(step, device, artifacts, cfg, pipeline):
+    """Outputs on `device` equal the cpu step's (within fp tolerance); a device without the GPU path refuses at load."""
+    bundle = Bundle(artifacts / "serving")
+    tensors = pipeline.rank(_request(pipeline))
+    inputs = {t.name: tensors.get(t.name) for t in step.inputs}
+    if device == "cuda" and not gpu_path(step):
+        with pytest.raises(RuntimeError, match="GPU but (FAISS has no GPU support|ONNX Runtime has no CUDA provider)"):
+            load_step(step, bundle, cfg.serve, device="cuda")
+        return
+    impl = load_step(step, bundle, cfg.serve, device=device)
+    got = impl.run(dict(inputs))
+    check_outputs(step, got, impl.sizes, len(inputs[step.inputs[0].name]))
+    for t, out in zip(step.outputs, got):
+        np.testing.assert_allclose(out, tensors[t.name], rtol=1e-3, atol=1e-4, err_msg=f"{step.name}.{t.name} on {device}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_device_is_what_was_asked(device):
+    from shoprec.device import torch_device
+
+    if device == "cuda" and not has_cuda():
+        with pytest.raises(RuntimeError, match="--device cuda was asked for but torch sees no CUDA device"):
+            torch_device("cuda")
+    else:
+        assert torch_device(device) == device
+
+
+def test_every_step_output_is_checked_against_the_graph(pipeline):
+    tensors = pipeline.rank(_request(pipeline, 3))
+    step = contract.STEP_BY_NAME["candidate_features"]
+    outputs = (tensors["item_cat"], tensors["item_cont"])
+    check_outputs(step, outputs, pipeline.sizes, 3)
+    with pytest.raises(RuntimeError, match=r"candidate_features: output item_cont is float64\[3, \d+, \d+\]"):
+        check_outputs(step, (outputs[0], outputs[1].astype(np.float64)), pipeline.sizes)
+    with pytest.raises(RuntimeError, match=r"output item_cat is int64\[3, \d+, 1\], the graph declares INT64\[batch, \d+, \d+\]"):
+        check_outputs(step, (outputs[0][..., :1], outputs[1]), pipeline.sizes)
+
+
+def test_the_graph_declares_what_the_repository_and_pipeline_run(pipeline):
+    assert [s.name for s in pipeline.graph] == [s.name for s in contract.STEPS]
+    assert contract.STEPS[0].inputs[0] == contract.USER_ID and contract.STEPS[-1].outputs == contract.RESPONSE_OUTPUTS[:2]
+    produced = {t.name for t in contract.REQUEST_INPUTS}
+    for step in contract.STEPS:  # every input is a request input or an earlier step's output
+        missing = [t.name for t in step.inputs if t.name not in produced]
+        assert not missing, f"{step.name} reads {missing} before any step writes them"
+        produced |= {t.name for t in step.outputs}
+    assert {t.name for t in contract.RESPONSE_OUTPUTS} <= produced
+
+
+def test_a_bundle_whose_dims_disagree_with_its_models_is_refused_at_load(artifacts, cfg, tmp_path):
+    bundle = tmp_path / "serving"
+    shutil.copytree(artifacts / "serving", bundle)
+    dims = json.loads((bundle / "contract.json").read_text())
+    dims["user_cont_dim"] += 1
+    (bundle / "contract.json").write_text(json.dumps(dims))
+    write_manifest(bundle)
+    with pytest.raises(ArtifactError, match=r"user_tower.onnx: input user_cont has shape .*contract.json says"):
+        Pipeline(bundle, cfg=cfg.serve)
+
+
+def test_candidate_rows_outside_the_table_fail_the_batch(artifacts, cfg):
+    step = CandidateFeatures(contract.STEP_BY_NAME["candidate_features"], Bundle(artifacts / "serving"), cfg.serve)
+    n = len(step.item_cat)
+    step.run({"candidate_rows": np.array([[0, -1]])})  # -1: documented padding
+    for bad in (n, -2):
+        with pytest.raises(ValueError, match=f"candidate row {bad} outside the item table"):
+            step.run({"candidate_rows": np.array([[0, bad]])})
+
+
+def test_unknown_step_class_is_refused(artifacts, cfg):
+    step = contract.Step("nope", (), (), "NoSuchStep", "KIND_CPU")
+    with pytest.raises(ValueError, match="impl 'NoSuchStep' is not a StepImpl"):
+        load_step(step, Bundle(artifacts / "serving"), cfg.serve)
