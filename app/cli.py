@@ -144,6 +144,8 @@ def cmd_all(args, cfg):
 
 def demo_served(artifacts: Path, cfg, config_path=None) -> None:
     """Start Triton, ask it over HTTP and gRPC for a user with history and for an unknown one, print, stop."""
+    import numpy as np
+
     from client import RecommenderClient
     from client.cli import format_table, item_details
     from serving.launcher import TritonServer

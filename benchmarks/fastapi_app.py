@@ -21,8 +21,8 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ValidationError
 
 from runtime.pipeline import Pipeline
-from serving.repository import ensemble_config
 from runtime.steps import RequestError
+from serving.repository import ensemble_config
 from shoprec import contract
 
 _pipeline: Pipeline | None = None

@@ -38,8 +38,8 @@ def main(argv=None) -> dict:
     import nvtabular as nvt
 
     from feature_workflows import nvt_compat
-    from runtime.request_transform import TransformPlan, UserStore, raw_rows
     from feature_workflows.workflows import query_input_columns
+    from runtime.request_transform import TransformPlan, UserStore, raw_rows
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"))

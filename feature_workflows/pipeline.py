@@ -27,11 +27,13 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from runtime.request_transform import TransformPlan, raw_rows
 from shoprec.config import FeatureConfig
 from shoprec.manifest import write_manifest
 from shoprec.progress import Steps
@@ -40,9 +42,16 @@ from . import nvt_compat
 from .export_plan import save_plan
 from .history import DAY, NEVER, POSITIVE_KIND, ActionLog, actions_from_events, context_from_ts
 from .raw_schema import RawDataError, read_schema, read_table
-from runtime.request_transform import TransformPlan, raw_rows
-from .workflows import (item_input_frame, item_spec, item_workflow, multi_slot_columns, query_input_columns, query_spec,
-                        query_workflow, usable_columns)
+from .workflows import (
+    item_input_frame,
+    item_spec,
+    item_workflow,
+    multi_slot_columns,
+    query_input_columns,
+    query_spec,
+    query_workflow,
+    usable_columns,
+)
 
 log = logging.getLogger("shoprec.features")
 SPLITS = ("time", "user-time", "random", "none")
@@ -144,6 +153,43 @@ def _store_arrays(users: pd.DataFrame, attr_cols: list[str], log_: ActionLog, n_
     return arrays
 
 
+@dataclass
+class _Split:
+    """The raw tables read and checked, the actions split (train/valid/test) and folded (fit/holdout)."""
+
+    raw_schema: dict
+    users: pd.DataFrame
+    items: pd.DataFrame
+    actions: pd.DataFrame  # one row per interaction: user_id, item_row, ts, session_id, kind, device, split, fold
+    impressions: pd.DataFrame  # what was shown before the held-out period (user_id, item_row, ts)
+    cuts: dict
+    train_end: int
+
+    @property
+    def part(self) -> np.ndarray:
+        return self.actions["split"].values
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.actions[self.actions["split"].values == 0]
+
+
+@dataclass
+class _ItemFeatures:
+    spec: dict
+    workflow: object
+    feats: pd.DataFrame  # statistics from every train action (served)
+    feats_fit: pd.DataFrame  # statistics from the fit fold (what the fold-trained models see)
+    stats: pd.DataFrame
+    stats_fit: pd.DataFrame
+    cat_names: list[str]
+    cont_names: list[str]
+    category: np.ndarray | None
+    category_names: np.ndarray
+    rel_price: np.ndarray | None
+    dropped: list[str]
+
+
 def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig, progress: bool = True) -> dict:
     t0 = time.time()
     if cfg.split not in SPLITS:
@@ -153,7 +199,28 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
         shutil.rmtree(out)  # never leave a stale file of an earlier run beside the new ones
     (out / "serving").mkdir(parents=True)
     steps = Steps("features", 6, progress)
+    data = _read_and_split(Path(raw_dir), cfg)
+    steps.done("split")
+    it = _item_features(data, out)
+    steps.done("item workflow")
+    qw, qspec, log_all, dropped_users, train_rows = _query_features(data, it, cfg, out)
+    steps.done("query workflow")
+    n_rows = _training_rows(qw, train_rows, it, cfg, out)
+    data.actions.to_parquet(out / "actions.parquet", index=False)
+    steps.done("training rows")
+    plan = _serving_files(qw, qspec, log_all, data, it, cfg, out)
+    steps.done("serving files")
+    schema = _schema(plan, qspec, data, it, cfg, dropped_users, n_rows)
+    (out / "schema.json").write_text(json.dumps(schema, indent=1) + "\n")
+    write_manifest(out, extra={"stage": "features"})
+    steps.done("schema + manifest")
+    if it.dropped or dropped_users:
+        log.warning("left out columns without any value: items %s, users %s", it.dropped, dropped_users)
+    return {"out": str(out), "split": cfg.split, **schema["actions"], "train_rows": n_rows, "items": int(len(data.items)),
+            "dropped_columns": schema["dropped_columns"], "seconds": round(time.time() - t0, 1)}
 
+
+def _read_and_split(raw_dir: Path, cfg: FeatureConfig) -> _Split:
     raw_schema = read_schema(raw_dir)
     users = read_table(raw_dir, "users")
     items = read_table(raw_dir, "items").sort_values("item_id", kind="stable").reset_index(drop=True)
@@ -191,52 +258,61 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
     elif cfg.split != "none":  # per-user or random splits: keep the impressions shown before the user's first held-out action
         first_out = actions[part > 0].groupby("user_id")["ts"].min()
         impressions = impressions[impressions["ts"] < impressions["user_id"].map(first_out).fillna(NEVER).values]
-    steps.done("split")
+    return _Split(raw_schema, users, items, actions, impressions, cuts, train_end)
 
-    # items: attributes that carry information, statistics from the training window
-    item_kinds, dropped_items = usable_columns(items, raw_schema["items"])
-    roles = raw_schema["roles"]
-    category, category_names = _category_codes(items, roles, raw_schema["items"])
+
+def _item_features(data: _Split, out: Path) -> _ItemFeatures:
+    """Item attributes that carry information, statistics from the training window, the fitted item workflow."""
+    items, roles, part = data.items, data.raw_schema["roles"], data.part
+    fold = data.actions["fold"].values
+    kinds, dropped = usable_columns(items, data.raw_schema["items"])
+    category, category_names = _category_codes(items, roles, data.raw_schema["items"])
     rel_price = _rel_price(items, roles, category)
     # two sets of statistics: from every train action (served), and from the fit fold only (what the
     # models trained on the fold see), so no holdout label counts toward its own item's popularity
-    stats = _item_statistics(items, actions[part == 0], impressions, roles, train_end)
-    stats_fit = _item_statistics(items, actions[(part == 0) & (fold == 0)], impressions, roles, train_end)
-    ispec = item_spec(item_kinds, roles, "item_age_days" in stats.columns)
+    stats = _item_statistics(items, data.actions[part == 0], data.impressions, roles, data.train_end)
+    stats_fit = _item_statistics(items, data.actions[(part == 0) & (fold == 0)], data.impressions, roles, data.train_end)
+    ispec = item_spec(kinds, roles, "item_age_days" in stats.columns)
     iframe = item_input_frame(pd.concat([items, stats], axis=1), ispec)
     iframe_fit = item_input_frame(pd.concat([items, stats_fit], axis=1), ispec)
     acted = np.zeros(len(items), bool)
-    acted[actions.loc[part == 0, "item_row"].values] = True
+    acted[data.actions.loc[part == 0, "item_row"].values] = True
     iw = item_workflow(ispec, out / "categories")
     nvt_compat.fit(iw, iframe[acted])  # ids never acted on in train stay out-of-vocabulary
-    item_feats = nvt_compat.transform(iw, iframe)
-    item_feats_fit = nvt_compat.transform(iw, iframe_fit)
+    feats, feats_fit = nvt_compat.transform(iw, iframe), nvt_compat.transform(iw, iframe_fit)
     iw.save(str(out / "workflows" / "item"))
-    item_cat_names = ["item_id", *ispec["cat"], *[c for m in ispec["multi"] for c in multi_slot_columns(m)]]
-    item_cont_names = [*ispec["num"], *ispec["price"], *ispec["stats"]]
-    steps.done("item workflow")
+    cat_names = ["item_id", *ispec["cat"], *[c for m in ispec["multi"] for c in multi_slot_columns(m)]]
+    cont_names = [*ispec["num"], *ispec["price"], *ispec["stats"]]
+    return _ItemFeatures(ispec, iw, feats, feats_fit, stats, stats_fit, cat_names, cont_names, category, category_names,
+                         rel_price, dropped)
 
-    # history state and the two-tower training rows: each positive train action, with the state when
-    # its session began (the server's snapshot never holds the running session's own clicks)
-    user_kinds, dropped_users = usable_columns(users, raw_schema["users"])
-    qspec = query_spec(user_kinds, cfg.recent_categories, category is not None, rel_price is not None)
-    train_actions = actions[part == 0]
-    log_all = ActionLog(train_actions, category, rel_price)
+
+def _query_features(data: _Split, it: _ItemFeatures, cfg: FeatureConfig, out: Path):
+    """The history state and the query workflow fitted on the two-tower's training rows: each positive
+    train action, with the state when its session began (the server's snapshot never holds the
+    running session's own clicks)."""
+    user_kinds, dropped_users = usable_columns(data.users, data.raw_schema["users"])
+    qspec = query_spec(user_kinds, cfg.recent_categories, it.category is not None, it.rel_price is not None)
+    train_actions = data.train
+    log_all = ActionLog(train_actions, it.category, it.rel_price)
     rows = train_actions[train_actions["kind"] >= POSITIVE_KIND]
     session_start = rows.groupby(["user_id", "session_id"])["ts"].transform("min").values
     state = log_all.states(rows["user_id"].values, session_start, cfg.sequence_length, cfg.recent_categories)
-    attrs = _user_attrs(users, rows["user_id"].values, qspec)
-    row_device = rows["device"].values
+    attrs = _user_attrs(data.users, rows["user_id"].values, qspec)
     hour, weekday = context_from_ts(rows["ts"].values)
-    raw = raw_rows(qspec, state, attrs, category_names, hour, weekday, row_device)
+    raw = raw_rows(qspec, state, attrs, it.category_names, hour, weekday, rows["device"].values)
     qframe = pd.DataFrame(raw)[query_input_columns(qspec)]
     qw = query_workflow(qspec, out / "categories")
     nvt_compat.fit(qw, qframe)
     qw.save(str(out / "workflows" / "query"))
-    steps.done("query workflow")
+    return qw, qspec, log_all, dropped_users, (rows, state, qframe)
 
+
+def _training_rows(qw, train_rows, it: _ItemFeatures, cfg: FeatureConfig, out: Path) -> int:
+    """train.parquet: the query features of each training row, its sequence as item codes, its label."""
+    rows, state, qframe = train_rows
     feats = nvt_compat.transform(qw, qframe)
-    codes = item_feats["item_id"].values.astype(np.int64)
+    codes = it.feats["item_id"].values.astype(np.int64)
     seq = state["seq_rows"]
     extra = {f"seq_{i + 1}": np.where(seq[:, i] >= 0, codes[np.maximum(seq[:, i], 0)], 0) for i in range(cfg.sequence_length)}
     extra.update({f"seq_kind_{i + 1}": state["seq_kinds"][:, i] for i in range(cfg.sequence_length)})
@@ -244,73 +320,73 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
                   "user_id_raw": rows["user_id"].values, "ts": rows["ts"].values})
     feats = pd.concat([feats, pd.DataFrame(extra)], axis=1)
     feats.to_parquet(out / "train.parquet", index=False)
-    actions.to_parquet(out / "actions.parquet", index=False)
-    steps.done("training rows")
+    return int(len(feats))
 
-    # serving files: plan, user store (state after the train split), packed item table
+
+def _serving_files(qw, qspec: dict, log_all: ActionLog, data: _Split, it: _ItemFeatures, cfg: FeatureConfig,
+                   out: Path) -> TransformPlan:
+    """The request-time plan, the user store (state after the train split) and the packed item table."""
     save_plan(qw, out / "serving", "query")
     plan = TransformPlan.load(out / "serving" / "query_plan.json", out / "serving" / "query_vocab.npz")
     attr_cols = [c.removeprefix("user_") for c in qspec["user_cat"] + qspec["user_num"]]
-    store = _store_arrays(users[["user_id", *attr_cols]], attr_cols, log_all, cfg.sequence_length, cfg.recent_categories)
+    store = _store_arrays(data.users[["user_id", *attr_cols]], attr_cols, log_all, cfg.sequence_length, cfg.recent_categories)
     np.savez(out / "serving" / "user_store.npz", **store)
+    items = data.items
     display = {f"display__{c}": np.asarray(items[c].fillna("").astype(str).values, dtype=str)
-               for c, k in raw_schema["items"].items() if k in ("text", "categorical", "multi")}
+               for c, k in data.raw_schema["items"].items() if k in ("text", "categorical", "multi")}
     np.savez(
         out / "serving" / "item_table.npz",
         item_ids=items["item_id"].values.astype(np.int64),
-        item_cat=item_feats[item_cat_names].values.astype(np.int64),
-        item_cont=item_feats[item_cont_names].values.astype(np.float32),
-        item_cont_fit=item_feats_fit[item_cont_names].values.astype(np.float32),
-        popular_rows_fit=np.lexsort((np.arange(len(items)), -stats_fit["popularity"].values)).astype(np.int64),
-        cat_names=np.array(item_cat_names),
-        cont_names=np.array(item_cont_names),
-        popular_rows=np.lexsort((np.arange(len(items)), -stats["popularity"].values)).astype(np.int64),
-        popularity=stats["popularity"].values.astype(np.float64),
-        category_code=category if category is not None else np.full(len(items), -1, np.int64),
-        category_names=category_names,
-        rel_price=rel_price if rel_price is not None else np.zeros(0),  # empty: the items have no price
+        item_cat=it.feats[it.cat_names].values.astype(np.int64),
+        item_cont=it.feats[it.cont_names].values.astype(np.float32),
+        item_cont_fit=it.feats_fit[it.cont_names].values.astype(np.float32),
+        popular_rows_fit=np.lexsort((np.arange(len(items)), -it.stats_fit["popularity"].values)).astype(np.int64),
+        cat_names=np.array(it.cat_names),
+        cont_names=np.array(it.cont_names),
+        popular_rows=np.lexsort((np.arange(len(items)), -it.stats["popularity"].values)).astype(np.int64),
+        popularity=it.stats["popularity"].values.astype(np.float64),
+        category_code=it.category if it.category is not None else np.full(len(items), -1, np.int64),
+        category_names=it.category_names,
+        rel_price=it.rel_price if it.rel_price is not None else np.zeros(0),  # empty: the items have no price
         **display,
     )
-    steps.done("serving files")
+    return plan
 
+
+def _schema(plan: TransformPlan, qspec: dict, data: _Split, it: _ItemFeatures, cfg: FeatureConfig, dropped_users: list,
+            n_rows: int) -> dict:
+    """schema.json: what training and export read about the features (names, vocabularies, cardinalities, split)."""
     item_card = {}
-    for col in iw.output_schema:
+    for col in it.workflow.output_schema:
         sizes = col.properties.get("embedding_sizes")
         if sizes:
             item_card[col.name] = int(sizes["cardinality"])
     vocab_of = {c["name"]: next((op["vocab"] for op in c["ops"] if op["type"] == "categorify"), c["name"]) for c in plan.columns}
-    split_rows = {name: int((part == code).sum()) for name, code in SPLIT_CODE.items()}
-    schema = {
+    multi = it.spec["multi"]
+    return {
         "query_spec": qspec,
         "query_cat": plan.cat_names,
         "query_vocabularies": [vocab_of[c] for c in plan.cat_names],
         "query_cont": plan.cont_names,
         "query_cardinalities": plan.cardinalities,
         "context_columns": [c for c in plan.cat_names if c in qspec["context"]],
-        "item_cat": item_cat_names,
-        "item_vocabularies": [c if not any(c in multi_slot_columns(m) for m in ispec["multi"])
-                              else next(m for m in ispec["multi"] if c in multi_slot_columns(m)) for c in item_cat_names],
-        "item_cont": item_cont_names,
-        "item_cardinalities": {c: item_card[c] for c in item_cat_names},
+        "item_cat": it.cat_names,
+        "item_vocabularies": [c if not any(c in multi_slot_columns(m) for m in multi)
+                              else next(m for m in multi if c in multi_slot_columns(m)) for c in it.cat_names],
+        "item_cont": it.cont_names,
+        "item_cardinalities": {c: item_card[c] for c in it.cat_names},
         "sequence_length": cfg.sequence_length,
         "recent_categories": cfg.recent_categories,
-        "roles": roles,
-        "dropped_columns": {"items": dropped_items, "users": dropped_users},
-        "split": cfg.split, "cuts": cuts, "train_end": train_end,
-        "actions": split_rows,
-        "holdout_actions": int((fold == 1).sum()),
-        "train_rows": int(len(feats)),
-        "items": int(len(items)),
-        "users": int(len(users)),
-        "source": raw_schema.get("source"),
+        "roles": data.raw_schema["roles"],
+        "dropped_columns": {"items": it.dropped, "users": dropped_users},
+        "split": cfg.split, "cuts": data.cuts, "train_end": data.train_end,
+        "actions": {name: int((data.part == code).sum()) for name, code in SPLIT_CODE.items()},
+        "holdout_actions": int((data.actions["fold"].values == 1).sum()),
+        "train_rows": n_rows,
+        "items": int(len(data.items)),
+        "users": int(len(data.users)),
+        "source": data.raw_schema.get("source"),
     }
-    (out / "schema.json").write_text(json.dumps(schema, indent=1) + "\n")
-    write_manifest(out, extra={"stage": "features"})
-    steps.done("schema + manifest")
-    if dropped_items or dropped_users:
-        log.warning("left out columns without any value: items %s, users %s", dropped_items, dropped_users)
-    return {"out": str(out), "split": cfg.split, **split_rows, "train_rows": int(len(feats)), "items": int(len(items)),
-            "dropped_columns": schema["dropped_columns"], "seconds": round(time.time() - t0, 1)}
 
 
 def _user_attrs(users: pd.DataFrame, user_ids: np.ndarray, qspec: dict) -> dict[str, np.ndarray]:

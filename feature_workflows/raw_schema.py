@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from shoprec.errors import UserError
 
 EVENTS = ("impression", "view", "click", "cart", "purchase")  # weakest first

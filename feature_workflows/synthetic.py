@@ -33,6 +33,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -144,14 +145,24 @@ def _sigmoid(x):
 
 
 def _user_chunk(size: ShopSize, items: dict, first: int, count: int, seed: int):
+    """Users first..first+count-1: their attributes, the ground truth, and their events. The draws
+    come from one generator in a fixed order, so a chunk is the same whatever the chunking."""
     rng = np.random.default_rng([seed, 1, first])
+    u = _draw_users(size, items, first, count, rng)
+    s = _draw_sessions(size, u, rng)
+    imp = _draw_impressions(size, items, u, s, rng)
+    return u.users, u.truth, _draw_events(items, first, u, s, imp, rng)
+
+
+def _draw_users(size: ShopSize, items: dict, first: int, count: int, rng) -> SimpleNamespace:
+    """Attributes and the latent taste: a segment prior (age/region) plus a personal Dirichlet draw,
+    for half the users a second taste from a shift time on, a favourite brand pair and a price tier."""
     c = size.categories
     uid = first + np.arange(count)
     age = rng.integers(18, 71, size=count)
     gender = rng.choice(3, size=count, p=[0.48, 0.48, 0.04])
     region = rng.integers(0, len(REGIONS), size=count)
     device = rng.choice(3, size=count, p=[0.6, 0.3, 0.1])
-    # latent preference: a segment prior (age/region) plus a personal Dirichlet draw
     segment = (age // 15 + region) % c
     pref = rng.dirichlet(np.full(c, 0.15), size=count)
     pref[np.arange(count), segment] += 0.3
@@ -164,92 +175,94 @@ def _user_chunk(size: ShopSize, items: dict, first: int, count: int, seed: int):
     fav_cat = pref.argmax(1)
     fav_brands = fav_cat[:, None] + c * rng.integers(0, items["brands_per_cat"], size=(count, 2))
     tier = rng.normal(0, 1, size=count)  # preferred price within any category: budget < 0 < premium
+    users = pd.DataFrame({
+        "user_id": USER_ID_BASE + uid.astype(np.int64),
+        "age": age.astype(np.int64),
+        "gender": GENDERS[gender],
+        "region": REGIONS[region],
+        "device": DEVICES[device],
+    })
+    truth = pd.DataFrame({
+        "user_id": users["user_id"],
+        "true_category": fav_cat,
+        "shifted": shifted,
+        "shift_ts": np.where(shifted, shift_ts, -1),
+        "late_category": np.where(shifted, pref2.argmax(1), fav_cat),
+        "price_tier": tier,
+    })
+    return SimpleNamespace(uid=uid, count=count, device=device, pref=pref, pref2=pref2, shifted=shifted, shift_ts=shift_ts,
+                           fav_brands=fav_brands, tier=tier, start=start, users=users, truth=truth)
 
-    users = pd.DataFrame(
-        {
-            "user_id": USER_ID_BASE + uid.astype(np.int64),
-            "age": age.astype(np.int64),
-            "gender": GENDERS[gender],
-            "region": REGIONS[region],
-            "device": DEVICES[device],
-        }
-    )
-    truth = pd.DataFrame(
-        {
-            "user_id": users["user_id"],
-            "true_category": fav_cat,
-            "shifted": shifted,
-            "shift_ts": np.where(shifted, shift_ts, -1),
-            "late_category": np.where(shifted, pref2.argmax(1), fav_cat),
-            "price_tier": tier,
-        }
-    )
 
-    # sessions
-    n_sess = rng.poisson(size.sessions_per_user, size=count) + 1
-    s_user = np.repeat(np.arange(count), n_sess)
-    n_s = len(s_user)
-    peak_hour = rng.integers(0, 24, size=count)
+def _draw_sessions(size: ShopSize, u: SimpleNamespace, rng) -> SimpleNamespace:
+    """Sessions around each user's peak hour, each with one intent category (15 % by time of day) and a device."""
+    c = size.categories
+    n_sess = rng.poisson(size.sessions_per_user, size=u.count) + 1
+    user = np.repeat(np.arange(u.count), n_sess)
+    n_s = len(user)
+    peak_hour = rng.integers(0, 24, size=u.count)
     day = rng.integers(0, size.days, size=n_s)
-    hour = (peak_hour[s_user] + np.round(rng.normal(0, 3, size=n_s)).astype(int)) % 24
-    s_ts = start + day * DAY + hour * 3600 + rng.integers(0, 3600, size=n_s)
-    late = shifted[s_user] & (s_ts >= shift_ts[s_user])
-    s_pref = np.where(late[:, None], pref2[s_user], pref[s_user])
-    cum = s_pref.cumsum(1)
+    hour = (peak_hour[user] + np.round(rng.normal(0, 3, size=n_s)).astype(int)) % 24
+    ts = u.start + day * DAY + hour * 3600 + rng.integers(0, 3600, size=n_s)
+    late = u.shifted[user] & (ts >= u.shift_ts[user])
+    pref = np.where(late[:, None], u.pref2[user], u.pref[user])
+    cum = pref.cumsum(1)
     intent = (cum < rng.random(n_s)[:, None]).sum(1).clip(0, c - 1)
     by_hour = rng.random(n_s) < 0.15
     intent = np.where(by_hour, (hour // 4) % c, intent)
-    s_device = np.where(rng.random(n_s) < 0.8, device[s_user], rng.integers(0, 3, size=n_s))
+    device = np.where(rng.random(n_s) < 0.8, u.device[user], rng.integers(0, 3, size=n_s))
+    return SimpleNamespace(n=n_s, user=user, ts=ts, pref=pref, intent=intent, device=device)
 
-    # impressions: the best-seller list, or the intent category as the shop's ranking orders it
+
+def _draw_impressions(size: ShopSize, items: dict, u: SimpleNamespace, s: SimpleNamespace, rng) -> SimpleNamespace:
+    """What the shop showed: the best-seller list, or the intent category as the shop's ranking orders it."""
     m = size.slate
-    imp_sess = np.repeat(np.arange(n_s), m)
-    from_cat = rng.random(len(imp_sess)) >= POPULAR_SHARE
-    imp_item = np.empty(len(imp_sess), dtype=np.int64)
-    cat_sess = imp_sess[from_cat]
-    cand = _sample_in_category(np.repeat(intent[cat_sess], SHOP_CANDIDATES), items, rng).reshape(-1, SHOP_CANDIDATES)
-    fit = -1.2 * np.abs(items["rel_price"][cand] - tier[s_user[cat_sess]][:, None])
+    sess = np.repeat(np.arange(s.n), m)
+    from_cat = rng.random(len(sess)) >= POPULAR_SHARE
+    item = np.empty(len(sess), dtype=np.int64)
+    cat_sess = sess[from_cat]
+    cand = _sample_in_category(np.repeat(s.intent[cat_sess], SHOP_CANDIDATES), items, rng).reshape(-1, SHOP_CANDIDATES)
+    fit = -1.2 * np.abs(items["rel_price"][cand] - u.tier[s.user[cat_sess]][:, None])
     pick = np.argmax(fit + rng.gumbel(size=fit.shape), axis=1)
-    imp_item[from_cat] = np.take_along_axis(cand, pick[:, None], axis=1)[:, 0]
-    imp_item[~from_cat] = _sample_popular(int((~from_cat).sum()), items, rng)
-    imp_ts = s_ts[imp_sess] + np.tile(np.arange(m), n_s)
-    keep = items["created"][imp_item] <= imp_ts  # nothing is shown before it exists
-    imp_sess, imp_item, imp_ts = imp_sess[keep], imp_item[keep], imp_ts[keep]
-    iu = s_user[imp_sess]
+    item[from_cat] = np.take_along_axis(cand, pick[:, None], axis=1)[:, 0]
+    item[~from_cat] = _sample_popular(int((~from_cat).sum()), items, rng)
+    ts = s.ts[sess] + np.tile(np.arange(m), s.n)
+    keep = items["created"][item] <= ts  # nothing is shown before it exists
+    return SimpleNamespace(sess=sess[keep], item=item[keep], ts=ts[keep])
 
-    icat = items["category"][imp_item]
-    fav_brand = (items["brand"][imp_item][:, None] == fav_brands[iu]).any(1)
-    price_gap = np.abs(items["rel_price"][imp_item] - tier[iu])
+
+def _draw_events(items: dict, first: int, u: SimpleNamespace, s: SimpleNamespace, imp: SimpleNamespace, rng) -> pd.DataFrame:
+    """The user's answer to each impression: click from intent, taste, brand, price fit and popularity;
+    cart and purchase from brand, price fit and device. One row per event, ordered by time."""
+    iu = s.user[imp.sess]
+    icat = items["category"][imp.item]
+    fav_brand = (items["brand"][imp.item][:, None] == u.fav_brands[iu]).any(1)
+    price_gap = np.abs(items["rel_price"][imp.item] - u.tier[iu])
     logit = (
         -3.2
-        + 2.2 * (icat == intent[imp_sess])
-        + 3.0 * s_pref[imp_sess, icat]
+        + 2.2 * (icat == s.intent[imp.sess])
+        + 3.0 * s.pref[imp.sess, icat]
         + 1.2 * fav_brand
         - 0.8 * price_gap
-        + 0.25 * items["log_pop"][imp_item]
+        + 0.25 * items["log_pop"][imp.item]
     )
     click = rng.random(len(logit)) < _sigmoid(logit)
-    p_buy = _sigmoid(-1.0 + 1.5 * fav_brand - 1.2 * price_gap + 0.5 * (s_device[imp_sess] == 1))
+    p_buy = _sigmoid(-1.0 + 1.5 * fav_brand - 1.2 * price_gap + 0.5 * (s.device[imp.sess] == 1))
     purchase = click & (rng.random(len(logit)) < p_buy)
     cart = purchase | (click & (rng.random(len(logit)) < 0.3))
-
     parts = []
     for name, mask, delay in (("impression", None, 0), ("click", click, 5), ("cart", cart, 30), ("purchase", purchase, 60)):
         sel = slice(None) if mask is None else mask
-        parts.append(
-            pd.DataFrame(
-                {
-                    "user_id": USER_ID_BASE + uid[iu[sel]].astype(np.int64),
-                    "item_id": ITEM_ID_BASE + imp_item[sel],
-                    "ts": (imp_ts[sel] + delay).astype(np.int64),
-                    "session_id": (first * 64 + imp_sess[sel]).astype(np.int64),
-                    "event": name,
-                    "device": DEVICES[s_device[imp_sess[sel]]],
-                }
-            )
-        )
+        parts.append(pd.DataFrame({
+            "user_id": USER_ID_BASE + u.uid[iu[sel]].astype(np.int64),
+            "item_id": ITEM_ID_BASE + imp.item[sel],
+            "ts": (imp.ts[sel] + delay).astype(np.int64),
+            "session_id": (first * 64 + imp.sess[sel]).astype(np.int64),
+            "event": name,
+            "device": DEVICES[s.device[imp.sess[sel]]],
+        }))
     inter = pd.concat(parts, ignore_index=True).sort_values(["ts", "user_id"], kind="stable")
-    return users, truth, inter.reset_index(drop=True)
+    return inter.reset_index(drop=True)
 
 
 def generate(out_dir: str | Path, size: str = "small", seed: int = 7, progress: bool = True) -> dict:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from runtime.candidates import CandidateGenerator, ItemNeighbours
-from shoprec.config import REPO_ROOT, ServeConfig, load_config
+from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from shoprec import contract
+from shoprec.config import REPO_ROOT, ServeConfig, load_config
 from shoprec.contract import BUNDLE_FILES
 from shoprec.manifest import ArtifactError, verify_manifest
 

@@ -12,6 +12,7 @@ import json
 import platform
 import time
 from pathlib import Path
+
 from .errors import UserError
 
 MANIFEST_NAME = "manifest.json"

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.serving_bench import input_data, probe_repository, run_perf_analyzer
+from benchmarks.serving_bench import input_data
+from benchmarks.serving_load import probe_repository, run_perf_analyzer
 
 
 @pytest.fixture(scope="module")

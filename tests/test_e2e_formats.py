@@ -6,10 +6,10 @@ the user interacted with in any served list."""
 from __future__ import annotations
 
 import json
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 
 from app.cli import main
 from shoprec.config import DEFAULT_CONFIG
@@ -84,9 +84,9 @@ def write_config(path, **sections):
 @pytest.mark.parametrize("layout", ["movielens-100k", "movielens-1m", "movielens-latest-small", "generic"])
 def test_end_to_end(layout, tmp_path):
     from client import RecommenderClient
+    from runtime.pipeline import Pipeline
     from runtime.request_transform import UserStore
     from serving.launcher import TritonServer
-    from runtime.pipeline import Pipeline
     from shoprec.config import load_config
     from shoprec.manifest import verify_manifest
 

@@ -11,8 +11,8 @@ from feature_workflows.export_plan import UnsupportedOp, build_plan
 from feature_workflows.history import NEVER, ActionLog
 from feature_workflows.pipeline import assign_holdout, build_features
 from feature_workflows.raw_schema import make_schema, write_raw
-from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from feature_workflows.workflows import query_input_columns
+from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from shoprec.config import FeatureConfig
 from shoprec.manifest import verify_manifest
 

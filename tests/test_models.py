@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.candidates import CandidateGenerator, ItemNeighbours, _round_robin
-from shoprec.config import IndexConfig
+from runtime.candidates import CandidateGenerator, _round_robin
 from runtime.faiss_search import recall_vs_exact, search
+from shoprec.config import IndexConfig
 from shoprec.manifest import ArtifactError, verify_manifest, verify_tree, write_manifest
 from training import metrics as M
 from training.cf import _top_abs_dense, ease_weights, to_neighbours

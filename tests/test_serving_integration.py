@@ -1,6 +1,7 @@
 """Against a real tritonserver (pip nvidia-pytriton wheel, python backend) serving the ensemble."""
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,14 @@ def test_launcher_refuses_tampered_bundle(artifacts, cfg, tmp_path):
     (copy / "serving" / "ranker.onnx").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="ranker.onnx: sha256"):
         TritonServer.from_config(cfg.serve, copy, ephemeral_ports=True).start()
+
+
+def test_demo_serves_a_known_and_an_unknown_user_over_both_protocols(artifacts, cfg, capsys):
+    """The last step of `make demo` (app/cli.py demo_served): a fresh server, HTTP and gRPC answers, a cold user."""
+    from app.cli import demo_served
+
+    demo_served(artifacts, cfg)
+    out = capsys.readouterr().out
+    assert out.count("[http] user ") == 1 and out.count("[grpc] user ") == 2
+    assert "[grpc] user -1: 5 items  (cold start: no history)" in out
+    assert len(re.findall(r"^   1 +\d+ +[\d.]+ ", out, re.MULTILINE)) == 3  # every list has a first rank with a score

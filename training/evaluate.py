@@ -31,11 +31,11 @@ import torch
 
 from feature_workflows.history import POSITIVE_KIND
 from shoprec.config import Config
+from shoprec.errors import UserError
 
 from . import cf as cflib
 from . import metrics as M
 from .data import FeatureData
-from shoprec.errors import UserError
 
 log = logging.getLogger("shoprec.evaluate")
 K_RECALL = (10, 50, 100)

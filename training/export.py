@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shoprec import contract
 from runtime.candidates import DENSE_FEATURES
-from shoprec.config import Config
 from runtime.faiss_search import recall_vs_exact
+from shoprec import contract
+from shoprec.config import Config
+from shoprec.errors import UserError
 from shoprec.manifest import verified_path, verify_manifest, write_manifest
 
 from .data import FeatureData
@@ -29,7 +30,6 @@ from .index import build_index
 from .modules import RankerServing
 from .tensorrt import build_engines
 from .train import check_lineage, item_embeddings, load_ranker, load_two_tower
-from shoprec.errors import UserError
 
 OPSET = 17
 

@@ -30,6 +30,7 @@ import torch
 from runtime.candidates import CandidateGenerator, ItemNeighbours
 from shoprec.config import Config, RankingConfig, RetrievalConfig
 from shoprec.device import torch_device
+from shoprec.errors import UserError
 from shoprec.manifest import read_manifest, sha256_file, verified_path, write_manifest
 from shoprec.progress import progress as progress_iter
 
@@ -37,7 +38,6 @@ from . import cf as cflib
 from .data import NULL_CODE, FeatureData, context_of
 from .metrics import ndcg_at, recall_at
 from .modules import OOV_CODE, Ranker, TwoTower, sampled_softmax_loss
-from shoprec.errors import UserError
 
 log = logging.getLogger("shoprec.train")
 

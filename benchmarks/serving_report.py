@@ -1,0 +1,117 @@
+"""The serving benchmark's report: ratios, serving.{json,csv,md,png}."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def summarise(report: dict) -> dict:
+    def at(target, c):
+        return next(r for r in report["targets"][target] if r["concurrency"] == c)
+
+    c_hi = 16 if any(r["concurrency"] == 16 for r in report["targets"]["triton-grpc"]) else report["concurrency"][-1]
+    floor = report["in_process"]["p50_ms"]
+    thr = at("triton-grpc", c_hi)["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"]
+    lat = at("triton-grpc", 1)["p50_ms"] / floor
+    return {
+        f"triton_grpc_over_fastapi_throughput_c{c_hi}": round(thr, 2),
+        f"triton_http_over_fastapi_throughput_c{c_hi}": round(
+            at("triton-http", c_hi)["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"], 2),
+        "triton_grpc_p50_c1_over_in_process_p50": round(lat, 2),
+        "probe_p50_c1_over_in_process_p50": round(report["probe"]["c1"]["p50_ms"] / floor, 2),
+        "probe_throughput_c16_over_fastapi": round(
+            report["probe"]["c16"]["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"], 2),
+        "target_throughput_3x_met": thr >= 3.0,
+        "target_latency_1.5x_met": lat <= 1.5,
+    }
+
+
+def write_outputs(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
+    with open(out_dir / "serving.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["target", "concurrency", "throughput_rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms"])
+        for target, rows in report["targets"].items():
+            for r in rows:
+                w.writerow([target, r["concurrency"], r["throughput_rps"], r["p50_ms"], r["p90_ms"], r["p95_ms"], r["p99_ms"]])
+        f_ = report["in_process"]
+        w.writerow(["in-process", 1, f_["throughput_rps"], f_["p50_ms"], f_["p90_ms"], f_["p95_ms"], f_["p99_ms"]])
+        for r in (report["probe"]["c1"], report["probe"]["c16"]):
+            w.writerow(["probe-6-empty-python-steps", r["concurrency"], r["throughput_rps"], r["p50_ms"], r["p90_ms"],
+                        r["p95_ms"], r["p99_ms"]])
+    (out_dir / "serving.md").write_text(markdown(report))
+    plot(report, out_dir / "serving.png")
+
+
+def markdown(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"# Serving benchmark — {report['catalog_items']} items, {report['num_candidates']} candidates ranked per request", "",
+             f"Command: `{report['command']}`. Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+             f"no GPU. Load generator: perf_analyzer 2.51 on the same cores, {report['load']}. "
+             "req/s = concurrency / mean latency (closed loop, Little's law).", "",
+             "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    for target, rows in report["targets"].items():
+        for r in rows:
+            lines.append(f"| {target} | {r['concurrency']} | {r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | "
+                         f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} |")
+    f_ = report["in_process"]
+    lines.append(f"| in-process floor | 1 | {f_['throughput_rps']:.0f} | {f_['p50_ms']:.2f} | {f_['p95_ms']:.2f} | {f_['p99_ms']:.2f} |")
+    for level, r in (("1", report["probe"]["c1"]), ("16", report["probe"]["c16"])):
+        lines.append(f"| probe: 6 empty python steps | {level} | {r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    for key, value in s.items():
+        if not key.startswith("target_"):
+            lines.append(f"| {key} | {value} | |")
+    lines += ["", f"Targets: throughput ≥ 3× FastAPI → {'met' if s['target_throughput_3x_met'] else 'NOT met'}; "
+              f"p50 at concurrency 1 ≤ 1.5× in-process → {'met' if s['target_latency_1.5x_met'] else 'NOT met'}.", "",
+              "Per-step time per request in the ensemble (triton-grpc; µs: queue / compute infer; avg batch):", "",
+              "| concurrency | " + " | ".join(report["steps"]) + " |", "|---|" + "---|" * len(report["steps"])]
+    for r in report["targets"]["triton-grpc"]:
+        cells = [f"{r['steps'][n]['queue_us']:.0f} / {r['steps'][n]['compute_infer_us']:.0f}; {r['steps'][n]['avg_batch']}"
+                 if n in r.get("steps", {}) else "" for n in report["steps"]]
+        lines.append(f"| {r['concurrency']} | " + " | ".join(cells) + " |")
+    c_hi = 16 if 16 in report["concurrency"] else report["concurrency"][-1]
+    rows = {t: next(r for r in report["targets"][t] if r["concurrency"] == c_hi) for t in report["targets"]}
+    roles = sorted({k for r in rows.values() for k in r.get("cpu_ms_per_request", {})})
+    lines += ["", f"CPU time per request at concurrency {c_hi} (ms, summed over both cores; where the cores go):", "",
+              "| process | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for role in roles:
+        lines.append(f"| {role} | " + " | ".join(_ms(r.get("cpu_ms_per_request", {}).get(role)) for r in rows.values()) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{sum(r.get('cpu_ms_per_request', {}).values()):.3f}**" for r in rows.values()) + " |")
+    lines += ["", f"In-process: {report['in_process']['p50_ms']:.3f} ms per request at batch 1, "
+              f"{report['in_process']['batch16_ms_per_request']:.3f} ms per request at batch 16 (same steps, one process)."]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(value) -> str:
+    return "—" if not value else f"{value:.3f}"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for target, rows in report["targets"].items():
+        c = [r["concurrency"] for r in rows]
+        a.plot(c, [r["throughput_rps"] for r in rows], marker="o", label=target)
+        line = b.plot(c, [r["p50_ms"] for r in rows], marker="o", label=f"{target} p50")[0]
+        b.plot(c, [r["p99_ms"] for r in rows], ls="--", color=line.get_color(), alpha=0.6)
+    b.axhline(report["in_process"]["p50_ms"], color="k", ls=":", label="in-process p50 (batch 1)")
+    for ax, title, ylabel in ((a, "throughput", "requests/s"), (b, "latency (dashed: p99)", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    b.set_yscale("log")
+    fig.suptitle(f"recommender ensemble vs FastAPI vs in-process — {report['machine']['cores']}-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
