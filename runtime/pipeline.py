@@ -39,11 +39,11 @@ class Pipeline:
         last = names.index(stop) if stop else len(names)
         for step in self.graph[first:last]:
             impl = self.steps[step.name]
-            inputs = impl.check({t.name: tensors.get(t.name) for t in step.inputs})
+            inputs = impl.check({t.name: tensors.get(step.graph_name(t.name)) for t in step.inputs})
             outputs = impl.run(inputs)
             check_outputs(step, outputs, self.sizes)
-            tensors.update(inputs)
-            tensors.update(zip((t.name for t in step.outputs), outputs))
+            tensors.update({step.graph_name(name): value for name, value in inputs.items()})
+            tensors.update(zip((step.graph_name(t.name) for t in step.outputs), outputs))
         return tensors
 
     @staticmethod

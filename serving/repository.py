@@ -64,9 +64,9 @@ def ensemble_config(profile: str = "cpu") -> mc.ModelConfig:
     for step in steps:
         s = cfg.ensemble_scheduling.step.add(model_name=step.name, model_version=-1)
         for t in step.inputs:
-            s.input_map[t.name] = t.name
+            s.input_map[t.name] = step.graph_name(t.name)
         for t in step.outputs:
-            s.output_map[t.name] = t.name
+            s.output_map[t.name] = step.graph_name(t.name)
     return cfg
 
 

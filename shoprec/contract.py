@@ -55,9 +55,16 @@ class Step:
     # gpu: a short delay fills bigger batches for the GPU kernels.
     cpu_queue_delay_us: int = 0
     gpu_queue_delay_us: int = 100
+    # (step tensor, graph tensor) pairs where the ensemble routes another tensor to or from this step
+    # (Triton's input_map/output_map): a step inserted before this one rewires it without a code change
+    wiring: tuple[tuple[str, str], ...] = ()
 
     def kind(self, profile: str) -> str:
         return self.gpu_kind if profile == "gpu" else "KIND_CPU"
+
+    def graph_name(self, tensor: str) -> str:
+        """The ensemble tensor a step input/output is connected to."""
+        return dict(self.wiring).get(tensor, tensor)
 
 
 # request inputs (per request: one user)

@@ -87,9 +87,9 @@ def test_the_graph_declares_what_the_repository_and_pipeline_run(pipeline):
     assert contract.STEPS[0].inputs[0] == contract.USER_ID and contract.STEPS[-1].outputs == contract.RESPONSE_OUTPUTS[:2]
     produced = {t.name for t in contract.REQUEST_INPUTS}
     for step in contract.STEPS:  # every input is a request input or an earlier step's output
-        missing = [t.name for t in step.inputs if t.name not in produced]
+        missing = [step.graph_name(t.name) for t in step.inputs if step.graph_name(t.name) not in produced]
         assert not missing, f"{step.name} reads {missing} before any step writes them"
-        produced |= {t.name for t in step.outputs}
+        produced |= {step.graph_name(t.name) for t in step.outputs}
     assert {t.name for t in contract.RESPONSE_OUTPUTS} <= produced
 
 
@@ -117,3 +117,42 @@ def test_unknown_step_class_is_refused(artifacts, cfg):
     step = contract.Step("nope", (), (), "NoSuchStep", "KIND_CPU")
     with pytest.raises(ValueError, match="impl 'NoSuchStep' is not a StepImpl"):
         load_step(step, Bundle(artifacts / "serving"), cfg.serve)
+
+
+def test_adding_a_step_is_one_class_and_one_graph_entry(artifacts, cfg, pipeline, monkeypatch, tmp_path):
+    """The README's claim, exercised: a step that reverses the ranking, added with a class and an entry,
+    appears in both profiles' configs and the ensemble, and the in-process pipeline runs it."""
+    import dataclasses
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    import runtime.steps as steps_module
+    from serving import repository
+
+    class Reverse(steps_module.StepImpl):
+        def run(self, t):
+            return (-t["ranking_scores"],)
+
+    reversed_scores = contract.Tensor("reversed_scores", "FP32", ("num_candidates",))
+    entry = contract.Step("reverse", (contract.RANKING_SCORES,), (reversed_scores,), "Reverse", "KIND_CPU")
+    rewired = dataclasses.replace(contract.STEP_BY_NAME["topk"], wiring=(("ranking_scores", "reversed_scores"),))
+    monkeypatch.setattr(steps_module, "Reverse", Reverse, raising=False)
+    monkeypatch.setattr(contract, "STEPS", (*contract.STEPS[:-1], entry, rewired))
+
+    repository.generate(tmp_path)
+    for profile in contract.PROFILES:
+        cfg_text = (tmp_path / profile / "reverse" / "config.pbtxt").read_text()
+        assert text_format.Parse(cfg_text.split("\n", 1)[1], mc.ModelConfig()).output[0].name == "reversed_scores"
+        ens = text_format.Parse((tmp_path / profile / "recommender" / "config.pbtxt").read_text().split("\n", 1)[1],
+                                mc.ModelConfig())
+        assert [s.model_name for s in ens.ensemble_scheduling.step][-2:] == ["reverse", "topk"]
+        assert ens.ensemble_scheduling.step[-1].input_map["ranking_scores"] == "reversed_scores"
+
+    users = pipeline.steps["feature_transform"].store.user_id[:4]
+    normal = pipeline.recommend(users, pipeline.max_k)
+    reversed_ = Pipeline(artifacts / "serving", cfg=cfg.serve).recommend(users, pipeline.max_k)
+    for (ids, scores, _), (rev_ids, rev_scores, _) in zip(normal, reversed_):
+        assert set(ids) == set(rev_ids) and len(ids) > 1
+        np.testing.assert_allclose(np.sort(rev_scores), np.sort(-scores), rtol=1e-6)
+        assert ids[-1] == rev_ids[0]  # the worst of the normal list leads the reversed one
