@@ -10,7 +10,7 @@ One load generator, one run: perf_analyzer (the tritonclient 2.51.0 wheel's bina
                  core, speaking the same KServe v2 JSON (benchmarks/fastapi_app.py);
 with the same real user ids as input data, a fixed request count per concurrency level.
 The in-process floor is the same pipeline called directly, one request at a time, same users.
-A probe ensemble of six identity python models measures what the ensemble and the python
+A probe ensemble of as many identity python models as the cpu profile has steps measures what the ensemble and the python
 backend cost by themselves (no model work), to explain the gap between Triton and the floor.
 
 The load generator runs on the same cores as the servers; every target pays that equally.
@@ -142,14 +142,15 @@ def main(argv=None) -> dict:
             sweep(report["targets"], "triton-http", server.http_url, "http", args.concurrency, data, pgid)
         with FastAPIServer(artifacts, args.fastapi_workers) as api:
             sweep(report["targets"], "fastapi-http", api.url, "http", args.concurrency, data, api.proc.pid)
-        probe_root = probe_repository(Path(tmp) / "probe")
+        hops = len(shoprec_contract.profile_steps("cpu"))
+        probe_root = probe_repository(Path(tmp) / "probe", steps=hops)
         with TritonServer(probe_root, artifacts, free_port(), free_port(), free_port(), log_path=Path(tmp) / "probe.log") as probe:
-            report["probe"] = {"what": "ensemble of 6 identity python-backend models (no model work), gRPC",
+            report["probe"] = {"what": f"ensemble of {hops} identity python-backend models (no model work), gRPC", "steps": hops,
                                "c1": run_perf_analyzer(probe.grpc_url, "grpc", 1, data, _request_count(1), model="probe"),
                                "c16": run_perf_analyzer(probe.grpc_url, "grpc", 16, data, _request_count(16), model="probe")}
             print(f"probe         c=1   p50 {report['probe']['c1']['p50_ms']:.2f} ms; "
                   f"c=16 {report['probe']['c16']['throughput_rps']:.0f} req/s", flush=True)
-    report["steps"] = [s.name for s in shoprec_contract.STEPS]
+    report["steps"] = [s.name for s in shoprec_contract.profile_steps("cpu")]
     report["summary"] = summarise(report)
     write_outputs(report, Path(args.out))
     print(json.dumps(report["summary"], indent=1))

@@ -40,7 +40,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         f_ = report["in_process"]
         w.writerow(["in-process", 1, f_["throughput_rps"], f_["p50_ms"], f_["p90_ms"], f_["p95_ms"], f_["p99_ms"]])
         for r in (report["probe"]["c1"], report["probe"]["c16"]):
-            w.writerow(["probe-6-empty-python-steps", r["concurrency"], r["throughput_rps"], r["p50_ms"], r["p90_ms"],
+            w.writerow([f"probe-{report['probe'].get('steps', 6)}-empty-python-steps", r["concurrency"], r["throughput_rps"], r["p50_ms"], r["p90_ms"],
                         r["p95_ms"], r["p99_ms"]])
     (out_dir / "serving.md").write_text(markdown(report))
     plot(report, out_dir / "serving.png")
@@ -60,7 +60,7 @@ def markdown(report: dict) -> str:
     f_ = report["in_process"]
     lines.append(f"| in-process floor | 1 | {f_['throughput_rps']:.0f} | {f_['p50_ms']:.2f} | {f_['p95_ms']:.2f} | {f_['p99_ms']:.2f} |")
     for level, r in (("1", report["probe"]["c1"]), ("16", report["probe"]["c16"])):
-        lines.append(f"| probe: 6 empty python steps | {level} | {r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | "
+        lines.append(f"| probe: {report['probe'].get('steps', 6)} empty python steps | {level} | {r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     for key, value in s.items():

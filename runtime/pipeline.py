@@ -4,7 +4,8 @@ benchmarks, the engine behind the FastAPI comparison server, and what `shoprec e
 
 It runs the same step classes as the Triton models (runtime/steps.py), in the order the graph
 declares them (shoprec/contract.py), over tensors shaped as Triton ships them, and checks every
-step's outputs against the declaration."""
+step's outputs against the declaration. By default it runs the graph's steps one by one; with
+`profile="cpu"` it runs that profile's fused steps, exactly as the cpu repository does."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from .steps import NUMPY_DTYPES, Bundle, bundle_dir, check_outputs, load_step, m
 
 
 class Pipeline:
-    def __init__(self, path: str | Path | None = None, threads: int = 1, cfg=None, profile: str = "cpu"):
+    def __init__(self, path: str | Path | None = None, threads: int = 1, cfg=None, profile: str | None = None):
         self.bundle = bundle = Bundle(Path(path) if path else bundle_dir())
         self.cfg = cfg or serve_config()
-        self.graph = contract.profile_steps(profile)
+        self.graph = contract.STEPS if profile is None else contract.profile_steps(profile)
         self.steps = {s.name: load_step(s, bundle, self.cfg, threads=threads) for s in self.graph}
         self.sizes = bundle.sizes(self.cfg)
         self.max_k = max_k(bundle, self.cfg)
@@ -66,12 +67,16 @@ class Pipeline:
     def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None):
         """Batch of users -> list of (item_ids, scores, cold_start), one per user (each user its own request)."""
         tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen))
-        start = next(s.name for s in self.graph if s.per_request)
+        last = self.graph[-1]
+        if not last.per_request:
+            raise ValueError(f"the graph's last step {last.name!r} does not produce per-request lists")
+        impl = self.steps[last.name]
+        inputs = impl.check({t.name: tensors.get(last.graph_name(t.name)) for t in last.inputs})
         out = []
-        for i in range(len(tensors["user_id"])):
-            one = self.run({n: None if a is None else a[i : i + 1] for n, a in tensors.items()}, start=start)
-            ids, scores = one["item_ids"][0], one["scores"][0]
+        for outputs in impl.run_requests(inputs, [1] * len(tensors["user_id"])):
+            check_outputs(last, outputs, self.sizes, 1)
+            named = dict(zip((t.name for t in last.outputs), outputs))
+            ids, scores = named["item_ids"][0], named["scores"][0]
             keep = ids >= 0
-            out.append((ids[keep], scores[keep], bool(one["cold_start"][0, 0])))
-        return out
-
+            out.append((ids[keep], scores[keep]))
+        return [(ids, scores, bool(c)) for (ids, scores), c in zip(out, tensors["cold_start"].ravel())]

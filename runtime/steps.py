@@ -141,6 +141,50 @@ class StepImpl:
     def run(self, t: dict) -> tuple:
         raise NotImplementedError
 
+    def run_requests(self, t: dict, counts: list[int]) -> list[tuple]:
+        """A per-request step over a batch of requests (`counts` rows each): one output tuple per request."""
+        offsets = np.cumsum([0, *counts])
+        return [self.run({k: None if v is None else v[a:b] for k, v in t.items()}) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+class Fused(StepImpl):
+    """Adjacent steps of the graph in one model (the cpu profile, contract.CPU_FUSION): the parts' own
+    classes run in order over one dict of tensors. A per-request part runs per request after the
+    batched parts ran over the whole batch, so the ranker still batches across requests."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        graph = {s.name: s for s in contract.STEPS}
+        self.parts = [(part, load_step(part, self.bundle, self.cfg, self.device, self.device_id, self.threads))
+                      for part in (graph[name] for name in self.step.parts)]
+        self.split = next((i for i, (part, _) in enumerate(self.parts) if part.per_request), len(self.parts))
+
+    def check(self, t: dict) -> dict:
+        for part, impl in self.parts:  # each part checks the request inputs it reads (the others are None here)
+            checked = impl.check({x.name: t.get(part.graph_name(x.name)) for x in part.inputs})
+            t.update({part.graph_name(k): v for k, v in checked.items() if part.graph_name(k) in t})
+        return t
+
+    def _run(self, parts, tensors: dict) -> dict:
+        for part, impl in parts:
+            outputs = impl.run({x.name: tensors.get(part.graph_name(x.name)) for x in part.inputs})
+            check_outputs(part, outputs, self.sizes)
+            tensors.update(zip((part.graph_name(x.name) for x in part.outputs), outputs))
+        return tensors
+
+    def run(self, t: dict) -> tuple:
+        tensors = self._run(self.parts, dict(t))
+        return tuple(tensors[x.name] for x in self.step.outputs)
+
+    def run_requests(self, t: dict, counts: list[int]) -> list[tuple]:
+        tensors = self._run(self.parts[: self.split], dict(t))
+        offsets = np.cumsum([0, *counts])
+        out = []
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            one = self._run(self.parts[self.split :], {k: None if v is None else v[a:b] for k, v in tensors.items()})
+            out.append(tuple(one[x.name] for x in self.step.outputs))
+        return out
+
 
 def load_step(step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str = "cpu", device_id: int = 0,
               threads: int = 1) -> StepImpl:

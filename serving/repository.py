@@ -4,8 +4,8 @@
 regenerates into a temp dir and diffs, so contract and configs cannot drift.
 
 Profiles:
-  cpu  every step is a python-backend model (ONNX Runtime / FAISS / NumPy inside); runs on the
-       pip tritonserver (python backend only).
+  cpu  python-backend models (ONNX Runtime / FAISS / NumPy inside), adjacent steps fused into one
+       model each (contract.CPU_FUSION: three hops per request); runs on the pip tritonserver.
   gpu  towers and ranker as TensorRT plans (built at container start, docker/entrypoint.py),
        retrieval on a GPU instance (FAISS-GPU on the device Triton assigns), light steps KIND_CPU.
 """
@@ -13,6 +13,7 @@ Profiles:
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def generate(root: Path) -> list[Path]:
     written = []
     for profile in PROFILES:
         base = root / profile
+        if base.exists():  # generated in full: a step that left the graph (or was fused) leaves no folder behind
+            shutil.rmtree(base)
         configs = [(step_config(s, profile), s) for s in contract.profile_steps(profile)] + [(ensemble_config(profile), None)]
         for cfg, step in configs:
             model_dir = base / cfg.name

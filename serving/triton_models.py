@@ -1,10 +1,11 @@
 """Triton python-backend models: ONE generic adapter from Triton requests to the step classes.
 
 The model's name (its folder) picks its declaration in the step graph (shoprec/contract.py); the
-declaration names the class in runtime/steps.py that computes it. `execute` checks requests one
-by one (a bad one gets its own error response), runs the good ones as one batch, checks the
-outputs against the declaration and splits them back. A step whose output length differs per
-request (`per_request`, top-k) runs request by request. An unexpected failure in the batched
+declaration names the class in runtime/steps.py that computes it (in the cpu profile, adjacent
+steps fused into one model: `Fused`). `execute` checks requests one by one (a bad one gets its
+own error response), runs the good ones as one batch, checks the outputs against the declaration
+and splits them back. A step whose output length differs per request (`per_request`, top-k) gets
+the batch with its request boundaries and answers each request on its own. An unexpected failure in the batched
 compute fails only the requests of that batch, with the error message; the server stays up. The
 device comes from Triton (`model_instance_kind`), never from code.
 """
@@ -17,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from runtime.steps import Bundle, RequestError, bundle_dir, check_outputs, load_step, serve_config
-from shoprec.contract import STEP_BY_NAME
+from shoprec.contract import profile_step
 from shoprec.device import triton_device
 
 
@@ -39,7 +40,8 @@ class StepModel:
 
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
-        self.step = STEP_BY_NAME[self.config["name"]]
+        profile = self.config["parameters"]["shoprec_profile"]["string_value"]
+        self.step = profile_step(profile, self.config["name"])
         device, device_id = triton_device(args)
         self.impl = load_step(self.step, Bundle(bundle_dir()), serve_config(), device, device_id)
         self.optional = [t.name for t in self.step.inputs if t.optional]
@@ -48,8 +50,6 @@ class StepModel:
         return self.impl.check({t.name: _input(request, t.name, not t.optional) for t in self.step.inputs})
 
     def execute(self, requests):
-        if self.step.per_request:
-            return [self._execute([r])[0] for r in requests]
         # optional inputs are present in every request of a batch or in none: group requests by which they carry
         keys = [tuple(pb_utils.get_input_tensor_by_name(r, n) is not None for n in self.optional) for r in requests]
         responses = [None] * len(requests)
@@ -73,18 +73,23 @@ class StepModel:
         counts = [len(p[self.step.inputs[0].name]) for p in parsed]
         batch = {name: None if parsed[0][name] is None else np.concatenate([p[name] for p in parsed]) for name in parsed[0]}
         try:
-            outputs, error = self.impl.run(batch), None
-            check_outputs(self.step, outputs, self.impl.sizes, sum(counts))
+            if self.step.per_request:
+                per_request = self.impl.run_requests(batch, counts)
+            else:
+                outputs = self.impl.run(batch)
+                offsets = np.cumsum([0, *counts])
+                per_request = [tuple(out[a:b] for out in outputs) for a, b in zip(offsets[:-1], offsets[1:])]
+            for outputs, n in zip(per_request, counts):
+                check_outputs(self.step, outputs, self.impl.sizes, n)
+            error = None
         except RequestError as exc:
-            outputs, error = None, str(exc)
+            error = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported per request; the model keeps serving
-            outputs, error = None, f"{self.step.name} failed: {type(exc).__name__}: {exc}"
-        offsets = np.cumsum([0, *counts])
+            error = f"{self.step.name} failed: {type(exc).__name__}: {exc}"
         for j, i in enumerate(good):
-            if outputs is None or error is not None:
+            if error is not None:
                 responses[i] = _error(error)
                 continue
-            tensors = [pb_utils.Tensor(t.name, np.ascontiguousarray(out[offsets[j] : offsets[j + 1]]))
-                       for t, out in zip(self.step.outputs, outputs)]
+            tensors = [pb_utils.Tensor(t.name, np.ascontiguousarray(out)) for t, out in zip(self.step.outputs, per_request[j])]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses

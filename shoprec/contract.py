@@ -16,7 +16,7 @@ Standard library only: the container entrypoint imports it without NumPy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ENSEMBLE = "recommender"
 PROFILES = ("cpu", "gpu")
@@ -58,6 +58,7 @@ class Step:
     # (step tensor, graph tensor) pairs where the ensemble routes another tensor to or from this step
     # (Triton's input_map/output_map): a step inserted before this one rewires it without a code change
     wiring: tuple[tuple[str, str], ...] = ()
+    parts: tuple[str, ...] = ()  # a fused step (cpu profile): the graph's steps it runs, in order, in one model
 
     def kind(self, profile: str) -> str:
         return self.gpu_kind if profile == "gpu" else "KIND_CPU"
@@ -110,10 +111,62 @@ STEP_BY_NAME = {s.name: s for s in STEPS}
 ENGINE_STEPS = tuple(s.name for s in STEPS if s.engine)  # the ONNX graphs the gpu profile serves as TensorRT plans
 
 
+# The cpu profile runs adjacent steps in one python model each: every python-backend hop costs adapter
+# work and a shared-memory round trip, and on a few cores each extra process competes for them. The
+# gpu profile keeps every step its own model (TensorRT plans, GPU instances). Groups are of adjacent steps.
+CPU_FUSION: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("user_features", ("feature_transform", "user_tower")),
+    ("candidates", ("retrieval", "candidate_features")),
+    ("ranking", ("ranker", "topk")),
+)
+FUSION = {"cpu": CPU_FUSION, "gpu": ()}
+
+
 def profile_steps(profile: str) -> tuple[Step, ...]:
+    """The steps one profile's repository serves: the graph's steps of that profile, adjacent ones fused
+    where FUSION says so."""
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-    return tuple(s for s in STEPS if profile in s.profiles)
+    steps = [s for s in STEPS if profile in s.profiles]
+    names = [s.name for s in steps]
+    out: list[Step] = []
+    groups = {parts[0]: (name, parts) for name, parts in FUSION[profile]}
+    i = 0
+    while i < len(steps):
+        name, parts = groups.get(steps[i].name, (None, (steps[i].name,)))
+        if names[i : i + len(parts)] != list(parts):
+            raise ValueError(f"fusion {name!r}: {parts} are not adjacent steps of the {profile} graph {names}")
+        out.append(steps[i] if name is None else _fuse(name, steps[i : i + len(parts)], steps[i + len(parts):]))
+        i += len(parts)
+    if any(s.per_request for s in out[:-1]):
+        raise ValueError(f"{profile}: only the last step may run per request, got {[s.name for s in out if s.per_request]}")
+    return tuple(out)
+
+
+def _fuse(name: str, parts: list[Step], later: list[Step]) -> Step:
+    """One step running `parts` in order: it reads what they read and no earlier part writes, and returns
+    what later steps or the response read. Tensors carry their graph names (wiring applied)."""
+    produced: set[str] = set()
+    inputs: list[Tensor] = []
+    for s in parts:
+        for t in s.inputs:
+            g = s.graph_name(t.name)
+            if g not in produced and g not in {x.name for x in inputs}:
+                inputs.append(replace(t, name=g))
+        produced |= {s.graph_name(t.name) for t in s.outputs}
+    read_later = {s.graph_name(t.name) for s in later for t in s.inputs} | {t.name for t in RESPONSE_OUTPUTS}
+    outputs = tuple(replace(t, name=s.graph_name(t.name)) for s in parts for t in s.outputs if s.graph_name(t.name) in read_later)
+    return Step(name, tuple(inputs), outputs, "Fused", "KIND_CPU", engine=False, per_request=any(s.per_request for s in parts),
+                profiles=("cpu",), max_batch_size=min(s.max_batch_size for s in parts),
+                preferred_batch_sizes=parts[0].preferred_batch_sizes, parts=tuple(s.name for s in parts))
+
+
+def profile_step(profile: str, name: str) -> Step:
+    """A step of one profile by name (a fused step exists only in its profile)."""
+    for s in profile_steps(profile):
+        if s.name == name:
+            return s
+    raise KeyError(f"the {profile} profile has no step {name!r}")
 
 
 def num_candidates(configured: int, n_items: int) -> int:

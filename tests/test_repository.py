@@ -34,9 +34,10 @@ def test_configs_parse_and_follow_contract():
     for profile in PROFILES:
         ens = _load(profile, contract.ENSEMBLE)
         assert ens.platform == "ensemble"
-        assert [s.model_name for s in ens.ensemble_scheduling.step] == [s.name for s in contract.STEPS]
+        steps = contract.profile_steps(profile)
+        assert [s.model_name for s in ens.ensemble_scheduling.step] == [s.name for s in steps]
         assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "client_device", "exclude_seen"}
-        for step in contract.STEPS:
+        for step in steps:
             cfg = _load(profile, step.name)
             assert [i.name for i in cfg.input] == [t.name for t in step.inputs]
             assert [o.name for o in cfg.output] == [t.name for t in step.outputs]
@@ -45,7 +46,9 @@ def test_configs_parse_and_follow_contract():
     gpu = _load("gpu", "ranker")
     assert gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert _load("gpu", "topk").instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    assert _load("cpu", "ranker").backend == "python"
+    cpu = [s.name for s in contract.profile_steps("cpu")]
+    assert cpu == ["user_features", "candidates", "ranking"]  # three python hops per request on CPU
+    assert _load("cpu", "ranking").backend == "python" and _load("cpu", "ranking").max_batch_size == 64
 
 
 def test_serving_imports_without_the_offline_stack():

@@ -82,6 +82,16 @@ def test_every_step_output_is_checked_against_the_graph(pipeline):
         check_outputs(step, (outputs[0][..., :1], outputs[1]), pipeline.sizes)
 
 
+def test_fused_cpu_profile_serves_what_the_graph_serves(artifacts, cfg, pipeline):
+    fused = Pipeline(artifacts / "serving", cfg=cfg.serve, profile="cpu")
+    assert [s.name for s in fused.graph] == ["user_features", "candidates", "ranking"]
+    users = pipeline.steps["feature_transform"].store.user_id[:8]
+    for a, b in zip(pipeline.recommend(users, 10, hour=9), fused.recommend(users, 10, hour=9)):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-6)
+        assert a[2] == b[2]
+
+
 def test_the_graph_declares_what_the_repository_and_pipeline_run(pipeline):
     assert [s.name for s in pipeline.graph] == [s.name for s in contract.STEPS]
     assert contract.STEPS[0].inputs[0] == contract.USER_ID and contract.STEPS[-1].outputs == contract.RESPONSE_OUTPUTS[:2]
@@ -139,19 +149,30 @@ def test_adding_a_step_is_one_class_and_one_graph_entry(artifacts, cfg, pipeline
     rewired = dataclasses.replace(contract.STEP_BY_NAME["topk"], wiring=(("ranking_scores", "reversed_scores"),))
     monkeypatch.setattr(steps_module, "Reverse", Reverse, raising=False)
     monkeypatch.setattr(contract, "STEPS", (*contract.STEPS[:-1], entry, rewired))
+    with pytest.raises(ValueError, match="fusion 'ranking'.* are not adjacent steps of the cpu graph"):
+        contract.profile_steps("cpu")  # the step lands inside a fused group: the cpu profile says so, not silently
+    monkeypatch.setitem(contract.FUSION, "cpu", (*contract.CPU_FUSION[:-1], ("ranking", ("ranker", "reverse", "topk"))))
 
     repository.generate(tmp_path)
+    cfg_text = (tmp_path / "gpu" / "reverse" / "config.pbtxt").read_text()
+    assert text_format.Parse(cfg_text.split("\n", 1)[1], mc.ModelConfig()).output[0].name == "reversed_scores"
     for profile in contract.PROFILES:
-        cfg_text = (tmp_path / profile / "reverse" / "config.pbtxt").read_text()
-        assert text_format.Parse(cfg_text.split("\n", 1)[1], mc.ModelConfig()).output[0].name == "reversed_scores"
         ens = text_format.Parse((tmp_path / profile / "recommender" / "config.pbtxt").read_text().split("\n", 1)[1],
                                 mc.ModelConfig())
-        assert [s.model_name for s in ens.ensemble_scheduling.step][-2:] == ["reverse", "topk"]
-        assert ens.ensemble_scheduling.step[-1].input_map["ranking_scores"] == "reversed_scores"
+        if profile == "gpu":
+            assert [s.model_name for s in ens.ensemble_scheduling.step][-2:] == ["reverse", "topk"]
+            assert ens.ensemble_scheduling.step[-1].input_map["ranking_scores"] == "reversed_scores"
+        else:  # fused: the new step runs inside the cpu profile's last model
+            assert [s.model_name for s in ens.ensemble_scheduling.step][-1] == "ranking"
 
     users = pipeline.steps["feature_transform"].store.user_id[:4]
     normal = pipeline.recommend(users, pipeline.max_k)
-    reversed_ = Pipeline(artifacts / "serving", cfg=cfg.serve).recommend(users, pipeline.max_k)
+    for profile in (None, "cpu"):  # the graph step by step, and the cpu profile's fused models
+        reversed_ = Pipeline(artifacts / "serving", cfg=cfg.serve, profile=profile).recommend(users, pipeline.max_k)
+        _assert_reversed(normal, reversed_)
+
+
+def _assert_reversed(normal, reversed_):
     for (ids, scores, _), (rev_ids, rev_scores, _) in zip(normal, reversed_):
         assert set(ids) == set(rev_ids) and len(ids) > 1
         np.testing.assert_allclose(np.sort(rev_scores), np.sort(-scores), rtol=1e-6)
