@@ -90,7 +90,7 @@ def generate(root: Path) -> list[Path]:
             written.append(path)
             if step is not None and cfg.backend == "python":
                 py = model_dir / "1" / "model.py"
-                py.write_text(MODEL_PY.format(impl=step.impl))
+                py.write_text(MODEL_PY.format(impl=step.impl + (f" ({', '.join(step.parts)})" if step.parts else "")))
                 written.append(py)
             elif step is None:
                 keep = model_dir / "1" / ".gitkeep"  # Triton needs the version folder of an ensemble
