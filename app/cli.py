@@ -100,18 +100,22 @@ def cmd_evaluate(args, cfg):
 
 
 def cmd_serve(args, cfg):
-    import time
+    import signal
 
     from serving.launcher import TritonServer
 
+    def stop(signum, frame):  # SIGTERM (kill, Kubernetes, systemd) stops the server as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     server = TritonServer.from_config(cfg.serve, _artifacts(args), profile=args.profile, config_path=args.config)
     with server:
-        print(f"tritonserver ready: gRPC {server.grpc_url}  HTTP {server.http_url}  (Ctrl-C stops)", flush=True)
+        print(f"tritonserver ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics :{server.metrics_port}  "
+              "(Ctrl-C or SIGTERM stops)", flush=True)
         try:
-            while server.process.poll() is None:
-                time.sleep(1)
+            server.wait()
         except KeyboardInterrupt:
-            pass
+            print("stopping tritonserver", flush=True)
 
 
 def cmd_recommend(args, cfg):
@@ -226,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "and the two-tower alone, same split and user state, seen items excluded for all"))
     p = add("serve", cmd_serve, "start tritonserver on model_repository/<profile> (loopback by default)")
     p.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--address", help="address HTTP, gRPC and metrics listen on (default: config serve.address, loopback)")
+    p.add_argument("--http-port", type=int, help="default: config serve.http_port (8000)")
+    p.add_argument("--grpc-port", type=int, help="default: config serve.grpc_port (8001)")
+    p.add_argument("--metrics-port", type=int, help="default: config serve.metrics_port (8002)")
     p = add("recommend", cmd_recommend, "top-k items for a user from a running server")
     p.add_argument("--user", type=int, required=True, help="raw user id")
     p.add_argument("-k", type=int, default=10)
@@ -247,6 +255,9 @@ def _apply_overrides(args, cfg):
                       ("positive_threshold", "positive_threshold")):
         if getattr(args, attr, None) is not None:
             cfg = cfg.replace("data", **{key: getattr(args, attr)})
+    for attr in ("address", "http_port", "grpc_port", "metrics_port"):
+        if getattr(args, attr, None) is not None:
+            cfg = cfg.replace("serve", **{attr: getattr(args, attr)})
     if getattr(args, "deploy", False):
         cfg = cfg.replace("features", split="none")
     elif getattr(args, "split", None):

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoprec.config import REPO_ROOT, ServeConfig
+from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
 from .command import tritonserver_command
 
 
-class LaunchError(RuntimeError):
-    pass
+class LaunchError(UserError, RuntimeError):
+    """The server cannot start or stopped on its own: one line naming the port, file or log."""
 
 
 def pytriton_root() -> Path:
@@ -56,6 +57,19 @@ def backends_dir(work: Path) -> Path:
     if not (dst / stub.name).exists():
         shutil.copy2(stub, dst / stub.name)
     return work / "backends"
+
+
+def check_ports_free(address: str, ports: dict[str, int]) -> None:
+    """Refuse ports another process holds: otherwise that process could answer the readiness probe
+    while this server fails to bind, and the caller would talk to the wrong server."""
+    host = "0.0.0.0" if address in ("", "0.0.0.0") else address
+    for name, port in ports.items():
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise LaunchError(f"{name} port {port} on {address} is in use ({exc.strerror}); stop the other server "
+                                  f"or pass --{name}-port") from exc
 
 
 def free_port() -> int:
@@ -102,12 +116,16 @@ class TritonServer:
                    config_path=config_path, ready_timeout_s=cfg.ready_timeout_s)
 
     @property
+    def _host(self) -> str:  # where a client on this machine reaches it
+        return "127.0.0.1" if self.address in ("", "0.0.0.0") else self.address
+
+    @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self._host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self._host}:{self.grpc_port}"
 
     def command(self, backends: Path) -> list[str]:
         return tritonserver_command(str(pytriton_root() / "bin" / "tritonserver"), self.repository, backend_directory=backends,
@@ -118,25 +136,40 @@ class TritonServer:
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         bundle = self.artifacts / "serving"
         verify_tree(bundle)  # refuse to serve files that differ from what export wrote
+        check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
         work = self.artifacts / "triton"
         cmd = self.command(backends_dir(work))
         log = open(self.log_path or work / "server.log", "w")
         self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
+        try:  # whatever ends the wait (not ready, a signal, Ctrl-C) stops the process it started
+            self._wait_ready(timeout_s, log.name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout_s: float, log_name: str) -> None:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise LaunchError(f"tritonserver exited with {self.process.returncode}; log: {log.name}\n"
-                                  + Path(log.name).read_text()[-3000:])
+                raise LaunchError(f"tritonserver exited with {self.process.returncode}; log: {log_name}\n"
+                                  + Path(log_name).read_text()[-3000:])
             try:
                 with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
                     if r.status == 200:
-                        return self
+                        return
             except OSError:
                 pass
             time.sleep(0.5)
-        self.stop()
-        raise LaunchError(f"tritonserver not ready after {timeout_s:.0f}s; log: {log.name}")
+        raise LaunchError(f"tritonserver not ready after {timeout_s:.0f}s; log: {log_name}")
+
+    def wait(self, poll_s: float = 1.0) -> None:
+        """Block while the server runs; LaunchError when it stops on its own (it never does while healthy)."""
+        while self.process.poll() is None:
+            time.sleep(poll_s)
+        log = self.log_path or self.artifacts / "triton" / "server.log"
+        raise LaunchError(f"tritonserver stopped on its own with exit code {self.process.returncode}; log: {log}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -159,3 +159,86 @@ def test_demo_serves_a_known_and_an_unknown_user_over_both_protocols(artifacts, 
     assert out.count("[http] user ") == 1 and out.count("[grpc] user ") == 2
     assert "[grpc] user -1: 5 items  (cold start: no history)" in out
     assert len(re.findall(r"^   1 +\d+ +[\d.]+ ", out, re.MULTILINE)) == 3  # every list has a first rank with a score
+
+
+def test_a_port_in_use_is_refused_naming_it(artifacts, cfg):
+    import socket
+
+    from serving.launcher import LaunchError, TritonServer
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        server = TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True)
+        server.grpc_port = port
+        with pytest.raises(LaunchError, match=f"grpc port {port} on 127.0.0.1 is in use .*pass --grpc-port"):
+            server.start()
+        assert server.process is None  # refused before anything started
+
+
+def _serve(artifacts):
+    """`shoprec serve` as an operator starts it, on free ports; returns the process and its gRPC port."""
+    import subprocess
+    import sys
+
+    from serving.launcher import free_port
+
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "--artifacts", str(artifacts), "serve", "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("tritonserver ready:") and f":{ports[1]}" in line, line + proc.stderr.read()
+    return proc, ports[1]
+
+
+def _server_pids(grpc_port: int) -> list[int]:
+    from pathlib import Path
+
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"tritonserver") and f"--grpc-port={grpc_port}".encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_sigterm_stops_the_server_it_started(artifacts):
+    import os
+    import signal
+
+    proc, grpc_port = _serve(artifacts)
+    pids = _server_pids(grpc_port)
+    assert len(pids) == 1 and len(_group_members(pids[0])) > 1  # the server and its stubs
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert _server_pids(grpc_port) == [] and not os.path.exists(f"/proc/{pids[0]}/stat")
+    assert _group_members(pids[0]) == []  # the python-backend stubs went with it (they share its process group)
+
+
+def _group_members(pgid: int) -> list[int]:
+    from pathlib import Path
+
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_a_server_that_dies_is_reported_not_a_clean_exit(artifacts):
+    import os
+    import signal
+
+    proc, grpc_port = _serve(artifacts)
+    os.kill(_server_pids(grpc_port)[0], signal.SIGKILL)
+    assert proc.wait(60) == 2
+    assert "tritonserver stopped on its own with exit code -9" in proc.stderr.read()
