@@ -31,8 +31,11 @@ def _input(request, name, required=True):
     return t.as_numpy()
 
 
-def _error(message: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def _error(message: str, bad_request: bool = True):
+    """A per-request error. A bad request is INVALID_ARG (gRPC INVALID_ARGUMENT, HTTP 400), so clients can tell
+    their mistake from the server's (INTERNAL, HTTP 500)."""
+    code = pb_utils.TritonError.INVALID_ARG if bad_request else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class StepModel:
@@ -81,14 +84,14 @@ class StepModel:
                 per_request = [tuple(out[a:b] for out in outputs) for a, b in zip(offsets[:-1], offsets[1:])]
             for outputs, n in zip(per_request, counts):
                 check_outputs(self.step, outputs, self.impl.sizes, n)
-            error = None
+            error, bad_request = None, False
         except RequestError as exc:
-            error = str(exc)
+            error, bad_request = str(exc), True
         except Exception as exc:  # noqa: BLE001 - reported per request; the model keeps serving
-            error = f"{self.step.name} failed: {type(exc).__name__}: {exc}"
+            error, bad_request = f"{self.step.name} failed: {type(exc).__name__}: {exc}", False
         for j, i in enumerate(good):
             if error is not None:
-                responses[i] = _error(error)
+                responses[i] = _error(error, bad_request)
                 continue
             tensors = [pb_utils.Tensor(t.name, np.ascontiguousarray(out)) for t, out in zip(self.step.outputs, per_request[j])]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)

@@ -242,3 +242,13 @@ def test_a_server_that_dies_is_reported_not_a_clean_exit(artifacts):
     os.kill(_server_pids(grpc_port)[0], signal.SIGKILL)
     assert proc.wait(60) == 2
     assert "tritonserver stopped on its own with exit code -9" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_bad_request_is_the_clients_error_not_the_servers(triton, artifacts, protocol):
+    """Validation errors carry INVALID_ARG through the ensemble: gRPC INVALID_ARGUMENT, HTTP 400 (not INTERNAL/500)."""
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    with RecommenderClient(url, protocol) as c:
+        with pytest.raises(InferenceServerException, match="k must be >= 1") as info:
+            c.recommend(_users(artifacts)[0], k=0)
+    assert str(info.value.status()) in ("StatusCode.INVALID_ARGUMENT", "400")
