@@ -10,10 +10,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
+from serving.launcher import wait_until_ready
 from shoprec.config import REPO_ROOT
 
 
@@ -113,21 +112,6 @@ def _cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, floa
             if after[k] - before.get(k, 0.0) > 0}
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"server at {url} not ready after {timeout_s}s")
-
-
 class FastAPIServer:
     def __init__(self, artifacts: Path, workers: int):
         from serving.launcher import free_port
@@ -142,7 +126,7 @@ class FastAPIServer:
             [sys.executable, "-m", "uvicorn", "benchmarks.fastapi_app:app", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", str(self.workers), "--log-level", "warning", "--no-access-log"],
             env=env, cwd=REPO_ROOT, start_new_session=True)
-        _wait_ready(self.url, self.proc)
+        wait_until_ready(self.url, self.proc, 60)
         return self
 
     def __exit__(self, *exc):

@@ -72,6 +72,22 @@ def check_ports_free(address: str, ports: dict[str, int]) -> None:
                                   f"or pass --{name}-port") from exc
 
 
+def wait_until_ready(http_url: str, process: subprocess.Popen, timeout_s: float, poll_s: float = 0.3) -> None:
+    """Poll `http_url`'s KServe readiness endpoint until 200; LaunchError if `process` exits first or time runs out."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"exited with {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(poll_s)
+    raise LaunchError(f"not ready after {timeout_s:.0f}s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,19 +166,11 @@ class TritonServer:
         return self
 
     def _wait_ready(self, timeout_s: float, log_name: str) -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise LaunchError(f"tritonserver exited with {self.process.returncode}; log: {log_name}\n"
-                                  + Path(log_name).read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise LaunchError(f"tritonserver not ready after {timeout_s:.0f}s; log: {log_name}")
+        try:
+            wait_until_ready(self.http_url, self.process, timeout_s)
+        except LaunchError as err:
+            tail = Path(log_name).read_text()[-3000:] if self.process.poll() is not None else ""
+            raise LaunchError(f"tritonserver: {err}; log: {log_name}" + (f"\n{tail}" if tail else "")) from None
 
     def wait(self, poll_s: float = 1.0) -> None:
         """Block while the server runs; LaunchError when it stops on its own (it never does while healthy)."""
