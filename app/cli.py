@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="host:port (default: loopback and the configured port)")
     p.add_argument("--hour", type=int, help="request context: hour of day 0-23 (default: unknown)")
     p.add_argument("--weekday", type=int, help="request context: weekday 0-6, 0 = Monday (default: unknown)")
+    p.add_argument("--diversity", type=float, help="MMR lambda in [0, 1]: 0 = the ranker's order (default: config "
+                                                   "serve.diversity)")
     p.add_argument("--client-device", help="request context: the device the user is on, e.g. mobile (default: unknown); not a compute device")
     p.add_argument("--include-seen", action="store_true", help="do not filter out items the user already interacted with")
     p = add("bench", cmd_bench, "benchmarks on the built artifacts: request-time transform latency (Workflow.transform "

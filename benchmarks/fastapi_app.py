@@ -26,7 +26,7 @@ from serving.repository import ensemble_config
 from shoprec import contract
 
 _pipeline: Pipeline | None = None
-_DTYPES = {"INT64": np.int64, "INT32": np.int32, "BYTES": object, "BOOL": bool}
+_DTYPES = {"INT64": np.int64, "INT32": np.int32, "BYTES": object, "BOOL": bool, "FP32": np.float32}
 
 
 def pipeline() -> Pipeline:

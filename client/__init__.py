@@ -38,7 +38,8 @@ def _module(protocol: str, aio: bool = False):
     return a if aio else m
 
 
-def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_device=None, exclude_seen=None) -> list:
+def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_device=None, exclude_seen=None,
+                 diversity=None) -> list:
     def tensor(name, value, dtype, np_dtype):
         t = mod.InferInput(name, [1, 1], dtype)
         t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
@@ -53,6 +54,8 @@ def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_devi
         inputs.append(tensor("client_device", client_device.encode(), "BYTES", np.object_))
     if exclude_seen is not None:
         inputs.append(tensor("exclude_seen", bool(exclude_seen), "BOOL", np.bool_))
+    if diversity is not None:
+        inputs.append(tensor("diversity", float(diversity), "FP32", np.float32))
     return inputs
 
 
@@ -72,10 +75,12 @@ class RecommenderClient:
     def ready(self) -> bool:
         return self._client.is_server_ready() and self._client.is_model_ready(self.model)
 
-    def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None, exclude_seen=None) -> Recommendation:
+    def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None, exclude_seen=None,
+                  diversity=None) -> Recommendation:
         """Top-k for one user. Context (hour, weekday, client_device: mobile, web...) is optional: absent means unknown.
         exclude_seen=False keeps items the user already interacted with (default: the server's setting)."""
-        result = self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen))
+        result = self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen,
+                                                                     diversity))
         return _parse(user_id, result)
 
     def close(self):
@@ -97,8 +102,9 @@ class AsyncRecommenderClient:
         self.model = model
 
     async def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None,
-                        exclude_seen=None) -> Recommendation:
-        result = await self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen))
+                        exclude_seen=None, diversity=None) -> Recommendation:
+        result = await self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen,
+                                                                     diversity))
         return _parse(user_id, result)
 
     async def close(self):

@@ -49,5 +49,5 @@ def run(args, cfg) -> None:
     url = args.url or f"127.0.0.1:{port}"
     with RecommenderClient(url, args.protocol) as c:
         rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.client_device,
-                          exclude_seen=False if args.include_seen else None)
+                          exclude_seen=False if args.include_seen else None, diversity=args.diversity)
     print(format_table(rec, item_details(Path(args.artifacts))))

@@ -48,10 +48,11 @@ class Pipeline:
         return tensors
 
     @staticmethod
-    def request(user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None) -> dict:
+    def request(user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None) -> dict:
         """Request tensors ([B, 1], the contract's dtypes) from scalars or per-user arrays."""
         user_id = np.asarray(user_id, dtype=np.int64).reshape(-1, 1)
-        values = {"k": k, "hour": hour, "weekday": weekday, "client_device": client_device, "exclude_seen": exclude_seen}
+        values = {"k": k, "hour": hour, "weekday": weekday, "client_device": client_device, "exclude_seen": exclude_seen,
+                  "diversity": diversity}
         out = {"user_id": user_id}
         for t in contract.REQUEST_INPUTS[1:]:
             v = values[t.name]
@@ -64,9 +65,9 @@ class Pipeline:
         per_request = next((s.name for s in self.graph if s.per_request), None)
         return self.run(request, stop=per_request)
 
-    def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None):
+    def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None):
         """Batch of users -> list of (item_ids, scores, cold_start), one per user (each user its own request)."""
-        tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen))
+        tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen, diversity))
         last = self.graph[-1]
         if not last.per_request:
             raise ValueError(f"the graph's last step {last.name!r} does not produce per-request lists")

@@ -365,32 +365,72 @@ def best_first(rows: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
     return np.argsort(-np.where(rows >= 0, scores, -np.inf), axis=-1, kind="stable")[..., : int(n)]
 
 
+def mmr_order(rows: np.ndarray, scores: np.ndarray, k: int, lam: float, embeddings: np.ndarray, pool: int) -> np.ndarray:
+    """Maximal marginal relevance over one user's candidates: positions of k candidates, each the best of
+    (1 - lam) * relevance - lam * (its largest cosine similarity to those already picked). Relevance is
+    the ranker's score min-max scaled over the best max(pool, k) candidates, the only ones considered.
+    lam = 0 is the ranker's order exactly."""
+    order = best_first(rows, scores, k if lam <= 0 else max(pool, k))
+    order = order[rows[order] >= 0]
+    if lam <= 0 or len(order) <= 1:
+        return order[:k]
+    rel = scores[order].astype(np.float64)
+    span = rel.max() - rel.min()
+    rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
+    emb = embeddings[rows[order]].astype(np.float64)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    sim = emb @ emb.T
+    picked = [int(np.argmax(rel))]
+    closest = sim[picked[0]].copy()
+    free = np.ones(len(order), bool)
+    free[picked[0]] = False
+    while len(picked) < min(k, len(order)):
+        gain = np.where(free, (1 - lam) * rel - lam * closest, -np.inf)
+        j = int(np.argmax(gain))
+        picked.append(j)
+        free[j] = False
+        closest = np.maximum(closest, sim[j])
+    return order[picked]
+
+
 class TopK(StepImpl):
     """Per request (k differs between requests, so the output length does too): candidate_rows [B, N],
-    ranking_scores [B, N], k [B, 1] -> item_ids, scores [B, k'] best first, raw ids. A user whose unseen
-    candidates are fewer than k gets all of them; the rows of a batch are padded to the longest with
-    item_id -1 and score -inf. k is validated upstream (1 <= k <= max k)."""
+    ranking_scores [B, N], k [B, 1], optional diversity [B, 1] -> item_ids, scores [B, k'], raw ids, in
+    the ranker's order, or re-ranked by MMR over the item embeddings when diversity > 0 (the scores
+    stay the ranker's). A user whose unseen candidates are fewer than k gets all of them; the rows of a
+    batch are padded to the longest with item_id -1 and score -inf. k is validated upstream."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.item_ids = self.bundle.npz("item_table")["item_ids"]
+        self.embeddings = np.load(self.bundle.file("item_embeddings"), allow_pickle=False)
+        if not 0.0 <= self.cfg.diversity <= 1.0:
+            raise ValueError(f"serve.diversity must be in [0, 1], got {self.cfg.diversity}")
 
     def check(self, t: dict) -> dict:
         k = t["k"].ravel()
         if len(k) and (k != k[0]).any():
             raise RequestError("k must be the same for every row of one request")
+        d = t.get("diversity")
+        if d is not None:
+            d = np.ravel(d)
+            bad = d[~((d >= 0) & (d <= 1))]  # NaN fails too
+            if len(bad):
+                raise RequestError(f"diversity must be in [0, 1] (0 = the ranker's order), got {float(bad[0])}")
+            if len(d) != len(k):
+                raise RequestError("diversity must have one value per user_id row")
         return t
 
     def run(self, t: dict) -> tuple:
         rows, scores, k = t["candidate_rows"], t["ranking_scores"], int(t["k"].ravel()[0])
-        top = [self(rows[i], scores[i], k) for i in range(len(rows))]
+        lam = np.full(len(rows), self.cfg.diversity) if t.get("diversity") is None else np.ravel(t["diversity"])
+        top = [self(rows[i], scores[i], k, float(lam[i])) for i in range(len(rows))]
         width = max(len(ids) for ids, _ in top)
         ids = np.stack([np.pad(a, (0, width - len(a)), constant_values=-1) for a, _ in top]).astype(np.int64)
         sc = np.stack([np.pad(s, (0, width - len(s)), constant_values=-np.inf) for _, s in top]).astype(np.float32)
         return ids, sc
 
-    def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int):
-        """One user: (raw item ids, scores) best first, padding dropped."""
-        order = best_first(rows, scores, k)
-        order = order[rows[order] >= 0]
+    def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0):
+        """One user: (raw item ids, scores), padding dropped."""
+        order = mmr_order(rows, scores, k, diversity, self.embeddings, self.cfg.diversity_pool)
         return self.item_ids[rows[order]], scores[order].astype(np.float32)

@@ -103,6 +103,8 @@ class ServeConfig:
     recent_window: int = 5  # the last actions the short-term item-to-item score reads
     exclude_seen: bool = True  # default of the request flag `exclude_seen`
     repeat_categories: tuple[str, ...] = ()  # items of these categories stay recommendable after an interaction
+    diversity: float = 0.0  # MMR lambda when a request sends none: 0 = the ranker's order, 1 = most diverse
+    diversity_pool: int = 50  # MMR re-ranks the best max(pool, k) candidates
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002

@@ -75,6 +75,7 @@ HOUR = Tensor("hour", "INT32", (1,), optional=True)
 WEEKDAY = Tensor("weekday", "INT32", (1,), optional=True)
 CLIENT_DEVICE = Tensor("client_device", "STRING", (1,), optional=True)  # request context (mobile, web): not a compute device
 EXCLUDE_SEEN = Tensor("exclude_seen", "BOOL", (1,), optional=True)
+DIVERSITY = Tensor("diversity", "FP32", (1,), optional=True)  # MMR lambda in [0, 1]; absent: serve.diversity
 # intermediate tensors
 USER_CAT = Tensor("user_cat", "INT64", ("user_cat_dim",))
 USER_CONT = Tensor("user_cont", "FP32", ("user_cont_dim",))
@@ -92,7 +93,7 @@ RANKING_SCORES = Tensor("ranking_scores", "FP32", ("num_candidates",))
 ITEM_IDS = Tensor("item_ids", "INT64", (-1,))
 SCORES = Tensor("scores", "FP32", (-1,))
 
-REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN)
+REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY)
 RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START)
 USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
 RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
@@ -105,7 +106,8 @@ STEPS: tuple[Step, ...] = (
     Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU"),
     Step("ranker", RANKER_INPUTS, (RANKING_SCORES,), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
          preferred_batch_sizes=(4, 16, 32)),
-    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START), (ITEM_IDS, SCORES), "TopK", "KIND_CPU", per_request=True),
+    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START, DIVERSITY), (ITEM_IDS, SCORES), "TopK", "KIND_CPU",
+         per_request=True),
 )
 STEP_BY_NAME = {s.name: s for s in STEPS}
 ENGINE_STEPS = tuple(s.name for s in STEPS if s.engine)  # the ONNX graphs the gpu profile serves as TensorRT plans

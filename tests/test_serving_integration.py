@@ -252,3 +252,13 @@ def test_a_bad_request_is_the_clients_error_not_the_servers(triton, artifacts, p
         with pytest.raises(InferenceServerException, match="k must be >= 1") as info:
             c.recommend(_users(artifacts)[0], k=0)
     assert str(info.value.status()) in ("StatusCode.INVALID_ARGUMENT", "400")
+
+
+def test_diversity_per_request_served_as_in_process(triton, pipeline, artifacts):
+    users = _users(artifacts, 6)
+    with RecommenderClient(triton.grpc_url) as c:
+        for u in users:
+            served = c.recommend(u, k=10, diversity=0.4)
+            np.testing.assert_array_equal(served.item_ids, pipeline.recommend([u], 10, diversity=0.4)[0][0])
+        with pytest.raises(InferenceServerException, match=r"diversity must be in \[0, 1\] \(0 = the ranker's order\), got 2"):
+            c.recommend(users[0], k=10, diversity=2.0)
