@@ -402,10 +402,15 @@ class TopK(StepImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.item_ids = self.bundle.npz("item_table")["item_ids"]
+        table = self.bundle.npz("item_table")
+        self.item_ids = table["item_ids"]
+        self.category = table["category_code"]
         self.embeddings = np.load(self.bundle.file("item_embeddings"), allow_pickle=False)
         if not 0.0 <= self.cfg.diversity <= 1.0:
             raise ValueError(f"serve.diversity must be in [0, 1], got {self.cfg.diversity}")
+        if self.cfg.max_per_category < 0:
+            raise ValueError(f"serve.max_per_category must be >= 0 (0: no cap), got {self.cfg.max_per_category}")
+        self.blocked = BlockedItems(self.cfg.blocked_items_file, self.item_ids) if self.cfg.blocked_items_file else None
 
     def check(self, t: dict) -> dict:
         k = t["k"].ravel()
@@ -423,6 +428,8 @@ class TopK(StepImpl):
 
     def run(self, t: dict) -> tuple:
         rows, scores, k = t["candidate_rows"], t["ranking_scores"], int(t["k"].ravel()[0])
+        if self.blocked is not None:  # blocked items become padding: never served, the next candidates fill in
+            rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
         lam = np.full(len(rows), self.cfg.diversity) if t.get("diversity") is None else np.ravel(t["diversity"])
         top = [self(rows[i], scores[i], k, float(lam[i])) for i in range(len(rows))]
         width = max(len(ids) for ids, _ in top)
@@ -432,5 +439,85 @@ class TopK(StepImpl):
 
     def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0):
         """One user: (raw item ids, scores), padding dropped."""
-        order = mmr_order(rows, scores, k, diversity, self.embeddings, self.cfg.diversity_pool)
+        cap = self.cfg.max_per_category
+        if cap <= 0:
+            order = mmr_order(rows, scores, k, diversity, self.embeddings, self.cfg.diversity_pool)
+        else:  # the MMR (or ranker) order over the pool, then the rest by score; at most `cap` per category
+            first = mmr_order(rows, scores, max(self.cfg.diversity_pool, k), diversity, self.embeddings, self.cfg.diversity_pool)
+            rest = best_first(rows, scores, len(rows))
+            rest = rest[(rows[rest] >= 0) & ~np.isin(rest, first)]
+            order = capped(np.concatenate([first, rest]), self.category[rows[np.concatenate([first, rest])]], cap, k)
         return self.item_ids[rows[order]], scores[order].astype(np.float32)
+
+
+def capped(order: np.ndarray, categories: np.ndarray, cap: int, k: int) -> np.ndarray:
+    """The first k of `order` with at most `cap` items per category (items without a category are not capped)."""
+    counts: dict[int, int] = {}
+    keep = []
+    for j, c in zip(order.tolist(), categories.tolist()):
+        if c >= 0 and counts.get(c, 0) >= cap:
+            continue
+        keep.append(j)
+        counts[c] = counts.get(c, 0) + 1
+        if len(keep) == k:
+            break
+    return np.asarray(keep, dtype=np.int64)
+
+
+class BlockedItems:
+    """Raw item ids that are never served, from a text file (one id per line, '#' comments) that operators
+    change while the server runs: re-read at most once a second when its mtime changes. A file that
+    disappears or stops parsing keeps the last good list (logged); ids not in the catalog are ignored
+    (logged with their count)."""
+
+    def __init__(self, path: str, item_ids: np.ndarray, check_every_s: float = 1.0):
+        self.path = Path(path).expanduser()
+        if not self.path.is_absolute():
+            raise ValueError(f"serve.blocked_items_file must be an absolute path (each server process has its own working "
+                             f"folder), got {path!r}")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"serve.blocked_items_file: {self.path} does not exist (create it empty to block nothing)")
+        self.item_ids, self.check_every_s = item_ids, check_every_s
+        self._order = np.argsort(item_ids, kind="stable")
+        self._mask = np.zeros(len(item_ids), bool)
+        self._mtime, self._checked = None, 0.0
+        self.reload()
+
+    def reload(self) -> None:
+        import logging
+        import time
+
+        log = logging.getLogger("shoprec.serve")
+        self._checked = time.monotonic()
+        try:
+            mtime = self.path.stat().st_mtime_ns
+            if mtime == self._mtime:
+                return
+            ids = []
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                text = line.split("#", 1)[0].strip()
+                if text:
+                    try:
+                        ids.append(int(text))
+                    except ValueError:
+                        raise ValueError(f"{self.path}: line {n}: {text!r} is not an integer item id") from None
+        except (OSError, ValueError) as exc:
+            log.warning("blocked items: keeping the last list (%d items): %s", int(self._mask.sum()), exc)
+            return
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.searchsorted(self.item_ids, ids, sorter=self._order)
+        at_c = np.minimum(at, len(self.item_ids) - 1)
+        found = (at < len(self.item_ids)) & (self.item_ids[self._order[at_c]] == ids)
+        mask = np.zeros(len(self.item_ids), bool)
+        mask[self._order[at_c[found]]] = True
+        if (~found).any():
+            log.warning("blocked items: %d ids in %s are not in the catalog (ignored), e.g. %d", int((~found).sum()), self.path,
+                        int(ids[~found][0]))
+        self._mask, self._mtime = mask, mtime
+
+    def mask(self) -> np.ndarray:
+        import time
+
+        if time.monotonic() - self._checked >= self.check_every_s:
+            self.reload()
+        return self._mask

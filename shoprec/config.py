@@ -105,6 +105,8 @@ class ServeConfig:
     repeat_categories: tuple[str, ...] = ()  # items of these categories stay recommendable after an interaction
     diversity: float = 0.0  # MMR lambda when a request sends none: 0 = the ranker's order, 1 = most diverse
     diversity_pool: int = 50  # MMR re-ranks the best max(pool, k) candidates
+    max_per_category: int = 0  # at most this many items of one category in a top-k (0: no cap)
+    blocked_items_file: str = ""  # raw item ids never served (blocked, out of stock), one per line; re-read when it changes
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002

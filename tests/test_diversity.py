@@ -92,3 +92,57 @@ def test_the_curve_runs_on_the_tiny_shop(artifacts, tmp_path):
     assert points[-1]["embedding_diversity@10"][0] > points[0]["embedding_diversity@10"][0]
     assert (tmp_path / "diversity_tiny.md").read_text().count("\n| 0.") == len(points)  # one table row per lambda
     assert (tmp_path / "diversity_tiny.png").stat().st_size > 0
+
+
+def _step_with(artifacts, cfg, **serve):
+    import dataclasses
+
+    from runtime.steps import Bundle
+
+    return TopK(contract.STEP_BY_NAME["topk"], Bundle(artifacts / "serving"), dataclasses.replace(cfg.serve, **serve))
+
+
+def _ranked(pipeline, n_users=5):
+    users = pipeline.steps["feature_transform"].store.user_id[:n_users]
+    t = pipeline.rank(pipeline.request(users, 10))
+    return t["candidate_rows"], t["ranking_scores"]
+
+
+def test_a_category_cap_limits_each_list_and_still_fills_k(artifacts, cfg, pipeline):
+    step = _step_with(artifacts, cfg, max_per_category=2)
+    row_of = {int(i): r for r, i in enumerate(step.item_ids)}
+    rows, scores = _ranked(pipeline)
+    for r, s in zip(rows, scores):
+        ids, _ = step(r, s, 10)
+        cats = step.category[[row_of[int(i)] for i in ids]]
+        assert len(ids) == 10 and np.bincount(cats[cats >= 0]).max() <= 2
+        plain, _ = _step_with(artifacts, cfg)(r, s, 10)
+        assert ids[0] == plain[0]  # the best item always leads
+
+
+def test_blocked_items_are_never_served_and_the_file_is_reread(artifacts, cfg, pipeline, tmp_path):
+    import os
+    import time
+
+    blocked = tmp_path / "blocked.txt"
+    blocked.write_text("# nothing blocked yet\n")
+    step = _step_with(artifacts, cfg, blocked_items_file=str(blocked))
+    step.blocked.check_every_s = 0.0
+    rows, scores = _ranked(pipeline, 1)
+    t = {"candidate_rows": rows, "ranking_scores": scores, "k": np.array([[10]], np.int32)}
+    before = step.run(t)[0][0]
+    blocked.write_text(f"{before[0]}\n{before[3]}  # out of stock\n999999999999\n")
+    os.utime(blocked, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new mtime even on coarse clocks
+    after = step.run(t)[0][0]
+    assert before[0] not in after and before[3] not in after and len(after) == 10
+    assert list(after[:2]) == [before[1], before[2]]  # the rest keep their order; new items fill in at the end
+    blocked.write_text("not-a-number\n")
+    os.utime(blocked, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    np.testing.assert_array_equal(step.run(t)[0][0], after)  # a broken file keeps the last good list
+
+
+def test_blocked_items_file_must_exist_and_be_absolute(artifacts, cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist \\(create it empty to block nothing\\)"):
+        _step_with(artifacts, cfg, blocked_items_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="must be an absolute path"):
+        _step_with(artifacts, cfg, blocked_items_file="blocked.txt")
