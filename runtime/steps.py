@@ -127,13 +127,31 @@ def check_outputs(step: contract.Step, outputs, sizes: dict, batch: int | None =
 
 
 class StepImpl:
-    """One step of the graph. `self.step` is its declaration, `self.sizes` the named dims of this bundle."""
+    """One step of the graph. `self.step` is its declaration, `self.sizes` the named dims of this bundle.
+
+    `METRICS` names the counters a step class keeps ({name: description}); `count()` adds to them and
+    `take_counts()` hands them over: the Triton adapter publishes them as Prometheus counters on the
+    server's metrics port, the in-process pipeline just keeps them."""
+
+    METRICS: dict[str, str] = {}
 
     def __init__(self, step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str = "cpu", device_id: int = 0,
                  threads: int = 1):
         self.step, self.bundle, self.cfg = step, bundle, cfg
         self.device, self.device_id, self.threads = device, device_id, threads
         self.sizes = bundle.sizes(cfg)
+        self._counts: dict[tuple[str, tuple], float] = {}
+
+    def metrics(self) -> dict[str, str]:
+        return dict(self.METRICS)
+
+    def count(self, name: str, value: float, **labels) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        self._counts[key] = self._counts.get(key, 0) + float(value)
+
+    def take_counts(self) -> dict[tuple[str, tuple], float]:
+        counts, self._counts = self._counts, {}
+        return counts
 
     def check(self, t: dict) -> dict:
         return t
@@ -158,6 +176,12 @@ class Fused(StepImpl):
         self.parts = [(part, load_step(part, self.bundle, self.cfg, self.device, self.device_id, self.threads))
                       for part in (graph[name] for name in self.step.parts)]
         self.split = next((i for i, (part, _) in enumerate(self.parts) if part.per_request), len(self.parts))
+
+    def metrics(self) -> dict[str, str]:
+        return {k: v for _, impl in self.parts for k, v in impl.metrics().items()}
+
+    def take_counts(self) -> dict[tuple[str, tuple], float]:
+        return {k: v for _, impl in self.parts for k, v in impl.take_counts().items()}
 
     def check(self, t: dict) -> dict:
         for part, impl in self.parts:  # each part checks the request inputs it reads (the others are None here)
@@ -229,9 +253,14 @@ class FeatureTransform(StepImpl):
         validate_request(t["k"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")), t.get("client_device"), self.k_max)
         return t
 
+    METRICS = {"shoprec_requests_total": "users asked for recommendations (one per request row)",
+               "shoprec_cold_start_total": "of them, users without history in the user store (cold start)"}
+
     def run(self, t: dict) -> tuple:
         cat, cont, seq, kinds, rows, cold = self(t["user_id"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")),
                                                  _flat(t.get("client_device")))
+        self.count("shoprec_requests_total", len(rows))
+        self.count("shoprec_cold_start_total", int(cold.sum()))
         return cat, cont, seq, kinds, rows[:, None], cold[:, None]
 
     def __call__(self, user_id: np.ndarray, hour=None, weekday=None, client_device=None):
@@ -323,8 +352,17 @@ class Retrieval(StepImpl):
     def n(self) -> int:
         return self.generator.n
 
+    METRICS = {"shoprec_route_candidates_total": "candidates each recall route returned, before the merge (label: route)",
+               "shoprec_route_empty_total": "users for whom a recall route returned nothing (label: route)",
+               "shoprec_candidates_total": "candidates after the merge, sent to the ranker"}
+
     def run(self, t: dict) -> tuple:
-        cand, dense, _ = self.candidates(t)
+        cand, dense, lists = self.candidates(t)
+        for route, ranked in lists.items():
+            found = (ranked >= 0).sum(1)
+            self.count("shoprec_route_candidates_total", int(found.sum()), route=route)
+            self.count("shoprec_route_empty_total", int((found == 0).sum()), route=route)
+        self.count("shoprec_candidates_total", int((cand >= 0).sum()))
         return cand, dense
 
     def candidates(self, t: dict) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -404,6 +442,7 @@ class TopK(StepImpl):
         super().__init__(*args, **kwargs)
         table = self.bundle.npz("item_table")
         self.item_ids = table["item_ids"]
+        self._id_order = np.argsort(self.item_ids, kind="stable")
         self.category = table["category_code"]
         self.embeddings = np.load(self.bundle.file("item_embeddings"), allow_pickle=False)
         if not 0.0 <= self.cfg.diversity <= 1.0:
@@ -426,12 +465,27 @@ class TopK(StepImpl):
                 raise RequestError("diversity must have one value per user_id row")
         return t
 
+    METRICS = {"shoprec_served_items_total": "items in the served lists",
+               "shoprec_list_pairs_total": "item pairs within served lists",
+               "shoprec_list_pairs_diverse_total": "of them, pairs of different categories (diversity = diverse / pairs)"}
+
+    def _count_lists(self, ids: np.ndarray) -> None:
+        row = np.searchsorted(self.item_ids, ids, sorter=self._id_order)
+        cats = self.category[self._id_order[np.minimum(row, len(self.item_ids) - 1)]]
+        n = len(ids)
+        same = sum(int(m) * (int(m) - 1) // 2 for m in np.unique(cats, return_counts=True)[1])
+        self.count("shoprec_served_items_total", n)
+        self.count("shoprec_list_pairs_total", n * (n - 1) // 2)
+        self.count("shoprec_list_pairs_diverse_total", n * (n - 1) // 2 - same)
+
     def run(self, t: dict) -> tuple:
         rows, scores, k = t["candidate_rows"], t["ranking_scores"], int(t["k"].ravel()[0])
         if self.blocked is not None:  # blocked items become padding: never served, the next candidates fill in
             rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
         lam = np.full(len(rows), self.cfg.diversity) if t.get("diversity") is None else np.ravel(t["diversity"])
         top = [self(rows[i], scores[i], k, float(lam[i])) for i in range(len(rows))]
+        for ids, _ in top:
+            self._count_lists(ids)
         width = max(len(ids) for ids, _ in top)
         ids = np.stack([np.pad(a, (0, width - len(a)), constant_values=-1) for a, _ in top]).astype(np.int64)
         sc = np.stack([np.pad(s, (0, width - len(s)), constant_values=-np.inf) for _, s in top]).astype(np.float32)

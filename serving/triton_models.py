@@ -48,6 +48,18 @@ class StepModel:
         device, device_id = triton_device(args)
         self.impl = load_step(self.step, Bundle(bundle_dir()), serve_config(), device, device_id)
         self.optional = [t.name for t in self.step.inputs if t.optional]
+        # the step's counters on Triton's metrics port, beside Triton's own (one family per name, owned by one step)
+        self.families = {name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
+                         for name, text in self.impl.metrics().items()}
+        self.series: dict = {}
+
+    def publish(self) -> None:
+        for (name, labels), value in self.impl.take_counts().items():
+            if value:
+                key = (name, labels)
+                if key not in self.series:
+                    self.series[key] = self.families[name].Metric(labels=dict(labels))
+                self.series[key].increment(value)
 
     def parse(self, request) -> dict:
         return self.impl.check({t.name: _input(request, t.name, not t.optional) for t in self.step.inputs})
@@ -60,6 +72,7 @@ class StepModel:
             idx = [i for i, k in enumerate(keys) if k == key]
             for i, resp in zip(idx, self._execute([requests[i] for i in idx])):
                 responses[i] = resp
+        self.publish()
         return responses
 
     def _execute(self, requests):

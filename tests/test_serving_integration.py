@@ -262,3 +262,55 @@ def test_diversity_per_request_served_as_in_process(triton, pipeline, artifacts)
             np.testing.assert_array_equal(served.item_ids, pipeline.recommend([u], 10, diversity=0.4)[0][0])
         with pytest.raises(InferenceServerException, match=r"diversity must be in \[0, 1\] \(0 = the ranker's order\), got 2"):
             c.recommend(users[0], k=10, diversity=2.0)
+
+
+def _scrape(server) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("shoprec_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_step_counters_on_the_metrics_port(triton, artifacts):
+    """Known requests in, the steps' own counters out, beside Triton's: requests, cold starts, route sizes, list diversity."""
+    import time
+
+    warm = _users(artifacts, 3)
+    before = _scrape(triton)
+    with RecommenderClient(triton.grpc_url) as c:
+        for u in warm:
+            assert len(c.recommend(u, k=5).item_ids) == 5
+        for u in (-1, -2):  # unknown users: cold, so the item-to-item routes have nothing to start from
+            assert c.recommend(u, k=5).cold_start
+    deadline = time.time() + 10
+    while True:  # the page may lag the responses by a moment
+        after = _scrape(triton)
+        if after.get("shoprec_requests_total", 0) - before.get("shoprec_requests_total", 0) >= 5 or time.time() > deadline:
+            break
+        time.sleep(0.25)
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("shoprec_requests_total") == 5 and delta("shoprec_cold_start_total") == 2
+    assert delta("shoprec_served_items_total") == 25 and delta("shoprec_list_pairs_total") == 50
+    assert 0 <= delta("shoprec_list_pairs_diverse_total") <= 50
+    assert delta('shoprec_route_empty_total{route="cf_all"}') >= 2  # the two cold users at least
+    assert delta('shoprec_route_candidates_total{route="popular"}') > 0
+    assert delta("shoprec_candidates_total") == 5 * triton_candidates(artifacts)
+
+
+def triton_candidates(artifacts) -> int:
+    import json
+
+    from shoprec import contract
+    from shoprec.config import load_config
+
+    n_items = json.loads((artifacts / "serving" / "contract.json").read_text())["n_items"]
+    return contract.num_candidates(load_config().serve.num_candidates, n_items)
