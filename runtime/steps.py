@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,16 +142,19 @@ class StepImpl:
         self.device, self.device_id, self.threads = device, device_id, threads
         self.sizes = bundle.sizes(cfg)
         self._counts: dict[tuple[str, tuple], float] = {}
+        self._counts_lock = threading.Lock()  # a publisher thread takes the counts while requests add to them
 
     def metrics(self) -> dict[str, str]:
         return dict(self.METRICS)
 
     def count(self, name: str, value: float, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))
-        self._counts[key] = self._counts.get(key, 0) + float(value)
+        with self._counts_lock:
+            self._counts[key] = self._counts.get(key, 0) + float(value)
 
     def take_counts(self) -> dict[tuple[str, tuple], float]:
-        counts, self._counts = self._counts, {}
+        with self._counts_lock:
+            counts, self._counts = self._counts, {}
         return counts
 
     def check(self, t: dict) -> dict:
