@@ -124,13 +124,15 @@ def _infer(request: InferRequest) -> dict:
             if name not in arrays:
                 raise RequestError(f"missing input {name!r}")
         out = pipeline().recommend(*(None if arrays.get(t.name) is None else arrays[t.name].ravel()
-                                     for t in contract.REQUEST_INPUTS))
+                                     for t in contract.REQUEST_INPUTS), with_routes=True)
     except (RequestError, ValueError) as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from exc
     ids = np.stack([o[0] for o in out])
     scores = np.stack([o[1] for o in out])
+    routes = np.stack([o[3] for o in out])
     cold = [[o[2]] for o in out]
     return {"model_name": contract.ENSEMBLE, "id": request.id or "", "outputs": [
         {"name": "item_ids", "datatype": "INT64", "shape": list(ids.shape), "data": ids.ravel().tolist()},
         {"name": "scores", "datatype": "FP32", "shape": list(scores.shape), "data": scores.ravel().tolist()},
-        {"name": "cold_start", "datatype": "BOOL", "shape": [len(cold), 1], "data": [c[0] for c in cold]}]}
+        {"name": "cold_start", "datatype": "BOOL", "shape": [len(cold), 1], "data": [c[0] for c in cold]},
+        {"name": "item_routes", "datatype": "INT32", "shape": list(routes.shape), "data": routes.ravel().tolist()}]}

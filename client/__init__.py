@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoprec.contract import ENSEMBLE
+from shoprec.contract import ENSEMBLE, ROUTES
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Recommendation:
     item_ids: np.ndarray
     scores: np.ndarray
     cold_start: bool
+    routes: list[list[str]] | None = None  # per item, the recall routes that proposed it (servers that say so)
 
 
 def _module(protocol: str, aio: bool = False):
@@ -60,8 +61,10 @@ def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_devi
 
 
 def _parse(user_id, result) -> Recommendation:
+    masks = result.as_numpy("item_routes")
+    routes = None if masks is None else [[r for bit, r in enumerate(ROUTES) if int(m) & (1 << bit)] for m in masks[0]]
     return Recommendation(user_id, result.as_numpy("item_ids")[0], result.as_numpy("scores")[0],
-                          bool(result.as_numpy("cold_start")[0, 0]))
+                          bool(result.as_numpy("cold_start")[0, 0]), routes)
 
 
 class RecommenderClient:

@@ -29,7 +29,7 @@ def item_details(artifacts: Path) -> dict | None:
 def format_table(rec, details) -> str:
     lines = [f"user {rec.user_id}: {len(rec.item_ids)} items" + ("  (cold start: no history)" if rec.cold_start else "")]
     cols = list(details["columns"]) if details else []
-    lines.append(f"{'rank':>4}  {'item_id':>9}  {'score':>7}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
+    lines.append(f"{'rank':>4}  {'item_id':>9}  {'score':>7}  {'routes':<18}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
     order = np.argsort(details["ids"]) if details else None
     for i, (item, score) in enumerate(zip(rec.item_ids, rec.scores), 1):
         extra = ""
@@ -40,7 +40,8 @@ def format_table(rec, details) -> str:
                 extra = "(not in the local item table)"
             else:
                 extra = "  ".join(f"{str(details['columns'][c][j])[:24]:<24}" for c in cols)
-        lines.append(f"{i:>4}  {item:>9}  {score:7.4f}  {extra}")
+        routes = "+".join(rec.routes[i - 1]) if rec.routes else ""
+        lines.append(f"{i:>4}  {item:>9}  {score:7.4f}  {routes[:18]:<18}  {extra}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from .faiss_search import search
 
 DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann")
-ROUTES = ("cf_all", "cf_pos", "ann", "popular")
+ROUTES = ("cf_all", "cf_pos", "ann", "popular")  # the bit order of route masks, as shoprec.contract.ROUTES says
 POSITIVE_KIND = 2
 
 
@@ -194,8 +194,27 @@ def _round_robin(lists: list[np.ndarray], n: int) -> np.ndarray:
     return out
 
 
+def route_membership(rows: np.ndarray, lists: dict[str, np.ndarray]) -> np.ndarray:
+    """[U, N] int32 bitmask: bit i set when the candidate is in route ROUTES[i]'s list (attribution)."""
+    n = rows.shape[1]
+    out = np.zeros(rows.shape, np.int32)
+    for bit, route in enumerate(ROUTES):
+        if route in lists:
+            out |= np.where(_position(rows, lists[route], n) < n, np.int32(1 << bit), np.int32(0))
+    return np.where(rows >= 0, out, 0).astype(np.int32)
+
+
+def route_names(mask: int) -> list[str]:
+    return [r for bit, r in enumerate(ROUTES) if mask & (1 << bit)]
+
+
 def _log_rank(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
     """log(1 + position of each candidate in a route's list), log(1 + n) when absent."""
+    return np.log1p(_position(rows, ranked, n)).astype(np.float32)
+
+
+def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
+    """Position of each candidate in a route's ranked list (per user), n when absent."""
     u, width = ranked.shape
     span = int(max(rows.max(initial=0), ranked.max(initial=0))) + 2
     keys = (np.arange(u)[:, None] * span + ranked + 1).ravel()  # + 1: pads (-1) never match a row
@@ -204,5 +223,4 @@ def _log_rank(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
     query = (np.arange(u)[:, None] * span + rows + 1).ravel()
     at = np.minimum(np.searchsorted(sorted_keys, query), len(sorted_keys) - 1)
     found = (sorted_keys[at] == query) & (rows.ravel() >= 0)
-    position = np.where(found, order[at] % width, n)
-    return np.log1p(position).reshape(rows.shape).astype(np.float32)
+    return np.where(found, order[at] % width, n).reshape(rows.shape)

@@ -65,8 +65,10 @@ class Pipeline:
         per_request = next((s.name for s in self.graph if s.per_request), None)
         return self.run(request, stop=per_request)
 
-    def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None):
-        """Batch of users -> list of (item_ids, scores, cold_start), one per user (each user its own request)."""
+    def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None,
+                  with_routes: bool = False):
+        """Batch of users -> list of (item_ids, scores, cold_start), one per user (each user its own request);
+        with_routes: (item_ids, scores, cold_start, item_routes), the route bitmask of each served item."""
         tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen, diversity))
         last = self.graph[-1]
         if not last.per_request:
@@ -74,10 +76,10 @@ class Pipeline:
         impl = self.steps[last.name]
         inputs = impl.check({t.name: tensors.get(last.graph_name(t.name)) for t in last.inputs})
         out = []
-        for outputs in impl.run_requests(inputs, [1] * len(tensors["user_id"])):
+        for outputs, cold in zip(impl.run_requests(inputs, [1] * len(tensors["user_id"])), tensors["cold_start"].ravel()):
             check_outputs(last, outputs, self.sizes, 1)
-            named = dict(zip((t.name for t in last.outputs), outputs))
-            ids, scores = named["item_ids"][0], named["scores"][0]
-            keep = ids >= 0
-            out.append((ids[keep], scores[keep]))
-        return [(ids, scores, bool(c)) for (ids, scores), c in zip(out, tensors["cold_start"].ravel())]
+            named = {last.graph_name(t.name): o[0] for t, o in zip(last.outputs, outputs)}
+            keep = named["item_ids"] >= 0
+            one = (named["item_ids"][keep], named["scores"][keep], bool(cold))
+            out.append((*one, named["item_routes"][keep]) if with_routes else one)
+        return out

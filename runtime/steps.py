@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.candidates import CandidateGenerator, ItemNeighbours
+from runtime.candidates import ROUTES, CandidateGenerator, ItemNeighbours, route_membership
 from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
@@ -367,7 +367,7 @@ class Retrieval(StepImpl):
             self.count("shoprec_route_candidates_total", int(found.sum()), route=route)
             self.count("shoprec_route_empty_total", int((found == 0).sum()), route=route)
         self.count("shoprec_candidates_total", int((cand >= 0).sum()))
-        return cand, dense
+        return cand, dense, route_membership(cand, lists)
 
     def candidates(self, t: dict) -> tuple[np.ndarray, np.ndarray, dict]:
         """(candidate_rows, candidate_dense, each route's ranked list): the lists are for evaluation."""
@@ -470,8 +470,14 @@ class TopK(StepImpl):
         return t
 
     METRICS = {"shoprec_served_items_total": "items in the served lists",
+               "shoprec_served_route_items_total": "served items that a recall route proposed (label: route; an item "
+                                                   "several routes proposed counts for each)",
                "shoprec_list_pairs_total": "item pairs within served lists",
                "shoprec_list_pairs_diverse_total": "of them, pairs of different categories (diversity = diverse / pairs)"}
+
+    def _count_routes(self, masks: np.ndarray) -> None:
+        for bit, route in enumerate(ROUTES):
+            self.count("shoprec_served_route_items_total", int(((masks >> bit) & 1).sum()), route=route)
 
     def _count_lists(self, ids: np.ndarray) -> None:
         row = np.searchsorted(self.item_ids, ids, sorter=self._id_order)
@@ -487,16 +493,28 @@ class TopK(StepImpl):
         if self.blocked is not None:  # blocked items become padding: never served, the next candidates fill in
             rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
         lam = np.full(len(rows), self.cfg.diversity) if t.get("diversity") is None else np.ravel(t["diversity"])
-        top = [self(rows[i], scores[i], k, float(lam[i])) for i in range(len(rows))]
-        for ids, _ in top:
-            self._count_lists(ids)
-        width = max(len(ids) for ids, _ in top)
-        ids = np.stack([np.pad(a, (0, width - len(a)), constant_values=-1) for a, _ in top]).astype(np.int64)
-        sc = np.stack([np.pad(s, (0, width - len(s)), constant_values=-np.inf) for _, s in top]).astype(np.float32)
-        return ids, sc
+        routes = t.get("candidate_routes")
+        routes = np.zeros(rows.shape, np.int32) if routes is None else routes
+        top = [self.order(rows[i], scores[i], k, float(lam[i])) for i in range(len(rows))]
+        for i, order in enumerate(top):
+            self._count_lists(self.item_ids[rows[i][order]])
+            self._count_routes(routes[i][order])
+        width = max(len(o) for o in top)
+
+        def pad(values, fill, dtype):
+            return np.stack([np.pad(v, (0, width - len(v)), constant_values=fill) for v in values]).astype(dtype)
+
+        return (pad([self.item_ids[rows[i][o]] for i, o in enumerate(top)], -1, np.int64),
+                pad([scores[i][o] for i, o in enumerate(top)], -np.inf, np.float32),
+                pad([routes[i][o] for i, o in enumerate(top)], 0, np.int32))
 
     def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0):
         """One user: (raw item ids, scores), padding dropped."""
+        order = self.order(rows, scores, k, diversity)
+        return self.item_ids[rows[order]], scores[order].astype(np.float32)
+
+    def order(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0) -> np.ndarray:
+        """One user: positions of the served candidates, in served order."""
         cap = self.cfg.max_per_category
         if cap <= 0:
             order = mmr_order(rows, scores, k, diversity, self.embeddings, self.cfg.diversity_pool)
@@ -505,7 +523,7 @@ class TopK(StepImpl):
             rest = best_first(rows, scores, len(rows))
             rest = rest[(rows[rest] >= 0) & ~np.isin(rest, first)]
             order = capped(np.concatenate([first, rest]), self.category[rows[np.concatenate([first, rest])]], cap, k)
-        return self.item_ids[rows[order]], scores[order].astype(np.float32)
+        return order
 
 
 def capped(order: np.ndarray, categories: np.ndarray, cap: int, k: int) -> np.ndarray:

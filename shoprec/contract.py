@@ -86,15 +86,18 @@ COLD_START = Tensor("cold_start", "BOOL", (1,))
 USER_EMBEDDING = Tensor("user_embedding", "FP32", ("embedding_dim",))
 CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", ("num_candidates",))
 CANDIDATE_DENSE = Tensor("candidate_dense", "FP32", ("num_candidates", "dense_dim"))
+CANDIDATE_ROUTES = Tensor("candidate_routes", "INT32", ("num_candidates",))  # bit i: in recall route i's list
 ITEM_CAT = Tensor("item_cat", "INT64", ("num_candidates", "item_cat_dim"))
 ITEM_CONT = Tensor("item_cont", "FP32", ("num_candidates", "item_cont_dim"))
 RANKING_SCORES = Tensor("ranking_scores", "FP32", ("num_candidates",))
 # response
 ITEM_IDS = Tensor("item_ids", "INT64", (-1,))
 SCORES = Tensor("scores", "FP32", (-1,))
+ITEM_ROUTES = Tensor("item_routes", "INT32", (-1,))  # per served item: bitmask of the recall routes it came from
 
 REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY)
-RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START)
+RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES)
+ROUTES = ("cf_all", "cf_pos", "ann", "popular")  # bit order of the route masks (runtime.candidates.ROUTES)
 USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
 RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
 
@@ -102,12 +105,13 @@ STEPS: tuple[Step, ...] = (
     Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE), (*USER_MODEL_INPUTS, USER_ROW, COLD_START),
          "FeatureTransform", "KIND_CPU"),
     Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "OnnxStep", "KIND_GPU", engine=True),
-    Step("retrieval", (USER_EMBEDDING, USER_ROW, EXCLUDE_SEEN), (CANDIDATE_ROWS, CANDIDATE_DENSE), "Retrieval", "KIND_GPU"),
+    Step("retrieval", (USER_EMBEDDING, USER_ROW, EXCLUDE_SEEN), (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval",
+         "KIND_GPU"),
     Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU"),
     Step("ranker", RANKER_INPUTS, (RANKING_SCORES,), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
          preferred_batch_sizes=(4, 16, 32)),
-    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START, DIVERSITY), (ITEM_IDS, SCORES), "TopK", "KIND_CPU",
-         per_request=True),
+    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START, DIVERSITY, CANDIDATE_ROUTES), (ITEM_IDS, SCORES, ITEM_ROUTES),
+         "TopK", "KIND_CPU", per_request=True),
 )
 STEP_BY_NAME = {s.name: s for s in STEPS}
 ENGINE_STEPS = tuple(s.name for s in STEPS if s.engine)  # the ONNX graphs the gpu profile serves as TensorRT plans

@@ -321,3 +321,17 @@ def triton_candidates(artifacts) -> int:
 
     n_items = json.loads((artifacts / "serving" / "contract.json").read_text())["n_items"]
     return contract.num_candidates(load_config().serve.num_candidates, n_items)
+
+
+def test_every_served_item_says_which_recall_routes_proposed_it(triton, pipeline, artifacts):
+    from runtime.candidates import ROUTES
+
+    with RecommenderClient(triton.grpc_url) as c:
+        for u in _users(artifacts, 5):
+            served = c.recommend(u, k=10)
+            ids, _, _, masks = pipeline.recommend([u], 10, with_routes=True)[0]
+            np.testing.assert_array_equal(served.item_ids, ids)
+            assert served.routes == [[r for b, r in enumerate(ROUTES) if int(m) >> b & 1] for m in masks]
+            assert all(served.routes)  # every item came from at least one route
+        cold = c.recommend(-7, k=10)
+        assert cold.cold_start and all(set(r) <= {"ann", "popular"} for r in cold.routes)  # no history, no item-to-item
