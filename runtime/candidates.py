@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shoprec import contract
+
 from .faiss_search import search
 
 DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann")
-ROUTES = ("cf_all", "cf_pos", "ann", "popular")  # the bit order of route masks, as shoprec.contract.ROUTES says
+ROUTES = contract.ROUTES  # the merge order, and the bit order of the route masks in responses
 POSITIVE_KIND = 2
 
 
@@ -104,9 +106,10 @@ class CandidateGenerator:
         return len(self.emb)
 
     def __call__(self, user_emb: np.ndarray, hist_indptr: np.ndarray, hist_rows: np.ndarray, hist_kinds: np.ndarray,
-                 exclude_seen: np.ndarray | bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+                 exclude_seen: np.ndarray | bool = True, with_routes: bool = False) -> tuple:
         """-> candidate rows [U, N] (-1 pads when too few items are left), dense features [U, N, F],
-        and each route's ranked list {route: [U, N]} (for attribution and evaluation)."""
+        and each route's ranked list {route: [U, N]} (for evaluation); with_routes: also each candidate's
+        route bitmask [U, N] int32 (bit i: in ROUTES[i]'s list), from the same positions the features use."""
         u = len(hist_indptr) - 1
         n_items, n = self.n_items, self.n
         exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (u,))
@@ -133,12 +136,16 @@ class CandidateGenerator:
         rows = _round_robin([lists[r] for r in ROUTES], n)
         safe = np.maximum(rows, 0)
         dots = np.einsum("ud,und->un", np.asarray(user_emb, dtype=np.float32), self.emb[safe])
+        position = {r: _position(rows, lists[r], n) for r in (ROUTES if with_routes else ("cf_all", "cf_pos", "ann"))}
         feats = np.stack([
             np.take_along_axis(s_all, safe, 1), np.take_along_axis(s_pos, safe, 1), np.take_along_axis(s_recent, safe, 1), dots,
-            _log_rank(rows, lists["cf_all"], n), _log_rank(rows, lists["cf_pos"], n), _log_rank(rows, lists["ann"], n),
+            *(np.log1p(position[r]) for r in ("cf_all", "cf_pos", "ann")),  # log(1 + rank), log(1 + n) when absent
         ], axis=2).astype(np.float32)
         feats[rows < 0] = 0.0
-        return rows, feats, lists
+        if not with_routes:
+            return rows, feats, lists
+        routes = sum(np.where(position[r] < n, np.int32(1 << bit), np.int32(0)) for bit, r in enumerate(ROUTES))
+        return rows, feats, lists, np.where(rows >= 0, routes, 0).astype(np.int32)
 
     def _ann(self, user_emb: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
         extra = int(blocked.sum(1).max()) if len(blocked) else 0
@@ -192,25 +199,6 @@ def _round_robin(lists: list[np.ndarray], n: int) -> np.ndarray:
     keep = rank < n
     out[user[keep], rank[keep]] = rows[keep]
     return out
-
-
-def route_membership(rows: np.ndarray, lists: dict[str, np.ndarray]) -> np.ndarray:
-    """[U, N] int32 bitmask: bit i set when the candidate is in route ROUTES[i]'s list (attribution)."""
-    n = rows.shape[1]
-    out = np.zeros(rows.shape, np.int32)
-    for bit, route in enumerate(ROUTES):
-        if route in lists:
-            out |= np.where(_position(rows, lists[route], n) < n, np.int32(1 << bit), np.int32(0))
-    return np.where(rows >= 0, out, 0).astype(np.int32)
-
-
-def route_names(mask: int) -> list[str]:
-    return [r for bit, r in enumerate(ROUTES) if mask & (1 << bit)]
-
-
-def _log_rank(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
-    """log(1 + position of each candidate in a route's list), log(1 + n) when absent."""
-    return np.log1p(_position(rows, ranked, n)).astype(np.float32)
 
 
 def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.candidates import ROUTES, CandidateGenerator, ItemNeighbours, route_membership
+from runtime.candidates import ROUTES, CandidateGenerator, ItemNeighbours
 from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
@@ -62,6 +62,11 @@ class Bundle:
             with np.load(self.file(key), allow_pickle=False) as z:
                 self._arrays[key] = {k: z[k] for k in z.files}
         return dict(self._arrays[key])  # callers may pop keys; the arrays themselves are shared
+
+    def npy(self, key: str) -> np.ndarray:
+        if key not in self._arrays:
+            self._arrays[key] = np.load(self.file(key), allow_pickle=False)
+        return self._arrays[key]
 
     @functools.cached_property
     def dims(self) -> dict:
@@ -329,7 +334,7 @@ class Retrieval(StepImpl):
         # one thread per instance, like the ONNX sessions: parallelism comes from Triton instances
         # (or server workers); FAISS's OpenMP team otherwise spins against them on a few cores
         faiss.omp_set_num_threads(self.threads)
-        embeddings = np.load(bundle.file("item_embeddings"), allow_pickle=False)
+        embeddings = bundle.npy("item_embeddings")
         if embeddings.shape[1] != self.sizes["embedding_dim"]:
             raise ArtifactError(f"{bundle.path}: item embeddings are {embeddings.shape[1]}-d, contract.json says "
                                 f"{self.sizes['embedding_dim']}; re-run `shoprec export`")
@@ -361,16 +366,17 @@ class Retrieval(StepImpl):
                "shoprec_candidates_total": "candidates after the merge, sent to the ranker"}
 
     def run(self, t: dict) -> tuple:
-        cand, dense, lists = self.candidates(t)
+        cand, dense, lists, routes = self.candidates(t)
         for route, ranked in lists.items():
             found = (ranked >= 0).sum(1)
             self.count("shoprec_route_candidates_total", int(found.sum()), route=route)
             self.count("shoprec_route_empty_total", int((found == 0).sum()), route=route)
         self.count("shoprec_candidates_total", int((cand >= 0).sum()))
-        return cand, dense, route_membership(cand, lists)
+        return cand, dense, routes
 
-    def candidates(self, t: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(candidate_rows, candidate_dense, each route's ranked list): the lists are for evaluation."""
+    def candidates(self, t: dict) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+        """(candidate_rows, candidate_dense, each route's ranked list, each candidate's route bitmask); the lists
+        are for evaluation and the metrics."""
         user_row = np.asarray(t["user_row"], dtype=np.int64).ravel()
         parts = [self.store.history(int(r)) for r in user_row]
         indptr = np.r_[0, np.cumsum([len(p[0]) for p in parts])].astype(np.int64)
@@ -378,7 +384,7 @@ class Retrieval(StepImpl):
         kinds = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int8)
         flag = t.get("exclude_seen")
         exclude = self.default_exclude if flag is None else np.asarray(flag, dtype=bool).ravel()
-        return self.generator(t["user_embedding"], indptr, rows.astype(np.int64), kinds, exclude)
+        return self.generator(t["user_embedding"], indptr, rows.astype(np.int64), kinds, exclude, with_routes=True)
 
 
 class CandidateFeatures(StepImpl):
@@ -446,9 +452,8 @@ class TopK(StepImpl):
         super().__init__(*args, **kwargs)
         table = self.bundle.npz("item_table")
         self.item_ids = table["item_ids"]
-        self._id_order = np.argsort(self.item_ids, kind="stable")
         self.category = table["category_code"]
-        self.embeddings = np.load(self.bundle.file("item_embeddings"), allow_pickle=False)
+        self.embeddings = self.bundle.npy("item_embeddings")
         if not 0.0 <= self.cfg.diversity <= 1.0:
             raise ValueError(f"serve.diversity must be in [0, 1], got {self.cfg.diversity}")
         if self.cfg.max_per_category < 0:
@@ -479,10 +484,9 @@ class TopK(StepImpl):
         for bit, route in enumerate(ROUTES):
             self.count("shoprec_served_route_items_total", int(((masks >> bit) & 1).sum()), route=route)
 
-    def _count_lists(self, ids: np.ndarray) -> None:
-        row = np.searchsorted(self.item_ids, ids, sorter=self._id_order)
-        cats = self.category[self._id_order[np.minimum(row, len(self.item_ids) - 1)]]
-        n = len(ids)
+    def _count_lists(self, rows: np.ndarray) -> None:
+        cats = self.category[rows]
+        n = len(rows)
         same = sum(int(m) * (int(m) - 1) // 2 for m in np.unique(cats, return_counts=True)[1])
         self.count("shoprec_served_items_total", n)
         self.count("shoprec_list_pairs_total", n * (n - 1) // 2)
@@ -497,7 +501,7 @@ class TopK(StepImpl):
         routes = np.zeros(rows.shape, np.int32) if routes is None else routes
         top = [self.order(rows[i], scores[i], k, float(lam[i])) for i in range(len(rows))]
         for i, order in enumerate(top):
-            self._count_lists(self.item_ids[rows[i][order]])
+            self._count_lists(rows[i][order])
             self._count_routes(routes[i][order])
         width = max(len(o) for o in top)
 

@@ -182,7 +182,7 @@ def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 
     full, merged, routes, cold = [], [], {}, []
     for s in range(0, len(users), batch):
         t = pipe.run(pipe.request(users[s : s + batch], n, exclude_seen=True), stop="retrieval")
-        cand, dense, lists = pipe.steps["retrieval"].candidates(t)  # the route lists too, computed once
+        cand, dense, lists, _ = pipe.steps["retrieval"].candidates(t)  # the route lists too, computed once
         t = pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features", stop="topk")
         order = best_first(cand, t["ranking_scores"], n)  # top-k's order, on store rows instead of raw ids
         full.append(np.take_along_axis(cand, order, 1))
