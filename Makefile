@@ -11,6 +11,10 @@ $(VENV)/.installed: requirements/offline.lock requirements/offline.in requiremen
 	@command -v apt-get >/dev/null && ! dpkg -s libb64-0d >/dev/null 2>&1 && \
 	  { echo "installing Debian package libb64-0d (perf_analyzer needs it)"; \
 	    (apt-get update -qq && apt-get install -y -qq libb64-0d) || echo "WARNING: could not install libb64-0d; perf_analyzer benchmarks will fail"; } || true
+	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && \
+	  { echo "installing Debian package redis-server (the online user store)"; \
+	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server) || \
+	    echo "WARNING: could not install redis-server (needs root); install it, or serve with --online-store none"; }; } || true
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q "pip==24.0"   # newer pip rejects merlin-dataloader 23.8's metadata
 	$(VENV)/bin/pip install -q -r requirements/offline.in -c requirements/offline.lock

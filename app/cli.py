@@ -5,7 +5,10 @@
   train      two-tower retrieval, item-to-item routes (EASE / item-kNN), ranker on their candidates
   export     ONNX + parity checks, item embeddings, FAISS index, routes, TensorRT (where present)
   evaluate   offline quality: served pipeline vs popularity, ALS, item-kNN, EASE, two-tower alone
-  serve      start tritonserver on the generated model repository (Ctrl-C stops it)
+  serve      start tritonserver on the generated model repository, beside a private Redis that holds
+             live user state (Ctrl-C stops both)
+  events     write user events to the online store: the next request of each user sees them
+  items      mark items unavailable / available again (from the next request on)
   recommend  ask a running server for top-k items for a user (HTTP or gRPC)
   bench      benchmarks: request-time transform (NVTabular vs NumPy plan) and serving (perf_analyzer:
              Triton ensemble vs FastAPI vs in-process), results in benchmarks/results
@@ -116,6 +119,18 @@ def cmd_serve(args, cfg):
             server.wait()
         except KeyboardInterrupt:
             print("stopping tritonserver", flush=True)
+
+
+def cmd_events(args, cfg):
+    from app.events import cmd_events as run
+
+    run(args, cfg)
+
+
+def cmd_items(args, cfg):
+    from app.events import cmd_items as run
+
+    run(args, cfg)
 
 
 def cmd_recommend(args, cfg):
@@ -234,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="default: config serve.http_port (8000)")
     p.add_argument("--grpc-port", type=int, help="default: config serve.grpc_port (8001)")
     p.add_argument("--metrics-port", type=int, help="default: config serve.metrics_port (8002)")
+    p.add_argument("--online-store", help="live user state: private (start a redis-server under ARTIFACTS/online), "
+                   "none (the export's snapshot only) or redis://HOST:PORT/DB (default: config serve.online_store = private)")
+    p = add("events", cmd_events, "write user events (view/click/cart/purchase) to the online store of a running server; "
+            "the next request of each user sees them")
+    p.add_argument("file", nargs="?", default="-", help="JSON lines or CSV (header: user_id,item_id,type,timestamp"
+                   "[,event_id,session_id]); - or nothing: standard input")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="default: csv for .csv/.tsv files, else jsonl")
+    p.add_argument("--online-store", help="redis://HOST:PORT/DB (default: the private store `shoprec serve` runs on "
+                   "these artifacts)")
+    p = add("items", cmd_items, "mark items unavailable (never served, from the next request on) or available again")
+    p.add_argument("--unavailable", type=int, nargs="+", metavar="ITEM_ID", help="raw item ids to withdraw")
+    p.add_argument("--available", type=int, nargs="+", metavar="ITEM_ID", help="raw item ids to serve again")
+    p.add_argument("--online-store", help="redis://HOST:PORT/DB (default: the private store of `shoprec serve`)")
     p = add("recommend", cmd_recommend, "top-k items for a user from a running server")
     p.add_argument("--user", type=int, required=True, help="raw user id")
     p.add_argument("-k", type=int, default=10)
@@ -257,6 +285,8 @@ def _apply_overrides(args, cfg):
                       ("positive_threshold", "positive_threshold")):
         if getattr(args, attr, None) is not None:
             cfg = cfg.replace("data", **{key: getattr(args, attr)})
+    if getattr(args, "command", None) == "serve" and args.online_store:
+        cfg = cfg.replace("serve", online_store=args.online_store)
     for attr in ("address", "http_port", "grpc_port", "metrics_port"):
         if getattr(args, attr, None) is not None:
             cfg = cfg.replace("serve", **{attr: getattr(args, attr)})

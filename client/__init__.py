@@ -3,7 +3,7 @@
     from client import RecommenderClient
     with RecommenderClient("127.0.0.1:8001") as c:
         rec = c.recommend(1000001, k=10, hour=20, client_device="mobile")
-        rec.item_ids, rec.scores, rec.cold_start
+        rec.item_ids, rec.scores, rec.cold_start, rec.degraded
 
 gRPC is the protocol to expose beyond the host; Triton 2.51's HTTP/JSON front end can be killed
 by a malformed request declaring a huge shape, so keep HTTP on loopback (see README).
@@ -25,6 +25,7 @@ class Recommendation:
     scores: np.ndarray
     cold_start: bool
     routes: list[list[str]] | None = None  # per item, the recall routes that proposed it (servers that say so)
+    degraded: bool = False  # the online store failed: the list comes from the export's snapshot of the user
 
 
 def _module(protocol: str, aio: bool = False):
@@ -63,8 +64,9 @@ def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_devi
 def _parse(user_id, result) -> Recommendation:
     masks = result.as_numpy("item_routes")
     routes = None if masks is None else [[r for bit, r in enumerate(ROUTES) if int(m) & (1 << bit)] for m in masks[0]]
+    degraded = result.as_numpy("degraded")
     return Recommendation(user_id, result.as_numpy("item_ids")[0], result.as_numpy("scores")[0],
-                          bool(result.as_numpy("cold_start")[0, 0]), routes)
+                          bool(result.as_numpy("cold_start")[0, 0]), routes, degraded is not None and bool(degraded[0, 0]))
 
 
 class RecommenderClient:

@@ -294,6 +294,17 @@ def plan_start(settings: Settings, env: dict, run=subprocess.run, gpu_name: str 
     return plan
 
 
+def online_store(env: dict) -> str | None:
+    """The Redis the steps read live user state from ($SHOPREC_ONLINE_STORE, e.g. the StatefulSet of
+    deploy/k8s/redis.yaml); unset or "none": the export's snapshot only. A malformed value stops the start."""
+    value = env.get("SHOPREC_ONLINE_STORE", "").strip()
+    if value in ("", "none"):
+        return None
+    if not re.match(r"^(redis|rediss|unix)://\S+$", value):
+        raise StartupError(f"SHOPREC_ONLINE_STORE must be redis://HOST:PORT/DB (or none), got {value!r}", EXIT_BAD_BUNDLE)
+    return value
+
+
 def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.run, execvp=os.execvp) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="verify and print the plan as JSON; build and start nothing")
@@ -305,6 +316,7 @@ def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.
     env = dict(os.environ if env is None else env)
     try:
         settings = Settings.from_env(env)
+        online = online_store(env)
         if args.check_tools:
             print("[entrypoint] tools ok: " + ", ".join(check_tools(env, run)))
             return 0
@@ -322,6 +334,7 @@ def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.
     except StartupError as err:
         print(f"[entrypoint] refusing to start: {err}", file=sys.stderr, flush=True)
         return err.code
+    print(f"[entrypoint] online store: {online or 'none (the export snapshot only)'}", flush=True)
     print(f"[entrypoint] exec {' '.join(plan.server_command)}", flush=True)
     # exec, not a child: Triton becomes PID 1 and gets the pod's SIGTERM for a graceful drain
     execvp(plan.server_command[0], plan.server_command)

@@ -65,6 +65,7 @@ class ActionLog:
         self.ts = a["ts"].values.astype(np.int64)
         self.row = a["item_row"].values.astype(np.int64)
         self.kind = a["kind"].values.astype(np.int8)
+        self.session = a["session_id"].values.astype(np.int64) if "session_id" in a else np.zeros(len(a), np.int64)
         self.users, self.start, dense = np.unique(self.user, return_index=True, return_inverse=True)
         if len(self.ts) and (self.ts.min() < 0 or self.ts.max() > TS_LIMIT):
             raise ValueError(f"action timestamps must be in 0..{TS_LIMIT} unix seconds")
@@ -124,10 +125,14 @@ class ActionLog:
             out["price_level"] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
         return out
 
-    def history_csr(self, user_id: np.ndarray, at_ts=NEVER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(indptr, item rows, kinds) of every action before at_ts, one CSR row per query."""
+    def history_index(self, user_id: np.ndarray, at_ts=NEVER) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr, action indices) of every action before at_ts, one CSR row per query, in time order."""
         first, end = self.cut(user_id, at_ts)
         lengths = end - first
         indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-        idx = np.repeat(first - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return indptr, np.repeat(first - indptr[:-1], lengths) + np.arange(indptr[-1])
+
+    def history_csr(self, user_id: np.ndarray, at_ts=NEVER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr, item rows, kinds) of every action before at_ts, one CSR row per query."""
+        indptr, idx = self.history_index(user_id, at_ts)
         return indptr, self.row[idx], self.kind[idx]

@@ -137,7 +137,8 @@ def _item_statistics(items: pd.DataFrame, train: pd.DataFrame, impressions: pd.D
 
 
 def _store_arrays(users: pd.DataFrame, attr_cols: list[str], log_: ActionLog, n_seq: int, n_cat: int) -> dict:
-    """user_store.npz: attributes (+ null masks), state after every action in `log_`, history CSR."""
+    """user_store.npz: attributes (+ null masks), state after every action in `log_`, history CSR
+    (item rows, kinds, timestamps, sessions)."""
     users = users.sort_values("user_id").reset_index(drop=True)
     ids = users["user_id"].values.astype(np.int64)
     arrays: dict[str, np.ndarray] = {"user_id": ids}
@@ -149,7 +150,12 @@ def _store_arrays(users: pd.DataFrame, attr_cols: list[str], log_: ActionLog, n_
     state = log_.states(ids, NEVER, n_seq, n_cat)
     for key, value in state.items():
         arrays[key] = value
-    arrays["hist_indptr"], arrays["hist_rows"], arrays["hist_kinds"] = log_.history_csr(ids)
+    # every action in time order: the seen filter and item-to-item routes read rows and kinds; the online
+    # store (runtime/online_store.py) seeds a user's live actions from all four, so an event merges with
+    # the snapshot exactly as the offline dedup would (one action per item and session)
+    arrays["hist_indptr"], idx = log_.history_index(ids)
+    arrays["hist_rows"], arrays["hist_kinds"] = log_.row[idx], log_.kind[idx]
+    arrays["hist_ts"], arrays["hist_session"] = log_.ts[idx], log_.session[idx]
     return arrays
 
 

@@ -106,10 +106,12 @@ class CandidateGenerator:
         return len(self.emb)
 
     def __call__(self, user_emb: np.ndarray, hist_indptr: np.ndarray, hist_rows: np.ndarray, hist_kinds: np.ndarray,
-                 exclude_seen: np.ndarray | bool = True, with_routes: bool = False) -> tuple:
+                 exclude_seen: np.ndarray | bool = True, with_routes: bool = False,
+                 unavailable: np.ndarray | None = None) -> tuple:
         """-> candidate rows [U, N] (-1 pads when too few items are left), dense features [U, N, F],
         and each route's ranked list {route: [U, N]} (for evaluation); with_routes: also each candidate's
-        route bitmask [U, N] int32 (bit i: in ROUTES[i]'s list), from the same positions the features use."""
+        route bitmask [U, N] int32 (bit i: in ROUTES[i]'s list), from the same positions the features use.
+        unavailable: item rows no route may propose, for every user."""
         u = len(hist_indptr) - 1
         n_items, n = self.n_items, self.n
         exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (u,))
@@ -117,6 +119,8 @@ class CandidateGenerator:
         blocked = np.zeros((u, n_items), bool)
         drop = exclude[owner] & ~self.exempt[hist_rows]
         blocked[owner[drop], hist_rows[drop]] = True
+        if unavailable is not None and len(unavailable):  # out of stock, withdrawn: no route proposes them
+            blocked[:, unavailable] = True
         has_history = np.diff(hist_indptr) > 0
 
         pos = hist_kinds >= POSITIVE_KIND

@@ -14,6 +14,7 @@ Adding a step: a subclass of `StepImpl` here, and one `Step(...)` entry in contr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.candidates import ROUTES, CandidateGenerator, ItemNeighbours
+from runtime.online_store import OnlineStore, store_url
 from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
@@ -78,8 +80,11 @@ class Bundle:
 
 
 def serve_config() -> ServeConfig:
-    """Serve-time settings, read when a step starts (the launcher passes the config file it was given)."""
-    return load_config(os.environ.get("SHOPREC_CONFIG") or None).serve
+    """Serve-time settings, read when a step starts (the launcher passes the config file it was given, and
+    the online store's URL when it started one or was given one)."""
+    cfg = load_config(os.environ.get("SHOPREC_CONFIG") or None).serve
+    url = os.environ.get("SHOPREC_ONLINE_STORE")
+    return dataclasses.replace(cfg, online_store=url) if url else cfg
 
 
 def max_k(bundle: Bundle, cfg: ServeConfig) -> int:
@@ -230,11 +235,14 @@ def load_step(step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str
 
 class FeatureTransform(StepImpl):
     """user_id, k, optional hour/weekday/client_device -> user_cat, user_cont, seq_items, seq_kinds,
-    user_row (the user store row, -1 unknown), cold_start.
+    history_rows, history_kinds, unavailable_rows, cold_start, degraded.
 
-    Profile and history come from the user store snapshot. Absent context is null: the "unknown"
-    the training rows carry when their context is dropped out, never the server's clock. A user is
-    cold when the store holds no action of theirs, whatever their id."""
+    The user's state comes from the online store when the server has one (their events since the
+    export, read in one round trip with the unavailable items), else from the export's snapshot: a
+    user without live state, or every user of a request the store failed (`degraded`). Attributes
+    always come from the snapshot. Absent context is null: the "unknown" the training rows carry when
+    their context is dropped out, never the server's clock. A user is cold when neither holds an
+    action of theirs, whatever their id."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -247,6 +255,8 @@ class FeatureTransform(StepImpl):
         self.spec = bundle.dims["query_spec"]
         self.seq_len = int(bundle.dims["seq_len"])
         self.k_max = max_k(bundle, self.cfg)
+        url = store_url(self.cfg.online_store)
+        self.online = OnlineStore.for_bundle(url, bundle, self.cfg, self.store) if url else None
 
     def check(self, t: dict) -> dict:
         n = len(t["user_id"])
@@ -263,25 +273,51 @@ class FeatureTransform(StepImpl):
         return t
 
     METRICS = {"shoprec_requests_total": "users asked for recommendations (one per request row)",
-               "shoprec_cold_start_total": "of them, users without history in the user store (cold start)"}
+               "shoprec_cold_start_total": "of them, users without history in the user store (cold start)",
+               "shoprec_live_state_total": "of them, users served from their live state in the online store",
+               "shoprec_degraded_total": "of them, users served from the snapshot because the online store failed"}
 
     def run(self, t: dict) -> tuple:
-        cat, cont, seq, kinds, rows, cold = self(t["user_id"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")),
-                                                 _flat(t.get("client_device")))
-        self.count("shoprec_requests_total", len(rows))
-        self.count("shoprec_cold_start_total", int(cold.sum()))
-        return cat, cont, seq, kinds, rows[:, None], cold[:, None]
+        f = self(t["user_id"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")), _flat(t.get("client_device")))
+        n = len(f["cold"])
+        self.count("shoprec_requests_total", n)
+        self.count("shoprec_cold_start_total", int(f["cold"].sum()))
+        self.count("shoprec_live_state_total", int(f["live"].sum()))
+        self.count("shoprec_degraded_total", n if f["degraded"] else 0)
+        unavailable = np.broadcast_to(f["unavailable"], (n, len(f["unavailable"]))).copy()
+        return (f["user_cat"], f["user_cont"], f["seq_items"], f["seq_kinds"], f["history_rows"], f["history_kinds"],
+                unavailable, f["cold"][:, None], np.full((n, 1), f["degraded"]))
 
-    def __call__(self, user_id: np.ndarray, hour=None, weekday=None, client_device=None):
+    def __call__(self, user_id: np.ndarray, hour=None, weekday=None, client_device=None) -> dict:
+        """The step's tensors for a batch of users (dict), plus `live` (per user: read from the online store)."""
         user_id = np.asarray(user_id, dtype=np.int64)
         rows = self.store.lookup(user_id)
         state = self.store.state(rows, self.seq_len)
+        history = [self.store.history(int(r)) for r in rows]
+        live = np.zeros(len(user_id), bool)
+        unavailable, degraded = np.zeros(0, np.int64), False
+        if self.online is not None:
+            states, unavailable, degraded = self.online.read(user_id)
+            for i, one in enumerate(states):
+                if one is None:
+                    continue
+                live[i] = True
+                for key in state:
+                    state[key][i] = one[key][: self.seq_len] if key in ("seq_rows", "seq_kinds") else one[key]
+                history[i] = (one["hist_rows"], one["hist_kinds"])
         raw = raw_rows(self.spec, state, self.store.attrs(user_id, rows), self.category_names, hour, weekday, client_device)
         cat, cont = self.plan.pack(self.plan.transform(raw))
         seq_rows = state["seq_rows"]
         seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
-        cold = state["activity"] <= 0
-        return cat, cont, seq, state["seq_kinds"].astype(np.int64), rows, cold
+        width = max(1, max(len(h[0]) for h in history))
+        hist_rows = np.full((len(user_id), width), -1, np.int64)
+        hist_kinds = np.zeros((len(user_id), width), np.int32)
+        for i, (r, k) in enumerate(history):
+            hist_rows[i, : len(r)], hist_kinds[i, : len(k)] = r, k
+        return {"user_cat": cat, "user_cont": cont, "seq_items": seq, "seq_kinds": state["seq_kinds"].astype(np.int64),
+                "history_rows": hist_rows, "history_kinds": hist_kinds,
+                "unavailable": np.pad(unavailable, (0, 1 if not len(unavailable) else 0), constant_values=-1),
+                "cold": state["activity"] <= 0, "live": live, "degraded": degraded, "state": state}
 
 
 class OnnxStep(StepImpl):
@@ -321,10 +357,11 @@ class OnnxStep(StepImpl):
 
 
 class Retrieval(StepImpl):
-    """user_embedding [B, D], user_row [B, 1], exclude_seen [B, 1] -> candidate_rows [B, N] (-1 pads when the
-    catalog minus the user's seen items has fewer than N), candidate_dense [B, N, F].
+    """user_embedding [B, D], history_rows / history_kinds [B, H], unavailable_rows [B, U], exclude_seen [B, 1]
+    -> candidate_rows [B, N] (-1 pads when the catalog minus the user's seen and the unavailable items has
+    fewer than N), candidate_dense [B, N, F], candidate_routes [B, N].
 
-    The recall routes of `runtime.candidates` over the user's actions in the store."""
+    The recall routes of `runtime.candidates` over the user's actions (from the feature step)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -354,7 +391,6 @@ class Retrieval(StepImpl):
         self.generator = CandidateGenerator(
             embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
             table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt)
-        self.store = UserStore(bundle.npz("user_store"))
         self.default_exclude = cfg.exclude_seen
 
     @property
@@ -377,14 +413,18 @@ class Retrieval(StepImpl):
     def candidates(self, t: dict) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
         """(candidate_rows, candidate_dense, each route's ranked list, each candidate's route bitmask); the lists
         are for evaluation and the metrics."""
-        user_row = np.asarray(t["user_row"], dtype=np.int64).ravel()
-        parts = [self.store.history(int(r)) for r in user_row]
-        indptr = np.r_[0, np.cumsum([len(p[0]) for p in parts])].astype(np.int64)
-        rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        kinds = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int8)
+        hist = np.asarray(t["history_rows"], dtype=np.int64)
+        if hist.size and (hist.max() >= self.generator.n_items or hist.min() < -1):
+            raise ValueError(f"history row outside the item table (0..{self.generator.n_items - 1}, -1 = padding)")
+        keep = hist >= 0  # padding is at the end of each row, so the kept entries stay in time order
+        indptr = np.r_[0, np.cumsum(keep.sum(1))].astype(np.int64)
+        kinds = np.asarray(t["history_kinds"])[keep].astype(np.int8)
         flag = t.get("exclude_seen")
         exclude = self.default_exclude if flag is None else np.asarray(flag, dtype=bool).ravel()
-        return self.generator(t["user_embedding"], indptr, rows.astype(np.int64), kinds, exclude, with_routes=True)
+        unavailable = np.asarray(t["unavailable_rows"], dtype=np.int64)
+        unavailable = unavailable[0][(unavailable[0] >= 0) & (unavailable[0] < self.generator.n_items)] if unavailable.size \
+            else None
+        return self.generator(t["user_embedding"], indptr, hist[keep], kinds, exclude, with_routes=True, unavailable=unavailable)
 
 
 class CandidateFeatures(StepImpl):

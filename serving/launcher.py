@@ -11,6 +11,7 @@ What it takes care of (see README "Serving without Docker"):
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
 from .command import tritonserver_command
+
+
+log = logging.getLogger("shoprec.serve")
 
 
 class LaunchError(UserError, RuntimeError):
@@ -94,7 +99,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env(artifacts: Path, config_path: Path | None = None) -> dict:
+def server_env(artifacts: Path, config_path: Path | None = None, online_url: str | None = None) -> dict:
     env = dict(os.environ)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     # the wheel's bundled libraries (auditwheel): the copied stub no longer finds them by RPATH
@@ -105,6 +110,8 @@ def server_env(artifacts: Path, config_path: Path | None = None) -> dict:
     env["SHOPREC_ARTIFACTS"] = str(artifacts)
     if config_path is not None:  # the steps read their serve-time settings from the same file
         env["SHOPREC_CONFIG"] = str(Path(config_path).resolve())
+    # the steps read live user state from here; "none": the export's snapshot only
+    env["SHOPREC_ONLINE_STORE"] = online_url or "none"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
@@ -122,14 +129,19 @@ class TritonServer:
     log_path: Path | None = None
     config_path: Path | None = None
     ready_timeout_s: float = 120.0
+    online_store: str = "none"  # "private" (start a redis-server), "none", or a Redis URL
+    online_max_memory_mb: int = 1024
     process: subprocess.Popen | None = None
+    redis: object = None  # the private RedisServer (serving/online.py) while it runs
+    online_url: str | None = None
 
     @classmethod
     def from_config(cls, cfg: ServeConfig, artifacts: Path, profile: str = "cpu", ephemeral_ports: bool = False, log_path=None,
                     config_path: Path | None = None):
         ports = (free_port(), free_port(), free_port()) if ephemeral_ports else (cfg.http_port, cfg.grpc_port, cfg.metrics_port)
         return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path,
-                   config_path=config_path, ready_timeout_s=cfg.ready_timeout_s)
+                   config_path=config_path, ready_timeout_s=cfg.ready_timeout_s, online_store=cfg.online_store,
+                   online_max_memory_mb=cfg.online_max_memory_mb)
 
     @property
     def _host(self) -> str:  # where a client on this machine reaches it
@@ -155,15 +167,34 @@ class TritonServer:
         check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
         work = self.artifacts / "triton"
         cmd = self.command(backends_dir(work))
-        log = open(self.log_path or work / "server.log", "w")
-        self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        try:  # whatever ends the wait (not ready, a signal, Ctrl-C) stops the process it started
+        try:  # whatever ends the start (not ready, a signal, Ctrl-C) stops the processes it started
+            self._start_online_store()
+            log = open(self.log_path or work / "server.log", "w")
+            self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path, self.online_url), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
             self._wait_ready(timeout_s, log.name)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_online_store(self) -> None:
+        from .online import RedisServer, ping
+
+        if self.online_store == "none":
+            self.online_url = None
+        elif self.online_store == "private":
+            self.redis = RedisServer(self.artifacts / "online", self.online_max_memory_mb).start()
+            self.online_url = self.redis.url
+            self._stopping = threading.Event()
+            threading.Thread(target=self._supervise_online_store, name="online-store", daemon=True).start()
+        elif self.online_store.startswith(("redis://", "rediss://", "unix://")):
+            self.online_url = self.online_store
+            if not ping(self.online_url, timeout_s=2.0):  # it may come up later: requests are served degraded until then
+                log.warning("online store %s does not answer; serving from the snapshot (degraded) until it does",
+                            self.online_url)
+        else:
+            raise LaunchError(f"online store must be private, none or redis://HOST:PORT/DB, got {self.online_store!r}")
 
     def _wait_ready(self, timeout_s: float, log_name: str) -> None:
         try:
@@ -176,18 +207,32 @@ class TritonServer:
         """Block while the server runs; LaunchError when it stops on its own (it never does while healthy)."""
         while self.process.poll() is None:
             time.sleep(poll_s)
-        log = self.log_path or self.artifacts / "triton" / "server.log"
-        raise LaunchError(f"tritonserver stopped on its own with exit code {self.process.returncode}; log: {log}")
+        server_log = self.log_path or self.artifacts / "triton" / "server.log"
+        raise LaunchError(f"tritonserver stopped on its own with exit code {self.process.returncode}; log: {server_log}")
+
+    def _supervise_online_store(self, poll_s: float = 0.5) -> None:
+        """Restart the private redis-server when it dies (its append-only file brings the live state back);
+        requests are served from the snapshot, marked degraded, meanwhile."""
+        while not self._stopping.wait(poll_s):
+            if self.redis.alive():
+                continue
+            log.warning("the private redis-server exited with %s; restarting it", self.redis.process.returncode)
+            try:
+                self.redis.start()
+            except LaunchError as exc:
+                log.warning("%s", exc)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # the server and its python stubs
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server and its python stubs
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.redis is not None:
+            self._stopping.set()
+            self.redis.stop()
 
     def __enter__(self):
         return self.start() if self.process is None else self

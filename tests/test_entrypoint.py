@@ -256,6 +256,13 @@ def test_bad_serve_config_refuses(env, capsys):
     assert "unknown key(s) ['num_candidate']" in capsys.readouterr().err
 
 
+def test_online_store_comes_from_the_environment(env, capsys):
+    assert start({**env, "SHOPREC_ONLINE_STORE": "localhost:6379"}, FakeMachine())[0] == ep.EXIT_BAD_BUNDLE
+    assert "SHOPREC_ONLINE_STORE must be redis://HOST:PORT/DB (or none), got 'localhost:6379'" in capsys.readouterr().err
+    assert ep.online_store({"SHOPREC_ONLINE_STORE": "redis://shoprec-redis:6379/0"}) == "redis://shoprec-redis:6379/0"
+    assert ep.online_store({}) is None and ep.online_store({"SHOPREC_ONLINE_STORE": "none"}) is None
+
+
 def test_no_gpu_refuses_with_a_clear_message(env, capsys):
     def no_nvidia_smi(cmd, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", cmd[0])

@@ -1,0 +1,347 @@
+"""The online user store: Redis holds what users did since the export, the bundle's user store is the
+snapshot underneath.
+
+A request reads its users' live states and the unavailable items in ONE pipelined round trip
+(`OnlineStore.read`). A user without a live state is served from the snapshot, as before. When
+Redis is down or slower than `serve.online_timeout_ms`, the whole request is served from the
+snapshot and marked `degraded`; after a failure the store is not asked again for
+`serve.online_retry_s`, so a dead Redis costs no timeouts.
+
+Events (`OnlineStore.ingest`, `shoprec events`) are user, item, type (view/click/cart/purchase),
+timestamp and optional event id and session id. A user's first event seeds their live actions
+from the snapshot, so the live state is the offline state of snapshot + events: same dedup (one
+action per item and session, first time, strongest kind), same order (by time, whatever the
+arrival order), same state (runtime/user_state.py). An event id already applied is skipped.
+
+Key layout; the prefix names the bundle (`shoprec:<12 hex of its item table and user store
+sha256>`), because item rows and the snapshot belong to one export:
+  <p>:acts:<user>    HASH   "<item row>:<session>" -> "<unix seconds>:<kind 1-4>", the live actions
+                            (at most `serve.online_max_actions`, the latest kept)
+  <p>:state:<user>   STRING the state derived from them (runtime/user_state.pack): what a request reads
+  <p>:event:<id>     STRING an applied event id (idempotency)
+  <p>:unavailable    STRING sorted raw item ids (int64) that no list may hold
+User and event keys expire `serve.online_ttl_days` after their last write: a user quiet for longer
+is served from the snapshot again (the next export holds their events). Writes are optimistic
+transactions (WATCH/MULTI), so concurrent writers never lose an event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shoprec.errors import UserError
+
+from .user_state import pack, unpack, user_state
+
+KIND = {"view": 1, "click": 2, "cart": 3, "purchase": 4}
+TS_LIMIT = (1 << 34) - 1  # the offline store's limit (feature_workflows/history.py)
+MAX_EVENT_ID = 128
+
+
+class OnlineStoreError(UserError, RuntimeError):
+    """The online store cannot be used (unreachable, or holds another format)."""
+
+
+def store_url(value: str) -> str | None:
+    """The Redis URL of `serve.online_store`, None when the server runs without one ("none", "private"
+    outside `shoprec serve`)."""
+    return value if value.startswith(("redis://", "rediss://", "unix://")) else None
+
+
+def bundle_tag(bundle_path: Path) -> str:
+    """Names the export the live keys belong to: its item table and user store hashes."""
+    files = json.loads((Path(bundle_path) / "manifest.json").read_text())["files"]
+    digest = hashlib.sha256("".join(files[k]["sha256"] for k in ("item_table.npz", "user_store.npz")).encode())
+    return f"shoprec:{digest.hexdigest()[:12]}"
+
+
+@dataclass
+class IngestReport:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list = field(default_factory=list)  # (0-based position, reason)
+
+    def as_dict(self, show: int = 20) -> dict:
+        return {"accepted": self.accepted, "duplicates": self.duplicates, "rejected": len(self.rejected),
+                "reasons": [f"event {i + 1}: {why}" for i, why in self.rejected[:show]]}
+
+
+class OnlineStore:
+    """Reads for the feature step, writes for event ingestion and item availability.
+
+    item_ids / category / rel_price: the bundle's item table; snapshot: its UserStore; n_seq, n_cat:
+    the state's sequence and recent-category lengths."""
+
+    def __init__(self, url: str, prefix: str, item_ids: np.ndarray, category: np.ndarray | None,
+                 rel_price: np.ndarray | None, snapshot, n_seq: int, n_cat: int, timeout_ms: float = 50.0,
+                 retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000):
+        import redis
+
+        self.redis_errors = (redis.RedisError, OSError)
+        self.watch_error = redis.WatchError
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_ms / 1000, socket_connect_timeout=timeout_ms / 1000,
+                                           retry_on_timeout=False)
+        self.url, self.prefix = url, prefix
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self._item_order = np.argsort(self.item_ids, kind="stable")
+        self.category, self.rel_price, self.snapshot = category, rel_price, snapshot
+        self.n_seq, self.n_cat = n_seq, n_cat
+        self.retry_s, self.ttl_s = retry_s, int(ttl_days * 86_400)
+        self.max_actions = max_actions
+        self._down_until = 0.0
+        self._unavailable_blob: bytes | None = b""
+        self._unavailable_rows = np.zeros(0, np.int64)
+
+    @classmethod
+    def for_bundle(cls, url: str, bundle, cfg, snapshot, timeout_ms: float | None = None) -> "OnlineStore":
+        """The store of one serving bundle (runtime.steps.Bundle) under the serve config's limits. The live
+        state has the snapshot's shape: its sequence length, and categories / prices when it has them."""
+        table, a = bundle.npz("item_table"), snapshot.arrays
+        category = table["category_code"] if "recent_categories" in a else None
+        rel_price = table["rel_price"] if "price_level" in a else None
+        n_cat = a["recent_categories"].shape[1] if "recent_categories" in a else 0
+        return cls(url, bundle_tag(bundle.path), table["item_ids"], category, rel_price, snapshot, a["seq_rows"].shape[1],
+                   n_cat, cfg.online_timeout_ms if timeout_ms is None else timeout_ms, cfg.online_retry_s,
+                   cfg.online_ttl_days, cfg.online_max_actions)
+
+    @classmethod
+    def open(cls, serving_dir: Path, url: str, cfg, timeout_ms: float = 5000.0) -> "OnlineStore":
+        """The writer's store (events, availability) of the bundle in `serving_dir`; checks Redis answers."""
+        from .request_transform import UserStore
+        from .steps import Bundle
+
+        bundle = Bundle(Path(serving_dir))
+        store = cls.for_bundle(url, bundle, cfg, UserStore(bundle.npz("user_store")), timeout_ms)
+        store.ping()
+        return store
+
+    def key(self, kind: str, name) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except self.redis_errors as exc:
+            raise OnlineStoreError(f"online store {self.url}: {exc}") from None
+
+    # ---- request path -------------------------------------------------------------------------------
+
+    def read(self, user_ids: np.ndarray) -> tuple[list, np.ndarray, bool]:
+        """(live state or None per user, unavailable item rows, degraded): one round trip. Degraded: Redis
+        failed or is in its retry pause; every user then reads None and the last known unavailable rows."""
+        now = time.monotonic()
+        if now < self._down_until:
+            return [None] * len(user_ids), self._unavailable_rows, True
+        pipe = self.client.pipeline(transaction=False)
+        pipe.mget([self.key("state", int(u)) for u in user_ids])
+        pipe.get(self.key("unavailable", "items"))
+        try:
+            blobs, unavailable = pipe.execute()
+        except self.redis_errors:
+            self._down_until = now + self.retry_s
+            return [None] * len(user_ids), self._unavailable_rows, True
+        states = []
+        for blob in blobs:
+            try:
+                states.append(None if blob is None else unpack(blob))
+            except ValueError:  # a value of another format: the snapshot serves that user
+                states.append(None)
+        return states, self._rows_of_unavailable(unavailable or b""), False
+
+    def _rows_of_unavailable(self, blob: bytes) -> np.ndarray:
+        if blob != self._unavailable_blob:  # decoded once per change, not per request
+            ids = np.frombuffer(blob, np.int64) if len(blob) % 8 == 0 else np.zeros(0, np.int64)
+            self._unavailable_rows, _ = self._rows(ids)
+            self._unavailable_rows = self._unavailable_rows[self._unavailable_rows >= 0]
+            self._unavailable_blob = blob
+        return self._unavailable_rows
+
+    def _rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(item row or -1, found) of raw item ids."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if not len(self.item_ids):
+            return np.full(len(ids), -1, np.int64), np.zeros(len(ids), bool)
+        at = np.searchsorted(self.item_ids, ids, sorter=self._item_order)
+        at_c = np.minimum(at, len(self.item_ids) - 1)
+        found = (at < len(self.item_ids)) & (self.item_ids[self._item_order[at_c]] == ids)
+        return np.where(found, self._item_order[at_c], -1).astype(np.int64), found
+
+    # ---- writes -------------------------------------------------------------------------------------
+
+    def ingest(self, events, report: IngestReport | None = None, offset: int = 0) -> IngestReport:
+        """Apply a batch of events (dicts); bad ones are rejected with their reason, the rest kept."""
+        report = report or IngestReport()
+        good = []
+        for i, event in enumerate(events):
+            try:
+                good.append(self._parse(event))
+            except ValueError as exc:
+                report.rejected.append((offset + i, str(exc)))
+        by_user: dict[int, list] = {}
+        for e in good:
+            by_user.setdefault(e[0], []).append(e)
+        users = list(by_user)
+        for attempt in range(20):
+            try:
+                accepted, dups = self._apply(users, by_user)
+                break
+            except self.watch_error:  # another writer changed one of these users: read again
+                time.sleep(0.001 * attempt)
+        else:
+            raise OnlineStoreError(f"online store {self.url}: {len(users)} users kept changing under this batch")
+        report.accepted += accepted
+        report.duplicates += dups
+        return report
+
+    def _parse(self, event) -> tuple:
+        if not isinstance(event, dict):
+            raise ValueError("not an object with user_id, item_id, type, timestamp")
+        missing = [k for k in ("user_id", "item_id", "type", "timestamp") if event.get(k) in (None, "")]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        user = _int(event["user_id"], "user_id")
+        item = _int(event["item_id"], "item_id")
+        kind = KIND.get(str(event["type"]).strip().lower())
+        if kind is None:
+            raise ValueError(f"type {event['type']!r} is not one of {', '.join(KIND)}")
+        ts = _timestamp(event["timestamp"])
+        row, found = self._rows(np.array([item]))
+        if not found[0]:
+            raise ValueError(f"item_id {item} is not in the served catalog")
+        eid = event.get("event_id")
+        eid = None if eid in (None, "") else str(eid)
+        if eid is not None and len(eid) > MAX_EVENT_ID:
+            raise ValueError(f"event_id longer than {MAX_EVENT_ID} characters")
+        session = event.get("session_id")
+        # without a session id each (user, timestamp) is its own session, as in the offline loaders
+        session = f"t{ts}" if session in (None, "") else str(_int(session, "session_id"))
+        return user, int(row[0]), kind, ts, session, eid
+
+    def _seed(self, user: int) -> dict[str, tuple[int, int]]:
+        """The snapshot's actions of one user as live action fields."""
+        row = int(self.snapshot.lookup(np.array([user]))[0])
+        if row < 0:
+            return {}
+        a = self.snapshot.arrays
+        lo, hi = int(a["hist_indptr"][row]), int(a["hist_indptr"][row + 1])
+        if "hist_ts" not in a:
+            raise OnlineStoreError("the bundle's user store has no action times: re-run `shoprec features` and `export`")
+        return {f"{r}:{s}": (int(t), int(k)) for r, s, t, k in
+                zip(a["hist_rows"][lo:hi].tolist(), a["hist_session"][lo:hi].tolist(), a["hist_ts"][lo:hi].tolist(),
+                    a["hist_kinds"][lo:hi].tolist())}
+
+    def _apply(self, users: list[int], by_user: dict) -> tuple[int, int]:
+        if not users:
+            return 0, 0
+        act_keys = [self.key("acts", u) for u in users]
+        eids = sorted({e[5] for u in users for e in by_user[u] if e[5] is not None})
+        with self.client.pipeline(transaction=True) as tx:
+            tx.watch(*act_keys)
+            read = self.client.pipeline(transaction=False)  # the reads in one round trip, after WATCH
+            for k in act_keys:
+                read.hgetall(k)
+            if eids:
+                read.mget([self.key("event", e) for e in eids])
+            got = read.execute()
+            applied_before = set(e for e, v in zip(eids, got[len(act_keys)] if eids else []) if v is not None)
+            accepted = dups = 0
+            tx.multi()
+            seen_now: set = set()
+            for u, key, fields in zip(users, act_keys, got[: len(act_keys)]):
+                acts = ({f.decode(): tuple(map(int, v.decode().split(":"))) for f, v in fields.items()} if fields
+                        else self._seed(u))
+                changed = False
+                for _, row, kind, ts, session, eid in by_user[u]:
+                    if eid is not None and (eid in applied_before or eid in seen_now):
+                        dups += 1
+                        continue
+                    if eid is not None:
+                        seen_now.add(eid)
+                    f = f"{row}:{session}"
+                    old = acts.get(f)
+                    acts[f] = (ts, kind) if old is None else (min(old[0], ts), max(old[1], kind))
+                    accepted += 1
+                    changed = True
+                if not changed:
+                    continue
+                if len(acts) > self.max_actions:  # the latest actions stay; memory per user is bounded
+                    keep = sorted(acts, key=lambda f: (acts[f][0], int(f.split(":")[0])))[-self.max_actions :]
+                    acts = {f: acts[f] for f in keep}
+                tx.delete(key)
+                tx.hset(key, mapping={f: f"{t}:{k}" for f, (t, k) in acts.items()})
+                tx.expire(key, self.ttl_s)
+                tx.set(self.key("state", u), pack(self.state_of(acts)), ex=self.ttl_s)
+            for e in seen_now:
+                tx.set(self.key("event", e), 1, ex=self.ttl_s)
+            tx.execute()
+        return accepted, dups
+
+    def state_of(self, acts: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+        rows = np.array([int(f.split(":")[0]) for f in acts], np.int64)
+        ts = np.array([t for t, _ in acts.values()], np.int64)
+        kinds = np.array([k for _, k in acts.values()], np.int64)
+        return user_state(rows, kinds, ts, self.category, self.rel_price, self.n_seq, self.n_cat)
+
+    def set_available(self, item_ids, available: bool) -> tuple[int, list]:
+        """Mark raw item ids unavailable (never served) or available again: (changed, unknown ids)."""
+        ids = np.asarray([_int(i, "item_id") for i in item_ids], dtype=np.int64)
+        _, found = self._rows(ids)
+        unknown = ids[~found].tolist()
+        key = self.key("unavailable", "items")
+        for _ in range(20):
+            with self.client.pipeline(transaction=True) as tx:
+                tx.watch(key)
+                current = set(np.frombuffer(tx.get(key) or b"", np.int64).tolist())
+                new = (current - set(ids[found].tolist())) if available else (current | set(ids[found].tolist()))
+                tx.multi()
+                tx.set(key, np.array(sorted(new), np.int64).tobytes())
+                try:
+                    tx.execute()
+                    return len(new ^ current), unknown
+                except self.watch_error:
+                    continue
+        raise OnlineStoreError(f"online store {self.url}: the unavailable items kept changing")
+
+    def unavailable_ids(self) -> np.ndarray:
+        return np.frombuffer(self.client.get(self.key("unavailable", "items")) or b"", np.int64)
+
+
+def _int(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} {value!r} is not an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} {value!r} is not an integer")
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is not an integer") from None
+
+
+def _timestamp(value) -> int:
+    """Unix seconds (int, float or digits) or ISO-8601 text (UTC unless it names a zone)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ts = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            ts = float(text)
+        except ValueError:
+            try:
+                parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"timestamp {text!r} is neither unix seconds nor ISO-8601") from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.timezone.utc)
+            ts = parsed.timestamp()
+    if not (ts == ts) or ts < 0 or ts > TS_LIMIT:
+        raise ValueError(f"timestamp {value!r} is outside 0..{TS_LIMIT} unix seconds")
+    return int(ts)

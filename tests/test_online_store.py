@@ -1,0 +1,196 @@
+"""The online store against a real redis-server: event validation, idempotency, order, memory bounds,
+and point-in-time consistency (events replayed into Redis give the features the offline pipeline
+computes for the same moment, row by row)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_workflows.history import KIND, NEVER, ActionLog
+from runtime.online_store import OnlineStore
+from runtime.request_transform import UserStore, raw_rows
+from runtime.user_state import pack, unpack, user_state
+
+NAMES = {v: k for k, v in KIND.items()}
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from serving.online import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("online")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture()
+def store(redis_url, artifacts, cfg):
+    import redis
+
+    redis.Redis.from_url(redis_url).flushall()
+    return OnlineStore.open(artifacts / "serving", redis_url, cfg.serve)
+
+
+def _random_actions(rng, n_users=40, n_items=30, n=600):
+    return pd.DataFrame({"user_id": rng.integers(0, n_users, n), "item_row": rng.integers(0, n_items, n),
+                         "ts": rng.integers(1_000, 1_500, n), "kind": rng.integers(1, 5, n).astype(np.int8),
+                         "session_id": rng.integers(0, 5, n)}).drop_duplicates(["user_id", "item_row", "session_id"])
+
+
+def test_user_state_equals_the_offline_state_for_the_same_actions():
+    rng = np.random.default_rng(3)
+    acts = _random_actions(rng)
+    category = rng.integers(-1, 4, 30)  # -1: items without a category count but never lead
+    rel_price = rng.normal(size=30)
+    log = ActionLog(acts, category, rel_price)
+    users = np.unique(acts["user_id"])
+    offline = log.states(users, NEVER, 7, 3)
+    for i, u in enumerate(users):
+        mine = acts[acts["user_id"] == u].sample(frac=1, random_state=i)  # arrival order does not matter
+        live = unpack(pack(user_state(mine["item_row"], mine["kind"], mine["ts"], category, rel_price, 7, 3)))
+        for key, value in offline.items():
+            np.testing.assert_allclose(live[key], value[i], rtol=1e-9, err_msg=f"user {u}: {key}")
+        indptr, rows, kinds = log.history_csr(np.array([u]))
+        np.testing.assert_array_equal(live["hist_rows"], rows)
+        np.testing.assert_array_equal(live["hist_kinds"], kinds)
+
+
+def test_a_value_of_another_format_is_refused():
+    with pytest.raises(ValueError, match="truncated"):
+        unpack(b"\x00" * 10)
+    blob = bytearray(pack(user_state(np.array([1]), np.array([2]), np.array([5]), None, None, 3, 0)))
+    blob[0] = 9
+    with pytest.raises(ValueError, match="format 9"):
+        unpack(bytes(blob))
+
+
+def test_bad_events_are_rejected_with_their_reason_and_the_rest_kept(store, pipeline):
+    item = int(pipeline.item_table["item_ids"][0])
+    events = [
+        {"user_id": 900001, "item_id": item, "type": "click", "timestamp": 1_700_000_000},
+        {"user_id": 900001, "item_id": 123456789, "type": "click", "timestamp": 1_700_000_001},
+        {"user_id": "x", "item_id": item, "type": "click", "timestamp": 1_700_000_002},
+        {"user_id": 900001, "item_id": item, "type": "like", "timestamp": 1_700_000_003},
+        {"user_id": 900001, "item_id": item, "type": "view", "timestamp": "yesterday"},
+        {"user_id": 900001, "item_id": item, "type": "view"},
+        {"user_id": 900001, "item_id": item, "type": "view", "timestamp": -5},
+        "not an object",
+        {"user_id": 900001, "item_id": item, "type": "purchase", "timestamp": "2023-11-14T22:13:21Z"},
+    ]
+    report = store.ingest(events).as_dict()
+    assert report["accepted"] == 2 and report["rejected"] == 7
+    assert report["reasons"] == [
+        "event 2: item_id 123456789 is not in the served catalog",
+        "event 3: user_id 'x' is not an integer",
+        "event 4: type 'like' is not one of view, click, cart, purchase",
+        "event 5: timestamp 'yesterday' is neither unix seconds nor ISO-8601",
+        "event 6: missing timestamp",
+        f"event 7: timestamp -5 is outside 0..{(1 << 34) - 1} unix seconds",
+        "event 8: not an object with user_id, item_id, type, timestamp",
+    ]
+    states, _, degraded = store.read(np.array([900001]))
+    assert not degraded and states[0]["activity"] == 2 and states[0]["positives"] == 2
+
+
+def test_events_are_idempotent_on_their_id_and_placed_by_time(store, pipeline):
+    ids = pipeline.item_table["item_ids"]
+    ev = [{"user_id": 900002, "item_id": int(ids[i]), "type": "view", "timestamp": 1_700_000_000 + 10 * i, "event_id": f"e{i}"}
+          for i in range(5)]
+    first = store.ingest(ev[3:] + ev[:3])  # out of order
+    again = store.ingest(ev + [dict(ev[0])])  # every one already applied
+    assert (first.accepted, first.duplicates) == (5, 0)
+    assert (again.accepted, again.duplicates) == (0, 6)
+    state = store.read(np.array([900002]))[0][0]
+    assert state["activity"] == 5
+    assert state["seq_rows"][:5].tolist() == [4, 3, 2, 1, 0]  # most recent first, whatever the arrival order
+    # same item and session again: one action, first time, strongest kind (the offline dedup)
+    store.ingest([{"user_id": 900002, "item_id": int(ids[4]), "type": "purchase", "timestamp": 1_700_000_000 + 41,
+                   "session_id": None}])
+    store.ingest([{"user_id": 900002, "item_id": int(ids[4]), "type": "purchase", "timestamp": 1_700_000_040}])
+    state = store.read(np.array([900002]))[0][0]
+    assert state["activity"] == 6 and state["hist_kinds"].tolist() == [1, 1, 1, 1, 4, 4]
+
+
+def test_memory_per_user_is_bounded(redis_url, artifacts, cfg, pipeline):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    small = OnlineStore.open(artifacts / "serving", redis_url, dataclasses.replace(cfg.serve, online_max_actions=4))
+    ids = pipeline.item_table["item_ids"]
+    small.ingest([{"user_id": 900003, "item_id": int(ids[i]), "type": "click", "timestamp": 1_000 + i} for i in range(10)])
+    state = small.read(np.array([900003]))[0][0]
+    assert state["activity"] == 4 and state["hist_rows"].tolist() == [6, 7, 8, 9]  # the latest four
+    assert client.hlen(small.key("acts", 900003)) == 4
+    ttl = client.ttl(small.key("state", 900003))
+    assert 0 < ttl <= cfg.serve.online_ttl_days * 86_400
+
+
+def test_unavailable_items_round_trip(store, pipeline):
+    ids = pipeline.item_table["item_ids"]
+    changed, unknown = store.set_available([int(ids[3]), int(ids[5]), 987654321], available=False)
+    assert changed == 2 and unknown == [987654321]
+    assert sorted(store.read(np.array([1]))[1].tolist()) == [3, 5]
+    store.set_available([int(ids[3])], available=True)
+    assert store.read(np.array([1]))[1].tolist() == [5]
+
+
+def test_replayed_events_give_the_offline_features_row_by_row(store, artifacts, cfg, redis_url):
+    """Point-in-time consistency: the valid/test actions replayed (shuffled) into Redis over the export's
+    snapshot; the feature step's tensors for those users equal the offline pipeline's for the same
+    actions: ActionLog over train + replayed actions, the query plan, the item codes."""
+    from runtime.pipeline import Pipeline
+
+    actions = pd.read_parquet(artifacts / "features" / "actions.parquet")
+    later = actions[actions["split"] > 0].sample(frac=1, random_state=1)
+    table = np.load(artifacts / "serving" / "item_table.npz")
+    events = [{"user_id": int(r.user_id), "item_id": int(table["item_ids"][r.item_row]), "type": NAMES[int(r.kind)],
+               "timestamp": int(r.ts), "session_id": int(r.session_id), "event_id": f"replay-{i}"}
+              for i, r in enumerate(later.itertuples())]
+    report = store.ingest(events)
+    assert report.accepted == len(events) and not report.rejected
+
+    live = Pipeline(artifacts / "serving", cfg=dataclasses.replace(cfg.serve, online_store=redis_url))
+    step = live.steps["feature_transform"]
+    users = np.unique(later["user_id"].values)
+    assert len(users) > 20
+    got = step(users)
+    assert got["live"].all() and not got["degraded"]
+
+    snapshot = UserStore.load(artifacts / "serving" / "user_store.npz")
+    has_cat = "recent_categories" in snapshot.arrays
+    log = ActionLog(actions, table["category_code"] if has_cat else None,
+                    table["rel_price"] if "price_level" in snapshot.arrays else None)
+    n_cat = snapshot.arrays["recent_categories"].shape[1] if has_cat else 0
+    state = log.states(users, NEVER, snapshot.arrays["seq_rows"].shape[1], n_cat)
+    state["seq_rows"], state["seq_kinds"] = state["seq_rows"][:, : step.seq_len], state["seq_kinds"][:, : step.seq_len]
+    rows = snapshot.lookup(users)
+    raw = raw_rows(step.spec, state, snapshot.attrs(users, rows), step.category_names)
+    cat, cont = step.plan.pack(step.plan.transform(raw))
+    np.testing.assert_array_equal(got["user_cat"], cat)
+    np.testing.assert_allclose(got["user_cont"], cont, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["seq_items"], np.where(state["seq_rows"] >= 0, step.item_codes[np.maximum(state["seq_rows"], 0)], 0))
+    np.testing.assert_array_equal(got["seq_kinds"], state["seq_kinds"])
+    indptr, hist_rows, hist_kinds = log.history_csr(users)
+    for i in range(len(users)):
+        n = indptr[i + 1] - indptr[i]
+        np.testing.assert_array_equal(got["history_rows"][i, :n], hist_rows[indptr[i] : indptr[i + 1]])
+        np.testing.assert_array_equal(got["history_kinds"][i, :n], hist_kinds[indptr[i] : indptr[i + 1]])
+        assert (got["history_rows"][i, n:] == -1).all()
+    assert not got["cold"].any()
+
+
+def test_a_dead_store_degrades_to_the_snapshot_without_failing(artifacts, cfg, pipeline):
+    from runtime.pipeline import Pipeline
+
+    dead = Pipeline(artifacts / "serving", cfg=dataclasses.replace(cfg.serve, online_store="redis://127.0.0.1:9/0",
+                                                                    online_timeout_ms=20))
+    users = pipeline.steps["feature_transform"].store.user_id[:4]
+    got = dead.steps["feature_transform"](users)
+    assert got["degraded"] and not got["live"].any()
+    for a, b in zip(dead.recommend(users, 10), pipeline.recommend(users, 10)):
+        np.testing.assert_array_equal(a[0], b[0])
