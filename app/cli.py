@@ -258,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["jsonl", "csv"], help="default: csv for .csv/.tsv files, else jsonl")
     p.add_argument("--online-store", help="redis://HOST:PORT/DB (default: the private store `shoprec serve` runs on "
                    "these artifacts)")
-    p = add("items", cmd_items, "mark items unavailable (never served, from the next request on) or available again")
+    p = add("items", cmd_items, "mark items unavailable (never served, from the next request on) or available again; "
+            "list the unavailable and the trending items")
     p.add_argument("--unavailable", type=int, nargs="+", metavar="ITEM_ID", help="raw item ids to withdraw")
     p.add_argument("--available", type=int, nargs="+", metavar="ITEM_ID", help="raw item ids to serve again")
+    p.add_argument("--trending", type=int, metavar="HOURS", help="also list the 20 items with the most events in the "
+                   "last HOURS hours (1-47)")
     p.add_argument("--online-store", help="redis://HOST:PORT/DB (default: the private store of `shoprec serve`)")
     p = add("recommend", cmd_recommend, "top-k items for a user from a running server")
     p.add_argument("--user", type=int, required=True, help="raw user id")

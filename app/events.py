@@ -129,4 +129,9 @@ def cmd_items(args, cfg) -> None:
         out["made_available"], unknown = store.set_available(args.available, available=True)
         out["unknown"] = out.get("unknown", []) + unknown
     out["unavailable"] = store.unavailable_ids().tolist()
+    if args.trending:
+        try:
+            out["trending"] = [{"item_id": i, "events": n} for i, n in store.trending(args.trending)]
+        except ValueError as exc:
+            raise EventsError(str(exc)) from None
     print(json.dumps(out))

@@ -19,7 +19,9 @@ sha256>`), because item rows and the snapshot belong to one export:
                             (at most `serve.online_max_actions`, the latest kept)
   <p>:state:<user>   STRING the state derived from them (runtime/user_state.pack): what a request reads
   <p>:event:<id>     STRING an applied event id (idempotency)
-  <p>:unavailable    STRING sorted raw item ids (int64) that no list may hold
+  <p>:unavailable:items  STRING sorted raw item ids (int64) that no list may hold
+  <p>:trend:<hour>   ZSET   item row -> accepted events in that hour (unix hours; kept two days):
+                            `OnlineStore.trending`, `shoprec items --trending`
 User and event keys expire `serve.online_ttl_days` after their last write: a user quiet for longer
 is served from the snapshot again (the next export holds their events). Writes are optimistic
 transactions (WATCH/MULTI), so concurrent writers never lose an event.
@@ -43,6 +45,7 @@ from .user_state import pack, unpack, user_state
 KIND = {"view": 1, "click": 2, "cart": 3, "purchase": 4}
 TS_LIMIT = (1 << 34) - 1  # the offline store's limit (feature_workflows/history.py)
 MAX_EVENT_ID = 128
+TREND_TTL_S = 48 * 3600  # hourly item event counters are kept two days
 
 
 class OnlineStoreError(UserError, RuntimeError):
@@ -254,6 +257,7 @@ class OnlineStore:
             accepted = dups = 0
             tx.multi()
             seen_now: set = set()
+            trend: dict[tuple[int, int], int] = {}  # (hour, item row) -> accepted events
             for u, key, fields in zip(users, act_keys, got[: len(act_keys)]):
                 acts = ({f.decode(): tuple(map(int, v.decode().split(":"))) for f, v in fields.items()} if fields
                         else self._seed(u))
@@ -267,6 +271,7 @@ class OnlineStore:
                     f = f"{row}:{session}"
                     old = acts.get(f)
                     acts[f] = (ts, kind) if old is None else (min(old[0], ts), max(old[1], kind))
+                    trend[(ts // 3600, row)] = trend.get((ts // 3600, row), 0) + 1
                     accepted += 1
                     changed = True
                 if not changed:
@@ -280,6 +285,10 @@ class OnlineStore:
                 tx.set(self.key("state", u), pack(self.state_of(acts)), ex=self.ttl_s)
             for e in seen_now:
                 tx.set(self.key("event", e), 1, ex=self.ttl_s)
+            for (hour, row), n in trend.items():
+                tx.zincrby(self.key("trend", hour), n, row)
+            for hour in {h for h, _ in trend}:
+                tx.expire(self.key("trend", hour), TREND_TTL_S)
             tx.execute()
         return accepted, dups
 
@@ -308,6 +317,17 @@ class OnlineStore:
                 except self.watch_error:
                     continue
         raise OnlineStoreError(f"online store {self.url}: the unavailable items kept changing")
+
+    def trending(self, hours: int = 24, n: int = 20, now: float | None = None) -> list[tuple[int, int]]:
+        """(raw item id, events) of the n items with the most events in the hourly counters that overlap the
+        `hours` hours up to `now` (unix seconds; default: the clock), most first; ties by item id."""
+        if not 1 <= hours < TREND_TTL_S // 3600:
+            raise ValueError(f"trending hours must be in 1..{TREND_TTL_S // 3600 - 1}, got {hours}")
+        now = time.time() if now is None else now
+        keys = [self.key("trend", h) for h in range(int((now - hours * 3600) // 3600), int(now // 3600) + 1)]
+        counts = self.client.zunion(keys, withscores=True)
+        ranked = sorted(((self.item_ids[int(row)], int(c)) for row, c in counts), key=lambda x: (-x[1], x[0]))
+        return [(int(i), c) for i, c in ranked[:n]]
 
     def unavailable_ids(self) -> np.ndarray:
         return np.frombuffer(self.client.get(self.key("unavailable", "items")) or b"", np.int64)

@@ -75,3 +75,20 @@ def test_probe_ensemble_serves(artifacts, cfg, requests_file, tmp_path):
                       log_path=tmp_path / "probe.log") as probe:
         row = run_perf_analyzer(probe.grpc_url, "grpc", 1, path, 30, model="probe")
     assert row["throughput_rps"] > 0 and row["p50_ms"] > 0
+
+
+def test_online_bench_ingestion_replays_the_held_out_events(artifacts, tmp_path):
+    """The ingestion part of benchmarks/online_bench.py on the test artifacts: every event accepted through
+    the Python API and through `shoprec events`, the same ids again all skipped."""
+    from benchmarks.online_bench import part_ingest, replay_events
+    from serving.online import RedisServer
+
+    events = replay_events(artifacts)[:1500]
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        out = part_ingest(artifacts, server.url, events, tmp_path)
+    finally:
+        server.stop()
+    assert out["accepted"] == len(events) and out["duplicates_on_replay"] == 1000
+    assert (out["cli_summary"]["accepted"], out["cli_summary"]["rejected"]) == (len(events), 0)
+    assert out["api_events_per_s"] > 0 and out["bytes_per_live_user"] > 0

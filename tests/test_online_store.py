@@ -194,3 +194,18 @@ def test_a_dead_store_degrades_to_the_snapshot_without_failing(artifacts, cfg, p
     assert got["degraded"] and not got["live"].any()
     for a, b in zip(dead.recommend(users, 10), pipeline.recommend(users, 10)):
         np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_trending_counts_events_per_item_over_the_last_hours(store, pipeline):
+    ids = pipeline.item_table["item_ids"]
+    now = 1_800_000_000
+    events = [{"user_id": 900010 + j, "item_id": int(ids[i]), "type": "view", "timestamp": now - 600}
+              for i, times in ((2, 3), (4, 1), (6, 2)) for j in range(times)]
+    events.append({"user_id": 900020, "item_id": int(ids[4]), "type": "click", "timestamp": now - 5 * 3600})  # older
+    store.ingest(events)
+    assert store.trending(hours=1, now=now) == [(int(ids[2]), 3), (int(ids[6]), 2), (int(ids[4]), 1)]
+    assert store.trending(hours=6, now=now, n=1) == [(int(ids[2]), 3)]
+    assert store.trending(hours=6, now=now)[1:] == [(int(ids[4]), 2), (int(ids[6]), 2)]  # ties by item id
+    with pytest.raises(ValueError, match="trending hours must be in 1..47"):
+        store.trending(hours=100)
+

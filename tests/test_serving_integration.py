@@ -306,6 +306,8 @@ def test_step_counters_on_the_metrics_port(triton, artifacts):
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     assert delta("shoprec_requests_total") == 5 and delta("shoprec_cold_start_total") == 2
+    # these users sent no event since the export, and Redis is up: snapshot state, not degraded
+    assert delta("shoprec_live_state_total") == 0 and delta("shoprec_degraded_total") == 0
     assert delta("shoprec_served_items_total") == 25 and delta("shoprec_list_pairs_total") == 50
     assert 0 <= delta("shoprec_list_pairs_diverse_total") <= 50
     assert delta('shoprec_route_empty_total{route="cf_all"}') >= 2  # the two cold users at least
