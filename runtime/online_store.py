@@ -18,7 +18,8 @@ sha256>`), because item rows and the snapshot belong to one export:
   <p>:acts:<user>    HASH   "<item row>:<session>" -> "<unix seconds>:<kind 1-4>", the live actions
                             (at most `serve.online_max_actions`, the latest kept)
   <p>:state:<user>   STRING the state derived from them (runtime/user_state.pack): what a request reads
-  <p>:event:<id>     STRING an applied event id (idempotency)
+  <p>:events:<user>  HASH   event id -> unix seconds: the user's applied event ids (idempotency;
+                            an event id is unique per user)
   <p>:unavailable:items  STRING sorted raw item ids (int64) that no list may hold
   <p>:trend:<hour>   ZSET   item row -> accepted events in that hour (unix hours; kept two days):
                             `OnlineStore.trending`, `shoprec items --trending`
@@ -197,6 +198,9 @@ class OnlineStore:
                 break
             except self.watch_error:  # another writer changed one of these users: read again
                 time.sleep(0.001 * attempt)
+            except self.redis_errors as exc:  # nothing of this batch was written (MULTI/EXEC is all or nothing)
+                raise OnlineStoreError(f"online store {self.url}: {exc}; {report.accepted} events of earlier batches "
+                                       "were written") from None
         else:
             raise OnlineStoreError(f"online store {self.url}: {len(users)} users kept changing under this batch")
         report.accepted += accepted
@@ -241,50 +245,57 @@ class OnlineStore:
                     a["hist_kinds"][lo:hi].tolist())}
 
     def _apply(self, users: list[int], by_user: dict) -> tuple[int, int]:
+        """One optimistic transaction for a batch: WATCH the users' keys, read them in one round trip, apply
+        the events in Python, write only what changed in MULTI/EXEC (retried by `ingest` on a conflict)."""
         if not users:
             return 0, 0
         act_keys = [self.key("acts", u) for u in users]
-        eids = sorted({e[5] for u in users for e in by_user[u] if e[5] is not None})
         with self.client.pipeline(transaction=True) as tx:
             tx.watch(*act_keys)
             read = self.client.pipeline(transaction=False)  # the reads in one round trip, after WATCH
-            for k in act_keys:
+            for u, k in zip(users, act_keys):
                 read.hgetall(k)
-            if eids:
-                read.mget([self.key("event", e) for e in eids])
+                eids = [e[5] for e in by_user[u] if e[5] is not None]
+                read.hmget(self.key("events", u), eids) if eids else read.echo(b"")
             got = read.execute()
-            applied_before = set(e for e, v in zip(eids, got[len(act_keys)] if eids else []) if v is not None)
             accepted = dups = 0
             tx.multi()
-            seen_now: set = set()
             trend: dict[tuple[int, int], int] = {}  # (hour, item row) -> accepted events
-            for u, key, fields in zip(users, act_keys, got[: len(act_keys)]):
+            for i, (u, key) in enumerate(zip(users, act_keys)):
+                fields, applied = got[2 * i], got[2 * i + 1]
+                eids = [e[5] for e in by_user[u] if e[5] is not None]
+                done = {e for e, v in zip(eids, applied) if v is not None} if eids else set()
                 acts = ({f.decode(): tuple(map(int, v.decode().split(":"))) for f, v in fields.items()} if fields
                         else self._seed(u))
-                changed = False
+                changed: set[str] = set()
+                new_ids: dict[str, int] = {}
                 for _, row, kind, ts, session, eid in by_user[u]:
-                    if eid is not None and (eid in applied_before or eid in seen_now):
+                    if eid is not None and (eid in done or eid in new_ids):
                         dups += 1
                         continue
                     if eid is not None:
-                        seen_now.add(eid)
+                        new_ids[eid] = ts
                     f = f"{row}:{session}"
                     old = acts.get(f)
                     acts[f] = (ts, kind) if old is None else (min(old[0], ts), max(old[1], kind))
+                    changed.add(f)
                     trend[(ts // 3600, row)] = trend.get((ts // 3600, row), 0) + 1
                     accepted += 1
-                    changed = True
                 if not changed:
                     continue
                 if len(acts) > self.max_actions:  # the latest actions stay; memory per user is bounded
                     keep = sorted(acts, key=lambda f: (acts[f][0], int(f.split(":")[0])))[-self.max_actions :]
                     acts = {f: acts[f] for f in keep}
-                tx.delete(key)
-                tx.hset(key, mapping={f: f"{t}:{k}" for f, (t, k) in acts.items()})
+                    changed = set(acts)
+                    tx.delete(key)
+                elif not fields:  # first live event: the snapshot's actions are written too
+                    changed = set(acts)
+                tx.hset(key, mapping={f: "%d:%d" % acts[f] for f in changed})
                 tx.expire(key, self.ttl_s)
                 tx.set(self.key("state", u), pack(self.state_of(acts)), ex=self.ttl_s)
-            for e in seen_now:
-                tx.set(self.key("event", e), 1, ex=self.ttl_s)
+                if new_ids:
+                    tx.hset(self.key("events", u), mapping=new_ids)
+                    tx.expire(self.key("events", u), self.ttl_s)
             for (hour, row), n in trend.items():
                 tx.zincrby(self.key("trend", hour), n, row)
             for hour in {h for h, _ in trend}:
