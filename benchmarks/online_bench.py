@@ -130,7 +130,7 @@ def part_step_cost(artifacts: Path, url: str, users: np.ndarray, calls: int = 30
         times["read"].append(time.perf_counter() - t0)
     med = {k: round(float(np.median(v)) * 1e3, 4) for k, v in times.items()}
     return {"calls": calls, "median_ms": med, "delta_ms": round(med["live"] - med["snapshot"], 4),
-            "what": "feature step for one user, in-process; `read` = the one Redis round trip (MGET + GET) and decoding"}
+            "what": "feature step for one user, in-process; `read` = the one Redis round trip (MGET) and decoding"}
 
 
 async def _load(url: str, users: np.ndarray, seconds: float, concurrency: int, actions: dict, log: list) -> None:

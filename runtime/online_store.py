@@ -100,6 +100,7 @@ class OnlineStore:
         self.retry_s, self.ttl_s = retry_s, int(ttl_days * 86_400)
         self.max_actions = max_actions
         self._down_until = 0.0
+        self._unavailable_key = self.key("unavailable", "items")
         self._unavailable_blob: bytes | None = b""
         self._unavailable_rows = np.zeros(0, np.int64)
 
@@ -138,16 +139,14 @@ class OnlineStore:
     # ---- request path -------------------------------------------------------------------------------
 
     def read(self, user_ids: np.ndarray) -> tuple[list, np.ndarray, bool]:
-        """(live state or None per user, unavailable item rows, degraded): one round trip. Degraded: Redis
+        """(live state or None per user, unavailable item rows, degraded): one round trip (MGET). Degraded: Redis
         failed or is in its retry pause; every user then reads None and the last known unavailable rows."""
         now = time.monotonic()
         if now < self._down_until:
             return [None] * len(user_ids), self._unavailable_rows, True
-        pipe = self.client.pipeline(transaction=False)
-        pipe.mget([self.key("state", int(u)) for u in user_ids])
-        pipe.get(self.key("unavailable", "items"))
-        try:
-            blobs, unavailable = pipe.execute()
+        try:  # one command: the users' states and the unavailable items
+            *blobs, unavailable = self.client.execute_command(
+                "MGET", *(self.key("state", int(u)) for u in user_ids), self._unavailable_key)
         except self.redis_errors:
             self._down_until = now + self.retry_s
             return [None] * len(user_ids), self._unavailable_rows, True
