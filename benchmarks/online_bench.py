@@ -9,7 +9,7 @@ and Redis failing under load.
 2. Latency, side by side in one run: the feature step in-process with and without the store,
    interleaved call by call; then the same tritonserver serving with the online store (every
    benchmark user has live state, so each request reads and decodes it) and without one
-   (`--online-store none`), alternated `--rounds` times; perf_analyzer, gRPC, concurrency 1, k = 10.
+   (`--online-store none`), `--rounds` rounds, each round's order reversed from the last; perf_analyzer, gRPC, concurrency 1, k = 10.
 3. Faults under load: 16 gRPC clients for `--fault-seconds` against a server with its private
    store. A third in, Redis is killed (SIGKILL); the server restarts it and its append-only file
    restores the live state. Two thirds in, one user's keys are flushed. Failed requests, degraded
@@ -93,7 +93,7 @@ def part_latency(artifacts: Path, url: str, users: np.ndarray, tmp: Path, rounds
     data.write_text(json.dumps({"data": [{"user_id": [int(u)], "k": [10]} for u in users]}))
     runs: dict[str, list] = {"online": [], "none": []}
     for r in range(rounds):
-        for mode in ("online", "none"):
+        for mode in ("online", "none") if r % 2 == 0 else ("none", "online"):  # alternate which goes first
             server = TritonServer.from_config(cfg, artifacts, ephemeral_ports=True, log_path=tmp / f"triton-{mode}-{r}.log")
             server.online_store = url if mode == "online" else "none"
             with server:
@@ -102,7 +102,8 @@ def part_latency(artifacts: Path, url: str, users: np.ndarray, tmp: Path, rounds
             runs[mode].append(row)
             print(f"latency {mode:6s} round {r + 1}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms", flush=True)
     p50 = {m: float(np.median([x["p50_ms"] for x in rows])) for m, rows in runs.items()}
-    return {"runs": runs, "p50_ms": p50, "p50_delta_ms": round(p50["online"] - p50["none"], 3),
+    paired = [round(a["p50_ms"] - b["p50_ms"], 3) for a, b in zip(runs["online"], runs["none"])]
+    return {"runs": runs, "p50_ms": p50, "p50_delta_ms": round(p50["online"] - p50["none"], 3), "paired_deltas_ms": paired,
             "load": "perf_analyzer gRPC, concurrency 1, 1500 requests after 200 warm-up, k=10, users with live state"}
 
 
@@ -116,7 +117,7 @@ def part_step_cost(artifacts: Path, url: str, users: np.ndarray, calls: int = 30
     cfg = load_config().serve
     snap = Pipeline(artifacts / "serving", cfg=cfg).steps["feature_transform"]
     live = Pipeline(artifacts / "serving", cfg=dataclasses.replace(cfg, online_store=url)).steps["feature_transform"]
-    times: dict[str, list] = {"snapshot": [], "live": [], "read": []}
+    times: dict[str, list] = {"snapshot": [], "live": [], "read": [], "ping": []}
     for i in range(calls):
         u = np.array([users[i % len(users)]])
         for name, step in (("snapshot", snap), ("live", live)) if i % 2 else (("live", live), ("snapshot", snap)):
@@ -128,6 +129,9 @@ def part_step_cost(artifacts: Path, url: str, users: np.ndarray, calls: int = 30
         t0 = time.perf_counter()
         live.online.read(u)
         times["read"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        live.online.client.ping()  # the floor: one round trip to Redis from Python, nothing read
+        times["ping"].append(time.perf_counter() - t0)
     med = {k: round(float(np.median(v)) * 1e3, 4) for k, v in times.items()}
     return {"calls": calls, "median_ms": med, "delta_ms": round(med["live"] - med["snapshot"], 4),
             "what": "feature step for one user, in-process; `read` = the one Redis round trip (MGET) and decoding"}
@@ -240,7 +244,8 @@ def write_outputs(report: dict, out: Path) -> None:
           f"Feature step in-process, one user per call, {report['step_cost']['calls']} calls each, interleaved: "
           f"snapshot {report['step_cost']['median_ms']['snapshot']} ms, live {report['step_cost']['median_ms']['live']} ms "
           f"(**{report['step_cost']['delta_ms']:+.4f} ms**); the Redis round trip with decoding alone: "
-          f"{report['step_cost']['median_ms']['read']} ms.", "",
+          f"{report['step_cost']['median_ms']['read']} ms; a bare PING from Python (the floor of any read): "
+          f"{report['step_cost']['median_ms']['ping']} ms. Per-round server deltas: {lat['paired_deltas_ms']} ms.", "",
           f"## Faults under load ({fl['concurrency']} gRPC clients, {fl['seconds']:.0f} s)", "",
           f"- requests: {fl['requests']} ({fl['throughput_rps']} req/s), **failed: {fl['failed']}**",
           f"- Redis killed at {fl['kill_at_s']} s: degraded responses {fl['degraded']} ({100 * fl['degraded_share']:.2f} % of all); "
@@ -277,7 +282,7 @@ def main(argv=None) -> dict:
     p.add_argument("--fault-seconds", type=float, default=60.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--users", type=int, default=500, help="benchmark users (all with live state)")
-    p.add_argument("--rounds", type=int, default=3, help="server starts per mode, alternated (latency part)")
+    p.add_argument("--rounds", type=int, default=4, help="server starts per mode, alternated (latency part)")
     args = p.parse_args(argv)
     artifacts = Path(args.artifacts).resolve()
     verify_tree(artifacts / "serving")
