@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.candidates import DENSE_FEATURES, CandidateGenerator
+from runtime.candidates import DENSE_FEATURES, CandidateGenerator, CategoryPrior
 from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verify_manifest
 
@@ -91,7 +91,8 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     lam, _ = T.choose_cf_lambda(data, fit, users, truth, cfg)
     cf_all_a, cf_pos_a = T.fit_routes(data, fit, cfg, lam)
     gen_a = CandidateGenerator(T.item_embeddings(tt_a, data.item_cat, data.items["item_cont_fit"], "cpu"), None, cf_all_a,
-                               cf_pos_a, data.items["popular_rows_fit"], cfg.serve.num_candidates, cfg.serve.recent_window)
+                               cf_pos_a, data.items["popular_rows_fit"], cfg.serve.num_candidates, cfg.serve.recent_window,
+                               categories=T.fit_categories(data))
     n = min(len(users), kc.max_users)
     sel = np.arange(n)
     lists = T.ranker_lists(data, gen_a, T._slice_q(q, sel), T.user_embeddings(tt_a, T._slice_q(q, sel), "cpu"), truth[:n])
@@ -140,7 +141,8 @@ class Evaluator:
         gen = CandidateGenerator(T.item_embeddings(tt, data.item_cat, data.item_cont, "cpu"), None,
                                  T.load_neighbours(bundle.parent / "models" / "cf_all.npz"),
                                  T.load_neighbours(bundle.parent / "models" / "cf_pos.npz"), data.popular_rows,
-                                 cfg.serve.num_candidates, cfg.serve.recent_window)
+                                 cfg.serve.num_candidates, cfg.serve.recent_window,
+                                 categories=CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity"]))
         q = data.queries(self.users, data.action_log(data.actions[data.actions["split"] == 0]))
         emb = T.user_embeddings(tt, q, "cpu")
         rows, dense, routes = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])

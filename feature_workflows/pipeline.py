@@ -351,6 +351,7 @@ def _serving_files(qw, qspec: dict, log_all: ActionLog, data: _Split, it: _ItemF
         cont_names=np.array(it.cont_names),
         popular_rows=np.lexsort((np.arange(len(items)), -it.stats["popularity"].values)).astype(np.int64),
         popularity=it.stats["popularity"].values.astype(np.float64),
+        popularity_fit=it.stats_fit["popularity"].values.astype(np.float64),
         category_code=it.category if it.category is not None else np.full(len(items), -1, np.int64),
         category_names=it.category_names,
         rel_price=it.rel_price if it.rel_price is not None else np.zeros(0),  # empty: the items have no price

@@ -3,16 +3,20 @@ the offline stages (the ranker's training lists, evaluation) and the server, so 
 the same features in both. NumPy (+ FAISS for the ANN route) only.
 
 Routes, each excluding the user's seen items (`exclude_seen`; items of repeat categories stay):
-  cf_all   item-to-item scores of everything the user interacted with (views included)
-  cf_pos   the same from the user's positives only (click or stronger)
-  ann      two-tower: the user embedding against the item embeddings (FAISS)
-  popular  the most popular items: always available, fills what the others leave
+  cf_all    item-to-item scores of everything the user interacted with (views included)
+  cf_pos    the same from the user's positives only (click or stronger)
+  ann       two-tower: the user embedding against the item embeddings (FAISS)
+  category  the popular items of the user's categories: P(category | user) from their actions,
+            recent ones weighing more, times P(item | category), the item's share of its
+            category's popularity (items with a category only)
+  popular   the most popular items: always available, fills what the others leave
 A user without history gets the ANN route (profile and context) and the popular route.
 
-Merge: round robin over the routes' ranked lists (cf_all, cf_pos, ann, popular), first
-occurrence wins, until N candidates. Features per candidate (`DENSE_FEATURES`): the three
-item-to-item scores (all, positives, the last `recent_window` actions), the two-tower dot product,
-and log(1 + rank) in the cf_all, cf_pos and ann lists (N when absent).
+Merge: round robin over the routes' ranked lists (in the order above), first occurrence wins,
+until N candidates. Features per candidate (`DENSE_FEATURES`): the three item-to-item scores (all,
+positives, the last `recent_window` actions), the two-tower dot product, log(1 + rank) in the
+cf_all, cf_pos and ann lists (N when absent), the user's affinity to the candidate's category and
+the category route's score.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from shoprec import contract
 
 from .faiss_search import search
 
-DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann")
+DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann", "cat_affinity",
+                  "cat_score")
 ROUTES = contract.ROUTES  # the merge order, and the bit order of the route masks in responses
 POSITIVE_KIND = 2
 
@@ -73,6 +78,50 @@ class ItemNeighbours:
         return out
 
 
+@dataclass(frozen=True)
+class CategoryPrior:
+    """The category route's model: P(item | category), the item's share of its category's popularity
+    (popularity + 1, so items nobody acted on yet keep a little), and how a user's category shares decay
+    with the age of their actions (`decay` per action, the latest weighing 1)."""
+
+    category: np.ndarray  # [n_items] category code, -1 none
+    p_in_category: np.ndarray  # [n_items], 0 for items without a category
+    n_categories: int
+    decay: float = 0.97
+
+    @classmethod
+    def from_popularity(cls, category: np.ndarray, popularity: np.ndarray, decay: float = 0.97) -> "CategoryPrior":
+        category = np.asarray(category, dtype=np.int64)
+        pop = np.asarray(popularity, dtype=np.float64) + 1.0
+        has = category >= 0
+        n_cat = int(category.max()) + 1 if has.any() else 0
+        total = np.bincount(category[has], weights=pop[has], minlength=n_cat)
+        p = np.where(has, pop / np.maximum(total[np.maximum(category, 0)] if n_cat else 1.0, 1e-12), 0.0)
+        return cls(category, p.astype(np.float32), n_cat, decay)
+
+    def shares(self, indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[U, C] each user's recency-weighted category shares (rows sum to 1; 0 without categorised actions)."""
+        u = len(indptr) - 1
+        out = np.zeros((u, max(self.n_categories, 1)), np.float64)
+        if not len(rows) or not self.n_categories:
+            return out[:, : self.n_categories]
+        lengths = np.diff(indptr)
+        owner = np.repeat(np.arange(u), lengths)
+        age = np.repeat(indptr[1:], lengths) - 1 - np.arange(len(rows))  # 0 for each user's latest action
+        cats = self.category[rows]
+        ok = cats >= 0
+        flat = np.bincount(owner[ok] * self.n_categories + cats[ok], weights=self.decay ** age[ok],
+                           minlength=u * self.n_categories)
+        out = flat.reshape(u, self.n_categories)
+        return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
+
+    def scores(self, shares: np.ndarray) -> np.ndarray:
+        """[U, n_items] P(category | user) * P(item | category)."""
+        if not self.n_categories:
+            return np.zeros((len(shares), len(self.category)), np.float32)
+        return (shares[:, np.maximum(self.category, 0)] * self.p_in_category[None, :]).astype(np.float32)
+
+
 def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
     """Rows of the n best scores per user (ties: lower row first), -1 where blocked items would be needed."""
     s = np.where(blocked, -np.inf, scores)
@@ -88,7 +137,8 @@ class CandidateGenerator:
     """Routes + merge + features for a batch of users. Cost per user: O(history x neighbours + items)."""
 
     def __init__(self, item_embeddings: np.ndarray, index, cf_all: ItemNeighbours, cf_pos: ItemNeighbours,
-                 popular_rows: np.ndarray, n_candidates: int, recent_window: int = 5, exempt: np.ndarray | None = None):
+                 popular_rows: np.ndarray, n_candidates: int, recent_window: int = 5, exempt: np.ndarray | None = None,
+                 categories: CategoryPrior | None = None):
         n = len(item_embeddings)
         for name, cf in (("cf_all", cf_all), ("cf_pos", cf_pos)):
             if cf.n_items != n:
@@ -100,6 +150,9 @@ class CandidateGenerator:
         self.n = int(min(n_candidates, n))
         self.recent_window = recent_window
         self.exempt = np.zeros(n, bool) if exempt is None else np.asarray(exempt, dtype=bool)
+        self.categories = categories or CategoryPrior.from_popularity(np.full(n, -1), np.zeros(n))  # none: an empty route
+        if len(self.categories.category) != n:
+            raise ValueError(f"category prior covers {len(self.categories.category)} items, the item embeddings {n}")
 
     @property
     def n_items(self) -> int:
@@ -131,10 +184,13 @@ class CandidateGenerator:
         s_pos = self.cf_pos.scores(pos_indptr, hist_rows[pos])
         s_recent = self.cf_all.scores(recent_indptr, hist_rows[recent_idx])
 
+        shares = self.categories.shares(hist_indptr, hist_rows)
+        s_cat = self.categories.scores(shares)
         lists = {
             "cf_all": np.where(has_history[:, None], _topn(s_all, blocked, n), -1),
             "cf_pos": np.where((np.diff(pos_indptr) > 0)[:, None], _topn(s_pos, blocked, n), -1),
             "ann": self._ann(user_emb, blocked, n),
+            "category": _topn(np.where(s_cat > 0, s_cat, -np.inf), blocked, n),
             "popular": self._popular(blocked, n),
         }
         rows = _round_robin([lists[r] for r in ROUTES], n)
@@ -144,6 +200,9 @@ class CandidateGenerator:
         feats = np.stack([
             np.take_along_axis(s_all, safe, 1), np.take_along_axis(s_pos, safe, 1), np.take_along_axis(s_recent, safe, 1), dots,
             *(np.log1p(position[r]) for r in ("cf_all", "cf_pos", "ann")),  # log(1 + rank), log(1 + n) when absent
+            np.take_along_axis(shares, np.maximum(self.categories.category[safe], 0), 1) * (self.categories.category[safe] >= 0)
+            if self.categories.n_categories else np.zeros(rows.shape),
+            np.take_along_axis(s_cat, safe, 1),
         ], axis=2).astype(np.float32)
         feats[rows < 0] = 0.0
         if not with_routes:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.candidates import ROUTES, CandidateGenerator, ItemNeighbours
+from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours
 from runtime.online_store import OnlineStore, store_url
 from runtime.request_transform import TransformPlan, UserStore, raw_rows
 from shoprec import contract
@@ -390,7 +390,8 @@ class Retrieval(StepImpl):
         exempt = np.isin(table["category_code"], [names.index(c) for c in cfg.repeat_categories])
         self.generator = CandidateGenerator(
             embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
-            table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt)
+            table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt,
+            CategoryPrior.from_popularity(table["category_code"], table["popularity"]))
         self.default_exclude = cfg.exclude_seen
 
     @property

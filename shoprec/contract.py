@@ -102,7 +102,7 @@ ITEM_ROUTES = Tensor("item_routes", "INT32", (-1,))  # per served item: bitmask 
 
 REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY)
 RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES, DEGRADED)
-ROUTES = ("cf_all", "cf_pos", "ann", "popular")  # the recall routes: merge order and bit order of `item_routes`
+ROUTES = ("cf_all", "cf_pos", "ann", "category", "popular")  # the recall routes: merge order, bit order of `item_routes`
 USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
 RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.candidates import CandidateGenerator, _round_robin
+from runtime.candidates import DENSE_FEATURES, CandidateGenerator, CategoryPrior, _round_robin
 from runtime.faiss_search import recall_vs_exact, search
 from shoprec.config import IndexConfig
 from shoprec.manifest import ArtifactError, verify_manifest, verify_tree, write_manifest
@@ -135,7 +135,7 @@ def test_candidates_never_hold_a_seen_item_unless_exempt_or_asked():
     gen, emb = _generator()
     indptr, rows, kinds = np.array([0, 3, 3]), np.array([0, 1, 2]), np.array([2, 1, 2])
     cand, dense, lists = gen(emb[:2], indptr, rows, kinds)
-    assert not set(cand[0]) & {0, 1, 2} and (cand >= 0).all() and dense.shape == (2, 5, 7)
+    assert not set(cand[0]) & {0, 1, 2} and (cand >= 0).all() and dense.shape == (2, 5, len(DENSE_FEATURES))
     assert (lists["cf_all"][1] == -1).all() and (lists["cf_pos"][1] == -1).all()  # no history: ANN + popular only
     kept, _, _ = gen(emb[:2], indptr, rows, kinds, exclude_seen=np.array([False, True]))
     assert set(kept[0]) & {0, 1, 2}
@@ -158,6 +158,28 @@ def test_popular_route_is_the_popularity_order_without_each_users_seen_items():
         seen = set(rows[indptr[u]:indptr[u + 1]].tolist())
         want = [int(i) for i in popular if i not in seen][:n]
         assert lists["popular"][u].tolist() == want
+
+
+def test_category_route_is_the_users_categories_times_the_items_share_of_them():
+    # items 0-3 in category 0, 4-7 in category 1, 8-9 without; popularity inside each category differs
+    category = np.array([0, 0, 0, 0, 1, 1, 1, 1, -1, -1])
+    popularity = np.array([9, 3, 0, 0, 1, 5, 2, 0, 50, 50])
+    prior = CategoryPrior.from_popularity(category, popularity, decay=0.5)
+    np.testing.assert_allclose(prior.p_in_category[:4], np.array([10, 4, 1, 1]) / 16, rtol=1e-6)
+    assert (prior.p_in_category[8:] == 0).all()
+    indptr, rows = np.array([0, 3, 3]), np.array([0, 4, 5])  # user 0: one action in cat 0, then two in cat 1
+    shares = prior.shares(indptr, rows)
+    w = np.array([0.25, 0.5, 1.0])  # the latest action weighs 1, each older one half as much
+    np.testing.assert_allclose(shares[0], [w[0] / w.sum(), w[1:].sum() / w.sum()])
+    assert (shares[1] == 0).all()  # no history
+    rng = np.random.default_rng(0)
+    nb = to_neighbours(_top_abs_dense(rng.random((10, 10)).astype(np.float32), 3))
+    gen = CandidateGenerator(rng.normal(size=(10, 4)).astype(np.float32), None, nb, nb, np.argsort(-popularity), 4, 2,
+                             categories=prior)
+    _, dense, lists = gen(np.zeros((2, 4), np.float32), indptr, rows, np.full(3, 2))
+    assert lists["category"][0].tolist() == [6, 7, 1, 2]  # cat 1 first (unseen, by popularity), then cat 0's best unseen
+    assert (lists["category"][1] == -1).all()  # without history the route is empty
+    assert dense.shape[2] == len(DENSE_FEATURES)
 
 
 def test_round_robin_merge():

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.candidates import CandidateGenerator, ItemNeighbours
+from runtime.candidates import CandidateGenerator, CategoryPrior, ItemNeighbours
 from shoprec.config import Config, RankingConfig, RetrievalConfig
 from shoprec.device import torch_device
 from shoprec.errors import UserError
@@ -222,6 +222,11 @@ def deep_part_on(cfg: RankingConfig, n_lists: int) -> bool:
     return cfg.deep == "on" or (cfg.deep == "auto" and n_lists >= cfg.deep_min_lists)
 
 
+def fit_categories(data: FeatureData) -> CategoryPrior:
+    """The category route as the fit-fold models see it: popularity counted on the fit fold only."""
+    return CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity_fit"])
+
+
 def build_ranker(data: FeatureData, cfg: RankingConfig, n_dense: int, id_table: torch.nn.Embedding, deep: bool = True) -> Ranker:
     fields = [i for i, c in enumerate(data.user_cat_cols) if not any(fnmatch.fnmatch(c, p) for p in cfg.ignore_user_features)]
     return Ranker(data.user_card, data.user_tables, fields, len(data.user_cont_cols), data.item_card, data.item_tables,
@@ -406,7 +411,7 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     n_rank = min(len(users), kc.max_users)
     emb_a = item_embeddings(tt_a, data.item_cat, item_cont_fit, device)
     gen_a = CandidateGenerator(emb_a, None, cf_all_a, cf_pos_a, data.items["popular_rows_fit"], cfg.serve.num_candidates,
-                               cfg.serve.recent_window, _exempt(data, cfg))
+                               cfg.serve.recent_window, _exempt(data, cfg), fit_categories(data))
     rsel = np.arange(n_rank)
     lists = ranker_lists(data, gen_a, _slice_q(q, rsel), user_embeddings(tt_a, _slice_q(q, rsel), device), [truth[i] for i in rsel])
     is_valid = np.random.default_rng(kc.seed + 1).random(n_rank) < kc.valid_share
