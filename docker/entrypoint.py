@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,7 @@ class Settings:
     runtime_repo: Path
     serve: ServeConfig = ServeConfig()
     http_public: bool = False
+    admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
 
     @classmethod
     def from_env(cls, env: dict) -> "Settings":
@@ -82,6 +84,7 @@ class Settings:
             runtime_repo=Path(env.get("SHOPREC_RUNTIME_REPO", "/tmp/shoprec/model_repository")),
             serve=serve,
             http_public=env.get("SHOPREC_HTTP_PUBLIC", "0").lower() in ("1", "true", "yes"),
+            admin_key=env.get("SHOPREC_ADMIN_KEY") or secrets.token_urlsafe(24),
         )
 
 
@@ -112,7 +115,7 @@ class StartPlan:
             "tensorrt_version": self.trt_version,
             "engines": [{"model": e.model, "key": e.key, "engine": str(e.engine), "cached": e.cached,
                          "command": e.command()} for e in self.engines],
-            "server_command": self.server_command,
+            "server_command": redacted(self.server_command),
         }, indent=2)
 
 
@@ -271,10 +274,19 @@ def prepare_runtime_repo(settings: Settings, engines: list[EnginePlan]) -> Path:
 
 
 def server_command(settings: Settings, repo: Path) -> list[str]:
+    """Triton's command line. The admin APIs (model repository, configs, shared memory, trace, logging) answer only
+    requests carrying the `shoprec-admin-key` header with $SHOPREC_ADMIN_KEY (a Kubernetes Secret); without it a
+    random key nobody knows, so they are closed."""
     http_address = "0.0.0.0" if settings.http_public else "127.0.0.1"
     return tritonserver_command("tritonserver", repo, http_address=http_address, http_port=settings.serve.http_port,
                                 grpc_address="0.0.0.0", grpc_port=settings.serve.grpc_port, metrics_address="0.0.0.0",
-                                metrics_port=settings.serve.metrics_port)
+                                metrics_port=settings.serve.metrics_port, admin_key=settings.admin_key)
+
+
+def redacted(command: list[str]) -> list[str]:
+    """The command as it may be printed: admin keys replaced."""
+    flags = ("--grpc-restricted-protocol=", "--http-restricted-api=")
+    return [re.sub(r"(:[\w-]+)=[\w-]+$", r"\1=***", a) if a.startswith(flags) else a for a in command]
 
 
 def plan_start(settings: Settings, env: dict, run=subprocess.run, gpu_name: str | None = None,
@@ -335,7 +347,7 @@ def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.
         print(f"[entrypoint] refusing to start: {err}", file=sys.stderr, flush=True)
         return err.code
     print(f"[entrypoint] online store: {online or 'none (the export snapshot only)'}", flush=True)
-    print(f"[entrypoint] exec {' '.join(plan.server_command)}", flush=True)
+    print(f"[entrypoint] exec {' '.join(redacted(plan.server_command))}", flush=True)
     # exec, not a child: Triton becomes PID 1 and gets the pod's SIGTERM for a graceful drain
     execvp(plan.server_command[0], plan.server_command)
     return 0  # reached only when execvp is replaced (tests)

@@ -6,9 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+# Triton APIs a client of the recommender never needs: loading/unloading models, reading their configs,
+# registering shared memory, tracing and log settings. Triton answers them only to requests that carry
+# ADMIN_HEADER with the server's admin key; inference, health, metadata and statistics stay open.
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "shoprec-admin-key"
+
+
 def tritonserver_command(binary: str, repository: Path | str, *, http_address: str, http_port: int, grpc_address: str,
                          grpc_port: int, metrics_address: str, metrics_port: int, backend_directory: Path | str | None = None,
-                         extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+                         admin_key: str | None = None, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """admin_key: restrict RESTRICTED_APIS to requests carrying it (None: Triton's defaults, everything open)."""
     cmd = [binary, f"--model-repository={repository}"]
     if backend_directory is not None:
         cmd.append(f"--backend-directory={backend_directory}")
@@ -21,4 +29,10 @@ def tritonserver_command(binary: str, repository: Path | str, *, http_address: s
         "--exit-on-error=true",
         "--log-verbose=0",
     ]
+    if admin_key is not None:
+        if not admin_key or not all(c.isalnum() or c in "-_" for c in admin_key):
+            raise ValueError("the admin key must be letters, digits, - or _")
+        apis = ",".join(RESTRICTED_APIS)
+        cmd += [f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}",
+                f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}"]
     return cmd + list(extra)

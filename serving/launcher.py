@@ -11,8 +11,10 @@ What it takes care of (see README "Serving without Docker"):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -158,7 +160,22 @@ class TritonServer:
     def command(self, backends: Path) -> list[str]:
         return tritonserver_command(str(pytriton_root() / "bin" / "tritonserver"), self.repository, backend_directory=backends,
                                     http_address=self.address, http_port=self.http_port, grpc_address=self.address,
-                                    grpc_port=self.grpc_port, metrics_address=self.address, metrics_port=self.metrics_port)
+                                    grpc_port=self.grpc_port, metrics_address=self.address, metrics_port=self.metrics_port,
+                                    admin_key=self.admin_key)
+
+    @functools.cached_property
+    def admin_key(self) -> str:
+        """The key Triton's admin APIs (model repository, configs, shared memory, trace, logging) require in the
+        `shoprec-admin-key` header: $SHOPREC_ADMIN_KEY, else a fresh random one per start, readable by this user
+        only in ARTIFACTS/triton/admin_key."""
+        key = os.environ.get("SHOPREC_ADMIN_KEY") or secrets.token_urlsafe(24)
+        path = self.artifacts / "triton" / "admin_key"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return key
 
     def start(self, timeout_s: float | None = None) -> "TritonServer":
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s

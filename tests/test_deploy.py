@@ -151,7 +151,8 @@ def test_k8s_manifests_validate_against_schema(version):
     except ImportError:
         pytest.fail(f"kubernetes-validate is not installed; {INSTALL_HINT}")
     docs = _k8s_docs()
-    assert {d["kind"] for d in docs} == {"Deployment", "Service", "PersistentVolumeClaim", "StatefulSet"}
+    assert {d["kind"] for d in docs} == {"Deployment", "Service", "PersistentVolumeClaim", "StatefulSet", "PodDisruptionBudget",
+                                         "NetworkPolicy"}
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, version, strict=True)  # strict: unknown fields fail
@@ -220,7 +221,7 @@ def test_volumes_artifacts_from_pvc_and_engine_cache():
     assert volumes[engines["name"]]["persistentVolumeClaim"]["claimName"] in claims
     assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]  # runtime repo under a read-only root fs
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["SHOPREC_ARTIFACTS"] == "/models/artifacts" and env["SHOPREC_ENGINE_CACHE"] == "/engines"
 
 
@@ -245,8 +246,28 @@ def test_redis_runs_beside_triton_and_triton_reads_it():
     redis_service, redis = _one("Service", "shoprec-redis"), _one("StatefulSet", "shoprec-redis")
     assert redis_service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
     port = redis_service["spec"]["ports"][0]["port"]
-    env = {e["name"]: e["value"] for e in _container()["env"]}
+    env = {e["name"]: e.get("value") for e in _container()["env"]}
     assert env["SHOPREC_ONLINE_STORE"] == f"redis://shoprec-redis:{port}/0"
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--maxmemory" in args and "volatile-lru" in args and "--appendonly" in args  # bounded, durable
+
+
+def test_replicas_disruption_budget_and_network_policies():
+    deployment = _one("Deployment")
+    assert deployment["spec"]["replicas"] >= 2
+    pdb = _one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] >= 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= _pod()["metadata"]["labels"].items()
+    triton = _one("NetworkPolicy")
+    assert triton["spec"]["podSelector"]["matchLabels"].items() <= _pod()["metadata"]["labels"].items()
+    assert sorted(p["port"] for rule in triton["spec"]["ingress"] for p in rule["ports"]) == [8001, 8002]  # nothing else
+    redis = _one("NetworkPolicy", "shoprec-redis")
+    sources = [s["podSelector"]["matchLabels"] for rule in redis["spec"]["ingress"] for s in rule["from"]]
+    assert _pod()["metadata"]["labels"]["app.kubernetes.io/name"] in [s.get("app.kubernetes.io/name") for s in sources]
+
+
+def test_admin_key_comes_from_an_optional_secret():
+    env = {e["name"]: e for e in _container()["env"]}
+    ref = env["SHOPREC_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True and "value" not in env["SHOPREC_ADMIN_KEY"]  # never a literal in the manifest
 

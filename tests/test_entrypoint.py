@@ -256,6 +256,20 @@ def test_bad_serve_config_refuses(env, capsys):
     assert "unknown key(s) ['num_candidate']" in capsys.readouterr().err
 
 
+def test_admin_apis_are_restricted_and_the_key_never_printed(env, capsys):
+    code, execs = start({**env, "SHOPREC_ADMIN_KEY": "s3cret-key"}, FakeMachine())
+    assert code == 0
+    restricted = [a for a in execs[0] if a.startswith(("--grpc-restricted-protocol=", "--http-restricted-api="))]
+    assert restricted == ["--grpc-restricted-protocol=model-repository,model-config,shared-memory,trace,logging:"
+                          "shoprec-admin-key=s3cret-key",
+                          "--http-restricted-api=model-repository,model-config,shared-memory,trace,logging:"
+                          "shoprec-admin-key=s3cret-key"]
+    out = capsys.readouterr().out
+    assert "s3cret-key" not in out and "shoprec-admin-key=***" in out
+    _, execs = start(env, FakeMachine())  # no key given: a random one, so the admin APIs are closed to everyone
+    assert any(a.startswith("--grpc-restricted-protocol=") and not a.endswith("=s3cret-key") for a in execs[0])
+
+
 def test_online_store_comes_from_the_environment(env, capsys):
     assert start({**env, "SHOPREC_ONLINE_STORE": "localhost:6379"}, FakeMachine())[0] == ep.EXIT_BAD_BUNDLE
     assert "SHOPREC_ONLINE_STORE must be redis://HOST:PORT/DB (or none), got 'localhost:6379'" in capsys.readouterr().err
