@@ -274,7 +274,7 @@ def prepare_runtime_repo(settings: Settings, engines: list[EnginePlan]) -> Path:
 
 
 def server_command(settings: Settings, repo: Path) -> list[str]:
-    """Triton's command line. The admin APIs (model repository, configs, shared memory, trace, logging) answer only
+    """Triton's command line. The admin APIs (model repository, shared memory, trace, logging) answer only
     requests carrying the `shoprec-admin-key` header with $SHOPREC_ADMIN_KEY (a Kubernetes Secret); without it a
     random key nobody knows, so they are closed."""
     http_address = "0.0.0.0" if settings.http_public else "127.0.0.1"

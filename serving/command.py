@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-# Triton APIs a client of the recommender never needs: loading/unloading models, reading their configs,
-# registering shared memory, tracing and log settings. Triton answers them only to requests that carry
-# ADMIN_HEADER with the server's admin key; inference, health, metadata and statistics stay open.
-RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
+# Triton APIs a client of the recommender never needs: loading/unloading models, registering shared memory,
+# tracing and log settings. Triton answers them only to requests that carry ADMIN_HEADER with the server's
+# admin key. Inference, health, metadata, statistics and model configs stay open (perf_analyzer and other
+# Triton clients read the config before they send anything).
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 ADMIN_HEADER = "shoprec-admin-key"
 
 

@@ -165,7 +165,7 @@ class TritonServer:
 
     @functools.cached_property
     def admin_key(self) -> str:
-        """The key Triton's admin APIs (model repository, configs, shared memory, trace, logging) require in the
+        """The key Triton's admin APIs (model repository, shared memory, trace, logging) require in the
         `shoprec-admin-key` header: $SHOPREC_ADMIN_KEY, else a fresh random one per start, readable by this user
         only in ARTIFACTS/triton/admin_key."""
         key = os.environ.get("SHOPREC_ADMIN_KEY") or secrets.token_urlsafe(24)

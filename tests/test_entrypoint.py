@@ -260,9 +260,9 @@ def test_admin_apis_are_restricted_and_the_key_never_printed(env, capsys):
     code, execs = start({**env, "SHOPREC_ADMIN_KEY": "s3cret-key"}, FakeMachine())
     assert code == 0
     restricted = [a for a in execs[0] if a.startswith(("--grpc-restricted-protocol=", "--http-restricted-api="))]
-    assert restricted == ["--grpc-restricted-protocol=model-repository,model-config,shared-memory,trace,logging:"
+    assert restricted == ["--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:"
                           "shoprec-admin-key=s3cret-key",
-                          "--http-restricted-api=model-repository,model-config,shared-memory,trace,logging:"
+                          "--http-restricted-api=model-repository,shared-memory,trace,logging:"
                           "shoprec-admin-key=s3cret-key"]
     out = capsys.readouterr().out
     assert "s3cret-key" not in out and "shoprec-admin-key=***" in out

@@ -340,16 +340,16 @@ def test_every_served_item_says_which_recall_routes_proposed_it(triton, pipeline
 
 
 def test_admin_apis_need_the_admin_key_and_inference_does_not(triton):
-    """Model repository, configs, shared memory: only with the key in the admin header (gRPC: Triton prefixes it
-    with triton-grpc-protocol-); inference, health, metadata and statistics stay open."""
+    """Model repository (load, unload, index) and shared memory: only with the key in the admin header (gRPC: Triton
+    prefixes it with triton-grpc-protocol-); inference, health, metadata, statistics and configs stay open."""
     import tritonclient.http as httpclient
 
     key = (triton.artifacts / "triton" / "admin_key").read_text().strip()
     assert key == triton.admin_key and oct((triton.artifacts / "triton" / "admin_key").stat().st_mode & 0o777) == "0o600"
     g = grpcclient.InferenceServerClient(triton.grpc_url)
     h = httpclient.InferenceServerClient(triton.http_url)
-    for call in (lambda: g.get_model_repository_index(), lambda: g.get_model_config("recommender"),
-                 lambda: g.get_system_shared_memory_status(), lambda: g.unload_model("ranking")):
+    for call in (lambda: g.get_model_repository_index(), lambda: g.get_system_shared_memory_status(),
+                 lambda: g.unload_model("ranking")):
         with pytest.raises(InferenceServerException, match="This protocol is restricted"):
             call()
     with pytest.raises(InferenceServerException, match="This API is restricted"):
@@ -357,6 +357,6 @@ def test_admin_apis_need_the_admin_key_and_inference_does_not(triton):
     assert len(g.get_model_repository_index(headers={"triton-grpc-protocol-shoprec-admin-key": key}).models) >= 4
     assert len(h.get_model_repository_index(headers={"shoprec-admin-key": key})) >= 4
     assert g.is_server_ready() and g.get_model_metadata("recommender").name == "recommender"
-    assert g.get_inference_statistics("recommender") is not None
+    assert g.get_inference_statistics("recommender") is not None and g.get_model_config("recommender") is not None
     with RecommenderClient(triton.grpc_url) as c:  # and the ensemble still answers, after the refused unload
         assert len(c.recommend(-1, k=3).item_ids) == 3
