@@ -7,7 +7,7 @@ import pytest
 from app.cli import build_parser
 from shoprec.config import Config, load_config
 
-COMMANDS = ["data", "features", "train", "export", "evaluate", "serve", "recommend", "bench", "all"]
+COMMANDS = ["data", "features", "train", "export", "evaluate", "serve", "events", "items", "recommend", "bench", "all"]
 
 
 def test_help_lists_every_stage():
