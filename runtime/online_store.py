@@ -141,22 +141,44 @@ class OnlineStore:
     def read(self, user_ids: np.ndarray) -> tuple[list, np.ndarray, bool]:
         """(live state or None per user, unavailable item rows, degraded): one round trip (MGET). Degraded: Redis
         failed or is in its retry pause; every user then reads None and the last known unavailable rows."""
+        return self.send(user_ids)()
+
+    def send(self, user_ids: np.ndarray):
+        """Send the MGET and return a function that waits for its reply and returns what `read` returns, so the
+        caller can do its snapshot work while Redis answers."""
         now = time.monotonic()
         if now < self._down_until:
-            return [None] * len(user_ids), self._unavailable_rows, True
+            return lambda: ([None] * len(user_ids), self._unavailable_rows, True)
+        pool = self.client.connection_pool
+        conn = None
         try:  # one command: the users' states and the unavailable items
-            *blobs, unavailable = self.client.execute_command(
-                "MGET", *(self.key("state", int(u)) for u in user_ids), self._unavailable_key)
+            conn = pool.get_connection()
+            conn.send_command("MGET", *(self.key("state", int(u)) for u in user_ids), self._unavailable_key)
         except self.redis_errors:
-            self._down_until = now + self.retry_s
-            return [None] * len(user_ids), self._unavailable_rows, True
-        states = []
-        for blob in blobs:
+            return self._failed(pool, conn, now, len(user_ids))
+
+        def reply():
             try:
-                states.append(None if blob is None else unpack(blob))
-            except ValueError:  # a value of another format: the snapshot serves that user
-                states.append(None)
-        return states, self._rows_of_unavailable(unavailable or b""), False
+                *blobs, unavailable = conn.read_response()
+            except self.redis_errors:
+                return self._failed(pool, conn, now, len(user_ids))()
+            pool.release(conn)
+            states = []
+            for blob in blobs:
+                try:
+                    states.append(None if blob is None else unpack(blob))
+                except ValueError:  # a value of another format: the snapshot serves that user
+                    states.append(None)
+            return states, self._rows_of_unavailable(unavailable or b""), False
+
+        return reply
+
+    def _failed(self, pool, conn, now: float, n: int):
+        if conn is not None:
+            conn.disconnect()  # a reply may still be in flight: never hand this socket to the next request
+            pool.release(conn)
+        self._down_until = now + self.retry_s
+        return lambda: ([None] * n, self._unavailable_rows, True)
 
     def _rows_of_unavailable(self, blob: bytes) -> np.ndarray:
         if blob != self._unavailable_blob:  # decoded once per change, not per request

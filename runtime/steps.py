@@ -291,13 +291,15 @@ class FeatureTransform(StepImpl):
     def __call__(self, user_id: np.ndarray, hour=None, weekday=None, client_device=None) -> dict:
         """The step's tensors for a batch of users (dict), plus `live` (per user: read from the online store)."""
         user_id = np.asarray(user_id, dtype=np.int64)
+        pending = self.online.send(user_id) if self.online is not None else None  # Redis answers while the snapshot is read
         rows = self.store.lookup(user_id)
         state = self.store.state(rows, self.seq_len)
         history = [self.store.history(int(r)) for r in rows]
+        attrs = self.store.attrs(user_id, rows)
         live = np.zeros(len(user_id), bool)
         unavailable, degraded = np.zeros(0, np.int64), False
-        if self.online is not None:
-            states, unavailable, degraded = self.online.read(user_id)
+        if pending is not None:
+            states, unavailable, degraded = pending()
             for i, one in enumerate(states):
                 if one is None:
                     continue
@@ -305,7 +307,7 @@ class FeatureTransform(StepImpl):
                 for key in state:
                     state[key][i] = one[key][: self.seq_len] if key in ("seq_rows", "seq_kinds") else one[key]
                 history[i] = (one["hist_rows"], one["hist_kinds"])
-        raw = raw_rows(self.spec, state, self.store.attrs(user_id, rows), self.category_names, hour, weekday, client_device)
+        raw = raw_rows(self.spec, state, attrs, self.category_names, hour, weekday, client_device)
         cat, cont = self.plan.pack(self.plan.transform(raw))
         seq_rows = state["seq_rows"]
         seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
