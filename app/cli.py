@@ -116,7 +116,7 @@ def cmd_serve(args, cfg):
         print(f"tritonserver ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics :{server.metrics_port}  "
               "(Ctrl-C or SIGTERM stops)", flush=True)
         print(f"online store: {server.online_url or 'none (the export snapshot only)'}; admin APIs need the key in "
-              f"{server.artifacts / 'triton' / 'admin_key'}", flush=True)
+              f"{server.admin_key_path}", flush=True)
         try:
             server.wait()
         except KeyboardInterrupt:

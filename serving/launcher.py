@@ -163,13 +163,17 @@ class TritonServer:
                                     grpc_port=self.grpc_port, metrics_address=self.address, metrics_port=self.metrics_port,
                                     admin_key=self.admin_key)
 
+    @property
+    def admin_key_path(self) -> Path:
+        return self.artifacts / "triton" / f"admin_key.{self.grpc_port}"
+
     @functools.cached_property
     def admin_key(self) -> str:
         """The key Triton's admin APIs (model repository, shared memory, trace, logging) require in the
         `shoprec-admin-key` header: $SHOPREC_ADMIN_KEY, else a fresh random one per start, readable by this user
-        only in ARTIFACTS/triton/admin_key."""
+        only in `admin_key_path` (one file per server: several may serve the same artifacts)."""
         key = os.environ.get("SHOPREC_ADMIN_KEY") or secrets.token_urlsafe(24)
-        path = self.artifacts / "triton" / "admin_key"
+        path = self.admin_key_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -344,8 +344,8 @@ def test_admin_apis_need_the_admin_key_and_inference_does_not(triton):
     prefixes it with triton-grpc-protocol-); inference, health, metadata, statistics and configs stay open."""
     import tritonclient.http as httpclient
 
-    key = (triton.artifacts / "triton" / "admin_key").read_text().strip()
-    assert key == triton.admin_key and oct((triton.artifacts / "triton" / "admin_key").stat().st_mode & 0o777) == "0o600"
+    key = triton.admin_key_path.read_text().strip()
+    assert key == triton.admin_key and oct(triton.admin_key_path.stat().st_mode & 0o777) == "0o600"
     g = grpcclient.InferenceServerClient(triton.grpc_url)
     h = httpclient.InferenceServerClient(triton.http_url)
     for call in (lambda: g.get_model_repository_index(), lambda: g.get_system_shared_memory_status(),
