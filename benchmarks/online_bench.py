@@ -42,9 +42,12 @@ KIND_NAMES = {1: "view", 2: "click", 3: "cart", 4: "purchase"}
 def replay_events(artifacts: Path) -> list[dict]:
     import pandas as pd
 
-    actions = pd.read_parquet(artifacts / "features" / "actions.parquet")
+    from shoprec.manifest import verified_path
+
+    actions = pd.read_parquet(verified_path(artifacts / "features", "actions.parquet"))
     later = actions[actions["split"] > 0].sample(frac=1, random_state=0)
-    ids = np.load(artifacts / "serving" / "item_table.npz")["item_ids"]
+    with np.load(verified_path(artifacts / "serving", "item_table.npz"), allow_pickle=False) as table:
+        ids = table["item_ids"]
     return [{"user_id": int(u), "item_id": int(ids[r]), "type": KIND_NAMES[int(k)], "timestamp": int(t), "session_id": int(s),
              "event_id": f"bench-{i}"}
             for i, (u, r, k, t, s) in enumerate(zip(later["user_id"], later["item_row"], later["kind"], later["ts"],

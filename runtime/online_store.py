@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from shoprec.errors import UserError
+from shoprec.manifest import read_manifest
 
+from .request_transform import find_rows
 from .user_state import pack, unpack, user_state
 
 KIND = {"view": 1, "click": 2, "cart": 3, "purchase": 4}
@@ -61,7 +62,7 @@ def store_url(value: str) -> str | None:
 
 def bundle_tag(bundle_path: Path) -> str:
     """Names the export the live keys belong to: its item table and user store hashes."""
-    files = json.loads((Path(bundle_path) / "manifest.json").read_text())["files"]
+    files = read_manifest(bundle_path)["files"]
     digest = hashlib.sha256("".join(files[k]["sha256"] for k in ("item_table.npz", "user_store.npz")).encode())
     return f"shoprec:{digest.hexdigest()[:12]}"
 
@@ -101,7 +102,7 @@ class OnlineStore:
         self.max_actions = max_actions
         self._down_until = 0.0
         self._unavailable_key = self.key("unavailable", "items")
-        self._unavailable_blob: bytes | None = b""
+        self._unavailable_blob = b""
         self._unavailable_rows = np.zeros(0, np.int64)
 
     @classmethod
@@ -190,13 +191,8 @@ class OnlineStore:
 
     def _rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(item row or -1, found) of raw item ids."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        if not len(self.item_ids):
-            return np.full(len(ids), -1, np.int64), np.zeros(len(ids), bool)
-        at = np.searchsorted(self.item_ids, ids, sorter=self._item_order)
-        at_c = np.minimum(at, len(self.item_ids) - 1)
-        found = (at < len(self.item_ids)) & (self.item_ids[self._item_order[at_c]] == ids)
-        return np.where(found, self._item_order[at_c], -1).astype(np.int64), found
+        rows = find_rows(self.item_ids, item_ids, self._item_order)
+        return rows, rows >= 0
 
     # ---- writes -------------------------------------------------------------------------------------
 

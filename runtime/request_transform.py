@@ -140,6 +140,17 @@ def raw_rows(spec: dict, state: dict[str, np.ndarray], attrs: dict[str, np.ndarr
     return raw
 
 
+def find_rows(keys: np.ndarray, values, order: np.ndarray | None = None) -> np.ndarray:
+    """Row of each value in `keys` (-1 where absent). `keys` sorted, or `order` = its argsort."""
+    values = np.asarray(values, dtype=np.int64)
+    if not len(keys):
+        return np.full(len(values), -1, np.int64)
+    at = np.searchsorted(keys, values, sorter=order)
+    at_c = np.minimum(at, len(keys) - 1)
+    rows = at_c if order is None else order[at_c]
+    return np.where((at < len(keys)) & (keys[rows] == values), rows, -1).astype(np.int64)
+
+
 class UserStore:
     """The serving snapshot of every known user (user_store.npz), looked up by raw user id.
 
@@ -158,12 +169,7 @@ class UserStore:
 
     def lookup(self, user_id: np.ndarray) -> np.ndarray:
         """Store row of each user id, -1 when the store does not know the user."""
-        user_id = np.asarray(user_id, dtype=np.int64)
-        if not len(self.user_id):
-            return np.full(len(user_id), -1, np.int64)
-        pos = np.searchsorted(self.user_id, user_id)
-        pos_c = np.minimum(pos, len(self.user_id) - 1)
-        return np.where((pos < len(self.user_id)) & (self.user_id[pos_c] == user_id), pos_c, -1).astype(np.int64)
+        return find_rows(self.user_id, user_id)
 
     def attrs(self, user_id: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
         known = rows >= 0

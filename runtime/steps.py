@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours
 from runtime.online_store import OnlineStore, store_url
-from runtime.request_transform import TransformPlan, UserStore, raw_rows
+from runtime.request_transform import TransformPlan, UserStore, find_rows, raw_rows
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
 from shoprec.contract import BUNDLE_FILES
@@ -319,7 +319,7 @@ class FeatureTransform(StepImpl):
         return {"user_cat": cat, "user_cont": cont, "seq_items": seq, "seq_kinds": state["seq_kinds"].astype(np.int64),
                 "history_rows": hist_rows, "history_kinds": hist_kinds,
                 "unavailable": np.pad(unavailable, (0, 1 if not len(unavailable) else 0), constant_values=-1),
-                "cold": state["activity"] <= 0, "live": live, "degraded": degraded, "state": state}
+                "cold": state["activity"] <= 0, "live": live, "degraded": degraded}
 
 
 class OnnxStep(StepImpl):
@@ -628,11 +628,10 @@ class BlockedItems:
             log.warning("blocked items: keeping the last list (%d items): %s", int(self._mask.sum()), exc)
             return
         ids = np.asarray(ids, dtype=np.int64)
-        at = np.searchsorted(self.item_ids, ids, sorter=self._order)
-        at_c = np.minimum(at, len(self.item_ids) - 1)
-        found = (at < len(self.item_ids)) & (self.item_ids[self._order[at_c]] == ids)
+        rows = find_rows(self.item_ids, ids, self._order)
+        found = rows >= 0
         mask = np.zeros(len(self.item_ids), bool)
-        mask[self._order[at_c[found]]] = True
+        mask[rows[found]] = True
         if (~found).any():
             log.warning("blocked items: %d ids in %s are not in the catalog (ignored), e.g. %d", int((~found).sum()), self.path,
                         int(ids[~found][0]))
