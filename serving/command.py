@@ -28,6 +28,12 @@ def tritonserver_command(binary: str, repository: Path | str, *, http_address: s
         # configs are generated in full from the step graph (shoprec/contract.py): a mismatch must fail, not be patched
         "--disable-auto-complete-config",
         "--exit-on-error=true",
+        # explicit model control, every model loaded at start: the step doctor (serving/canary.py) reloads a
+        # step whose stub died; the model-repository API it uses stays behind the admin key
+        "--model-control-mode=explicit", "--load-model=*",
+        # a stop waits this long for in-flight requests (ms each) and for models to unload; an instance the
+        # doctor replaced never finishes unloading (its stub is dead), so Triton's 30 s default would always run out
+        "--exit-timeout-secs=5",
         "--log-verbose=0",
     ]
     if admin_key is not None:

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoprec.config import REPO_ROOT, ServeConfig
+from shoprec.contract import ENSEMBLE
 from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
 from .command import tritonserver_command
-
 
 log = logging.getLogger("shoprec.serve")
 
@@ -136,6 +136,9 @@ class TritonServer:
     process: subprocess.Popen | None = None
     redis: object = None  # the private RedisServer (serving/online.py) while it runs
     online_url: str | None = None
+    canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
+    canary_timeout_s: float = 5.0
+    doctor: object = None  # the StepDoctor while it runs
 
     @classmethod
     def from_config(cls, cfg: ServeConfig, artifacts: Path, profile: str = "cpu", ephemeral_ports: bool = False, log_path=None,
@@ -143,7 +146,8 @@ class TritonServer:
         ports = (free_port(), free_port(), free_port()) if ephemeral_ports else (cfg.http_port, cfg.grpc_port, cfg.metrics_port)
         return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path,
                    config_path=config_path, ready_timeout_s=cfg.ready_timeout_s, online_store=cfg.online_store,
-                   online_max_memory_mb=cfg.online_max_memory_mb)
+                   online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
+                   canary_timeout_s=cfg.canary_timeout_s)
 
     @property
     def _host(self) -> str:  # where a client on this machine reaches it
@@ -181,23 +185,59 @@ class TritonServer:
             f.write(key + "\n")
         return key
 
-    def start(self, timeout_s: float | None = None) -> "TritonServer":
+    def start(self, timeout_s: float | None = None) -> TritonServer:
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         bundle = self.artifacts / "serving"
         verify_tree(bundle)  # refuse to serve files that differ from what export wrote
         check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
         work = self.artifacts / "triton"
         cmd = self.command(backends_dir(work))
+        self._lifecycle = threading.Lock()  # a restart by the step doctor replaces self.process under it
         try:  # whatever ends the start (not ready, a signal, Ctrl-C) stops the processes it started
             self._start_online_store()
-            log = open(self.log_path or work / "server.log", "w")
-            self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path, self.online_url), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-            self._wait_ready(timeout_s, log.name)
+            self._launch(cmd, timeout_s, mode="w")
+            if self.canary_interval_s > 0:
+                from .canary import StepDoctor
+
+                steps = sorted(p.name for p in self.repository.iterdir() if (p / "config.pbtxt").is_file() and p.name != ENSEMBLE)
+                self.doctor = StepDoctor(self.http_url, steps, self.admin_key, self.canary_interval_s, self.canary_timeout_s,
+                                         restart=self._restart, alive=lambda: self.process.poll() is None,
+                                         stub_pids=self.stub_pids).start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def stub_pids(self, model: str) -> list[int]:
+        """The python-backend stubs of `model` (instances named model_<i>_<j>) in the server's process group."""
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+                if os.getpgid(int(cmdline.parent.name)) != self.process.pid:
+                    continue
+            except OSError:
+                continue
+            if args[0].endswith(b"triton_python_backend_stub") and any(
+                    a.startswith(f"{model}_".encode()) and a[len(model) + 1 :].replace(b"_", b"").isdigit() for a in args):
+                pids.append(int(cmdline.parent.name))
+        return pids
+
+    def _launch(self, cmd: list[str], timeout_s: float, mode: str) -> None:
+        log_name = self.log_path or self.artifacts / "triton" / "server.log"
+        with open(log_name, mode) as server_log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path, self.online_url),
+                                            stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(timeout_s, str(log_name))
+
+    def _restart(self) -> None:
+        """Stop tritonserver and its stubs and start it again on the same ports (the step doctor's last resort)."""
+        with self._lifecycle:
+            self._kill_server()
+            try:
+                self._launch(self.command(backends_dir(self.artifacts / "triton")), self.ready_timeout_s, mode="a")
+            except LaunchError as exc:
+                log.error("restart failed: %s", exc)
 
     def _start_online_store(self) -> None:
         from .online import RedisServer, ping
@@ -225,8 +265,12 @@ class TritonServer:
             raise LaunchError(f"tritonserver: {err}; log: {log_name}" + (f"\n{tail}" if tail else "")) from None
 
     def wait(self, poll_s: float = 1.0) -> None:
-        """Block while the server runs; LaunchError when it stops on its own (it never does while healthy)."""
-        while self.process.poll() is None:
+        """Block while the server runs; LaunchError when it stops on its own (it never does while healthy;
+        a restart by the step doctor is not a stop)."""
+        while True:
+            with self._lifecycle:
+                if self.process.poll() is not None:
+                    break
             time.sleep(poll_s)
         server_log = self.log_path or self.artifacts / "triton" / "server.log"
         raise LaunchError(f"tritonserver stopped on its own with exit code {self.process.returncode}; log: {server_log}")
@@ -243,17 +287,32 @@ class TritonServer:
             except LaunchError as exc:
                 log.warning("%s", exc)
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the server and its python stubs
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+    def stop(self, timeout_s: float = 8.0) -> None:
+        if self.doctor is not None:
+            self.doctor.stop()
+        self._kill_server(timeout_s)
         if self.redis is not None:
             self._stopping.set()
             self.redis.stop()
+
+    def _kill_server(self, timeout_s: float = 8.0) -> None:
+        """SIGTERM to the server and its stubs (one process group; SIGCONT wakes a stopped stub so that it gets
+        it), SIGKILL to whatever is left after timeout_s, and to any stub that outlived the server."""
+        if self.process is None:
+            return
+        group = self.process.pid
+        if self.process.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                os.killpg(group, sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop within %.0fs of SIGTERM; killing it", timeout_s)
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone: nothing outlived the server
+            pass
+        self.process.wait()
 
     def __enter__(self):
         return self.start() if self.process is None else self

@@ -121,6 +121,10 @@ class ServeConfig:
     metrics_port: int = 8002
     address: str = "127.0.0.1"
     ready_timeout_s: float = 120.0
+    # the step doctor (serving/canary.py): one request through the ensemble this often; a failure or a
+    # reply slower than canary_timeout_s reloads the failed step (or every step), then restarts the server
+    canary_interval_s: float = 2.0  # 0: off
+    canary_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

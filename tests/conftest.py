@@ -43,7 +43,9 @@ def artifacts(tmp_path_factory, cfg) -> Path:
 def triton(artifacts, cfg):
     from serving.launcher import TritonServer
 
-    server = TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True)
+    # no step doctor here: its canary requests count in the steps' metrics like any request, and the metrics
+    # tests assert exact deltas (tests/test_step_doctor.py runs a server with one)
+    server = TritonServer.from_config(cfg.replace("serve", canary_interval_s=0.0).serve, artifacts, ephemeral_ports=True)
     with server:
         yield server
 

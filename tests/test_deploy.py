@@ -182,13 +182,22 @@ def test_deployment_asks_for_one_gpu():
     assert _container()["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def probe_command(name: str) -> list[str]:
+    """The exec command of a probe of the recommender container (tests/test_step_doctor.py runs it)."""
+    return _container()[name]["exec"]["command"]
+
+
 def test_probes_reach_triton_despite_loopback_http():
     c = _container()
-    assert c["readinessProbe"]["grpc"]["port"] == 8001
-    live = "http://127.0.0.1:8000/v2/health/live"
-    for probe in ("livenessProbe", "startupProbe"):
-        assert "httpGet" not in c[probe], f"{probe}: kubelet's httpGet cannot reach a loopback-only port"
-        assert c[probe]["exec"]["command"][0] == "curl" and live in c[probe]["exec"]["command"]
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert "httpGet" not in c[probe] and "grpc" not in c[probe], f"{probe}: an exec probe over loopback"
+    # readiness and liveness: a real inference through the ensemble, not Triton's health endpoints
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert probe_command(probe)[:3] == ["python3", "-m", "serving.canary"]
+        assert "127.0.0.1:8000" in probe_command(probe)
+    assert c["readinessProbe"]["failureThreshold"] * c["readinessProbe"]["periodSeconds"] <= 5
+    assert c["livenessProbe"]["failureThreshold"] * c["livenessProbe"]["periodSeconds"] <= 10
+    assert probe_command("startupProbe")[0] == "curl" and "http://127.0.0.1:8000/v2/health/ready" in probe_command("startupProbe")
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "engine builds take minutes"
     assert not any(e["name"] == "SHOPREC_HTTP_PUBLIC" for e in c.get("env", []))

@@ -1,0 +1,127 @@
+"""Faults in the served steps under load: each step's stub killed (SIGKILL) or hung (SIGSTOP) in turn,
+with the step doctor on (serving/canary.py); failed requests and time until requests are answered again.
+
+    .venv/bin/python -m benchmarks.step_faults                # on ARTIFACTS (`make demo` built them)
+
+A real tritonserver on the bundle (CPU profile, online store off), 4 gRPC clients sending requests
+for one warm user without pause. For each fault: requests answered and failed, and the seconds from
+the fault to the last failed request. Writes benchmarks/results/step_faults.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shoprec.config import REPO_ROOT, load_config
+
+from .machine import describe
+
+STEPS = ("user_features", "candidates", "ranking")  # the cpu profile's python models
+FAULTS = [(s, signal.SIGKILL) for s in STEPS] + [(s, signal.SIGSTOP) for s in STEPS]
+
+
+def stub_pid(server, step: str) -> int:
+    pids = server.stub_pids(step)
+    if len(pids) != 1:
+        raise RuntimeError(f"{len(pids)} stubs for {step} in the server's process group, expected 1")
+    return pids[0]
+
+
+class Load:
+    """`clients` gRPC clients sending requests until stopped; counts answers and failures."""
+
+    def __init__(self, url: str, user: int, clients: int = 2):
+        self.url, self.user, self.ok, self.failed, self.last_failure = url, user, 0, 0, 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self):
+        from tritonclient.utils import InferenceServerException
+
+        from client import RecommenderClient
+
+        with RecommenderClient(self.url) as c:
+            while not self._stop.is_set():
+                try:
+                    c.recommend(self.user, k=10)
+                    with self._lock:
+                        self.ok += 1
+                except InferenceServerException:
+                    with self._lock:
+                        self.failed, self.last_failure = self.failed + 1, time.time()
+                    time.sleep(0.05)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+
+def inject(server, load: Load, step: str, sig: signal.Signals, settle_s: float = 3.0, limit_s: float = 10.0) -> dict:
+    """One fault under `load`: counts from the fault until the doctor reports recovery plus settle_s."""
+    n_incidents = len(server.doctor.incidents)
+    ok0, failed0 = load.ok, load.failed
+    at = time.time()
+    os.kill(stub_pid(server, step), sig)
+    while time.time() < at + limit_s and not (len(server.doctor.incidents) > n_incidents and server.doctor.ready):
+        time.sleep(0.1)
+    time.sleep(settle_s)
+    incident = server.doctor.incidents[-1] if len(server.doctor.incidents) > n_incidents else {}
+    return {"step": step, "fault": sig.name, "answered": load.ok - ok0, "failed": load.failed - failed0,
+            "last_failure_s": round(load.last_failure - at, 2) if load.last_failure >= at else None,
+            "healed": "recovered_s" in incident and server.doctor.ready, "actions": incident.get("actions", []),
+            "detected_error": incident.get("error"), "stubs_after": len(server.stub_pids(step))}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--artifacts", type=Path, default=REPO_ROOT / "artifacts")
+    ap.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    ap.add_argument("--clients", type=int, default=4)
+    args = ap.parse_args(argv)
+    from serving.launcher import TritonServer
+
+    cfg = load_config()
+    serve = cfg.replace("serve", online_store="none").serve
+    user = int(np.load(args.artifacts / "serving" / "user_store.npz")["user_id"][0])
+    rows = []
+    with TritonServer.from_config(serve, args.artifacts, ephemeral_ports=True) as server:
+        with Load(server.grpc_url, user, args.clients) as load:
+            time.sleep(2.0)
+            for step, sig in FAULTS:
+                rows.append(inject(server, load, step, sig))
+                print(json.dumps(rows[-1]), flush=True)
+        t0 = time.time()
+    stop_s = round(time.time() - t0, 2)
+    report = {"rows": rows, "canary_interval_s": serve.canary_interval_s, "canary_timeout_s": serve.canary_timeout_s,
+              "clients": args.clients, "stop_after_faults_s": stop_s, "machine": describe(),
+              "command": "python -m benchmarks.step_faults"}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "step_faults.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["# Step faults under load (the step doctor on)", "",
+             (f"{args.clients} gRPC clients without pause; canary every {serve.canary_interval_s:g} s, "
+             f"timeout {serve.canary_timeout_s:g} s. Command: `{report['command']}`. Machine: {report['machine']}."), "",
+             "| step | fault | failed | answered | last failure after (s) | healed by |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['fault']} | {r['failed']} | {r['answered']} | {r['last_failure_s']} | "
+              f"{'; '.join(r['actions']) if r['healed'] else 'NOT HEALED'} |" for r in rows]
+    lines += ["", f"`shoprec serve`'s stop after the faults: {stop_s} s.", ""]
+    (args.results / "step_faults.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Health that tells the truth: a real inference through the ensemble, and the step doctor that acts on it.
+
+Triton 2.51 keeps every health endpoint green when a python step's stub process dies or hangs, while
+every request fails ("Stub process 'ranking_0_0' is not healthy"), and it never restarts the stub.
+So health here is a canary: one small request through the whole ensemble (a user id no store holds,
+k = 1: the cold-start path through every step), over loopback HTTP, with a deadline.
+
+- `python -m serving.canary` is the Kubernetes readiness and liveness probe (exit 0: served; 1: the
+  reason, in one line). A failing liveness probe makes kubelet restart the container.
+- `StepDoctor` (the local launcher runs it) sends the canary every `serve.canary_interval_s`. On a
+  failure it reloads the step the error names, or every step when none is named (a hang, a timeout),
+  through Triton's explicit model control: a load request whose config carries a fresh
+  `shoprec_reload` parameter, which makes Triton start new stubs. A load of an unchanged model
+  is a no-op and leaves the dead stub in place (tried on 2.51). When reloads do not bring the canary
+  back, it asks its owner to restart the server.
+
+Canary requests count in Triton's and the steps' metrics like any request: one per interval and
+server (0.5 requests/s at the default 2 s). The `shoprec serve` launcher runs the doctor; the
+container relies on kubelet (deploy/k8s/deployment.yaml) to act on the probe.
+
+Standard library only: the container's probe runs it without the project's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from .command import ADMIN_HEADER
+
+log = logging.getLogger("shoprec.serve")
+
+ENSEMBLE = "recommender"  # shoprec.contract.ENSEMBLE (not imported: this module runs in the probe without numpy)
+CANARY_USER = -1  # no store holds it: the cold-start path, which still runs every step
+_DEAD_STUB = re.compile(r"Stub process '([A-Za-z0-9_\-]+?)_\d+_\d+' is not healthy")
+
+
+def canary_body() -> bytes:
+    return json.dumps({"inputs": [
+        {"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [CANARY_USER]},
+        {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [1]},
+    ]}).encode()
+
+
+def canary(http_url: str, timeout_s: float = 5.0) -> str | None:
+    """None when the ensemble answered with a list; else why not, in one line."""
+    req = urllib.request.Request(f"http://{http_url}/v2/models/{ENSEMBLE}/infer", data=canary_body(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            reply = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            detail = ""
+        return f"HTTP {exc.code}: {detail or exc.reason}"
+    except (OSError, ValueError) as exc:  # refused, reset, timed out, not JSON
+        return f"no answer within {timeout_s:g}s ({exc.__class__.__name__}: {exc})"
+    if not any(o.get("name") == "item_ids" for o in reply.get("outputs", [])):
+        return "the reply has no item_ids"
+    return None
+
+
+def dead_steps(error: str) -> list[str]:
+    """The models whose stub the error names as dead."""
+    return sorted(set(_DEAD_STUB.findall(error)))
+
+
+def reload_model(http_url: str, model: str, admin_key: str | None, timeout_s: float = 60.0) -> None:
+    """Make Triton start the model's instances anew (new stubs), through explicit model control."""
+    headers = {"Content-Type": "application/json"}
+    if admin_key:
+        headers[ADMIN_HEADER] = admin_key
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/config", timeout=timeout_s) as r:
+        config = json.loads(r.read())
+    config.setdefault("parameters", {})["shoprec_reload"] = {"string_value": f"{time.time():.6f}"}
+    body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+    req = urllib.request.Request(f"http://{http_url}/v2/repository/models/{model}/load", data=body, method="POST",
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"reloading {model!r}: HTTP {exc.code} {exc.read()[:300]!r}") from None
+
+
+class StepDoctor:
+    """A thread that sends the canary every `interval_s` and heals what it finds (see the module doc).
+
+    `ready` is the truth a probe should report: False from a failed canary until one succeeds again.
+    `incidents` keeps one record per failure: what failed, what was done, seconds to recovery."""
+
+    def __init__(self, http_url: str, steps: list[str], admin_key: str | None, interval_s: float = 2.0,
+                 timeout_s: float = 5.0, reloads_before_restart: int = 2, restart=None, alive=None, stub_pids=None):
+        """restart: called when reloads do not help; alive: False once the server process has exited,
+        which is not the doctor's to heal (its owner reports the exit); stub_pids(model): the pids of the
+        model's stubs, which get SIGKILL once the reload has replaced them (a hung stub would stay)."""
+        self.http_url, self.steps, self.admin_key = http_url, list(steps), admin_key
+        self.alive = alive or (lambda: True)
+        self.stub_pids = stub_pids or (lambda model: [])
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.reloads_before_restart, self.restart = reloads_before_restart, restart
+        self.ready = True
+        self.incidents: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> StepDoctor:
+        self._thread = threading.Thread(target=self._run, name="step-doctor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)  # a daemon thread: a reload in flight must not hold up the shutdown
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            error = canary(self.http_url, self.timeout_s)
+            if error is not None and not self._stop.is_set() and self.alive():
+                self._heal(error)
+
+    def _heal(self, error: str) -> None:
+        t0 = time.time()
+        self.ready = False
+        incident = {"at": t0, "error": error[:300], "actions": []}
+        self.incidents.append(incident)
+        log.warning("canary failed: %s", error[:300])
+        for attempt in range(self.reloads_before_restart):
+            if self._stop.is_set():
+                return
+            named = [m for m in dead_steps(error) if m in self.steps]
+            for model in named or self.steps:  # a hang names nothing: every step is reloaded
+                old = self.stub_pids(model)
+                try:
+                    reload_model(self.http_url, model, self.admin_key)
+                    incident["actions"].append(f"reloaded {model}")
+                except (OSError, RuntimeError) as exc:
+                    incident["actions"].append(f"reload of {model} failed: {exc}")
+                    continue
+                for pid in old:  # Triton left them behind: a hung stub never exits by itself
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            error = canary(self.http_url, self.timeout_s)
+            if error is None:
+                break
+            time.sleep(min(1.0, self.interval_s))
+        else:
+            if self.restart is None or self._stop.is_set():
+                log.error("canary still failing after %d reloads: %s", self.reloads_before_restart, error[:300])
+                return
+            log.error("canary still failing after %d reloads; restarting the server", self.reloads_before_restart)
+            incident["actions"].append("restarted the server")
+            self.restart()
+            error = canary(self.http_url, self.timeout_s)
+        if error is None:
+            self.ready = True
+            incident["recovered_s"] = round(time.time() - t0, 2)
+            log.warning("serving again after %.1fs (%s)", incident["recovered_s"], "; ".join(incident["actions"]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="One inference through the recommender ensemble (a probe): exit 0 when "
+                                             "it answers, 1 with the reason otherwise.")
+    ap.add_argument("--http", default="127.0.0.1:8000", help="Triton's HTTP address (default 127.0.0.1:8000)")
+    ap.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
+    args = ap.parse_args(argv)
+    error = canary(args.http, args.timeout)
+    if error is not None:
+        print(f"canary: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
