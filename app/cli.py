@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="default: config serve.metrics_port (8002)")
     p.add_argument("--online-store", help="live user state: private (start a redis-server under ARTIFACTS/online), "
                    "none (the export's snapshot only) or redis://HOST:PORT/DB (default: config serve.online_store = private)")
+    p.add_argument("--grpc-tls-cert", help="gRPC over TLS: the server's certificate (PEM; with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", help="gRPC over TLS: the server's private key (PEM)")
+    p.add_argument("--grpc-tls-client-ca", help="mutual TLS: accept only clients whose certificate this CA signed")
     p = add("events", cmd_events, "write user events (view/click/cart/purchase) to the online store of a running server; "
             "the next request of each user sees them")
     p.add_argument("file", nargs="?", default="-", help="JSON lines or CSV (header: user_id,item_id,type,timestamp"
@@ -278,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "serve.diversity)")
     p.add_argument("--client-device", help="request context: the device the user is on, e.g. mobile (default: unknown); not a compute device")
     p.add_argument("--include-seen", action="store_true", help="do not filter out items the user already interacted with")
+    p.add_argument("--tls-ca", help="gRPC over TLS: PEM of the CA that signed the server's certificate")
+    p.add_argument("--tls-cert", help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--tls-key", help="mutual TLS: this client's key (PEM)")
     p = add("bench", cmd_bench, "benchmarks on the built artifacts: request-time transform latency (Workflow.transform "
             "vs NumPy plan) and serving (perf_analyzer sweep: Triton ensemble vs FastAPI vs in-process, ~5 min)")
     p.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))
@@ -292,7 +298,7 @@ def _apply_overrides(args, cfg):
             cfg = cfg.replace("data", **{key: getattr(args, attr)})
     if getattr(args, "command", None) == "serve" and args.online_store:
         cfg = cfg.replace("serve", online_store=args.online_store)
-    for attr in ("address", "http_port", "grpc_port", "metrics_port"):
+    for attr in ("address", "http_port", "grpc_port", "metrics_port", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
         if getattr(args, attr, None) is not None:
             cfg = cfg.replace("serve", **{attr: getattr(args, attr)})
     if getattr(args, "deploy", False):

@@ -69,12 +69,26 @@ def _parse(user_id, result) -> Recommendation:
                           bool(result.as_numpy("cold_start")[0, 0]), routes, degraded is not None and bool(degraded[0, 0]))
 
 
-class RecommenderClient:
-    """Synchronous client. `url` is host:port (8001 for gRPC, 8000 for HTTP by default)."""
+def _tls_args(protocol: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> dict:
+    """gRPC over TLS: the CA that signed the server's certificate (tls_ca), and for mutual TLS this client's
+    certificate and key."""
+    if not (tls_ca or tls_cert or tls_key):
+        return {}
+    if protocol != "grpc":
+        raise ValueError("TLS is supported for gRPC (the protocol to expose); HTTP stays on loopback")
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("a client certificate needs its key (tls_cert and tls_key)")
+    return {"ssl": True, "root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
 
-    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = ENSEMBLE):
+
+class RecommenderClient:
+    """Synchronous client. `url` is host:port (8001 for gRPC, 8000 for HTTP by default). For a server with
+    gRPC TLS, pass tls_ca (PEM of the CA that signed its certificate; tls_cert/tls_key for mutual TLS)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = ENSEMBLE,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None):
         self._mod = _module(protocol)
-        self._client = self._mod.InferenceServerClient(url)
+        self._client = self._mod.InferenceServerClient(url, **_tls_args(protocol, tls_ca, tls_cert, tls_key))
         self.model = model
 
     def ready(self) -> bool:
@@ -101,9 +115,10 @@ class RecommenderClient:
 class AsyncRecommenderClient:
     """asyncio client: `await c.recommend(...)`; many in flight at once share one connection."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = ENSEMBLE):
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = ENSEMBLE,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None):
         self._mod = _module(protocol, aio=True)
-        self._client = self._mod.InferenceServerClient(url)
+        self._client = self._mod.InferenceServerClient(url, **_tls_args(protocol, tls_ca, tls_cert, tls_key))
         self.model = model
 
     async def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None,

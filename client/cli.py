@@ -49,7 +49,7 @@ def format_table(rec, details) -> str:
 def run(args, cfg) -> None:
     port = cfg.serve.grpc_port if args.protocol == "grpc" else cfg.serve.http_port
     url = args.url or f"127.0.0.1:{port}"
-    with RecommenderClient(url, args.protocol) as c:
+    with RecommenderClient(url, args.protocol, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
         rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.client_device,
                           exclude_seen=False if args.include_seen else None, diversity=args.diversity)
     print(format_table(rec, item_details(Path(args.artifacts))))

@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.command import tritonserver_command
+from serving.command import check_tls_files, tritonserver_command
 from shoprec import contract
 from shoprec.config import ServeConfig, load_config
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest
@@ -68,6 +68,7 @@ class Settings:
     serve: ServeConfig = ServeConfig()
     http_public: bool = False
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    grpc_tls: tuple[str, str, str] | None = None  # from the serve config: gRPC over TLS (mutual with a client CA)
 
     @classmethod
     def from_env(cls, env: dict) -> "Settings":
@@ -77,6 +78,10 @@ class Settings:
             serve = load_config(env.get("SHOPREC_CONFIG") or None).serve
         except (OSError, ValueError) as err:
             raise StartupError(f"serve config: {err}", EXIT_BAD_BUNDLE) from err
+        try:
+            grpc_tls = check_tls_files(serve.grpc_tls_cert, serve.grpc_tls_key, serve.grpc_tls_client_ca)
+        except ValueError as err:
+            raise StartupError(str(err), EXIT_BAD_BUNDLE) from err
         return cls(
             bundle=Path(env.get("SHOPREC_ARTIFACTS", "/models/artifacts")) / "serving",
             engine_cache=Path(env.get("SHOPREC_ENGINE_CACHE", "/engines")),
@@ -85,6 +90,7 @@ class Settings:
             serve=serve,
             http_public=env.get("SHOPREC_HTTP_PUBLIC", "0").lower() in ("1", "true", "yes"),
             admin_key=env.get("SHOPREC_ADMIN_KEY") or secrets.token_urlsafe(24),
+            grpc_tls=grpc_tls,
         )
 
 
@@ -280,7 +286,8 @@ def server_command(settings: Settings, repo: Path) -> list[str]:
     http_address = "0.0.0.0" if settings.http_public else "127.0.0.1"
     return tritonserver_command("tritonserver", repo, http_address=http_address, http_port=settings.serve.http_port,
                                 grpc_address="0.0.0.0", grpc_port=settings.serve.grpc_port, metrics_address="0.0.0.0",
-                                metrics_port=settings.serve.metrics_port, admin_key=settings.admin_key)
+                                metrics_port=settings.serve.metrics_port, admin_key=settings.admin_key,
+                                grpc_tls=settings.grpc_tls)
 
 
 def redacted(command: list[str]) -> list[str]:

@@ -3,6 +3,7 @@ container entrypoint (docker/entrypoint.py). Standard library only."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -16,8 +17,10 @@ ADMIN_HEADER = "shoprec-admin-key"
 
 def tritonserver_command(binary: str, repository: Path | str, *, http_address: str, http_port: int, grpc_address: str,
                          grpc_port: int, metrics_address: str, metrics_port: int, backend_directory: Path | str | None = None,
-                         admin_key: str | None = None, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """admin_key: restrict RESTRICTED_APIS to requests carrying it (None: Triton's defaults, everything open)."""
+                         admin_key: str | None = None, grpc_tls: tuple[str, str, str] | None = None,
+                         extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """admin_key: restrict RESTRICTED_APIS to requests carrying it (None: Triton's defaults, everything open).
+    grpc_tls: (certificate, key, client CA or "") PEM paths: gRPC over TLS, mutual when a client CA is given."""
     cmd = [binary, f"--model-repository={repository}"]
     if backend_directory is not None:
         cmd.append(f"--backend-directory={backend_directory}")
@@ -42,4 +45,30 @@ def tritonserver_command(binary: str, repository: Path | str, *, http_address: s
         apis = ",".join(RESTRICTED_APIS)
         cmd += [f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}",
                 f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}"]
+    if grpc_tls is not None and any(grpc_tls[:2]):
+        cert, key, client_ca = grpc_tls
+        cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
+        if client_ca:
+            cmd += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={client_ca}"]
     return cmd + list(extra)
+
+
+def check_tls_files(cert: str, key: str, client_ca: str = "") -> tuple[str, str, str] | None:
+    """None for plaintext; else the three paths, each checked readable. ValueError naming the setting."""
+    if not cert and not key:
+        if client_ca:
+            raise ValueError("serve.grpc_tls_client_ca needs serve.grpc_tls_cert and serve.grpc_tls_key")
+        return None
+    if not (cert and key):
+        raise ValueError("gRPC TLS needs both serve.grpc_tls_cert and serve.grpc_tls_key")
+    for name, path in (("grpc_tls_cert", cert), ("grpc_tls_key", key), ("grpc_tls_client_ca", client_ca)):
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except OSError as exc:
+            raise ValueError(f"serve.{name}: cannot read {path} ({exc.strerror})") from None
+        if b"-----BEGIN" not in head:
+            raise ValueError(f"serve.{name}: {path} is not a PEM file")
+    return os.path.abspath(cert), os.path.abspath(key), os.path.abspath(client_ca) if client_ca else ""

@@ -32,7 +32,7 @@ from shoprec.contract import ENSEMBLE
 from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
-from .command import tritonserver_command
+from .command import check_tls_files, tritonserver_command
 
 log = logging.getLogger("shoprec.serve")
 
@@ -118,6 +118,13 @@ def server_env(artifacts: Path, config_path: Path | None = None, online_url: str
     return env
 
 
+def _tls(cfg: ServeConfig) -> tuple[str, str, str] | None:
+    try:
+        return check_tls_files(cfg.grpc_tls_cert, cfg.grpc_tls_key, cfg.grpc_tls_client_ca)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 @dataclass
 class TritonServer:
     """A running tritonserver process. Use as a context manager, or call start()/stop()."""
@@ -136,6 +143,7 @@ class TritonServer:
     process: subprocess.Popen | None = None
     redis: object = None  # the private RedisServer (serving/online.py) while it runs
     online_url: str | None = None
+    grpc_tls: tuple[str, str, str] | None = None  # (certificate, key, client CA or ""): gRPC over TLS
     canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
     canary_timeout_s: float = 5.0
     doctor: object = None  # the StepDoctor while it runs
@@ -147,6 +155,7 @@ class TritonServer:
         return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path,
                    config_path=config_path, ready_timeout_s=cfg.ready_timeout_s, online_store=cfg.online_store,
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
+                   grpc_tls=_tls(cfg),
                    canary_timeout_s=cfg.canary_timeout_s)
 
     @property
@@ -165,7 +174,7 @@ class TritonServer:
         return tritonserver_command(str(pytriton_root() / "bin" / "tritonserver"), self.repository, backend_directory=backends,
                                     http_address=self.address, http_port=self.http_port, grpc_address=self.address,
                                     grpc_port=self.grpc_port, metrics_address=self.address, metrics_port=self.metrics_port,
-                                    admin_key=self.admin_key)
+                                    admin_key=self.admin_key, grpc_tls=self.grpc_tls)
 
     @property
     def admin_key_path(self) -> Path:

@@ -120,6 +120,11 @@ class ServeConfig:
     grpc_port: int = 8001
     metrics_port: int = 8002
     address: str = "127.0.0.1"
+    # gRPC over TLS: PEM files (absolute paths), both or neither ("": plaintext); with grpc_tls_client_ca
+    # set, clients must also present a certificate signed by that CA (mutual TLS)
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    grpc_tls_client_ca: str = ""
     ready_timeout_s: float = 120.0
     # the step doctor (serving/canary.py): one request through the ensemble this often; a failure or a
     # reply slower than canary_timeout_s reloads the failed step (or every step), then restarts the server

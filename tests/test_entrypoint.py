@@ -382,3 +382,16 @@ def test_real_exported_bundle_gives_profiles_the_onnx_graphs_accept(artifacts, t
             for axis, static in enumerate(inputs[name]):
                 if static is not None:  # a fixed ONNX axis must get exactly that size
                     assert lo[axis] == opt[axis] == hi[axis] == static, (engine.model, name, axis)
+
+
+def test_grpc_tls_comes_from_the_serve_config_and_missing_files_refuse(env, tmp_path, capsys):
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    Path(env["SHOPREC_CONFIG"]).write_text(f'[serve]\ngrpc_tls_cert = "{cert}"\ngrpc_tls_key = "{key}"\n')
+    plan = ep.plan_start(ep.Settings.from_env(env), env, FakeMachine())
+    assert "--grpc-use-ssl=true" in plan.server_command and f"--grpc-server-cert={cert}" in plan.server_command
+    assert not any(a.startswith("--grpc-use-ssl-mutual") for a in plan.server_command)
+    Path(env["SHOPREC_CONFIG"]).write_text(f'[serve]\ngrpc_tls_cert = "{cert}"\ngrpc_tls_key = "{tmp_path}/gone.key"\n')
+    assert start(env, FakeMachine())[0] == ep.EXIT_BAD_BUNDLE
+    assert "serve.grpc_tls_key: cannot read" in capsys.readouterr().err
