@@ -11,7 +11,7 @@ import torch
 from runtime.candidates import DENSE_FEATURES, CandidateGenerator, CategoryPrior, _round_robin
 from runtime.faiss_search import recall_vs_exact, search
 from shoprec.config import IndexConfig
-from shoprec.manifest import ArtifactError, verify_manifest, verify_tree, write_manifest
+from shoprec.manifest import ArtifactError, sha256_file, verify_manifest, verify_tree, write_manifest
 from training import metrics as M
 from training.cf import _top_abs_dense, ease_weights, to_neighbours
 from training.index import build_index
@@ -296,3 +296,43 @@ def test_evaluation_top_n_equals_a_stable_full_sort_without_seen_items():
             order = np.argsort(-s, axis=1, kind="stable")[:, :n]  # ties in column order
             want = np.where(np.take_along_axis(s, order, 1) > -np.inf, order, -1)
             np.testing.assert_array_equal(_topn(scores, seen, n), want)
+
+
+def test_a_signed_manifest_refuses_a_rehashed_tampered_bundle(tmp_path, monkeypatch):
+    """With a signing key, re-hashing a changed file into the manifest is not enough: the signature breaks."""
+    import json
+
+    from shoprec.manifest import signing_key
+
+    key = "k" * 32
+    monkeypatch.setenv("SHOPREC_SIGNING_KEY", key)
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    write_manifest(tmp_path)
+    verify_tree(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["signature"]["alg"] == "hmac-sha256" and key not in (tmp_path / "manifest.json").read_text()
+    # the attacker changes the file and re-hashes it into the manifest
+    (tmp_path / "a.bin").write_bytes(b"evil")
+    manifest["files"]["a.bin"] = {"sha256": sha256_file(tmp_path / "a.bin"), "bytes": 4}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json: the signature does not match"):
+        verify_tree(tmp_path)
+    # ... or drops the signature
+    del manifest["signature"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json: not signed, but a signing key is set"):
+        verify_tree(tmp_path)
+    # a bundle signed with another key
+    monkeypatch.setenv("SHOPREC_SIGNING_KEY", "other-key-" + "x" * 20)
+    write_manifest(tmp_path)
+    monkeypatch.setenv("SHOPREC_SIGNING_KEY", key)
+    with pytest.raises(ArtifactError, match="signed with key .* not the configured key"):
+        verify_tree(tmp_path)
+    # the key from a file (a Kubernetes Secret); too short a key is refused
+    monkeypatch.delenv("SHOPREC_SIGNING_KEY")
+    (tmp_path.parent / "key").write_text(key + "\n")
+    monkeypatch.setenv("SHOPREC_SIGNING_KEY_FILE", str(tmp_path.parent / "key"))
+    assert signing_key() == key.encode()
+    monkeypatch.setenv("SHOPREC_SIGNING_KEY", "short")
+    with pytest.raises(ArtifactError, match="shorter than 16 bytes"):
+        signing_key()

@@ -150,6 +150,35 @@ def test_launcher_refuses_tampered_bundle(artifacts, cfg, tmp_path):
         TritonServer.from_config(cfg.serve, copy, ephemeral_ports=True).start()
 
 
+def test_signed_bundle_serves_and_a_rehashed_tampered_one_is_refused(artifacts, cfg, tmp_path, monkeypatch):
+    """With SHOPREC_SIGNING_KEY set, the launcher and every step (they inherit it) check the signature."""
+    import json
+    import shutil
+
+    from serving.launcher import TritonServer
+    from shoprec.manifest import SIGNATURE_ALG, _key_id, _signature, sha256_file
+
+    key = b"test-signing-key-0123456789"
+    copy = tmp_path / "art"
+    shutil.copytree(artifacts / "serving", copy / "serving")
+    path = copy / "serving" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["signature"] = {"alg": SIGNATURE_ALG, "key_id": _key_id(key), "value": _signature(manifest, key)}
+    path.write_text(json.dumps(manifest))
+    monkeypatch.setenv("SHOPREC_SIGNING_KEY", key.decode())
+    with TritonServer.from_config(cfg.replace("serve", online_store="none", canary_interval_s=0.0).serve, copy,
+                                  ephemeral_ports=True) as server, RecommenderClient(server.grpc_url) as c:
+        assert len(c.recommend(_users(artifacts)[0], k=5).item_ids) == 5
+    onnx = copy / "serving" / "ranker.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-1] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    manifest["files"]["ranker.onnx"]["sha256"] = sha256_file(onnx)  # re-hashed: the checksums agree again
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="the signature does not match"):
+        TritonServer.from_config(cfg.serve, copy, ephemeral_ports=True).start()
+
+
 def test_demo_serves_a_known_and_an_unknown_user_over_both_protocols(artifacts, cfg, capsys):
     """The last step of `make demo` (app/cli.py demo_served): a fresh server, HTTP and gRPC answers, a cold user."""
     from app.cli import demo_served
