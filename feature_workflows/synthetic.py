@@ -265,6 +265,32 @@ def _draw_events(items: dict, first: int, u: SimpleNamespace, s: SimpleNamespace
     return inter.reset_index(drop=True)
 
 
+def latent_truth(size: str, seed: int, user_ids: np.ndarray) -> tuple[dict, SimpleNamespace]:
+    """The generator's hidden state for some users, redrawn exactly as `generate` drew it: the item
+    arrays (category, brand, rel_price, log_pop, ...) and per user (in the order of `user_ids`) the
+    early and late category preferences, shift flag and time, price tier and favourite brands.
+    For ceiling measurements (benchmarks/synthetic_ceiling.py); no model may read it."""
+    spec = SIZES[size]
+    _, items = _items(spec, np.random.default_rng([seed, 0]))
+    idx = np.asarray(user_ids, dtype=np.int64) - USER_ID_BASE
+    if len(idx) and (idx.min() < 0 or idx.max() >= spec.users):
+        raise ValueError(f"user ids outside the {size} shop ({USER_ID_BASE}..{USER_ID_BASE + spec.users - 1})")
+    c = spec.categories
+    out = SimpleNamespace(pref=np.zeros((len(idx), c)), pref2=np.zeros((len(idx), c)), shifted=np.zeros(len(idx), bool),
+                          shift_ts=np.zeros(len(idx), np.int64), tier=np.zeros(len(idx)),
+                          fav_brands=np.zeros((len(idx), 2), np.int64))
+    for first in range(0, spec.users, spec.chunk_users):
+        count = min(spec.chunk_users, spec.users - first)
+        mine = (idx >= first) & (idx < first + count)
+        if not mine.any():
+            continue
+        u = _draw_users(spec, items, first, count, np.random.default_rng([seed, 1, first]))  # the chunk's first draws
+        at = idx[mine] - first
+        for name in ("pref", "pref2", "shifted", "shift_ts", "tier", "fav_brands"):
+            getattr(out, name)[mine] = getattr(u, name)[at]
+    return items, out
+
+
 def generate(out_dir: str | Path, size: str = "small", seed: int = 7, progress: bool = True) -> dict:
     """Write users.parquet, items.parquet, interactions/part-*.parquet and ground_truth.parquet."""
     if size not in SIZES:

@@ -58,6 +58,20 @@ def _truth(data: FeatureData, part: int, train) -> tuple[np.ndarray, list[set]]:
     return users, [truth[int(u)] for u in users]
 
 
+def test_users(data: FeatureData, max_users: int = 20_000) -> tuple:
+    """(train actions, test users, their truth): the users `evaluate` scores, at most max_users of
+    them (a fixed random subset), so that other reports can sit beside its figures."""
+    acts = data.actions
+    train = acts[acts["split"] == 0]
+    users, truth = _truth(data, 2, train)
+    if not len(users):
+        raise EvaluationError("no test user has a positive on an item they had not acted on in train")
+    if len(users) > max_users:
+        keep = np.sort(np.random.default_rng(0).choice(len(users), max_users, replace=False))
+        users, truth = users[keep], [truth[i] for i in keep]
+    return train, users, truth
+
+
 def _seen(users: np.ndarray, train, n_items: int) -> sp.csr_matrix:
     idx = {int(u): i for i, u in enumerate(users)}
     rows = train["user_id"].map(idx)
@@ -205,14 +219,7 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
     if data.schema["split"] == "none":
         raise EvaluationError("the features were built for deployment (split = none): nothing is held out to evaluate on; "
                               "run `shoprec features --split time` (or user-time, random) first")
-    acts = data.actions
-    train = acts[acts["split"] == 0]
-    users, truth = _truth(data, 2, train)
-    if not len(users):
-        raise EvaluationError("no test user has a positive on an item they had not acted on in train")
-    if len(users) > max_users:
-        keep = np.sort(np.random.default_rng(0).choice(len(users), max_users, replace=False))
-        users, truth = users[keep], [truth[i] for i in keep]
+    train, users, truth = test_users(data, max_users)
     v_users, v_truth = _truth(data, 1, train)
     if len(v_users) > max_valid_users:  # the baselines' grid is chosen on a sample: every grid point scores them all
         keep = np.sort(np.random.default_rng(1).choice(len(v_users), max_valid_users, replace=False))

@@ -1,0 +1,193 @@
+"""How much can any model win on a synthetic shop? Oracles that read the generator's hidden truth,
+against estimates of the same quantities from what the data shows.
+
+    .venv/bin/python -m benchmarks.synthetic_ceiling --artifacts artifacts --tag small
+    .venv/bin/python -m benchmarks.synthetic_ceiling --artifacts /tmp/a_medium --tag medium
+
+Needs a synthetic shop built with `shoprec data --size S` and `shoprec features` (time split). The
+users, their truth and the seen-item exclusion are those of `shoprec evaluate` (training.evaluate.
+test_users), so the figures sit beside quality_<tag>.json's warm-user table; the report copies the
+served pipeline's and the two-tower's rows from it when it is there.
+
+Every system scores the whole catalog for each warm test user (seen items excluded):
+- `popularity`: the train positives' counts (as in evaluate);
+- `oracle`: the generator's own click model with the user's LATENT preferences (late ones for a
+  user who shifted, whether or not the data has shown the shift yet), price tier and brands;
+  approximate: it ignores the 15 % of session intents set by the hour of day;
+- `oracle_category`: global share + the user's latent category preference x the item's share of
+  its category (no price, no brand);
+- `oracle_pre_shift`: the same with the early preference only (a perfect long-term profile);
+- `history_*`: the same formula with the category preference ESTIMATED from the user's train
+  positives (click shares; per-session shares with a decay per older session and additive
+  smoothing), global and in-category shares from train counts. `best_history` is the best of them
+  on test, which flatters it: an upper bound of that family.
+The gap between `oracle_category` and `best_history` is what the data does not reveal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from feature_workflows import synthetic
+from feature_workflows.history import POSITIVE_KIND
+from shoprec.config import REPO_ROOT
+from training import evaluate as E
+from training import metrics as M
+from training.data import FeatureData
+
+from .machine import describe
+
+CHUNK = 250  # users scored at once: CHUNK x items float64 arrays
+ESTIMATES = {"history_click_shares": (None, 0.0)} | {
+    f"history_sessions_decay{d}_smooth{a}": (d, a) for d in (1.0, 0.8, 0.6) for a in (0.5, 2.0)}
+
+
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _category_scores(q: np.ndarray, cat: np.ndarray, global_share: np.ndarray, in_cat_share: np.ndarray) -> np.ndarray:
+    """The generator's impression mix: 20 % best-sellers, 80 % the session's intent category (85 % of
+    intents follow the preference)."""
+    pop_share, intent = synthetic.POPULAR_SHARE, 0.85
+    return pop_share * global_share[None, :] + (1 - pop_share) * intent * q[:, cat] * in_cat_share[None, :]
+
+
+def _click_oracle(latent, rows: slice, items: dict, q: np.ndarray) -> np.ndarray:
+    """Expected clicks per item under the generator's click model (see synthetic._draw_events)."""
+    cat, log_pop = items["category"], items["log_pop"]
+    gp = np.exp(log_pop) / np.exp(log_pop).sum()
+    cat_pop = np.bincount(cat, weights=np.exp(log_pop), minlength=q.shape[1])
+    pic = np.exp(log_pop) / cat_pop[cat]
+    gap = np.abs(items["rel_price"][None, :] - latent.tier[rows, None])
+    fav = (items["brand"][None, :] == latent.fav_brands[rows, 0:1]) | (items["brand"][None, :] == latent.fav_brands[rows, 1:2])
+    base = -3.2 + 3.0 * q[:, cat] + 1.2 * fav - 0.8 * gap + 0.25 * log_pop[None, :]
+    p_int = 0.85 * q[:, cat]
+    shown_pop = synthetic.POPULAR_SHARE * gp[None, :]
+    shown_cat = (1 - synthetic.POPULAR_SHARE) * p_int * pic[None, :] * np.exp(-1.2 * gap)  # the shop's price-fit pick
+    return shown_pop * (p_int * _sig(base + 2.2) + (1 - p_int) * _sig(base)) + shown_cat * _sig(base + 2.2)
+
+
+def _estimates(pos: pd.DataFrame, users: np.ndarray, cat: np.ndarray, n_cat: int) -> dict[str, np.ndarray]:
+    """Category preference per user from their train positives, one matrix per ESTIMATES entry."""
+    at = {int(u): i for i, u in enumerate(users)}
+    p = pos[pos["user_id"].isin(users)].copy()
+    p["row"], p["c"] = p["user_id"].map(at).values, cat[p["item_row"].values]
+    out = {}
+    for name, (decay, smooth) in ESTIMATES.items():
+        q = np.zeros((len(users), n_cat))
+        if decay is None:
+            np.add.at(q, (p["row"].values, p["c"].values), 1.0)
+        else:
+            s = p.groupby(["row", "session_id", "c"]).size().rename("n").reset_index()
+            s["w"] = s["n"] / s.groupby(["row", "session_id"])["n"].transform("sum")  # each session counts once
+            last = p.groupby(["row", "session_id"])["ts"].max().rename("ts")
+            s = s.join(last, on=["row", "session_id"])
+            age = s.groupby("row")["ts"].rank(ascending=False, method="dense").values - 1  # 0: the latest session
+            np.add.at(q, (s["row"].values, s["c"].values), s["w"].values * decay ** age)
+        out[name] = (q + smooth / n_cat) / np.maximum(q.sum(1, keepdims=True) + smooth, 1e-12)
+    return out
+
+
+def measure(artifacts: Path, max_users: int = 20_000) -> dict:
+    raw = json.loads((artifacts / "data" / "raw" / "schema.json").read_text())
+    if not str(raw.get("source", "")).startswith("synthetic-"):
+        raise SystemExit(f"{artifacts}: not a synthetic shop (source {raw.get('source')!r}); the ceiling needs the generator's truth")
+    data = FeatureData(artifacts / "features")
+    if data.schema["split"] == "none":
+        raise SystemExit(f"{artifacts}/features: built with --deploy; nothing is held out")
+    train, users, truth = E.test_users(data, max_users)
+    warm = np.isin(users, train["user_id"].unique())
+    users, truth = users[warm], [t for t, w in zip(truth, warm) if w]
+    seen = E._seen(users, train, data.n_items)
+    items, latent = synthetic.latent_truth(raw["size"], int(raw["seed"]), users)
+    if not np.array_equal(data.items["item_ids"], synthetic.ITEM_ID_BASE + np.arange(data.n_items)):
+        raise SystemExit(f"{artifacts}: item rows are not the generator's item order")
+    cat, n_cat = items["category"], latent.pref.shape[1]
+    pos = train[train["kind"] >= POSITIVE_KIND]
+    count = np.bincount(pos["item_row"].values, minlength=data.n_items).astype(float)
+    emp_global = count / count.sum()
+    emp_in_cat = (count + 1) / np.bincount(cat, weights=count + 1, minlength=n_cat)[cat]
+    gp = np.exp(items["log_pop"])
+    lat_global, lat_in_cat = gp / gp.sum(), gp / np.bincount(cat, weights=gp, minlength=n_cat)[cat]
+    late = np.where(latent.shifted[:, None], latent.pref2, latent.pref)
+    est = _estimates(pos, users, cat, n_cat)
+
+    scorers = {
+        "popularity": lambda sl: np.broadcast_to(count, (sl.stop - sl.start, len(count))),
+        "oracle": lambda sl: _click_oracle(latent, sl, items, late[sl]),
+        "oracle_category": lambda sl: _category_scores(late[sl], cat, lat_global, lat_in_cat),
+        "oracle_pre_shift": lambda sl: _category_scores(latent.pref[sl], cat, lat_global, lat_in_cat),
+        **{name: (lambda sl, q=q: _category_scores(q[sl], cat, emp_global, emp_in_cat)) for name, q in est.items()},
+    }
+    results = {}
+    for name, fn in scorers.items():
+        t0 = time.time()
+        top = np.concatenate([E._topn(fn(slice(s, min(s + CHUNK, len(users)))), seen[s : s + CHUNK])
+                              for s in range(0, len(users), CHUNK)])
+        results[name] = {
+            "ndcg@10": M.mean_se(M.per_user_ndcg(top, truth, 10)),
+            "recall@10": M.mean_se(M.per_user_recall(top, truth, 10)),
+            "recall@50": M.mean_se(M.per_user_recall(top, truth, 50)),
+        }
+        print(f"ceiling: {name:40s} ndcg@10 {results[name]['ndcg@10'][0]:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    best = max(est, key=lambda n: results[n]["ndcg@10"][0])
+    results["best_history"] = {**results[best], "which": best}
+    return {"users": len(users), "items": int(data.n_items), "size": raw["size"], "seed": raw["seed"],
+            "results": {k: {m: (v if m == "which" else {"mean": v[0], "se": v[1]}) for m, v in r.items()}
+                        for k, r in results.items()}}
+
+
+def markdown(r: dict) -> str:
+    pop = r["results"]["popularity"]["ndcg@10"]["mean"]
+    lines = [f"# What a model could win on the synthetic `{r['tag']}` shop",
+             "",
+             (f"{r['users']} warm test users of `shoprec evaluate` (same truth, seen items excluded), {r['items']} items. "
+             f"Command: `{r['command']}`. Mean ± standard error over users. `best_history` is the best estimate on test "
+             "(optimistic). Rows from quality_*.json are copied from `shoprec evaluate`'s warm table."),
+             "",
+             "| system | ndcg@10 | × popularity | recall@10 | recall@50 |",
+             "|---|---|---|---|---|"]
+    for name, m in r["results"].items():
+        label = f"{name} ({m['which']})" if "which" in m else name
+        cells = [f"{m[k]['mean']:.4f} ± {m[k]['se']:.4f}" for k in ("ndcg@10", "recall@10", "recall@50")]
+        lines.append(f"| {label} | {cells[0]} | {m['ndcg@10']['mean'] / pop:.2f} | {cells[1]} | {cells[2]} |")
+    lines += ["", f"Machine: {r['machine']}. {r['seconds']} s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, default=REPO_ROOT / "artifacts", help="a synthetic shop's artifacts (data + features)")
+    ap.add_argument("--tag", required=True, help="writes RESULTS/ceiling_<tag>.{json,md}")
+    ap.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    ap.add_argument("--quality", type=Path, default=None,
+                    help="a quality_<tag>.json to copy the served pipeline's and two-tower's warm rows from "
+                         "(default: RESULTS/quality_<tag>.json when it exists)")
+    ap.add_argument("--max-users", type=int, default=20_000, help="as `shoprec evaluate` (default 20000)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    r = measure(args.artifacts, args.max_users)
+    quality = args.quality or args.results / f"quality_{args.tag}.json"
+    if quality.exists():
+        q = json.loads(quality.read_text())["results"]
+        for name in ("two_tower", "served_pipeline"):
+            if "warm" in q.get(name, {}):
+                r["results"][f"{name} (quality_{args.tag}.json)"] = {
+                    k: q[name]["warm"][k] for k in ("ndcg@10", "recall@10", "recall@50")}
+    r.update(tag=args.tag, machine=describe(), seconds=round(time.time() - t0, 1),
+             command=f"python -m benchmarks.synthetic_ceiling --artifacts ARTIFACTS --tag {args.tag}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"ceiling_{args.tag}.json").write_text(json.dumps(r, indent=1) + "\n")
+    (args.results / f"ceiling_{args.tag}.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
