@@ -19,7 +19,8 @@ sha256>`), because item rows and the snapshot belong to one export:
                             (at most `serve.online_max_actions`, the latest kept)
   <p>:state:<user>   STRING the state derived from them (runtime/user_state.pack): what a request reads
   <p>:events:<user>  HASH   event id -> unix seconds: the user's applied event ids (idempotency;
-                            an event id is unique per user)
+                            an event id is unique per user; at most `serve.online_max_event_ids`,
+                            the latest by event time: an older id replayed is applied again)
   <p>:unavailable:items  STRING sorted raw item ids (int64) that no list may hold
   <p>:trend:<hour>   ZSET   item row -> accepted events in that hour (unix hours; kept two days):
                             `OnlineStore.trending`, `shoprec items --trending`
@@ -86,7 +87,7 @@ class OnlineStore:
 
     def __init__(self, url: str, prefix: str, item_ids: np.ndarray, category: np.ndarray | None,
                  rel_price: np.ndarray | None, snapshot, n_seq: int, n_cat: int, timeout_ms: float = 50.0,
-                 retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000):
+                 retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000, max_event_ids: int = 10_000):
         import redis
 
         self.redis_errors = (redis.RedisError, OSError)
@@ -99,7 +100,7 @@ class OnlineStore:
         self.category, self.rel_price, self.snapshot = category, rel_price, snapshot
         self.n_seq, self.n_cat = n_seq, n_cat
         self.retry_s, self.ttl_s = retry_s, int(ttl_days * 86_400)
-        self.max_actions = max_actions
+        self.max_actions, self.max_event_ids = max_actions, max_event_ids
         self._down_until = 0.0
         self._unavailable_key = self.key("unavailable", "items")
         self._unavailable_blob = b""
@@ -115,7 +116,7 @@ class OnlineStore:
         n_cat = a["recent_categories"].shape[1] if "recent_categories" in a else 0
         return cls(url, bundle_tag(bundle.path), table["item_ids"], category, rel_price, snapshot, a["seq_rows"].shape[1],
                    n_cat, cfg.online_timeout_ms if timeout_ms is None else timeout_ms, cfg.online_retry_s,
-                   cfg.online_ttl_days, cfg.online_max_actions)
+                   cfg.online_ttl_days, cfg.online_max_actions, cfg.online_max_event_ids)
 
     @classmethod
     def open(cls, serving_dir: Path, url: str, cfg, timeout_ms: float = 5000.0) -> "OnlineStore":
@@ -267,19 +268,21 @@ class OnlineStore:
         if not users:
             return 0, 0
         act_keys = [self.key("acts", u) for u in users]
+        event_keys = [self.key("events", u) for u in users]
         with self.client.pipeline(transaction=True) as tx:
-            tx.watch(*act_keys)
+            tx.watch(*act_keys, *event_keys)
             read = self.client.pipeline(transaction=False)  # the reads in one round trip, after WATCH
-            for u, k in zip(users, act_keys):
+            for u, k, ek in zip(users, act_keys, event_keys):
                 read.hgetall(k)
                 eids = [e[5] for e in by_user[u] if e[5] is not None]
-                read.hmget(self.key("events", u), eids) if eids else read.echo(b"")
+                read.hmget(ek, eids) if eids else read.echo(b"")
+                read.hlen(ek)
             got = read.execute()
             accepted = dups = 0
             tx.multi()
             trend: dict[tuple[int, int], int] = {}  # (hour, item row) -> accepted events
             for i, (u, key) in enumerate(zip(users, act_keys)):
-                fields, applied = got[2 * i], got[2 * i + 1]
+                fields, applied, n_ids = got[3 * i], got[3 * i + 1], got[3 * i + 2]
                 eids = [e[5] for e in by_user[u] if e[5] is not None]
                 done = {e for e, v in zip(eids, applied) if v is not None} if eids else set()
                 acts = ({f.decode(): tuple(map(int, v.decode().split(":"))) for f, v in fields.items()} if fields
@@ -311,8 +314,14 @@ class OnlineStore:
                 tx.expire(key, self.ttl_s)
                 tx.set(self.key("state", u), pack(self.state_of(acts)), ex=self.ttl_s)
                 if new_ids:
-                    tx.hset(self.key("events", u), mapping=new_ids)
-                    tx.expire(self.key("events", u), self.ttl_s)
+                    tx.hset(event_keys[i], mapping=new_ids)
+                    tx.expire(event_keys[i], self.ttl_s)
+                    if n_ids + len(new_ids) > self.max_event_ids:  # rare: the oldest ids are forgotten
+                        known = {k.decode(): int(v) for k, v in self.client.hgetall(event_keys[i]).items()}
+                        known.update(new_ids)
+                        oldest = sorted(known, key=lambda e: (known[e], e))[: len(known) - self.max_event_ids]
+                        if oldest:
+                            tx.hdel(event_keys[i], *oldest)
             for (hour, row), n in trend.items():
                 tx.zincrby(self.key("trend", hour), n, row)
             for hour in {h for h, _ in trend}:

@@ -115,6 +115,7 @@ class ServeConfig:
     online_retry_s: float = 1.0  # after a failed read, the store is not asked again for this long
     online_ttl_days: float = 30.0  # live keys of a user expire this long after their last event
     online_max_actions: int = 2000  # live actions kept per user (the latest); bounds memory per user
+    online_max_event_ids: int = 10_000  # applied event ids remembered per user for idempotency (the latest)
     online_max_memory_mb: int = 1024  # the private instance's maxmemory (keys with a TTL are evicted first)
     http_port: int = 8000
     grpc_port: int = 8001

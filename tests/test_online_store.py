@@ -130,6 +130,24 @@ def test_memory_per_user_is_bounded(redis_url, artifacts, cfg, pipeline):
     assert 0 < ttl <= cfg.serve.online_ttl_days * 86_400
 
 
+def test_event_ids_per_user_are_bounded_and_the_latest_still_deduplicate(redis_url, artifacts, cfg, pipeline):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    small = OnlineStore.open(artifacts / "serving", redis_url, dataclasses.replace(cfg.serve, online_max_event_ids=5))
+    ids = pipeline.item_table["item_ids"]
+    events = [{"user_id": 900004, "item_id": int(ids[i]), "type": "view", "timestamp": 1_000 + i, "event_id": f"e{i}"}
+              for i in range(8)]
+    small.ingest(events[:3])
+    small.ingest(events[3:])
+    kept = {k.decode() for k in client.hkeys(small.key("events", 900004))}
+    assert kept == {f"e{i}" for i in range(3, 8)}  # the five latest by event time
+    report = small.ingest(events[3:])
+    assert report.accepted == 0 and report.duplicates == 5
+    assert small.ingest(events[:1]).accepted == 1  # forgotten: applied again, as documented
+
+
 def test_unavailable_items_round_trip(store, pipeline):
     ids = pipeline.item_table["item_ids"]
     changed, unknown = store.set_available([int(ids[3]), int(ids[5]), 987654321], available=False)
