@@ -12,6 +12,11 @@ For each protocol (`random-8-1-1`, `user-temporal-8-1-1`) of `shared/quality/ref
    (no context, seen items excluded by default) and the lists are written as the referee's CSV;
 4. `referee.py score` scores them on test (and on valid, which nothing here was tuned on).
 
+`--layout interactions` hands the product the referee's train split as the generic interactions
+file instead (user_id, item_id, timestamp, rating; `shoprec data --source interactions`), with no
+item table: no genres, no titles, no year. It shows what the served lists are worth when a shop
+has no item attributes. Its results are written with the suffix `_interactions`.
+
 Writes benchmarks/results/referee_<protocol>.json (the referee's own JSON plus timings) and
 referee_summary.{json,md} with the ratios to the referee's published baselines (read from
 shared/quality/README.md). ml-latest-small: GroupLens, research licence (see its README.txt).
@@ -63,6 +68,18 @@ def _ml_layout(split_dir: Path, data_dir: Path, out: Path) -> None:
     shutil.copy2(data_dir / "movies.csv", out / "movies.csv")
 
 
+def _interactions_file(split_dir: Path, out: Path) -> Path:
+    """The referee's train split as the generic interactions format, ratings only (no item table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "interactions.csv"
+    with open(split_dir / "train.csv") as src, open(path, "w", newline="") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(["user_id", "item_id", "timestamp", "rating"])
+        for row in csv.DictReader(src):
+            writer.writerow([row["user"], row["item"], row["ts"], row["rating"]])
+    return path
+
+
 def _users(path: Path) -> list[int]:
     with open(path) as fh:
         return [int(r["user"]) for r in csv.DictReader(fh)]
@@ -106,7 +123,7 @@ def published_baselines(readme: Path) -> dict:
 
 
 def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: str | None = None, data: str | None = None,
-                    timings: dict | None = None) -> Path:
+                    timings: dict | None = None, layout: str = "movielens") -> Path:
     """The referee's split -> ml-latest-small layout -> the product's own commands (data, features
     --deploy, train, export). Returns the artifacts folder."""
     referee = referee or str(SHARED / "quality" / "referee.py")
@@ -117,9 +134,13 @@ def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: st
     py = sys.executable
     env = {**os.environ, "REFEREE_DATA": str(Path(data).parent)}
     _run([py, referee, "split", "--dataset", "mlls", "--protocol", protocol, "--out", str(split_dir)], env)
-    _ml_layout(split_dir, Path(data), ml_dir)
+    if layout == "interactions":
+        source = ["--source", "interactions", "--interactions", str(_interactions_file(split_dir, work / "generic"))]
+    else:
+        _ml_layout(split_dir, Path(data), ml_dir)
+        source = ["--source", "movielens-latest-small", "--movielens-dir", str(ml_dir)]
     shoprec = [py, "-m", "app.cli", "--artifacts", str(art), "--quiet"] + (["--config", cfg_path] if cfg_path else [])
-    for stage, extra in (("data", ["--source", "movielens-latest-small", "--movielens-dir", str(ml_dir)]),
+    for stage, extra in (("data", source),
                          ("features", ["--deploy"]), ("train", []), ("export", [])):
         t = time.time()
         _run(shoprec + [stage, *extra], quiet=stage != "train")
@@ -135,7 +156,7 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
     env = {**os.environ, "REFEREE_DATA": str(Path(args.data).parent)}
     t0 = time.time()
     timings: dict = {}
-    art = build_artifacts(protocol, work, cfg_path, str(args.referee), str(args.data), timings)
+    art = build_artifacts(protocol, work, cfg_path, str(args.referee), str(args.data), timings, args.layout)
 
     from serving.launcher import TritonServer
 
@@ -156,7 +177,7 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
         results[part] = json.loads(out_json.read_text())
     timings["total"] = round(time.time() - t0, 1)
     train_report = json.loads((art / "models" / "train_report.json").read_text())
-    return {"protocol": protocol, "referee": results, "timings_s": timings, "served_users": len(lists),
+    return {"protocol": protocol, "layout": args.layout, "referee": results, "timings_s": timings, "served_users": len(lists),
             "train": {"cf": train_report.get("cf"), "ranker_deep": train_report["ranking"].get("deep"),
                       "retrieval_best_epoch": train_report["retrieval_stage_a"]["best_epoch"]}}
 
@@ -180,7 +201,9 @@ def summarize(runs: dict, baselines: dict) -> dict:
 
 
 def markdown(summary: dict, baselines: dict, meta: dict) -> str:
-    lines = ["# Served recommendations on ml-latest-small, scored by the referee", "",
+    given = ("the generic interactions file (ratings only, no item attributes)" if meta.get("layout") == "interactions"
+             else "the ml-latest-small files")
+    lines = ["# Served recommendations on ml-latest-small, scored by the referee", "", f"The product was given {given}.", "",
              f"Command: `{meta['command']}` ({meta['date']}, {meta['machine']}). The lists are what the running "
              "tritonserver returned (top 100, no context, seen items excluded). Baselines: the referee's published "
              "table (wide grid, test).", ""]
@@ -211,7 +234,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--config", default=None, help="shoprec config (default: configs/default.toml)")
     parser.add_argument("-k", type=int, default=100)
+    parser.add_argument("--layout", default="movielens", choices=["movielens", "interactions"],
+                        help="what the product is given: the ml-latest-small files (default) or the generic interactions "
+                             "file without any item attributes (results get the suffix _interactions)")
     args = parser.parse_args(argv)
+    suffix = "" if args.layout == "movielens" else f"_{args.layout}"
+    if suffix:
+        args.work = str(Path(args.work).with_name(Path(args.work).name + suffix))
     for p in (Path(args.referee), Path(args.data) / "ratings.csv"):
         if not p.exists():
             raise SystemExit(f"referee_bench: {p} not found (the referee and ml-latest-small live in ../shared)")
@@ -221,15 +250,17 @@ def main(argv=None) -> dict:
     for protocol in args.protocols:
         print(f"== {protocol}", flush=True)
         runs[protocol] = run_protocol(protocol, args, args.config)
-        (out / f"referee_{protocol}.json").write_text(json.dumps(runs[protocol], indent=1) + "\n")
+        (out / f"referee_{protocol}{suffix}.json").write_text(json.dumps(runs[protocol], indent=1) + "\n")
     baselines = published_baselines(Path(args.referee).parent / "README.md")
     meta = {"command": " ".join(["python -m benchmarks.referee_bench", *(argv or sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d"), "machine": describe()}
     summary = summarize(runs, baselines)
-    prev = json.loads((out / "referee_summary.json").read_text())["protocols"] if (out / "referee_summary.json").exists() else {}
+    meta["layout"] = args.layout
+    summary_json, summary_md = out / f"referee_summary{suffix}.json", out / f"referee_summary{suffix}.md"
+    prev = json.loads(summary_json.read_text())["protocols"] if summary_json.exists() else {}
     summary = {**{k: v for k, v in prev.items() if k not in summary}, **summary}
-    (out / "referee_summary.json").write_text(json.dumps({**meta, "protocols": summary, "baselines": baselines}, indent=1) + "\n")
-    (out / "referee_summary.md").write_text(markdown(summary, baselines, meta))
+    summary_json.write_text(json.dumps({**meta, "protocols": summary, "baselines": baselines}, indent=1) + "\n")
+    summary_md.write_text(markdown(summary, baselines, meta))
     print(markdown(summary, baselines, meta))
     return summary
 
