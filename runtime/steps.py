@@ -110,6 +110,22 @@ def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray
                 raise RequestError(f"client_device must be at most {MAX_DEVICE_BYTES} bytes")
 
 
+ROW_INPUTS = ("history_rows", "unavailable_rows", "candidate_rows")  # item rows of the bundle, -1 pads
+
+
+def check_inputs(t: dict, sizes: dict) -> None:
+    """What every step checks of its inputs, whoever sent them (the ensemble, or a client calling an internal
+    step directly): item rows inside the catalog, floats finite. RequestError names the input."""
+    n_items = int(sizes["n_items"])
+    for name, value in t.items():
+        if value is None or not isinstance(value, np.ndarray):
+            continue
+        if name in ROW_INPUTS and value.size and (int(value.min()) < -1 or int(value.max()) >= n_items):
+            raise RequestError(f"{name} must hold item rows in -1..{n_items - 1}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise RequestError(f"{name} must be finite (no NaN or infinity)")
+
+
 def decode_text(raw, name: str) -> np.ndarray:
     try:
         return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.ravel(raw)], dtype=object)

@@ -389,3 +389,43 @@ def test_admin_apis_need_the_admin_key_and_inference_does_not(triton):
     assert g.get_inference_statistics("recommender") is not None and g.get_model_config("recommender") is not None
     with RecommenderClient(triton.grpc_url) as c:  # and the ensemble still answers, after the refused unload
         assert len(c.recommend(-1, k=3).item_ids) == 3
+
+
+def _ranking_inputs(triton, pipeline, artifacts, mod):
+    """Valid inputs of the internal `ranking` model (cpu profile: ranker + top-k) for one user, from the
+    in-process pipeline up to it."""
+    import json
+    import urllib.request
+
+    config = json.loads(urllib.request.urlopen(f"http://{triton.http_url}/v2/models/ranking/config").read())
+    t = pipeline.run(pipeline.request(_users(artifacts)[:1], 5), stop="ranker")
+    inputs = {}
+    for spec in config["input"]:
+        if spec["name"] in t and t[spec["name"]] is not None:
+            inputs[spec["name"]] = (np.ascontiguousarray(t[spec["name"]]), spec["data_type"].replace("TYPE_", ""))
+    return inputs
+
+
+def _tensors(mod, inputs: dict) -> list:
+    out = []
+    for name, (value, dtype) in inputs.items():
+        x = mod.InferInput(name, list(value.shape), dtype)
+        x.set_data_from_numpy(value)
+        out.append(x)
+    return out
+
+
+def test_internal_steps_check_what_a_direct_caller_sends(triton, pipeline, artifacts):
+    """Triton cannot hide the internal step models: a client may call them. Their inputs are checked as the
+    ensemble's are (item rows inside the catalog, floats finite), answered INVALID_ARGUMENT naming the input."""
+    import tritonclient.grpc as grpcclient
+
+    g = grpcclient.InferenceServerClient(triton.grpc_url)
+    good = _ranking_inputs(triton, pipeline, artifacts, grpcclient)
+    assert g.infer("ranking", _tensors(grpcclient, good)).as_numpy("item_ids").shape == (1, 5)
+    for name, bad in (("candidate_rows", 10**9), ("candidate_dense", np.nan), ("user_cont", np.inf)):
+        value, dtype = good[name]
+        broken = {**good, name: (np.full_like(value, bad), dtype)}
+        with pytest.raises(InferenceServerException, match=name) as info:
+            g.infer("ranking", _tensors(grpcclient, broken))
+        assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT"
