@@ -5,8 +5,9 @@
         rec = c.recommend(1000001, k=10, hour=20, client_device="mobile")
         rec.item_ids, rec.scores, rec.cold_start, rec.degraded
 
-gRPC is the protocol to expose beyond the host; Triton 2.51's HTTP/JSON front end can be killed
-by a malformed request declaring a huge shape, so keep HTTP on loopback (see README).
+gRPC is the protocol to expose beyond the host. `shoprec serve` puts a validating front on HTTP
+(Triton 2.51's own HTTP/JSON front end can be killed by a malformed request declaring a huge
+shape); the container keeps HTTP on loopback (see README).
 """
 
 from __future__ import annotations

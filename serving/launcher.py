@@ -144,6 +144,9 @@ class TritonServer:
     redis: object = None  # the private RedisServer (serving/online.py) while it runs
     online_url: str | None = None
     grpc_tls: tuple[str, str, str] | None = None  # (certificate, key, client CA or ""): gRPC over TLS
+    http_front: bool = True  # HTTP through the validating front (serving/http_front.py); Triton's own on a private port
+    triton_http_port: int = 0  # Triton's HTTP port: a private loopback one behind the front, else http_port
+    front: object = None  # the HttpFront while it runs
     canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
     canary_timeout_s: float = 5.0
     doctor: object = None  # the StepDoctor while it runs
@@ -155,7 +158,7 @@ class TritonServer:
         return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path,
                    config_path=config_path, ready_timeout_s=cfg.ready_timeout_s, online_store=cfg.online_store,
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
-                   grpc_tls=_tls(cfg),
+                   grpc_tls=_tls(cfg), http_front=cfg.http_front,
                    canary_timeout_s=cfg.canary_timeout_s)
 
     @property
@@ -164,7 +167,13 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
+        """The HTTP endpoint clients use (the validating front, when on)."""
         return f"{self._host}:{self.http_port}"
+
+    @property
+    def triton_http_url(self) -> str:
+        """tritonserver's own HTTP endpoint (loopback only behind the front): readiness, the canary, reloads."""
+        return f"127.0.0.1:{self.triton_http_port}" if self.http_front else self.http_url
 
     @property
     def grpc_url(self) -> str:
@@ -172,7 +181,9 @@ class TritonServer:
 
     def command(self, backends: Path) -> list[str]:
         return tritonserver_command(str(pytriton_root() / "bin" / "tritonserver"), self.repository, backend_directory=backends,
-                                    http_address=self.address, http_port=self.http_port, grpc_address=self.address,
+                                    http_address="127.0.0.1" if self.http_front else self.address,
+                                    http_port=self.triton_http_port if self.http_front else self.http_port,
+                                    grpc_address=self.address,
                                     grpc_port=self.grpc_port, metrics_address=self.address, metrics_port=self.metrics_port,
                                     admin_key=self.admin_key, grpc_tls=self.grpc_tls)
 
@@ -199,17 +210,23 @@ class TritonServer:
         bundle = self.artifacts / "serving"
         verify_tree(bundle)  # refuse to serve files that differ from what export wrote
         check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
+        if self.http_front and not self.triton_http_port:
+            self.triton_http_port = free_port()
         work = self.artifacts / "triton"
         cmd = self.command(backends_dir(work))
         self._lifecycle = threading.Lock()  # a restart by the step doctor replaces self.process under it
         try:  # whatever ends the start (not ready, a signal, Ctrl-C) stops the processes it started
             self._start_online_store()
             self._launch(cmd, timeout_s, mode="w")
+            if self.http_front:
+                from .http_front import HttpFront
+
+                self.front = HttpFront(self.address, self.http_port, self.triton_http_url).start()
             if self.canary_interval_s > 0:
                 from .canary import StepDoctor
 
                 steps = sorted(p.name for p in self.repository.iterdir() if (p / "config.pbtxt").is_file() and p.name != ENSEMBLE)
-                self.doctor = StepDoctor(self.http_url, steps, self.admin_key, self.canary_interval_s, self.canary_timeout_s,
+                self.doctor = StepDoctor(self.triton_http_url, steps, self.admin_key, self.canary_interval_s, self.canary_timeout_s,
                                          restart=self._restart, alive=lambda: self.process.poll() is None,
                                          stub_pids=self.stub_pids).start()
         except BaseException:
@@ -268,7 +285,7 @@ class TritonServer:
 
     def _wait_ready(self, timeout_s: float, log_name: str) -> None:
         try:
-            wait_until_ready(self.http_url, self.process, timeout_s)
+            wait_until_ready(self.triton_http_url, self.process, timeout_s)
         except LaunchError as err:
             tail = Path(log_name).read_text()[-3000:] if self.process.poll() is not None else ""
             raise LaunchError(f"tritonserver: {err}; log: {log_name}" + (f"\n{tail}" if tail else "")) from None
@@ -299,6 +316,8 @@ class TritonServer:
     def stop(self, timeout_s: float = 8.0) -> None:
         if self.doctor is not None:
             self.doctor.stop()
+        if self.front is not None:
+            self.front.stop()
         self._kill_server(timeout_s)
         if self.redis is not None:
             self._stopping.set()

@@ -123,6 +123,9 @@ class ServeConfig:
     address: str = "127.0.0.1"
     # gRPC over TLS: PEM files (absolute paths), both or neither ("": plaintext); with grpc_tls_client_ca
     # set, clients must also present a certificate signed by that CA (mutual TLS)
+    # `shoprec serve` puts a validating front (serving/http_front.py) on the HTTP port and tritonserver's own
+    # HTTP on a private loopback port: Triton 2.51's HTTP front end dies on a few malformed requests
+    http_front: bool = True
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""

@@ -103,3 +103,21 @@ def test_synthetic_ceiling_redraws_the_generators_truth(artifacts):
     ndcg = {k: v["ndcg@10"]["mean"] for k, v in r.items()}
     assert ndcg["oracle"] > 1.5 * ndcg["popularity"] and ndcg["oracle_category"] > ndcg["popularity"]
     assert set(ESTIMATES) <= set(r) and r["best_history"]["which"] in ESTIMATES
+
+
+def test_reliability_short_form_fuzz_and_soak(artifacts):
+    """The CI form of benchmarks/reliability.py: malformed requests over both protocols and a short soak on a
+    real server. gRPC answers every malformation with a client error (or a list, for extreme but valid ids),
+    valid requests in between are all answered, and the server is up at the end."""
+    from benchmarks.reliability import run
+
+    r = run(artifacts, n_fuzz=100, soak_s=10, concurrency=8)
+    assert r["alive_after_fuzz"] and r["alive_after_soak"]
+    for proto in ("grpc_fuzz", "http_fuzz"):
+        assert r[proto]["valid_failed"] == 0 and r[proto]["valid_answered"] == 10
+        assert not any("no answer" in o for o in r[proto]["cases"].values())
+    grpc = r["grpc_fuzz"]["cases"]
+    assert all(set(o) == {"client error"} for name, o in grpc.items() if not name.startswith("user_id int64")), grpc
+    http = r["http_fuzz"]["cases"]  # through the validating front: every malformation is the client's error
+    assert all(set(o) == {"client error"} for o in http.values()), http
+    assert r["soak"]["failed"] == 0 and r["soak"]["answered"] > 0
