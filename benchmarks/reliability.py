@@ -244,8 +244,8 @@ def run(artifacts: Path, n_fuzz: int, soak_s: float, concurrency: int) -> dict:
 
 def markdown(r: dict) -> str:
     lines = ["# Reliability: fuzz and soak on a real tritonserver", "",
-             f"Command: `{r['command']}`. Machine: {r['machine']}. HTTP through the validating front, the three requests "
-             "that kill Triton 2.51's own HTTP front end included.", ""]
+             (f"Command: `{r['command']}`. Machine: {r['machine']}. HTTP through the validating front, the three requests "
+             "that kill Triton 2.51's own HTTP front end included."), ""]
     for proto in ("grpc", "http"):
         f = r[f"{proto}_fuzz"]
         totals: dict[str, int] = {}
@@ -253,18 +253,18 @@ def markdown(r: dict) -> str:
             for cls, n in outcome.items():
                 totals[cls] = totals.get(cls, 0) + n
         lines += [f"## {proto} fuzz: {f['requests']} malformed requests", "",
-                  f"Outcomes: {', '.join(f'{k} {v}' for k, v in sorted(totals.items()))}. Valid requests in between: "
-                  f"{f['valid_answered']} answered, {f['valid_failed']} failed.", "",
+                  (f"Outcomes: {', '.join(f'{k} {v}' for k, v in sorted(totals.items()))}. Valid requests in between: "
+                  f"{f['valid_answered']} answered, {f['valid_failed']} failed."), "",
                   "| malformation | outcomes |", "|---|---|"]
         lines += [f"| {name} | {', '.join(f'{k} {v}' for k, v in sorted(o.items()))} |" for name, o in sorted(f["cases"].items())]
         lines.append("")
     s = r["soak"]
     lines += ["## Soak", "",
-              f"{s['concurrency']} gRPC clients for {s['seconds']:.0f} s: {s['answered']} answered, {s['failed']} failed "
+              (f"{s['concurrency']} gRPC clients for {s['seconds']:.0f} s: {s['answered']} answered, {s['failed']} failed "
               f"({s['throughput_rps']} req/s). RSS of tritonserver and its stubs: {s['rss_mb'][0][1]} MB at the start, "
-              f"{s['rss_mb'][-1][1]} MB at the end, {s['rss_growth_second_half_mb']} MB of spread over the second half.",
-              "", f"Server alive after the fuzz: {r['alive_after_fuzz']}; after the soak: {r['alive_after_soak']}; step "
-              f"doctor incidents: {r['doctor_incidents']}.", ""]
+              f"{s['rss_mb'][-1][1]} MB at the end, {s['rss_growth_second_half_mb']} MB of spread over the second half."),
+              "", (f"Server alive after the fuzz: {r['alive_after_fuzz']}; after the soak: {r['alive_after_soak']}; step "
+              f"doctor incidents: {r['doctor_incidents']}."), ""]
     return "\n".join(lines)
 
 

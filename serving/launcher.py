@@ -215,6 +215,7 @@ class TritonServer:
         work = self.artifacts / "triton"
         cmd = self.command(backends_dir(work))
         self._lifecycle = threading.Lock()  # a restart by the step doctor replaces self.process under it
+        self._halt = threading.Event()  # set by stop(): a restart in flight must not start a new server
         try:  # whatever ends the start (not ready, a signal, Ctrl-C) stops the processes it started
             self._start_online_store()
             self._launch(cmd, timeout_s, mode="w")
@@ -259,7 +260,11 @@ class TritonServer:
     def _restart(self) -> None:
         """Stop tritonserver and its stubs and start it again on the same ports (the step doctor's last resort)."""
         with self._lifecycle:
+            if self._halt.is_set():
+                return
             self._kill_server()
+            if self._halt.is_set():
+                return
             try:
                 self._launch(self.command(backends_dir(self.artifacts / "triton")), self.ready_timeout_s, mode="a")
             except LaunchError as exc:
@@ -314,11 +319,19 @@ class TritonServer:
                 log.warning("%s", exc)
 
     def stop(self, timeout_s: float = 8.0) -> None:
+        if getattr(self, "_halt", None) is not None:
+            self._halt.set()
         if self.doctor is not None:
             self.doctor.stop()
         if self.front is not None:
             self.front.stop()
-        self._kill_server(timeout_s)
+        lock = getattr(self, "_lifecycle", None)
+        held = lock.acquire(timeout=self.ready_timeout_s + 10) if lock is not None else False  # a restart in flight ends first
+        try:
+            self._kill_server(timeout_s)
+        finally:
+            if held:
+                lock.release()
         if self.redis is not None:
             self._stopping.set()
             self.redis.stop()
