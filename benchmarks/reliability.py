@@ -109,39 +109,55 @@ def _classify_grpc(exc) -> str:
     return "server error"
 
 
+def _fuzz(cases: list, send, good, n: int, seed: int) -> dict:
+    """n requests drawn from `cases` (name, payload) with `send(payload) -> outcome class`; after every tenth,
+    `good()` sends a valid request (True: answered)."""
+    rng = random.Random(seed)
+    outcomes: dict[str, dict[str, int]] = {}
+    valid_ok = valid_failed = 0
+    for i in range(n):
+        name, payload = cases[rng.randrange(len(cases))]
+        cls = send(payload)
+        outcomes.setdefault(name, {}).setdefault(cls, 0)
+        outcomes[name][cls] += 1
+        if i % 10 == 9:
+            if good():
+                valid_ok += 1
+            else:
+                valid_failed += 1
+    return {"requests": n, "cases": outcomes, "valid_answered": valid_ok, "valid_failed": valid_failed}
+
+
+def _answers(client, user: int, errors) -> bool:
+    try:
+        client.recommend(user, k=10)
+        return True
+    except errors:
+        return False
+
+
 def fuzz_grpc(url: str, user: int, n: int, seed: int = 0) -> dict:
     import tritonclient.grpc as g
     from tritonclient.utils import InferenceServerException
 
     from client import RecommenderClient
 
-    cases = _grpc_cases(user)
-    rng = random.Random(seed)
-    outcomes: dict[str, dict[str, int]] = {}
-    valid_ok = valid_failed = 0
     client = g.InferenceServerClient(url)
+
+    def send(spec) -> str:
+        inputs = []
+        for inp, value, dtype in spec:
+            x = g.InferInput(inp, list(value.shape), dtype)
+            x.set_data_from_numpy(value)
+            inputs.append(x)
+        try:
+            client.infer("recommender", inputs, client_timeout=30)
+            return "answered"
+        except InferenceServerException as exc:
+            return _classify_grpc(exc)
+
     with RecommenderClient(url) as good:
-        for i in range(n):
-            name, spec = cases[rng.randrange(len(cases))]
-            inputs = []
-            for inp, value, dtype in spec:
-                x = g.InferInput(inp, list(value.shape), dtype)
-                x.set_data_from_numpy(value)
-                inputs.append(x)
-            try:
-                client.infer("recommender", inputs, client_timeout=30)
-                cls = "answered"
-            except InferenceServerException as exc:
-                cls = _classify_grpc(exc)
-            outcomes.setdefault(name, {}).setdefault(cls, 0)
-            outcomes[name][cls] += 1
-            if i % 10 == 9:
-                try:
-                    good.recommend(user, k=10)
-                    valid_ok += 1
-                except InferenceServerException:
-                    valid_failed += 1
-    return {"requests": n, "cases": outcomes, "valid_answered": valid_ok, "valid_failed": valid_failed}
+        return _fuzz(_grpc_cases(user), send, lambda: _answers(good, user, InferenceServerException), n, seed)
 
 
 def fuzz_http(url: str, user: int, n: int, seed: int = 1) -> dict:
@@ -149,44 +165,25 @@ def fuzz_http(url: str, user: int, n: int, seed: int = 1) -> dict:
 
     from client import RecommenderClient
 
-    cases = _http_cases(user)
-    rng = random.Random(seed)
-    outcomes: dict[str, dict[str, int]] = {}
-    valid_ok = valid_failed = 0
+    def send(body: bytes) -> str:
+        req = urllib.request.Request(f"http://{url}/v2/models/recommender/infer", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30):
+                return "answered"
+        except urllib.error.HTTPError as exc:
+            return "client error" if 400 <= exc.code < 500 else "server error"
+        except OSError:
+            return "no answer"
+
     with RecommenderClient(url, "http") as good:
-        for i in range(n):
-            name, body = cases[rng.randrange(len(cases))]
-            req = urllib.request.Request(f"http://{url}/v2/models/recommender/infer", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=30):
-                    cls = "answered"
-            except urllib.error.HTTPError as exc:
-                cls = "client error" if 400 <= exc.code < 500 else "server error"
-            except OSError:
-                cls = "no answer"
-            outcomes.setdefault(name, {}).setdefault(cls, 0)
-            outcomes[name][cls] += 1
-            if i % 10 == 9:
-                try:
-                    good.recommend(user, k=10)
-                    valid_ok += 1
-                except (InferenceServerException, OSError):
-                    valid_failed += 1
-    return {"requests": n, "cases": outcomes, "valid_answered": valid_ok, "valid_failed": valid_failed}
+        return _fuzz(_http_cases(user), send, lambda: _answers(good, user, (InferenceServerException, OSError)), n, seed)
 
 
 def _rss_mb(pgid: int) -> float:
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-            fields = text[text.rindex(")") + 2 :].split()
-            if int(fields[2]) == pgid:
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / 2**20
+    from serving.launcher import process_group
+
+    return sum(int(fields[21]) for _, fields, _ in process_group(pgid)) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def soak(server, users: list[int], seconds: float, concurrency: int) -> dict:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serving.launcher import wait_until_ready
+from serving.launcher import process_group, wait_until_ready
 from shoprec.config import REPO_ROOT
 
 
@@ -87,15 +87,7 @@ def process_cpu(pgid: int) -> dict[str, float]:
     core, each python-backend stub by its model, uvicorn workers."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-            fields = text[text.rindex(")") + 2:].split()
-            if int(fields[2]) != pgid:
-                continue
-            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
+    for _, fields, cmd in process_group(pgid):
         model = next((Path(c.decode()).parent.parent.name for c in cmd if c.endswith(b"/model.py")), None)
         if model:
             role = f"stub:{model}"

@@ -18,7 +18,8 @@ Canary requests count in Triton's and the steps' metrics like any request: one p
 server (0.5 requests/s at the default 2 s). The `shoprec serve` launcher runs the doctor; the
 container relies on kubelet (deploy/k8s/deployment.yaml) to act on the probe.
 
-Standard library only: the container's probe runs it without the project's dependencies.
+Standard library and the project's core only (shoprec.contract, itself standard library): the container's
+probe runs it without NumPy or the serving dependencies.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ import time
 import urllib.error
 import urllib.request
 
+from shoprec.contract import (
+    ENSEMBLE,  # the core is standard library only, as this module must be
+)
+
 from .command import ADMIN_HEADER
 
 log = logging.getLogger("shoprec.serve")
 
-ENSEMBLE = "recommender"  # shoprec.contract.ENSEMBLE (not imported: this module runs in the probe without numpy)
 CANARY_USER = -1  # no store holds it: the cold-start path, which still runs every step
 _DEAD_STUB = re.compile(r"Stub process '([A-Za-z0-9_\-]+?)_\d+_\d+' is not healthy")
 

@@ -95,6 +95,23 @@ def wait_until_ready(http_url: str, process: subprocess.Popen, timeout_s: float,
     raise LaunchError(f"not ready after {timeout_s:.0f}s")
 
 
+def process_group(pgid: int) -> list[tuple[int, list[str], list[bytes]]]:
+    """(pid, /proc stat fields after the command name, argv) of every process in a process group; a zombie's
+    argv is [b""]."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2 :].split()
+            if int(fields[2]) != pgid:
+                continue
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        out.append((int(stat.parent.name), fields, argv))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -237,18 +254,10 @@ class TritonServer:
 
     def stub_pids(self, model: str) -> list[int]:
         """The python-backend stubs of `model` (instances named model_<i>_<j>) in the server's process group."""
-        pids = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                args = cmdline.read_bytes().split(b"\0")
-                if os.getpgid(int(cmdline.parent.name)) != self.process.pid:
-                    continue
-            except OSError:
-                continue
-            if args[0].endswith(b"triton_python_backend_stub") and any(
-                    a.startswith(f"{model}_".encode()) and a[len(model) + 1 :].replace(b"_", b"").isdigit() for a in args):
-                pids.append(int(cmdline.parent.name))
-        return pids
+        prefix = f"{model}_".encode()
+        return [pid for pid, _, argv in process_group(self.process.pid)
+                if argv[0].endswith(b"triton_python_backend_stub")
+                and any(a.startswith(prefix) and a[len(prefix):].replace(b"_", b"").isdigit() for a in argv)]
 
     def _launch(self, cmd: list[str], timeout_s: float, mode: str) -> None:
         log_name = self.log_path or self.artifacts / "triton" / "server.log"

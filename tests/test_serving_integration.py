@@ -250,17 +250,9 @@ def test_sigterm_stops_the_server_it_started(artifacts):
 
 
 def _group_members(pgid: int) -> list[int]:
-    from pathlib import Path
+    from serving.launcher import process_group
 
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
+    return [pid for pid, _, _ in process_group(pgid)]
 
 
 def test_a_server_that_dies_is_reported_not_a_clean_exit(artifacts):
