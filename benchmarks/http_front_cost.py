@@ -15,11 +15,10 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 from shoprec.config import REPO_ROOT, load_config
 
 from .machine import describe
+from .serving_bench import warm_users
 
 
 def _p50_ms(url: str, user: int, n: int) -> float:
@@ -45,7 +44,7 @@ def main(argv=None) -> None:
     from serving.launcher import TritonServer
 
     serve = load_config().replace("serve", online_store="none", canary_interval_s=0.0).serve
-    user = int(np.load(args.artifacts / "serving" / "user_store.npz")["user_id"][0])
+    user = int(warm_users(args.artifacts)[0])
     rounds = []
     with TritonServer.from_config(serve, args.artifacts, ephemeral_ports=True) as server:
         for r in range(args.rounds):

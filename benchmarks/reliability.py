@@ -32,6 +32,7 @@ import numpy as np
 from shoprec.config import REPO_ROOT, load_config
 
 from .machine import describe
+from .serving_bench import warm_users
 
 I64 = (1 << 63) - 1
 
@@ -227,8 +228,7 @@ def run(artifacts: Path, n_fuzz: int, soak_s: float, concurrency: int) -> dict:
 
     cfg = load_config()
     serve = cfg.replace("serve", online_store="none").serve
-    store = np.load(artifacts / "serving" / "user_store.npz")
-    users = [int(u) for u in store["user_id"][:200]]
+    users = [int(u) for u in warm_users(artifacts)[:200]]
     with TritonServer.from_config(serve, artifacts, ephemeral_ports=True) as server:
         report = {"grpc_fuzz": fuzz_grpc(server.grpc_url, users[0], n_fuzz),
                   "http_fuzz": fuzz_http(server.http_url, users[0], n_fuzz)}

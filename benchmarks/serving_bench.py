@@ -51,11 +51,16 @@ TARGETS = ("triton-grpc", "triton-http", "fastapi-http")
 COMMAND = "python -m benchmarks.serving_bench"
 
 
-def input_data(artifacts: Path, path: Path, n: int = 1000, k: int = 10, seed: int = 0) -> np.ndarray:
-    """Real user ids from the serving user store (users with history: the personalised path)."""
+def warm_users(artifacts: Path) -> np.ndarray:
+    """User ids with history in the serving user store (the personalised path), checked against the manifest."""
     verify_manifest(artifacts / "serving", ["user_store.npz"])
     with np.load(artifacts / "serving" / "user_store.npz", allow_pickle=False) as z:
-        ids = z["user_id"][z["activity"] > 0]
+        return z["user_id"][z["activity"] > 0]
+
+
+def input_data(artifacts: Path, path: Path, n: int = 1000, k: int = 10, seed: int = 0) -> np.ndarray:
+    """Real user ids from the serving user store (users with history: the personalised path)."""
+    ids = warm_users(artifacts)
     users = np.random.default_rng(seed).choice(ids, size=n, replace=len(ids) < n)
     path.write_text(json.dumps({"data": [{"user_id": [int(u)], "k": [k]} for u in users]}))
     return users

@@ -18,11 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from shoprec.config import REPO_ROOT, load_config
 
 from .machine import describe
+from .serving_bench import warm_users
 
 STEPS = ("user_features", "candidates", "ranking")  # the cpu profile's python models
 FAULTS = [(s, signal.SIGKILL) for s in STEPS] + [(s, signal.SIGSTOP) for s in STEPS]
@@ -97,7 +96,7 @@ def main(argv=None) -> None:
 
     cfg = load_config()
     serve = cfg.replace("serve", online_store="none").serve
-    user = int(np.load(args.artifacts / "serving" / "user_store.npz")["user_id"][0])
+    user = int(warm_users(args.artifacts)[0])
     rows = []
     with TritonServer.from_config(serve, args.artifacts, ephemeral_ports=True) as server:
         with Load(server.grpc_url, user, args.clients) as load:
