@@ -154,6 +154,7 @@ class HttpFront:
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)  # this thread's loop: the shutdown's gather() below looks it up
         try:
             self._loop.run_until_complete(self._serve())
         except BaseException as exc:  # noqa: BLE001 - handed to start()
@@ -163,7 +164,8 @@ class HttpFront:
             pending = asyncio.all_tasks(self._loop)
             for task in pending:
                 task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
     async def _serve(self) -> None:
