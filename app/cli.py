@@ -10,6 +10,8 @@
   events     write user events to the online store: the next request of each user sees them
   items      mark items unavailable / available again (from the next request on)
   recommend  ask a running server for top-k items for a user (HTTP or gRPC)
+  demo-page  the Streamlit demo page (a user's history and their served list, by scene) on a running server
+  abtest     replay synthetic shoppers against a running server: CTR / purchases per experiment arm, CIs, test
   bench      benchmarks: request-time transform (NVTabular vs NumPy plan) and serving (perf_analyzer:
              Triton ensemble vs FastAPI vs in-process), results in benchmarks/results
   all        data -> features -> train -> export -> evaluate -> serve + recommend (the demo)
@@ -139,6 +141,25 @@ def cmd_recommend(args, cfg):
     from client.cli import run as recommend
 
     recommend(args, cfg)
+
+
+def cmd_demo_page(args, cfg):
+    import os
+
+    streamlit = Path(sys.executable).with_name("streamlit")
+    url = args.url or f"127.0.0.1:{cfg.serve.grpc_port}"
+    command = [str(streamlit), "run", str(REPO_ROOT / "app" / "demo.py"), "--server.headless", "true",
+               "--server.port", str(args.port), "--server.address", args.address, "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
+               "--", "--artifacts", str(_artifacts(args)), "--url", url]
+    print(f"demo page: http://{args.address}:{args.port} (recommendations from {url}; Ctrl-C stops)", flush=True)
+    os.execv(command[0], command)
+
+
+def cmd_abtest(args, cfg):
+    from benchmarks.abtest import cmd
+
+    cmd(args, cfg)
 
 
 def cmd_bench(args, cfg):
@@ -280,10 +301,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diversity", type=float, help="MMR lambda in [0, 1]: 0 = the ranker's order (default: config "
                                                    "serve.diversity)")
     p.add_argument("--client-device", help="request context: the device the user is on, e.g. mobile (default: unknown); not a compute device")
+    p.add_argument("--scene", help="home (default: serve.default_scene), item_detail (similar items to --context), cart "
+                   "(complements of the --context items), or a scene of the serve config")
+    p.add_argument("--context", type=int, nargs="+", metavar="ITEM_ID", help="context items (raw ids): the viewed item, "
+                   "the cart")
+    p.add_argument("--blend", type=float, nargs=3, metavar=("CTR", "CVR", "VALUE"), help="final score = CTR * pCTR + "
+                   "CVR * pCTR * pCVR + VALUE * pCTR * pCVR * item price / median price (default: the scene's)")
+    p.add_argument("--force-arm", action="append", metavar="LAYER=ARM", help="QA: serve this experiment arm instead of "
+                   "the user's (repeatable)")
     p.add_argument("--include-seen", action="store_true", help="do not filter out items the user already interacted with")
     p.add_argument("--tls-ca", help="gRPC over TLS: PEM of the CA that signed the server's certificate")
     p.add_argument("--tls-cert", help="mutual TLS: this client's certificate (PEM)")
     p.add_argument("--tls-key", help="mutual TLS: this client's key (PEM)")
+    p = add("demo-page", cmd_demo_page, "the Streamlit demo page against a running server: pick a user and a scene, "
+            "see their history and the served recommendations (http://ADDRESS:PORT)")
+    p.add_argument("--url", default=None, help="the server, host:port (default: loopback and the configured gRPC port)")
+    p.add_argument("--port", type=int, default=8501, help="the page's port (default 8501)")
+    p.add_argument("--address", default="127.0.0.1", help="the page's address (default: loopback)")
+    p = add("abtest", cmd_abtest, "replay synthetic shoppers against a running server with serve.experiments: clicks "
+            "and purchases drawn from the generator's planted truth, CTR and purchases per arm with 95%% CIs and a "
+            "Welch test of each arm against the layer's first")
+    p.add_argument("--url", default=None, help="host:port (default: loopback and the configured port)")
+    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    p.add_argument("--users", type=int, default=2000, help="synthetic users replayed, one request each (default 2000)")
+    p.add_argument("-k", type=int, default=10, help="list length (default 10)")
+    p.add_argument("--scene", default=None, help="scene of every request (default: the server's default scene)")
+    p.add_argument("--seed", type=int, default=0, help="which users, and the draws of their clicks (default 0)")
+    p.add_argument("--workers", type=int, default=4, help="clients sending in parallel (default 4)")
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
     p = add("bench", cmd_bench, "benchmarks on the built artifacts: request-time transform latency (Workflow.transform "
             "vs NumPy plan) and serving (perf_analyzer sweep: Triton ensemble vs FastAPI vs in-process, ~5 min)")
     p.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))

@@ -123,8 +123,10 @@ def _infer(request: InferRequest) -> dict:
         for name in ("user_id", "k"):
             if name not in arrays:
                 raise RequestError(f"missing input {name!r}")
-        out = pipeline().recommend(*(None if arrays.get(t.name) is None else arrays[t.name].ravel()
-                                     for t in contract.REQUEST_INPUTS), with_routes=True)
+        # [B, 1] request inputs as one value per user; context_item_ids stays [B, L]
+        out = pipeline().recommend(**{t.name: None if arrays.get(t.name) is None else
+                                      arrays[t.name] if t.name in ("context_item_ids", "blend") else arrays[t.name].ravel()
+                                      for t in contract.REQUEST_INPUTS}, with_routes=True)
     except (RequestError, ValueError) as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from exc
     ids = np.stack([o[0] for o in out])

@@ -4,6 +4,8 @@
     with RecommenderClient("127.0.0.1:8001") as c:
         rec = c.recommend(1000001, k=10, hour=20, client_device="mobile")
         rec.item_ids, rec.scores, rec.cold_start, rec.degraded
+        similar = c.recommend(1000001, k=10, scene="item_detail", context_item_ids=[5000017])
+        similar.routes, similar.experiment
 
 gRPC is the protocol to expose beyond the host. `shoprec serve` puts a validating front on HTTP
 (Triton 2.51's own HTTP/JSON front end can be killed by a malformed request declaring a huge
@@ -27,6 +29,7 @@ class Recommendation:
     cold_start: bool
     routes: list[list[str]] | None = None  # per item, the recall routes that proposed it (servers that say so)
     degraded: bool = False  # the online store failed: the list comes from the export's snapshot of the user
+    experiment: dict[str, str] | None = None  # experiment layer -> the user's arm (servers that say so)
 
 
 def _module(protocol: str, aio: bool = False):
@@ -42,7 +45,7 @@ def _module(protocol: str, aio: bool = False):
 
 
 def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_device=None, exclude_seen=None,
-                 diversity=None) -> list:
+                 diversity=None, scene=None, context_item_ids=None, force_arms=None, blend=None) -> list:
     def tensor(name, value, dtype, np_dtype):
         t = mod.InferInput(name, [1, 1], dtype)
         t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
@@ -59,6 +62,21 @@ def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_devi
         inputs.append(tensor("exclude_seen", bool(exclude_seen), "BOOL", np.bool_))
     if diversity is not None:
         inputs.append(tensor("diversity", float(diversity), "FP32", np.float32))
+    if scene is not None:
+        inputs.append(tensor("scene", scene.encode(), "BYTES", np.object_))
+    if context_item_ids is not None and len(context_item_ids):
+        ids = np.asarray(context_item_ids, dtype=np.int64).reshape(1, -1)
+        t = mod.InferInput("context_item_ids", list(ids.shape), "INT64")
+        t.set_data_from_numpy(ids)
+        inputs.append(t)
+    if force_arms:
+        text = ",".join(f"{k}={v}" for k, v in force_arms.items()) if isinstance(force_arms, dict) else str(force_arms)
+        inputs.append(tensor("force_arms", text.encode(), "BYTES", np.object_))
+    if blend is not None:
+        w = np.asarray(blend, dtype=np.float32).reshape(1, 3)
+        t = mod.InferInput("blend", [1, 3], "FP32")
+        t.set_data_from_numpy(w)
+        inputs.append(t)
     return inputs
 
 
@@ -66,8 +84,15 @@ def _parse(user_id, result) -> Recommendation:
     masks = result.as_numpy("item_routes")
     routes = None if masks is None else [[r for bit, r in enumerate(ROUTES) if int(m) & (1 << bit)] for m in masks[0]]
     degraded = result.as_numpy("degraded")
+    exp = result.as_numpy("experiment")
+    experiment = None
+    if exp is not None:
+        text = exp.ravel()[0]
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        experiment = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
     return Recommendation(user_id, result.as_numpy("item_ids")[0], result.as_numpy("scores")[0],
-                          bool(result.as_numpy("cold_start")[0, 0]), routes, degraded is not None and bool(degraded[0, 0]))
+                          bool(result.as_numpy("cold_start")[0, 0]), routes, degraded is not None and bool(degraded[0, 0]),
+                          experiment)
 
 
 def _tls_args(protocol: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> dict:
@@ -96,11 +121,14 @@ class RecommenderClient:
         return self._client.is_server_ready() and self._client.is_model_ready(self.model)
 
     def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None, exclude_seen=None,
-                  diversity=None) -> Recommendation:
+                  diversity=None, scene=None, context_item_ids=None, force_arms=None, blend=None) -> Recommendation:
         """Top-k for one user. Context (hour, weekday, client_device: mobile, web...) is optional: absent means unknown.
-        exclude_seen=False keeps items the user already interacted with (default: the server's setting)."""
+        exclude_seen=False keeps items the user already interacted with (default: the server's setting).
+        scene: home (default), item_detail, cart or a configured one; context_item_ids: the viewed item or the
+        cart's items (raw ids); force_arms: {layer: arm} (QA) instead of the user's hashed arms; blend: the final
+        score's weights (pCTR, pCTR*pCVR, pCTR*pCVR*item value) instead of the scene's."""
         result = self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen,
-                                                                     diversity))
+                                                             diversity, scene, context_item_ids, force_arms, blend))
         return _parse(user_id, result)
 
     def close(self):
@@ -123,9 +151,10 @@ class AsyncRecommenderClient:
         self.model = model
 
     async def recommend(self, user_id: int, k: int = 10, hour=None, weekday=None, client_device=None,
-                        exclude_seen=None, diversity=None) -> Recommendation:
+                        exclude_seen=None, diversity=None, scene=None, context_item_ids=None, force_arms=None,
+                        blend=None) -> Recommendation:
         result = await self._client.infer(self.model, build_inputs(self._mod, user_id, k, hour, weekday, client_device, exclude_seen,
-                                                                     diversity))
+                                                                   diversity, scene, context_item_ids, force_arms, blend))
         return _parse(user_id, result)
 
     async def close(self):

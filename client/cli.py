@@ -28,7 +28,8 @@ def item_details(artifacts: Path) -> dict | None:
 
 def format_table(rec, details) -> str:
     lines = [f"user {rec.user_id}: {len(rec.item_ids)} items" + ("  (cold start: no history)" if rec.cold_start else "")
-             + ("  (degraded: online store unavailable, served from the snapshot)" if getattr(rec, "degraded", False) else "")]
+             + ("  (degraded: online store unavailable, served from the snapshot)" if getattr(rec, "degraded", False) else "")
+             + ("  experiment: " + ", ".join(f"{k}={v}" for k, v in rec.experiment.items()) if rec.experiment else "")]
     cols = list(details["columns"]) if details else []
     lines.append(f"{'rank':>4}  {'item_id':>9}  {'score':>7}  {'routes':<18}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
     order = np.argsort(details["ids"]) if details else None
@@ -49,7 +50,14 @@ def format_table(rec, details) -> str:
 def run(args, cfg) -> None:
     port = cfg.serve.grpc_port if args.protocol == "grpc" else cfg.serve.http_port
     url = args.url or f"127.0.0.1:{port}"
+    from tritonclient.utils import InferenceServerException
+
     with RecommenderClient(url, args.protocol, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
-        rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.client_device,
-                          exclude_seen=False if args.include_seen else None, diversity=args.diversity)
+        try:
+            rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.client_device,
+                              exclude_seen=False if args.include_seen else None, diversity=args.diversity, scene=args.scene,
+                              context_item_ids=args.context, force_arms=",".join(args.force_arm) if args.force_arm else None,
+                              blend=args.blend)
+        except InferenceServerException as exc:  # the server's one-line reason (a bad request: the field it names)
+            raise SystemExit(f"shoprec recommend: {exc.message() or exc}") from None
     print(format_table(rec, item_details(Path(args.artifacts))))

@@ -120,6 +120,14 @@ def _rel_price(items: pd.DataFrame, roles: dict, category: np.ndarray | None) ->
     return logp.fillna(0.0).values.astype(np.float64)
 
 
+def _item_value(items: pd.DataFrame, roles: dict) -> np.ndarray:
+    """The items' value for the serving blend (runtime/strategy.py): their price, 0 where missing; empty without one."""
+    col = roles.get("price")
+    if col is None or col not in items.columns or items[col].isna().all():
+        return np.zeros(0)
+    return items[col].astype(float).clip(lower=0).fillna(0.0).values.astype(np.float64)
+
+
 def _item_statistics(items: pd.DataFrame, train: pd.DataFrame, impressions: pd.DataFrame, roles: dict,
                      t_ref: int) -> pd.DataFrame:
     """Statistics per item row from the given training actions: positives, exposures (shown or acted
@@ -355,6 +363,7 @@ def _serving_files(qw, qspec: dict, log_all: ActionLog, data: _Split, it: _ItemF
         category_code=it.category if it.category is not None else np.full(len(items), -1, np.int64),
         category_names=it.category_names,
         rel_price=it.rel_price if it.rel_price is not None else np.zeros(0),  # empty: the items have no price
+        value=_item_value(items, data.raw_schema["roles"]),  # what a blend's value weight multiplies (price); empty: none
         **display,
     )
     return plan

@@ -1,22 +1,31 @@
-"""Recall routes, their merge and the candidate features the ranker reads: one implementation for
+"""Recall routes, their fusion and the candidate features the ranker reads: one implementation for
 the offline stages (the ranker's training lists, evaluation) and the server, so a candidate gets
-the same features in both. NumPy (+ FAISS for the ANN route) only.
+the same features in both. NumPy (+ FAISS for the ANN routes) only.
 
-Routes, each excluding the user's seen items (`exclude_seen`; items of repeat categories stay):
-  cf_all    item-to-item scores of everything the user interacted with (views included)
-  cf_pos    the same from the user's positives only (click or stronger)
-  ann       two-tower: the user embedding against the item embeddings (FAISS)
-  category  the popular items of the user's categories: P(category | user) from their actions,
-            recent ones weighing more, times P(item | category), the item's share of its
-            category's popularity (items with a category only)
-  popular   the most popular items: always available, fills what the others leave
-A user without history gets the ANN route (profile and context) and the popular route.
+Routes, each excluding the user's seen items (`exclude_seen`; items of repeat categories stay), the
+request's context items and the unavailable ones:
+  cf_all       item-to-item scores of everything the user interacted with (views included)
+  cf_pos       the same from the user's positives only (click or stronger)
+  ann          two-tower: the user embedding against the item embeddings (FAISS)
+  category     the popular items of the user's categories: P(category | user) from their actions,
+               recent ones weighing more, times P(item | category), the item's share of its
+               category's popularity (items with a category only)
+  popular      the most popular items: always available, fills what the others leave
+  trending     recency-weighted popularity (`trending_order`): positives weighted by their age at export
+  similar      item-to-item (cf_all) neighbours of the request's context items (the viewed item)
+  similar_ann  the items nearest the context items in the two-tower space (new items too)
+  copurchase   items bought together with or after the context items (`copurchase_neighbours`)
+A user without history gets the ANN, popular and trending routes; the context routes need context items.
 
-Merge: round robin over the routes' ranked lists (in the order above), first occurrence wins,
-until N candidates. Features per candidate (`DENSE_FEATURES`): the three item-to-item scores (all,
-positives, the last `recent_window` actions), the two-tower dot product, log(1 + rank) in the
-cf_all, cf_pos and ann lists (N when absent), the user's affinity to the candidate's category and
-the category route's score.
+Fusion: weighted round robin. Route r's item at rank p gets the key (p + 1) / w_r; candidates are taken
+in key order (ties: rank, then the route order of contract.ROUTES), first occurrence wins, until N.
+Equal weights interleave the lists rank by rank; weight 0 turns a route off. The scene (and an
+experiment arm) sets the weights per request (runtime/strategy.py); the ranker's training lists use
+`TRAINING_WEIGHTS`. A route that fails returns nothing and is reported (`failed`); the others fill in.
+
+Features per candidate (`DENSE_FEATURES`): the three item-to-item scores (all, positives, the last
+`recent_window` actions), the two-tower dot product, log(1 + rank) in the cf_all, cf_pos and ann lists
+(N when absent), the user's affinity to the candidate's category and the category route's score.
 """
 
 from __future__ import annotations
@@ -31,8 +40,11 @@ from .faiss_search import search
 
 DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann", "cat_affinity",
                   "cat_score")
-ROUTES = contract.ROUTES  # the merge order, and the bit order of the route masks in responses
+ROUTES = contract.ROUTES  # the fusion tie order, and the bit order of the route masks in responses
 POSITIVE_KIND = 2
+PURCHASE_KIND = 4
+# the routes the ranker's training lists fuse (equal weights): the served home scene adds trending
+TRAINING_WEIGHTS = np.array([1.0 if r in ("cf_all", "cf_pos", "ann", "category", "popular") else 0.0 for r in ROUTES])
 
 
 @dataclass(frozen=True)
@@ -134,25 +146,29 @@ def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
 
 
 class CandidateGenerator:
-    """Routes + merge + features for a batch of users. Cost per user: O(history x neighbours + items)."""
+    """Routes + fusion + features for a batch of users. Cost per user: O(history x neighbours + items)."""
 
     def __init__(self, item_embeddings: np.ndarray, index, cf_all: ItemNeighbours, cf_pos: ItemNeighbours,
                  popular_rows: np.ndarray, n_candidates: int, recent_window: int = 5, exempt: np.ndarray | None = None,
-                 categories: CategoryPrior | None = None):
+                 categories: CategoryPrior | None = None, trending_rows: np.ndarray | None = None,
+                 copurchase: ItemNeighbours | None = None):
         n = len(item_embeddings)
-        for name, cf in (("cf_all", cf_all), ("cf_pos", cf_pos)):
+        copurchase = copurchase or ItemNeighbours.empty(n)
+        for name, cf in (("cf_all", cf_all), ("cf_pos", cf_pos), ("copurchase", copurchase)):
             if cf.n_items != n:
                 raise ValueError(f"{name} covers {cf.n_items} items, the item embeddings {n}")
         self.emb = np.ascontiguousarray(item_embeddings, dtype=np.float32)
         self.index = index
-        self.cf_all, self.cf_pos = cf_all, cf_pos
+        self.cf_all, self.cf_pos, self.copurchase = cf_all, cf_pos, copurchase
         self.popular = np.asarray(popular_rows, dtype=np.int64)
+        self.trending = np.zeros(0, np.int64) if trending_rows is None else np.asarray(trending_rows, dtype=np.int64)
         self.n = int(min(n_candidates, n))
         self.recent_window = recent_window
         self.exempt = np.zeros(n, bool) if exempt is None else np.asarray(exempt, dtype=bool)
         self.categories = categories or CategoryPrior.from_popularity(np.full(n, -1), np.zeros(n))  # none: an empty route
         if len(self.categories.category) != n:
             raise ValueError(f"category prior covers {len(self.categories.category)} items, the item embeddings {n}")
+        self.failed: dict[str, str] = {}  # route -> error of the last call's failed routes (served empty)
 
     @property
     def n_items(self) -> int:
@@ -160,13 +176,19 @@ class CandidateGenerator:
 
     def __call__(self, user_emb: np.ndarray, hist_indptr: np.ndarray, hist_rows: np.ndarray, hist_kinds: np.ndarray,
                  exclude_seen: np.ndarray | bool = True, with_routes: bool = False,
-                 unavailable: np.ndarray | None = None) -> tuple:
+                 unavailable: np.ndarray | None = None, weights: np.ndarray | None = None,
+                 context: tuple[np.ndarray, np.ndarray] | None = None,
+                 exclude_context_categories: np.ndarray | bool = False) -> tuple:
         """-> candidate rows [U, N] (-1 pads when too few items are left), dense features [U, N, F],
         and each route's ranked list {route: [U, N]} (for evaluation); with_routes: also each candidate's
         route bitmask [U, N] int32 (bit i: in ROUTES[i]'s list), from the same positions the features use.
-        unavailable: item rows no route may propose, for every user."""
+        unavailable: item rows no route may propose, for every user. weights: fusion weight of each route,
+        [len(ROUTES)] or per user [U, len(ROUTES)] (default TRAINING_WEIGHTS). context: the request's context
+        items (CSR indptr, rows): never proposed, read by the context routes; exclude_context_categories:
+        per user, no item of a context item's category either."""
         u = len(hist_indptr) - 1
         n_items, n = self.n_items, self.n
+        weights = np.broadcast_to(TRAINING_WEIGHTS if weights is None else np.asarray(weights, np.float64), (u, len(ROUTES)))
         exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (u,))
         owner = np.repeat(np.arange(u), np.diff(hist_indptr))
         blocked = np.zeros((u, n_items), bool)
@@ -174,7 +196,16 @@ class CandidateGenerator:
         blocked[owner[drop], hist_rows[drop]] = True
         if unavailable is not None and len(unavailable):  # out of stock, withdrawn: no route proposes them
             blocked[:, unavailable] = True
+        ctx_indptr, ctx_rows = context if context is not None else (np.zeros(u + 1, np.int64), np.zeros(0, np.int64))
+        ctx_owner = np.repeat(np.arange(u), np.diff(ctx_indptr))
+        blocked[ctx_owner, ctx_rows] = True  # the viewed item, the cart: never recommended back
+        drop_cats = np.broadcast_to(np.asarray(exclude_context_categories, dtype=bool), (u,))
+        if drop_cats.any() and self.categories.n_categories and len(ctx_rows):
+            cats = self.categories.category[ctx_rows]
+            for i in np.unique(ctx_owner[drop_cats[ctx_owner] & (cats >= 0)]):
+                blocked[i] |= np.isin(self.categories.category, cats[ctx_owner == i]) & (self.categories.category >= 0)
         has_history = np.diff(hist_indptr) > 0
+        has_context = np.diff(ctx_indptr) > 0
 
         pos = hist_kinds >= POSITIVE_KIND
         pos_indptr = np.r_[0, np.cumsum(np.bincount(owner[pos], minlength=u))].astype(np.int64)
@@ -186,17 +217,43 @@ class CandidateGenerator:
 
         shares = self.categories.shares(hist_indptr, hist_rows)
         s_cat = self.categories.scores(shares)
+        self.failed = {}
+        none = np.full((u, n), -1, np.int64)
+        wanted = {r: bool((weights[:, i] > 0).any()) for i, r in enumerate(ROUTES)}
+
+        def route(name, fn, needed=True):
+            if not needed:
+                return none
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - a failing route degrades to the others
+                self.failed[name] = f"{type(exc).__name__}: {exc}"
+                return none
+
         lists = {
             "cf_all": np.where(has_history[:, None], _topn(s_all, blocked, n), -1),
             "cf_pos": np.where((np.diff(pos_indptr) > 0)[:, None], _topn(s_pos, blocked, n), -1),
-            "ann": self._ann(user_emb, blocked, n),
+            "ann": route("ann", lambda: self._ann(user_emb, blocked, n)),
             "category": _topn(np.where(s_cat > 0, s_cat, -np.inf), blocked, n),
-            "popular": self._popular(blocked, n),
+            "popular": self._ranked(self.popular, blocked, n),
+            "trending": route("trending", lambda: self._ranked(self.trending, blocked, n), wanted["trending"]),
+            "similar": route("similar", lambda: np.where(has_context[:, None], _topn(
+                self._positive(self.cf_all.scores(ctx_indptr, ctx_rows)), blocked, n), -1),
+                wanted["similar"] and has_context.any()),
+            "similar_ann": route("similar_ann", lambda: self._similar_ann(ctx_indptr, ctx_rows, blocked, n),
+                                 wanted["similar_ann"] and has_context.any()),
+            "copurchase": route("copurchase", lambda: np.where(has_context[:, None], _topn(
+                self._positive(self.copurchase.scores(ctx_indptr, ctx_rows)), blocked, n), -1),
+                wanted["copurchase"] and has_context.any()),
         }
-        rows = _round_robin([lists[r] for r in ROUTES], n)
+        live = [i for i, r in enumerate(ROUTES) if (weights[:, i] > 0).any() and (lists[r] >= 0).any()]  # others add nothing
+        live = live or [ROUTES.index("popular")]
+        rows, cutoff = _fuse([lists[ROUTES[i]] for i in live], weights[:, live], n, with_cutoff=True)
         safe = np.maximum(rows, 0)
         dots = np.einsum("ud,und->un", np.asarray(user_emb, dtype=np.float32), self.emb[safe])
-        position = {r: _position(rows, lists[r], n) for r in (ROUTES if with_routes else ("cf_all", "cf_pos", "ann"))}
+        credited = [r for i, r in enumerate(ROUTES) if i in live] if with_routes else []  # routes that can be credited
+        position = {r: _position(rows, lists[r], n) if r in ("cf_all", "cf_pos", "ann") or r in credited
+                    else np.full(rows.shape, n, np.int64) for r in ROUTES}
         feats = np.stack([
             np.take_along_axis(s_all, safe, 1), np.take_along_axis(s_pos, safe, 1), np.take_along_axis(s_recent, safe, 1), dots,
             *(np.log1p(position[r]) for r in ("cf_all", "cf_pos", "ann")),  # log(1 + rank), log(1 + n) when absent
@@ -207,8 +264,17 @@ class CandidateGenerator:
         feats[rows < 0] = 0.0
         if not with_routes:
             return rows, feats, lists
-        routes = sum(np.where(position[r] < n, np.int32(1 << bit), np.int32(0)) for bit, r in enumerate(ROUTES))
+        with np.errstate(divide="ignore"):  # a route proposed a candidate if the fusion reached it in the route's list
+            reached = {bit: (position[r] < n) & (weights[:, [bit]] > 0) & ((position[r] + 1) / weights[:, [bit]] <= cutoff[:, None])
+                       for bit, r in enumerate(ROUTES) if r in credited}
+        routes = np.zeros(rows.shape, np.int32)
+        for bit, hit in reached.items():
+            routes |= np.where(hit, np.int32(1 << bit), np.int32(0))
         return rows, feats, lists, np.where(rows >= 0, routes, 0).astype(np.int32)
+
+    @staticmethod
+    def _positive(scores: np.ndarray) -> np.ndarray:
+        return np.where(scores > 0, scores, -np.inf)
 
     def _ann(self, user_emb: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
         extra = int(blocked.sum(1).max()) if len(blocked) else 0
@@ -220,12 +286,76 @@ class CandidateGenerator:
         ok = ~np.take_along_axis(blocked, np.maximum(found, 0), 1) & (found >= 0)
         return _compact(found, ok, n)
 
-    def _popular(self, blocked: np.ndarray, n: int) -> np.ndarray:
-        # a user has at most `extra` blocked items, so the n + extra most popular hold their first n unblocked
+    def _similar_ann(self, ctx_indptr: np.ndarray, ctx_rows: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
+        """The items nearest the mean of each user's (unit-length) context item embeddings."""
+        out = np.full((len(blocked), n), -1, np.int64)
+        users = np.flatnonzero(np.diff(ctx_indptr) > 0)
+        emb = self.emb[ctx_rows] / np.maximum(np.linalg.norm(self.emb[ctx_rows], axis=1, keepdims=True), 1e-12)
+        sums = np.add.reduceat(emb, ctx_indptr[users], axis=0) if len(users) else np.zeros((0, self.emb.shape[1]))
+        query = (sums / np.diff(ctx_indptr)[users, None]).astype(np.float32)
+        out[users] = self._ann(query, blocked[users], n)
+        return out
+
+    def _ranked(self, ranked: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
+        """The first n unblocked rows of a global order (popular, trending) per user."""
+        # a user has at most `extra` blocked items, so the n + extra first rows hold their first n unblocked
         extra = int(blocked.sum(1).max()) if len(blocked) else 0
-        head = self.popular[: n + extra]
-        pop = np.broadcast_to(head, (len(blocked), len(head)))
-        return _compact(pop, ~np.take_along_axis(blocked, pop, 1), n)
+        head = ranked[: n + extra]
+        if not len(head):
+            return np.full((len(blocked), n), -1, np.int64)
+        rows = np.broadcast_to(head, (len(blocked), len(head)))
+        return _compact(rows, ~np.take_along_axis(blocked, rows, 1), n)
+
+
+def trending_order(item_row: np.ndarray, ts: np.ndarray, kind: np.ndarray, n_items: int, half_life_days: float) -> np.ndarray:
+    """Item rows by recency-weighted popularity: each positive weighs 0.5 ** (age / half-life), its age taken
+    at the latest action; items without a positive are left out."""
+    pos = np.asarray(kind) >= POSITIVE_KIND
+    if not pos.any():
+        return np.zeros(0, np.int64)
+    ts = np.asarray(ts, dtype=np.float64)[pos]
+    age_days = (ts.max() - ts) / 86400.0
+    score = np.bincount(np.asarray(item_row)[pos], weights=0.5 ** (age_days / max(half_life_days, 1e-6)), minlength=n_items)
+    order = np.lexsort((np.arange(n_items), -score))
+    return order[score[order] > 0].astype(np.int64)
+
+
+def copurchase_neighbours(user: np.ndarray, session: np.ndarray, ts: np.ndarray, item_row: np.ndarray, kind: np.ndarray,
+                          n_items: int, window: int = 5, top: int = 100) -> dict[str, np.ndarray]:
+    """Co-purchase weights as CSR arrays (ItemNeighbours.from_arrays): a purchase of a votes for the user's next
+    `window` purchases b (a -> b: bought after), and a purchase in the same session votes both ways (bought
+    together). Counts are cosine-normalised, count / sqrt(purchases of a * purchases of b); the strongest
+    `top` per item are kept."""
+    buy = np.asarray(kind) >= PURCHASE_KIND
+    u, s, t, it = (np.asarray(x)[buy] for x in (user, session, ts, item_row))
+    order = np.lexsort((t, u))
+    u, s, it = u[order], s[order], it[order]
+    src, dst = [], []
+    for lag in range(1, window + 1):
+        same_user = u[:-lag] == u[lag:]
+        a, b = it[:-lag][same_user], it[lag:][same_user]
+        keep = a != b
+        src.append(a[keep])
+        dst.append(b[keep])
+        together = (s[:-lag] == s[lag:])[same_user][keep]
+        src.append(b[keep][together])
+        dst.append(a[keep][together])
+    src = np.concatenate(src) if src else np.zeros(0, np.int64)
+    dst = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+    if not len(src):
+        return {"indptr": np.zeros(n_items + 1, np.int64), "indices": np.zeros(0, np.int64), "values": np.zeros(0, np.float32)}
+    pair, count = np.unique(src.astype(np.int64) * n_items + dst, return_counts=True)
+    a, b = pair // n_items, pair % n_items
+    bought = np.bincount(it, minlength=n_items).astype(np.float64)
+    value = count / np.sqrt(np.maximum(bought[a] * bought[b], 1.0))
+    order = np.lexsort((b, -value, a))  # per item a: strongest first
+    a, b, value = a[order], b[order], value[order]
+    starts = np.searchsorted(a, np.arange(n_items))
+    rank = np.arange(len(a)) - starts[a]
+    keep = rank < top
+    a, b, value = a[keep], b[keep], value[keep]
+    indptr = np.r_[0, np.cumsum(np.bincount(a, minlength=n_items))].astype(np.int64)
+    return {"indptr": indptr, "indices": b.astype(np.int64), "values": value.astype(np.float32)}
 
 
 def _last_per_user(indptr: np.ndarray, window: int) -> np.ndarray:
@@ -245,12 +375,20 @@ def _compact(rows: np.ndarray, keep: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _round_robin(lists: list[np.ndarray], n: int) -> np.ndarray:
-    """Interleave ranked lists rank by rank (route order breaks ties), keep first occurrences, first n."""
+def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: bool = False):
+    """Weighted round robin over ranked lists [U, n] (in ROUTES order) with weights [U, R]: the item at rank p
+    of route r gets the key (p + 1) / w_r (ties: rank, then route order); first occurrences in key order,
+    first n. with_cutoff: also each user's key of the last candidate taken (inf when the lists ran out)."""
     u = lists[0].shape[0]
-    inter = np.stack([np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=-1) if x.shape[1] < n else x[:, :n]
-                      for x in lists], axis=2).reshape(u, -1)
-    user, col = np.nonzero(inter >= 0)  # row-major: user, then interleaved position
+    stacked = np.stack([np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=-1) if x.shape[1] < n else x[:, :n]
+                        for x in lists], axis=2)  # [U, n, R]: rank-major, route-minor
+    with np.errstate(divide="ignore"):
+        keys = (np.arange(1, n + 1)[None, :, None] / weights[:, None, :]).astype(np.float64)
+    keys = np.where((stacked >= 0) & (weights[:, None, :] > 0), keys, np.inf).reshape(u, -1)
+    order = np.argsort(keys, axis=1, kind="stable")
+    inter = np.take_along_axis(stacked.reshape(u, -1), order, axis=1)
+    inter = np.where(np.take_along_axis(keys, order, axis=1) < np.inf, inter, -1)
+    user, col = np.nonzero(inter >= 0)  # row-major: user, then fused position
     rows = inter[user, col]
     width = int(rows.max()) + 1 if len(rows) else 1
     _, first = np.unique(user * width + rows, return_index=True)
@@ -261,11 +399,21 @@ def _round_robin(lists: list[np.ndarray], n: int) -> np.ndarray:
     out = np.full((u, n), -1, np.int64)
     keep = rank < n
     out[user[keep], rank[keep]] = rows[keep]
-    return out
+    if not with_cutoff:
+        return out
+    # the key of each user's last taken candidate (inf when the lists ran out first): a route "proposed" an item
+    # when its key for it is within this, so a fallback route is credited only where it filled
+    sorted_keys = np.take_along_axis(keys, order, axis=1)
+    cutoff = np.full(u, np.inf)
+    last = keep & (rank == n - 1)
+    cutoff[user[last]] = sorted_keys[user[last], col[first][last]]
+    return out, cutoff
 
 
 def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
     """Position of each candidate in a route's ranked list (per user), n when absent."""
+    if not (ranked >= 0).any():  # an empty route (off, or nothing to start from)
+        return np.full(rows.shape, n, dtype=np.int64)
     u, width = ranked.shape
     span = int(max(rows.max(initial=0), ranked.max(initial=0))) + 2
     keys = (np.arange(u)[:, None] * span + ranked + 1).ravel()  # + 1: pads (-1) never match a row

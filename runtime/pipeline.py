@@ -48,16 +48,26 @@ class Pipeline:
         return tensors
 
     @staticmethod
-    def request(user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None) -> dict:
-        """Request tensors ([B, 1], the contract's dtypes) from scalars or per-user arrays."""
+    def request(user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None, scene=None,
+                context_item_ids=None, force_arms=None, blend=None) -> dict:
+        """Request tensors ([B, 1], the contract's dtypes; context_item_ids [B, L], blend [B, 3]) from scalars or
+        per-user arrays (context_item_ids, blend: one for every user, or one per user)."""
         user_id = np.asarray(user_id, dtype=np.int64).reshape(-1, 1)
         values = {"k": k, "hour": hour, "weekday": weekday, "client_device": client_device, "exclude_seen": exclude_seen,
-                  "diversity": diversity}
+                  "diversity": diversity, "scene": scene, "force_arms": force_arms}
         out = {"user_id": user_id}
         for t in contract.REQUEST_INPUTS[1:]:
-            v = values[t.name]
+            if t.name in ("context_item_ids", "blend"):
+                continue
+            v = values.get(t.name)
             if v is not None:
                 out[t.name] = np.broadcast_to(np.asarray(v, dtype=NUMPY_DTYPES[t.dtype]).reshape(-1, 1), user_id.shape).copy()
+        if context_item_ids is not None:
+            ctx = np.asarray(context_item_ids, dtype=np.int64)
+            out["context_item_ids"] = np.broadcast_to(ctx.reshape(-1, ctx.shape[-1] if ctx.ndim else 1),
+                                                      (len(user_id), ctx.shape[-1] if ctx.ndim else 1)).copy()
+        if blend is not None:
+            out["blend"] = np.broadcast_to(np.asarray(blend, dtype=np.float32).reshape(-1, 3), (len(user_id), 3)).copy()
         return out
 
     def rank(self, request: dict) -> dict:
@@ -66,10 +76,11 @@ class Pipeline:
         return self.run(request, stop=per_request)
 
     def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None,
-                  with_routes: bool = False):
+                  with_routes: bool = False, scene=None, context_item_ids=None, force_arms=None, blend=None):
         """Batch of users -> list of (item_ids, scores, cold_start), one per user (each user its own request);
         with_routes: (item_ids, scores, cold_start, item_routes), the route bitmask of each served item."""
-        tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen, diversity))
+        tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen, diversity, scene,
+                                         context_item_ids, force_arms, blend))
         last = self.graph[-1]
         if not last.per_request:
             raise ValueError(f"the graph's last step {last.name!r} does not produce per-request lists")

@@ -27,6 +27,7 @@ import numpy as np
 from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours
 from runtime.online_store import OnlineStore, store_url
 from runtime.request_transform import TransformPlan, UserStore, find_rows, raw_rows
+from runtime.strategy import Strategy
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
 from shoprec.contract import BUNDLE_FILES
@@ -110,7 +111,7 @@ def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray
                 raise RequestError(f"client_device must be at most {MAX_DEVICE_BYTES} bytes")
 
 
-ROW_INPUTS = ("history_rows", "unavailable_rows", "candidate_rows")  # item rows of the bundle, -1 pads
+ROW_INPUTS = ("history_rows", "unavailable_rows", "candidate_rows", "context_rows")  # item rows of the bundle, -1 pads
 
 
 def check_inputs(t: dict, sizes: dict) -> None:
@@ -271,6 +272,9 @@ class FeatureTransform(StepImpl):
         self.spec = bundle.dims["query_spec"]
         self.seq_len = int(bundle.dims["seq_len"])
         self.k_max = max_k(bundle, self.cfg)
+        self.strategy = Strategy(self.cfg)
+        self.item_ids = table["item_ids"]
+        self.item_order = np.argsort(self.item_ids, kind="stable")
         url = store_url(self.cfg.online_store)
         self.online = OnlineStore.for_bundle(url, bundle, self.cfg, self.store) if url else None
 
@@ -286,12 +290,40 @@ class FeatureTransform(StepImpl):
             if t.get(name) is not None and len(np.ravel(t[name])) != n:
                 raise RequestError(f"{name} must have one value per user_id row")
         validate_request(t["k"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")), t.get("client_device"), self.k_max)
+        st = self.strategy
+        if t.get("scene") is not None:
+            names = decode_text(t["scene"], "scene")
+            if len(names) != n:
+                raise RequestError("scene must have one value per user_id row")
+            bad = [x for x in names if x not in st.scene_code]
+            if bad:
+                raise RequestError(f"scene must be one of {list(st.scenes)}, got {bad[0][:64]!r}")
+            t["scene"] = np.array([st.scene_code[x] for x in names], np.int32)
+        if t.get("force_arms") is not None:
+            texts = decode_text(t["force_arms"], "force_arms")
+            if len(texts) != n:
+                raise RequestError("force_arms must have one value per user_id row")
+            try:
+                t["force_arms"] = [st.parse_forced(x[:1024]) for x in texts]
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
+        ctx = t.get("context_item_ids")
+        if ctx is not None:
+            ctx = np.asarray(ctx, dtype=np.int64).reshape(n, -1)
+            if ctx.shape[1] > self.cfg.max_context_items:
+                raise RequestError(f"context_item_ids: at most {self.cfg.max_context_items} items per request "
+                                   f"(serve.max_context_items), got {ctx.shape[1]}")
+            t["context_item_ids"] = ctx
         return t
 
     METRICS = {"shoprec_requests_total": "users asked for recommendations (one per request row)",
                "shoprec_cold_start_total": "of them, users without history in the user store (cold start)",
                "shoprec_live_state_total": "of them, users served from their live state in the online store",
-               "shoprec_degraded_total": "of them, users served from the snapshot because the online store failed"}
+               "shoprec_degraded_total": "of them, users served from the snapshot because the online store failed",
+               "shoprec_scene_requests_total": "users asked for recommendations, by scene (label: scene)",
+               "shoprec_arm_requests_total": "users asked for recommendations, by experiment layer and arm (labels: layer, arm)",
+               "shoprec_context_items_total": "context items requests sent (item_detail, cart)",
+               "shoprec_context_items_unknown_total": "of them, ids not in the catalog: ignored"}
 
     def run(self, t: dict) -> tuple:
         f = self(t["user_id"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")), _flat(t.get("client_device")))
@@ -301,8 +333,34 @@ class FeatureTransform(StepImpl):
         self.count("shoprec_live_state_total", int(f["live"].sum()))
         self.count("shoprec_degraded_total", n if f["degraded"] else 0)
         unavailable = np.broadcast_to(f["unavailable"], (n, len(f["unavailable"]))).copy()
+        strategy, context_rows, experiment = self.request_strategy(t)
         return (f["user_cat"], f["user_cont"], f["seq_items"], f["seq_kinds"], f["history_rows"], f["history_kinds"],
-                unavailable, f["cold"][:, None], np.full((n, 1), f["degraded"]))
+                unavailable, f["cold"][:, None], np.full((n, 1), f["degraded"]), strategy, context_rows, experiment)
+
+    def request_strategy(self, t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(strategy [B, 2]: scene code and experiment variant, context_rows [B, L], experiment [B, 1]) of checked
+        request tensors; counts requests by scene and arm, and the context items."""
+        st = self.strategy
+        user_id = t["user_id"].ravel()
+        n = len(user_id)
+        scene = np.full(n, st.default_scene, np.int32) if t.get("scene") is None else np.asarray(t["scene"], np.int32)
+        variant = st.assign(user_id, t.get("force_arms"))
+        for code, c in zip(*np.unique(scene, return_counts=True)):
+            self.count("shoprec_scene_requests_total", int(c), scene=st.scenes[int(code)])
+        labels = {}
+        for v, c in zip(*np.unique(variant, return_counts=True)):
+            labels[int(v)] = st.label(int(v))
+            for layer, arm in st.arms(int(v)):
+                self.count("shoprec_arm_requests_total", int(c), layer=layer, arm=arm)
+        ctx = t.get("context_item_ids")
+        if ctx is None or not ctx.size:
+            rows = np.full((n, 1), -1, np.int64)
+        else:
+            rows = find_rows(self.item_ids, ctx.ravel(), self.item_order).reshape(ctx.shape)
+            self.count("shoprec_context_items_total", int(ctx.size))
+            self.count("shoprec_context_items_unknown_total", int((rows < 0).sum()))
+        experiment = np.array([[labels[int(v)].encode()] for v in variant], dtype=object)
+        return np.stack([scene, variant], axis=1).astype(np.int32), rows, experiment
 
     def __call__(self, user_id: np.ndarray, hour=None, weekday=None, client_device=None) -> dict:
         """The step's tensors for a batch of users (dict), plus `live` (per user: read from the online store)."""
@@ -375,7 +433,8 @@ class OnnxStep(StepImpl):
 
 
 class Retrieval(StepImpl):
-    """user_embedding [B, D], history_rows / history_kinds [B, H], unavailable_rows [B, U], exclude_seen [B, 1]
+    """user_embedding [B, D], history_rows / history_kinds [B, H], unavailable_rows [B, U], exclude_seen [B, 1],
+    strategy [B, 2] (scene, experiment variant: the fusion weights), context_rows [B, L]
     -> candidate_rows [B, N] (-1 pads when the catalog minus the user's seen and the unavailable items has
     fewer than N), candidate_dense [B, N, F], candidate_routes [B, N].
 
@@ -406,26 +465,38 @@ class Retrieval(StepImpl):
         if unknown:
             raise ValueError(f"serve.repeat_categories names categories the catalog does not have: {unknown}")
         exempt = np.isin(table["category_code"], [names.index(c) for c in cfg.repeat_categories])
+        routes = bundle.npz("scene_routes")
         self.generator = CandidateGenerator(
             embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
             table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt,
-            CategoryPrior.from_popularity(table["category_code"], table["popularity"]))
+            CategoryPrior.from_popularity(table["category_code"], table["popularity"]), routes["trending_rows"],
+            ItemNeighbours.from_arrays({k.removeprefix("copurchase_"): v for k, v in routes.items() if k.startswith("copurchase_")}))
         self.default_exclude = cfg.exclude_seen
+        self.strategy = Strategy(cfg)
 
     @property
     def n(self) -> int:
         return self.generator.n
 
-    METRICS = {"shoprec_route_candidates_total": "candidates each recall route returned, before the merge (label: route)",
-               "shoprec_route_empty_total": "users for whom a recall route returned nothing (label: route)",
-               "shoprec_candidates_total": "candidates after the merge, sent to the ranker"}
+    METRICS = {"shoprec_route_candidates_total": "candidates each recall route returned, before the fusion, where the "
+                                                 "request's scene uses the route (label: route)",
+               "shoprec_route_empty_total": "users for whom a recall route their scene uses returned nothing (label: route)",
+               "shoprec_route_errors_total": "batches in which a recall route failed and the others served (label: route)",
+               "shoprec_candidates_total": "candidates after the fusion, sent to the ranker"}
 
     def run(self, t: dict) -> tuple:
         cand, dense, lists, routes = self.candidates(t)
-        for route, ranked in lists.items():
-            found = (ranked >= 0).sum(1)
+        weights = self._weights
+        for i, (route, ranked) in enumerate(lists.items()):
+            used = weights[:, ROUTES.index(route)] > 0
+            if not used.any():
+                continue
+            found = (ranked[used] >= 0).sum(1)
             self.count("shoprec_route_candidates_total", int(found.sum()), route=route)
             self.count("shoprec_route_empty_total", int((found == 0).sum()), route=route)
+        for route, error in self.generator.failed.items():
+            self.count("shoprec_route_errors_total", 1, route=route)
+            _log_once(f"retrieval: route {route} failed, the other routes served: {error}")
         self.count("shoprec_candidates_total", int((cand >= 0).sum()))
         return cand, dense, routes
 
@@ -443,7 +514,24 @@ class Retrieval(StepImpl):
         unavailable = np.asarray(t["unavailable_rows"], dtype=np.int64)
         unavailable = unavailable[0][(unavailable[0] >= 0) & (unavailable[0] < self.generator.n_items)] if unavailable.size \
             else None
-        return self.generator(t["user_embedding"], indptr, hist[keep], kinds, exclude, with_routes=True, unavailable=unavailable)
+        n = len(indptr) - 1
+        code = t.get("strategy")
+        if code is not None:
+            code = np.asarray(code).reshape(n, 2)
+            try:
+                self.strategy.check_codes(code[:, 0], code[:, 1])
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
+        resolved = [self.strategy.resolve(*(code[i] if code is not None else (self.strategy.default_scene, 0)))
+                    for i in range(n)]
+        ctx = t.get("context_rows")
+        ctx = np.full((n, 0), -1, np.int64) if ctx is None else np.asarray(ctx, dtype=np.int64).reshape(n, -1)
+        known = ctx >= 0
+        context = (np.r_[0, np.cumsum(known.sum(1))].astype(np.int64), ctx[known])
+        self._weights = np.stack([r.weights for r in resolved])  # the metrics count the routes each user's scene uses
+        return self.generator(t["user_embedding"], indptr, hist[keep], kinds, exclude, with_routes=True, unavailable=unavailable,
+                              weights=self._weights, context=context,
+                              exclude_context_categories=np.array([r.exclude_context_categories for r in resolved]))
 
 
 class CandidateFeatures(StepImpl):
@@ -464,6 +552,13 @@ class CandidateFeatures(StepImpl):
             raise ValueError(f"candidate row {int(bad[0])} outside the item table (0..{n - 1}, -1 = padding)")
         safe = np.maximum(rows, 0)
         return self.item_cat[safe], self.item_cont[safe]
+
+
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+    import logging
+
+    logging.getLogger("shoprec.serve").warning(message)
 
 
 def best_first(rows: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
@@ -502,10 +597,13 @@ def mmr_order(rows: np.ndarray, scores: np.ndarray, k: int, lam: float, embeddin
 
 class TopK(StepImpl):
     """Per request (k differs between requests, so the output length does too): candidate_rows [B, N],
-    ranking_scores [B, N], k [B, 1], optional diversity [B, 1] -> item_ids, scores [B, k'], raw ids, in
-    the ranker's order, or re-ranked by MMR over the item embeddings when diversity > 0 (the scores
-    stay the ranker's). A user whose unseen candidates are fewer than k gets all of them; the rows of a
-    batch are padded to the longest with item_id -1 and score -inf. k is validated upstream."""
+    ranking_scores [B, N] (and ranking_probs [B, N, 2]), k [B, 1], optional diversity [B, 1], blend [B, 3],
+    strategy [B, 2] -> item_ids, scores [B, k'], raw ids. The score is the exported one, or the blend the
+    request, the scene or its experiment arm sets; the order is by score (or, for a scene with order =
+    "recall", the fused recall order), re-ranked by MMR over the item embeddings when diversity > 0 (the
+    scores stay the blend's), capped per category where the scene says so. A user whose unseen candidates
+    are fewer than k gets all of them; the rows of a batch are padded to the longest with item_id -1 and
+    score -inf. k is validated upstream."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -518,8 +616,27 @@ class TopK(StepImpl):
         if self.cfg.max_per_category < 0:
             raise ValueError(f"serve.max_per_category must be >= 0 (0: no cap), got {self.cfg.max_per_category}")
         self.blocked = BlockedItems(self.cfg.blocked_items_file, self.item_ids) if self.cfg.blocked_items_file else None
+        self.strategy = Strategy(self.cfg)
+        # the blend's item value: the items' price over its median (so weights compare across shops); None without
+        value = table.get("value", np.zeros(0))
+        self.value = (value / np.median(value[value > 0])).astype(np.float32) if len(value) and (value > 0).any() else None
+        if self.value is None:
+            st = self.strategy
+            for scene in range(len(st.scenes)):
+                for variant in range(min(int(st.radix[-1]), 4096)):
+                    blend = st.resolve(scene, variant).blend
+                    if blend is not None and blend[2] > 0:
+                        raise ValueError(f"serve: scene {st.scenes[scene]!r} ({st.label(variant) or 'no experiment'}) blends "
+                                         "in the item value, but the items have no price (item_table.npz value)")
 
     def check(self, t: dict) -> dict:
+        code = t.get("strategy")
+        if code is not None:
+            code = np.asarray(code).reshape(-1, 2)
+            try:
+                self.strategy.check_codes(code[:, 0], code[:, 1])
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
         k = t["k"].ravel()
         if len(k) and (k != k[0]).any():
             raise RequestError("k must be the same for every row of one request")
@@ -531,6 +648,18 @@ class TopK(StepImpl):
                 raise RequestError(f"diversity must be in [0, 1] (0 = the ranker's order), got {float(bad[0])}")
             if len(d) != len(k):
                 raise RequestError("diversity must have one value per user_id row")
+        b = t.get("blend")
+        if b is not None:
+            b = np.asarray(b, dtype=np.float32).reshape(len(k), -1) if len(k) else b
+            top = self.cfg.max_blend_weight
+            if b.shape[1] != 3 or not ((b >= 0) & (b <= top)).all():
+                raise RequestError(f"blend must be 3 weights (pCTR, pCTR*pCVR, pCTR*pCVR*value) each in [0, {top:g}] "
+                                   f"(serve.max_blend_weight)")
+            if not (b > 0).any(axis=1).all():
+                raise RequestError("blend must have at least one weight > 0")
+            if self.value is None and (b[:, 2] > 0).any():
+                raise RequestError("blend: the value weight needs an item value, and the items have no price")
+            t["blend"] = b
         return t
 
     METRICS = {"shoprec_served_items_total": "items in the served lists",
@@ -555,10 +684,17 @@ class TopK(StepImpl):
         rows, scores, k = t["candidate_rows"], t["ranking_scores"], int(t["k"].ravel()[0])
         if self.blocked is not None:  # blocked items become padding: never served, the next candidates fill in
             rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
-        lam = np.full(len(rows), self.cfg.diversity) if t.get("diversity") is None else np.ravel(t["diversity"])
+        code = t.get("strategy")
+        st = self.strategy
+        resolved = [st.resolve(*(np.asarray(code).reshape(-1, 2)[i] if code is not None else (st.default_scene, 0)))
+                    for i in range(len(rows))]
+        lam = np.array([r.diversity for r in resolved]) if t.get("diversity") is None else np.ravel(t["diversity"])
+        scores = self.final_scores(rows, scores, t.get("ranking_probs"), t.get("blend"), resolved)
         routes = t.get("candidate_routes")
         routes = np.zeros(rows.shape, np.int32) if routes is None else routes
-        top = [self.order(rows[i], scores[i], k, float(lam[i])) for i in range(len(rows))]
+        recall_order = -np.arange(rows.shape[1], dtype=np.float32)  # the fused order: candidates arrive in it
+        top = [self.order(rows[i], scores[i] if resolved[i].by_ranker else recall_order, k, float(lam[i]),
+                          resolved[i].max_per_category) for i in range(len(rows))]
         for i, order in enumerate(top):
             self._count_lists(rows[i][order])
             self._count_routes(routes[i][order])
@@ -571,14 +707,30 @@ class TopK(StepImpl):
                 pad([scores[i][o] for i, o in enumerate(top)], -np.inf, np.float32),
                 pad([routes[i][o] for i, o in enumerate(top)], 0, np.int32))
 
+    def final_scores(self, rows: np.ndarray, scores: np.ndarray, probs: np.ndarray | None, request_blend: np.ndarray | None,
+                     resolved: list) -> np.ndarray:
+        """Per user: the exported score (pCTR * (1 + w * pCVR)), or the blend the request, else the scene or its arm,
+        sets: ctr * pCTR + cvr * pCTR * pCVR + value * pCTR * pCVR * item value."""
+        blends = [request_blend[i] if request_blend is not None else r.blend for i, r in enumerate(resolved)]
+        if probs is None or all(b is None for b in blends):
+            return scores
+        out = np.array(scores, dtype=np.float32, copy=True)
+        value = self.value[np.maximum(rows, 0)] if self.value is not None else np.zeros(rows.shape, np.float32)
+        for i, b in enumerate(blends):
+            if b is not None:
+                ctr, cvr = probs[i, :, 0], probs[i, :, 1]
+                out[i] = b[0] * ctr + ctr * cvr * (b[1] + b[2] * value[i])
+        return out
+
     def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0):
         """One user: (raw item ids, scores), padding dropped."""
         order = self.order(rows, scores, k, diversity)
         return self.item_ids[rows[order]], scores[order].astype(np.float32)
 
-    def order(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0) -> np.ndarray:
-        """One user: positions of the served candidates, in served order."""
-        cap = self.cfg.max_per_category
+    def order(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0, cap: int | None = None) -> np.ndarray:
+        """One user: positions of the served candidates, in served order; cap: at most this many items per category
+        (0: no cap; None: serve.max_per_category)."""
+        cap = self.cfg.max_per_category if cap is None else cap
         if cap <= 0:
             order = mmr_order(rows, scores, k, diversity, self.embeddings, self.cfg.diversity_pool)
         else:  # the MMR (or ranker) order over the pool, then the rest by score; at most `cap` per category

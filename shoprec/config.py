@@ -107,6 +107,17 @@ class ServeConfig:
     diversity_pool: int = 50  # MMR re-ranks the best max(pool, k) candidates
     max_per_category: int = 0  # at most this many items of one category in a top-k (0: no cap)
     blocked_items_file: str = ""  # raw item ids never served (blocked, out of stock), one per line; re-read when it changes
+    # scenes and layered experiments (runtime/strategy.py): request input `scene` picks one; built-in home,
+    # item_detail and cart, a [serve.scenes.<name>] table replaces or adds one; [serve.experiments.<layer>]
+    default_scene: str = "home"
+    scenes: dict = field(default_factory=dict)
+    experiments: dict = field(default_factory=dict)
+    max_context_items: int = 50  # context_item_ids a request may send (viewed item, cart)
+    max_blend_weight: float = 10.0  # each weight of a request's `blend` must be in [0, this]
+    # routes precomputed by `shoprec export` from the served actions
+    trending_half_life_days: float = 7.0  # trending: positives weighted 0.5 ** (age / half-life) at the last event
+    copurchase_window: int = 5  # copurchase: a purchase votes for the user's next purchases up to this many
+    copurchase_neighbours: int = 100  # strongest co-purchased items kept per item
     # the online user store (runtime/online_store.py): "private" = `shoprec serve` starts its own
     # redis-server (data under artifacts/online), "redis://host:port/db" = an existing one, "none" =
     # the export's snapshot only. The in-process pipeline and evaluation read the snapshot unless given a URL.

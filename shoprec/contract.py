@@ -75,7 +75,11 @@ HOUR = Tensor("hour", "INT32", (1,), optional=True)
 WEEKDAY = Tensor("weekday", "INT32", (1,), optional=True)
 CLIENT_DEVICE = Tensor("client_device", "STRING", (1,), optional=True)  # request context (mobile, web): not a compute device
 EXCLUDE_SEEN = Tensor("exclude_seen", "BOOL", (1,), optional=True)
-DIVERSITY = Tensor("diversity", "FP32", (1,), optional=True)  # MMR lambda in [0, 1]; absent: serve.diversity
+DIVERSITY = Tensor("diversity", "FP32", (1,), optional=True)  # MMR lambda in [0, 1]; absent: the scene's or serve.diversity
+SCENE = Tensor("scene", "STRING", (1,), optional=True)  # home, item_detail, cart, or a configured one; absent: serve.default_scene
+CONTEXT_ITEM_IDS = Tensor("context_item_ids", "INT64", (-1,), optional=True)  # raw ids: the viewed item, the cart
+FORCE_ARMS = Tensor("force_arms", "STRING", (1,), optional=True)  # QA: "layer=arm,..." instead of the hashed arms
+BLEND = Tensor("blend", "FP32", (3,), optional=True)  # final score weights: pCTR, pCTR * pCVR, pCTR * pCVR * item value
 # intermediate tensors
 USER_CAT = Tensor("user_cat", "INT64", ("user_cat_dim",))
 USER_CONT = Tensor("user_cont", "FP32", ("user_cont_dim",))
@@ -87,6 +91,8 @@ HISTORY_ROWS = Tensor("history_rows", "INT64", (-1,))
 HISTORY_KINDS = Tensor("history_kinds", "INT32", (-1,))
 UNAVAILABLE_ROWS = Tensor("unavailable_rows", "INT64", (-1,))  # item rows no list may hold (-1 pads)
 COLD_START = Tensor("cold_start", "BOOL", (1,))
+STRATEGY = Tensor("strategy", "INT32", (2,))  # scene code, experiment variant (runtime/strategy.py)
+CONTEXT_ROWS = Tensor("context_rows", "INT64", (-1,))  # item rows of the context items (-1 pads and unknown ids)
 DEGRADED = Tensor("degraded", "BOOL", (1,))  # the online store failed: served from the export's snapshot
 USER_EMBEDDING = Tensor("user_embedding", "FP32", ("embedding_dim",))
 CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", ("num_candidates",))
@@ -94,28 +100,33 @@ CANDIDATE_DENSE = Tensor("candidate_dense", "FP32", ("num_candidates", "dense_di
 CANDIDATE_ROUTES = Tensor("candidate_routes", "INT32", ("num_candidates",))  # bit i: in recall route i's list
 ITEM_CAT = Tensor("item_cat", "INT64", ("num_candidates", "item_cat_dim"))
 ITEM_CONT = Tensor("item_cont", "FP32", ("num_candidates", "item_cont_dim"))
-RANKING_SCORES = Tensor("ranking_scores", "FP32", ("num_candidates",))
+RANKING_SCORES = Tensor("ranking_scores", "FP32", ("num_candidates",))  # pCTR * (1 + ranking.cvr_weight * pCVR)
+RANKING_PROBS = Tensor("ranking_probs", "FP32", ("num_candidates", 2))  # pCTR, pCVR: what a blend weighs
 # response
 ITEM_IDS = Tensor("item_ids", "INT64", (-1,))
 SCORES = Tensor("scores", "FP32", (-1,))
 ITEM_ROUTES = Tensor("item_routes", "INT32", (-1,))  # per served item: bitmask of the recall routes it came from
+EXPERIMENT = Tensor("experiment", "STRING", (1,))  # the arms the user got: "layer=arm,..." ("" without experiments)
 
-REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY)
-RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES, DEGRADED)
-ROUTES = ("cf_all", "cf_pos", "ann", "category", "popular")  # the recall routes: merge order, bit order of `item_routes`
+REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY, SCENE, CONTEXT_ITEM_IDS, FORCE_ARMS, BLEND)
+RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES, DEGRADED, EXPERIMENT)
+# the recall routes (runtime/candidates.py): fusion tie order, bit order of `item_routes`
+ROUTES = ("cf_all", "cf_pos", "ann", "category", "popular", "trending", "similar", "similar_ann", "copurchase")
 USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
 RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
 
 STEPS: tuple[Step, ...] = (
-    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE),
-         (*USER_MODEL_INPUTS, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, COLD_START, DEGRADED), "FeatureTransform", "KIND_CPU"),
+    Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, SCENE, CONTEXT_ITEM_IDS, FORCE_ARMS),
+         (*USER_MODEL_INPUTS, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, COLD_START, DEGRADED, STRATEGY, CONTEXT_ROWS,
+          EXPERIMENT), "FeatureTransform", "KIND_CPU"),
     Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "OnnxStep", "KIND_GPU", engine=True),
-    Step("retrieval", (USER_EMBEDDING, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, EXCLUDE_SEEN),
+    Step("retrieval", (USER_EMBEDDING, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, EXCLUDE_SEEN, STRATEGY, CONTEXT_ROWS),
          (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval", "KIND_GPU"),
     Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU"),
-    Step("ranker", RANKER_INPUTS, (RANKING_SCORES,), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
+    Step("ranker", RANKER_INPUTS, (RANKING_SCORES, RANKING_PROBS), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
          preferred_batch_sizes=(4, 16, 32)),
-    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START, DIVERSITY, CANDIDATE_ROUTES), (ITEM_IDS, SCORES, ITEM_ROUTES),
+    Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START, DIVERSITY, CANDIDATE_ROUTES, STRATEGY, RANKING_PROBS, BLEND),
+         (ITEM_IDS, SCORES, ITEM_ROUTES),
          "TopK", "KIND_CPU", per_request=True),
 )
 STEP_BY_NAME = {s.name: s for s in STEPS}
@@ -205,5 +216,6 @@ BUNDLE_FILES = {
     "faiss_index": "items.faiss",
     "cf_all": "cf_all.npz",
     "cf_pos": "cf_pos.npz",
+    "scene_routes": "scene_routes.npz",  # trending order, co-purchase neighbours (training/export.py)
     "contract": "contract.json",
 }

@@ -19,9 +19,27 @@ def small_config(cfg):
     return cfg.replace("ranking", steps=300)
 
 
+# an A/A experiment layer: every response carries an arm and the metrics count by arm; the lists are unchanged
+EXPERIMENT = """
+[serve.experiments.ranking]
+salt = "tests"
+arms = { a = 0.5, b = 0.5 }
+"""
+
+
 @pytest.fixture(scope="session")
-def cfg():
-    return small_config(load_config())
+def config_file(tmp_path_factory) -> Path:
+    """The default config plus the test experiment: the session server's steps read their settings from it."""
+    from shoprec.config import DEFAULT_CONFIG
+
+    path = tmp_path_factory.mktemp("config") / "config.toml"
+    path.write_text(DEFAULT_CONFIG.read_text() + EXPERIMENT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cfg(config_file):
+    return small_config(load_config(config_file))
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +58,13 @@ def artifacts(tmp_path_factory, cfg) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(artifacts, cfg):
+def triton(artifacts, cfg, config_file):
     from serving.launcher import TritonServer
 
     # no step doctor here: its canary requests count in the steps' metrics like any request, and the metrics
     # tests assert exact deltas (tests/test_step_doctor.py runs a server with one)
-    server = TritonServer.from_config(cfg.replace("serve", canary_interval_s=0.0).serve, artifacts, ephemeral_ports=True)
+    server = TritonServer.from_config(cfg.replace("serve", canary_interval_s=0.0).serve, artifacts, ephemeral_ports=True,
+                                      config_path=config_file)
     with server:
         yield server
 

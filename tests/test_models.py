@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.candidates import DENSE_FEATURES, CandidateGenerator, CategoryPrior, _round_robin
+from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, _fuse
 from runtime.faiss_search import recall_vs_exact, search
 from shoprec.config import IndexConfig
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest, verify_tree, write_manifest
@@ -94,8 +94,9 @@ def test_ranker_shapes_and_serving_scores(deep):
     args = (torch.tensor([[3, 2]]), torch.randn(1, 2), torch.tensor([[4, 5, 0, 0, 0]]), torch.tensor([[2, 1, 0, 0, 0]]),
             torch.randint(3, 6, (1, 11, 2)), torch.randn(1, 11, 3), torch.randn(1, 11, 7))
     assert r(*args).shape == (1, 11, 2)
-    s = RankerServing(r.eval(), cvr_weight=1.0)(*args)
+    s, p = RankerServing(r.eval(), cvr_weight=1.0)(*args)
     assert s.shape == (1, 11) and ((s >= 0) & (s <= 2)).all()
+    assert p.shape == (1, 11, 2) and torch.allclose(s, p[..., 0] * (1 + p[..., 1]))  # the blend the top-k step recomputes
     assert not r.item_ids.weight.requires_grad  # the two-tower's item-id table, frozen
 
 
@@ -184,7 +185,9 @@ def test_category_route_is_the_users_categories_times_the_items_share_of_them():
 
 def test_round_robin_merge():
     a, b = np.array([[3, 1, -1], [5, 6, 7]]), np.array([[1, 2, 4], [7, 8, -1]])
-    np.testing.assert_array_equal(_round_robin([a, b], 4), [[3, 1, 2, 4], [5, 7, 6, 8]])
+    pad = [np.full_like(a, -1)] * (len(ROUTES) - 2)
+    equal = np.r_[1.0, 1.0, np.zeros(len(ROUTES) - 2)]
+    np.testing.assert_array_equal(_fuse([a, b, *pad], np.tile(equal, (2, 1)), 4), [[3, 1, 2, 4], [5, 7, 6, 8]])
 
 
 def test_metrics_follow_the_referee_definitions():

@@ -36,7 +36,8 @@ def test_configs_parse_and_follow_contract():
         assert ens.platform == "ensemble"
         steps = contract.profile_steps(profile)
         assert [s.model_name for s in ens.ensemble_scheduling.step] == [s.name for s in steps]
-        assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "client_device", "exclude_seen", "diversity"}
+        assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "client_device", "exclude_seen", "diversity",
+                                                                   "scene", "context_item_ids", "force_arms", "blend"}
         for step in steps:
             cfg = _load(profile, step.name)
             assert [i.name for i in cfg.input] == [t.name for t in step.inputs]

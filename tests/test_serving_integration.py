@@ -357,7 +357,8 @@ def test_every_served_item_says_which_recall_routes_proposed_it(triton, pipeline
             assert served.routes == [[r for b, r in enumerate(ROUTES) if int(m) >> b & 1] for m in masks]
             assert all(served.routes)  # every item came from at least one route
         cold = c.recommend(-7, k=10)
-        assert cold.cold_start and all(set(r) <= {"ann", "popular"} for r in cold.routes)  # no history, no item-to-item
+        # no history, no item-to-item; no context, no similar items
+        assert cold.cold_start and all(set(r) <= {"ann", "popular", "trending"} for r in cold.routes)
 
 
 def test_admin_apis_need_the_admin_key_and_inference_does_not(triton):
@@ -421,3 +422,52 @@ def test_internal_steps_check_what_a_direct_caller_sends(triton, pipeline, artif
         with pytest.raises(InferenceServerException, match=name) as info:
             g.infer("ranking", _tensors(grpcclient, broken))
         assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_scenes_and_experiments_through_the_ensemble(triton, pipeline, artifacts, cfg):
+    """Scenes and the A/A layer of the test config through the real server: the lists equal the in-process ones, the
+    response carries the hashed (or forced) arm, bad scene / context / arm requests get an error naming the field,
+    and the scene, arm and context counters move by exactly the requests sent."""
+    from runtime.strategy import Strategy
+
+    st = Strategy(cfg.serve)
+    table = np.load(artifacts / "serving" / "item_table.npz")
+    context = [int(table["item_ids"][r]) for r in table["popular_rows"][:2]]
+    users = _users(artifacts, 4)
+    before = _settled(triton)
+    with RecommenderClient(triton.grpc_url) as c:
+        for u in users:
+            home = c.recommend(u, k=5)
+            assert home.experiment == {"ranking": st.label(int(st.assign(np.array([u]))[0])).split("=")[1]}
+            for scene in ("item_detail", "cart"):
+                served = c.recommend(u, k=5, scene=scene, context_item_ids=context)
+                np.testing.assert_array_equal(served.item_ids,
+                                              pipeline.recommend([u], 5, scene=scene, context_item_ids=context)[0][0])
+                assert not set(served.item_ids.tolist()) & set(context)
+        assert c.recommend(users[0], k=5, force_arms={"ranking": "b"}).experiment == {"ranking": "b"}
+        revenue = c.recommend(users[0], k=5, blend=[0.0, 0.0, 1.0])  # expected revenue: pCTR * pCVR * price
+        np.testing.assert_array_equal(revenue.item_ids, pipeline.recommend([users[0]], 5, blend=[0.0, 0.0, 1.0])[0][0])
+        assert len(c.recommend(users[0], k=5, scene="item_detail", context_item_ids=[-5]).item_ids) == 5  # unknown: ignored
+        for kwargs, message in (({"scene": "checkout"}, r"scene must be one of \['home', 'item_detail', 'cart'\]"),
+                                ({"scene": "cart", "context_item_ids": list(range(1, 52))}, "context_item_ids: at most 50"),
+                                ({"force_arms": "ranking=c"}, "force_arms: layer 'ranking' has no arm 'c'"),
+                                ({"blend": [50.0, 0.0, 0.0]}, r"blend must be 3 weights .* each in \[0, 10\]")):
+            with pytest.raises(InferenceServerException, match=message) as err:
+                c.recommend(users[0], k=5, **kwargs)
+            assert "INVALID_ARG" in str(err.value.status())
+        assert len(c.recommend(users[0], k=5).item_ids) == 5  # the server stays up
+    after = _settled(triton)
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    n = len(users)
+    assert delta('shoprec_scene_requests_total{scene="home"}') == n + 4  # the bad blend too: top-k refuses it
+    assert delta('shoprec_scene_requests_total{scene="item_detail"}') == n + 1
+    assert delta('shoprec_scene_requests_total{scene="cart"}') == n
+    assert delta('shoprec_arm_requests_total{arm="a",layer="ranking"}') + delta(
+        'shoprec_arm_requests_total{arm="b",layer="ranking"}') == 3 * n + 5
+    assert delta("shoprec_context_items_total") == 2 * 2 * n + 1 and delta("shoprec_context_items_unknown_total") == 1
+    assert delta('shoprec_route_candidates_total{route="similar"}') > 0
+    assert delta('shoprec_route_candidates_total{route="copurchase"}') >= 0
+    assert delta('shoprec_served_route_items_total{route="similar"}') > 0

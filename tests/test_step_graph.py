@@ -95,9 +95,10 @@ def test_fused_cpu_profile_serves_what_the_graph_serves(artifacts, cfg, pipeline
 def test_the_graph_declares_what_the_repository_and_pipeline_run(pipeline):
     assert [s.name for s in pipeline.graph] == [s.name for s in contract.STEPS]
     assert contract.STEPS[0].inputs[0] == contract.USER_ID
-    # cold_start and degraded come from the feature step, the lists from the last step
-    assert set(contract.STEPS[-1].outputs) == set(contract.RESPONSE_OUTPUTS) - {contract.COLD_START, contract.DEGRADED}
-    assert {contract.COLD_START, contract.DEGRADED} <= set(contract.STEPS[0].outputs)
+    # cold_start, degraded and the experiment arms come from the feature step, the lists from the last step
+    from_features = {contract.COLD_START, contract.DEGRADED, contract.EXPERIMENT}
+    assert set(contract.STEPS[-1].outputs) == set(contract.RESPONSE_OUTPUTS) - from_features
+    assert from_features <= set(contract.STEPS[0].outputs)
     produced = {t.name for t in contract.REQUEST_INPUTS}
     for step in contract.STEPS:  # every input is a request input or an earlier step's output
         missing = [step.graph_name(t.name) for t in step.inputs if step.graph_name(t.name) not in produced]

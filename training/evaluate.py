@@ -31,6 +31,7 @@ import torch
 
 from feature_workflows.history import POSITIVE_KIND
 from shoprec.config import Config
+from shoprec.contract import ROUTES
 from shoprec.errors import UserError
 
 from . import cf as cflib
@@ -193,6 +194,8 @@ def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 
 
     pipe = Pipeline(bundle_dir, cfg=cfg.serve)
     n = min(TOPN, pipe.max_k)
+    st = pipe.steps["retrieval"].strategy  # the routes of the default scene (the context routes need context items)
+    used = {r for r, w in zip(ROUTES, st.resolve(st.default_scene, 0).weights) if w > 0}
     full, merged, routes, cold = [], [], {}, []
     for s in range(0, len(users), batch):
         t = pipe.run(pipe.request(users[s : s + batch], n, exclude_seen=True), stop="retrieval")
@@ -202,7 +205,8 @@ def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 
         full.append(np.take_along_axis(cand, order, 1))
         merged.append(cand[:, :n])
         for r, lst in lists.items():
-            routes.setdefault(r, []).append(lst[:, :n])
+            if r in used:
+                routes.setdefault(r, []).append(lst[:, :n])
         cold.append(t["cold_start"].ravel())
     return np.concatenate(full), {"merged_order": np.concatenate(merged),
                                   **{f"route_{r}": np.concatenate(v) for r, v in routes.items()}}, np.concatenate(cold)

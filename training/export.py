@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.candidates import DENSE_FEATURES
+from runtime.candidates import DENSE_FEATURES, copurchase_neighbours, trending_order
 from runtime.faiss_search import recall_vs_exact
 from shoprec import contract
 from shoprec.config import Config
@@ -46,7 +46,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, name: str) -> None
     inputs, outputs = contract.ONNX_MODELS[name]
     dynamic = {t.name: {0: "batch"} for t in (*inputs, *outputs)}
     if name == "ranker":  # one user against a variable number of candidates
-        for t in ("item_cat", "item_cont", "candidate_dense", "ranking_scores"):
+        for t in ("item_cat", "item_cont", "candidate_dense", "ranking_scores", "ranking_probs"):
             dynamic[t][1] = "candidates"
     torch.onnx.export(module, args, str(path), input_names=[t.name for t in inputs],
                       output_names=[t.name for t in outputs], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
@@ -58,15 +58,20 @@ def parity(path: Path, module: torch.nn.Module, args: tuple, name: str, atol: fl
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {t.name: a.numpy() for t, a in zip(contract.ONNX_MODELS[name][0], args)}
-    got = sess.run(None, feeds)[0]
+    got = sess.run(None, feeds)
     with torch.no_grad():
-        want = module(*args).numpy()
-    if not np.isfinite(want).all():
-        raise ExportError(f"{name}: the PyTorch model itself outputs NaN/inf on sample inputs; the checkpoint is broken "
-                          "(re-run `shoprec train`, which stops on a non-finite loss)")
-    err = float(np.abs(got - want).max())
-    if not np.allclose(got, want, atol=atol, rtol=1e-4):
-        raise ExportError(f"{name}: ONNX Runtime differs from PyTorch by {err} (opset {OPSET})")
+        want = module(*args)
+    want = [w.numpy() for w in (want if isinstance(want, tuple) else (want,))]
+    if len(got) != len(want):
+        raise ExportError(f"{name}: the ONNX graph has {len(got)} outputs, the PyTorch module {len(want)}")
+    err = 0.0
+    for g, w in zip(got, want):
+        if not np.isfinite(w).all():
+            raise ExportError(f"{name}: the PyTorch model itself outputs NaN/inf on sample inputs; the checkpoint is broken "
+                              "(re-run `shoprec train`, which stops on a non-finite loss)")
+        err = max(err, float(np.abs(g - w).max()))
+        if not np.allclose(g, w, atol=atol, rtol=1e-4):
+            raise ExportError(f"{name}: ONNX Runtime differs from PyTorch by {err} (opset {OPSET})")
     return err
 
 
@@ -82,6 +87,19 @@ def sample_inputs(data: FeatureData, batch: int, n_cand: int, seed: int = 0):
     dense = rng.normal(size=(batch, n_cand, len(DENSE_FEATURES))).astype(np.float32)
     return (torch.as_tensor(ucat), torch.as_tensor(ucont), torch.as_tensor(seq), torch.as_tensor(kinds),
             torch.as_tensor(data.item_cat[rows]), torch.as_tensor(data.item_cont[rows]), torch.as_tensor(dense))
+
+
+def write_scene_routes(data: FeatureData, serve, path: Path) -> dict:
+    """scene_routes.npz: the trending order and the co-purchase neighbours, from the actions the served user
+    state holds (the train split; everything with `features.split = "none"`)."""
+    acts = data.actions[data.actions["split"] == 0]
+    cols = {c: acts[c].values for c in ("user_id", "session_id", "ts", "item_row", "kind")}
+    trending = trending_order(cols["item_row"], cols["ts"], cols["kind"], data.n_items, serve.trending_half_life_days)
+    co = copurchase_neighbours(cols["user_id"], cols["session_id"], cols["ts"], cols["item_row"], cols["kind"], data.n_items,
+                               serve.copurchase_window, serve.copurchase_neighbours)
+    np.savez(path, trending_rows=trending, **{f"copurchase_{k}": v for k, v in co.items()})
+    return {"trending_items": int(len(trending)), "copurchase_pairs": int(len(co["indices"])),
+            "items_with_copurchase": int((np.diff(co["indptr"]) > 0).sum())}
 
 
 def export_bundle(features_dir: str | Path, models_dir: str | Path, out_dir: str | Path, cfg: Config) -> dict:
@@ -120,6 +138,7 @@ def export_bundle(features_dir: str | Path, models_dir: str | Path, out_dir: str
                        "recall@100_vs_exact": recall_vs_exact(index, emb, queries, min(100, len(emb)))}
     for key in ("cf_all", "cf_pos"):
         shutil.copy2(verified_path(models_dir, files[key]), tmp / files[key])
+    report["scene_routes"] = write_scene_routes(data, cfg.serve, tmp / files["scene_routes"])
     for key in ("query_plan", "query_vocab", "user_store", "item_table"):
         shutil.copy2(verified_path(features_dir, f"serving/{files[key]}"), tmp / files[key])
     dims = {

@@ -301,7 +301,8 @@ class Ranker(nn.Module):
 
 class RankerServing(nn.Module):
     """The exported ranker: scores [B, N] = pCTR * (1 + w * pCVR), the expected gain of showing each
-    candidate when a purchase counts 1 + w clicks."""
+    candidate when a purchase counts 1 + w clicks, and the two probabilities [B, N, 2] (pCTR, pCVR) that
+    the top-k step blends when a scene, an experiment arm or the request sets another blend."""
 
     def __init__(self, ranker: Ranker, cvr_weight: float):
         super().__init__()
@@ -315,4 +316,4 @@ class RankerServing(nn.Module):
         # step's signature does not depend on the model's size
         keep = sum((t.flatten()[:1].float().sum() * 0.0 for t in (user_cat, user_cont, seq, seq_kinds, item_cat, item_cont)),
                    torch.zeros(()))
-        return p[..., 0] * (1 + self.cvr_weight * p[..., 1]) + keep
+        return p[..., 0] * (1 + self.cvr_weight * p[..., 1]) + keep, p + keep
