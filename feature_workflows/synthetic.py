@@ -291,6 +291,35 @@ def latent_truth(size: str, seed: int, user_ids: np.ndarray) -> tuple[dict, Simp
     return items, out
 
 
+def examination(position: np.ndarray) -> np.ndarray:
+    """P(a user looks at the item at 0-based `position` of a served list): 1 / log2(position + 2)."""
+    return 1.0 / np.log2(np.asarray(position, dtype=np.float64) + 2.0)
+
+
+def respond(items: dict, users: SimpleNamespace, item_ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Clicks and purchases of served lists, drawn from the planted truth, never from a model: for `users` (from
+    `latent_truth`, at the end of the timeline: a shifted user's late taste) and their lists `item_ids` [U, k]
+    (raw ids, -1 pads), each user opens a session with an intent drawn from their taste, looks at position p
+    with `examination(p)` and clicks with the generator's click model (intent, taste, favourite brands, price
+    fit, popularity); a click converts with its purchase model (the device term left out). -> clicks, purchases
+    [U, k] bool."""
+    ids = np.asarray(item_ids, dtype=np.int64)
+    valid = ids >= ITEM_ID_BASE
+    row = np.where(valid, ids - ITEM_ID_BASE, 0)
+    n_users, k = ids.shape
+    pref = np.where(users.shifted[:, None], users.pref2, users.pref)
+    intent = (pref.cumsum(1) < rng.random(n_users)[:, None]).sum(1).clip(0, pref.shape[1] - 1)
+    cat = items["category"][row]
+    fav_brand = (items["brand"][row][:, :, None] == users.fav_brands[:, None, :]).any(2)
+    price_gap = np.abs(items["rel_price"][row] - users.tier[:, None])
+    logit = (-3.2 + 2.2 * (cat == intent[:, None]) + 3.0 * np.take_along_axis(pref, cat, 1) + 1.2 * fav_brand
+             - 0.8 * price_gap + 0.25 * items["log_pop"][row])
+    seen = rng.random((n_users, k)) < examination(np.arange(k))[None, :]
+    click = valid & seen & (rng.random((n_users, k)) < _sigmoid(logit))
+    purchase = click & (rng.random((n_users, k)) < _sigmoid(-1.0 + 1.5 * fav_brand - 1.2 * price_gap))
+    return click, purchase
+
+
 def generate(out_dir: str | Path, size: str = "small", seed: int = 7, progress: bool = True) -> dict:
     """Write users.parquet, items.parquet, interactions/part-*.parquet and ground_truth.parquet."""
     if size not in SIZES:
