@@ -53,7 +53,23 @@ def build_parser(cfg=None) -> argparse.ArgumentParser:
                    help=f"the server, host:port (default: 127.0.0.1 and the configured port, gRPC {cfg.serve.grpc_port})")
     p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     p.add_argument("--tls-ca", help="gRPC over TLS: PEM of the CA that signed the server's certificate")
+    p.add_argument("--online-store", default=None,
+                   help="where the page's events go: redis://HOST:PORT/DB (default: the private store a `shoprec serve` "
+                        "on ARTIFACTS runs; none: no event form)")
     return p
+
+
+def send_event(artifacts: str, configured: str | None, user_id: int, item_id: int, kind: str) -> dict:
+    """One event into the online store of the server (the next request of the user sees it); the ingest summary."""
+    import time
+
+    from app.events import online_url
+    from runtime.online_store import OnlineStore
+
+    cfg = load_config().serve
+    store = OnlineStore.open(Path(artifacts) / "serving", online_url(Path(artifacts), configured or cfg.online_store), cfg)
+    report = store.ingest([{"user_id": int(user_id), "item_id": int(item_id), "type": kind, "timestamp": time.time()}])
+    return report.as_dict()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -336,7 +352,28 @@ def main(argv: list[str]) -> None:
         if rec.degraded:
             st.warning("degraded: the online store failed; the list comes from the export's snapshot of the user")
         st.caption(f"experiment arm: {arm_text(rec)}")
+        sent = st.session_state.get("sent")
+        if sent and sent[0] == user_id:
+            st.success(sent[1])
         st.html(cards_html(rec, catalog))
+        # an event on a served item goes to the server's online store: the rerun's request already sees it
+        if args.online_store != "none" and len(rec.item_ids):
+            st.caption("send an event on a served item to the server's online store: the list above is asked again after it")
+            cols = st.columns([3, 2, 2], vertical_alignment="bottom")
+            item = cols[0].selectbox("item", rec.item_ids.tolist(),
+                                     format_func=lambda i: catalog.label(catalog.rows(np.array([i]))[0])
+                                     if catalog is not None else str(i))
+            kind = cols[1].selectbox("event", ["click", "cart", "purchase", "view"])
+            if cols[2].button("send event"):  # a plain button, not a form: a form flashes "Missing Submit Button" as it renders
+                try:
+                    out = send_event(args.artifacts, args.online_store, user_id, int(item), kind)
+                except Exception as e:  # noqa: BLE001 - shown on the page
+                    st.error(f"the event was not sent: {str(e).strip() or type(e).__name__}")
+                else:
+                    st.session_state["sent"] = (user_id, f"sent {kind} on item {int(item)} for user {user_id} "
+                                                f"({out.get('accepted', 0)} accepted); the list is the server's "
+                                                "answer after it")
+                    st.rerun()
 
 
 if __name__ == "__main__":

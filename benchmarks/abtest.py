@@ -3,9 +3,11 @@
 The server assigns each user an arm per experiment layer (runtime/strategy.py) and says which in the
 response (`experiment`). Each replayed user asks for one list; their clicks and purchases are drawn from
 the generator's planted truth (feature_workflows.synthetic.respond: taste, brands, price fit, a position
-examination model), never from a model the server runs. Per layer and arm the report gives CTR (clicks per
-shown item) and purchases per request with 95 % confidence intervals, and a two-sided Welch z-test of each
-arm against the layer's first arm over per-user outcomes (users are independent; items of one list are not).
+examination model), never from a model the server runs. Per layer and arm the report gives CTR (the mean
+over users of clicks per shown item) and purchases per request with 95 % confidence intervals, and a
+two-sided Welch z-test of each arm against the base arm (`control` when the layer has one, else the first
+by name) over per-user outcomes (users are independent; items of one list are not). No correction for
+comparing several arms: with more than two, read the p-values with that in mind.
 
 Only a synthetic shop has a planted truth: the raw data's schema.json names its size and seed.
 """
@@ -73,19 +75,22 @@ def serve_lists(url: str, protocol: str, users: np.ndarray, k: int, scene: str |
 
 
 def analyse(experiments: list[dict], clicks: np.ndarray, purchases: np.ndarray, shown: np.ndarray) -> dict:
-    """Per layer and arm: users, CTR and purchases per request with 95 % CIs; each arm against the layer's first."""
+    """Per layer and arm: users, CTR and purchases per request with 95 % CIs; each arm against the base arm."""
     ctr_user = clicks.sum(1) / np.maximum(shown, 1)
     buys_user = purchases.sum(1).astype(np.float64)
     layers: dict[str, dict] = {}
     for name in sorted({layer for e in experiments for layer in e}):
         arm_of = np.array([e.get(name, "") for e in experiments])
-        arms = [a for a in dict.fromkeys(sorted(set(arm_of))) if a]
+        arms = sorted(a for a in set(arm_of) if a)
+        if "control" in arms:  # the base arm first
+            arms.remove("control")
+            arms.insert(0, "control")
         report = {}
         for arm in arms:
             m = arm_of == arm
             report[arm] = {"users": int(m.sum()), "shown": int(shown[m].sum()), "clicks": int(clicks[m].sum()),
                            "purchases": int(purchases[m].sum()),
-                           "ctr": float(clicks[m].sum() / max(shown[m].sum(), 1)), "ctr_ci95": _ci(ctr_user[m]),
+                           "ctr": float(ctr_user[m].mean()), "ctr_ci95": _ci(ctr_user[m]),
                            "purchases_per_request": float(buys_user[m].mean()), "purchases_ci95": _ci(buys_user[m]),
                            "cvr": float(purchases[m].sum() / max(clicks[m].sum(), 1))}
         base = arms[0] if arms else None

@@ -27,22 +27,16 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT
 
+from serving.launcher import free_ports
+
 from .machine import describe
 from .serving_bench import warm_users
 
 BASELINE_REF = "3de7a07"  # main before the strategy layer (scenes, fusion weights, experiments)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(root: Path, artifacts: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "app.cli", "--artifacts", str(artifacts), "serve", "--http-port", str(http), "--grpc-port",
            str(grpc), "--metrics-port", str(metrics), "--online-store", "none"]

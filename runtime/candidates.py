@@ -200,7 +200,9 @@ class CandidateGenerator:
         ctx_owner = np.repeat(np.arange(u), np.diff(ctx_indptr))
         blocked[ctx_owner, ctx_rows] = True  # the viewed item, the cart: never recommended back
         drop_cats = np.broadcast_to(np.asarray(exclude_context_categories, dtype=bool), (u,))
+        search_blocked = blocked  # what the FAISS searches skip past: whole blocked categories would make k huge
         if drop_cats.any() and self.categories.n_categories and len(ctx_rows):
+            search_blocked = blocked.copy()
             cats = self.categories.category[ctx_rows]
             for i in np.unique(ctx_owner[drop_cats[ctx_owner] & (cats >= 0)]):
                 blocked[i] |= np.isin(self.categories.category, cats[ctx_owner == i]) & (self.categories.category >= 0)
@@ -233,7 +235,7 @@ class CandidateGenerator:
         lists = {
             "cf_all": np.where(has_history[:, None], _topn(s_all, blocked, n), -1),
             "cf_pos": np.where((np.diff(pos_indptr) > 0)[:, None], _topn(s_pos, blocked, n), -1),
-            "ann": route("ann", lambda: self._ann(user_emb, blocked, n)),
+            "ann": route("ann", lambda: self._ann(user_emb, blocked, n, search_blocked)),
             "category": _topn(np.where(s_cat > 0, s_cat, -np.inf), blocked, n),
             "popular": self._ranked(self.popular, blocked, n),
             "trending": route("trending", lambda: self._ranked(self.trending, blocked, n), wanted["trending"]),
@@ -248,7 +250,7 @@ class CandidateGenerator:
         }
         live = [i for i, r in enumerate(ROUTES) if (weights[:, i] > 0).any() and (lists[r] >= 0).any()]  # others add nothing
         live = live or [ROUTES.index("popular")]
-        rows, cutoff = _fuse([lists[ROUTES[i]] for i in live], weights[:, live], n, with_cutoff=True)
+        rows, reached_at = _fuse([lists[ROUTES[i]] for i in live], weights[:, live], n, with_cutoff=True)
         safe = np.maximum(rows, 0)
         dots = np.einsum("ud,und->un", np.asarray(user_emb, dtype=np.float32), self.emb[safe])
         credited = [r for i, r in enumerate(ROUTES) if i in live] if with_routes else []  # routes that can be credited
@@ -264,11 +266,10 @@ class CandidateGenerator:
         feats[rows < 0] = 0.0
         if not with_routes:
             return rows, feats, lists
-        with np.errstate(divide="ignore"):  # a route proposed a candidate if the fusion reached it in the route's list
-            reached = {bit: (position[r] < n) & (weights[:, [bit]] > 0) & ((position[r] + 1) / weights[:, [bit]] <= cutoff[:, None])
-                       for bit, r in enumerate(ROUTES) if r in credited}
         routes = np.zeros(rows.shape, np.int32)
-        for bit, hit in reached.items():
+        for j, bit in enumerate(live):  # a route proposed a candidate if the fusion reached it in the route's list
+            p = position[ROUTES[bit]]
+            hit = (p < n) & np.take_along_axis(reached_at[:, :, j], np.minimum(p, n - 1), axis=1)
             routes |= np.where(hit, np.int32(1 << bit), np.int32(0))
         return rows, feats, lists, np.where(rows >= 0, routes, 0).astype(np.int32)
 
@@ -276,8 +277,11 @@ class CandidateGenerator:
     def _positive(scores: np.ndarray) -> np.ndarray:
         return np.where(scores > 0, scores, -np.inf)
 
-    def _ann(self, user_emb: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
-        extra = int(blocked.sum(1).max()) if len(blocked) else 0
+    def _ann(self, user_emb: np.ndarray, blocked: np.ndarray, n: int, search_blocked: np.ndarray | None = None) -> np.ndarray:
+        """The n nearest unblocked items; the search asks for n + the most items `search_blocked` holds for a user
+        (blocked items it holds beyond that, a cart's categories, only shorten the list)."""
+        counted = blocked if search_blocked is None else search_blocked
+        extra = int(counted.sum(1).max()) if len(counted) else 0
         k = min(self.n_items, n + extra)
         if self.index is None:
             scores = np.asarray(user_emb, dtype=np.float32) @ self.emb.T
@@ -378,7 +382,7 @@ def _compact(rows: np.ndarray, keep: np.ndarray, n: int) -> np.ndarray:
 def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: bool = False):
     """Weighted round robin over ranked lists [U, n] (in ROUTES order) with weights [U, R]: the item at rank p
     of route r gets the key (p + 1) / w_r (ties: rank, then route order); first occurrences in key order,
-    first n. with_cutoff: also each user's key of the last candidate taken (inf when the lists ran out)."""
+    first n. with_cutoff: also reached [U, n, R], the list entries the fusion got to before it stopped."""
     u = lists[0].shape[0]
     stacked = np.stack([np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=-1) if x.shape[1] < n else x[:, :n]
                         for x in lists], axis=2)  # [U, n, R]: rank-major, route-minor
@@ -401,13 +405,15 @@ def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: boo
     out[user[keep], rank[keep]] = rows[keep]
     if not with_cutoff:
         return out
-    # the key of each user's last taken candidate (inf when the lists ran out first): a route "proposed" an item
-    # when its key for it is within this, so a fallback route is credited only where it filled
-    sorted_keys = np.take_along_axis(keys, order, axis=1)
-    cutoff = np.full(u, np.inf)
+    # reached[u, p, j]: the fusion got to rank p of route j before it stopped (the lists ran out, or the n-th
+    # candidate was taken): a route "proposed" an item only there, so a fallback is credited only where it filled
+    stop = np.full(u, keys.shape[1] - 1)
     last = keep & (rank == n - 1)
-    cutoff[user[last]] = sorted_keys[user[last], col[first][last]]
-    return out, cutoff
+    stop[user[last]] = col[first][last]
+    where = np.empty_like(order)
+    np.put_along_axis(where, order, np.arange(order.shape[1])[None, :].repeat(u, 0), axis=1)  # sorted position of each entry
+    reached = (where <= stop[:, None]) & (keys < np.inf)
+    return out, reached.reshape(u, n, -1)
 
 
 def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:

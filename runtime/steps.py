@@ -326,6 +326,7 @@ class FeatureTransform(StepImpl):
                "shoprec_context_items_unknown_total": "of them, ids not in the catalog: ignored"}
 
     def run(self, t: dict) -> tuple:
+        strategy, context_rows, experiment = self.request_strategy(t)
         f = self(t["user_id"].ravel(), _flat(t.get("hour")), _flat(t.get("weekday")), _flat(t.get("client_device")))
         n = len(f["cold"])
         self.count("shoprec_requests_total", n)
@@ -333,7 +334,6 @@ class FeatureTransform(StepImpl):
         self.count("shoprec_live_state_total", int(f["live"].sum()))
         self.count("shoprec_degraded_total", n if f["degraded"] else 0)
         unavailable = np.broadcast_to(f["unavailable"], (n, len(f["unavailable"]))).copy()
-        strategy, context_rows, experiment = self.request_strategy(t)
         return (f["user_cat"], f["user_cont"], f["seq_items"], f["seq_kinds"], f["history_rows"], f["history_kinds"],
                 unavailable, f["cold"][:, None], np.full((n, 1), f["degraded"]), strategy, context_rows, experiment)
 
@@ -484,10 +484,19 @@ class Retrieval(StepImpl):
                "shoprec_route_errors_total": "batches in which a recall route failed and the others served (label: route)",
                "shoprec_candidates_total": "candidates after the fusion, sent to the ranker"}
 
+    def check(self, t: dict) -> dict:
+        code = t.get("strategy")
+        if code is not None:
+            code = np.asarray(code).reshape(-1, 2)
+            try:
+                self.strategy.check_codes(code[:, 0], code[:, 1])
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
+        return t
+
     def run(self, t: dict) -> tuple:
-        cand, dense, lists, routes = self.candidates(t)
-        weights = self._weights
-        for i, (route, ranked) in enumerate(lists.items()):
+        cand, dense, lists, routes, weights = self._candidates(t)
+        for route, ranked in lists.items():
             used = weights[:, ROUTES.index(route)] > 0
             if not used.any():
                 continue
@@ -503,6 +512,11 @@ class Retrieval(StepImpl):
     def candidates(self, t: dict) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
         """(candidate_rows, candidate_dense, each route's ranked list, each candidate's route bitmask); the lists
         are for evaluation and the metrics."""
+        return self._candidates(t)[:4]
+
+    def _candidates(self, t: dict) -> tuple:
+        """candidates() and each user's fusion weights (returned, not kept: the FastAPI baseline runs a step in
+        several threads at once)."""
         hist = np.asarray(t["history_rows"], dtype=np.int64)
         if hist.size and (hist.max() >= self.generator.n_items or hist.min() < -1):
             raise ValueError(f"history row outside the item table (0..{self.generator.n_items - 1}, -1 = padding)")
@@ -516,22 +530,18 @@ class Retrieval(StepImpl):
             else None
         n = len(indptr) - 1
         code = t.get("strategy")
-        if code is not None:
-            code = np.asarray(code).reshape(n, 2)
-            try:
-                self.strategy.check_codes(code[:, 0], code[:, 1])
-            except ValueError as exc:
-                raise RequestError(str(exc)) from None
+        code = None if code is None else np.asarray(code).reshape(n, 2)
         resolved = [self.strategy.resolve(*(code[i] if code is not None else (self.strategy.default_scene, 0)))
                     for i in range(n)]
         ctx = t.get("context_rows")
         ctx = np.full((n, 0), -1, np.int64) if ctx is None else np.asarray(ctx, dtype=np.int64).reshape(n, -1)
         known = ctx >= 0
         context = (np.r_[0, np.cumsum(known.sum(1))].astype(np.int64), ctx[known])
-        self._weights = np.stack([r.weights for r in resolved])  # the metrics count the routes each user's scene uses
-        return self.generator(t["user_embedding"], indptr, hist[keep], kinds, exclude, with_routes=True, unavailable=unavailable,
-                              weights=self._weights, context=context,
-                              exclude_context_categories=np.array([r.exclude_context_categories for r in resolved]))
+        weights = np.stack([r.weights for r in resolved])
+        out = self.generator(t["user_embedding"], indptr, hist[keep], kinds, exclude, with_routes=True, unavailable=unavailable,
+                             weights=weights, context=context,
+                             exclude_context_categories=np.array([r.exclude_context_categories for r in resolved]))
+        return (*out, weights)
 
 
 class CandidateFeatures(StepImpl):
@@ -622,12 +632,16 @@ class TopK(StepImpl):
         self.value = (value / np.median(value[value > 0])).astype(np.float32) if len(value) and (value > 0).any() else None
         if self.value is None:
             st = self.strategy
-            for scene in range(len(st.scenes)):
-                for variant in range(min(int(st.radix[-1]), 4096)):
-                    blend = st.resolve(scene, variant).blend
-                    if blend is not None and blend[2] > 0:
-                        raise ValueError(f"serve: scene {st.scenes[scene]!r} ({st.label(variant) or 'no experiment'}) blends "
-                                         "in the item value, but the items have no price (item_table.npz value)")
+            blends = [(f"serve.scenes.{name}", s.get("blend")) for name, s in st.scene_settings.items()]
+            for layer in st.layers:
+                for arm, s in zip(layer.arms, layer.settings):
+                    where = f"serve.experiments.{layer.name}.set.{arm}"
+                    blends += [(where, s.get("blend"))] + [(f"{where}.scenes.{sc}", v.get("blend"))
+                                                           for sc, v in s.get("scenes", {}).items()]
+            for where, blend in blends:
+                if blend is not None and blend[2] > 0:
+                    raise ValueError(f"{where}.blend weighs the item value, but the items have no price "
+                                     "(item_table.npz value)")
 
     def check(self, t: dict) -> dict:
         code = t.get("strategy")

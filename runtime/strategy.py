@@ -172,6 +172,10 @@ class Strategy:
         self.default_scene = self.scene_code[cfg.default_scene]
         self.base = {"diversity": float(cfg.diversity), "max_per_category": int(cfg.max_per_category)}
         self.layers = tuple(self._layer(name, spec) for name, spec in (cfg.experiments or {}).items())
+        salts = [layer.salt for layer in self.layers]
+        if len(set(salts)) != len(salts):  # the same salt draws the same bucket: the layers' arms would move together
+            raise StrategyError("serve.experiments: every layer needs its own salt, or its arms are not independent of "
+                                "another layer's")
         owner: dict[str, str] = {}
         for layer in self.layers:
             unknown = sorted({sc for s in layer.settings for sc in s.get("scenes", {})} - set(self.scene_settings))
@@ -197,13 +201,17 @@ class Strategy:
         unknown = sorted(set(spec) - {"salt", "arms", "set"})
         if unknown:
             raise StrategyError(f"{where}: unknown key(s) {unknown}; known: ['arms', 'salt', 'set']")
+        if not name or "=" in name or "," in name:
+            raise StrategyError(f"serve.experiments: layer names may not be empty or hold '=' or ',', got {name!r}")
         salt, arms = spec.get("salt"), spec.get("arms")
         if not isinstance(salt, str) or not salt:
             raise StrategyError(f"{where}.salt must be a non-empty string (change it to re-draw the arms)")
         if not isinstance(arms, dict) or len(arms) < 1:
             raise StrategyError(f"{where}.arms must be a table of arm = traffic share")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arms.values()):
+            raise StrategyError(f"{where}.arms: shares must be numbers, got {dict(arms)}")
         shares = np.array([float(v) for v in arms.values()])
-        if (shares < 0).any() or abs(shares.sum() - 1) > 1e-6:
+        if not np.isfinite(shares).all() or (shares < 0).any() or abs(shares.sum() - 1) > 1e-6:
             raise StrategyError(f"{where}.arms: shares must be >= 0 and sum to 1, got {dict(arms)}")
         sets = spec.get("set", {})
         unknown_arms = sorted(set(sets) - set(arms))
@@ -239,7 +247,7 @@ class Strategy:
         variant = np.zeros(len(user_id), np.int64)
         for li, layer in enumerate(self.layers):
             arm = np.minimum(np.searchsorted(layer.bounds, bucket(user_id, layer.salt), side="right"), len(layer.arms) - 1)
-            if forced:
+            if forced is not None and len(forced):  # a list, or the object array the Triton adapter concatenates
                 arm = np.array([f.get(li, a) for f, a in zip(forced, arm)], np.int64)
             variant += arm * self.radix[li]
         return variant.astype(np.int32)
@@ -277,8 +285,9 @@ class Strategy:
                 routes.update(scoped.get("routes", {}))
                 values.update({k: v for k, v in scoped.items() if k in keys})
             weights = np.array([routes.get(r, 0.0) for r in ROUTES], np.float64)
-            if not (weights > 0).any():
-                weights[ROUTES.index("popular")] = 1.0  # an arm switched every route of the scene off: popular serves
+            if not any(w > 0 for r, w in zip(ROUTES, weights) if r not in CONTEXT_ROUTES):
+                # only context routes (or none, after an arm): a request without context items still gets a list
+                weights[ROUTES.index("popular")] = max(weights[ROUTES.index("popular")], FALLBACK)
             self._cache[key] = Resolved(weights, float(values["diversity"]), int(values["max_per_category"]),
                                         bool(s.get("exclude_context_categories", False)), values["order"] == "ranker",
                                         values["blend"])

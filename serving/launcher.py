@@ -113,9 +113,20 @@ def process_group(pgid: int) -> list[tuple[int, list[str], list[bytes]]]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports: the sockets stay bound until all are chosen (one at a time, the kernel may
+    hand the same port out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def server_env(artifacts: Path, config_path: Path | None = None, online_url: str | None = None) -> dict:
@@ -171,7 +182,7 @@ class TritonServer:
     @classmethod
     def from_config(cls, cfg: ServeConfig, artifacts: Path, profile: str = "cpu", ephemeral_ports: bool = False, log_path=None,
                     config_path: Path | None = None):
-        ports = (free_port(), free_port(), free_port()) if ephemeral_ports else (cfg.http_port, cfg.grpc_port, cfg.metrics_port)
+        ports = tuple(free_ports(3)) if ephemeral_ports else (cfg.http_port, cfg.grpc_port, cfg.metrics_port)
         return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path,
                    config_path=config_path, ready_timeout_s=cfg.ready_timeout_s, online_store=cfg.online_store,
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
@@ -228,7 +239,8 @@ class TritonServer:
         verify_tree(bundle)  # refuse to serve files that differ from what export wrote
         check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
         if self.http_front and not self.triton_http_port:
-            self.triton_http_port = free_port()
+            while self.triton_http_port in (0, self.http_port, self.grpc_port, self.metrics_port):
+                self.triton_http_port = free_port()
         work = self.artifacts / "triton"
         cmd = self.command(backends_dir(work))
         self._lifecycle = threading.Lock()  # a restart by the step doctor replaces self.process under it

@@ -6,6 +6,8 @@ it these tests fail, naming the fix, never skip."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,22 @@ def test_a_server_that_does_not_answer_is_an_error_on_the_page(artifacts, browse
         with pytest.raises(BrowserError, match=rf"the page shows an error: the request to {dead} failed: .*(UNAVAILABLE|failed to connect)"):
             rendered_cards(page, K)
         assert "shoprec demo" in page.evaluate("document.body.innerText")  # the page itself still stands
+
+
+def test_an_event_sent_from_the_page_changes_the_served_list(triton, artifacts, browser, tmp_path):
+    """The page's event form writes to the server's online store; the list it shows next is the server's answer
+    after the event: the clicked item is gone (seen) and the user is no longer cold."""
+    user = 987_654_321  # no store and no other test knows this user
+    with RecommenderClient(triton.grpc_url) as c:
+        before = c.recommend(user, k=K).item_ids.tolist()
+    with demo_page(artifacts, triton.grpc_url, log=tmp_path / "streamlit.log") as url:
+        page = browser.open(url + query(user, K, 0.0))
+        assert rendered_cards(page, K) == before
+        page.evaluate("[...document.querySelectorAll('button')].find(b => b.innerText.includes('send event')).click()")
+        page.wait_for("document.body.innerText.includes('sent click on item')", 40)
+        deadline = time.time() + 30
+        while (after := rendered_cards(page, K)) == before and time.time() < deadline:  # the rerun's cards replace them
+            time.sleep(0.2)
+    with RecommenderClient(triton.grpc_url) as c:
+        served = c.recommend(user, k=K)
+    assert before[0] not in after and after == served.item_ids.tolist() and not served.cold_start

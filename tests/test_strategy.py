@@ -66,6 +66,11 @@ def test_scene_and_experiment_config_errors_name_the_key():
                              "l2": {"salt": "2", "arms": {"b": 1.0},
                                     "set": {"b": {"scenes": {"home": {"routes": {"trending": 0.0}}}}}}}},
             "'routes.trending' is set by layers 'l1' and 'l2'"),
+           ({"experiments": {"l": {"salt": "s", "arms": {"a": float("nan"), "b": 1.0}}}}, "shares must be >= 0 and sum to 1"),
+           ({"experiments": {"l": {"salt": "s", "arms": {"a": "half", "b": 0.5}}}}, "shares must be numbers"),
+           ({"experiments": {"x=y": {"salt": "s", "arms": {"a": 1.0}}}}, "layer names may not be empty or hold"),
+           ({"experiments": {"l1": {"salt": "same", "arms": {"a": 1.0}}, "l2": {"salt": "same", "arms": {"b": 1.0}}}},
+            "every layer needs its own salt"),
            ({"experiments": {"l": {"salt": "s", "arms": {"a": 1.0}, "set": {"a": {"scenes": {"shop": {}}}}}}},
             r"arms set scenes \['shop'\] that are not scenes")]
     for changes, message in bad:
@@ -90,6 +95,9 @@ def test_layers_hash_users_independently_stably_and_in_their_shares():
     np.testing.assert_allclose(bucket(np.array([42, 1000000]), _salt("recall-2026-11")), [0.7416689710723986, 0.6010784798444412],
                                rtol=0, atol=1e-15)
     forced = st.assign(users[:2], [st.parse_forced("recall=up, rerank=mmr"), {}])
+    # the Triton adapter concatenates the parsed requests of a batch into an object array
+    batched = np.concatenate([np.array([st.parse_forced("recall=up, rerank=mmr")], dtype=object), np.array([{}], dtype=object)])
+    np.testing.assert_array_equal(st.assign(users[:2], batched), forced)
     assert st.label(forced[0]) == "recall=up,rerank=mmr" and forced[1] == variant[1]
     r = st.resolve(st.scene_code["home"], forced[0])
     assert r.weights[ROUTES.index("trending")] == 3.0 and r.diversity == 0.3
@@ -111,6 +119,26 @@ def test_an_arm_may_change_one_scene_only():
     detail, home = st.resolve(st.scene_code["item_detail"], arm), st.resolve(st.scene_code["home"], arm)
     assert detail.weights[ROUTES.index("similar")] == 0 and detail.weights[ROUTES.index("ann")] == 1 and detail.by_ranker
     np.testing.assert_array_equal(home.weights, st.resolve(st.scene_code["home"], 0).weights)
+
+
+def test_a_scene_of_context_routes_still_serves_a_request_without_context(pipeline):
+    cfg = dataclasses.replace(pipeline.cfg, scenes={"pdp": {"routes": {"similar": 1.0}, "order": "recall"}})
+    st = Strategy(cfg)
+    assert st.resolve(st.scene_code["pdp"], 0).weights[ROUTES.index("popular")] > 0  # the fallback is added
+    from runtime.pipeline import Pipeline
+
+    p = Pipeline(pipeline.bundle.path, cfg=cfg)
+    assert len(p.recommend([-3], 5, scene="pdp")[0][0]) == 5
+
+
+def test_internal_steps_refuse_strategy_codes_outside_the_config(pipeline):
+    t = pipeline.run(pipeline.request([-3], 5), stop="retrieval")
+    for step in ("retrieval", "topk"):
+        impl = pipeline.steps[step]
+        bad = {x.name: t.get(x.name) for x in impl.step.inputs}
+        bad["strategy"] = np.array([[7, 0]], np.int32)
+        with pytest.raises(RequestError, match="strategy scene code must be in 0..2"):
+            impl.check(bad)
 
 
 def test_the_training_lists_fuse_the_routes_the_home_scene_starts_from():
