@@ -146,12 +146,10 @@ def cmd_recommend(args, cfg):
 def cmd_demo_page(args, cfg):
     import os
 
-    streamlit = Path(sys.executable).with_name("streamlit")
+    from benchmarks.browser import streamlit_command
+
     url = args.url or f"127.0.0.1:{cfg.serve.grpc_port}"
-    command = [str(streamlit), "run", str(REPO_ROOT / "app" / "demo.py"), "--server.headless", "true",
-               "--server.port", str(args.port), "--server.address", args.address, "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
-               "--", "--artifacts", str(_artifacts(args)), "--url", url]
+    command = streamlit_command(_artifacts(args), url, args.port, args.address)
     print(f"demo page: http://{args.address}:{args.port} (recommendations from {url}; Ctrl-C stops)", flush=True)
     os.execv(command[0], command)
 

@@ -31,10 +31,10 @@ if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
 
 from client import RecommenderClient
+from runtime.strategy import Strategy
 from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verified_path
 
-SCENES = ("home", "item_detail", "cart")  # the built-in scenes (runtime/strategy.py)
 KIND_NAMES = {1: "view", 2: "click", 3: "cart", 4: "purchase"}  # feature_workflows/history.py KIND
 TITLE_COLUMNS = ("title", "name", "product_name")  # the first display__ column of these is an item's title
 MAX_PICKABLE_USERS = 5000  # beyond this the picker lists the most active users (a selectbox ships every option)
@@ -146,10 +146,6 @@ class Users:
             return np.zeros(0, np.int64), np.zeros(0, np.int8), None
         lo, hi = self.indptr[at], self.indptr[at + 1]
         return self.rows[lo:hi][::-1], self.kinds[lo:hi][::-1], None if self.ts is None else self.ts[lo:hi][::-1]
-
-
-def scenes_offered() -> tuple[str, ...]:
-    return SCENES
 
 
 def request_kwargs(k: int, diversity: float, include_seen: bool, scene: str = "home", context_item_ids=(),
@@ -304,7 +300,7 @@ def main(argv: list[str]) -> None:
         include_seen = st.checkbox("include items the user already acted on", value=q.get("include_seen") == "1")
 
         # a scene other than home sends context items: by default the user's latest (distinct) items
-        scenes = scenes_offered()
+        scenes = Strategy(load_config().serve).scenes  # the built-in ones and the config's (runtime/strategy.py)
         scene = st.selectbox("scene", scenes, index=scenes.index(q.get("scene")) if q.get("scene") in scenes else 0)
         context_items: list[int] = []
         if scene != "home" and catalog is not None:

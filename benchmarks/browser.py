@@ -19,17 +19,16 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serving.launcher import LaunchError, free_port, wait_for_url
 from shoprec.config import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -214,10 +213,13 @@ def _above(fd: int, low: int) -> int:
     return moved
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def streamlit_command(artifacts: str | Path, server_url: str, port: int, address: str = "127.0.0.1",
+                      protocol: str = "grpc") -> list[str]:
+    """`streamlit run app/demo.py` headless on address:port (no usage stats: no internet here; no file watcher)."""
+    return [str(Path(sys.executable).with_name("streamlit")), "run", str(DEMO_SCRIPT), "--server.headless", "true",
+            "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--global.developmentMode", "false", "--client.toolbarMode", "viewer",
+            "--", "--artifacts", str(artifacts), "--url", server_url, "--protocol", protocol]
 
 
 @contextlib.contextmanager
@@ -226,31 +228,17 @@ def demo_page(artifacts: str | Path, server_url: str, protocol: str = "grpc", lo
     """`streamlit run app/demo.py` on a free loopback port against a running server; yields the page's URL.
     Fails fast (with the log's tail) when streamlit exits before its health endpoint answers."""
     port = free_port()
-    streamlit = Path(sys.executable).with_name("streamlit")
-    command = [str(streamlit), "run", str(DEMO_SCRIPT), "--server.headless", "true", "--server.port", str(port),
-               "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none", "--global.developmentMode", "false", "--client.toolbarMode", "viewer",
-               "--", "--artifacts", str(artifacts), "--url", server_url, "--protocol", protocol]
+    command = streamlit_command(artifacts, server_url, port, protocol=protocol)
     log_path = Path(log) if log else Path(tempfile.mkstemp(prefix="shoprec-demo-page-", suffix=".log")[1])
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    cwd=REPO_ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise BrowserError(f"streamlit exited with {process.returncode} before serving the page; "
-                                   f"{log_path}: {log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise BrowserError(f"streamlit did not answer on {url} within {timeout_s:.0f} s; {log_path}")
-            time.sleep(0.2)
+        try:
+            wait_for_url(f"{url}/_stcore/health", process, timeout_s, poll_s=0.2)
+        except LaunchError as exc:
+            raise BrowserError(f"streamlit on {url}: {exc}; {log_path}: {log_path.read_text(errors='replace')[-2000:]}") from None
         yield url
     finally:
         process.terminate()

@@ -27,7 +27,7 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT
 
-from serving.launcher import free_ports
+from serving.launcher import LaunchError, free_ports, wait_until_ready
 
 from .machine import describe
 from .serving_bench import warm_users
@@ -41,21 +41,11 @@ def start(root: Path, artifacts: Path, log: Path) -> tuple[subprocess.Popen, str
     cmd = [sys.executable, "-m", "app.cli", "--artifacts", str(artifacts), "serve", "--http-port", str(http), "--grpc-port",
            str(grpc), "--metrics-port", str(metrics), "--online-store", "none"]
     process = subprocess.Popen(cmd, cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"127.0.0.1:{grpc}"
-    import tritonclient.grpc as grpcclient
-
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server in {root} exited with {process.returncode}; see {log}")
-        try:
-            c = grpcclient.InferenceServerClient(url)
-            if c.is_server_ready() and c.is_model_ready("recommender"):
-                return process, url
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the server in {root} was not ready within 180 s; see {log}")
+    try:
+        wait_until_ready(f"127.0.0.1:{http}", process, 180)
+    except LaunchError as exc:
+        raise RuntimeError(f"the server in {root} {exc}; see {log}") from None
+    return process, f"127.0.0.1:{grpc}"
 
 
 def stop(process: subprocess.Popen) -> None:

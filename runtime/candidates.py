@@ -253,9 +253,9 @@ class CandidateGenerator:
         rows, reached_at = _fuse([lists[ROUTES[i]] for i in live], weights[:, live], n, with_cutoff=True)
         safe = np.maximum(rows, 0)
         dots = np.einsum("ud,und->un", np.asarray(user_emb, dtype=np.float32), self.emb[safe])
-        credited = [r for i, r in enumerate(ROUTES) if i in live] if with_routes else []  # routes that can be credited
-        position = {r: _position(rows, lists[r], n) if r in ("cf_all", "cf_pos", "ann") or r in credited
-                    else np.full(rows.shape, n, np.int64) for r in ROUTES}
+        # ranks in the lists the features read, and (for attribution) in the lists the fusion took from
+        credited = [ROUTES[i] for i in live] if with_routes else []
+        position = {r: _position(rows, lists[r], n) for r in dict.fromkeys(("cf_all", "cf_pos", "ann", *credited))}
         feats = np.stack([
             np.take_along_axis(s_all, safe, 1), np.take_along_axis(s_pos, safe, 1), np.take_along_axis(s_recent, safe, 1), dots,
             *(np.log1p(position[r]) for r in ("cf_all", "cf_pos", "ann")),  # log(1 + rank), log(1 + n) when absent

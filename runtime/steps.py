@@ -127,6 +127,18 @@ def check_inputs(t: dict, sizes: dict) -> None:
             raise RequestError(f"{name} must be finite (no NaN or infinity)")
 
 
+def check_strategy(strategy: Strategy, t: dict) -> None:
+    """The strategy codes a step is sent (scene, experiment variant; from the feature step, or a direct caller) are
+    ones this serve config has; RequestError otherwise."""
+    code = t.get("strategy")
+    if code is not None:
+        code = np.asarray(code).reshape(-1, 2)
+        try:
+            strategy.check_codes(code[:, 0], code[:, 1])
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+
 def decode_text(raw, name: str) -> np.ndarray:
     try:
         return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.ravel(raw)], dtype=object)
@@ -485,13 +497,7 @@ class Retrieval(StepImpl):
                "shoprec_candidates_total": "candidates after the fusion, sent to the ranker"}
 
     def check(self, t: dict) -> dict:
-        code = t.get("strategy")
-        if code is not None:
-            code = np.asarray(code).reshape(-1, 2)
-            try:
-                self.strategy.check_codes(code[:, 0], code[:, 1])
-            except ValueError as exc:
-                raise RequestError(str(exc)) from None
+        check_strategy(self.strategy, t)
         return t
 
     def run(self, t: dict) -> tuple:
@@ -644,13 +650,7 @@ class TopK(StepImpl):
                                      "(item_table.npz value)")
 
     def check(self, t: dict) -> dict:
-        code = t.get("strategy")
-        if code is not None:
-            code = np.asarray(code).reshape(-1, 2)
-            try:
-                self.strategy.check_codes(code[:, 0], code[:, 1])
-            except ValueError as exc:
-                raise RequestError(str(exc)) from None
+        check_strategy(self.strategy, t)
         k = t["k"].ravel()
         if len(k) and (k != k[0]).any():
             raise RequestError("k must be the same for every row of one request")

@@ -81,12 +81,17 @@ def check_ports_free(address: str, ports: dict[str, int]) -> None:
 
 def wait_until_ready(http_url: str, process: subprocess.Popen, timeout_s: float, poll_s: float = 0.3) -> None:
     """Poll `http_url`'s KServe readiness endpoint until 200; LaunchError if `process` exits first or time runs out."""
+    wait_for_url(f"http://{http_url}/v2/health/ready", process, timeout_s, poll_s)
+
+
+def wait_for_url(url: str, process: subprocess.Popen, timeout_s: float, poll_s: float = 0.3) -> None:
+    """Poll `url` until it answers 200; LaunchError if `process` exits first or time runs out."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
             raise LaunchError(f"exited with {process.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
                     return
         except OSError:

@@ -21,6 +21,7 @@ from benchmarks.browser import (
 from benchmarks.demo_screenshot import query, rendered_cards
 from client import RecommenderClient
 from runtime.request_transform import UserStore
+from shoprec.manifest import verified_path
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def browser():
 
 def _warm_users(artifacts, n: int) -> list[tuple[int, int]]:
     """(user id, number of actions) of n users with a history, spread over the store."""
-    store = UserStore.load(artifacts / "serving" / "user_store.npz")
+    store = UserStore.load(verified_path(artifacts / "serving", "user_store.npz"))
     actions = store.arrays["hist_indptr"][1:] - store.arrays["hist_indptr"][:-1]
     warm = [(int(u), int(a)) for u, a in zip(store.user_id, actions) if a > 0]
     return warm[len(warm) // (n + 1):: len(warm) // (n + 1)][:n]
@@ -51,9 +52,9 @@ def test_cards_are_the_served_list_id_for_id(triton, artifacts, browser, tmp_pat
     with RecommenderClient(triton.grpc_url) as c:
         expected = {u: c.recommend(u, k=K, diversity=0.0).item_ids.tolist() for u in [u for u, _ in users] + [COLD_USER]}
         diverse = c.recommend(users[0][0], k=K, diversity=0.7).item_ids.tolist()
-        store = UserStore.load(artifacts / "serving" / "user_store.npz")
+        store = UserStore.load(verified_path(artifacts / "serving", "user_store.npz"))
         latest = store.history(int(store.lookup(np.array([users[0][0]]))[0]))[0][-1]  # time order: the last is the latest
-        item_ids = np.load(artifacts / "serving" / "item_table.npz")["item_ids"]
+        item_ids = np.load(verified_path(artifacts / "serving", "item_table.npz"))["item_ids"]
         similar = c.recommend(users[0][0], k=K, diversity=0.0, scene="item_detail", context_item_ids=[int(item_ids[latest])])
     with demo_page(artifacts, triton.grpc_url, log=tmp_path / "streamlit.log") as url:
         for user, actions in users:

@@ -10,7 +10,7 @@ from tritonclient.utils import InferenceServerException
 
 from client import AsyncRecommenderClient, RecommenderClient
 from runtime.request_transform import UserStore
-from shoprec.manifest import ArtifactError
+from shoprec.manifest import ArtifactError, verified_path
 
 pytestmark = pytest.mark.integration
 
@@ -431,7 +431,7 @@ def test_scenes_and_experiments_through_the_ensemble(triton, pipeline, artifacts
     from runtime.strategy import Strategy
 
     st = Strategy(cfg.serve)
-    table = np.load(artifacts / "serving" / "item_table.npz")
+    table = np.load(verified_path(artifacts / "serving", "item_table.npz"))
     context = [int(table["item_ids"][r]) for r in table["popular_rows"][:2]]
     users = _users(artifacts, 4)
     before = _settled(triton)
