@@ -92,7 +92,9 @@ def test_an_event_sent_from_the_page_changes_the_served_list(triton, artifacts, 
     with demo_page(artifacts, triton.grpc_url, log=tmp_path / "streamlit.log") as url:
         page = browser.open(url + query(user, K, 0.0))
         assert rendered_cards(page, K) == before
-        page.evaluate("[...document.querySelectorAll('button')].find(b => b.innerText.includes('send event')).click()")
+        send = "[...document.querySelectorAll('button')].find(b => b.innerText.includes('send event'))"
+        page.wait_for(f"!!{send}", 40)  # the form renders after the cards
+        page.evaluate(f"{send}.click()")
         page.wait_for("document.body.innerText.includes('sent click on item')", 40)
         deadline = time.time() + 30
         while (after := rendered_cards(page, K)) == before and time.time() < deadline:  # the rerun's cards replace them
