@@ -7,6 +7,8 @@
   evaluate   offline quality: served pipeline vs popularity, ALS, item-kNN, EASE, two-tower alone
   serve      start tritonserver on the generated model repository, beside a private Redis that holds
              live user state (Ctrl-C stops both)
+  deploy     switch a running server to another exported bundle version, no request lost (rollback: back)
+  versions   the exported bundle versions, and which one each running server serves
   events     write user events to the online store: the next request of each user sees them
   items      mark items unavailable / available again (from the next request on)
   recommend  ask a running server for top-k items for a user (HTTP or gRPC)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from shoprec.config import REPO_ROOT, load_config
@@ -119,10 +122,53 @@ def cmd_serve(args, cfg):
               "(Ctrl-C or SIGTERM stops)", flush=True)
         print(f"online store: {server.online_url or 'none (the export snapshot only)'}; admin APIs need the key in "
               f"{server.admin_key_path}", flush=True)
+        if server.grpc_front:
+            print(f"gRPC requests over {server.grpc_max_message_mb:g} MiB are refused (serve.grpc_max_message_mb)", flush=True)
+        print(f"serving bundle version {server.served_version()}; `shoprec deploy` switches to a newer export, "
+              "`shoprec rollback` back", flush=True)
         try:
             server.wait()
         except KeyboardInterrupt:
             print("stopping tritonserver", flush=True)
+
+
+def cmd_deploy(args, cfg):
+    from serving.versions import deploy
+
+    result = deploy(_artifacts(args), getattr(args, "version", None), args.grpc_port, cfg.serve.swap_drain_s,
+                    rollback=args.func is cmd_rollback, log=lambda m: None if args.quiet else print(m, file=sys.stderr))
+    print(json.dumps(result))
+
+
+def cmd_rollback(args, cfg):
+    cmd_deploy(args, cfg)
+
+
+def cmd_versions(args, cfg):
+    from shoprec import bundles
+    from shoprec.manifest import read_manifest
+
+    art = _artifacts(args)
+    serving = art / "serving"
+    newest = bundles.current_version(serving)
+    servers = bundles.live_servers(art)
+    print(f"{'version':>7}  {'exported (UTC)':<19}  {'MB':>7}  use")
+    for v in bundles.versions(serving):
+        folder = bundles.bundles_root(serving) / str(v)
+        try:
+            created = read_manifest(folder).get("created_unix", 0)
+        except Exception:  # noqa: BLE001 - a listing: the row says it
+            created = None
+        mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+        use = (["newest export (artifacts/serving)"] if v == newest else [])
+        for s in servers:
+            hist = [int(h) for h in s.get("history", [])]
+            if hist and hist[-1] == v:
+                use.append(f"served on gRPC {s['grpc']}")
+            elif v in hist[-2:]:
+                use.append(f"rollback target of gRPC {s['grpc']}")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(created)) if created else "manifest unreadable"
+        print(f"{v:>7}  {when:<19}  {mb:>7.1f}  {'; '.join(use)}")
 
 
 def cmd_events(args, cfg):
@@ -272,9 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="default: config serve.metrics_port (8002)")
     p.add_argument("--online-store", help="live user state: private (start a redis-server under ARTIFACTS/online), "
                    "none (the export's snapshot only) or redis://HOST:PORT/DB (default: config serve.online_store = private)")
+    p.add_argument("--grpc-front", choices=["auto", "true", "false"], help="cap gRPC request size with a front "
+                   "(serve.grpc_max_message_mb; Triton itself takes up to 2 GiB); auto (default): on unless loopback")
     p.add_argument("--grpc-tls-cert", help="gRPC over TLS: the server's certificate (PEM; with --grpc-tls-key)")
     p.add_argument("--grpc-tls-key", help="gRPC over TLS: the server's private key (PEM)")
     p.add_argument("--grpc-tls-client-ca", help="mutual TLS: accept only clients whose certificate this CA signed")
+    for name, func, text in (("deploy", cmd_deploy, "switch the running server (`shoprec serve` on these artifacts) to "
+                              "an exported bundle version without dropping a request: new steps load beside the old, "
+                              "the ensemble switches, the old unload"),
+                             ("rollback", cmd_rollback, "switch the running server back to the version it served "
+                              "before the last deploy")):
+        p = add(name, func, text)
+        if name == "deploy":
+            p.add_argument("--version", type=int, help="bundle version (default: the newest export, artifacts/serving); "
+                           "`shoprec versions` lists them")
+        p.add_argument("--grpc-port", type=int, help="the server's gRPC port, when several serve these artifacts")
+    add("versions", cmd_versions, "list the exported bundle versions and which one each running server serves")
     p = add("events", cmd_events, "write user events (view/click/cart/purchase) to the online store of a running server; "
             "the next request of each user sees them")
     p.add_argument("file", nargs="?", default="-", help="JSON lines or CSV (header: user_id,item_id,type,timestamp"
@@ -341,7 +400,8 @@ def _apply_overrides(args, cfg):
             cfg = cfg.replace("data", **{key: getattr(args, attr)})
     if getattr(args, "command", None) == "serve" and args.online_store:
         cfg = cfg.replace("serve", online_store=args.online_store)
-    for attr in ("address", "http_port", "grpc_port", "metrics_port", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
+    for attr in ("address", "http_port", "grpc_port", "metrics_port", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
+                 "grpc_front"):
         if getattr(args, attr, None) is not None:
             cfg = cfg.replace("serve", **{attr: getattr(args, attr)})
     if getattr(args, "deploy", False):

@@ -67,7 +67,10 @@ def send_event(artifacts: str, configured: str | None, user_id: int, item_id: in
     from runtime.online_store import OnlineStore
 
     cfg = load_config().serve
-    store = OnlineStore.open(Path(artifacts) / "serving", online_url(Path(artifacts), configured or cfg.online_store), cfg)
+    from shoprec.bundles import served_bundle
+
+    # the keys of the version the server serves (a newer export may wait for `shoprec deploy`)
+    store = OnlineStore.open(served_bundle(Path(artifacts)), online_url(Path(artifacts), configured or cfg.online_store), cfg)
     report = store.ingest([{"user_id": int(user_id), "item_id": int(item_id), "type": kind, "timestamp": time.time()}])
     return report.as_dict()
 

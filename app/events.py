@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from shoprec.bundles import served_bundle
 from shoprec.errors import UserError
 
 CHUNK = 1000
@@ -102,7 +103,7 @@ def cmd_events(args, cfg) -> None:
     from runtime.online_store import OnlineStore
 
     artifacts = Path(args.artifacts).resolve()
-    store = OnlineStore.open(artifacts / "serving", online_url(artifacts, args.online_store or cfg.serve.online_store), cfg.serve)
+    store = OnlineStore.open(served_bundle(artifacts), online_url(artifacts, args.online_store or cfg.serve.online_store), cfg.serve)
     if args.file in (None, "-"):
         fmt = args.format or "jsonl"
         stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
@@ -121,7 +122,7 @@ def cmd_items(args, cfg) -> None:
     from runtime.online_store import OnlineStore
 
     artifacts = Path(args.artifacts).resolve()
-    store = OnlineStore.open(artifacts / "serving", online_url(artifacts, args.online_store or cfg.serve.online_store), cfg.serve)
+    store = OnlineStore.open(served_bundle(artifacts), online_url(artifacts, args.online_store or cfg.serve.online_store), cfg.serve)
     out: dict = {}
     if args.unavailable:
         out["made_unavailable"], out["unknown"] = store.set_available(args.unavailable, available=False)

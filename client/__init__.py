@@ -3,7 +3,7 @@
     from client import RecommenderClient
     with RecommenderClient("127.0.0.1:8001") as c:
         rec = c.recommend(1000001, k=10, hour=20, client_device="mobile")
-        rec.item_ids, rec.scores, rec.cold_start, rec.degraded
+        rec.item_ids, rec.scores, rec.cold_start, rec.degraded, rec.version
         similar = c.recommend(1000001, k=10, scene="item_detail", context_item_ids=[5000017])
         similar.routes, similar.experiment
 
@@ -30,6 +30,7 @@ class Recommendation:
     routes: list[list[str]] | None = None  # per item, the recall routes that proposed it (servers that say so)
     degraded: bool = False  # the online store failed: the list comes from the export's snapshot of the user
     experiment: dict[str, str] | None = None  # experiment layer -> the user's arm (servers that say so)
+    version: int | None = None  # the bundle version that served the list (`shoprec deploy`; servers that say so)
 
 
 def _module(protocol: str, aio: bool = False):
@@ -90,9 +91,10 @@ def _parse(user_id, result) -> Recommendation:
         text = exp.ravel()[0]
         text = text.decode() if isinstance(text, bytes) else str(text)
         experiment = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    version = result.as_numpy("served_version")
     return Recommendation(user_id, result.as_numpy("item_ids")[0], result.as_numpy("scores")[0],
                           bool(result.as_numpy("cold_start")[0, 0]), routes, degraded is not None and bool(degraded[0, 0]),
-                          experiment)
+                          experiment, None if version is None else int(version.ravel()[0]))
 
 
 def _tls_args(protocol: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> dict:

@@ -29,7 +29,8 @@ def item_details(artifacts: Path) -> dict | None:
 def format_table(rec, details) -> str:
     lines = [f"user {rec.user_id}: {len(rec.item_ids)} items" + ("  (cold start: no history)" if rec.cold_start else "")
              + ("  (degraded: online store unavailable, served from the snapshot)" if getattr(rec, "degraded", False) else "")
-             + ("  experiment: " + ", ".join(f"{k}={v}" for k, v in rec.experiment.items()) if rec.experiment else "")]
+             + ("  experiment: " + ", ".join(f"{k}={v}" for k, v in rec.experiment.items()) if rec.experiment else "")
+             + (f"  (bundle version {rec.version})" if getattr(rec, "version", None) else "")]
     cols = list(details["columns"]) if details else []
     lines.append(f"{'rank':>4}  {'item_id':>9}  {'score':>7}  {'routes':<18}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
     order = np.argsort(details["ids"]) if details else None

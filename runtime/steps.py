@@ -31,7 +31,7 @@ from runtime.strategy import Strategy
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
 from shoprec.contract import BUNDLE_FILES
-from shoprec.manifest import ArtifactError, verify_manifest
+from shoprec.manifest import ArtifactError, read_manifest, verify_manifest
 
 MAX_DEVICE_BYTES = 64
 
@@ -40,7 +40,12 @@ class RequestError(ValueError):
     """A bad request: reported to that request only, never to the batch it shares."""
 
 
-def bundle_dir() -> Path:
+def bundle_dir(version: int | None = None) -> Path:
+    """The bundle a step loads: bundles/<its Triton model version> where the launcher versions the repository
+    ($SHOPREC_BUNDLES, serving/versions.py), else artifacts/serving (the container, the in-process pipeline)."""
+    versioned = os.environ.get("SHOPREC_BUNDLES")
+    if versioned and version is not None:
+        return Path(versioned) / str(int(version))
     root = Path(os.environ.get("SHOPREC_ARTIFACTS", REPO_ROOT / "artifacts"))
     return root / "serving"
 
@@ -74,6 +79,11 @@ class Bundle:
     @functools.cached_property
     def dims(self) -> dict:
         return json.loads(self.file("contract").read_text())
+
+    @functools.cached_property
+    def version(self) -> int:
+        """The export's number (shoprec/bundles.py); 0 for a bundle exported before versions."""
+        return int(read_manifest(self.path).get("bundle_version", 0))
 
     def sizes(self, cfg: ServeConfig) -> dict:
         """The named dims of the step graph: what the exporter recorded plus the serve-time candidate count."""
@@ -264,7 +274,8 @@ def load_step(step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str
 
 class FeatureTransform(StepImpl):
     """user_id, k, optional hour/weekday/client_device -> user_cat, user_cont, seq_items, seq_kinds,
-    history_rows, history_kinds, unavailable_rows, cold_start, degraded.
+    history_rows, history_kinds, unavailable_rows, cold_start, degraded, strategy, context_rows, experiment,
+    served_version (the bundle's version: every step of one request runs the same one).
 
     The user's state comes from the online store when the server has one (their events since the
     export, read in one round trip with the unavailable items), else from the export's snapshot: a
@@ -347,7 +358,8 @@ class FeatureTransform(StepImpl):
         self.count("shoprec_degraded_total", n if f["degraded"] else 0)
         unavailable = np.broadcast_to(f["unavailable"], (n, len(f["unavailable"]))).copy()
         return (f["user_cat"], f["user_cont"], f["seq_items"], f["seq_kinds"], f["history_rows"], f["history_kinds"],
-                unavailable, f["cold"][:, None], np.full((n, 1), f["degraded"]), strategy, context_rows, experiment)
+                unavailable, f["cold"][:, None], np.full((n, 1), f["degraded"]), strategy, context_rows, experiment,
+                np.full((n, 1), self.bundle.version, dtype=np.int64))
 
     def request_strategy(self, t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(strategy [B, 2]: scene code and experiment variant, context_rows [B, L], experiment [B, 1]) of checked

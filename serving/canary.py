@@ -25,6 +25,7 @@ probe runs it without NumPy or the serving dependencies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -105,13 +106,16 @@ class StepDoctor:
     `incidents` keeps one record per failure: what failed, what was done, seconds to recovery."""
 
     def __init__(self, http_url: str, steps: list[str], admin_key: str | None, interval_s: float = 2.0,
-                 timeout_s: float = 5.0, reloads_before_restart: int = 2, restart=None, alive=None, stub_pids=None):
+                 timeout_s: float = 5.0, reloads_before_restart: int = 2, restart=None, alive=None, stub_pids=None,
+                 lock=None):
         """restart: called when reloads do not help; alive: False once the server process has exited,
         which is not the doctor's to heal (its owner reports the exit); stub_pids(model): the pids of the
-        model's stubs, which get SIGKILL once the reload has replaced them (a hung stub would stay)."""
+        model's stubs, which get SIGKILL once the reload has replaced them (a hung stub would stay); lock(): a
+        context manager held while reloading (a version switch, serving/versions.py, takes it too)."""
         self.http_url, self.steps, self.admin_key = http_url, list(steps), admin_key
         self.alive = alive or (lambda: True)
         self.stub_pids = stub_pids or (lambda model: [])
+        self.lock = lock or contextlib.nullcontext
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.reloads_before_restart, self.restart = reloads_before_restart, restart
         self.ready = True
@@ -136,6 +140,13 @@ class StepDoctor:
                 self._heal(error)
 
     def _heal(self, error: str) -> None:
+        waited = time.time()
+        with self.lock():  # not while a version switch loads and unloads steps
+            if time.time() - waited > 0.1 and canary(self.http_url, self.timeout_s) is None:
+                return  # a switch was in flight, and it is over
+            self._heal_locked(error)
+
+    def _heal_locked(self, error: str) -> None:
         t0 = time.time()
         self.ready = False
         incident = {"at": t0, "error": error[:300], "actions": []}

@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoprec import bundles
 from shoprec.config import REPO_ROOT, ServeConfig
 from shoprec.contract import ENSEMBLE
 from shoprec.errors import UserError
@@ -134,7 +135,8 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def server_env(artifacts: Path, config_path: Path | None = None, online_url: str | None = None) -> dict:
+def server_env(artifacts: Path, config_path: Path | None = None, online_url: str | None = None,
+               versioned: bool = False) -> dict:
     env = dict(os.environ)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     # the wheel's bundled libraries (auditwheel): the copied stub no longer finds them by RPATH
@@ -143,6 +145,10 @@ def server_env(artifacts: Path, config_path: Path | None = None, online_url: str
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["SHOPREC_ARTIFACTS"] = str(artifacts)
+    if versioned:  # each step loads bundles/<its model version> (serving/versions.py)
+        env["SHOPREC_BUNDLES"] = str(bundles.bundles_root(Path(artifacts) / "serving").resolve())
+    else:
+        env.pop("SHOPREC_BUNDLES", None)
     if config_path is not None:  # the steps read their serve-time settings from the same file
         env["SHOPREC_CONFIG"] = str(Path(config_path).resolve())
     # the steps read live user state from here; "none": the export's snapshot only
@@ -156,6 +162,15 @@ def _tls(cfg: ServeConfig) -> tuple[str, str, str] | None:
         return check_tls_files(cfg.grpc_tls_cert, cfg.grpc_tls_key, cfg.grpc_tls_client_ca)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
+
+
+def _grpc_front(cfg: ServeConfig) -> bool:
+    value = str(cfg.grpc_front).lower()
+    if value == "auto":
+        return cfg.address not in ("127.0.0.1", "localhost", "::1")
+    if value in ("true", "false"):
+        return value == "true"
+    raise LaunchError(f"serve.grpc_front must be auto, true or false, got {cfg.grpc_front!r}")
 
 
 @dataclass
@@ -179,10 +194,20 @@ class TritonServer:
     grpc_tls: tuple[str, str, str] | None = None  # (certificate, key, client CA or ""): gRPC over TLS
     http_front: bool = True  # HTTP through the validating front (serving/http_front.py); Triton's own on a private port
     triton_http_port: int = 0  # Triton's HTTP port: a private loopback one behind the front, else http_port
+    grpc_front: bool = False  # gRPC through the size-capping front (serving/grpc_front.py); Triton's own on a private port
+    grpc_max_message_mb: float = 1.0
+    triton_grpc_port: int = 0
+    grpc_proxy: object = None  # the GrpcFront while it runs
     front: object = None  # the HttpFront while it runs
     canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
     canary_timeout_s: float = 5.0
     doctor: object = None  # the StepDoctor while it runs
+    # numbered bundles (serving/versions.py): Triton serves a private copy of `repository` whose step versions are
+    # bundle versions, and `shoprec deploy` / `rollback` switch them live; off: `repository` as it is, the steps
+    # read artifacts/serving (a probe repository, tests of the launcher itself)
+    versioned: bool = False
+    swap_drain_s: float = 1.0
+    served: object = None  # the ServedRepository while it runs
 
     @classmethod
     def from_config(cls, cfg: ServeConfig, artifacts: Path, profile: str = "cpu", ephemeral_ports: bool = False, log_path=None,
@@ -191,8 +216,9 @@ class TritonServer:
         return cls(REPO_ROOT / "model_repository" / profile, Path(artifacts), *ports, address=cfg.address, log_path=log_path,
                    config_path=config_path, ready_timeout_s=cfg.ready_timeout_s, online_store=cfg.online_store,
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
-                   grpc_tls=_tls(cfg), http_front=cfg.http_front,
-                   canary_timeout_s=cfg.canary_timeout_s)
+                   grpc_tls=_tls(cfg), http_front=cfg.http_front, grpc_front=_grpc_front(cfg),
+                   grpc_max_message_mb=cfg.grpc_max_message_mb,
+                   canary_timeout_s=cfg.canary_timeout_s, versioned=True, swap_drain_s=cfg.swap_drain_s)
 
     @property
     def _host(self) -> str:  # where a client on this machine reaches it
@@ -212,13 +238,23 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self._host}:{self.grpc_port}"
 
+    @property
+    def model_repository(self) -> Path:
+        """The folder Triton serves: the versioned copy while it runs, else `repository` itself."""
+        return self.served.root if self.served is not None else self.repository
+
+    @property
+    def record_path(self) -> Path:
+        return bundles.servers_dir(self.artifacts) / f"{self.grpc_port}.json"
+
     def command(self, backends: Path) -> list[str]:
-        return tritonserver_command(str(pytriton_root() / "bin" / "tritonserver"), self.repository, backend_directory=backends,
+        return tritonserver_command(str(pytriton_root() / "bin" / "tritonserver"), self.model_repository, backend_directory=backends,
                                     http_address="127.0.0.1" if self.http_front else self.address,
                                     http_port=self.triton_http_port if self.http_front else self.http_port,
-                                    grpc_address=self.address,
-                                    grpc_port=self.grpc_port, metrics_address=self.address, metrics_port=self.metrics_port,
-                                    admin_key=self.admin_key, grpc_tls=self.grpc_tls)
+                                    grpc_address="127.0.0.1" if self.grpc_front else self.address,
+                                    grpc_port=self.triton_grpc_port if self.grpc_front else self.grpc_port,
+                                    metrics_address=self.address, metrics_port=self.metrics_port,
+                                    admin_key=self.admin_key, grpc_tls=None if self.grpc_front else self.grpc_tls)
 
     @property
     def admin_key_path(self) -> Path:
@@ -243,10 +279,21 @@ class TritonServer:
         bundle = self.artifacts / "serving"
         verify_tree(bundle)  # refuse to serve files that differ from what export wrote
         check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
+        public = (self.http_port, self.grpc_port, self.metrics_port)
         if self.http_front and not self.triton_http_port:
-            while self.triton_http_port in (0, self.http_port, self.grpc_port, self.metrics_port):
+            while self.triton_http_port in (0, *public):
                 self.triton_http_port = free_port()
+        if self.grpc_front and not self.triton_grpc_port:
+            while self.triton_grpc_port in (0, *public, self.triton_http_port):
+                self.triton_grpc_port = free_port()
         work = self.artifacts / "triton"
+        if self.versioned:
+            from .versions import ServedRepository
+
+            version = bundles.current_version(bundle)
+            if version is None:
+                raise LaunchError(f"{bundle}: a bundle from before numbered versions; run `shoprec export` again")
+            self.served = ServedRepository.create(self.repository, work / f"repository.{self.grpc_port}", version)
         cmd = self.command(backends_dir(work))
         self._lifecycle = threading.Lock()  # a restart by the step doctor replaces self.process under it
         self._halt = threading.Event()  # set by stop(): a restart in flight must not start a new server
@@ -257,17 +304,45 @@ class TritonServer:
                 from .http_front import HttpFront
 
                 self.front = HttpFront(self.address, self.http_port, self.triton_http_url).start()
+            if self.grpc_front:
+                from .grpc_front import GrpcFront
+
+                self.grpc_proxy = GrpcFront(self.address, self.grpc_port, f"127.0.0.1:{self.triton_grpc_port}",
+                                            self.grpc_max_message_mb, self.grpc_tls).start()
             if self.canary_interval_s > 0:
                 from .canary import StepDoctor
 
-                steps = sorted(p.name for p in self.repository.iterdir() if (p / "config.pbtxt").is_file() and p.name != ENSEMBLE)
+                repo = self.model_repository
+                steps = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file() and p.name != ENSEMBLE)
                 self.doctor = StepDoctor(self.triton_http_url, steps, self.admin_key, self.canary_interval_s, self.canary_timeout_s,
                                          restart=self._restart, alive=lambda: self.process.poll() is None,
-                                         stub_pids=self.stub_pids).start()
+                                         stub_pids=self.stub_pids, lock=self.served.lock if self.served else None).start()
+            if self.served is not None:
+                self._write_record()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _write_record(self) -> None:
+        """What `shoprec deploy` needs to switch this server's version (shoprec/bundles.py, serving/versions.py)."""
+        from .versions import write_record
+
+        write_record(self.artifacts, self.grpc_port, {
+            "pid": os.getpid(), "grpc_port": self.grpc_port, "grpc": self.grpc_url, "http": self.http_url,
+            "triton_http": self.triton_http_url, "admin_key_path": str(self.admin_key_path.resolve()),
+            "repository": str(self.served.root.resolve()), "template": str(Path(self.repository).resolve()),
+            "history": [self.served.served()], "swap_drain_s": self.swap_drain_s})
+
+    def served_version(self) -> int | None:
+        """The bundle version the ensemble pins (None when the repository is not versioned)."""
+        return self.served.served() if self.served is not None else None
+
+    def deploy(self, version: int | None = None, rollback: bool = False, log=None) -> dict:
+        """Switch this server to bundle `version` (default: the newest export) or back (serving/versions.py)."""
+        from .versions import deploy
+
+        return deploy(self.artifacts, version, self.grpc_port, self.swap_drain_s, rollback, log=log or (lambda m: None))
 
     def stub_pids(self, model: str) -> list[int]:
         """The python-backend stubs of `model` (instances named model_<i>_<j>) in the server's process group."""
@@ -279,7 +354,8 @@ class TritonServer:
     def _launch(self, cmd: list[str], timeout_s: float, mode: str) -> None:
         log_name = self.log_path or self.artifacts / "triton" / "server.log"
         with open(log_name, mode) as server_log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path, self.online_url),
+            self.process = subprocess.Popen(cmd, env=server_env(self.artifacts, self.config_path, self.online_url,
+                                                                self.served is not None),
                                             stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout_s, str(log_name))
 
@@ -351,6 +427,8 @@ class TritonServer:
             self.doctor.stop()
         if self.front is not None:
             self.front.stop()
+        if self.grpc_proxy is not None:
+            self.grpc_proxy.stop()
         lock = getattr(self, "_lifecycle", None)
         held = lock.acquire(timeout=self.ready_timeout_s + 10) if lock is not None else False  # a restart in flight ends first
         try:
@@ -361,6 +439,10 @@ class TritonServer:
         if self.redis is not None:
             self._stopping.set()
             self.redis.stop()
+        if self.served is not None:
+            self.record_path.unlink(missing_ok=True)
+            shutil.rmtree(self.served.root, ignore_errors=True)
+            self.served = None
 
     def _kill_server(self, timeout_s: float = 8.0) -> None:
         """SIGTERM to the server and its stubs (one process group; SIGCONT wakes a stopped stub so that it gets

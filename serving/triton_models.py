@@ -50,7 +50,8 @@ class StepModel:
         profile = self.config["parameters"]["shoprec_profile"]["string_value"]
         self.step = profile_step(profile, self.config["name"])
         device, device_id = triton_device(args)
-        self.impl = load_step(self.step, Bundle(bundle_dir()), serve_config(), device, device_id)
+        # the bundle of this model version (serving/versions.py): every step of one request runs one export
+        self.impl = load_step(self.step, Bundle(bundle_dir(int(args["model_version"]))), serve_config(), device, device_id)
         self.optional = [t.name for t in self.step.inputs if t.optional]
         # the step's counters on Triton's metrics port, beside Triton's own (one family per name, owned by one step)
         self.families = {name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)

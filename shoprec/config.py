@@ -137,6 +137,10 @@ class ServeConfig:
     # `shoprec serve` puts a validating front (serving/http_front.py) on the HTTP port and tritonserver's own
     # HTTP on a private loopback port: Triton 2.51's HTTP front end dies on a few malformed requests
     http_front: bool = True
+    # a gRPC front (serving/grpc_front.py) caps request size on the gRPC port: Triton 2.51 takes messages up to
+    # 2 GiB. "auto": on when gRPC listens beyond loopback (it costs a local hop), off on 127.0.0.1; true / false
+    grpc_front: str = "auto"
+    grpc_max_message_mb: float = 1.0
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""
@@ -145,6 +149,11 @@ class ServeConfig:
     # reply slower than canary_timeout_s reloads the failed step (or every step), then restarts the server
     canary_interval_s: float = 2.0  # 0: off
     canary_timeout_s: float = 5.0
+    # numbered bundles (shoprec/bundles.py, serving/versions.py): export keeps this many besides those a live
+    # server serves or can roll back to; a deploy waits swap_drain_s for requests already in the old
+    # version's steps before it unloads them
+    keep_versions: int = 3
+    swap_drain_s: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,10 @@ ITEM_IDS = Tensor("item_ids", "INT64", (-1,))
 SCORES = Tensor("scores", "FP32", (-1,))
 ITEM_ROUTES = Tensor("item_routes", "INT32", (-1,))  # per served item: bitmask of the recall routes it came from
 EXPERIMENT = Tensor("experiment", "STRING", (1,))  # the arms the user got: "layer=arm,..." ("" without experiments)
+SERVED_VERSION = Tensor("served_version", "INT64", (1,))  # the bundle version that computed the list (shoprec/bundles.py)
 
 REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY, SCENE, CONTEXT_ITEM_IDS, FORCE_ARMS, BLEND)
-RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES, DEGRADED, EXPERIMENT)
+RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES, DEGRADED, EXPERIMENT, SERVED_VERSION)
 # the recall routes (runtime/candidates.py): fusion tie order, bit order of `item_routes`
 ROUTES = ("cf_all", "cf_pos", "ann", "category", "popular", "trending", "similar", "similar_ann", "copurchase")
 USER_MODEL_INPUTS = (USER_CAT, USER_CONT, SEQ_ITEMS, SEQ_KINDS)
@@ -118,7 +119,7 @@ RANKER_INPUTS = (*USER_MODEL_INPUTS, ITEM_CAT, ITEM_CONT, CANDIDATE_DENSE)
 STEPS: tuple[Step, ...] = (
     Step("feature_transform", (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, SCENE, CONTEXT_ITEM_IDS, FORCE_ARMS),
          (*USER_MODEL_INPUTS, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, COLD_START, DEGRADED, STRATEGY, CONTEXT_ROWS,
-          EXPERIMENT), "FeatureTransform", "KIND_CPU"),
+          EXPERIMENT, SERVED_VERSION), "FeatureTransform", "KIND_CPU"),
     Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "OnnxStep", "KIND_GPU", engine=True),
     Step("retrieval", (USER_EMBEDDING, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, EXCLUDE_SEEN, STRATEGY, CONTEXT_ROWS),
          (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval", "KIND_GPU"),

@@ -1,6 +1,7 @@
 """Against a real tritonserver (pip nvidia-pytriton wheel, python backend) serving the ensemble."""
 
 import asyncio
+import os
 import re
 
 import numpy as np
@@ -142,7 +143,8 @@ def test_launcher_refuses_tampered_bundle(artifacts, cfg, tmp_path):
     from serving.launcher import TritonServer
 
     copy = tmp_path / "art"
-    shutil.copytree(artifacts / "serving", copy / "serving")
+    shutil.copytree(artifacts / "bundles", copy / "bundles")
+    (copy / "serving").symlink_to(os.readlink(artifacts / "serving"))  # the same numbered layout
     data = bytearray((copy / "serving" / "ranker.onnx").read_bytes())
     data[-1] ^= 0xFF
     (copy / "serving" / "ranker.onnx").write_bytes(bytes(data))
@@ -160,7 +162,8 @@ def test_signed_bundle_serves_and_a_rehashed_tampered_one_is_refused(artifacts, 
 
     key = b"test-signing-key-0123456789"
     copy = tmp_path / "art"
-    shutil.copytree(artifacts / "serving", copy / "serving")
+    shutil.copytree(artifacts / "bundles", copy / "bundles")
+    (copy / "serving").symlink_to(os.readlink(artifacts / "serving"))  # the same numbered layout
     path = copy / "serving" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["signature"] = {"alg": SIGNATURE_ALG, "key_id": _key_id(key), "value": _signature(manifest, key)}

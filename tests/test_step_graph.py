@@ -95,8 +95,9 @@ def test_fused_cpu_profile_serves_what_the_graph_serves(artifacts, cfg, pipeline
 def test_the_graph_declares_what_the_repository_and_pipeline_run(pipeline):
     assert [s.name for s in pipeline.graph] == [s.name for s in contract.STEPS]
     assert contract.STEPS[0].inputs[0] == contract.USER_ID
-    # cold_start, degraded and the experiment arms come from the feature step, the lists from the last step
-    from_features = {contract.COLD_START, contract.DEGRADED, contract.EXPERIMENT}
+    # cold_start, degraded, the experiment arms and the bundle version come from the feature step, the lists from
+    # the last step
+    from_features = {contract.COLD_START, contract.DEGRADED, contract.EXPERIMENT, contract.SERVED_VERSION}
     assert set(contract.STEPS[-1].outputs) == set(contract.RESPONSE_OUTPUTS) - from_features
     assert from_features <= set(contract.STEPS[0].outputs)
     produced = {t.name for t in contract.REQUEST_INPUTS}

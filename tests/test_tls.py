@@ -44,8 +44,9 @@ def _user(artifacts) -> int:
     return int(np.load(artifacts / "serving" / "user_store.npz")["user_id"][0])
 
 
-def _server(artifacts, cfg, pki, mutual: bool):
-    serve = cfg.replace("serve", online_store="none", canary_interval_s=0.0, grpc_tls_cert=str(pki / "server.pem"),
+def _server(artifacts, cfg, pki, mutual: bool, front: str = "false"):
+    serve = cfg.replace("serve", online_store="none", canary_interval_s=0.0, grpc_front=front,
+                        grpc_tls_cert=str(pki / "server.pem"),
                         grpc_tls_key=str(pki / "server.key"),
                         grpc_tls_client_ca=str(pki / "ca.pem") if mutual else "").serve
     return TritonServer.from_config(serve, artifacts, ephemeral_ports=True)
@@ -61,9 +62,11 @@ def test_grpc_over_tls_answers_only_clients_that_trust_its_certificate(artifacts
                 c.recommend(user, k=5)
 
 
-def test_mutual_tls_refuses_a_client_without_a_certificate(artifacts, cfg, pki):
+@pytest.mark.parametrize("front", ["false", "true"])  # TLS ended by Triton, or by the size-capping gRPC front
+def test_mutual_tls_refuses_a_client_without_a_certificate(artifacts, cfg, pki, front):
     user = _user(artifacts)
-    with _server(artifacts, cfg, pki, mutual=True) as server:
+    with _server(artifacts, cfg, pki, mutual=True, front=front) as server:
+        assert server.grpc_front == (front == "true")
         with RecommenderClient(server.grpc_url, tls_ca=str(pki / "ca.pem"), tls_cert=str(pki / "client.pem"),
                                tls_key=str(pki / "client.key")) as c:
             assert len(c.recommend(user, k=5).item_ids) == 5

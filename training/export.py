@@ -1,11 +1,13 @@
-"""`shoprec export`: checkpoints on disk -> the serving bundle (artifacts/serving).
+"""`shoprec export`: checkpoints on disk -> a new numbered serving bundle (artifacts/bundles/<N>, linked
+from artifacts/serving; shoprec/bundles.py).
 
 ONNX for the user tower, item tower and ranker (dynamic batch, names from shoprec.contract),
 each checked against PyTorch with ONNX Runtime; the catalog's item embeddings and the FAISS
 index; the item-to-item routes; the request-time feature files copied from the features stage;
 contract.json with the exact dims; a TensorRT build where TensorRT exists; manifest.json over
 everything. The bundle is written to a temporary folder and renamed into place when complete, so
-a failed export never leaves a half-written bundle behind.
+a failed export never leaves a half-written bundle behind, and a live server's bundle is never
+written: `shoprec deploy` switches a server to the new version.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from runtime.candidates import DENSE_FEATURES, copurchase_neighbours, trending_order
 from runtime.faiss_search import recall_vs_exact
-from shoprec import contract
+from shoprec import bundles, contract
 from shoprec.config import Config
 from shoprec.errors import UserError
 from shoprec.manifest import verified_path, verify_manifest, write_manifest
@@ -108,10 +110,20 @@ def export_bundle(features_dir: str | Path, models_dir: str | Path, out_dir: str
     verify_manifest(models_dir)
     check_lineage(features_dir, models_dir)
     data = FeatureData(features_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    version, tmp = bundles.reserve(out)  # a new numbered version: a live server's bundle is never written
+    try:
+        report = _write_bundle(features_dir, models_dir, tmp, cfg, data)
+        write_manifest(tmp, extra={"stage": "export", "bundle_version": version, "report": report})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bundles.publish(tmp, out, version, cfg.serve.keep_versions)
+    report["version"] = version
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, data: FeatureData) -> dict:
     two_tower = load_two_tower(models_dir, data, cfg.retrieval, "cpu")
     ranker = RankerServing(load_ranker(models_dir, data, cfg.ranking, "cpu"), cfg.ranking.cvr_weight).eval()
     files = contract.BUNDLE_FILES
@@ -153,9 +165,4 @@ def export_bundle(features_dir: str | Path, models_dir: str | Path, out_dir: str
     (tmp / files["contract"]).write_text(json.dumps(dims, indent=1) + "\n")
     sizes = {**dims, "num_candidates": contract.num_candidates(cfg.serve.num_candidates, len(emb))}
     report["tensorrt"] = build_engines(tmp, sizes)
-    write_manifest(tmp, extra={"stage": "export", "report": report})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    report["seconds"] = round(time.time() - t0, 1)
     return report
