@@ -92,9 +92,15 @@ class RankingConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    kind: str = "auto"
-    ivf_nprobe: int = 32
-    hnsw_ef_search: int = 128
+    kind: str = "auto"  # auto | flat | ivf | hnsw; auto: exact (flat) up to exact_max_items, IVF above
+    exact_max_items: int = 100_000
+    # search breadth: 0 = the smallest that reaches target_recall (recall@100 against exact search on held-out
+    # queries, measured at export and recorded in the bundle's report); a positive value is used as given
+    ivf_nprobe: int = 0
+    hnsw_ef_search: int = 0
+    target_recall: float = 0.95
+    ivf_nlist: int = 0  # IVF lists; 0 = 4 * sqrt(items)
+    hnsw_m: int = 32
 
 
 @dataclass(frozen=True)

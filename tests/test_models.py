@@ -261,6 +261,33 @@ def test_approximate_index_recall_vs_exact(kind):
     assert recall_vs_exact(index, emb, emb[:200], 50) > 0.9
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_search_breadth_is_tuned_to_the_recall_target_and_stored_in_the_index(kind, tmp_path):
+    import faiss
+
+    from training.index import exact_top, held_out_queries, recall_of, tune_index
+
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(60, 16))
+    emb = centers[rng.integers(0, 60, 6000)] + 0.4 * rng.normal(size=(6000, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    cfg = IndexConfig(kind=kind, target_recall=0.95)
+    index, _ = build_index(emb, cfg)
+    report = tune_index(index, kind, emb, cfg)
+    name = "nprobe" if kind == "ivf" else "efSearch"
+    tried = report["tried"]
+    assert report["reached_target"] and report["recall@100_vs_exact"] >= 0.95
+    assert all(t["recall"] < 0.95 for t in tried[:-1]) and tried[-1][name] == report[name]  # the smallest that reaches it
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    raw = faiss.read_index(str(tmp_path / "i.faiss"))
+    loaded = faiss.downcast_index(raw)  # a view: `raw` owns the index
+    assert (loaded.nprobe if kind == "ivf" else loaded.hnsw.efSearch) == report[name]  # the server searches as measured
+    other = held_out_queries(emb, 300, seed=5)  # other queries agree within a few points
+    assert recall_of(loaded, other, exact_top(emb, other, 100)) > 0.9
+    fixed = tune_index(index, kind, emb, IndexConfig(kind=kind, ivf_nprobe=1, hnsw_ef_search=100))
+    assert len(fixed["tried"]) == 1 and fixed[name] == (1 if kind == "ivf" else 100)  # a configured breadth is kept
+
+
 def test_search_never_returns_padding():
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(300, 8)).astype(np.float32)
