@@ -135,7 +135,7 @@ def cmd_serve(args, cfg):
 def cmd_deploy(args, cfg):
     from serving.versions import deploy
 
-    result = deploy(_artifacts(args), getattr(args, "version", None), args.grpc_port, cfg.serve.swap_drain_s,
+    result = deploy(_artifacts(args), getattr(args, "version", None), args.grpc_port, None,  # the server's own drain
                     rollback=args.func is cmd_rollback, log=lambda m: None if args.quiet else print(m, file=sys.stderr))
     print(json.dumps(result))
 

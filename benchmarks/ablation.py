@@ -120,7 +120,10 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
         report["ranker"][name] = evaluate_lists(np.take_along_axis(ev["lists"]["rows"], order, 1))
     report["ranker"]["no ranker (merged candidate order)"] = evaluate_lists(ev["lists"]["rows"])
     for route, top in ev["routes"].items():
-        report["routes"][route] = evaluate_lists(top)
+        if (top >= 0).any():
+            report["routes"][route] = evaluate_lists(top)
+        else:  # routes that need request context (similar, copurchase) or serve-time files (trending)
+            report.setdefault("routes_without_candidates", []).append(route)
     report["ranker"]["full, seen items not filtered"] = evaluate_lists(ev["unfiltered"])
     return report
 
@@ -166,6 +169,10 @@ def markdown(report: dict, meta: dict) -> str:
             label = name if section == "ranker" else f"route {name} alone"
             lines.append(f"| {label} | {m['Recall@10'][0]:.4f} ± {m['Recall@10'][1]:.4f} | {m['NDCG@10'][0]:.4f} ± "
                          f"{m['NDCG@10'][1]:.4f} | {m['Recall@100'][0]:.4f} |")
+    if report.get("routes_without_candidates"):
+        lines += ["", (f"Not listed: {', '.join(report['routes_without_candidates'])}. These routes propose nothing "
+                       "here: they need a request's context items, or files that only export writes (trending), "
+                       "and the ablation's users come without either.")]
     lines += ["", "## Two-tower alone (holdout of the training data, Recall@50)", "", "| variant | Recall@50 |", "|---|---|"]
     for name, v in report["two_tower_holdout_recall@50"].items():
         lines.append(f"| {name} | {v:.4f} |")

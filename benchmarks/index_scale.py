@@ -47,7 +47,8 @@ def synthetic_catalog(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
 def measure(emb: np.ndarray, kind: str, cfg: IndexConfig) -> dict:
     import faiss
 
-    from training.index import build_index, exact_top, held_out_queries, recall_of, tune_index
+    from runtime.faiss_search import recall_vs_exact
+    from training.index import build_index, held_out_queries, tune_index
 
     faiss.omp_set_num_threads(2)  # the build may use the machine, as export does
     t0 = time.perf_counter()
@@ -56,7 +57,7 @@ def measure(emb: np.ndarray, kind: str, cfg: IndexConfig) -> dict:
     build_s = time.perf_counter() - t0
     faiss.omp_set_num_threads(1)  # a serving step searches with one thread (OMP_NUM_THREADS=1)
     queries = held_out_queries(emb, 1000, seed=1)
-    recall = recall_of(index, queries, exact_top(emb, queries, min(100, len(emb))))
+    recall = recall_vs_exact(index, emb, queries, 100, filled=False)
     k = min(100, len(emb))
     single = []
     for q in queries[:200]:

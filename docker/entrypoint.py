@@ -83,7 +83,9 @@ class Settings:
         except ValueError as err:
             raise StartupError(str(err), EXIT_BAD_BUNDLE) from err
         return cls(
-            bundle=Path(env.get("SHOPREC_ARTIFACTS", "/models/artifacts")) / "serving",
+            # the link to the newest export, resolved once: what is verified is what every step loads, whatever
+            # an export on the shared volume does meanwhile (shoprec/bundles.py)
+            bundle=(Path(env.get("SHOPREC_ARTIFACTS", "/models/artifacts")) / "serving").resolve(),
             engine_cache=Path(env.get("SHOPREC_ENGINE_CACHE", "/engines")),
             profile=Path(env.get("SHOPREC_MODEL_PROFILE", "/opt/shoprec/model_repository/gpu")),
             runtime_repo=Path(env.get("SHOPREC_RUNTIME_REPO", "/tmp/shoprec/model_repository")),
@@ -355,6 +357,8 @@ def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.
         return err.code
     print(f"[entrypoint] online store: {online or 'none (the export snapshot only)'}", flush=True)
     print(f"[entrypoint] exec {' '.join(redacted(plan.server_command))}", flush=True)
+    if execvp is os.execvp:  # the steps inherit it (runtime/steps.py bundle_dir); tests inject execvp and keep theirs
+        os.environ["SHOPREC_BUNDLE"] = str(settings.bundle)
     # exec, not a child: Triton becomes PID 1 and gets the pod's SIGTERM for a graceful drain
     execvp(plan.server_command[0], plan.server_command)
     return 0  # reached only when execvp is replaced (tests)

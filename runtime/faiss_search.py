@@ -19,7 +19,24 @@ def search(index, queries: np.ndarray, k: int, embeddings: np.ndarray) -> tuple[
     return scores, rows
 
 
-def recall_vs_exact(index, emb: np.ndarray, queries: np.ndarray, k: int) -> float:
-    exact = np.argsort(-(queries @ emb.T), axis=1, kind="stable")[:, :k]
-    _, approx = search(index, queries, k, emb)
-    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)]))
+def exact_top(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Rows [Q, k] of the exact top-k by inner product (FAISS flat: no Q x items matrix in memory)."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(emb.shape[1])
+    flat.add(np.ascontiguousarray(emb, dtype=np.float32))
+    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), int(min(k, len(emb))))[1]
+
+
+def recall_vs_exact(index, emb: np.ndarray, queries: np.ndarray, k: int, exact: np.ndarray | None = None,
+                    filled: bool = True) -> float:
+    """recall@k of `index` against exact search (`exact`: those rows, when already computed). filled: as served,
+    `search` filling what the index cannot from exact search; False: the index alone, a slot it leaves empty
+    (-1) counts as a miss, so that the fill never flatters a search breadth too small to fill the lists."""
+    exact = exact_top(emb, queries, k) if exact is None else exact
+    k = exact.shape[1]
+    if filled:
+        rows = search(index, queries, k, emb)[1]
+    else:
+        rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+    return float(np.mean([len(set(a[a >= 0].tolist()) & set(e.tolist())) / k for a, e in zip(rows, exact)]))

@@ -42,10 +42,13 @@ class RequestError(ValueError):
 
 def bundle_dir(version: int | None = None) -> Path:
     """The bundle a step loads: bundles/<its Triton model version> where the launcher versions the repository
-    ($SHOPREC_BUNDLES, serving/versions.py), else artifacts/serving (the container, the in-process pipeline)."""
+    ($SHOPREC_BUNDLES, serving/versions.py); the folder the container's entrypoint verified ($SHOPREC_BUNDLE);
+    else artifacts/serving (the in-process pipeline)."""
     versioned = os.environ.get("SHOPREC_BUNDLES")
     if versioned and version is not None:
         return Path(versioned) / str(int(version))
+    if os.environ.get("SHOPREC_BUNDLE"):
+        return Path(os.environ["SHOPREC_BUNDLE"])
     root = Path(os.environ.get("SHOPREC_ARTIFACTS", REPO_ROOT / "artifacts"))
     return root / "serving"
 

@@ -81,22 +81,34 @@ def dead_steps(error: str) -> list[str]:
     return sorted(set(_DEAD_STUB.findall(error)))
 
 
-def reload_model(http_url: str, model: str, admin_key: str | None, timeout_s: float = 60.0) -> None:
-    """Make Triton start the model's instances anew (new stubs), through explicit model control."""
+def triton_request(http_url: str, path: str, admin_key: str | None = None, body: dict | None = None,
+                   timeout_s: float = 60.0):
+    """One request to Triton's HTTP API (POST with a JSON body, GET without), the admin key in its header; the
+    parsed JSON answer. RuntimeError naming the path and Triton's error, OSError when nothing answers."""
     headers = {"Content-Type": "application/json"}
     if admin_key:
         headers[ADMIN_HEADER] = admin_key
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/config", timeout=timeout_s) as r:
-        config = json.loads(r.read())
-    config.setdefault("parameters", {})["shoprec_reload"] = {"string_value": f"{time.time():.6f}"}
-    body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
-    req = urllib.request.Request(f"http://{http_url}/v2/repository/models/{model}/load", data=body, method="POST",
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{http_url}{path}", data=data, method="GET" if data is None else "POST",
                                  headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s):
-            pass
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            raw = r.read()
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"reloading {model!r}: HTTP {exc.code} {exc.read()[:300]!r}") from None
+        try:
+            detail = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            detail = ""
+        raise RuntimeError(f"{path}: HTTP {exc.code} {detail or exc.reason}".strip()) from None
+    return json.loads(raw) if raw else {}
+
+
+def reload_model(http_url: str, model: str, admin_key: str | None, timeout_s: float = 60.0) -> None:
+    """Make Triton start the model's instances anew (new stubs), through explicit model control."""
+    config = triton_request(http_url, f"/v2/models/{model}/config", timeout_s=timeout_s)
+    config.setdefault("parameters", {})["shoprec_reload"] = {"string_value": f"{time.time():.6f}"}
+    triton_request(http_url, f"/v2/repository/models/{model}/load", admin_key,
+                   {"parameters": {"config": json.dumps(config)}}, timeout_s)
 
 
 class StepDoctor:
@@ -137,7 +149,10 @@ class StepDoctor:
         while not self._stop.wait(self.interval_s):
             error = canary(self.http_url, self.timeout_s)
             if error is not None and not self._stop.is_set() and self.alive():
-                self._heal(error)
+                try:
+                    self._heal(error)
+                except Exception as exc:  # noqa: BLE001 - the doctor must outlive any one incident
+                    log.error("step doctor: healing failed (%s); trying again on the next canary", exc)
 
     def _heal(self, error: str) -> None:
         waited = time.time()

@@ -17,82 +17,51 @@ listens on the public one with that limit:
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
-
 import grpc
 
-log = logging.getLogger("shoprec.serve")
+from .background import BackgroundServer
 
 STREAMING = {"/inference.GRPCInferenceService/ModelStreamInfer"}
 
 
-class GrpcFront:
+class GrpcFront(BackgroundServer):
     """The front on (address, port), forwarding to Triton's gRPC at `backend` (host:port). Runs its own event loop
     in a daemon thread: start() returns once it listens; stop() closes it."""
 
+    name = "grpc-front"
+
     def __init__(self, address: str, port: int, backend: str, max_message_mb: float = 1.0,
                  tls: tuple[str, str, str] | None = None):
+        super().__init__()
         self.address, self.port, self.backend, self.tls = address, port, backend, tls
         self.max_bytes = int(max_message_mb * (1 << 20))
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def start(self) -> GrpcFront:
-        self._thread = threading.Thread(target=self._run, name="grpc-front", daemon=True)
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop_event.set)
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - handed to start()
-            self._error = exc
-            self._ready.set()
-        finally:
-            self._loop.close()
 
     async def _serve(self) -> None:
-        self._stop_event = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(self.backend, options=[
+        channel = grpc.aio.insecure_channel(self.backend, options=[
             ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.max_bytes), ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((_Forward(self._channel),))
-        where = f"{self.address or '0.0.0.0'}:{self.port}"
-        if self.tls is not None:
-            cert, key, client_ca = self.tls
-            with open(cert, "rb") as c, open(key, "rb") as k:
-                pair = (k.read(), c.read())
-            root = open(client_ca, "rb").read() if client_ca else None
-            bound = server.add_secure_port(where, grpc.ssl_server_credentials([pair], root_certificates=root,
-                                                                              require_client_auth=bool(client_ca)))
-        else:
-            bound = server.add_insecure_port(where)
-        if not bound:
-            raise OSError(f"gRPC front: cannot listen on {where}")
-        await server.start()
-        self._ready.set()
         try:
+            server.add_generic_rpc_handlers((_Forward(channel),))
+            where = f"{self.address or '0.0.0.0'}:{self.port}"
+            if self.tls is not None:
+                cert, key, client_ca = self.tls
+                with open(cert, "rb") as c, open(key, "rb") as k:
+                    pair = (k.read(), c.read())
+                root = open(client_ca, "rb").read() if client_ca else None
+                bound = server.add_secure_port(where, grpc.ssl_server_credentials([pair], root_certificates=root,
+                                                                                  require_client_auth=bool(client_ca)))
+            else:
+                bound = server.add_insecure_port(where)
+            if not bound:
+                raise OSError(f"gRPC front: cannot listen on {where}")
+            await server.start()
+            self._ready.set()
             await self._stop_event.wait()
         finally:
             await server.stop(grace=2)
-            await self._channel.close()
+            await channel.close()
 
 
 def _metadata(context) -> list[tuple[str, str]]:
@@ -100,7 +69,7 @@ def _metadata(context) -> list[tuple[str, str]]:
 
 
 class _Forward(grpc.GenericRpcHandler):
-    """Every method, forwarded as bytes."""
+    """Every method, forwarded as bytes; Triton's status, message and trailing metadata come back unchanged."""
 
     def __init__(self, channel):
         self.channel = channel
@@ -112,24 +81,30 @@ class _Forward(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(self._unary(method))
 
     def _unary(self, method):
-        call = self.channel.unary_unary(method)
+        stub = self.channel.unary_unary(method)
 
         async def handle(request: bytes, context):
+            call = stub(request, metadata=_metadata(context), timeout=context.time_remaining())
             try:
-                return await call(request, metadata=_metadata(context), timeout=context.time_remaining())
+                reply = await call
             except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
+                await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata() or ())
+            trailing = await call.trailing_metadata()
+            if trailing:
+                context.set_trailing_metadata(tuple(trailing))
+            return reply
 
         return handle
 
     def _stream(self, method):
-        call = self.channel.stream_stream(method)
+        stub = self.channel.stream_stream(method)
 
         async def handle(requests, context):
+            call = stub(requests, metadata=_metadata(context), timeout=context.time_remaining())
             try:
-                async for reply in call(requests, metadata=_metadata(context), timeout=context.time_remaining()):
+                async for reply in call:
                     yield reply
             except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
+                await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata() or ())
 
         return handle

@@ -22,7 +22,8 @@ import json
 import logging
 import math
 import re
-import threading
+
+from .background import BackgroundServer
 
 log = logging.getLogger("shoprec.serve")
 
@@ -125,53 +126,21 @@ def check_infer_json(doc, binary_bytes: int | None, max_depth: int, max_elements
         raise Refused(f"binary tensor data: {binary_bytes} bytes sent, the header declares {binary_total}")
 
 
-class HttpFront:
+class HttpFront(BackgroundServer):
     """The front on (address, port), forwarding to Triton's HTTP at `backend` (host:port). Runs its own event
     loop in a daemon thread: start() returns once it listens; stop() closes it."""
 
+    name = "http-front"
+
     def __init__(self, address: str, port: int, backend: str, max_body: int = 1 << 20, max_depth: int = 32,
                  max_elements: int = 1 << 16, timeout_s: float = 60.0):
+        super().__init__()
         self.address, self.port, self.backend = address, port, backend
         self.max_body, self.max_depth, self.max_elements, self.timeout_s = max_body, max_depth, max_elements, timeout_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def start(self) -> HttpFront:
-        self._thread = threading.Thread(target=self._run, name="http-front", daemon=True)
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop_event.set)
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)  # this thread's loop: the shutdown's gather() below looks it up
-        try:
-            self._loop.run_until_complete(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - handed to start()
-            self._error = exc
-            self._ready.set()
-        finally:  # keep-alive connections still open: their handler tasks end here, not at interpreter exit
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.close()
 
     async def _serve(self) -> None:
         from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
-        self._stop_event = asyncio.Event()
         # the client's own headers only: an added Accept-Encoding would make Triton compress answers that a client
         # which never asked for it (perf_analyzer's libcurl) cannot read
         self._session = ClientSession(connector=TCPConnector(limit=256), timeout=ClientTimeout(total=self.timeout_s),

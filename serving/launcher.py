@@ -149,6 +149,7 @@ def server_env(artifacts: Path, config_path: Path | None = None, online_url: str
         env["SHOPREC_BUNDLES"] = str(bundles.bundles_root(Path(artifacts) / "serving").resolve())
     else:
         env.pop("SHOPREC_BUNDLES", None)
+    env.pop("SHOPREC_BUNDLE", None)  # the container entrypoint's; here the steps read artifacts/serving or bundles/
     if config_path is not None:  # the steps read their serve-time settings from the same file
         env["SHOPREC_CONFIG"] = str(Path(config_path).resolve())
     # the steps read live user state from here; "none": the export's snapshot only
@@ -277,7 +278,10 @@ class TritonServer:
     def start(self, timeout_s: float | None = None) -> TritonServer:
         timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
         bundle = self.artifacts / "serving"
-        verify_tree(bundle)  # refuse to serve files that differ from what export wrote
+        version = bundles.current_version(bundle) if self.versioned else None  # read the link once: an export may
+        if self.versioned and version is None:                                  # move it while this starts
+            raise LaunchError(f"{bundle}: a bundle from before numbered versions; run `shoprec export` again")
+        verify_tree(bundles.version_dir(bundle, version) if version is not None else bundle)  # as export wrote it
         check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
         public = (self.http_port, self.grpc_port, self.metrics_port)
         if self.http_front and not self.triton_http_port:
@@ -290,9 +294,6 @@ class TritonServer:
         if self.versioned:
             from .versions import ServedRepository
 
-            version = bundles.current_version(bundle)
-            if version is None:
-                raise LaunchError(f"{bundle}: a bundle from before numbered versions; run `shoprec export` again")
             self.served = ServedRepository.create(self.repository, work / f"repository.{self.grpc_port}", version)
         cmd = self.command(backends_dir(work))
         self._lifecycle = threading.Lock()  # a restart by the step doctor replaces self.process under it
@@ -316,7 +317,8 @@ class TritonServer:
                 steps = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file() and p.name != ENSEMBLE)
                 self.doctor = StepDoctor(self.triton_http_url, steps, self.admin_key, self.canary_interval_s, self.canary_timeout_s,
                                          restart=self._restart, alive=lambda: self.process.poll() is None,
-                                         stub_pids=self.stub_pids, lock=self.served.lock if self.served else None).start()
+                                         stub_pids=self.stub_pids,
+                                         lock=(lambda: self.served.lock(timeout_s=None)) if self.served else None).start()
             if self.served is not None:
                 self._write_record()
         except BaseException:
@@ -439,9 +441,14 @@ class TritonServer:
         if self.redis is not None:
             self._stopping.set()
             self.redis.stop()
-        if self.served is not None:
-            self.record_path.unlink(missing_ok=True)
-            shutil.rmtree(self.served.root, ignore_errors=True)
+        if self.served is not None:  # after a switch in flight (its lock), so that it ends in one line, not midway
+            try:
+                with self.served.lock(timeout_s=30):
+                    self.record_path.unlink(missing_ok=True)
+                    shutil.rmtree(self.served.root, ignore_errors=True)
+            except Exception:  # noqa: BLE001 - a stop always cleans up
+                self.record_path.unlink(missing_ok=True)
+                shutil.rmtree(self.served.root, ignore_errors=True)
             self.served = None
 
     def _kill_server(self, timeout_s: float = 8.0) -> None:

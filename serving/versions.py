@@ -32,8 +32,6 @@ import os
 import re
 import shutil
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -44,7 +42,7 @@ from shoprec.contract import ENSEMBLE
 from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
-from .command import ADMIN_HEADER
+from .canary import triton_request
 from .repository import HEADER
 
 LOCK = ".shoprec.lock"
@@ -115,16 +113,17 @@ class ServedRepository:
         self._write(ENSEMBLE, cfg)
 
     @contextlib.contextmanager
-    def lock(self, timeout_s: float = 300.0):
-        """Held during a switch and during the step doctor's reloads (two processes may act on one server)."""
+    def lock(self, timeout_s: float | None = 600.0):
+        """Held during a switch, the step doctor's reloads and the launcher's stop (two processes may act on one
+        server). timeout_s None: wait as long as it takes."""
         with open(self.root / LOCK, "a") as fh:
-            deadline = time.time() + timeout_s
+            deadline = None if timeout_s is None else time.time() + timeout_s
             while True:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.time() > deadline:
+                    if deadline is not None and time.time() > deadline:
                         raise DeployError(f"{self.root / LOCK}: another switch or reload holds it for over {timeout_s:.0f}s") from None
                     time.sleep(0.05)
             try:
@@ -137,23 +136,12 @@ class ServedRepository:
 
 
 def _call(http_url: str, path: str, admin_key: str | None, body: dict | None = None, timeout_s: float = 300.0):
-    headers = {"Content-Type": "application/json"}
-    if admin_key:
-        headers[ADMIN_HEADER] = admin_key
-    req = urllib.request.Request(f"http://{http_url}{path}", data=json.dumps(body or {}).encode(), method="POST",
-                                 headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("error", "")
-        except ValueError:
-            detail = ""
-        raise DeployError(f"{path}: HTTP {exc.code} {(detail or exc.reason)!s}".strip()[:600]) from None
+        return triton_request(http_url, path, admin_key, {} if body is None else body, timeout_s)
+    except RuntimeError as exc:
+        raise DeployError(str(exc)) from None
     except OSError as exc:
         raise DeployError(f"tritonserver at {http_url} does not answer ({exc})") from None
-    return json.loads(raw) if raw else {}
 
 
 def load(http_url: str, model: str, admin_key: str | None) -> None:
@@ -172,54 +160,70 @@ def loaded(http_url: str, admin_key: str | None) -> dict[tuple[str, int], str]:
 
 
 def switch(repo: ServedRepository, http_url: str, admin_key: str | None, target: int, drain_s: float = 1.0,
-           log=print) -> dict:
-    """Serve bundle version `target` instead of the current one, without a failed request (module doc).
-    DeployError when it cannot: the server then still serves the version it served."""
-    with repo.lock():
-        current = repo.served()
-        if target == current:
-            return {"from": current, "to": target, "changed": False, "seconds": 0.0}
-        t0 = time.time()
-        steps = repo.steps()
-        repo.set_step_versions([current, target])
-        try:
-            for step in steps:
-                log(f"loading {step} version {target}")
-                try:
-                    load(http_url, step, admin_key)
-                except DeployError as exc:
-                    why = re.search(r"UNAVAILABLE state: (?:Internal: )?([^\n]*)", str(exc))
-                    raise DeployError(f"version {target} did not start: {step}: {why.group(1) if why else exc}") from None
-            states = loaded(http_url, admin_key)
-            bad = {s: states.get((s, target), "not loaded") for s in steps if states.get((s, target)) != "READY"}
-            if bad:
-                raise DeployError(f"version {target} did not start: " + "; ".join(f"{s}: {st}" for s, st in bad.items()))
-        except DeployError:
-            repo.set_step_versions([current])
-            for step in steps:
-                with contextlib.suppress(DeployError):
-                    load(http_url, step, admin_key)
-            raise
-        t_steps = time.time()
-        repo.pin(target)
-        try:
-            load(http_url, ENSEMBLE, admin_key)
-        except DeployError as exc:  # Triton unloaded the ensemble: put the old pin back at once
-            repo.pin(current)
-            load(http_url, ENSEMBLE, admin_key)
-            repo.set_step_versions([current])
-            for step in steps:
-                with contextlib.suppress(DeployError):
-                    load(http_url, step, admin_key)
-            raise DeployError(f"switching the ensemble to version {target} failed ({exc}); serving {current} again") from None
-        t_pin = time.time()
-        time.sleep(drain_s)  # requests already inside version `current`'s steps finish there
-        repo.set_step_versions([target])
+           log=print, on_pinned=None) -> dict:
+    """Serve bundle version `target` instead of the current one, without a failed request (module doc). The caller
+    holds `repo.lock()`. on_pinned(): called as soon as the ensemble serves `target`, before the old version
+    unloads. DeployError (one line) when the switch cannot be made: the server then serves the version it served."""
+    current = repo.served()
+    if target == current:
+        return {"from": current, "to": target, "changed": False, "seconds": 0.0}
+    t0 = time.time()
+    steps = repo.steps()
+
+    def back_to_current():
+        repo.set_step_versions([current])
         for step in steps:
+            with contextlib.suppress(DeployError):
+                load(http_url, step, admin_key)
+
+    repo.set_step_versions([current, target])
+    try:
+        for step in steps:
+            log(f"loading {step} version {target}")
+            try:
+                load(http_url, step, admin_key)
+            except DeployError as exc:
+                why = re.search(r"UNAVAILABLE state: (?:Internal: )?([^\n]*)", str(exc))
+                raise DeployError(f"version {target} did not start: {step}: "
+                                  f"{why.group(1) if why else _first_line(exc)}") from None
+        states = loaded(http_url, admin_key)
+        bad = {s: states.get((s, target), "not loaded") for s in steps if states.get((s, target)) != "READY"}
+        if bad:
+            raise DeployError(f"version {target} did not start: " + "; ".join(f"{s}: {st}" for s, st in bad.items()))
+    except BaseException:  # a failed start, or an interrupt: version `current` alone, as before
+        back_to_current()
+        raise
+    t_steps = time.time()
+    repo.pin(target)
+    try:
+        load(http_url, ENSEMBLE, admin_key)
+    except BaseException as exc:  # a failed ensemble load UNLOADS the ensemble: the old pin goes back at once
+        repo.pin(current)
+        with contextlib.suppress(DeployError):
+            load(http_url, ENSEMBLE, admin_key)
+        back_to_current()
+        if isinstance(exc, DeployError):
+            raise DeployError(f"switching the ensemble to version {target} failed ({_first_line(exc)}); "
+                              f"serving {current} again") from None
+        raise
+    t_pin = time.time()
+    if on_pinned is not None:
+        on_pinned()
+    time.sleep(drain_s)  # requests already inside version `current`'s steps finish there
+    repo.set_step_versions([target])
+    warnings = []
+    for step in steps:  # the new version serves whatever happens here: a failed unload is a warning
+        try:
             load(http_url, step, admin_key)
-        return {"from": current, "to": target, "changed": True, "load_new_s": round(t_steps - t0, 2),
-                "pin_s": round(t_pin - t_steps, 3), "unload_old_s": round(time.time() - t_pin - drain_s, 2),
-                "seconds": round(time.time() - t0, 2)}
+        except DeployError as exc:
+            warnings.append(f"{step}: unloading version {current}: {_first_line(exc)}")
+    return {"from": current, "to": target, "changed": True, "load_new_s": round(t_steps - t0, 2),
+            "pin_s": round(t_pin - t_steps, 3), "unload_old_s": round(time.time() - t_pin - drain_s, 2),
+            "seconds": round(time.time() - t0, 2), **({"warnings": warnings} if warnings else {})}
+
+
+def _first_line(exc) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 # --- the server records, and what `shoprec deploy` / `rollback` do ---------------------------------------
@@ -235,6 +239,21 @@ def write_record(artifacts: Path, grpc_port: int, record: dict) -> Path:
     return path
 
 
+def _update_record(path: Path, **changes) -> dict | None:
+    """Rewrite a live server's record with `changes` (None values removed); None when the server has stopped (its
+    record is gone: a stopped server's record must not come back)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    record.update(changes)
+    record = {k: v for k, v in record.items() if v is not None}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
 def find_server(artifacts: Path, grpc_port: int | None = None) -> dict:
     servers = bundles.live_servers(artifacts)
     if grpc_port is not None:
@@ -248,35 +267,45 @@ def find_server(artifacts: Path, grpc_port: int | None = None) -> dict:
     return servers[0]
 
 
-def deploy(artifacts: Path, version: int | None = None, grpc_port: int | None = None, drain_s: float = 1.0,
+def deploy(artifacts: Path, version: int | None = None, grpc_port: int | None = None, drain_s: float | None = None,
            rollback: bool = False, log=print) -> dict:
     """Switch the live server on `artifacts` to `version` (default: the newest export), or back to the version it
-    served before (rollback). The server's record keeps the order of versions served."""
+    served before (rollback). The server's record keeps the order of versions served; it is read and written under
+    the repository's lock, so concurrent deploys and rollbacks apply one after the other."""
     artifacts = Path(artifacts)
-    server = find_server(artifacts, grpc_port)
-    history = [int(v) for v in server.get("history", [])]
-    serving = artifacts / "serving"
-    if rollback:
-        if len(history) < 2:
-            raise DeployError(f"the server on gRPC port {server['grpc_port']} has served only version "
-                              f"{history[-1] if history else '?'}: nothing to roll back to")
-        target = history[-2]
-    else:
-        target = bundles.current_version(serving) if version is None else int(version)
-        if target is None:
-            raise DeployError(f"{serving} is not a numbered bundle; run `shoprec export` again")
-    verify_tree(bundles.version_dir(serving, target))  # refuse a changed bundle before Triton sees it
-    key_path = Path(server["admin_key_path"])
+    found = find_server(artifacts, grpc_port)
+    path, port = Path(found["record"]), found["grpc_port"]
+    key_path = Path(found["admin_key_path"])
     try:
         admin_key = key_path.read_text().strip()
     except OSError as exc:
         raise DeployError(f"{key_path}: cannot read the server's admin key ({exc.strerror})") from None
-    repo = ServedRepository(Path(server["repository"]), Path(server["template"]))
-    result = switch(repo, server["triton_http"], admin_key, target, drain_s, log=log)
-    if result["changed"]:
-        history = history[:-1] if rollback else [v for v in history if v != target] + [target]
-        if rollback and (not history or history[-1] != target):
-            history.append(target)
-        record = {k: v for k, v in server.items() if k != "record"}
-        write_record(artifacts, int(server["grpc_port"]), {**record, "history": history})
-    return {**result, "grpc_port": server["grpc_port"], "history": history}
+    repo = ServedRepository(Path(found["repository"]), Path(found["template"]))
+    serving = artifacts / "serving"
+    try:
+        with repo.lock():
+            server = _update_record(path)  # read again under the lock: another deploy may have finished meanwhile
+            if server is None:
+                raise DeployError(f"the server on gRPC port {port} stopped")
+            history = [int(v) for v in server.get("history", [])]
+            if rollback:
+                if len(history) < 2:
+                    raise DeployError(f"the server on gRPC port {port} has served only version "
+                                      f"{history[-1] if history else '?'}: nothing to roll back to")
+                target, after = history[-2], history[:-1]
+            else:
+                target = bundles.current_version(serving) if version is None else int(version)
+                if target is None:
+                    raise DeployError(f"{serving} is not a numbered bundle; run `shoprec export` again")
+                after = [v for v in history if v != target] + [target]
+            verify_tree(bundles.version_dir(serving, target))  # refuse a changed bundle before Triton sees it
+            _update_record(path, pending=target)  # an export's prune keeps the version being loaded
+            try:
+                result = switch(repo, server["triton_http"], admin_key, target,
+                                server.get("swap_drain_s", 1.0) if drain_s is None else drain_s, log=log,
+                                on_pinned=lambda: _update_record(path, history=after, pending=None))
+            finally:
+                _update_record(path, pending=None)
+    except OSError as exc:  # the server's repository went away under the switch: it was stopped
+        raise DeployError(f"the server on gRPC port {port} stopped during the switch ({exc.strerror or exc})") from None
+    return {**result, "grpc_port": port, "history": after if result["changed"] else history}

@@ -17,6 +17,8 @@ could roll back to. Standard library only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -62,36 +64,59 @@ def version_dir(serving: Path, version: int) -> Path:
     return path
 
 
-def reserve(serving: Path) -> tuple[int, Path]:
-    """The next version number and an empty temporary folder to write it into (renamed by `publish`)."""
-    root = bundles_root(serving)
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Numbers are taken and links moved by one export at a time (a lock file beside the versions)."""
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".tmp-*-{os.getpid()}"):  # an earlier failed export of this process
-        shutil.rmtree(stale, ignore_errors=True)
-    version = max(versions(serving), default=0) + 1
-    tmp = root / f".tmp-{version}-{os.getpid()}"
-    tmp.mkdir()
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _in_progress(root: Path) -> set[int]:
+    """Version numbers that exports still running have reserved; the folders of exports that died are removed."""
+    taken = set()
+    for tmp in root.glob(".tmp-*-*"):
+        _, number, pid = tmp.name.split("-", 2)
+        if number.isdigit() and pid.isdigit() and _alive(int(pid)):
+            taken.add(int(number))
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return taken
+
+
+def reserve(serving: Path) -> tuple[int, Path]:
+    """The next version number and an empty temporary folder to write it into (renamed by `publish`). Exports that
+    run at the same time get different numbers."""
+    root = bundles_root(serving)
+    with _locked(root):
+        version = max(set(versions(serving)) | _in_progress(root), default=0) + 1
+        tmp = root / f".tmp-{version}-{os.getpid()}"
+        tmp.mkdir()
     return version, tmp
 
 
 def publish(tmp: Path, serving: Path, version: int, keep: int = 3) -> Path:
-    """Rename the finished `tmp` to bundles/<version> and point `serving` at it, both atomic; then drop old
-    versions beyond the newest `keep`, except those a live server serves or can roll back to."""
+    """Rename the finished `tmp` to bundles/<version> and point `serving` at it (unless a newer export already took
+    the link), both atomic; then drop old versions beyond the newest `keep`, except those a live server serves,
+    can roll back to or is switching to."""
     serving = Path(serving)
-    final = bundles_root(serving) / str(version)
-    try:
-        os.rename(tmp, final)  # fails when another export took the number meanwhile
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"{final}: cannot publish bundle version {version} ({exc.strerror}); another export "
-                          "ran at the same time - run it again") from None
-    link = serving.with_name(f".{serving.name}.link-{os.getpid()}")
-    link.unlink(missing_ok=True)
-    os.symlink(Path(BUNDLES) / str(version), link)
-    if serving.is_dir() and not serving.is_symlink():  # an export from before versions: no server can use it now
-        shutil.rmtree(serving)
-    os.replace(link, serving)
-    prune(serving, keep)
+    root = bundles_root(serving)
+    final = root / str(version)
+    with _locked(root):
+        os.rename(tmp, final)
+        current = current_version(serving) if serving.is_symlink() else None
+        if current is None or version > current:
+            link = serving.with_name(f".{serving.name}.link-{os.getpid()}")
+            link.unlink(missing_ok=True)
+            os.symlink(Path(BUNDLES) / str(version), link)
+            if serving.is_dir() and not serving.is_symlink():  # an export from before versions: no server can use it
+                shutil.rmtree(serving)
+            os.replace(link, serving)
+        prune(serving, keep)
     return final
 
 
@@ -144,10 +169,12 @@ def live_servers(artifacts: Path) -> list[dict]:
 
 
 def in_use(artifacts: Path) -> set[int]:
-    """Versions a live server serves or can roll back to (the last two of its history)."""
+    """Versions a live server serves, can roll back to (the last two of its history) or is switching to."""
     used: set[int] = set()
     for record in live_servers(artifacts):
         used.update(int(v) for v in record.get("history", [])[-2:])
+        if record.get("pending") is not None:
+            used.add(int(record["pending"]))
     return used
 
 

@@ -79,3 +79,24 @@ def test_answers_error_codes_and_the_admin_key_pass_through(fronted, artifacts):
         g.get_model_repository_index()
     key = fronted.admin_key_path.read_text().strip()
     assert len(g.get_model_repository_index(headers={"triton-grpc-protocol-shoprec-admin-key": key}).models) >= 4
+
+
+def test_streaming_passes_through(fronted, artifacts):
+    """ModelStreamInfer (perf_analyzer --streaming, streaming clients) is forwarded as a stream."""
+    import queue
+
+    user = int(np.load(artifacts / "serving" / "user_store.npz")["user_id"][0])
+    answers: queue.Queue = queue.Queue()
+    g = grpcclient.InferenceServerClient(fronted.grpc_url)
+    g.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for k in (3, 4, 0):
+            inputs = [grpcclient.InferInput("user_id", [1, 1], "INT64"), grpcclient.InferInput("k", [1, 1], "INT32")]
+            inputs[0].set_data_from_numpy(np.array([[user]], np.int64))
+            inputs[1].set_data_from_numpy(np.array([[k]], np.int32))
+            g.async_stream_infer(ENSEMBLE, inputs)
+        got = [answers.get(timeout=30) for _ in range(3)]
+    finally:
+        g.stop_stream()
+    assert [len(r.as_numpy("item_ids")[0]) for r, e in got[:2] if e is None] == [3, 4]
+    assert got[2][1] is not None and "k must be >= 1" in str(got[2][1])  # a bad request in the stream: its own error

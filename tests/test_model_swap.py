@@ -46,6 +46,22 @@ def test_export_adds_a_version_and_never_writes_the_served_one(copy, cfg):
     assert bundles.versions(serving) == [new, third]
 
 
+def test_concurrent_exports_take_different_numbers_and_the_link_only_moves_forward(tmp_path):
+    serving = tmp_path / "serving"
+    v1, t1 = bundles.reserve(serving)
+    v2, t2 = bundles.reserve(serving)  # while the first is still being written
+    assert (v1, v2) == (1, 2)
+    (t2 / "f").write_text("2")
+    bundles.publish(t2, serving, v2)
+    (t1 / "f").write_text("1")
+    bundles.publish(t1, serving, v1)  # the older number finishes last: the link stays on the newer
+    assert bundles.current_version(serving) == 2 and bundles.versions(serving) == [1, 2]
+    stale = bundles.bundles_root(serving) / ".tmp-7-999999999"  # an export whose process died
+    stale.mkdir()
+    v3, t3 = bundles.reserve(serving)
+    assert v3 == 3 and not stale.exists() and t3.is_dir()
+
+
 def test_deploy_and_rollback_under_load_lose_no_request(copy, cfg):
     r = model_swap.run(copy, concurrency=4, swaps=1, settle_s=2.0, cfg=cfg)
     assert r["failed"] == 0, r["errors"]

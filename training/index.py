@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from runtime.faiss_search import exact_top, recall_vs_exact
 from shoprec.config import IndexConfig
 from shoprec.device import faiss_gpu_available
 
@@ -74,21 +75,6 @@ def held_out_queries(emb: np.ndarray, n: int = 1000, seed: int = 0) -> np.ndarra
     return (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def exact_top(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    import faiss
-
-    flat = faiss.IndexFlatIP(emb.shape[1])
-    flat.add(np.ascontiguousarray(emb, dtype=np.float32))
-    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
-
-
-def recall_of(index, queries: np.ndarray, exact: np.ndarray) -> float:
-    """recall@k of the index itself against exact rows [Q, k]: slots it cannot fill (-1) count as misses, so the
-    exact fallback of runtime.faiss_search.search never flatters a breadth too small to fill the lists."""
-    rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), exact.shape[1])[1]
-    return float(np.mean([len(set(a[a >= 0].tolist()) & set(e.tolist())) / exact.shape[1] for a, e in zip(rows, exact)]))
-
-
 def tune_index(index, kind: str, emb: np.ndarray, cfg: IndexConfig, k: int = 100, queries: np.ndarray | None = None) -> dict:
     """Set the smallest search breadth whose recall@k against exact search reaches cfg.target_recall (or the one the
     config fixes); the report: kind, breadth, recall, and each breadth tried."""
@@ -108,12 +94,12 @@ def tune_index(index, kind: str, emb: np.ndarray, cfg: IndexConfig, k: int = 100
 
         def set_breadth(v):
             index.hnsw.efSearch = v
-    exact = exact_top(emb, queries, k)
+    exact = exact_top(emb, queries, k)  # once; each breadth is scored against it
     tried = []
     for v in [fixed] if fixed > 0 else grid:
         set_breadth(v)
         t0 = time.perf_counter()
-        recall = recall_of(index, queries, exact)
+        recall = recall_vs_exact(index, emb, queries, k, exact, filled=False)
         tried.append({name: v, "recall": round(recall, 4), "seconds": round(time.perf_counter() - t0, 3)})
         if recall >= cfg.target_recall:
             break
