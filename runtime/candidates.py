@@ -82,7 +82,7 @@ class ItemNeighbours:
         total = int(lengths.sum())
         if not total:
             return out
-        flat = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(total)
+        flat = np.repeat(starts - csr_offsets(np.cumsum(lengths)[:-1]), lengths) + np.arange(total)
         owner = np.repeat(np.repeat(np.arange(n_users), np.diff(indptr)), lengths)
         vals = self.values[flat] if weights is None else self.values[flat] * np.repeat(weights, lengths)
         flat_target = owner * self.n_items + self.indices[flat]
@@ -134,15 +134,25 @@ class CategoryPrior:
         return (shares[:, np.maximum(self.category, 0)] * self.p_in_category[None, :]).astype(np.float32)
 
 
+def csr_offsets(cumsum: np.ndarray) -> np.ndarray:
+    """[0, *cumsum]: CSR offsets (np.r_[0, ...] without its per-call overhead)."""
+    return np.concatenate((np.zeros(1, dtype=cumsum.dtype), cumsum))
+
+
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """np.take_along_axis(a, idx, axis=1) for 2-D arrays, without its per-call overhead (this runs per request)."""
+    return a[np.arange(a.shape[0])[:, None], idx]
+
+
 def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
     """Rows of the n best scores per user (ties: lower row first), -1 where blocked items would be needed."""
     s = np.where(blocked, -np.inf, scores)
     n = min(n, s.shape[1])
     part = np.argpartition(-s, n - 1, axis=1)[:, :n] if n < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
-    vals = np.take_along_axis(s, part, axis=1)
+    vals = _take(s, part)
     order = np.lexsort((part, -vals), axis=1)
-    top = np.take_along_axis(part, order, axis=1)
-    return np.where(np.take_along_axis(vals, order, axis=1) > -np.inf, top, -1)
+    top = _take(part, order)
+    return np.where(_take(vals, order) > -np.inf, top, -1)
 
 
 class CandidateGenerator:
@@ -210,9 +220,9 @@ class CandidateGenerator:
         has_context = np.diff(ctx_indptr) > 0
 
         pos = hist_kinds >= POSITIVE_KIND
-        pos_indptr = np.r_[0, np.cumsum(np.bincount(owner[pos], minlength=u))].astype(np.int64)
+        pos_indptr = csr_offsets(np.cumsum(np.bincount(owner[pos], minlength=u))).astype(np.int64)
         recent_idx = _last_per_user(hist_indptr, self.recent_window)
-        recent_indptr = np.r_[0, np.cumsum(np.minimum(np.diff(hist_indptr), self.recent_window))].astype(np.int64)
+        recent_indptr = csr_offsets(np.cumsum(np.minimum(np.diff(hist_indptr), self.recent_window))).astype(np.int64)
         s_all = self.cf_all.scores(hist_indptr, hist_rows)
         s_pos = self.cf_pos.scores(pos_indptr, hist_rows[pos])
         s_recent = self.cf_all.scores(recent_indptr, hist_rows[recent_idx])
@@ -221,7 +231,8 @@ class CandidateGenerator:
         s_cat = self.categories.scores(shares)
         self.failed = {}
         none = np.full((u, n), -1, np.int64)
-        wanted = {r: bool((weights[:, i] > 0).any()) for i, r in enumerate(ROUTES)}
+        weighted = (weights > 0).any(0)
+        wanted = {r: bool(weighted[i]) for i, r in enumerate(ROUTES)}
 
         def route(name, fn, needed=True):
             if not needed:
@@ -248,7 +259,7 @@ class CandidateGenerator:
                 self._positive(self.copurchase.scores(ctx_indptr, ctx_rows)), blocked, n), -1),
                 wanted["copurchase"] and has_context.any()),
         }
-        live = [i for i, r in enumerate(ROUTES) if (weights[:, i] > 0).any() and (lists[r] >= 0).any()]  # others add nothing
+        live = [i for i, r in enumerate(ROUTES) if weighted[i] and (lists[r] >= 0).any()]  # others add nothing
         live = live or [ROUTES.index("popular")]
         rows, reached_at = _fuse([lists[ROUTES[i]] for i in live], weights[:, live], n, with_cutoff=True)
         safe = np.maximum(rows, 0)
@@ -257,11 +268,11 @@ class CandidateGenerator:
         credited = [ROUTES[i] for i in live] if with_routes else []
         position = {r: _position(rows, lists[r], n) for r in dict.fromkeys(("cf_all", "cf_pos", "ann", *credited))}
         feats = np.stack([
-            np.take_along_axis(s_all, safe, 1), np.take_along_axis(s_pos, safe, 1), np.take_along_axis(s_recent, safe, 1), dots,
+            _take(s_all, safe), _take(s_pos, safe), _take(s_recent, safe), dots,
             *(np.log1p(position[r]) for r in ("cf_all", "cf_pos", "ann")),  # log(1 + rank), log(1 + n) when absent
-            np.take_along_axis(shares, np.maximum(self.categories.category[safe], 0), 1) * (self.categories.category[safe] >= 0)
+            _take(shares, np.maximum(self.categories.category[safe], 0)) * (self.categories.category[safe] >= 0)
             if self.categories.n_categories else np.zeros(rows.shape),
-            np.take_along_axis(s_cat, safe, 1),
+            _take(s_cat, safe),
         ], axis=2).astype(np.float32)
         feats[rows < 0] = 0.0
         if not with_routes:
@@ -269,7 +280,7 @@ class CandidateGenerator:
         routes = np.zeros(rows.shape, np.int32)
         for j, bit in enumerate(live):  # a route proposed a candidate if the fusion reached it in the route's list
             p = position[ROUTES[bit]]
-            hit = (p < n) & np.take_along_axis(reached_at[:, :, j], np.minimum(p, n - 1), axis=1)
+            hit = (p < n) & _take(reached_at[:, :, j], np.minimum(p, n - 1))
             routes |= np.where(hit, np.int32(1 << bit), np.int32(0))
         return rows, feats, lists, np.where(rows >= 0, routes, 0).astype(np.int32)
 
@@ -287,7 +298,7 @@ class CandidateGenerator:
             scores = np.asarray(user_emb, dtype=np.float32) @ self.emb.T
             return _topn(scores, blocked, n)
         _, found = search(self.index, user_emb, k, self.emb)
-        ok = ~np.take_along_axis(blocked, np.maximum(found, 0), 1) & (found >= 0)
+        ok = ~_take(blocked, np.maximum(found, 0)) & (found >= 0)
         return _compact(found, ok, n)
 
     def _similar_ann(self, ctx_indptr: np.ndarray, ctx_rows: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
@@ -308,7 +319,7 @@ class CandidateGenerator:
         if not len(head):
             return np.full((len(blocked), n), -1, np.int64)
         rows = np.broadcast_to(head, (len(blocked), len(head)))
-        return _compact(rows, ~np.take_along_axis(blocked, rows, 1), n)
+        return _compact(rows, ~_take(blocked, rows), n)
 
 
 def trending_order(item_row: np.ndarray, ts: np.ndarray, kind: np.ndarray, n_items: int, half_life_days: float) -> np.ndarray:
@@ -358,7 +369,7 @@ def copurchase_neighbours(user: np.ndarray, session: np.ndarray, ts: np.ndarray,
     rank = np.arange(len(a)) - starts[a]
     keep = rank < top
     a, b, value = a[keep], b[keep], value[keep]
-    indptr = np.r_[0, np.cumsum(np.bincount(a, minlength=n_items))].astype(np.int64)
+    indptr = csr_offsets(np.cumsum(np.bincount(a, minlength=n_items))).astype(np.int64)
     return {"indptr": indptr, "indices": b.astype(np.int64), "values": value.astype(np.float32)}
 
 
@@ -367,13 +378,13 @@ def _last_per_user(indptr: np.ndarray, window: int) -> np.ndarray:
     lengths = np.diff(indptr)
     take = np.minimum(lengths, window)
     start = indptr[1:] - take
-    return np.repeat(start - np.r_[0, np.cumsum(take)[:-1]], take) + np.arange(int(take.sum()))
+    return np.repeat(start - csr_offsets(np.cumsum(take)[:-1]), take) + np.arange(int(take.sum()))
 
 
 def _compact(rows: np.ndarray, keep: np.ndarray, n: int) -> np.ndarray:
     """Per user, the kept rows in order, first n, -1 padded."""
     order = np.argsort(~keep, axis=1, kind="stable")
-    out = np.take_along_axis(np.where(keep, rows, -1), order, axis=1)[:, :n]
+    out = _take(np.where(keep, rows, -1), order)[:, :n]
     if out.shape[1] < n:
         out = np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=-1)
     return out
@@ -390,8 +401,8 @@ def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: boo
         keys = (np.arange(1, n + 1)[None, :, None] / weights[:, None, :]).astype(np.float64)
     keys = np.where((stacked >= 0) & (weights[:, None, :] > 0), keys, np.inf).reshape(u, -1)
     order = np.argsort(keys, axis=1, kind="stable")
-    inter = np.take_along_axis(stacked.reshape(u, -1), order, axis=1)
-    inter = np.where(np.take_along_axis(keys, order, axis=1) < np.inf, inter, -1)
+    inter = _take(stacked.reshape(u, -1), order)
+    inter = np.where(_take(keys, order) < np.inf, inter, -1)
     user, col = np.nonzero(inter >= 0)  # row-major: user, then fused position
     rows = inter[user, col]
     width = int(rows.max()) + 1 if len(rows) else 1
@@ -417,11 +428,16 @@ def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: boo
 
 
 def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
-    """Position of each candidate in a route's ranked list (per user), n when absent."""
+    """Position of each candidate in a route's ranked list (per user; the lists hold each row once), n when absent."""
     if not (ranked >= 0).any():  # an empty route (off, or nothing to start from)
         return np.full(rows.shape, n, dtype=np.int64)
     u, width = ranked.shape
     span = int(max(rows.max(initial=0), ranked.max(initial=0))) + 2
+    if u * span <= 1 << 22:  # a dense [U, rows] table: one scatter and one gather
+        table = np.full((u, span), n, dtype=np.int64)
+        table[np.arange(u)[:, None], np.where(ranked >= 0, ranked, span - 1)] = np.arange(width)
+        table[:, span - 1] = n  # the pads' column
+        return _take(table, np.where(rows >= 0, rows, span - 1))
     keys = (np.arange(u)[:, None] * span + ranked + 1).ravel()  # + 1: pads (-1) never match a row
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]

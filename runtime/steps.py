@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours
+from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours, csr_offsets
 from runtime.online_store import OnlineStore, store_url
 from runtime.request_transform import TransformPlan, UserStore, find_rows, raw_rows
 from runtime.strategy import Strategy
@@ -542,7 +542,7 @@ class Retrieval(StepImpl):
         if hist.size and (hist.max() >= self.generator.n_items or hist.min() < -1):
             raise ValueError(f"history row outside the item table (0..{self.generator.n_items - 1}, -1 = padding)")
         keep = hist >= 0  # padding is at the end of each row, so the kept entries stay in time order
-        indptr = np.r_[0, np.cumsum(keep.sum(1))].astype(np.int64)
+        indptr = csr_offsets(np.cumsum(keep.sum(1))).astype(np.int64)
         kinds = np.asarray(t["history_kinds"])[keep].astype(np.int8)
         flag = t.get("exclude_seen")
         exclude = self.default_exclude if flag is None else np.asarray(flag, dtype=bool).ravel()
@@ -557,7 +557,7 @@ class Retrieval(StepImpl):
         ctx = t.get("context_rows")
         ctx = np.full((n, 0), -1, np.int64) if ctx is None else np.asarray(ctx, dtype=np.int64).reshape(n, -1)
         known = ctx >= 0
-        context = (np.r_[0, np.cumsum(known.sum(1))].astype(np.int64), ctx[known])
+        context = (csr_offsets(np.cumsum(known.sum(1))).astype(np.int64), ctx[known])
         weights = np.stack([r.weights for r in resolved])
         out = self.generator(t["user_embedding"], indptr, hist[keep], kinds, exclude, with_routes=True, unavailable=unavailable,
                              weights=weights, context=context,

@@ -1,0 +1,80 @@
+"""What each step of the graph costs in-process, per request (one user per request, as the server sees them
+at concurrency 1): the numbers behind the Python-backend stubs' CPU time.
+
+    .venv/bin/python -m benchmarks.step_cost              # on ARTIFACTS (`make demo` built them)
+
+The in-process pipeline (runtime/pipeline.py, the cpu profile's unfused steps, online store off)
+runs `--users` warm users one request each; every step is timed on its own inputs, `--rounds`
+times; the minimum of the rounds' means is reported (the least disturbed round on a shared
+machine). Writes benchmarks/results/step_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shoprec.config import REPO_ROOT, load_config
+
+from .machine import describe
+from .serving_bench import warm_users
+
+
+def run(artifacts: Path, users: int = 500, rounds: int = 5) -> dict:
+    from runtime.pipeline import Pipeline
+    from runtime.steps import check_outputs
+
+    cfg = load_config().replace("serve", online_store="none").serve
+    p = Pipeline(artifacts / "serving", cfg=cfg)
+    ids = [int(u) for u in warm_users(artifacts)[:users]]
+    per_step: dict[str, list[float]] = {s.name: [] for s in p.graph}
+    feeds = []
+    for u in ids:  # each step's checked inputs, from the steps before it
+        tensors = p.request(np.array([u]), 10)
+        feed = {}
+        for step in p.graph:
+            impl = p.steps[step.name]
+            inputs = impl.check({t.name: tensors.get(step.graph_name(t.name)) for t in step.inputs})
+            feed[step.name] = inputs
+            if step.per_request:
+                break
+            outputs = impl.run(inputs)
+            check_outputs(step, outputs, p.sizes, 1)
+            tensors.update({step.graph_name(t.name): o for t, o in zip(step.outputs, outputs)})
+        feeds.append(feed)
+    for _ in range(rounds):
+        for step in p.graph:
+            impl = p.steps[step.name]
+            t0 = time.perf_counter()
+            for feed in feeds:
+                if step.per_request:
+                    impl.run_requests(feed[step.name], [1])
+                else:
+                    impl.run(feed[step.name])
+            per_step[step.name].append((time.perf_counter() - t0) / len(feeds) * 1e3)
+    ms = {name: round(min(v), 4) for name, v in per_step.items()}
+    return {"users": len(ids), "rounds": rounds, "ms_per_request": ms, "total_ms": round(sum(ms.values()), 4)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--artifacts", type=Path, default=REPO_ROOT / "artifacts")
+    ap.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    ap.add_argument("--users", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, help="default: RESULTS/step_cost.json")
+    args = ap.parse_args(argv)
+    r = run(args.artifacts.resolve(), args.users, args.rounds)
+    r.update(machine=describe(), command="python -m benchmarks.step_cost")
+    out = args.out or args.results / "step_cost.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1) + "\n")
+    print(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()
