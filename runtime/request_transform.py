@@ -42,6 +42,7 @@ class TransformPlan:
         self.cont_names: list[str] = plan["cont"]
         self.inputs: dict[str, str] = plan["inputs"]
         self._vocab = {}
+        self._tables: dict[str, dict] = {}
         for col in self.columns:
             for op in col["ops"]:
                 if op["type"] == "categorify" and op["vocab"] not in self._vocab:
@@ -55,8 +56,17 @@ class TransformPlan:
             arrays = {k: npz[k] for k in npz.files}
         return cls(plan, arrays)
 
+    SMALL_BATCH = 16  # up to this many values, a string column is looked up in a dict (no NumPy call overhead)
+
     def _categorify(self, values: np.ndarray, null: np.ndarray, op: dict) -> np.ndarray:
         vocab, codes = self._vocab[op["vocab"]]
+        if vocab.dtype.kind in "US" and values.dtype.kind in "OU" and len(values) <= self.SMALL_BATCH:
+            table = self._tables.get(op["vocab"])
+            if table is None:  # the first occurrence wins, as searchsorted finds it
+                table = self._tables[op["vocab"]] = dict(zip(reversed(vocab.tolist()), reversed(codes.tolist())))
+            oov, null_code = op["oov_code"], op["null_code"]
+            return np.array([null_code if n else table.get(str(v), oov) for v, n in zip(values.tolist(), null.tolist())],
+                            dtype=np.int64)
         if vocab.dtype.kind in "US":
             probe = np.where(null, "", values).astype(str) if values.dtype.kind == "O" else values.astype(str)
         else:

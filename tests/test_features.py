@@ -125,6 +125,29 @@ def test_request_transform_equals_workflow_transform(artifacts):
     assert (got["hour"][50:60] == 1).all()  # unknown context -> null code, the value training rows carry
 
 
+def test_small_batches_take_the_dict_lookup_and_agree_with_the_vectorised_path(artifacts):
+    """A request's few rows are looked up in dicts (no NumPy overhead per column); the result is the same codes,
+    unknown and null values included, as the vectorised path that big batches and the parity test above use."""
+    feat = artifacts / "features"
+    plan = TransformPlan.load(feat / "serving" / "query_plan.json", feat / "serving" / "query_vocab.npz")
+    _, raw = _store_rows(artifacts)  # unknown users, null attributes and unknown context among its rows
+    n = len(raw["user_id"])
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 5, 16):
+        for _ in range(20):
+            pick = rng.choice(n, size, replace=False)
+            rows = {c: np.asarray(v)[pick] for c, v in raw.items()}
+            fast = plan.transform(rows)
+            plan.SMALL_BATCH = 0  # this instance only: the vectorised path
+            try:
+                slow = plan.transform(rows)
+            finally:
+                del plan.SMALL_BATCH
+            for name in plan.cat_names:
+                np.testing.assert_array_equal(fast[name], slow[name], err_msg=name)
+    assert len(plan._tables) >= 5  # the string vocabularies did take the dict path
+
+
 def test_plan_is_json_and_npz_without_pickles(artifacts):
     serving = artifacts / "features" / "serving"
     plan = json.loads((serving / "query_plan.json").read_text())
