@@ -34,7 +34,15 @@ class BundleError(UserError, RuntimeError):
 
 
 def bundles_root(serving: Path) -> Path:
-    return Path(serving).parent / BUNDLES
+    """The versions folder: beside `serving`, or wherever `serving` links into (a link to another artifacts
+    folder's bundles/<N> serves from that folder's versions)."""
+    serving = Path(serving)
+    if serving.is_symlink():
+        target = Path(os.readlink(serving))
+        target = target if target.is_absolute() else serving.parent / target
+        if target.parent.name == BUNDLES:
+            return target.parent
+    return serving.parent / BUNDLES
 
 
 def versions(serving: Path) -> list[int]:

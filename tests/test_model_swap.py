@@ -56,6 +56,10 @@ def test_concurrent_exports_take_different_numbers_and_the_link_only_moves_forwa
     (t1 / "f").write_text("1")
     bundles.publish(t1, serving, v1)  # the older number finishes last: the link stays on the newer
     assert bundles.current_version(serving) == 2 and bundles.versions(serving) == [1, 2]
+    elsewhere = tmp_path / "other" / "serving"  # a link into another artifacts folder serves from its versions
+    elsewhere.parent.mkdir()
+    elsewhere.symlink_to(bundles.bundles_root(serving).resolve() / "2")
+    assert bundles.current_version(elsewhere) == 2 and bundles.version_dir(elsewhere, 1) == bundles.bundles_root(serving) / "1"
     stale = bundles.bundles_root(serving) / ".tmp-7-999999999"  # an export whose process died
     stale.mkdir()
     v3, t3 = bundles.reserve(serving)
