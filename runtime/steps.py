@@ -517,13 +517,12 @@ class Retrieval(StepImpl):
 
     def run(self, t: dict) -> tuple:
         cand, dense, lists, routes, weights = self._candidates(t)
-        for route, ranked in lists.items():
-            used = weights[:, ROUTES.index(route)] > 0
-            if not used.any():
-                continue
-            found = (ranked[used] >= 0).sum(1)
-            self.count("shoprec_route_candidates_total", int(found.sum()), route=route)
-            self.count("shoprec_route_empty_total", int((found == 0).sum()), route=route)
+        used = weights > 0  # [U, R]: the routes each user's scene uses
+        found = np.stack([(lists[r] >= 0).sum(1) for r in ROUTES], axis=1)  # [U, R] candidates per route
+        totals, empty = (found * used).sum(0).tolist(), ((found == 0) & used).sum(0).tolist()
+        for i in np.flatnonzero(used.any(0)).tolist():
+            self.count("shoprec_route_candidates_total", int(totals[i]), route=ROUTES[i])
+            self.count("shoprec_route_empty_total", int(empty[i]), route=ROUTES[i])
         for route, error in self.generator.failed.items():
             self.count("shoprec_route_errors_total", 1, route=route)
             _log_once(f"retrieval: route {route} failed, the other routes served: {error}")
