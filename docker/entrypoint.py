@@ -18,7 +18,7 @@ a huge shape aborted a whole Triton (2.51) in our fuzzing while gRPC survived ev
 SHOPREC_HTTP_PUBLIC=1 opts HTTP in to 0.0.0.0.
 
 Only the standard library and shoprec (manifest, tensorrt_shapes) are imported, so the unit tests run every step
-without Docker, a GPU or TensorRT (`run` and `execvp` are injectable, --dry-run prints the plan).
+without Docker, a GPU or TensorRT (`run` and `execvpe` are injectable, --dry-run prints the plan).
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def online_store(env: dict) -> str | None:
     return value
 
 
-def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.run, execvp=os.execvp) -> int:
+def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.run, execvpe=os.execvpe) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="verify and print the plan as JSON; build and start nothing")
     parser.add_argument("--gpu-name", help="skip nvidia-smi (dry runs on machines without a GPU)")
@@ -357,11 +357,10 @@ def main(argv: list[str] | None = None, env: dict | None = None, run=subprocess.
         return err.code
     print(f"[entrypoint] online store: {online or 'none (the export snapshot only)'}", flush=True)
     print(f"[entrypoint] exec {' '.join(redacted(plan.server_command))}", flush=True)
-    if execvp is os.execvp:  # the steps inherit it (runtime/steps.py bundle_dir); tests inject execvp and keep theirs
-        os.environ["SHOPREC_BUNDLE"] = str(settings.bundle)
-    # exec, not a child: Triton becomes PID 1 and gets the pod's SIGTERM for a graceful drain
-    execvp(plan.server_command[0], plan.server_command)
-    return 0  # reached only when execvp is replaced (tests)
+    # exec, not a child: Triton becomes PID 1 and gets the pod's SIGTERM for a graceful drain. The steps inherit
+    # the bundle folder verified above (runtime/steps.py bundle_dir), whatever the link says by the time they load.
+    execvpe(plan.server_command[0], plan.server_command, {**env, "SHOPREC_BUNDLE": str(settings.bundle)})
+    return 0  # reached only when execvpe is replaced (tests)
 
 
 if __name__ == "__main__":

@@ -88,9 +88,6 @@ class ServedRepository:
         """The version the ensemble pins."""
         return int(self._read(ENSEMBLE).ensemble_scheduling.step[0].model_version)
 
-    def step_versions(self) -> list[int]:
-        return list(self._read(self.steps()[0]).version_policy.specific.versions)
-
     def set_step_versions(self, versions: list[int]) -> None:
         """Every step lists exactly these versions; version folders missing are copied from the profile's
         (the same generated model.py), folders no longer listed are removed."""
@@ -239,12 +236,19 @@ def write_record(artifacts: Path, grpc_port: int, record: dict) -> Path:
     return path
 
 
-def _update_record(path: Path, **changes) -> dict | None:
-    """Rewrite a live server's record with `changes` (None values removed); None when the server has stopped (its
-    record is gone: a stopped server's record must not come back)."""
+def _read_record(path: Path) -> dict | None:
+    """A live server's record; None when the server has stopped (its record is gone)."""
     try:
-        record = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+
+
+def _update_record(path: Path, **changes) -> dict | None:
+    """Rewrite a live server's record with `changes` (None values removed); None when the server has stopped (a
+    stopped server's record must not come back)."""
+    record = _read_record(path)
+    if record is None:
         return None
     record.update(changes)
     record = {k: v for k, v in record.items() if v is not None}
@@ -284,7 +288,7 @@ def deploy(artifacts: Path, version: int | None = None, grpc_port: int | None = 
     serving = artifacts / "serving"
     try:
         with repo.lock():
-            server = _update_record(path)  # read again under the lock: another deploy may have finished meanwhile
+            server = _read_record(path)  # read again under the lock: another deploy may have finished meanwhile
             if server is None:
                 raise DeployError(f"the server on gRPC port {port} stopped")
             history = [int(v) for v in server.get("history", [])]

@@ -88,8 +88,10 @@ def env(tmp_path):
 
 
 def start(env: dict, machine: FakeMachine, *argv: str):
-    execs = []
-    code = ep.main(list(argv), env=env, run=machine, execvp=lambda f, a: execs.append(a))
+    execs, envs = [], []
+    code = ep.main(list(argv), env=env, run=machine, execvpe=lambda f, a, e: (execs.append(a), envs.append(e)))
+    if envs:  # the steps load the bundle folder the entrypoint verified, not whatever the link says later
+        assert envs[0]["SHOPREC_BUNDLE"] == str(bundle_of(env).resolve())
     return code, execs
 
 

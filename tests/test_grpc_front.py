@@ -4,24 +4,23 @@ the admin key)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.grpc_front import size_check
 from client import RecommenderClient
-from serving.launcher import TritonServer, process_group
+from serving.launcher import TritonServer
 from shoprec.contract import ENSEMBLE
+from shoprec.manifest import verified_path
 
 pytestmark = pytest.mark.integration
 
 
-def _rss_mb(pids) -> float:
-    return sum(int(open(f"/proc/{p}/statm").read().split()[1]) for p in pids) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _user(artifacts) -> int:
+    with np.load(verified_path(artifacts / "serving", "user_store.npz"), allow_pickle=False) as z:
+        return int(z["user_id"][0])
 
 
 @pytest.fixture(scope="module")
@@ -31,42 +30,21 @@ def fronted(artifacts, cfg):
         yield server
 
 
-SENDER = """
-import sys
-import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
-g = grpcclient.InferenceServerClient(sys.argv[1])
-ids = np.zeros((8 << 20, 1), dtype=np.int64)  # 64 MiB
-for _ in range(3):
-    big = grpcclient.InferInput("user_id", list(ids.shape), "INT64")
-    big.set_data_from_numpy(ids)
-    k = grpcclient.InferInput("k", [1, 1], "INT32")  # the batch sizes disagree: only the size check can answer first
-    k.set_data_from_numpy(np.ones((1, 1), np.int32))
-    try:
-        g.infer("recommender", [big, k])
-        print("ANSWERED")
-    except InferenceServerException as exc:
-        print(exc.status(), str(exc)[:120])
-"""
-
-
 def test_a_64_mib_request_is_refused_before_it_is_buffered(fronted, artifacts):
-    """The client runs in its own process: this one holds the front, whose memory is measured with the server's."""
-    pids = [os.getpid()] + [pid for pid, _, _ in process_group(fronted.process.pid)]
-    before = _rss_mb(pids)
-    out = subprocess.run([sys.executable, "-c", SENDER, fronted.grpc_url], capture_output=True, text=True, timeout=120)
-    lines = out.stdout.splitlines()
-    assert len(lines) == 3 and all("RESOURCE_EXHAUSTED" in x and "larger than max" in x for x in lines), out
-    grown = _rss_mb(pids) - before
-    assert grown < 32, f"RSS of the front and tritonserver grew by {grown:.0f} MB"  # 3 x 64 MiB never held
-    user = int(np.load(artifacts / "serving" / "user_store.npz")["user_id"][0])
+    """The benchmark's check (benchmarks/grpc_front.py): a client process sends three 64 MiB requests; the RSS of
+    tritonserver and of this process (which runs the front) is measured around it."""
+    r = size_check(fronted.grpc_url, fronted)
+    assert len(r["answers"]) == 3 and all(a.startswith("RESOURCE_EXHAUSTED") and "larger than max" in a
+                                          for a in r["answers"]), r
+    grown = r["rss_growth_mb"]
+    assert grown["tritonserver_and_stubs"] < 16 and grown["front_process"] < 32, grown  # 3 x 64 MiB never held
+    user = _user(artifacts)
     with RecommenderClient(fronted.grpc_url) as c:
         assert len(c.recommend(user, k=5).item_ids) == 5  # still serving
 
 
 def test_answers_error_codes_and_the_admin_key_pass_through(fronted, artifacts):
-    user = int(np.load(artifacts / "serving" / "user_store.npz")["user_id"][0])
+    user = _user(artifacts)
     with RecommenderClient(fronted.grpc_url) as c:
         rec = c.recommend(user, k=7)
         assert len(rec.item_ids) == 7 and rec.version == fronted.served_version()
@@ -85,7 +63,7 @@ def test_streaming_passes_through(fronted, artifacts):
     """ModelStreamInfer (perf_analyzer --streaming, streaming clients) is forwarded as a stream."""
     import queue
 
-    user = int(np.load(artifacts / "serving" / "user_store.npz")["user_id"][0])
+    user = _user(artifacts)
     answers: queue.Queue = queue.Queue()
     g = grpcclient.InferenceServerClient(fronted.grpc_url)
     g.start_stream(callback=lambda result, error: answers.put((result, error)))
