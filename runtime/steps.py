@@ -140,6 +140,27 @@ def check_inputs(t: dict, sizes: dict) -> None:
             raise RequestError(f"{name} must be finite (no NaN or infinity)")
 
 
+def merge_requests(step: contract.Step, parsed: list[dict]) -> dict:
+    """One batch from several requests' checked inputs (all carry the same optional inputs): concatenated along the
+    batch dim. An input declared with a pad value (contract.Tensor.pad: Triton batches those requests whatever their
+    widths, allow_ragged_batch) is padded to the widest request first; the step ignores the pad value, so each user's
+    outputs do not depend on the batch."""
+    pads = {t.name: t.pad for t in step.inputs}
+    batch = {}
+    for name in parsed[0]:
+        parts = [p[name] for p in parsed]
+        if parts[0] is None:
+            batch[name] = None
+            continue
+        pad = pads.get(name)
+        if pad is not None and len(parts) > 1:
+            width = max(x.shape[1] for x in parts)
+            parts = [x if x.shape[1] == width else np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=pad)
+                     for x in parts]
+        batch[name] = np.concatenate(parts)
+    return batch
+
+
 def check_strategy(strategy: Strategy, t: dict) -> None:
     """The strategy codes a step is sent (scene, experiment variant; from the feature step, or a direct caller) are
     ones this serve config has; RequestError otherwise."""
@@ -545,9 +566,11 @@ class Retrieval(StepImpl):
         kinds = np.asarray(t["history_kinds"])[keep].astype(np.int8)
         flag = t.get("exclude_seen")
         exclude = self.default_exclude if flag is None else np.asarray(flag, dtype=bool).ravel()
+        # the same for every user of a request; a batch of requests read moments apart: none of them is proposed
         unavailable = np.asarray(t["unavailable_rows"], dtype=np.int64)
-        unavailable = unavailable[0][(unavailable[0] >= 0) & (unavailable[0] < self.generator.n_items)] if unavailable.size \
-            else None
+        unavailable = unavailable[(unavailable >= 0) & (unavailable < self.generator.n_items)] if unavailable.size else None
+        if unavailable is not None and len(t["unavailable_rows"]) > 1:
+            unavailable = np.unique(unavailable)
         n = len(indptr) - 1
         code = t.get("strategy")
         code = None if code is None else np.asarray(code).reshape(n, 2)

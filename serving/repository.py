@@ -32,10 +32,12 @@ from serving.triton_models import StepModel as TritonPythonModel  # noqa: F401
 '''
 
 
-def _io(cls, t: contract.Tensor, with_optional: bool = True):
+def _io(cls, t: contract.Tensor, with_optional: bool = True, ragged: bool = False):
     msg = cls(name=t.name, data_type=getattr(mc, f"TYPE_{t.dtype}"), dims=t.config_dims)
     if with_optional and t.optional:
         msg.optional = True
+    if ragged and t.pad is not None:  # the python adapter pads the batch (serving/triton_models.py)
+        msg.allow_ragged_batch = True
     return msg
 
 
@@ -47,7 +49,7 @@ def step_config(step: contract.Step, profile: str) -> mc.ModelConfig:
         cfg.default_model_filename = "model.plan"
     else:
         cfg.backend = "python"
-    cfg.input.extend(_io(mc.ModelInput, t) for t in step.inputs)
+    cfg.input.extend(_io(mc.ModelInput, t, ragged=not native) for t in step.inputs)
     cfg.output.extend(_io(mc.ModelOutput, t, with_optional=False) for t in step.outputs)
     cfg.dynamic_batching.preferred_batch_size.extend(step.preferred_batch_sizes)
     cfg.dynamic_batching.max_queue_delay_microseconds = step.gpu_queue_delay_us if profile == "gpu" else step.cpu_queue_delay_us

@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from runtime.steps import Bundle, RequestError, bundle_dir, check_inputs, check_outputs, load_step, serve_config
+from runtime.steps import Bundle, RequestError, bundle_dir, check_inputs, check_outputs, load_step, merge_requests, serve_config
 from shoprec.contract import profile_step
 from shoprec.device import triton_device
 
@@ -109,7 +109,7 @@ class StepModel:
         if not good:
             return responses
         counts = [len(p[self.step.inputs[0].name]) for p in parsed]
-        batch = {name: None if parsed[0][name] is None else np.concatenate([p[name] for p in parsed]) for name in parsed[0]}
+        batch = merge_requests(self.step, parsed)
         try:
             if self.step.per_request:
                 per_request = self.impl.run_requests(batch, counts)

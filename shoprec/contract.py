@@ -28,6 +28,11 @@ class Tensor:
     dtype: str  # Triton dtype without the TYPE_ prefix: INT64, INT32, FP32, BOOL, STRING
     dims: tuple[int | str, ...]
     optional: bool = False
+    # a step input whose width varies per request (-1) and that a batch may pad to its widest request with
+    # this value (the step ignores it): Triton's batcher then batches requests of different widths
+    # (allow_ragged_batch) and the python adapter pads them into one array. None: requests batch only with
+    # requests of the same shape
+    pad: int | None = None
 
     def resolve(self, sizes: dict) -> tuple[int, ...]:
         """The dims with named sizes looked up in `sizes` (contract.json plus num_candidates)."""
@@ -87,12 +92,12 @@ SEQ_ITEMS = Tensor("seq_items", "INT64", ("seq_len",))
 SEQ_KINDS = Tensor("seq_kinds", "INT64", ("seq_len",))
 # every action of the user (item rows, kinds 1-4, time order; -1 / 0 pad to the batch's longest): the
 # seen-item filter and the item-to-item routes, from the live store or the snapshot
-HISTORY_ROWS = Tensor("history_rows", "INT64", (-1,))
-HISTORY_KINDS = Tensor("history_kinds", "INT32", (-1,))
-UNAVAILABLE_ROWS = Tensor("unavailable_rows", "INT64", (-1,))  # item rows no list may hold (-1 pads)
+HISTORY_ROWS = Tensor("history_rows", "INT64", (-1,), pad=-1)
+HISTORY_KINDS = Tensor("history_kinds", "INT32", (-1,), pad=0)
+UNAVAILABLE_ROWS = Tensor("unavailable_rows", "INT64", (-1,), pad=-1)  # item rows no list may hold (-1 pads)
 COLD_START = Tensor("cold_start", "BOOL", (1,))
 STRATEGY = Tensor("strategy", "INT32", (2,))  # scene code, experiment variant (runtime/strategy.py)
-CONTEXT_ROWS = Tensor("context_rows", "INT64", (-1,))  # item rows of the context items (-1 pads and unknown ids)
+CONTEXT_ROWS = Tensor("context_rows", "INT64", (-1,), pad=-1)  # item rows of the context items (-1 pads and unknown ids)
 DEGRADED = Tensor("degraded", "BOOL", (1,))  # the online store failed: served from the export's snapshot
 USER_EMBEDDING = Tensor("user_embedding", "FP32", ("embedding_dim",))
 CANDIDATE_ROWS = Tensor("candidate_rows", "INT64", ("num_candidates",))

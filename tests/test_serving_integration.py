@@ -11,6 +11,7 @@ from tritonclient.utils import InferenceServerException
 
 from client import AsyncRecommenderClient, RecommenderClient
 from runtime.request_transform import UserStore
+from shoprec import contract
 from shoprec.manifest import ArtifactError, verified_path
 
 pytestmark = pytest.mark.integration
@@ -135,6 +136,45 @@ def test_bad_requests_never_fail_good_ones_in_the_same_batch(triton, pipeline, a
             np.testing.assert_array_equal(r.item_ids, ids)
     with RecommenderClient(triton.grpc_url) as c:
         assert c.ready()
+
+
+def test_requests_with_histories_of_different_lengths_batch_together(triton, pipeline, artifacts):
+    """The candidates step's history, unavailable-item and context inputs vary in width per request. Triton batches
+    them anyway (allow_ragged_batch; the adapter pads them), and each request gets what it gets alone. Called
+    directly with one width per request: without ragged batching no two of them could share a batch."""
+    import tritonclient.grpc.aio as grpcaio
+
+    store = _store(artifacts)
+    step = contract.profile_step("cpu", "candidates")
+    requests, expected, widths = [], [], set()
+    for u in store.user_id[store.arrays["activity"] > 0][:300]:
+        t = pipeline.run(pipeline.request([int(u)], 10), stop="retrieval")
+        width = int((t["history_rows"] >= 0).sum())  # the user's actions
+        if width in widths:
+            continue
+        widths.add(width)
+        t["history_rows"], t["history_kinds"] = t["history_rows"][:, :width], t["history_kinds"][:, :width]
+        requests.append({x.name: (np.ascontiguousarray(t[x.name]), x.dtype) for x in step.inputs if t.get(x.name) is not None})
+        expected.append(pipeline.run(t, start="retrieval", stop="ranker"))
+        if len(requests) == 16:
+            break
+    assert len(requests) >= 8  # one history width per request
+
+    async def run():
+        g = grpcaio.InferenceServerClient(triton.grpc_url)
+        try:
+            before = (await g.get_inference_statistics("candidates")).model_stats[0]
+            results = await asyncio.gather(*(g.infer("candidates", _tensors(grpcaio, r)) for r in requests * 3))
+            after = (await g.get_inference_statistics("candidates")).model_stats[0]
+            return results, after.inference_count - before.inference_count, after.execution_count - before.execution_count
+        finally:
+            await g.close()
+
+    results, inferences, runs = asyncio.run(run())
+    for want, got in zip(expected * 3, results):
+        for name in ("candidate_rows", "candidate_dense", "candidate_routes"):
+            np.testing.assert_array_equal(got.as_numpy(name), want[name])
+    assert inferences == 3 * len(requests) and runs < inferences  # batches held requests of different widths
 
 
 def test_launcher_refuses_tampered_bundle(artifacts, cfg, tmp_path):

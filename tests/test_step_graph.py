@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from runtime.pipeline import Pipeline
-from runtime.steps import Bundle, CandidateFeatures, check_outputs, load_step
+from runtime.steps import Bundle, CandidateFeatures, check_outputs, load_step, merge_requests
 from shoprec import contract
 from shoprec.device import faiss_gpu_available, has_cuda
 from shoprec.manifest import ArtifactError, write_manifest
@@ -126,6 +126,34 @@ def test_candidate_rows_outside_the_table_fail_the_batch(artifacts, cfg):
     for bad in (n, -2):
         with pytest.raises(ValueError, match=f"candidate row {bad} outside the item table"):
             step.run({"candidate_rows": np.array([[0, bad]])})
+
+
+def test_requests_of_different_widths_batch_padded_with_the_same_answers(pipeline):
+    """Triton batches retrieval's variable-width inputs (history, unavailable items, context) whatever their widths
+    (allow_ragged_batch); the adapter pads them into one batch, and each user's candidates are what they are alone."""
+    step = contract.profile_step("cpu", "candidates")
+    ragged = {t.name for t in step.inputs if t.pad is not None}
+    assert ragged == {"history_rows", "history_kinds", "unavailable_rows", "context_rows"}
+    store = pipeline.steps["feature_transform"].store
+    users = store.user_id[store.arrays["activity"] > 0]
+    impl = pipeline.steps["retrieval"]
+    alone, widths = [], set()
+    for u in users[:40]:
+        t = pipeline.run(pipeline.request([int(u)], 10), stop="retrieval")
+        inputs = impl.check({x.name: t.get(x.name) for x in contract.STEP_BY_NAME["retrieval"].inputs})
+        if inputs["history_rows"].shape[1] in widths:
+            continue
+        widths.add(inputs["history_rows"].shape[1])
+        alone.append((inputs, impl.run(inputs)))
+    assert len(alone) >= 3  # histories of different lengths
+    alone[1][0]["context_rows"] = np.array([[int(alone[0][1][0][0, 0]), -1, -1]])  # one request has context items
+    alone[1] = (alone[1][0], impl.run(alone[1][0]))
+    batch = merge_requests(step, [a[0] for a in alone])
+    assert batch["history_rows"].shape == (len(alone), max(widths))
+    together = impl.run(batch)
+    for i, (_, outputs) in enumerate(alone):
+        for a, b in zip(outputs, together):
+            np.testing.assert_array_equal(a[0], b[i])
 
 
 def test_unknown_step_class_is_refused(artifacts, cfg):
