@@ -30,6 +30,7 @@ Features per candidate (`DENSE_FEATURES`): the three item-to-item scores (all, p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +84,9 @@ class ItemNeighbours:
         if not total:
             return out
         flat = np.repeat(starts - csr_offsets(np.cumsum(lengths)[:-1]), lengths) + np.arange(total)
-        owner = np.repeat(np.repeat(np.arange(n_users), np.diff(indptr)), lengths)
         vals = self.values[flat] if weights is None else self.values[flat] * np.repeat(weights, lengths)
-        flat_target = owner * self.n_items + self.indices[flat]
+        # each entry's position in the flattened [U, n_items] output: its owner's row start plus its item
+        flat_target = self.indices[flat] + np.repeat(np.repeat(np.arange(n_users) * self.n_items, np.diff(indptr)), lengths)
         out.reshape(-1)[:] = np.bincount(flat_target, weights=vals, minlength=out.size).astype(np.float32)
         return out
 
@@ -170,6 +171,10 @@ class CandidateGenerator:
         self.emb = np.ascontiguousarray(item_embeddings, dtype=np.float32)
         self.index = index
         self.cf_all, self.cf_pos, self.copurchase = cf_all, cf_pos, copurchase
+        # every action a positive (a shop logging clicks and up): the two routes are one model, and a user whose
+        # actions are all positive gets cf_all's scores for cf_pos without computing them twice
+        self._one_cf = cf_pos is cf_all or all(np.array_equal(getattr(cf_all, a), getattr(cf_pos, a))
+                                               for a in ("indptr", "indices", "values"))
         self.popular = np.asarray(popular_rows, dtype=np.int64)
         self.trending = np.zeros(0, np.int64) if trending_rows is None else np.asarray(trending_rows, dtype=np.int64)
         self.n = int(min(n_candidates, n))
@@ -224,7 +229,7 @@ class CandidateGenerator:
         recent_idx = _last_per_user(hist_indptr, self.recent_window)
         recent_indptr = csr_offsets(np.cumsum(np.minimum(np.diff(hist_indptr), self.recent_window))).astype(np.int64)
         s_all = self.cf_all.scores(hist_indptr, hist_rows)
-        s_pos = self.cf_pos.scores(pos_indptr, hist_rows[pos])
+        s_pos = s_all if self._one_cf and pos.all() else self.cf_pos.scores(pos_indptr, hist_rows[pos])
         s_recent = self.cf_all.scores(recent_indptr, hist_rows[recent_idx])
 
         shares = self.categories.shares(hist_indptr, hist_rows)
@@ -243,9 +248,10 @@ class CandidateGenerator:
                 self.failed[name] = f"{type(exc).__name__}: {exc}"
                 return none
 
+        cf_all_list = np.where(has_history[:, None], _topn(s_all, blocked, n), -1)
         lists = {
-            "cf_all": np.where(has_history[:, None], _topn(s_all, blocked, n), -1),
-            "cf_pos": np.where((np.diff(pos_indptr) > 0)[:, None], _topn(s_pos, blocked, n), -1),
+            "cf_all": cf_all_list,
+            "cf_pos": cf_all_list if s_pos is s_all else np.where((np.diff(pos_indptr) > 0)[:, None], _topn(s_pos, blocked, n), -1),
             "ann": route("ann", lambda: self._ann(user_emb, blocked, n, search_blocked)),
             "category": _topn(np.where(s_cat > 0, s_cat, -np.inf), blocked, n),
             "popular": self._ranked(self.popular, blocked, n),
@@ -399,8 +405,8 @@ def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: boo
                         for x in lists], axis=2)  # [U, n, R]: rank-major, route-minor
     with np.errstate(divide="ignore"):
         keys = (np.arange(1, n + 1)[None, :, None] / weights[:, None, :]).astype(np.float64)
+    order, where = _fusion_order(weights, n)
     keys = np.where((stacked >= 0) & (weights[:, None, :] > 0), keys, np.inf).reshape(u, -1)
-    order = np.argsort(keys, axis=1, kind="stable")
     inter = _take(stacked.reshape(u, -1), order)
     inter = np.where(_take(keys, order) < np.inf, inter, -1)
     user, col = np.nonzero(inter >= 0)  # row-major: user, then fused position
@@ -421,10 +427,33 @@ def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: boo
     stop = np.full(u, keys.shape[1] - 1)
     last = keep & (rank == n - 1)
     stop[user[last]] = col[first][last]
-    where = np.empty_like(order)
-    np.put_along_axis(where, order, np.arange(order.shape[1])[None, :].repeat(u, 0), axis=1)  # sorted position of each entry
-    reached = (where <= stop[:, None]) & (keys < np.inf)
+    reached = (where <= stop[:, None]) & (keys < np.inf)  # where: each entry's place in the order
     return out, reached.reshape(u, n, -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _fusion_permutation(weights: tuple[float, ...], n: int) -> np.ndarray:
+    """The order of the [n, R] list entries by fusion key, (rank + 1) / weight, ties in position order (rank, then
+    route); routes of weight 0 last. It depends on the weights only: an entry a list leaves empty keeps its place
+    here, and the fusion skips it, so the entries it takes come in the order a sort of the data's keys gives."""
+    w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        keys = np.where(w[None, :] > 0, np.arange(1, n + 1)[:, None] / w[None, :], np.inf).reshape(-1)
+    order = np.argsort(keys, kind="stable")
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))
+    order.flags.writeable = where.flags.writeable = False
+    return order, where
+
+
+def _fusion_order(weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """[U, n * R] each user's _fusion_permutation and its inverse (each entry's place in the order); the users of a
+    batch mostly share their scene's weights."""
+    shape = (len(weights), n * weights.shape[1])
+    if len(weights) and (weights == weights[0]).all():
+        return tuple(np.broadcast_to(x, shape) for x in _fusion_permutation(tuple(weights[0].tolist()), n))
+    pairs = [_fusion_permutation(tuple(w.tolist()), n) for w in weights]
+    return np.stack([p[0] for p in pairs]).reshape(shape), np.stack([p[1] for p in pairs]).reshape(shape)
 
 
 def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:

@@ -34,6 +34,39 @@ def test_equal_weights_interleave_rank_by_rank_and_weights_set_the_shares():
     np.testing.assert_array_equal(_fuse(lists, _weights(1, 0.001), 4), [[1, 2, 3, 5]])  # a fallback only fills
 
 
+def _fuse_by_sorting(lists, weights, n):
+    """The fusion as its docstring states it, one user at a time: every (rank, route) entry a list holds, sorted by
+    (rank + 1) / weight, ties by rank then route; first occurrences, first n."""
+    out = np.full((len(weights), n), -1)
+    for u, w in enumerate(weights):
+        entries = sorted(((p + 1) / w[r], p, r, int(x[u, p])) for r, x in enumerate(lists) if w[r] > 0
+                         for p in range(x.shape[1]) if x[u, p] >= 0)
+        taken = list(dict.fromkeys(e[3] for e in entries))[:n]
+        out[u, : len(taken)] = taken
+    return out
+
+
+def test_fusion_matches_a_plain_sort_for_any_weights_and_gaps():
+    """_fuse orders entries by a permutation cached per weight vector, not by sorting each batch's keys: the same
+    lists as sorting, with per-user weights (experiment arms), zero weights, empty slots and repeated items."""
+    rng = np.random.default_rng(3)
+    n, routes = 12, 4
+    lists = [np.where(rng.random((9, n)) < 0.2, -1, rng.integers(0, 30, (9, n))) for _ in range(routes)]
+    for x in lists:  # a route's list holds each item once
+        for row in x:
+            _, first = np.unique(row, return_index=True)
+            dup = np.setdiff1d(np.arange(n), first)
+            row[dup] = -1
+    weights = rng.choice([0.0, 0.5, 1.0, 2.0, 3.0], size=(9, routes))
+    weights[0] = 1.0
+    weights[1] = weights[2]
+    got, reached = _fuse(lists, weights, n, with_cutoff=True)
+    np.testing.assert_array_equal(got, _fuse_by_sorting(lists, weights, n))
+    assert reached.shape == (9, n, routes)
+    same = np.tile(weights[3], (9, 1))  # one weight vector for the whole batch: the shared-permutation path
+    np.testing.assert_array_equal(_fuse(lists, same, n), _fuse_by_sorting(lists, same, n))
+
+
 def test_trending_weighs_recent_positives_and_copurchase_links_later_purchases():
     day = 86400
     # item 0: three positives 30 days ago; item 1: two positives today; item 2: a view only
