@@ -1,11 +1,12 @@
-"""What each step of the graph costs in-process, per request (one user per request, as the server sees them
-at concurrency 1): the numbers behind the Python-backend stubs' CPU time.
+"""What each step of the graph costs in-process, per user: one user per request (as the server sees them at
+concurrency 1) and 16 per batch (what Triton's batcher hands a step under load): the numbers behind the
+Python-backend stubs' CPU time.
 
     .venv/bin/python -m benchmarks.step_cost              # on ARTIFACTS (`make demo` built them)
 
 The in-process pipeline (runtime/pipeline.py, the cpu profile's unfused steps, online store off)
-runs `--users` warm users one request each; every step is timed on its own inputs, `--rounds`
-times; the minimum of the rounds' means is reported (the least disturbed round on a shared
+runs `--users` warm users, one per request and then 16 per batch; every step is timed on its own inputs,
+`--rounds` times; the minimum of the rounds' means is reported (the least disturbed round on a shared
 machine). Writes benchmarks/results/step_cost.json.
 """
 
@@ -24,26 +25,39 @@ from .machine import describe
 from .serving_bench import warm_users
 
 
-def run(artifacts: Path, users: int = 500, rounds: int = 5) -> dict:
+def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, ...] = (1, 16)) -> dict:
     from runtime.pipeline import Pipeline
-    from runtime.steps import check_outputs
 
     cfg = load_config().replace("serve", online_store="none").serve
     p = Pipeline(artifacts / "serving", cfg=cfg)
     ids = [int(u) for u in warm_users(artifacts)[:users]]
+    out = {"users": len(ids), "rounds": rounds}
+    for batch in batches:
+        ms = _per_step(p, ids, batch, rounds)
+        key = "" if batch == 1 else f"_batch{batch}"
+        out[f"ms_per_request{key}"] = ms
+        out[f"total_ms{key}"] = round(sum(ms.values()), 4)
+    return out
+
+
+def _per_step(p, ids: list[int], batch: int, rounds: int) -> dict:
+    """Each step's time per user, the users sent `batch` per request (as Triton's batcher hands them to a step)."""
+    from runtime.steps import check_outputs
+
     per_step: dict[str, list[float]] = {s.name: [] for s in p.graph}
     feeds = []
-    for u in ids:  # each step's checked inputs, from the steps before it
-        tensors = p.request(np.array([u]), 10)
+    for i in range(0, len(ids), batch):  # each step's checked inputs, from the steps before it
+        chunk = ids[i : i + batch]
+        tensors = p.request(np.array(chunk), 10)
         feed = {}
         for step in p.graph:
             impl = p.steps[step.name]
             inputs = impl.check({t.name: tensors.get(step.graph_name(t.name)) for t in step.inputs})
-            feed[step.name] = inputs
+            feed[step.name] = (inputs, len(chunk))
             if step.per_request:
                 break
             outputs = impl.run(inputs)
-            check_outputs(step, outputs, p.sizes, 1)
+            check_outputs(step, outputs, p.sizes, len(chunk))
             tensors.update({step.graph_name(t.name): o for t, o in zip(step.outputs, outputs)})
         feeds.append(feed)
     for _ in range(rounds):
@@ -51,13 +65,13 @@ def run(artifacts: Path, users: int = 500, rounds: int = 5) -> dict:
             impl = p.steps[step.name]
             t0 = time.perf_counter()
             for feed in feeds:
+                inputs, n = feed[step.name]
                 if step.per_request:
-                    impl.run_requests(feed[step.name], [1])
+                    impl.run_requests(inputs, [1] * n)
                 else:
-                    impl.run(feed[step.name])
-            per_step[step.name].append((time.perf_counter() - t0) / len(feeds) * 1e3)
-    ms = {name: round(min(v), 4) for name, v in per_step.items()}
-    return {"users": len(ids), "rounds": rounds, "ms_per_request": ms, "total_ms": round(sum(ms.values()), 4)}
+                    impl.run(inputs)
+            per_step[step.name].append((time.perf_counter() - t0) / len(ids) * 1e3)
+    return {name: round(min(v), 4) for name, v in per_step.items()}
 
 
 def main(argv=None) -> None:
