@@ -39,6 +39,7 @@ class RedisServer:
         if binary is None:
             raise LaunchError("redis-server is not installed: `make setup` installs Debian's redis-server (needs root), "
                               "or serve with --online-store none (snapshot only) or --online-store redis://HOST:PORT/DB")
+        self.data_dir = Path(self.data_dir).resolve()  # redis-server reads --logfile after it moves into --dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         sock = self.data_dir / "redis.sock"
         if len(str(sock)) < 100:  # the kernel's limit on a socket path is 108 bytes

@@ -5,6 +5,7 @@ computes for the same moment, row by row)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,18 @@ def redis_url(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("online")).start()
     yield server.url
     server.stop()
+
+
+def test_the_private_redis_starts_from_a_relative_data_folder(tmp_path, monkeypatch):
+    """redis-server opens its log file after moving into its data folder: a relative path must not be read twice."""
+    from serving.online import RedisServer, ping
+
+    monkeypatch.chdir(tmp_path)
+    server = RedisServer(Path("artifacts") / "online").start()
+    try:
+        assert ping(server.url) and (tmp_path / "artifacts" / "online" / "redis.log").exists()
+    finally:
+        server.stop()
 
 
 @pytest.fixture()
