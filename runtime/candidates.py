@@ -23,6 +23,11 @@ Equal weights interleave the lists rank by rank; weight 0 turns a route off. The
 experiment arm) sets the weights per request (runtime/strategy.py); the ranker's training lists use
 `TRAINING_WEIGHTS`. A route that fails returns nothing and is reported (`failed`); the others fill in.
 
+Per-user tables (the item-to-item scores, the category route, the blocked items) are [users, items] arrays
+below `sparse_routes.SPARSE_FROM_ITEMS` items and sparse from there on, with the same lists and features
+(runtime/sparse_routes.py): a dense row per user costs O(catalog), which at 10^5-10^6 items outweighs the routes'
+own work. Every top-n breaks ties by the lower row, the n-th best's ties included.
+
 Features per candidate (`DENSE_FEATURES`): the three item-to-item scores (all, positives, the last
 `recent_window` actions), the two-tower dot product, log(1 + rank) in the cf_all, cf_pos and ann lists
 (N when absent), the user's affinity to the candidate's category and the category route's score.
@@ -38,6 +43,7 @@ import numpy as np
 from shoprec import contract
 
 from .faiss_search import search
+from .sparse_routes import SPARSE_FROM_ITEMS, Blocked, CategoryScores, DenseScores, SparseScores, _take, _topn
 
 DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann", "cat_affinity",
                   "cat_score")
@@ -76,19 +82,28 @@ class ItemNeighbours:
         """[U, n_items] sum of the neighbour rows of each user's items (CSR over users: indptr, rows)."""
         n_users = len(indptr) - 1
         out = np.zeros((n_users, self.n_items), np.float32)
-        if not len(rows):
-            return out
+        targets, vals = self._entries(indptr, rows, weights)
+        if len(targets):
+            out.reshape(-1)[:] = np.bincount(targets, weights=vals, minlength=out.size).astype(np.float32)
+        return out
+
+    def sparse_scores(self, indptr: np.ndarray, rows: np.ndarray) -> SparseScores:
+        """scores() without the [U, n_items] table: its nonzero entries, the same float32 values."""
+        return SparseScores.from_entries(*self._entries(indptr, rows), len(indptr) - 1, self.n_items)
+
+    def _entries(self, indptr: np.ndarray, rows: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each neighbour weight the users' items vote with: its position in the flattened [U, n_items] table (the
+        owner's row start plus the item) and its value, in CSR order."""
+        n_users = len(indptr) - 1
         starts, ends = self.indptr[rows], self.indptr[rows + 1]
         lengths = ends - starts
         total = int(lengths.sum())
         if not total:
-            return out
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         flat = np.repeat(starts - csr_offsets(np.cumsum(lengths)[:-1]), lengths) + np.arange(total)
         vals = self.values[flat] if weights is None else self.values[flat] * np.repeat(weights, lengths)
-        # each entry's position in the flattened [U, n_items] output: its owner's row start plus its item
-        flat_target = self.indices[flat] + np.repeat(np.repeat(np.arange(n_users) * self.n_items, np.diff(indptr)), lengths)
-        out.reshape(-1)[:] = np.bincount(flat_target, weights=vals, minlength=out.size).astype(np.float32)
-        return out
+        targets = self.indices[flat] + np.repeat(np.repeat(np.arange(n_users) * self.n_items, np.diff(indptr)), lengths)
+        return targets, vals
 
 
 @dataclass(frozen=True)
@@ -140,29 +155,13 @@ def csr_offsets(cumsum: np.ndarray) -> np.ndarray:
     return np.concatenate((np.zeros(1, dtype=cumsum.dtype), cumsum))
 
 
-def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """np.take_along_axis(a, idx, axis=1) for 2-D arrays, without its per-call overhead (this runs per request)."""
-    return a[np.arange(a.shape[0])[:, None], idx]
-
-
-def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
-    """Rows of the n best scores per user (ties: lower row first), -1 where blocked items would be needed."""
-    s = np.where(blocked, -np.inf, scores)
-    n = min(n, s.shape[1])
-    part = np.argpartition(-s, n - 1, axis=1)[:, :n] if n < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
-    vals = _take(s, part)
-    order = np.lexsort((part, -vals), axis=1)
-    top = _take(part, order)
-    return np.where(_take(vals, order) > -np.inf, top, -1)
-
-
 class CandidateGenerator:
     """Routes + fusion + features for a batch of users. Cost per user: O(history x neighbours + items)."""
 
     def __init__(self, item_embeddings: np.ndarray, index, cf_all: ItemNeighbours, cf_pos: ItemNeighbours,
                  popular_rows: np.ndarray, n_candidates: int, recent_window: int = 5, exempt: np.ndarray | None = None,
                  categories: CategoryPrior | None = None, trending_rows: np.ndarray | None = None,
-                 copurchase: ItemNeighbours | None = None):
+                 copurchase: ItemNeighbours | None = None, sparse: bool | None = None):
         n = len(item_embeddings)
         copurchase = copurchase or ItemNeighbours.empty(n)
         for name, cf in (("cf_all", cf_all), ("cf_pos", cf_pos), ("copurchase", copurchase)):
@@ -183,6 +182,10 @@ class CandidateGenerator:
         self.categories = categories or CategoryPrior.from_popularity(np.full(n, -1), np.zeros(n))  # none: an empty route
         if len(self.categories.category) != n:
             raise ValueError(f"category prior covers {len(self.categories.category)} items, the item embeddings {n}")
+        # per-user score tables and blocked items: dense [users, items] rows for small catalogs, sparse from
+        # SPARSE_FROM_ITEMS items on (the same lists and features either way: runtime/sparse_routes.py)
+        self.sparse = n >= SPARSE_FROM_ITEMS if sparse is None else bool(sparse)
+        self._by_category = CategoryScores.index(self.categories.category, self.categories.p_in_category) if self.sparse else None
         self.failed: dict[str, str] = {}  # route -> error of the last call's failed routes (served empty)
 
     @property
@@ -206,21 +209,21 @@ class CandidateGenerator:
         weights = np.broadcast_to(TRAINING_WEIGHTS if weights is None else np.asarray(weights, np.float64), (u, len(ROUTES)))
         exclude = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (u,))
         owner = np.repeat(np.arange(u), np.diff(hist_indptr))
-        blocked = np.zeros((u, n_items), bool)
         drop = exclude[owner] & ~self.exempt[hist_rows]
-        blocked[owner[drop], hist_rows[drop]] = True
-        if unavailable is not None and len(unavailable):  # out of stock, withdrawn: no route proposes them
-            blocked[:, unavailable] = True
         ctx_indptr, ctx_rows = context if context is not None else (np.zeros(u + 1, np.int64), np.zeros(0, np.int64))
         ctx_owner = np.repeat(np.arange(u), np.diff(ctx_indptr))
-        blocked[ctx_owner, ctx_rows] = True  # the viewed item, the cart: never recommended back
         drop_cats = np.broadcast_to(np.asarray(exclude_context_categories, dtype=bool), (u,))
-        search_blocked = blocked  # what the FAISS searches skip past: whole blocked categories would make k huge
+        blocked_categories = None  # [U, C]: a cart's categories (the FAISS searches do not count them: k would be huge)
         if drop_cats.any() and self.categories.n_categories and len(ctx_rows):
-            search_blocked = blocked.copy()
             cats = self.categories.category[ctx_rows]
-            for i in np.unique(ctx_owner[drop_cats[ctx_owner] & (cats >= 0)]):
-                blocked[i] |= np.isin(self.categories.category, cats[ctx_owner == i]) & (self.categories.category >= 0)
+            pick = drop_cats[ctx_owner] & (cats >= 0)
+            if pick.any():
+                blocked_categories = np.zeros((u, self.categories.n_categories), bool)
+                blocked_categories[ctx_owner[pick], cats[pick]] = True
+        # the user's seen items (repeat categories exempt), out of stock or withdrawn ones, the viewed item, the cart
+        blocked = Blocked.build(u, n_items, np.concatenate([owner[drop], ctx_owner]),
+                                np.concatenate([hist_rows[drop], ctx_rows]).astype(np.int64),
+                                unavailable, self.sparse, self.categories.category, blocked_categories)
         has_history = np.diff(hist_indptr) > 0
         has_context = np.diff(ctx_indptr) > 0
 
@@ -228,12 +231,13 @@ class CandidateGenerator:
         pos_indptr = csr_offsets(np.cumsum(np.bincount(owner[pos], minlength=u))).astype(np.int64)
         recent_idx = _last_per_user(hist_indptr, self.recent_window)
         recent_indptr = csr_offsets(np.cumsum(np.minimum(np.diff(hist_indptr), self.recent_window))).astype(np.int64)
-        s_all = self.cf_all.scores(hist_indptr, hist_rows)
-        s_pos = s_all if self._one_cf and pos.all() else self.cf_pos.scores(pos_indptr, hist_rows[pos])
-        s_recent = self.cf_all.scores(recent_indptr, hist_rows[recent_idx])
+        s_all = self._scores(self.cf_all, hist_indptr, hist_rows)
+        s_pos = s_all if self._one_cf and pos.all() else self._scores(self.cf_pos, pos_indptr, hist_rows[pos])
+        s_recent = self._scores(self.cf_all, recent_indptr, hist_rows[recent_idx])
 
         shares = self.categories.shares(hist_indptr, hist_rows)
-        s_cat = self.categories.scores(shares)
+        s_cat = CategoryScores(shares, self.categories.category, self.categories.p_in_category, *self._by_category) \
+            if self.sparse else DenseScores(self.categories.scores(shares))
         self.failed = {}
         none = np.full((u, n), -1, np.int64)
         weighted = (weights > 0).any(0)
@@ -248,21 +252,22 @@ class CandidateGenerator:
                 self.failed[name] = f"{type(exc).__name__}: {exc}"
                 return none
 
-        cf_all_list = np.where(has_history[:, None], _topn(s_all, blocked, n), -1)
+        cf_all_list = np.where(has_history[:, None], s_all.top(blocked, n, fill=True), -1)
         lists = {
             "cf_all": cf_all_list,
-            "cf_pos": cf_all_list if s_pos is s_all else np.where((np.diff(pos_indptr) > 0)[:, None], _topn(s_pos, blocked, n), -1),
-            "ann": route("ann", lambda: self._ann(user_emb, blocked, n, search_blocked)),
-            "category": _topn(np.where(s_cat > 0, s_cat, -np.inf), blocked, n),
+            "cf_pos": cf_all_list if s_pos is s_all else
+            np.where((np.diff(pos_indptr) > 0)[:, None], s_pos.top(blocked, n, fill=True), -1),
+            "ann": route("ann", lambda: self._ann(user_emb, blocked, n)),
+            "category": s_cat.top(blocked, n, fill=False),
             "popular": self._ranked(self.popular, blocked, n),
             "trending": route("trending", lambda: self._ranked(self.trending, blocked, n), wanted["trending"]),
-            "similar": route("similar", lambda: np.where(has_context[:, None], _topn(
-                self._positive(self.cf_all.scores(ctx_indptr, ctx_rows)), blocked, n), -1),
+            "similar": route("similar", lambda: np.where(has_context[:, None], self._scores(
+                self.cf_all, ctx_indptr, ctx_rows).top(blocked, n, fill=False), -1),
                 wanted["similar"] and has_context.any()),
             "similar_ann": route("similar_ann", lambda: self._similar_ann(ctx_indptr, ctx_rows, blocked, n),
                                  wanted["similar_ann"] and has_context.any()),
-            "copurchase": route("copurchase", lambda: np.where(has_context[:, None], _topn(
-                self._positive(self.copurchase.scores(ctx_indptr, ctx_rows)), blocked, n), -1),
+            "copurchase": route("copurchase", lambda: np.where(has_context[:, None], self._scores(
+                self.copurchase, ctx_indptr, ctx_rows).top(blocked, n, fill=False), -1),
                 wanted["copurchase"] and has_context.any()),
         }
         live = [i for i, r in enumerate(ROUTES) if weighted[i] and (lists[r] >= 0).any()]  # others add nothing
@@ -274,11 +279,11 @@ class CandidateGenerator:
         credited = [ROUTES[i] for i in live] if with_routes else []
         position = {r: _position(rows, lists[r], n) for r in dict.fromkeys(("cf_all", "cf_pos", "ann", *credited))}
         feats = np.stack([
-            _take(s_all, safe), _take(s_pos, safe), _take(s_recent, safe), dots,
+            s_all.at(safe), s_pos.at(safe), s_recent.at(safe), dots,
             *(np.log1p(position[r]) for r in ("cf_all", "cf_pos", "ann")),  # log(1 + rank), log(1 + n) when absent
             _take(shares, np.maximum(self.categories.category[safe], 0)) * (self.categories.category[safe] >= 0)
             if self.categories.n_categories else np.zeros(rows.shape),
-            _take(s_cat, safe),
+            s_cat.at(safe),
         ], axis=2).astype(np.float32)
         feats[rows < 0] = 0.0
         if not with_routes:
@@ -290,42 +295,40 @@ class CandidateGenerator:
             routes |= np.where(hit, np.int32(1 << bit), np.int32(0))
         return rows, feats, lists, np.where(rows >= 0, routes, 0).astype(np.int32)
 
-    @staticmethod
-    def _positive(scores: np.ndarray) -> np.ndarray:
-        return np.where(scores > 0, scores, -np.inf)
+    def _scores(self, neighbours: ItemNeighbours, indptr: np.ndarray, rows: np.ndarray):
+        return neighbours.sparse_scores(indptr, rows) if self.sparse else DenseScores(neighbours.scores(indptr, rows))
 
-    def _ann(self, user_emb: np.ndarray, blocked: np.ndarray, n: int, search_blocked: np.ndarray | None = None) -> np.ndarray:
-        """The n nearest unblocked items; the search asks for n + the most items `search_blocked` holds for a user
-        (blocked items it holds beyond that, a cart's categories, only shorten the list)."""
-        counted = blocked if search_blocked is None else search_blocked
-        extra = int(counted.sum(1).max()) if len(counted) else 0
+    def _ann(self, user_emb: np.ndarray, blocked: Blocked, n: int, count_categories: bool = False) -> np.ndarray:
+        """The n nearest unblocked items; the search asks for n + the most items a user has blocked (not counting
+        a cart's whole categories unless count_categories: those only shorten the list)."""
+        extra = blocked.most(with_categories=count_categories)
         k = min(self.n_items, n + extra)
         if self.index is None:
             scores = np.asarray(user_emb, dtype=np.float32) @ self.emb.T
-            return _topn(scores, blocked, n)
+            return _topn(scores, blocked.dense(), n)
         _, found = search(self.index, user_emb, k, self.emb)
-        ok = ~_take(blocked, np.maximum(found, 0)) & (found >= 0)
+        ok = ~blocked.take(np.maximum(found, 0)) & (found >= 0)
         return _compact(found, ok, n)
 
-    def _similar_ann(self, ctx_indptr: np.ndarray, ctx_rows: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
+    def _similar_ann(self, ctx_indptr: np.ndarray, ctx_rows: np.ndarray, blocked: Blocked, n: int) -> np.ndarray:
         """The items nearest the mean of each user's (unit-length) context item embeddings."""
-        out = np.full((len(blocked), n), -1, np.int64)
+        out = np.full((blocked.n_users, n), -1, np.int64)
         users = np.flatnonzero(np.diff(ctx_indptr) > 0)
         emb = self.emb[ctx_rows] / np.maximum(np.linalg.norm(self.emb[ctx_rows], axis=1, keepdims=True), 1e-12)
         sums = np.add.reduceat(emb, ctx_indptr[users], axis=0) if len(users) else np.zeros((0, self.emb.shape[1]))
         query = (sums / np.diff(ctx_indptr)[users, None]).astype(np.float32)
-        out[users] = self._ann(query, blocked[users], n)
+        out[users] = self._ann(query, blocked.subset(users), n, count_categories=True)
         return out
 
-    def _ranked(self, ranked: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
+    def _ranked(self, ranked: np.ndarray, blocked: Blocked, n: int) -> np.ndarray:
         """The first n unblocked rows of a global order (popular, trending) per user."""
         # a user has at most `extra` blocked items, so the n + extra first rows hold their first n unblocked
-        extra = int(blocked.sum(1).max()) if len(blocked) else 0
+        extra = blocked.most()
         head = ranked[: n + extra]
         if not len(head):
-            return np.full((len(blocked), n), -1, np.int64)
-        rows = np.broadcast_to(head, (len(blocked), len(head)))
-        return _compact(rows, ~_take(blocked, rows), n)
+            return np.full((blocked.n_users, n), -1, np.int64)
+        rows = np.broadcast_to(head, (blocked.n_users, len(head)))
+        return _compact(rows, ~blocked.take(rows), n)
 
 
 def trending_order(item_row: np.ndarray, ts: np.ndarray, kind: np.ndarray, n_items: int, half_life_days: float) -> np.ndarray:

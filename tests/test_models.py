@@ -183,6 +183,60 @@ def test_category_route_is_the_users_categories_times_the_items_share_of_them():
     assert dense.shape[2] == len(DENSE_FEATURES)
 
 
+@pytest.mark.parametrize("index,seed", [("none", 11), ("flat", 11), ("flat", 12), ("none", 13)])
+def test_sparse_routes_give_the_dense_routes_lists_and_features(index, seed):
+    """Large catalogs keep per-user tables sparse (runtime/sparse_routes.py); on random catalogs both give the same
+    candidates, features, route lists and route masks: negative item-to-item weights (EASE), ties in the category
+    route (equal popularity), exempt repeat categories, unavailable items, context items and a cart's categories,
+    users without history or without positives, per-user fusion weights, and lists that need zero-score fills."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    n_items, n_cat = 400, 7
+    emb = rng.normal(size=(n_items, 8)).astype(np.float32)
+    w = rng.normal(size=(n_items, n_items)).astype(np.float32) * (rng.random((n_items, n_items)) < 0.05)
+    cf_all = to_neighbours(_top_abs_dense(w, 12))
+    cf_pos = to_neighbours(_top_abs_dense(np.abs(w[::-1]), 6))
+    copurchase = to_neighbours(_top_abs_dense(np.abs(w.T), 4))
+    category = np.where(rng.random(n_items) < 0.1, -1, rng.integers(0, n_cat, n_items))
+    popularity = rng.choice([0.0, 1.0, 5.0, 40.0], n_items)  # many equal: category-route ties
+    prior = CategoryPrior.from_popularity(category, popularity)
+    exempt = category == 3
+    flat = None
+    if index == "flat":
+        flat = faiss.IndexFlatIP(8)
+        flat.add(emb)
+    kw = dict(item_embeddings=emb, index=flat, cf_all=cf_all, cf_pos=cf_pos, popular_rows=np.argsort(-popularity),
+              n_candidates=60, recent_window=3, exempt=exempt, categories=prior, trending_rows=rng.permutation(n_items)[:90],
+              copurchase=copurchase)
+    dense, sparse = CandidateGenerator(**kw, sparse=False), CandidateGenerator(**kw, sparse=True)
+    assert sparse.sparse and not dense.sparse
+    lengths = np.array([0, 1, 4, 25, 120, 2, 0, 9])
+    u = len(lengths)
+    indptr = np.r_[0, np.cumsum(lengths)]
+    rows = np.concatenate([rng.choice(n_items, size=k, replace=False) for k in lengths])
+    kinds = rng.integers(1, 5, len(rows))
+    kinds[indptr[5]:indptr[6]] = 1  # a user without positives
+    ctx_lengths = np.array([1, 0, 2, 0, 3, 1, 1, 0])
+    ctx_indptr = np.r_[0, np.cumsum(ctx_lengths)]
+    ctx_rows = rng.choice(n_items, size=int(ctx_lengths.sum()), replace=False)
+    weights = np.tile(np.array([1.0 if r != "trending" else 0.5 for r in ROUTES]), (u, 1))
+    weights[1, ROUTES.index("ann")] = 0.0
+    weights[2] *= np.linspace(0.2, 2.0, len(ROUTES))
+    args = (rng.normal(size=(u, 8)).astype(np.float32), indptr, rows, kinds)
+    options = dict(exclude_seen=np.array([True, True, False, True, True, True, True, True]), with_routes=True,
+                   unavailable=rng.choice(n_items, 15, replace=False), weights=weights, context=(ctx_indptr, ctx_rows),
+                   exclude_context_categories=np.array([False, False, True, False, True, True, False, False]))
+    a, b = dense(*args, **options), sparse(*args, **options)
+    assert a[2].keys() == b[2].keys()
+    for route in a[2]:
+        np.testing.assert_array_equal(a[2][route], b[2][route], err_msg=route)
+    for x, y in ((a[0], b[0]), (a[1], b[1]), (a[3], b[3])):
+        np.testing.assert_array_equal(x, y)
+    assert (a[2]["cf_all"][:, -1] >= 0).sum() >= 3  # zero-score fills were needed and made
+    assert {r for r in a[2] if (a[2][r] >= 0).any()} >= {"cf_all", "cf_pos", "ann", "category", "similar", "copurchase"}
+
+
 def test_round_robin_merge():
     a, b = np.array([[3, 1, -1], [5, 6, 7]]), np.array([[1, 2, 4], [7, 8, -1]])
     pad = [np.full_like(a, -1)] * (len(ROUTES) - 2)

@@ -1,0 +1,321 @@
+"""The recall routes' per-user score tables without a [users, catalog] array: for catalogs where one dense row per
+user costs more than the routes' own work (runtime/candidates.py switches at `SPARSE_FROM_ITEMS` items).
+
+Each class here answers what its dense counterpart in runtime/candidates.py answers, with the same values and the
+same order, ties included (tests/test_models.py runs both on random catalogs and compares every output):
+  Blocked        the items no list may hold per user: sorted user * n_items + item keys, plus whole categories
+  DenseScores    a [users, items] score table (the dense path's tables, behind the same two calls)
+  SparseScores   the nonzero scores of an item-to-item route: sorted keys and float32 values
+  CategoryScores the category route: P(category | user) * P(item | category), from each category's items in
+                 descending P(item | category)
+Two calls: `at(rows)` reads the scores of given rows ([users, k]), and `top(blocked, n, fill)` ranks a user's
+unblocked items by score, ties by lower row: the items with a positive score, then (fill) the items scoring 0 in
+row order and those scoring below 0; -1 where a user has fewer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# from this many items on, the candidate generator keeps per-user tables sparse (below it dense rows are cheaper)
+SPARSE_FROM_ITEMS = 20_000
+
+
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """np.take_along_axis(a, idx, axis=1) for 2-D arrays, without its per-call overhead (this runs per request)."""
+    return a[np.arange(a.shape[0])[:, None], idx]
+
+
+def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the n best scores per user (ties: lower row first, also among the items tying with the n-th),
+    -1 where blocked items would be needed."""
+    s = np.where(blocked, -np.inf, scores)
+    n = min(n, s.shape[1])
+    part = np.argpartition(-s, n - 1, axis=1)[:, :n] if n < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
+    vals = _take(s, part)
+    if n < s.shape[1]:
+        # argpartition keeps an arbitrary few of the items tying with the n-th best: keep the lowest rows instead
+        bound = vals.min(axis=1)
+        fix = np.flatnonzero(((s == bound[:, None]).sum(1) > (vals == bound[:, None]).sum(1)) & (bound > -np.inf))
+        if len(fix):
+            sf, bf = s[fix], bound[fix][:, None]
+            above, tie = sf > bf, sf == bf
+            need = n - above.sum(1)
+            keep = above | (tie & (np.cumsum(tie, axis=1) <= need[:, None]))
+            part[fix] = np.nonzero(keep)[1].reshape(len(fix), n)
+            vals[fix] = _take(sf, part[fix])
+    order = np.lexsort((part, -vals), axis=1)
+    top = _take(part, order)
+    return np.where(_take(vals, order) > -np.inf, top, -1)
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if not len(sorted_keys):
+        return np.zeros(keys.shape, bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
+class Blocked:
+    """Per user, the items no route may propose. Dense ([users, items] masks) or sparse (keys); `most()` bounds
+    how many a user has (with_categories=False: without the whole categories a cart request blocks, which the
+    FAISS searches do not count)."""
+
+    def __init__(self, n_users: int, n_items: int, mask: np.ndarray | None = None, search_mask: np.ndarray | None = None,
+                 keys: np.ndarray | None = None, category: np.ndarray | None = None, blocked_categories: np.ndarray | None = None):
+        self.n_users, self.n_items = n_users, n_items
+        self.mask, self.search_mask = mask, search_mask
+        self.keys = keys  # sorted unique user * n_items + item
+        self.category, self.blocked_categories = category, blocked_categories  # [users, categories] bool, or None
+
+    @property
+    def sparse(self) -> bool:
+        return self.mask is None
+
+    @classmethod
+    def build(cls, n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, unavailable: np.ndarray | None,
+              sparse: bool, category: np.ndarray, blocked_categories: np.ndarray | None) -> "Blocked":
+        """users/items: blocked pairs; unavailable: blocked for everyone; blocked_categories [users, C]: whole
+        categories (items without one never)."""
+        if not sparse:
+            mask = np.zeros((n_users, n_items), bool)
+            mask[users, items] = True
+            if unavailable is not None and len(unavailable):
+                mask[:, unavailable] = True
+            search_mask = mask
+            if blocked_categories is not None:
+                search_mask = mask.copy()
+                for i in np.flatnonzero(blocked_categories.any(1)):
+                    mask[i] |= blocked_categories[i][np.maximum(category, 0)] & (category >= 0)
+            return cls(n_users, n_items, mask=mask, search_mask=search_mask)
+        keys = [np.asarray(users, np.int64) * n_items + items]
+        if unavailable is not None and len(unavailable):
+            keys.append((np.arange(n_users, dtype=np.int64)[:, None] * n_items + np.asarray(unavailable, np.int64)).ravel())
+        return cls(n_users, n_items, keys=np.unique(np.concatenate(keys)), category=category,
+                   blocked_categories=blocked_categories)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """[users, k] whether each user's rows (>= 0) are blocked."""
+        if not self.sparse:
+            return _take(self.mask, rows)
+        hit = _contains(self.keys, np.arange(len(rows), dtype=np.int64)[:, None] * self.n_items + rows)
+        if self.blocked_categories is not None:
+            cats = self.category[rows]
+            hit |= _take(self.blocked_categories, np.maximum(cats, 0)) & (cats >= 0)
+        return hit
+
+    def counts(self, with_categories: bool = True) -> np.ndarray:
+        """Per user, how many items are blocked (with_categories=False: not counting whole blocked categories)."""
+        if not self.sparse:
+            return (self.mask if with_categories else self.search_mask).sum(1)
+        owner = self.keys // self.n_items
+        out = np.bincount(owner, minlength=self.n_users)
+        if with_categories and self.blocked_categories is not None:
+            sizes = np.bincount(self.category[self.category >= 0], minlength=self.blocked_categories.shape[1])
+            cats = self.category[self.keys % self.n_items]
+            inside = self.blocked_categories[owner, np.maximum(cats, 0)] & (cats >= 0)  # counted with their category
+            out = out + self.blocked_categories.astype(np.int64) @ sizes - np.bincount(owner[inside], minlength=self.n_users)
+        return out
+
+    def most(self, with_categories: bool = True) -> int:
+        return int(self.counts(with_categories).max()) if self.n_users else 0
+
+    def subset(self, users: np.ndarray) -> "Blocked":
+        """The same for some users (sorted), renumbered 0.. in their order."""
+        if not self.sparse:
+            return Blocked(len(users), self.n_items, mask=self.mask[users], search_mask=self.search_mask[users])
+        owner = self.keys // self.n_items
+        keep = np.isin(owner, users)
+        keys = np.searchsorted(users, owner[keep]) * self.n_items + self.keys[keep] % self.n_items
+        cats = None if self.blocked_categories is None else self.blocked_categories[users]
+        return Blocked(len(users), self.n_items, keys=keys, category=self.category, blocked_categories=cats)
+
+    def dense(self) -> np.ndarray:
+        if not self.sparse:
+            return self.mask
+        mask = np.zeros((self.n_users, self.n_items), bool)
+        mask.reshape(-1)[self.keys] = True
+        if self.blocked_categories is not None:
+            for i in np.flatnonzero(self.blocked_categories.any(1)):
+                mask[i] |= self.blocked_categories[i][np.maximum(self.category, 0)] & (self.category >= 0)
+        return mask
+
+
+class DenseScores:
+    def __init__(self, table: np.ndarray):
+        self.table = table
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        return _take(self.table, rows)
+
+    def top(self, blocked: Blocked, n: int, fill: bool) -> np.ndarray:
+        s = self.table if fill else np.where(self.table > 0, self.table, -np.inf)
+        return _topn(s, blocked.dense(), n)
+
+
+class _Placer:
+    """Fills [users, n] lists group after group (positives, then zeros, then negatives), each group's entries given
+    in user order and rank order."""
+
+    def __init__(self, n_users: int, n: int):
+        self.out = np.full((n_users, n), -1, np.int64)
+        self.filled = np.zeros(n_users, np.int64)
+        self.n = n
+
+    def place(self, users: np.ndarray, items: np.ndarray) -> None:
+        if not len(users):
+            return
+        starts = np.searchsorted(users, np.arange(len(self.filled)))
+        rank = np.arange(len(users)) - starts[users] + self.filled[users]
+        keep = rank < self.n
+        self.out[users[keep], rank[keep]] = items[keep]
+        self.filled += np.bincount(users[keep], minlength=len(self.filled))
+
+
+def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values: np.ndarray, select: np.ndarray,
+                  by_key: bool = True) -> None:
+    """The selected entries, by user, then value descending, then row. A top-n per user over one padded row of
+    entries each (argpartition, _topn's ties) instead of sorting them all; by_key: the entries are already in
+    (user, item) order, as SparseScores keeps them."""
+    idx = np.flatnonzero(select)
+    if not len(idx):
+        return
+    u, it, v = users[idx], items[idx], values[idx]
+    if not by_key:
+        order = np.argsort(u * (int(it.max()) + 1) + it, kind="stable")
+        u, it, v = u[order], it[order], v[order]
+    n_users = len(placer.filled)
+    counts = np.bincount(u, minlength=n_users)
+    col = np.arange(len(u)) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = int(counts.max())
+    table = np.full((n_users, width), -np.inf, np.float32)
+    table[u, col] = v
+    rows = np.full((n_users, width), -1, np.int64)
+    rows[u, col] = it
+    top = _topn(table, np.zeros((n_users, width), bool), min(placer.n, width))  # columns: (user, item) order
+    who, at = np.nonzero(top >= 0)
+    placer.place(who, rows[who, top[who, at]])
+
+
+def _width(out: np.ndarray, n: int) -> np.ndarray:
+    return out if out.shape[1] == n else np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=-1)
+
+
+class SparseScores:
+    """Sorted keys (user * n_items + item) and their float32 scores, zeros left out."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, n_users: int, n_items: int):
+        self.keys, self.values, self.n_users, self.n_items = keys, values, n_users, n_items
+
+    @classmethod
+    def from_entries(cls, targets: np.ndarray, values: np.ndarray, n_users: int, n_items: int) -> "SparseScores":
+        """Sum the entries per key in their order (float64, then float32: as the dense bincount does)."""
+        if not len(targets):
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), n_users, n_items)
+        keys, inverse = np.unique(targets, return_inverse=True)
+        sums = np.bincount(inverse, weights=values).astype(np.float32)
+        nonzero = sums != 0
+        return cls(keys[nonzero], sums[nonzero], n_users, n_items)
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        query = np.arange(len(rows), dtype=np.int64)[:, None] * self.n_items + rows
+        if not len(self.keys):
+            return np.zeros(rows.shape, np.float32)
+        at = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
+        return np.where(self.keys[at] == query, self.values[at], np.float32(0))
+
+    def top(self, blocked: Blocked, n: int, fill: bool) -> np.ndarray:
+        placer = _Placer(self.n_users, min(n, self.n_items))
+        users, items = self.keys // self.n_items, self.keys % self.n_items
+        ok = ~_blocked_pairs(blocked, users, items)
+        _place_ranked(placer, users, items, self.values, ok & (self.values > 0))
+        if fill:
+            self._fill_zeros(placer, blocked)
+            _place_ranked(placer, users, items, self.values, ok & (self.values < 0))
+        return _width(placer.out, n)
+
+    def _fill_zeros(self, placer: _Placer, blocked: Blocked) -> None:
+        """The unblocked items scoring 0 (no entry here), lowest rows first, into what each user's list lacks."""
+        need = placer.n - placer.filled
+        users = np.flatnonzero(need > 0)
+        if not len(users):
+            return
+        entries = np.bincount(self.keys // self.n_items, minlength=self.n_users)
+        # rows 0 .. span-1 hold `need` such items: at most `blocked` + `entries` of them are excluded
+        span = np.minimum(need[users] + blocked.counts()[users] + entries[users], self.n_items)
+        owner = np.repeat(users, span)
+        row = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+        keys = owner * self.n_items + row
+        free = ~_contains(self.keys, keys) & ~_blocked_pairs(blocked, owner, row)
+        owner, row = owner[free], row[free]
+        placer.place(owner, row)
+
+
+def _blocked_pairs(blocked: Blocked, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Whether each (user, item) pair is blocked."""
+    if not blocked.sparse:
+        return blocked.mask[users, items]
+    hit = _contains(blocked.keys, users * blocked.n_items + items)
+    if blocked.blocked_categories is not None:
+        cats = blocked.category[items]
+        hit |= blocked.blocked_categories[users, np.maximum(cats, 0)] & (cats >= 0)
+    return hit
+
+
+class CategoryScores:
+    """The category route's scores, float32(P(category | user) * P(item | category)), read per candidate and ranked
+    from each of the user's categories' items in descending P(item | category) (`by_category`: rows sorted by
+    category, P descending, row; `starts`: each category's offset). Equal to ranking the whole catalog: a user's
+    first n + (their blocked items) items of a category, plus any tying with the last of them, hold every item
+    of that category that can make their top n."""
+
+    def __init__(self, shares: np.ndarray, category: np.ndarray, p_in_category: np.ndarray, by_category: np.ndarray,
+                 starts: np.ndarray):
+        self.shares, self.category, self.p = shares, category, p_in_category
+        self.by_category, self.starts = by_category, starts
+
+    @staticmethod
+    def index(category: np.ndarray, p_in_category: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        has = np.flatnonzero(category >= 0)
+        order = has[np.lexsort((has, -p_in_category[has], category[has]))]
+        n_cat = int(category.max()) + 1 if len(has) else 0
+        starts = np.concatenate(([0], np.cumsum(np.bincount(category[order], minlength=n_cat))))
+        return order, starts
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        if not self.shares.shape[1]:
+            return np.zeros(rows.shape, np.float32)
+        return (_take(self.shares, np.maximum(self.category[rows], 0)) * self.p[rows]).astype(np.float32)
+
+    def _score(self, users: np.ndarray, cats: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return (self.shares[users, cats] * self.p[items]).astype(np.float32)
+
+    def top(self, blocked: Blocked, n: int, fill: bool = False) -> np.ndarray:
+        users, cats = np.nonzero(self.shares > 0)
+        placer = _Placer(len(self.shares), n)
+        if not len(users):
+            return placer.out
+        size = self.starts[cats + 1] - self.starts[cats]
+        take = np.minimum(n + blocked.counts()[users], size)
+        pair = np.repeat(np.arange(len(users)), take)
+        pos = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+        parts_pair, parts_pos = [pair], [pos]
+        # past each pair's cut, the items that tie with its last one (float32 rounding) could still win on row
+        last = self.by_category[self.starts[cats] + np.maximum(take - 1, 0)]
+        bound = self._score(users, cats, last)
+        nxt = take.copy()
+        active = np.flatnonzero((take > 0) & (nxt < size))
+        while len(active):
+            item = self.by_category[self.starts[cats[active]] + nxt[active]]
+            tie = self._score(users[active], cats[active], item) == bound[active]
+            active = active[tie]
+            parts_pair.append(active)
+            parts_pos.append(nxt[active].copy())
+            nxt[active] += 1
+            active = active[nxt[active] < size[active]]
+        pair, pos = np.concatenate(parts_pair), np.concatenate(parts_pos)
+        u, c = users[pair], cats[pair]
+        items = self.by_category[self.starts[c] + pos]
+        score = self._score(u, c, items)
+        keep = (score > 0) & ~_blocked_pairs(blocked, u, items)
+        _place_ranked(placer, u, items, score, keep, by_key=False)
+        return placer.out
