@@ -14,7 +14,7 @@ A probe ensemble of as many identity python models as the cpu profile has steps 
 backend cost by themselves (no model work), to explain the gap between Triton and the floor.
 
 The load generator runs on the same cores as the servers; every target pays that equally.
-Writes benchmarks/results/serving.{json,csv,md,png}.
+Writes benchmarks/results/serving.{json,csv,md,png} (serving_TAG.* with --tag).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -124,12 +125,14 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--fastapi-workers", type=int, default=os.cpu_count(), help="uvicorn workers (default: one per core)")
+    p.add_argument("--tag", help="write serving_TAG.* (e.g. medium) instead of serving.*")
     args = p.parse_args(argv)
     artifacts = Path(args.artifacts)
     cfg = load_config()
     verify_manifest(artifacts / "serving", ["contract.json"])
     n_items = json.loads((artifacts / "serving" / "contract.json").read_text())["n_items"]
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": machine(),
+    given = sys.argv[1:] if argv is None else argv
+    report = {"command": COMMAND + (" " + " ".join(given) if given else ""), "machine": machine(),
               "catalog_items": n_items, "num_candidates": shoprec_contract.num_candidates(cfg.serve.num_candidates, n_items),
               "concurrency": args.concurrency, "fastapi_workers": args.fastapi_workers,
               "load": "gRPC for triton-grpc, HTTP/JSON (KServe v2) for the others; k=10; "
@@ -157,7 +160,7 @@ def main(argv=None) -> dict:
                   f"c=16 {report['probe']['c16']['throughput_rps']:.0f} req/s", flush=True)
     report["steps"] = [s.name for s in shoprec_contract.profile_steps("cpu")]
     report["summary"] = summarise(report)
-    write_outputs(report, Path(args.out))
+    write_outputs(report, Path(args.out), f"serving_{args.tag}" if args.tag else "serving")
     print(json.dumps(report["summary"], indent=1))
     return report
 

@@ -48,10 +48,10 @@ def _cpu_ratio(a: dict, b: dict) -> float | None:
     return round(ca / cb, 2) if ca and cb else None
 
 
-def write_outputs(report: dict, out_dir: Path) -> None:
+def write_outputs(report: dict, out_dir: Path, name: str = "serving") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
-    with open(out_dir / "serving.csv", "w", newline="") as f:
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["target", "concurrency", "throughput_rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms"])
         for target, rows in report["targets"].items():
@@ -62,8 +62,8 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         for r in (report["probe"]["c1"], report["probe"]["c16"]):
             w.writerow([f"probe-{report['probe'].get('steps', 6)}-empty-python-steps", r["concurrency"], r["throughput_rps"], r["p50_ms"], r["p90_ms"],
                         r["p95_ms"], r["p99_ms"]])
-    (out_dir / "serving.md").write_text(markdown(report))
-    plot(report, out_dir / "serving.png")
+    (out_dir / f"{name}.md").write_text(markdown(report))
+    plot(report, out_dir / f"{name}.png")
 
 
 def markdown(report: dict) -> str:

@@ -465,7 +465,7 @@ def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
         return np.full(rows.shape, n, dtype=np.int64)
     u, width = ranked.shape
     span = int(max(rows.max(initial=0), ranked.max(initial=0))) + 2
-    if u * span <= 1 << 22:  # a dense [U, rows] table: one scatter and one gather
+    if u * span <= 1 << 18:  # a small dense [U, rows] table (<= 2 MB): one scatter and one gather
         table = np.full((u, span), n, dtype=np.int64)
         table[np.arange(u)[:, None], np.where(ranked >= 0, ranked, span - 1)] = np.arange(width)
         table[:, span - 1] = n  # the pads' column
