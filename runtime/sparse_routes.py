@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 # from this many items on, the candidate generator keeps per-user tables sparse (below it dense rows are cheaper)
-SPARSE_FROM_ITEMS = 20_000
+SPARSE_FROM_ITEMS = 50_000
 
 
 def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -269,17 +269,19 @@ class CategoryScores:
     of that category that can make their top n."""
 
     def __init__(self, shares: np.ndarray, category: np.ndarray, p_in_category: np.ndarray, by_category: np.ndarray,
-                 starts: np.ndarray):
+                 starts: np.ndarray, keys: np.ndarray):
         self.shares, self.category, self.p = shares, category, p_in_category
-        self.by_category, self.starts = by_category, starts
+        self.by_category, self.starts, self.keys = by_category, starts, keys
 
     @staticmethod
-    def index(category: np.ndarray, p_in_category: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def index(category: np.ndarray, p_in_category: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows by category, P descending, row; each category's offset; category + 1 - P of those rows, ascending:
+        how many of a category's items have P at least some value is one searchsorted)."""
         has = np.flatnonzero(category >= 0)
         order = has[np.lexsort((has, -p_in_category[has], category[has]))]
         n_cat = int(category.max()) + 1 if len(has) else 0
         starts = np.concatenate(([0], np.cumsum(np.bincount(category[order], minlength=n_cat))))
-        return order, starts
+        return order, starts, category[order] + (1.0 - p_in_category[order].astype(np.float64))
 
     def at(self, rows: np.ndarray) -> np.ndarray:
         if not self.shares.shape[1]:
@@ -295,7 +297,22 @@ class CategoryScores:
         if not len(users):
             return placer.out
         size = self.starts[cats + 1] - self.starts[cats]
-        take = np.minimum(n + blocked.counts()[users], size)
+        want = n + blocked.counts()[users]
+        take = np.minimum(want, size)
+        # a category holding `want` items gives the user n unblocked ones scoring at least its want-th item's score;
+        # the best such score over the user's categories bounds what the others must supply (all of theirs scoring at
+        # least that much; P's threshold taken a little low, so float32 rounding cannot leave one out)
+        full = take == want
+        if full.any():
+            edge = np.where(full, self._score(users, cats, self.by_category[self.starts[cats] + np.maximum(take - 1, 0)]),
+                            -np.inf)
+            bound = np.full(len(self.shares), -np.inf, np.float32)
+            np.maximum.at(bound, users, edge)
+            low = bound[users] > 0
+            if low.any():
+                threshold = bound[users[low]] / self.shares[users[low], cats[low]] * (1 - 1e-6)
+                above = np.searchsorted(self.keys, cats[low] + (1.0 - threshold), side="right") - self.starts[cats[low]]
+                take[low] = np.minimum(take[low], np.maximum(above, 1))
         pair = np.repeat(np.arange(len(users)), take)
         pos = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
         parts_pair, parts_pos = [pair], [pos]
