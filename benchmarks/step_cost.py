@@ -81,9 +81,16 @@ def main(argv=None) -> None:
     ap.add_argument("--users", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, help="default: RESULTS/step_cost.json")
+    ap.add_argument("--tables", choices=["auto", "dense", "sparse"], default="auto",
+                    help="retrieval's per-user tables: as the server picks them by catalog size (auto), or forced")
     args = ap.parse_args(argv)
+    if args.tables != "auto":
+        import runtime.candidates
+
+        runtime.candidates.SPARSE_FROM_ITEMS = 0 if args.tables == "sparse" else 2**62
     r = run(args.artifacts.resolve(), args.users, args.rounds)
-    r.update(machine=describe(), command="python -m benchmarks.step_cost")
+    r.update(machine=describe(), tables=args.tables, command="python -m benchmarks.step_cost"
+             + (f" --tables {args.tables}" if args.tables != "auto" else ""))
     out = args.out or args.results / "step_cost.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1) + "\n")
