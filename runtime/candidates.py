@@ -200,7 +200,7 @@ class CandidateGenerator:
         """-> candidate rows [U, N] (-1 pads when too few items are left), dense features [U, N, F],
         and each route's ranked list {route: [U, N]} (for evaluation); with_routes: also each candidate's
         route bitmask [U, N] int32 (bit i: in ROUTES[i]'s list), from the same positions the features use.
-        unavailable: item rows no route may propose, for every user. weights: fusion weight of each route,
+        unavailable: item rows no route may propose, for every user ([k]) or per user ([U, k], -1 pads). weights: fusion weight of each route,
         [len(ROUTES)] or per user [U, len(ROUTES)] (default TRAINING_WEIGHTS). context: the request's context
         items (CSR indptr, rows): never proposed, read by the context routes; exclude_context_categories:
         per user, no item of a context item's category either."""
@@ -435,7 +435,7 @@ def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: boo
 
 
 @functools.lru_cache(maxsize=256)
-def _fusion_permutation(weights: tuple[float, ...], n: int) -> np.ndarray:
+def _fusion_permutation(weights: tuple[float, ...], n: int) -> tuple[np.ndarray, np.ndarray]:
     """The order of the [n, R] list entries by fusion key, (rank + 1) / weight, ties in position order (rank, then
     route); routes of weight 0 last. It depends on the weights only: an entry a list leaves empty keeps its place
     here, and the fusion skips it, so the entries it takes come in the order a sort of the data's keys gives."""

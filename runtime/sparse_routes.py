@@ -30,6 +30,8 @@ def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
     -1 where blocked items would be needed."""
     s = np.where(blocked, -np.inf, scores)
     n = min(n, s.shape[1])
+    if n <= 0:
+        return np.full((len(s), 0), -1, np.int64)
     part = np.argpartition(-s, n - 1, axis=1)[:, :n] if n < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
     vals = _take(s, part)
     if n < s.shape[1]:
@@ -74,8 +76,12 @@ class Blocked:
     @classmethod
     def build(cls, n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, unavailable: np.ndarray | None,
               sparse: bool, category: np.ndarray, blocked_categories: np.ndarray | None) -> "Blocked":
-        """users/items: blocked pairs; unavailable: blocked for everyone; blocked_categories [users, C]: whole
-        categories (items without one never)."""
+        """users/items: blocked pairs; unavailable: blocked for everyone ([k]) or per user ([users, k], -1 pads);
+        blocked_categories [users, C]: whole categories (items without one never)."""
+        if unavailable is not None and np.ndim(unavailable) == 2:  # per user: more pairs
+            who, at = np.nonzero(unavailable >= 0)
+            users, items = np.concatenate([users, who]), np.concatenate([items, unavailable[who, at]]).astype(np.int64)
+            unavailable = None
         if not sparse:
             mask = np.zeros((n_users, n_items), bool)
             mask[users, items] = True
@@ -308,7 +314,8 @@ class CategoryScores:
                             -np.inf)
             bound = np.full(len(self.shares), -np.inf, np.float32)
             np.maximum.at(bound, users, edge)
-            low = bound[users] > 0
+            # float32's relative rounding holds for normal numbers only: subnormal bounds are not used
+            low = bound[users] >= np.finfo(np.float32).tiny
             if low.any():
                 threshold = bound[users[low]] / self.shares[users[low], cats[low]] * (1 - 1e-6)
                 above = np.searchsorted(self.keys, cats[low] + (1.0 - threshold), side="right") - self.starts[cats[low]]

@@ -534,6 +534,10 @@ class Retrieval(StepImpl):
 
     def check(self, t: dict) -> dict:
         check_strategy(self.strategy, t)
+        rows, kinds = t.get("history_rows"), t.get("history_kinds")
+        if rows is not None and kinds is not None and np.shape(rows) != np.shape(kinds):
+            raise RequestError(f"history_kinds must have the shape of history_rows, got {list(np.shape(kinds))} "
+                               f"vs {list(np.shape(rows))}")
         return t
 
     def run(self, t: dict) -> tuple:
@@ -566,12 +570,10 @@ class Retrieval(StepImpl):
         kinds = np.asarray(t["history_kinds"])[keep].astype(np.int8)
         flag = t.get("exclude_seen")
         exclude = self.default_exclude if flag is None else np.asarray(flag, dtype=bool).ravel()
-        # the same for every user of a request; a batch of requests read moments apart: none of them is proposed
-        unavailable = np.asarray(t["unavailable_rows"], dtype=np.int64)
-        unavailable = unavailable[(unavailable >= 0) & (unavailable < self.generator.n_items)] if unavailable.size else None
-        if unavailable is not None and len(t["unavailable_rows"]) > 1:
-            unavailable = np.unique(unavailable)
+        # per user: the rows of one request's users are the same, but a batch holds requests read at other moments
         n = len(indptr) - 1
+        raw = np.asarray(t["unavailable_rows"], dtype=np.int64)
+        unavailable = np.where(raw < self.generator.n_items, raw, -1).reshape(n, -1) if raw.size else None
         code = t.get("strategy")
         code = None if code is None else np.asarray(code).reshape(n, 2)
         resolved = [self.strategy.resolve(*(code[i] if code is not None else (self.strategy.default_scene, 0)))

@@ -239,6 +239,59 @@ def test_sparse_routes_give_the_dense_routes_lists_and_features(index, seed, n):
     assert {r for r in a[2] if (a[2][r] >= 0).any()} >= {"cf_all", "cf_pos", "ann", "category", "similar", "copurchase"}
 
 
+def test_sparse_routes_match_dense_on_a_catalog_smaller_than_the_lists():
+    """A catalog of 30 with 25 candidates: users run out of items, and EASE-like negative scores fill the end."""
+    rng = np.random.default_rng(5)
+    n_items = 30
+    w = rng.normal(size=(n_items, n_items)).astype(np.float32)
+    nb = to_neighbours(_top_abs_dense(w, 20))
+    prior = CategoryPrior.from_popularity(rng.integers(0, 3, n_items), rng.integers(0, 4, n_items).astype(float))
+    kw = dict(item_embeddings=rng.normal(size=(n_items, 4)).astype(np.float32), index=None, cf_all=nb, cf_pos=nb,
+              popular_rows=rng.permutation(n_items), n_candidates=25, recent_window=2, categories=prior)
+    lengths = np.array([3, 12, 0, 20])
+    indptr = np.r_[0, np.cumsum(lengths)]
+    rows = np.concatenate([rng.choice(n_items, size=k, replace=False) for k in lengths])
+    args = (rng.normal(size=(4, 4)).astype(np.float32), indptr, rows, np.full(len(rows), 2))
+    a = CandidateGenerator(**kw, sparse=False)(*args, with_routes=True, unavailable=np.array([[1, -1], [2, 3], [-1, -1], [4, 5]]))
+    b = CandidateGenerator(**kw, sparse=True)(*args, with_routes=True, unavailable=np.array([[1, -1], [2, 3], [-1, -1], [4, 5]]))
+    for route in a[2]:
+        np.testing.assert_array_equal(a[2][route], b[2][route], err_msg=route)
+    for x, y in ((a[0], b[0]), (a[1], b[1]), (a[3], b[3])):
+        np.testing.assert_array_equal(x, y)
+    s_all = nb.scores(indptr[:2], rows[:3])[0]
+    assert (s_all[a[2]["cf_all"][0][a[2]["cf_all"][0] >= 0]] < 0).any()  # negative scores were placed, in order
+    assert (a[2]["cf_all"][3] == -1).any()  # this user has fewer items left than the list holds
+    assert not {1} & set(a[0][0].tolist()) and not {4, 5} & set(a[0][3].tolist())  # unavailable per user
+
+
+def test_the_category_bound_is_not_taken_from_subnormal_scores():
+    """float32 rounds subnormal products by far more than its usual relative error: a tiny share (thousands of
+    decayed actions ago) must not prune items the dense route would rank."""
+    from runtime.sparse_routes import Blocked, CategoryScores, DenseScores
+
+    category = np.array([1, 1, 1, 0])
+    p = np.array([1.0, 0.37, 0.364, 1.0], np.float32)
+    shares = np.array([[1.0, 1e-44]])
+    blocked = Blocked.build(1, 4, np.zeros(0, np.int64), np.zeros(0, np.int64), None, True, category, None)
+    sparse = CategoryScores(shares, category, p, *CategoryScores.index(category, p)).top(blocked, 3)
+    dense = DenseScores((shares[:, category] * p[None, :]).astype(np.float32)).top(blocked, 3, fill=False)
+    np.testing.assert_array_equal(sparse, dense)
+
+
+def test_topn_breaks_every_tie_by_the_lower_row():
+    """_topn against a full sort by (score descending, row), blocked items never, ties at the n-th included."""
+    from runtime.sparse_routes import _topn
+
+    rng = np.random.default_rng(2)
+    scores = rng.integers(-2, 3, size=(6, 40)).astype(np.float32)  # many ties
+    blocked = rng.random((6, 40)) < 0.3
+    for n in (0, 1, 7, 40):
+        got = _topn(scores, blocked, n)
+        for u in range(6):
+            want = [r for r in sorted(range(40), key=lambda r: (-scores[u, r], r)) if not blocked[u, r]][:n]
+            assert got[u].tolist() == want + [-1] * (min(n, 40) - len(want))
+
+
 def test_round_robin_merge():
     a, b = np.array([[3, 1, -1], [5, 6, 7]]), np.array([[1, 2, 4], [7, 8, -1]])
     pad = [np.full_like(a, -1)] * (len(ROUTES) - 2)

@@ -164,17 +164,17 @@ def test_requests_with_histories_of_different_lengths_batch_together(triton, pip
         g = grpcaio.InferenceServerClient(triton.grpc_url)
         try:
             before = (await g.get_inference_statistics("candidates")).model_stats[0]
-            results = await asyncio.gather(*(g.infer("candidates", _tensors(grpcaio, r)) for r in requests * 3))
+            results = await asyncio.gather(*(g.infer("candidates", _tensors(grpcaio, r)) for r in requests))
             after = (await g.get_inference_statistics("candidates")).model_stats[0]
             return results, after.inference_count - before.inference_count, after.execution_count - before.execution_count
         finally:
             await g.close()
 
     results, inferences, runs = asyncio.run(run())
-    for want, got in zip(expected * 3, results):
+    for want, got in zip(expected, results):
         for name in ("candidate_rows", "candidate_dense", "candidate_routes"):
             np.testing.assert_array_equal(got.as_numpy(name), want[name])
-    assert inferences == 3 * len(requests) and runs < inferences  # batches held requests of different widths
+    assert inferences == len(requests) and runs < inferences  # batches held requests of different widths
 
 
 def test_launcher_refuses_tampered_bundle(artifacts, cfg, tmp_path):

@@ -148,8 +148,13 @@ def test_requests_of_different_widths_batch_padded_with_the_same_answers(pipelin
     assert len(alone) >= 3  # histories of different lengths
     alone[1][0]["context_rows"] = np.array([[int(alone[0][1][0][0, 0]), -1, -1]])  # one request has context items
     alone[1] = (alone[1][0], impl.run(alone[1][0]))
+    # another was read while two items were out of stock: they are unavailable to its user only
+    gone = alone[2][1][0][0, :2]
+    alone[2][0]["unavailable_rows"] = np.array([[int(gone[0]), -1, int(gone[1])]])
+    alone[2] = (alone[2][0], impl.run(alone[2][0]))
+    assert not set(gone.tolist()) & set(alone[2][1][0][0].tolist())
     batch = merge_requests(step, [a[0] for a in alone])
-    assert batch["history_rows"].shape == (len(alone), max(widths))
+    assert batch["history_rows"].shape == (len(alone), max(widths)) and batch["unavailable_rows"].shape[1] == 3
     together = impl.run(batch)
     for i, (_, outputs) in enumerate(alone):
         for a, b in zip(outputs, together):
