@@ -34,9 +34,9 @@ def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, 
     out = {"users": len(ids), "rounds": rounds}
     for batch in batches:
         ms = _per_step(p, ids, batch, rounds)
-        key = "" if batch == 1 else f"_batch{batch}"
-        out[f"ms_per_request{key}"] = ms
-        out[f"total_ms{key}"] = round(sum(ms.values()), 4)
+        key = "" if batch == 1 else f"_batch{batch}"  # batch 1: a request is a user
+        out[f"ms_per_user{key}" if batch > 1 else "ms_per_request"] = ms
+        out[f"total_ms_per_user{key}" if batch > 1 else "total_ms"] = round(sum(ms.values()), 4)
     return out
 
 

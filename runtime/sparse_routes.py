@@ -68,6 +68,7 @@ class Blocked:
         self.mask, self.search_mask = mask, search_mask
         self.keys = keys  # sorted unique user * n_items + item
         self.category, self.blocked_categories = category, blocked_categories  # [users, categories] bool, or None
+        self._counts: dict[bool, np.ndarray] = {}  # counts() per with_categories: several routes ask
 
     @property
     def sparse(self) -> bool:
@@ -111,6 +112,11 @@ class Blocked:
 
     def counts(self, with_categories: bool = True) -> np.ndarray:
         """Per user, how many items are blocked (with_categories=False: not counting whole blocked categories)."""
+        if with_categories not in self._counts:
+            self._counts[with_categories] = self._count(with_categories)
+        return self._counts[with_categories]
+
+    def _count(self, with_categories: bool) -> np.ndarray:
         if not self.sparse:
             return (self.mask if with_categories else self.search_mask).sum(1)
         owner = self.keys // self.n_items
