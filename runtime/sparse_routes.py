@@ -57,6 +57,12 @@ def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[at] == keys
 
 
+def _add_categories(mask: np.ndarray, blocked_categories: np.ndarray, category: np.ndarray) -> None:
+    """Block every item of each user's blocked categories in a dense [users, items] mask (items without one never)."""
+    for i in np.flatnonzero(blocked_categories.any(1)):
+        mask[i] |= blocked_categories[i][np.maximum(category, 0)] & (category >= 0)
+
+
 class Blocked:
     """Per user, the items no route may propose. Dense ([users, items] masks) or sparse (keys); `most()` bounds
     how many a user has (with_categories=False: without the whole categories a cart request blocks, which the
@@ -91,8 +97,7 @@ class Blocked:
             search_mask = mask
             if blocked_categories is not None:
                 search_mask = mask.copy()
-                for i in np.flatnonzero(blocked_categories.any(1)):
-                    mask[i] |= blocked_categories[i][np.maximum(category, 0)] & (category >= 0)
+                _add_categories(mask, blocked_categories, category)
             return cls(n_users, n_items, mask=mask, search_mask=search_mask)
         keys = [np.asarray(users, np.int64) * n_items + items]
         if unavailable is not None and len(unavailable):
@@ -147,8 +152,7 @@ class Blocked:
         mask = np.zeros((self.n_users, self.n_items), bool)
         mask.reshape(-1)[self.keys] = True
         if self.blocked_categories is not None:
-            for i in np.flatnonzero(self.blocked_categories.any(1)):
-                mask[i] |= self.blocked_categories[i][np.maximum(self.category, 0)] & (self.category >= 0)
+            _add_categories(mask, self.blocked_categories, self.category)
         return mask
 
 

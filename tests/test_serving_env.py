@@ -37,8 +37,9 @@ def test_the_serving_environment_has_none_of_the_offline_stack():
 def test_the_serving_environment_serves_a_list(artifacts, config_file, tmp_path):
     from runtime.request_transform import UserStore
     from serving.launcher import free_ports
+    from shoprec.manifest import verified_path
 
-    store = UserStore.load(artifacts / "serving" / "user_store.npz")
+    store = UserStore.load(verified_path(artifacts / "serving", "user_store.npz"))
     user = int(store.user_id[store.arrays["activity"] > 0][0])
     http, grpc, metrics = free_ports(3)
     log = tmp_path / "serve.log"
