@@ -118,15 +118,16 @@ def cmd_serve(args, cfg):
     signal.signal(signal.SIGTERM, stop)
     server = TritonServer.from_config(cfg.serve, _artifacts(args), profile=args.profile, config_path=args.config)
     with server:
-        print(f"tritonserver ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics :{server.metrics_port}  "
-              "(Ctrl-C or SIGTERM stops)", flush=True)
-        print(f"online store: {server.online_url or 'none (the export snapshot only)'}; admin APIs need the key in "
-              f"{server.admin_key_path}", flush=True)
-        if server.grpc_front:
-            print(f"gRPC requests over {server.grpc_max_message_mb:g} MiB are refused (serve.grpc_max_message_mb)", flush=True)
-        print(f"serving bundle version {server.served_version()}; `shoprec deploy` switches to a newer export, "
-              "`shoprec rollback` back", flush=True)
-        try:
+        try:  # a SIGTERM right after "ready" (while the lines below print) stops the server as cleanly as a later one
+            print(f"tritonserver ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics :{server.metrics_port}  "
+                  "(Ctrl-C or SIGTERM stops)", flush=True)
+            print(f"online store: {server.online_url or 'none (the export snapshot only)'}; admin APIs need the key in "
+                  f"{server.admin_key_path}", flush=True)
+            if server.grpc_front:
+                print(f"gRPC requests over {server.grpc_max_message_mb:g} MiB are refused (serve.grpc_max_message_mb)",
+                      flush=True)
+            print(f"serving bundle version {server.served_version()}; `shoprec deploy` switches to a newer export, "
+                  "`shoprec rollback` back", flush=True)
             server.wait()
         except KeyboardInterrupt:
             print("stopping tritonserver", flush=True)
