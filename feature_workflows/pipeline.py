@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from runtime.request_transform import TransformPlan, raw_rows
 from shoprec.config import FeatureConfig
@@ -322,19 +324,37 @@ def _query_features(data: _Split, it: _ItemFeatures, cfg: FeatureConfig, out: Pa
     return qw, qspec, log_all, dropped_users, (rows, state, qframe)
 
 
+TRAINING_ROWS_CHUNK = 500_000  # rows transformed and written at a time: the large shop's rows do not fit in memory twice
+
+
 def _training_rows(qw, train_rows, it: _ItemFeatures, cfg: FeatureConfig, out: Path) -> int:
-    """train.parquet: the query features of each training row, its sequence as item codes, its label."""
+    """train.parquet: the query features of each training row, its sequence as item codes, its label.
+    Transformed and written TRAINING_ROWS_CHUNK rows at a time (the fitted workflow is row-wise, so
+    the chunks give what one transform of every row would)."""
     rows, state, qframe = train_rows
-    feats = nvt_compat.transform(qw, qframe)
     codes = it.feats["item_id"].values.astype(np.int64)
     seq = state["seq_rows"]
-    extra = {f"seq_{i + 1}": np.where(seq[:, i] >= 0, codes[np.maximum(seq[:, i], 0)], 0) for i in range(cfg.sequence_length)}
-    extra.update({f"seq_kind_{i + 1}": state["seq_kinds"][:, i] for i in range(cfg.sequence_length)})
-    extra.update({"item_row": rows["item_row"].values, "kind": rows["kind"].values, "fold": rows["fold"].values,
-                  "user_id_raw": rows["user_id"].values, "ts": rows["ts"].values})
-    feats = pd.concat([feats, pd.DataFrame(extra)], axis=1)
-    feats.to_parquet(out / "train.parquet", index=False)
-    return int(len(feats))
+    writer, schema = None, None
+    try:
+        for lo in range(0, max(len(rows), 1), TRAINING_ROWS_CHUNK):  # an empty table is still written
+            hi = min(lo + TRAINING_ROWS_CHUNK, len(rows))
+            feats = nvt_compat.transform(qw, qframe.iloc[lo:hi])
+            part = seq[lo:hi]
+            extra = {f"seq_{i + 1}": np.where(part[:, i] >= 0, codes[np.maximum(part[:, i], 0)], 0)
+                     for i in range(cfg.sequence_length)}
+            extra.update({f"seq_kind_{i + 1}": state["seq_kinds"][lo:hi, i] for i in range(cfg.sequence_length)})
+            extra.update({"item_row": rows["item_row"].values[lo:hi], "kind": rows["kind"].values[lo:hi],
+                          "fold": rows["fold"].values[lo:hi], "user_id_raw": rows["user_id"].values[lo:hi],
+                          "ts": rows["ts"].values[lo:hi]})
+            table = pa.Table.from_pandas(pd.concat([feats, pd.DataFrame(extra)], axis=1), preserve_index=False)
+            if writer is None:
+                schema = table.schema
+                writer = pq.ParquetWriter(out / "train.parquet", schema)
+            writer.write_table(table.select(schema.names).cast(schema))
+    finally:
+        if writer is not None:
+            writer.close()
+    return int(len(rows))
 
 
 def _serving_files(qw, qspec: dict, log_all: ActionLog, data: _Split, it: _ItemFeatures, cfg: FeatureConfig,

@@ -209,3 +209,28 @@ def test_a_column_without_values_is_left_out_and_nothing_nan_reaches_a_model(tmp
         assert "price" not in list(z["cont_names"]) and np.isfinite(z["item_cont"]).all()
     train = pd.read_parquet(tmp_path / "features" / "train.parquet")
     assert np.isfinite(train.select_dtypes("number").values).all()
+
+
+def test_training_rows_written_in_chunks_equal_one_transform(tmp_path, monkeypatch):
+    """train.parquet is transformed and written TRAINING_ROWS_CHUNK rows at a time (the large shop's rows do
+    not fit in memory twice); chunks as small as 7 rows, some holding only null user attributes, give the
+    same table as one transform of every row."""
+    from feature_workflows import pipeline
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    inter = pd.DataFrame({"user_id": rng.integers(0, 50, n), "item_id": rng.integers(0, 30, n),
+                          "ts": np.sort(rng.integers(0, 10**6, n)), "event": rng.choice(["view", "click", "purchase"], n)})
+    inter["session_id"] = inter["ts"] // 50_000
+    inter["device"] = rng.choice(["mobile", "desktop"], n)
+    items = pd.DataFrame({"item_id": np.arange(30), "genre": rng.choice(["a", "b", "c"], 30), "price": rng.uniform(1, 9, 30)})
+    users = pd.DataFrame({"user_id": np.arange(50), "region": np.where(np.arange(50) < 5, "north", None),
+                          "age": rng.integers(18, 70, 50).astype(float)})
+    schema = make_schema({"genre": "categorical", "price": "numeric"}, {"region": "categorical", "age": "numeric"}, "test")
+    write_raw({"interactions": inter, "items": items, "users": users}, schema, tmp_path / "raw")
+    build_features(tmp_path / "raw", tmp_path / "whole", FeatureConfig(split="random"), progress=False)
+    monkeypatch.setattr(pipeline, "TRAINING_ROWS_CHUNK", 7)
+    out = build_features(tmp_path / "raw", tmp_path / "chunked", FeatureConfig(split="random"), progress=False)
+    whole, chunked = (pd.read_parquet(tmp_path / d / "train.parquet") for d in ("whole", "chunked"))
+    assert len(chunked) == out["train_rows"] > 7 * 10
+    pd.testing.assert_frame_equal(chunked, whole)
