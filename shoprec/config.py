@@ -55,6 +55,7 @@ class RetrievalConfig:
     learning_rate: float = 2e-3
     patience: int = 3
     max_valid_users: int = 5000
+    sparse_from_rows: int = 250_000  # an item-id table this big trains with sparse gradients (lazy Adam); 0: never
     seed: int = 7
 
 

@@ -331,6 +331,55 @@ def test_non_finite_input_stops_training_with_the_stage_named(artifacts, cfg):
         train_two_tower(data, cfg.retrieval, (0,), bad, "cpu", 1, None, False, "retrieval")
 
 
+def test_sparse_item_ids_move_only_the_rows_a_batch_touched():
+    """From retrieval.sparse_from_rows item-id rows the two-tower trains the table with sparse gradients and
+    SparseAdam; below it, the optimiser is AdamW over every parameter in order, as before."""
+    from training.train import TrainingError, _check_finite, _Optimizers
+
+    def step(sparse):
+        torch.manual_seed(0)
+        m = TwoTower([50, 7, 9, 9], [0, 1, 2, 2], [1, 2, 3], 2, [30, 6], [0, 1], 3, 5, out_dim=8, hidden=[16],
+                     id_dim=4, field_dim=4, sparse_ids=sparse)
+        before = m.item_ids.weight.detach().clone()
+        opt = _Optimizers(m, 0.01, 1e-5)
+        u = m.user_tower(torch.tensor([[3, 2, 5, 0], [9, 4, 0, 0]]), torch.randn(2, 2),
+                         torch.tensor([[4, 7, 0, 0, 0], [0, 0, 0, 0, 0]]), torch.tensor([[2, 1, 0, 0, 0], [0, 0, 0, 0, 0]]))
+        rows = torch.tensor([11, 12])
+        v = m.item_tower(torch.stack([rows, torch.tensor([3, 4])], 1), torch.randn(2, 3))
+        loss = sampled_softmax_loss(u, v, rows, None, 0.05)
+        opt.zero_grad()
+        loss.backward()
+        _check_finite("retrieval", 1, loss, m)
+        opt.step()
+        return m, before, opt
+
+    m, before, opt = step(True)
+    assert m.item_ids.weight.grad.is_sparse and len(opt.opts) == 2
+    moved = np.flatnonzero((m.item_ids.weight.detach() != before).any(1).numpy())
+    assert set(moved) == {4, 7, 11, 12}  # the sequence's items and the batch's items, nothing else
+    m.item_ids.weight.grad = torch.sparse_coo_tensor([[5]], torch.full((1, 4), float("nan")), (30, 4), check_invariants=True)
+    with pytest.raises(TrainingError, match="non-finite gradient in item_ids.weight"):
+        _check_finite("retrieval", 1, torch.tensor(1.0), m)
+
+    dense, before, opt = step(False)
+    assert not dense.item_ids.weight.grad.is_sparse and len(opt.opts) == 1
+    assert opt.opts[0].param_groups[0]["params"] == list(dense.parameters())  # AdamW over every parameter, in order
+
+
+def test_training_with_a_sparse_item_table_learns(artifacts, cfg):
+    from dataclasses import replace
+
+    from training.data import FeatureData
+    from training.train import train_two_tower
+
+    data = FeatureData(artifacts / "features")
+    model, report = train_two_tower(data, replace(cfg.retrieval, sparse_from_rows=1), (0,), data.item_cont, "cpu", 3,
+                                    None, False, "retrieval")
+    assert model.item_ids.sparse
+    losses = [h["loss"] for h in report["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
 def test_export_refuses_models_of_other_features(artifacts, cfg, tmp_path):
     from training.export import export_bundle
 
@@ -422,7 +471,7 @@ def test_manifest_refuses_tampered_and_unlisted_files(tmp_path):
 def test_evaluation_top_n_equals_a_stable_full_sort_without_seen_items():
     import scipy.sparse as sp
 
-    from training.evaluate import _topn
+    from training.evaluate import top_n_unseen
 
     rng = np.random.default_rng(5)
     for t in range(12):
@@ -434,7 +483,7 @@ def test_evaluation_top_n_equals_a_stable_full_sort_without_seen_items():
         for n in (1, 10, 100):
             order = np.argsort(-s, axis=1, kind="stable")[:, :n]  # ties in column order
             want = np.where(np.take_along_axis(s, order, 1) > -np.inf, order, -1)
-            np.testing.assert_array_equal(_topn(scores, seen, n), want)
+            np.testing.assert_array_equal(top_n_unseen(scores, seen, n), want)
 
 
 def test_a_signed_manifest_refuses_a_rehashed_tampered_bundle(tmp_path, monkeypatch):

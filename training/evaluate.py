@@ -83,7 +83,12 @@ def _seen(users: np.ndarray, train, n_items: int) -> sp.csr_matrix:
     return m
 
 
-def _topn(scores: np.ndarray, seen: sp.csr_matrix, n: int = TOPN) -> np.ndarray:
+def rows_per_batch(n_items: int) -> int:
+    """Users scored against the whole catalog at a time: 1,024, fewer where that would pass 2^27 scores."""
+    return max(1, min(1024, 2**27 // max(n_items, 1)))
+
+
+def top_n_unseen(scores: np.ndarray, seen: sp.csr_matrix, n: int = TOPN) -> np.ndarray:
     """Per row the n best unseen columns, ties in column order (what a stable full sort gives), -1 where
     fewer are left. Only the entries at or above each row's n-th best value are sorted."""
     scores = np.asarray(scores)
@@ -154,23 +159,24 @@ class Baselines:
         if name == "ease" and self.data.n_items > self.cfg.cf.ease_max_items:
             raise EvaluationError(f"EASE skipped: {self.data.n_items} items > cf.ease_max_items ({self.cfg.cf.ease_max_items})")
         best, chosen = -1.0, grid[0]
+        step = rows_per_batch(self.data.n_items)  # users scored at a time: bounded memory at any catalog size
         if valid is not None and len(grid) > 1:
             v_users, v_truth, v_seen = valid
             rows, ok = self.rows(v_users)
             for params in grid:
                 fn = self.scorer(name, params)
-                top = np.concatenate([_topn(np.where(ok[s : s + 1024, None], fn(rows[s : s + 1024]), 0.0), v_seen[s : s + 1024])
-                                      for s in range(0, len(v_users), 1024)])  # bounded memory at any catalog size
+                top = np.concatenate([top_n_unseen(np.where(ok[s : s + step, None], fn(rows[s : s + step]), 0.0), v_seen[s : s + step])
+                                      for s in range(0, len(v_users), step)])
                 score = M.ndcg_at(top, v_truth, 10)
                 if score > best:
                     best, chosen = score, params
         fn = self.scorer(name, chosen)
         rows, ok = self.rows(users)
         out = []
-        for s in range(0, len(users), 1024):
-            sl = slice(s, s + 1024)
+        for s in range(0, len(users), step):
+            sl = slice(s, s + step)
             sc = np.where(ok[sl, None], fn(rows[sl]), self.pop[None, :])  # no train positive: popularity
-            out.append(_topn(sc, seen[sl]))
+            out.append(top_n_unseen(sc, seen[sl]))
         return np.concatenate(out), {"params": chosen, "valid_ndcg@10": best if best >= 0 else None}
 
 

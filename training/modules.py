@@ -162,9 +162,11 @@ class TwoTower(nn.Module):
     """Retrieval: a user tower reading the action sequence and an item tower, one shared item-id table."""
 
     def __init__(self, user_card, user_tables, user_fields, user_cont, item_card, item_tables, item_cont, seq_len: int,
-                 out_dim: int, hidden: list[int], id_dim: int, field_dim: int, dropout: float = 0.0):
+                 out_dim: int, hidden: list[int], id_dim: int, field_dim: int, dropout: float = 0.0,
+                 sparse_ids: bool = False):
         super().__init__()
-        self.item_ids = nn.Embedding(int(item_card[0]), id_dim)
+        # sparse_ids: a step's gradient holds only the rows its batch touched (big catalogs; see training/train.py)
+        self.item_ids = nn.Embedding(int(item_card[0]), id_dim, sparse=sparse_ids)
         nn.init.normal_(self.item_ids.weight, std=0.05)
         self.user_tower = UserTower(user_card, user_tables, user_fields, user_cont, self.item_ids, seq_len, field_dim,
                                     id_dim, hidden, out_dim, dropout)
