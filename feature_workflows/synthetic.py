@@ -71,7 +71,7 @@ SIZES = {
     "tiny": ShopSize(users=1_000, items=400, categories=12, sessions_per_user=6, slate=8),
     "small": ShopSize(users=4_000, items=2_000, categories=20, sessions_per_user=8, slate=10),
     "medium": ShopSize(users=100_000, items=100_000, categories=40, sessions_per_user=8, slate=10),
-    "large": ShopSize(users=1_000_000, items=1_000_000, categories=60, sessions_per_user=9, slate=10),
+    "large": ShopSize(users=1_000_000, items=1_000_000, categories=60, sessions_per_user=1, slate=10),
 }
 
 REGIONS = np.array([f"region_{i}" for i in range(8)])
