@@ -121,3 +121,32 @@ def test_reliability_short_form_fuzz_and_soak(artifacts):
     http = r["http_fuzz"]["cases"]  # through the validating front: every malformation is the client's error
     assert all(set(o) == {"client error"} for o in http.values()), http
     assert r["soak"]["failed"] == 0 and r["soak"]["answered"] > 0
+
+
+def test_build_cost_serve_probe_serves_full_unseen_lists(artifacts, tmp_path):
+    """The build-cost report's serve stage: the real server started on the export, its processes' memory summed,
+    every user's list full and free of their seen items."""
+    import shutil
+
+    from benchmarks.build_cost import serve_probe
+
+    probe = tmp_path / "artifacts"
+    shutil.copytree(artifacts, probe, symlinks=True, ignore=shutil.ignore_patterns("triton"))
+    out = serve_probe(probe, requests=8)
+    assert out["requests"] == out["full_lists"] == 8 and out["seen_items_served"] == 0
+    assert out["server_processes"] >= 3 and out["server_rss_gb_ready"] > 0 and out["p99_ms"] >= out["p50_ms"] > 0
+    assert json.loads((probe / "serve_probe.json").read_text()) == out
+
+
+def test_build_cost_reruns_some_stages_and_keeps_the_other_rows(tmp_path):
+    from benchmarks.build_cost import main
+
+    results = tmp_path / "results"
+    results.mkdir()
+    earlier = {"stage": "train", "wall_s": 1.0, "peak_rss_gb": 1.0, "cpu_s": 1.0, "exit_code": 0}
+    (results / "build_cost_tiny.json").write_text(json.dumps({"stages": [earlier]}))
+    main(["--size", "tiny", "--artifacts", str(tmp_path / "a"), "--results", str(results), "--stages", "data"])
+    report = json.loads((results / "build_cost_tiny.json").read_text())
+    assert [r["stage"] for r in report["stages"]] == ["data", "train"] and report["stages"][1] == earlier
+    assert report["stages"][0]["exit_code"] == 0 and report["stages"][0]["peak_rss_gb"] > 0
+    assert (tmp_path / "a" / "data" / "raw" / "items.parquet").exists()
