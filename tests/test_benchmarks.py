@@ -150,3 +150,12 @@ def test_build_cost_reruns_some_stages_and_keeps_the_other_rows(tmp_path):
     assert [r["stage"] for r in report["stages"]] == ["data", "train"] and report["stages"][1] == earlier
     assert report["stages"][0]["exit_code"] == 0 and report["stages"][0]["peak_rss_gb"] > 0
     assert (tmp_path / "a" / "data" / "raw" / "items.parquet").exists()
+
+
+def test_two_tower_step_times_the_dense_and_the_sparse_item_table(artifacts, tmp_path):
+    from benchmarks.two_tower_step import main
+
+    report = main(["--artifacts", str(artifacts), "--tag", "t", "--steps", "2", "--rounds", "1", "--results", str(tmp_path)])
+    assert [r["item_ids"] for r in report["runs"]] == ["dense", "sparse"]
+    assert all(r["ms_per_step"] > 0 and np.isfinite(r["loss"]) for r in report["runs"])
+    assert json.loads((tmp_path / "two_tower_step_t.json").read_text()) == report

@@ -189,14 +189,14 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
         if device == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
-        entry = {"epoch": epoch, "loss": float(np.mean(losses))}
+        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "train_seconds": round(seconds, 1)}  # cumulative, loop only
         if valid is not None:
             entry["holdout_recall@50"] = retrieval_recall(model, data, item_cont, valid, device)
             if entry["holdout_recall@50"] > best:
                 best, best_epoch, best_state = entry["holdout_recall@50"], epoch, copy.deepcopy(model.state_dict())
         history.append(entry)
         if progress:
-            print(f"{stage} epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"), flush=True)
+            print(f"{stage} epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("epoch", "train_seconds")), flush=True)
         if valid is not None and epoch - best_epoch >= cfg.patience:
             break
     if best_state is not None:
