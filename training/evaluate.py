@@ -90,22 +90,28 @@ def rows_per_batch(n_items: int) -> int:
 
 def top_n_unseen(scores: np.ndarray, seen: sp.csr_matrix, n: int = TOPN) -> np.ndarray:
     """Per row the n best unseen columns, ties in column order (what a stable full sort gives), -1 where
-    fewer are left. Only the entries at or above each row's n-th best value are sorted."""
+    fewer are left. Only the entries above each row's n-th best value are sorted; the ties with it are taken in
+    column order without sorting (a user without history scores every item alike: a 1M-item row of ties)."""
     scores = np.asarray(scores)
     s = np.array(scores, dtype=np.result_type(scores.dtype, np.float32))  # a copy; converting a broadcast array is slow
     r, c = seen.nonzero()
     s[r, c] = -np.inf
     n = min(n, s.shape[1])
+    out = np.full((len(s), n), -1, np.int64)
+    if n == 0:
+        return out
     kth = torch.topk(torch.from_numpy(s), n, dim=1).values[:, -1:].numpy()  # the n-th best value (numpy's partition: 17x slower)
-    rows, cols = np.nonzero(s >= kth)
+    rows, cols = np.nonzero(s > kth)  # fewer than n a row
     vals = s[rows, cols]
     order = np.lexsort((cols, -vals, rows))  # by row, then best first, then column
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    start = np.r_[0, np.cumsum(np.bincount(rows, minlength=len(s)))[:-1]]
-    rank = np.arange(len(rows)) - start[rows]
-    keep = rank < n
-    out = np.full((len(s), n), -1, np.int64)
-    out[rows[keep], rank[keep]] = np.where(vals[keep] > -np.inf, cols[keep], -1)
+    rows, cols = rows[order], cols[order]
+    n_above = np.bincount(rows, minlength=len(s))
+    out[rows, np.arange(len(rows)) - np.r_[0, np.cumsum(n_above)[:-1]][rows]] = cols
+    ties = s == kth
+    for i in range(len(s)):  # then the ties with the n-th best, in column order; -inf ties are seen items: -1
+        if kth[i, 0] > -np.inf:
+            take = np.flatnonzero(ties[i])[: n - n_above[i]]
+            out[i, n_above[i] : n_above[i] + len(take)] = take
     return out
 
 
