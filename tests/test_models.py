@@ -474,9 +474,12 @@ def test_evaluation_top_n_equals_a_stable_full_sort_without_seen_items():
     from training.evaluate import top_n_unseen
 
     rng = np.random.default_rng(5)
-    for t in range(12):
+    for t in range(24):
         users, items = int(rng.integers(1, 40)), int(rng.integers(1, 300))
         scores = rng.integers(0, 4, size=(users, items)).astype(np.float32) if t % 2 else rng.normal(size=(users, items))
+        scores[rng.random(users) < 0.3] = 0.0  # users without history: every item ties
+        if t % 4 == 3:
+            scores[0] = np.inf
         seen = sp.random(users, items, density=[0.0, 0.2, 1.0][t % 3], format="csr", random_state=t)
         s = scores.astype(np.float64)
         s[seen.nonzero()] = -np.inf
