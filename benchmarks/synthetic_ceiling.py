@@ -129,7 +129,7 @@ def measure(artifacts: Path, max_users: int = 20_000) -> dict:
     results = {}
     for name, fn in scorers.items():
         t0 = time.time()
-        top = np.concatenate([E._topn(fn(slice(s, min(s + CHUNK, len(users)))), seen[s : s + CHUNK])
+        top = np.concatenate([E.top_n_unseen(fn(slice(s, min(s + CHUNK, len(users)))), seen[s : s + CHUNK])
                               for s in range(0, len(users), CHUNK)])
         results[name] = {
             "ndcg@10": M.mean_se(M.per_user_ndcg(top, truth, 10)),

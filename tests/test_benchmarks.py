@@ -131,7 +131,7 @@ def test_build_cost_serve_probe_serves_full_unseen_lists(artifacts, tmp_path):
     from benchmarks.build_cost import serve_probe
 
     probe = tmp_path / "artifacts"
-    shutil.copytree(artifacts, probe, symlinks=True, ignore=shutil.ignore_patterns("triton"))
+    shutil.copytree(artifacts, probe, symlinks=True, ignore=shutil.ignore_patterns("triton", "online"))  # not the live server state
     out = serve_probe(probe, requests=8)
     assert out["requests"] == out["full_lists"] == 8 and out["seen_items_served"] == 0
     assert out["server_processes"] >= 3 and out["server_rss_gb_ready"] > 0 and out["p99_ms"] >= out["p50_ms"] > 0
