@@ -1,6 +1,6 @@
 """What building a shop costs, stage by stage: wall time and peak memory (RSS) of each `shoprec` stage process.
 
-    .venv/bin/python -m benchmarks.build_cost --size medium --artifacts /tmp/medium   # ~45 min on 2 cores
+    .venv/bin/python -m benchmarks.build_cost --size medium --artifacts /tmp/medium   # data -> export: ~20 min on 2 cores
     .venv/bin/python -m benchmarks.build_cost --size large --artifacts /tmp/large --stages evaluate serve
 
 Runs `shoprec data --size SIZE`, `features`, `train`, `export`, `evaluate` and a serving probe into ARTIFACTS
