@@ -27,7 +27,7 @@ from pathlib import Path
 
 from shoprec.config import REPO_ROOT
 
-from .machine import describe
+from .machine import commit, describe
 
 STAGES = ("data", "features", "train", "export", "evaluate", "serve")
 
@@ -46,21 +46,11 @@ def run_stage(artifacts: Path, stage: str, size: str, log, results: Path, reques
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     row = {"stage": stage, "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-           "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "exit_code": proc.returncode, "commit": _commit()}
+           "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "exit_code": proc.returncode, "commit": commit()}
     probe = artifacts / "serve_probe.json"
     if stage == "serve" and proc.returncode == 0 and probe.exists():
         row.update(json.loads(probe.read_text()))
     return row
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return head + ("+changes" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def serve_probe(artifacts: Path, requests: int, seed: int = 0) -> dict:

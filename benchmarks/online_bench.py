@@ -275,7 +275,7 @@ def write_outputs(report: dict, out: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.machine import describe
+    from benchmarks.machine import commit, describe
     from serving.online import RedisServer
     from shoprec.manifest import verify_tree
 
@@ -289,8 +289,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     artifacts = Path(args.artifacts).resolve()
     verify_tree(artifacts / "serving")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit,
+    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
               "bundle": json.loads((artifacts / "serving" / "contract.json").read_text()).get("n_items", "?")}
     report["bundle"] = f"{report['bundle']} items"
     events = replay_events(artifacts)
