@@ -37,7 +37,9 @@ def test_a_64_mib_request_is_refused_before_it_is_buffered(fronted, artifacts):
     assert len(r["answers"]) == 3 and all(a.startswith("RESOURCE_EXHAUSTED") and "larger than max" in a
                                           for a in r["answers"]), r
     grown = r["rss_growth_mb"]
-    assert grown["tritonserver_and_stubs"] < 16 and grown["front_process"] < 32, grown  # 3 x 64 MiB never held
+    # one 64 MiB request held whole would add 64 MB. The front runs in this pytest process, whose other threads
+    # also allocate during a full run: it grew 37.8 MB once in a fresh-clone CI run, so the bound is one request
+    assert grown["tritonserver_and_stubs"] < 16 and grown["front_process"] < 64, grown
     user = _user(artifacts)
     with RecommenderClient(fronted.grpc_url) as c:
         assert len(c.recommend(user, k=5).item_ids) == 5  # still serving
