@@ -189,11 +189,11 @@ def shop_evaluator(artifacts: Path):
     """The synthetic shop (or any features with a test split): test positives on unseen items."""
     from training import metrics as M
     from training.data import FeatureData
-    from training.evaluate import _truth
+    from training.evaluate import split_truth
 
     data = FeatureData(artifacts / "features")
     train = data.actions[data.actions["split"] == 0]
-    users, truth = _truth(data, 2, train)
+    users, truth = split_truth(data, 2, train)
     warm = np.isin(users, train["user_id"].unique())
     users, truth = users[warm], [t for t, w in zip(truth, warm) if w]
 

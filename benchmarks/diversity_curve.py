@@ -41,7 +41,7 @@ def ranked_candidates(pipe, users: np.ndarray, batch: int = 256) -> tuple[np.nda
     for s in range(0, len(users), batch):
         t = pipe.rank(pipe.request(users[s : s + batch], K))
         rows.append(t["candidate_rows"])
-        scores.append(t["ranking_scores"])
+        scores.append(pipe.steps["topk"].with_prior(t["candidate_rows"], t["ranking_scores"]))  # what top-k orders by
     return np.concatenate(rows), np.concatenate(scores)
 
 
@@ -71,11 +71,11 @@ def curve_synthetic(artifacts: Path, cfg, max_users: int) -> dict:
     from runtime.pipeline import Pipeline
     from training import metrics as M
     from training.data import FeatureData
-    from training.evaluate import _truth
+    from training.evaluate import split_truth
 
     data = FeatureData(artifacts / "features")
     acts = data.actions
-    users, truth = _truth(data, 2, acts[acts["split"] == 0])
+    users, truth = split_truth(data, 2, acts[acts["split"] == 0])
     keep = np.random.default_rng(0).permutation(len(users))[:max_users]
     users, truth = users[np.sort(keep)], [truth[i] for i in np.sort(keep)]
     pipe = Pipeline(artifacts / "serving", cfg=cfg.serve)

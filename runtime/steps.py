@@ -616,6 +616,15 @@ def _log_once(message: str) -> None:
     logging.getLogger("shoprec.serve").warning(message)
 
 
+def popularity_factor(popularity: np.ndarray, weight: float) -> np.ndarray:
+    """What the served score is multiplied by per item row: (popularity share of the most popular item)^weight,
+    counts smoothed by one. The weight is `train`'s choice on held-out later data (ranking.popularity_prior):
+    the ranker learns from the holdout inside the training window, and later periods favour popular items more
+    than it does. weight 0: all ones."""
+    pop = np.asarray(popularity, dtype=np.float64)
+    return ((pop + 1.0) / (pop.max(initial=0.0) + 1.0)) ** float(weight)
+
+
 def best_first(rows: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
     """Positions of the n best-scored candidates per row ([B, N] -> [B, n]); padding (-1) sorts last,
     ties keep the candidate order (stable)."""
@@ -654,7 +663,8 @@ class TopK(StepImpl):
     """Per request (k differs between requests, so the output length does too): candidate_rows [B, N],
     ranking_scores [B, N] (and ranking_probs [B, N, 2]), k [B, 1], optional diversity [B, 1], blend [B, 3],
     strategy [B, 2] -> item_ids, scores [B, k'], raw ids. The score is the exported one, or the blend the
-    request, the scene or its experiment arm sets; the order is by score (or, for a scene with order =
+    request, the scene or its experiment arm sets, times the item's popularity factor (`popularity_factor`,
+    the bundle's `popularity_prior`; 1 when train chose 0); the order is by score (or, for a scene with order =
     "recall", the fused recall order), re-ranked by MMR over the item embeddings when diversity > 0 (the
     scores stay the blend's), capped per category where the scene says so. A user whose unseen candidates
     are fewer than k gets all of them; the rows of a batch are padded to the longest with item_id -1 and
@@ -666,6 +676,8 @@ class TopK(StepImpl):
         self.item_ids = table["item_ids"]
         self.category = table["category_code"]
         self.embeddings = self.bundle.npy("item_embeddings")
+        weight = float(self.bundle.dims.get("popularity_prior", 0.0))  # bundles before it: no prior
+        self.prior = popularity_factor(table["popularity"], weight).astype(np.float32) if weight > 0 else None
         if not 0.0 <= self.cfg.diversity <= 1.0:
             raise ValueError(f"serve.diversity must be in [0, 1], got {self.cfg.diversity}")
         if self.cfg.max_per_category < 0:
@@ -763,20 +775,28 @@ class TopK(StepImpl):
     def final_scores(self, rows: np.ndarray, scores: np.ndarray, probs: np.ndarray | None, request_blend: np.ndarray | None,
                      resolved: list) -> np.ndarray:
         """Per user: the exported score (pCTR * (1 + w * pCVR)), or the blend the request, else the scene or its arm,
-        sets: ctr * pCTR + cvr * pCTR * pCVR + value * pCTR * pCVR * item value."""
+        sets: ctr * pCTR + cvr * pCTR * pCVR + value * pCTR * pCVR * item value; times the bundle's popularity
+        factor (`popularity_factor`) when train chose one."""
         blends = [request_blend[i] if request_blend is not None else r.blend for i, r in enumerate(resolved)]
         if probs is None or all(b is None for b in blends):
-            return scores
+            return self.with_prior(rows, scores)
         out = np.array(scores, dtype=np.float32, copy=True)
         value = self.value[np.maximum(rows, 0)] if self.value is not None else np.zeros(rows.shape, np.float32)
         for i, b in enumerate(blends):
             if b is not None:
                 ctr, cvr = probs[i, :, 0], probs[i, :, 1]
                 out[i] = b[0] * ctr + ctr * cvr * (b[1] + b[2] * value[i])
-        return out
+        return self.with_prior(rows, out)
+
+    def with_prior(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The scores times each candidate's popularity factor (padding keeps its score)."""
+        if self.prior is None:
+            return scores
+        return np.where(rows >= 0, scores * self.prior[np.maximum(rows, 0)], scores).astype(np.float32)
 
     def __call__(self, rows: np.ndarray, scores: np.ndarray, k: int, diversity: float = 0.0):
         """One user: (raw item ids, scores), padding dropped."""
+        scores = self.with_prior(rows, scores)
         order = self.order(rows, scores, k, diversity)
         return self.item_ids[rows[order]], scores[order].astype(np.float32)
 

@@ -88,6 +88,9 @@ class RankingConfig:
     weight_decay: float = 1e-5
     dropout: float = 0.1
     valid_share: float = 0.1  # of the holdout users, kept out of training to report the ranker's NDCG@10
+    # the served score's popularity exponent (runtime.steps.popularity_factor), chosen by `train` on later
+    # held-out data: one value fixes it, (0.0,) turns it off
+    popularity_prior: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     seed: int = 7
 
 

@@ -62,3 +62,21 @@ def test_evaluate_scores_every_system_with_standard_errors_and_keeps_reports(art
     assert (tmp_path / "quality_t.md").read_text().count("served_pipeline") >= 1 and (tmp_path / "quality_t.png").exists()
     with pytest.raises(EvaluationError, match="quality_t.json exists; pass --tag NAME"):
         evaluate(artifacts / "features", artifacts / "serving", tmp_path, cfg, tag="t")
+
+
+def test_item_knn_neighbours_are_capped_by_the_catalog_size(artifacts, cfg, monkeypatch):
+    """K x items stays under evaluate.KNN_MAX_SLOTS: a big catalog's item-kNN baseline gets fewer neighbours
+    (the grid's points over the cap are dropped; with none left, the cap itself, at least 10)."""
+    from training import evaluate as ev
+    from training.data import FeatureData
+
+    data = FeatureData(artifacts / "features")
+    train, users, truth = ev.test_users(data)
+    seen = ev._seen(users, train, data.n_items)
+    base = ev.Baselines(data, train, cfg)
+    monkeypatch.setattr(ev, "KNN_MAX_SLOTS", 200 * data.n_items)
+    valid = (users, truth, seen)
+    assert base.run("item_knn", users, seen, valid)[1]["params"]["K"] in (50, 200)
+    monkeypatch.setattr(ev, "KNN_MAX_SLOTS", 30 * data.n_items)
+    top, info = base.run("item_knn", users, seen, valid)
+    assert info["params"] == {"K": 30} and top.shape == (len(users), ev.TOPN)

@@ -10,6 +10,7 @@ import torch
 
 from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, _fuse
 from runtime.faiss_search import recall_vs_exact, search
+from shoprec import contract
 from shoprec.config import IndexConfig
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest, verify_tree, write_manifest
 from training import metrics as M
@@ -527,3 +528,49 @@ def test_a_signed_manifest_refuses_a_rehashed_tampered_bundle(tmp_path, monkeypa
     monkeypatch.setenv("SHOPREC_SIGNING_KEY", "short")
     with pytest.raises(ArtifactError, match="shorter than 16 bytes"):
         signing_key()
+
+
+def test_the_popularity_prior_is_chosen_on_later_data_and_reaches_the_bundle(artifacts, cfg):
+    """`train` scores each weight of ranking.popularity_prior on the valid split (the tiny shop's features split
+    by time) and on the ranker's holdout; export carries the chosen one into contract.json."""
+    report = json.loads((artifacts / "models" / "train_report.json").read_text())["popularity_prior"]
+    grid = [str(float(w)) for w in cfg.ranking.popularity_prior]
+    assert report["chosen_on"] == "valid_split" and report["weight"] in cfg.ranking.popularity_prior
+    for curve in ("valid_split_ndcg@10", "holdout_ndcg@10"):
+        assert sorted(k for k in report[curve] if k != "users") == sorted(grid) and report[curve]["users"] > 0
+    dims = json.loads((artifacts / "serving" / "contract.json").read_text())
+    assert dims["popularity_prior"] == report["weight"]
+
+
+def test_choose_prior_keeps_the_smallest_weight_unless_another_wins_clearly():
+    from training.train import choose_prior
+
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    assert choose_prior({0.0: base, 1.0: base + rng.normal(0, 0.05, 400)}) == 0.0  # noise: no clear win
+    assert choose_prior({0.0: base, 1.0: base + 0.05, 2.0: base + 0.02}) == 1.0
+    assert choose_prior({0.5: base}) == 0.5  # one value fixes the weight
+
+
+def test_topk_multiplies_the_score_by_the_popularity_factor(artifacts, cfg, pipeline):
+    """With a weight in the bundle, the served score is the ranker's times (popularity / top popularity)^w, and
+    the order follows it; weight 0 leaves the ranker's score as it is."""
+    from runtime.steps import Bundle, TopK, best_first, popularity_factor
+
+    pop = pipeline.item_table["popularity"]
+    np.testing.assert_array_equal(popularity_factor(pop, 0.0), np.ones(len(pop)))
+    f = popularity_factor(pop, 2.0)
+    assert f.max() == 1.0 and (np.diff(f[np.argsort(pop)]) >= 0).all()
+
+    users = pipeline.steps["feature_transform"].store.user_id[:4]
+    t = pipeline.rank(pipeline.request(users, 10))
+    rows, scores = t["candidate_rows"], t["ranking_scores"]
+    bundle = Bundle(artifacts / "serving")
+    bundle.dims["popularity_prior"] = 2.0  # as if train had chosen 2 (the cached contract, not the file)
+    step = TopK(contract.STEP_BY_NAME["topk"], bundle, cfg.serve)
+    ids, served = step.run({**t, "k": np.array([[10]] * len(users), np.int32)})[:2]
+    want = np.where(rows >= 0, scores * f.astype(np.float32)[np.maximum(rows, 0)], scores)
+    for i in range(len(users)):
+        order = best_first(rows[i], want[i], 10)
+        np.testing.assert_array_equal(ids[i], step.item_ids[rows[i][order]])
+        np.testing.assert_allclose(served[i], want[i][order], rtol=1e-6)

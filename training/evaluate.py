@@ -47,7 +47,7 @@ class EvaluationError(UserError, RuntimeError):
     pass
 
 
-def _truth(data: FeatureData, part: int, train) -> tuple[np.ndarray, list[set]]:
+def split_truth(data: FeatureData, part: int, train) -> tuple[np.ndarray, list[set]]:
     acts = data.actions
     pos = acts[(acts["split"] == part) & (acts["kind"] >= POSITIVE_KIND)]
     seen = set(zip(train["user_id"].values.tolist(), train["item_row"].values.tolist()))
@@ -64,7 +64,7 @@ def test_users(data: FeatureData, max_users: int = 20_000) -> tuple:
     them (a fixed random subset), so that other reports can sit beside its figures."""
     acts = data.actions
     train = acts[acts["split"] == 0]
-    users, truth = _truth(data, 2, train)
+    users, truth = split_truth(data, 2, train)
     if not len(users):
         raise EvaluationError("no test user has a positive on an item they had not acted on in train")
     if len(users) > max_users:
@@ -115,6 +115,12 @@ def top_n_unseen(scores: np.ndarray, seen: sp.csr_matrix, n: int = TOPN) -> np.n
     return out
 
 
+# item-kNN's K is capped so that K x items stays under this: implicit's CosineRecommender allocates its K
+# neighbour slots for every item while fitting, and K = 400 over the large shop's 1M items took evaluate to
+# 17.9 GB (benchmarks/results/build_cost_large.json); there the grid is K = 50
+KNN_MAX_SLOTS = 100_000_000
+
+
 class Baselines:
     """Popularity, ALS, item-kNN and EASE fitted on the train positives (users x items)."""
 
@@ -162,6 +168,9 @@ class Baselines:
     def run(self, name: str, users, seen, valid: tuple | None) -> tuple[np.ndarray, dict]:
         """Top-N for `users` with the grid point best on valid NDCG@10 (the first one without valid)."""
         grid = self.GRIDS[name]
+        if name == "item_knn":  # implicit holds ~34 bytes per (item, neighbour) slot while fitting
+            grid = [p for p in grid if p["K"] * self.data.n_items <= KNN_MAX_SLOTS] or [
+                {"K": max(10, KNN_MAX_SLOTS // self.data.n_items)}]
         if name == "ease" and self.data.n_items > self.cfg.cf.ease_max_items:
             raise EvaluationError(f"EASE skipped: {self.data.n_items} items > cf.ease_max_items ({self.cfg.cf.ease_max_items})")
         best, chosen = -1.0, grid[0]
@@ -213,7 +222,7 @@ def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 
         t = pipe.run(pipe.request(users[s : s + batch], n, exclude_seen=True), stop="retrieval")
         cand, dense, lists, _ = pipe.steps["retrieval"].candidates(t)  # the route lists too, computed once
         t = pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features", stop="topk")
-        order = best_first(cand, t["ranking_scores"], n)  # top-k's order, on store rows instead of raw ids
+        order = best_first(cand, pipe.steps["topk"].with_prior(cand, t["ranking_scores"]), n)  # top-k's order, on rows
         full.append(np.take_along_axis(cand, order, 1))
         merged.append(cand[:, :n])
         for r, lst in lists.items():
@@ -236,7 +245,7 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
         raise EvaluationError("the features were built for deployment (split = none): nothing is held out to evaluate on; "
                               "run `shoprec features --split time` (or user-time, random) first")
     train, users, truth = test_users(data, max_users)
-    v_users, v_truth = _truth(data, 1, train)
+    v_users, v_truth = split_truth(data, 1, train)
     if len(v_users) > max_valid_users:  # the baselines' grid is chosen on a sample: every grid point scores them all
         keep = np.sort(np.random.default_rng(1).choice(len(v_users), max_valid_users, replace=False))
         v_users, v_truth = v_users[keep], [v_truth[i] for i in keep]

@@ -160,6 +160,9 @@ def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, 
         "user_cat_columns": data.user_cat_cols, "user_cont_columns": data.user_cont_cols,
         "dense_features": list(DENSE_FEATURES), "query_spec": data.schema["query_spec"],
         "recent_categories": int(data.schema["recent_categories"]), "onnx_opset": OPSET,
+        # the served score's popularity exponent (runtime.steps.popularity_factor), train's choice
+        "popularity_prior": float(json.loads(verified_path(models_dir, "train_report.json").read_text())
+                                  .get("popularity_prior", {}).get("weight", 0.0)),
     }
     (tmp / files["contract"]).write_text(json.dumps(dims, indent=1) + "\n")
     sizes = {**dims, "num_candidates": contract.num_candidates(cfg.serve.num_candidates, len(emb))}

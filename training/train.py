@@ -29,6 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from runtime.candidates import CandidateGenerator, CategoryPrior, ItemNeighbours
+from runtime.steps import popularity_factor
 from shoprec.config import Config, RankingConfig, RetrievalConfig
 from shoprec.device import torch_device
 from shoprec.errors import UserError
@@ -37,8 +38,8 @@ from shoprec.progress import progress as progress_iter
 
 from . import cf as cflib
 from .data import NULL_CODE, FeatureData, context_of
-from .evaluate import rows_per_batch, top_n_unseen
-from .metrics import ndcg_at, recall_at
+from .evaluate import rows_per_batch, split_truth, top_n_unseen
+from .metrics import mean_se, ndcg_at, per_user_ndcg, recall_at
 from .modules import OOV_CODE, Ranker, TwoTower, sampled_softmax_loss
 
 log = logging.getLogger("shoprec.train")
@@ -458,6 +459,25 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     report["retrieval"] = rep_b
     cf_all, cf_pos = fit_routes(data, train, cfg, lam)
 
+    # the served score's popularity exponent: on the valid split (later than train, as serving is) when the
+    # features have one, else on the ranker's held-out lists
+    t0 = time.time()
+    curves = {"holdout": prior_curve(ranker_scores(ranker, data, va, item_cont_fit, kc.cvr_weight, device), va["rows"],
+                                     va_truth, data.items["popularity_fit"], kc.popularity_prior)}
+    later = valid_split_lists(data, train, cfg, tt_b, cf_all, cf_pos, device)
+    if later is not None:
+        lists_v, truth_v = later
+        curves["valid_split"] = prior_curve(ranker_scores(ranker, data, lists_v, data.item_cont, kc.cvr_weight, device),
+                                            lists_v["rows"], truth_v, data.items["popularity"], kc.popularity_prior)
+    source = "valid_split" if "valid_split" in curves else "holdout"
+    weight = choose_prior(curves[source])
+    report["popularity_prior"] = {
+        "weight": weight, "chosen_on": source, "seconds": round(time.time() - t0, 1),
+        **{f"{name}_ndcg@10": {str(w): {"mean": round(m, 5), "se": round(e, 5)} for w, (m, e) in
+                               ((w, mean_se(v)) for w, v in curve.items())} | {"users": len(next(iter(curve.values())))}
+           for name, curve in curves.items()}}
+    log.info("popularity prior: weight %s (chosen on the %s)", weight, source.replace("_", " "))
+
     torch.save(tt_b.state_dict(), out / "retrieval.pt")
     torch.save(ranker.state_dict(), out / "ranker.pt")
     save_neighbours(out / "cf_all.npz", cf_all)
@@ -467,6 +487,49 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     (out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
     write_manifest(out, extra={"stage": "train", "features_manifest_sha256": report["features_manifest_sha256"]})
     return report
+
+
+def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf_all: ItemNeighbours,
+                      cf_pos: ItemNeighbours, device: str) -> tuple[dict, list[set]] | None:
+    """Candidate lists of the final models for users with a positive in the features' valid split (the
+    period after train) and a train history, at most retrieval.max_valid_users of them; their state is
+    their train actions and their context unknown, as `evaluate` asks. None without a valid split."""
+    if not (data.actions["split"] == 1).any():
+        return None
+    users, truth = split_truth(data, 1, train)
+    warm = np.isin(users, train["user_id"].unique())
+    users, truth = users[warm], [t for t, w in zip(truth, warm) if w]
+    if not len(users):
+        return None
+    if len(users) > cfg.retrieval.max_valid_users:
+        keep = np.sort(np.random.default_rng(cfg.retrieval.seed).choice(len(users), cfg.retrieval.max_valid_users,
+                                                                          replace=False))
+        users, truth = users[keep], [truth[i] for i in keep]
+    q = data.queries(users, data.action_log(train))
+    emb = item_embeddings(model, data.item_cat, data.item_cont, device)
+    gen = CandidateGenerator(emb, None, cf_all, cf_pos, data.popular_rows, cfg.serve.num_candidates, cfg.serve.recent_window,
+                             _exempt(data, cfg), CategoryPrior.from_popularity(data.items["category_code"],
+                                                                               data.items["popularity"]))
+    return ranker_lists(data, gen, q, user_embeddings(model, q, device), [dict.fromkeys(t, 1.0) for t in truth]), truth
+
+
+def prior_curve(scores: np.ndarray, rows: np.ndarray, truth: list, popularity: np.ndarray,
+                weights: tuple[float, ...]) -> dict[float, np.ndarray]:
+    """Per weight: each user's NDCG@10 when their candidates are ordered by score * popularity_factor."""
+    out = {}
+    for w in weights:
+        s = np.where(rows >= 0, scores * popularity_factor(popularity, w)[np.maximum(rows, 0)], -np.inf)
+        out[float(w)] = per_user_ndcg(np.take_along_axis(rows, np.argsort(-s, axis=1, kind="stable")[:, :10], 1), truth, 10)
+    return out
+
+
+def choose_prior(curve: dict[float, np.ndarray]) -> float:
+    """The smallest weight, unless another beats it by more than one standard error of the paired difference."""
+    base = min(curve)
+    best = max(curve, key=lambda w: (curve[w].mean(), -w))
+    diff = curve[best] - curve[base]
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+    return best if diff.mean() > se else base
 
 
 def _slice_q(q: dict, idx: np.ndarray) -> dict:
