@@ -1,7 +1,9 @@
 import dataclasses
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from app.cli import build_parser
@@ -80,3 +82,28 @@ def test_item_knn_neighbours_are_capped_by_the_catalog_size(artifacts, cfg, monk
     monkeypatch.setattr(ev, "KNN_MAX_SLOTS", 30 * data.n_items)
     top, info = base.run("item_knn", users, seen, valid)
     assert info["params"] == {"K": 30} and top.shape == (len(users), ev.TOPN)
+
+
+def test_evaluate_reports_the_ranker_without_the_prior_beside_the_served_lists(artifacts, cfg, tmp_path):
+    """With a popularity prior in the bundle, evaluate also scores the ranker's own order (w = 0), so the prior's
+    effect sits in the same report; the served lists follow the prior. (A copy of the bundle with w = 4.)"""
+    import json
+
+    from shoprec.manifest import read_manifest, write_manifest
+    from training.data import FeatureData
+    from training.evaluate import served_lists, test_users
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree((artifacts / "serving").resolve(), bundle)
+    dims = json.loads((bundle / "contract.json").read_text())
+    (bundle / "contract.json").write_text(json.dumps({**dims, "popularity_prior": 4.0}))
+    old = read_manifest(bundle)
+    write_manifest(bundle, extra={k: old[k] for k in ("stage", "bundle_version", "report") if k in old})
+    _, users, _ = test_users(FeatureData(artifacts / "features"))
+    full, extra, _ = served_lists(bundle, users[:50], cfg)
+    assert (extra["ranker_without_prior"] != full).any()
+    pop = FeatureData(artifacts / "features").items["popularity"]
+    assert pop[np.maximum(full[:, :10], 0)].mean() > pop[np.maximum(extra["ranker_without_prior"][:, :10], 0)].mean()
+    _, extra0, _ = served_lists((artifacts / "serving").resolve(), users[:50], cfg)
+    if json.loads((artifacts / "serving" / "contract.json").read_text())["popularity_prior"] == 0:
+        assert "ranker_without_prior" not in extra0

@@ -208,8 +208,8 @@ def figures(top: np.ndarray, truth: list[set], data: FeatureData, pop: np.ndarra
 
 
 def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 128) -> tuple[np.ndarray, dict, np.ndarray]:
-    """The full pipeline's top-N (the server's steps, in-process), the merged candidate order and each
-    route's list, and the cold flags."""
+    """The full pipeline's top-N (the server's steps, in-process), the merged candidate order, the ranker's
+    order without the popularity prior (when the bundle has one), each route's list, and the cold flags."""
     from runtime.pipeline import Pipeline
     from runtime.steps import best_first
 
@@ -217,19 +217,22 @@ def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 
     n = min(TOPN, pipe.max_k)
     st = pipe.steps["retrieval"].strategy  # the routes of the default scene (the context routes need context items)
     used = {r for r, w in zip(ROUTES, st.resolve(st.default_scene, 0).weights) if w > 0}
-    full, merged, routes, cold = [], [], {}, []
+    topk = pipe.steps["topk"]
+    full, merged, routes, cold, plain = [], [], {}, [], []
     for s in range(0, len(users), batch):
         t = pipe.run(pipe.request(users[s : s + batch], n, exclude_seen=True), stop="retrieval")
         cand, dense, lists, _ = pipe.steps["retrieval"].candidates(t)  # the route lists too, computed once
         t = pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features", stop="topk")
-        order = best_first(cand, pipe.steps["topk"].with_prior(cand, t["ranking_scores"]), n)  # top-k's order, on rows
+        order = best_first(cand, topk.with_prior(cand, t["ranking_scores"]), n)  # top-k's order, on store rows
         full.append(np.take_along_axis(cand, order, 1))
+        plain.append(np.take_along_axis(cand, best_first(cand, t["ranking_scores"], n), 1))
         merged.append(cand[:, :n])
         for r, lst in lists.items():
             if r in used:
                 routes.setdefault(r, []).append(lst[:, :n])
         cold.append(t["cold_start"].ravel())
-    return np.concatenate(full), {"merged_order": np.concatenate(merged),
+    diagnostics = {"ranker_without_prior": np.concatenate(plain)} if topk.prior is not None else {}
+    return np.concatenate(full), {"merged_order": np.concatenate(merged), **diagnostics,
                                   **{f"route_{r}": np.concatenate(v) for r, v in routes.items()}}, np.concatenate(cold)
 
 
@@ -302,7 +305,8 @@ def _train_summary(models_dir: Path) -> dict:
             "holdout_recall@50": r.get("retrieval_stage_a", {}).get("best_holdout_recall@50"),
             "holdout_popularity_recall@50": r.get("retrieval_stage_a", {}).get("holdout_popularity_recall@50"),
             "ranker": {k: r.get("ranking", {}).get(k) for k in ("deep", "steps", "valid_ndcg@10", "valid_ndcg@10_merged_order",
-                                                                "candidate_recall")}}
+                                                                "candidate_recall")},
+            "popularity_prior": {k: r.get("popularity_prior", {}).get(k) for k in ("weight", "chosen_on")}}
 
 
 def _machine() -> str:
@@ -334,6 +338,10 @@ def markdown(r: dict) -> str:
     lines += [f"Baseline hyper-parameters (chosen on valid): `{json.dumps(chosen)}`."]
     if skipped:
         lines += [f"Skipped: {skipped}."]
+    prior = r.get("train_report", {}).get("popularity_prior") or {}
+    if prior.get("weight") is not None:
+        lines += [f"Popularity prior of the served score: w = {prior['weight']} (chosen by `train` on its "
+                  f"{str(prior['chosen_on']).replace('_', ' ')}); `ranker_without_prior` is the same ranker's order with w = 0."]
     return "\n".join(lines) + "\n"
 
 
