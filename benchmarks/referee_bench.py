@@ -179,7 +179,8 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
     train_report = json.loads((art / "models" / "train_report.json").read_text())
     return {"protocol": protocol, "layout": args.layout, "referee": results, "timings_s": timings, "served_users": len(lists),
             "train": {"cf": train_report.get("cf"), "ranker_deep": train_report["ranking"].get("deep"),
-                      "retrieval_best_epoch": train_report["retrieval_stage_a"]["best_epoch"]}}
+                      "retrieval_best_epoch": train_report["retrieval_stage_a"]["best_epoch"],
+                      "popularity_prior": train_report.get("popularity_prior", {}).get("weight")}}
 
 
 def summarize(runs: dict, baselines: dict) -> dict:
