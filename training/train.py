@@ -6,7 +6,9 @@ two-tower early-stops on holdout Recall@50; the EASE lambda is chosen on holdout
 ranker learns to rank the candidates the fit-fold models recall for each holdout user against
 what that user did next (the serving task: the server ranks candidates from models fitted on all
 of train). Stage B refits the two-tower (the epochs stage A chose) and the routes on all of train;
-the ranker is stage A's.
+the ranker is stage A's. Last, the served score's popularity exponent (`ranking.popularity_prior`) is
+chosen on the features' valid split, the period after train, with the final models' candidates (on
+the holdout when there is no valid split).
 
 Fails fast: a non-finite loss or gradient stops training with the stage, the epoch and the likely
 cause. `models/` is emptied first, and its manifest (written last) records the features manifest
@@ -471,11 +473,8 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
                                             lists_v["rows"], truth_v, data.items["popularity"], kc.popularity_prior)
     source = "valid_split" if "valid_split" in curves else "holdout"
     weight = choose_prior(curves[source])
-    report["popularity_prior"] = {
-        "weight": weight, "chosen_on": source, "seconds": round(time.time() - t0, 1),
-        **{f"{name}_ndcg@10": {str(w): {"mean": round(m, 5), "se": round(e, 5)} for w, (m, e) in
-                               ((w, mean_se(v)) for w, v in curve.items())} | {"users": len(next(iter(curve.values())))}
-           for name, curve in curves.items()}}
+    report["popularity_prior"] = {"weight": weight, "chosen_on": source, "seconds": round(time.time() - t0, 1),
+                                  **{f"{name}_ndcg@10": _curve_summary(curve) for name, curve in curves.items()}}
     log.info("popularity prior: weight %s (chosen on the %s)", weight, source.replace("_", " "))
 
     torch.save(tt_b.state_dict(), out / "retrieval.pt")
@@ -520,6 +519,16 @@ def prior_curve(scores: np.ndarray, rows: np.ndarray, truth: list, popularity: n
     for w in weights:
         s = np.where(rows >= 0, scores * popularity_factor(popularity, w)[np.maximum(rows, 0)], -np.inf)
         out[float(w)] = per_user_ndcg(np.take_along_axis(rows, np.argsort(-s, axis=1, kind="stable")[:, :10], 1), truth, 10)
+    return out
+
+
+def _curve_summary(curve: dict[float, np.ndarray]) -> dict:
+    """{weight: {mean, se}} of a prior curve, plus its user count (train_report.json)."""
+    out: dict = {}
+    for w, per_user in curve.items():
+        mean, se = mean_se(per_user)
+        out[str(w)] = {"mean": round(mean, 5), "se": round(se, 5)}
+    out["users"] = len(next(iter(curve.values())))
     return out
 
 
