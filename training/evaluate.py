@@ -67,10 +67,16 @@ def test_users(data: FeatureData, max_users: int = 20_000) -> tuple:
     users, truth = split_truth(data, 2, train)
     if not len(users):
         raise EvaluationError("no test user has a positive on an item they had not acted on in train")
-    if len(users) > max_users:
-        keep = np.sort(np.random.default_rng(0).choice(len(users), max_users, replace=False))
-        users, truth = users[keep], [truth[i] for i in keep]
+    users, truth = sample_users(users, truth, max_users, seed=0)
     return train, users, truth
+
+
+def sample_users(users: np.ndarray, truth: list, max_users: int, seed: int) -> tuple[np.ndarray, list]:
+    """At most max_users of them, a fixed random subset (in user order)."""
+    if len(users) <= max_users:
+        return users, truth
+    keep = np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))
+    return users[keep], [truth[i] for i in keep]
 
 
 def _seen(users: np.ndarray, train, n_items: int) -> sp.csr_matrix:
@@ -168,7 +174,7 @@ class Baselines:
     def run(self, name: str, users, seen, valid: tuple | None) -> tuple[np.ndarray, dict]:
         """Top-N for `users` with the grid point best on valid NDCG@10 (the first one without valid)."""
         grid = self.GRIDS[name]
-        if name == "item_knn":  # implicit holds ~34 bytes per (item, neighbour) slot while fitting
+        if name == "item_knn":  # implicit holds K neighbour slots per item while fitting
             grid = [p for p in grid if p["K"] * self.data.n_items <= KNN_MAX_SLOTS] or [
                 {"K": max(10, KNN_MAX_SLOTS // self.data.n_items)}]
         if name == "ease" and self.data.n_items > self.cfg.cf.ease_max_items:
@@ -249,9 +255,8 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
                               "run `shoprec features --split time` (or user-time, random) first")
     train, users, truth = test_users(data, max_users)
     v_users, v_truth = split_truth(data, 1, train)
-    if len(v_users) > max_valid_users:  # the baselines' grid is chosen on a sample: every grid point scores them all
-        keep = np.sort(np.random.default_rng(1).choice(len(v_users), max_valid_users, replace=False))
-        v_users, v_truth = v_users[keep], [v_truth[i] for i in keep]
+    # the baselines' grid is chosen on a sample: every grid point scores them all
+    v_users, v_truth = sample_users(v_users, v_truth, max_valid_users, seed=1)
     valid = (v_users, v_truth, _seen(v_users, train, data.n_items)) if len(v_users) else None
     seen = _seen(users, train, data.n_items)
     warm = np.isin(users, train["user_id"].unique())

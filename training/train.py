@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 
 from runtime.candidates import CandidateGenerator, CategoryPrior, ItemNeighbours
-from runtime.steps import popularity_factor
+from runtime.steps import best_first, popularity_factor
 from shoprec.config import Config, RankingConfig, RetrievalConfig
 from shoprec.device import torch_device
 from shoprec.errors import UserError
@@ -40,7 +40,7 @@ from shoprec.progress import progress as progress_iter
 
 from . import cf as cflib
 from .data import NULL_CODE, FeatureData, context_of
-from .evaluate import rows_per_batch, split_truth, top_n_unseen
+from .evaluate import rows_per_batch, sample_users, split_truth, top_n_unseen
 from .metrics import mean_se, ndcg_at, per_user_ndcg, recall_at
 from .modules import OOV_CODE, Ranker, TwoTower, sampled_softmax_loss
 
@@ -500,10 +500,7 @@ def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf
     users, truth = users[warm], [t for t, w in zip(truth, warm) if w]
     if not len(users):
         return None
-    if len(users) > cfg.retrieval.max_valid_users:
-        keep = np.sort(np.random.default_rng(cfg.retrieval.seed).choice(len(users), cfg.retrieval.max_valid_users,
-                                                                          replace=False))
-        users, truth = users[keep], [truth[i] for i in keep]
+    users, truth = sample_users(users, truth, cfg.retrieval.max_valid_users, cfg.retrieval.seed)
     q = data.queries(users, data.action_log(train))
     emb = item_embeddings(model, data.item_cat, data.item_cont, device)
     gen = CandidateGenerator(emb, None, cf_all, cf_pos, data.popular_rows, cfg.serve.num_candidates, cfg.serve.recent_window,
@@ -517,8 +514,8 @@ def prior_curve(scores: np.ndarray, rows: np.ndarray, truth: list, popularity: n
     """Per weight: each user's NDCG@10 when their candidates are ordered by score * popularity_factor."""
     out = {}
     for w in weights:
-        s = np.where(rows >= 0, scores * popularity_factor(popularity, w)[np.maximum(rows, 0)], -np.inf)
-        out[float(w)] = per_user_ndcg(np.take_along_axis(rows, np.argsort(-s, axis=1, kind="stable")[:, :10], 1), truth, 10)
+        order = best_first(rows, scores * popularity_factor(popularity, w)[np.maximum(rows, 0)], 10)  # top-k's order
+        out[float(w)] = per_user_ndcg(np.take_along_axis(rows, order, 1), truth, 10)
     return out
 
 
