@@ -77,13 +77,15 @@ class TransformPlan:
         out = np.where(found, codes[idx_c], op["oov_code"])
         return np.where(null, op["null_code"], out).astype(np.int64)
 
-    def transform(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """raw: source column -> 1-D array (NaN or None marks a null). Returns output columns."""
-        missing = [c for c in self.inputs if c not in raw]
+    def transform(self, raw: dict[str, np.ndarray], only: set[str] | None = None) -> dict[str, np.ndarray]:
+        """raw: source column -> 1-D array (NaN or None marks a null). Returns output columns (those named in
+        `only`, else all)."""
+        columns = self.columns if only is None else [c for c in self.columns if c["name"] in only]
+        missing = sorted({c["source"] for c in columns} - set(raw))
         if missing:
             raise KeyError(f"request is missing input column(s) {missing}")
         out = {}
-        for col in self.columns:
+        for col in columns:
             values = np.asarray(raw[col["source"]])
             null = _null_mask(values)
             for op in col["ops"]:
@@ -110,12 +112,67 @@ class TransformPlan:
             out[col["name"]] = values.astype(col["dtype"])
         return out
 
-    def pack(self, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(categorical int64 [B, F_cat], continuous float32 [B, F_cont]) in the plan's column order."""
+    def pack(self, columns: dict[str, np.ndarray], cat_names: list[str] | None = None,
+             cont_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(categorical int64 [B, F_cat], continuous float32 [B, F_cont]) in the plan's column order (or the
+        order of the names given)."""
+        cat_names = self.cat_names if cat_names is None else cat_names
+        cont_names = self.cont_names if cont_names is None else cont_names
         n = len(next(iter(columns.values())))
-        cat = np.stack([columns[c] for c in self.cat_names], axis=1) if self.cat_names else np.zeros((n, 0), np.int64)
-        cont = np.stack([columns[c] for c in self.cont_names], axis=1) if self.cont_names else np.zeros((n, 0), np.float32)
+        cat = np.stack([columns[c] for c in cat_names], axis=1) if cat_names else np.zeros((n, 0), np.int64)
+        cont = np.stack([columns[c] for c in cont_names], axis=1) if cont_names else np.zeros((n, 0), np.float32)
         return cat.astype(np.int64, copy=False), cont.astype(np.float32, copy=False)
+
+
+class UserColumns:
+    """The plan's output columns split into the user's (attributes and history state: encoded once per
+    snapshot user, `encode_users`) and the request context's (hour, weekday, device: encoded per request),
+    with where each sits in the packed matrices."""
+
+    def __init__(self, plan: TransformPlan, spec: dict):
+        context = set(spec["context"])
+        self.plan = plan
+        self.cat = [c for c in plan.cat_names if c not in context]
+        self.cont = [c for c in plan.cont_names if c not in context]
+        self.ctx_cat = [c for c in plan.cat_names if c in context]
+        self.ctx_cont = [c for c in plan.cont_names if c in context]
+        self.user = set(self.cat + self.cont)
+        self.context = set(self.ctx_cat + self.ctx_cont)
+        pos = lambda names, of: np.array([names.index(c) for c in of], np.int64)  # noqa: E731
+        self._pos = (pos(plan.cat_names, self.cat), pos(plan.cat_names, self.ctx_cat),
+                     pos(plan.cont_names, self.cont), pos(plan.cont_names, self.ctx_cont))
+
+    def encode(self, raw: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The user columns of raw query rows, packed: (int64 [B, len(cat)], float32 [B, len(cont)])."""
+        return self.plan.pack(self.plan.transform(raw, only=self.user), self.cat, self.cont)
+
+    def assemble(self, user_cat: np.ndarray, user_cont: np.ndarray, context_raw: dict[str, np.ndarray]):
+        """The plan's packed (cat, cont) from encoded user columns and the raw context columns."""
+        ctx_cat, ctx_cont = self.plan.pack(self.plan.transform(context_raw, only=self.context), self.ctx_cat, self.ctx_cont)
+        n = len(user_cat)
+        cat_u, cat_c, cont_u, cont_c = self._pos
+        cat = np.empty((n, len(self.plan.cat_names)), np.int64)
+        cat[:, cat_u], cat[:, cat_c] = user_cat, ctx_cat
+        cont = np.empty((n, len(self.plan.cont_names)), np.float32)
+        cont[:, cont_u], cont[:, cont_c] = user_cont, ctx_cont
+        return cat, cont
+
+
+def encode_users(plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray, n_seq: int,
+                 chunk: int = 100_000) -> dict[str, np.ndarray]:
+    """The user columns of every snapshot user, encoded once (user_store.npz's `enc__cat` / `enc__cont`): what
+    the feature step would compute per request from the same state and attributes, without the context."""
+    cols = UserColumns(plan, spec)
+    n = len(store.user_id)
+    cat = np.zeros((n, len(cols.cat)), np.int64)
+    cont = np.zeros((n, len(cols.cont)), np.float32)
+    for lo in range(0, n, chunk):
+        rows = np.arange(lo, min(lo + chunk, n))
+        raw = raw_rows(spec, store.state(rows, n_seq), store.attrs(store.user_id[rows], rows), category_names)
+        cat[rows], cont[rows] = cols.encode(raw)
+    small = cat.size == 0 or (cat.min() >= np.iinfo(np.int32).min and cat.max() <= np.iinfo(np.int32).max)
+    return {"enc__cat": cat.astype(np.int32) if small else cat, "enc__cont": cont,
+            "enc__cat_columns": np.array(cols.cat, dtype=str), "enc__cont_columns": np.array(cols.cont, dtype=str)}
 
 
 def raw_rows(spec: dict, state: dict[str, np.ndarray], attrs: dict[str, np.ndarray], category_names: np.ndarray,
@@ -144,10 +201,15 @@ def raw_rows(spec: dict, state: dict[str, np.ndarray], attrs: dict[str, np.ndarr
         raw["fav_category"] = cat_name(state["fav_category"])
     for col in spec["history_num"]:
         raw[col] = np.asarray(state[col], dtype=np.float64)
-    raw["hour"] = np.full(n, np.nan) if hour is None else np.asarray(hour, dtype=np.float64)
-    raw["weekday"] = np.full(n, np.nan) if weekday is None else np.asarray(weekday, dtype=np.float64)
-    raw["device"] = np.full(n, None, dtype=object) if device is None else np.asarray(device, dtype=object)
+    raw.update(context_raw(n, hour, weekday, device))
     return raw
+
+
+def context_raw(n: int, hour=None, weekday=None, device=None) -> dict[str, np.ndarray]:
+    """The query workflow's raw context columns for n queries (None: null, the "unknown" of training)."""
+    return {"hour": np.full(n, np.nan) if hour is None else np.asarray(hour, dtype=np.float64),
+            "weekday": np.full(n, np.nan) if weekday is None else np.asarray(weekday, dtype=np.float64),
+            "device": np.full(n, None, dtype=object) if device is None else np.asarray(device, dtype=object)}
 
 
 def find_rows(keys: np.ndarray, values, order: np.ndarray | None = None) -> np.ndarray:
@@ -165,7 +227,8 @@ class UserStore:
     """The serving snapshot of every known user (user_store.npz), looked up by raw user id.
 
     Arrays: user_id (sorted), attr__<col> (+ attr__<col>__null), the state columns, seq_rows /
-    seq_kinds [U, N] and the action history as CSR (hist_indptr, hist_rows, hist_kinds)."""
+    seq_kinds [U, N], the action history as CSR (hist_indptr, hist_rows, hist_kinds), and the user columns
+    encoded once (`encode_users`: enc__cat, enc__cont and their column names; absent in older stores)."""
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         self.user_id = arrays["user_id"]
@@ -176,6 +239,12 @@ class UserStore:
     def load(cls, path: str | Path) -> "UserStore":
         with np.load(path, allow_pickle=False) as npz:
             return cls({k: npz[k] for k in npz.files})
+
+    def encoded(self, cols: UserColumns) -> bool:
+        """Whether the store holds the user columns encoded once, for exactly these columns."""
+        a = self.arrays
+        return ("enc__cat" in a and a["enc__cat_columns"].tolist() == cols.cat
+                and a["enc__cont_columns"].tolist() == cols.cont and len(a["enc__cat"]) == len(self.user_id))
 
     def lookup(self, user_id: np.ndarray) -> np.ndarray:
         """Store row of each user id, -1 when the store does not know the user."""

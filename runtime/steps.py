@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours, csr_offsets
 from runtime.online_store import OnlineStore, store_url
-from runtime.request_transform import TransformPlan, UserStore, find_rows, raw_rows
+from runtime.request_transform import TransformPlan, UserColumns, UserStore, context_raw, find_rows, raw_rows
 from runtime.strategy import Strategy
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
@@ -306,13 +306,23 @@ class FeatureTransform(StepImpl):
     user without live state, or every user of a request the store failed (`degraded`). Attributes
     always come from the snapshot. Absent context is null: the "unknown" the training rows carry when
     their context is dropped out, never the server's clock. A user is cold when neither holds an
-    action of theirs, whatever their id."""
+    action of theirs, whatever their id.
+
+    The snapshot's users come with their attribute and history columns encoded once (user_store.npz), so
+    a request encodes only its context; a user with live state, or unknown to the snapshot, is encoded
+    from their state per request by the same plan."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         bundle = self.bundle
         self.plan = TransformPlan.load(bundle.file("query_plan"), bundle.file("query_vocab"))
         self.store = UserStore(bundle.npz("user_store"))
+        self.columns = UserColumns(self.plan, bundle.dims["query_spec"])
+        # the snapshot users' attribute and history columns, encoded once by the features stage; a store
+        # without them (an older bundle) has every row encoded per request
+        self.encoded = self.store.encoded(self.columns)
+        if self.encoded:
+            self.enc_cat, self.enc_cont = self.store.arrays["enc__cat"], self.store.arrays["enc__cont"]
         table = bundle.npz("item_table")
         self.item_codes = table["item_cat"][:, 0]
         self.category_names = table["category_names"]
@@ -417,7 +427,6 @@ class FeatureTransform(StepImpl):
         rows = self.store.lookup(user_id)
         state = self.store.state(rows, self.seq_len)
         history = [self.store.history(int(r)) for r in rows]
-        attrs = self.store.attrs(user_id, rows)
         live = np.zeros(len(user_id), bool)
         unavailable, degraded = np.zeros(0, np.int64), False
         if pending is not None:
@@ -429,8 +438,7 @@ class FeatureTransform(StepImpl):
                 for key in state:
                     state[key][i] = one[key][: self.seq_len] if key in ("seq_rows", "seq_kinds") else one[key]
                 history[i] = (one["hist_rows"], one["hist_kinds"])
-        raw = raw_rows(self.spec, state, attrs, self.category_names, hour, weekday, client_device)
-        cat, cont = self.plan.pack(self.plan.transform(raw))
+        cat, cont = self.encode(user_id, rows, state, live, hour, weekday, client_device)
         seq_rows = state["seq_rows"]
         seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
         width = max(1, max(len(h[0]) for h in history))
@@ -442,6 +450,27 @@ class FeatureTransform(StepImpl):
                 "history_rows": hist_rows, "history_kinds": hist_kinds,
                 "unavailable": np.pad(unavailable, (0, 1 if not len(unavailable) else 0), constant_values=-1),
                 "cold": state["activity"] <= 0, "live": live, "degraded": degraded}
+
+    def encode(self, user_id: np.ndarray, rows: np.ndarray, state: dict, live: np.ndarray, hour=None, weekday=None,
+               client_device=None, encoded: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The query plan's packed (user_cat, user_cont): the snapshot's columns encoded once where the user's
+        state is the snapshot's, the same plan on their state otherwise (`encoded=False`: every row so)."""
+        cols = self.columns
+        redo = np.flatnonzero((rows < 0) | live) if (self.encoded if encoded is None else encoded) else np.arange(len(rows))
+        if len(redo) == len(rows):
+            user_cat, user_cont = None, None
+        else:
+            safe = np.maximum(rows, 0)
+            user_cat, user_cont = self.enc_cat[safe].astype(np.int64), self.enc_cont[safe]
+        if len(redo):
+            one = {k: v[redo] for k, v in state.items()}
+            raw = raw_rows(self.spec, one, self.store.attrs(user_id[redo], rows[redo]), self.category_names)
+            cat_r, cont_r = cols.encode(raw)
+            if user_cat is None:
+                user_cat, user_cont = cat_r, cont_r
+            else:
+                user_cat[redo], user_cont[redo] = cat_r, cont_r
+        return cols.assemble(user_cat, user_cont, context_raw(len(rows), hour, weekday, client_device))
 
 
 class OnnxStep(StepImpl):

@@ -148,6 +148,35 @@ def test_small_batches_take_the_dict_lookup_and_agree_with_the_vectorised_path(a
     assert len(plan._tables) >= 5  # the string vocabularies did take the dict path
 
 
+def test_snapshot_users_are_encoded_once_and_equal_the_per_request_encoding(pipeline):
+    """The feature step reads a snapshot user's attribute and history columns from user_store.npz (encoded by
+    the features stage) and encodes only the request's context; a user unknown to the snapshot, or with live
+    state, is encoded per request. Both give what encoding every row per request gives."""
+    step = pipeline.steps["feature_transform"]
+    assert step.encoded, "the features stage wrote no encoded user columns into user_store.npz"
+    assert step.enc_cat.shape == (len(step.store.user_id), len(step.columns.cat))
+    assert "hour" in step.columns.context and "hour" not in step.columns.user
+    rng = np.random.default_rng(3)
+    pool = np.concatenate([step.store.user_id, 10**12 + np.arange(5)])  # and users the snapshot does not know
+    devices = np.array(["mobile", "desktop", "fridge", None], dtype=object)
+    shortcuts = 0
+    for size in (1, 2, 7, 16):
+        for _ in range(25):
+            users = rng.choice(pool, size)
+            rows = step.store.lookup(users)
+            state = step.store.state(rows, step.seq_len)
+            live = rng.random(size) < 0.3
+            context = (rng.integers(0, 24, size) if rng.random() < 0.5 else None,
+                       rng.integers(0, 7, size) if rng.random() < 0.5 else None,
+                       rng.choice(devices, size) if rng.random() < 0.5 else None)
+            once = step.encode(users, rows, state, live, *context)
+            every = step.encode(users, rows, state, live, *context, encoded=False)
+            np.testing.assert_array_equal(once[0], every[0])
+            np.testing.assert_array_equal(once[1], every[1])
+            shortcuts += int(((rows >= 0) & ~live).sum())
+    assert shortcuts > 300  # of 650 rows
+
+
 def test_plan_is_json_and_npz_without_pickles(artifacts):
     serving = artifacts / "features" / "serving"
     plan = json.loads((serving / "query_plan.json").read_text())
