@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -97,7 +98,9 @@ def part_latency(artifacts: Path, url: str, users: np.ndarray, tmp: Path, rounds
     runs: dict[str, list] = {"online": [], "none": []}
     for r in range(rounds):
         for mode in ("online", "none") if r % 2 == 0 else ("none", "online"):  # alternate which goes first
-            server = TritonServer.from_config(cfg, artifacts, ephemeral_ports=True, log_path=tmp / f"triton-{mode}-{r}.log")
+            # no response cache: the same users repeat, and the cache would skip the steps being measured
+            server = TritonServer.from_config(dataclasses.replace(cfg, response_cache_mb=0), artifacts, ephemeral_ports=True,
+                                              log_path=tmp / f"triton-{mode}-{r}.log")
             server.online_store = url if mode == "online" else "none"
             with server:
                 run_perf_analyzer(server.grpc_url, "grpc", 1, data, 200)  # warm-up

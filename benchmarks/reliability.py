@@ -227,7 +227,9 @@ def run(artifacts: Path, n_fuzz: int, soak_s: float, concurrency: int) -> dict:
     from serving.launcher import TritonServer
 
     cfg = load_config()
-    serve = cfg.replace("serve", online_store="none").serve
+    # no response cache: the soak cycles 200 users, so the cache would answer most requests, and its filling
+    # would read as memory growth
+    serve = cfg.replace("serve", online_store="none", response_cache_mb=0).serve
     users = [int(u) for u in warm_users(artifacts)[:200]]
     with TritonServer.from_config(serve, artifacts, ephemeral_ports=True) as server:
         report = {"grpc_fuzz": fuzz_grpc(server.grpc_url, users[0], n_fuzz),

@@ -20,6 +20,7 @@ Writes benchmarks/results/serving.{json,csv,md,png} (serving_TAG.* with --tag).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -144,7 +145,10 @@ def main(argv=None) -> dict:
         report["in_process"] = in_process_floor(artifacts, users)
         print(f"in-process    c=1   {report['in_process']['throughput_rps']:8.1f} req/s  "
               f"p50 {report['in_process']['p50_ms']:7.2f} ms", flush=True)
-        with TritonServer.from_config(cfg.serve, artifacts, ephemeral_ports=True, log_path=Path(tmp) / "triton.log") as server:
+        # the response cache off: the load cycles the same users, so the cache would answer most requests after the
+        # first round, and FastAPI and the in-process floor have none (benchmarks/response_cache.py measures it)
+        serve = dataclasses.replace(cfg.serve, response_cache_mb=0)
+        with TritonServer.from_config(serve, artifacts, ephemeral_ports=True, log_path=Path(tmp) / "triton.log") as server:
             pgid = server.process.pid  # started in its own session: the stubs share its process group
             sweep(report["targets"], "triton-grpc", server.grpc_url, "grpc", args.concurrency, data, pgid, server.grpc_url)
             sweep(report["targets"], "triton-http", server.http_url, "http", args.concurrency, data, pgid)

@@ -95,7 +95,8 @@ def main(argv=None) -> None:
     from serving.launcher import TritonServer
 
     cfg = load_config()
-    serve = cfg.replace("serve", online_store="none").serve
+    # no response cache: the load repeats one user, whose cached candidates would hide a dead candidates stub
+    serve = cfg.replace("serve", online_store="none", response_cache_mb=0).serve
     user = int(warm_users(args.artifacts)[0])
     rows = []
     with TritonServer.from_config(serve, args.artifacts, ephemeral_ports=True) as server:

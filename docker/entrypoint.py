@@ -289,7 +289,7 @@ def server_command(settings: Settings, repo: Path) -> list[str]:
     return tritonserver_command("tritonserver", repo, http_address=http_address, http_port=settings.serve.http_port,
                                 grpc_address="0.0.0.0", grpc_port=settings.serve.grpc_port, metrics_address="0.0.0.0",
                                 metrics_port=settings.serve.metrics_port, admin_key=settings.admin_key,
-                                grpc_tls=settings.grpc_tls)
+                                grpc_tls=settings.grpc_tls, response_cache_mb=settings.serve.response_cache_mb)
 
 
 def redacted(command: list[str]) -> list[str]:

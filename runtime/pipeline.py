@@ -49,12 +49,13 @@ class Pipeline:
 
     @staticmethod
     def request(user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None, scene=None,
-                context_item_ids=None, force_arms=None, blend=None) -> dict:
+                context_item_ids=None, force_arms=None, blend=None, cache_salt=None) -> dict:
         """Request tensors ([B, 1], the contract's dtypes; context_item_ids [B, L], blend [B, 3]) from scalars or
-        per-user arrays (context_item_ids, blend: one for every user, or one per user)."""
+        per-user arrays (context_item_ids, blend: one for every user, or one per user). cache_salt changes
+        nothing here (it is the server's response cache's business)."""
         user_id = np.asarray(user_id, dtype=np.int64).reshape(-1, 1)
         values = {"k": k, "hour": hour, "weekday": weekday, "client_device": client_device, "exclude_seen": exclude_seen,
-                  "diversity": diversity, "scene": scene, "force_arms": force_arms}
+                  "diversity": diversity, "scene": scene, "force_arms": force_arms, "cache_salt": cache_salt}
         out = {"user_id": user_id}
         for t in contract.REQUEST_INPUTS[1:]:
             if t.name in ("context_item_ids", "blend"):
@@ -76,11 +77,11 @@ class Pipeline:
         return self.run(request, stop=per_request)
 
     def recommend(self, user_id, k, hour=None, weekday=None, client_device=None, exclude_seen=None, diversity=None,
-                  with_routes: bool = False, scene=None, context_item_ids=None, force_arms=None, blend=None):
+                  with_routes: bool = False, scene=None, context_item_ids=None, force_arms=None, blend=None, cache_salt=None):
         """Batch of users -> list of (item_ids, scores, cold_start), one per user (each user its own request);
         with_routes: (item_ids, scores, cold_start, item_routes), the route bitmask of each served item."""
         tensors = self.rank(self.request(user_id, k, hour, weekday, client_device, exclude_seen, diversity, scene,
-                                         context_item_ids, force_arms, blend))
+                                         context_item_ids, force_arms, blend, cache_salt))
         last = self.graph[-1]
         if not last.per_request:
             raise ValueError(f"the graph's last step {last.name!r} does not produce per-request lists")

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -50,9 +51,12 @@ _DEAD_STUB = re.compile(r"Stub process '([A-Za-z0-9_\-]+?)_\d+_\d+' is not healt
 
 
 def canary_body() -> bytes:
+    """The canary request: a fresh `cache_salt` each time, so no step answers it from the response cache (a
+    dead stub behind a cached step would go unseen: every cold user's request is the same)."""
     return json.dumps({"inputs": [
         {"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [CANARY_USER]},
         {"name": "k", "shape": [1, 1], "datatype": "INT32", "data": [1]},
+        {"name": "cache_salt", "shape": [1, 1], "datatype": "INT64", "data": [secrets.randbits(63)]},
     ]}).encode()
 
 

@@ -18,9 +18,12 @@ ADMIN_HEADER = "shoprec-admin-key"
 def tritonserver_command(binary: str, repository: Path | str, *, http_address: str, http_port: int, grpc_address: str,
                          grpc_port: int, metrics_address: str, metrics_port: int, backend_directory: Path | str | None = None,
                          admin_key: str | None = None, grpc_tls: tuple[str, str, str] | None = None,
+                         response_cache_mb: int = 0, cache_directory: Path | str | None = None,
                          extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     """admin_key: restrict RESTRICTED_APIS to requests carrying it (None: Triton's defaults, everything open).
-    grpc_tls: (certificate, key, client CA or "") PEM paths: gRPC over TLS, mutual when a client CA is given."""
+    grpc_tls: (certificate, key, client CA or "") PEM paths: gRPC over TLS, mutual when a client CA is given.
+    response_cache_mb: Triton's local response cache, used by the models whose config enables it (0: none);
+    cache_directory: where its library lives (None: Triton's default, /opt/tritonserver/caches)."""
     cmd = [binary, f"--model-repository={repository}"]
     if backend_directory is not None:
         cmd.append(f"--backend-directory={backend_directory}")
@@ -39,6 +42,12 @@ def tritonserver_command(binary: str, repository: Path | str, *, http_address: s
         "--exit-timeout-secs=5",
         "--log-verbose=0",
     ]
+    if response_cache_mb < 0:
+        raise ValueError(f"serve.response_cache_mb must be >= 0 (0: no cache), got {response_cache_mb}")
+    if response_cache_mb:
+        cmd.append(f"--cache-config=local,size={int(response_cache_mb) * 2**20}")
+        if cache_directory is not None:
+            cmd.append(f"--cache-directory={cache_directory}")
     if admin_key is not None:
         if not admin_key or not all(c.isalnum() or c in "-_" for c in admin_key):
             raise ValueError("the admin key must be letters, digits, - or _")

@@ -200,6 +200,7 @@ class TritonServer:
     triton_grpc_port: int = 0
     grpc_proxy: object = None  # the GrpcFront while it runs
     front: object = None  # the HttpFront while it runs
+    response_cache_mb: int = 0  # Triton's local response cache for the cacheable steps (contract.Step.cacheable); 0: off
     canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
     canary_timeout_s: float = 5.0
     doctor: object = None  # the StepDoctor while it runs
@@ -218,7 +219,7 @@ class TritonServer:
                    config_path=config_path, ready_timeout_s=cfg.ready_timeout_s, online_store=cfg.online_store,
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
                    grpc_tls=_tls(cfg), http_front=cfg.http_front, grpc_front=_grpc_front(cfg),
-                   grpc_max_message_mb=cfg.grpc_max_message_mb,
+                   grpc_max_message_mb=cfg.grpc_max_message_mb, response_cache_mb=cfg.response_cache_mb,
                    canary_timeout_s=cfg.canary_timeout_s, versioned=True, swap_drain_s=cfg.swap_drain_s)
 
     @property
@@ -255,7 +256,8 @@ class TritonServer:
                                     grpc_address="127.0.0.1" if self.grpc_front else self.address,
                                     grpc_port=self.triton_grpc_port if self.grpc_front else self.grpc_port,
                                     metrics_address=self.address, metrics_port=self.metrics_port,
-                                    admin_key=self.admin_key, grpc_tls=None if self.grpc_front else self.grpc_tls)
+                                    admin_key=self.admin_key, grpc_tls=None if self.grpc_front else self.grpc_tls,
+                                    response_cache_mb=self.response_cache_mb, cache_directory=pytriton_root() / "caches")
 
     @property
     def admin_key_path(self) -> Path:

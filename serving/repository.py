@@ -54,6 +54,8 @@ def step_config(step: contract.Step, profile: str) -> mc.ModelConfig:
     cfg.dynamic_batching.preferred_batch_size.extend(step.preferred_batch_sizes)
     cfg.dynamic_batching.max_queue_delay_microseconds = step.gpu_queue_delay_us if profile == "gpu" else step.cpu_queue_delay_us
     cfg.instance_group.add(count=1, kind=getattr(mc.ModelInstanceGroup, step.kind(profile)))
+    if step.response_cache:  # used only when the server has a cache (serve.response_cache_mb > 0)
+        cfg.response_cache.enable = True
     if not native:
         cfg.parameters["shoprec_profile"].string_value = profile
     return cfg

@@ -155,6 +155,9 @@ class ServeConfig:
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""
     ready_timeout_s: float = 120.0
+    # Triton's response cache (local, LRU) for the steps whose outputs depend on their inputs alone
+    # (contract.Step.cacheable: retrieval and the candidate features); 0: no cache
+    response_cache_mb: int = 64
     # the step doctor (serving/canary.py): one request through the ensemble this often; a failure or a
     # reply slower than canary_timeout_s reloads the failed step (or every step), then restarts the server
     canary_interval_s: float = 2.0  # 0: off

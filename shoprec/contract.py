@@ -64,9 +64,17 @@ class Step:
     # (Triton's input_map/output_map): a step inserted before this one rewires it without a code change
     wiring: tuple[tuple[str, str], ...] = ()
     parts: tuple[str, ...] = ()  # a fused step (cpu profile): the graph's steps it runs, in order, in one model
+    # its outputs are a function of its inputs and the bundle alone (no clock, no live state read inside the step);
+    # `response_cache` says whether Triton's cache answers repeated requests for it (serve.response_cache_mb)
+    cacheable: bool = False
 
     def kind(self, profile: str) -> str:
         return self.gpu_kind if profile == "gpu" else "KIND_CPU"
+
+    @property
+    def response_cache(self) -> bool:
+        """Cached by Triton: a cacheable step that reads CACHE_SALT, so the canary's fresh salt still runs it."""
+        return self.cacheable and any(t.name == "cache_salt" for t in self.inputs)
 
     def graph_name(self, tensor: str) -> str:
         """The ensemble tensor a step input/output is connected to."""
@@ -85,6 +93,9 @@ SCENE = Tensor("scene", "STRING", (1,), optional=True)  # home, item_detail, car
 CONTEXT_ITEM_IDS = Tensor("context_item_ids", "INT64", (-1,), optional=True)  # raw ids: the viewed item, the cart
 FORCE_ARMS = Tensor("force_arms", "STRING", (1,), optional=True)  # QA: "layer=arm,..." instead of the hashed arms
 BLEND = Tensor("blend", "FP32", (3,), optional=True)  # final score weights: pCTR, pCTR * pCVR, pCTR * pCVR * item value
+# any value: part of the response cache's key and read by nothing else, so a request carrying a fresh one runs
+# every step (the canary: a dead stub behind a cached step would otherwise go unseen)
+CACHE_SALT = Tensor("cache_salt", "INT64", (1,), optional=True)
 # intermediate tensors
 USER_CAT = Tensor("user_cat", "INT64", ("user_cat_dim",))
 USER_CONT = Tensor("user_cont", "FP32", ("user_cont_dim",))
@@ -114,7 +125,8 @@ ITEM_ROUTES = Tensor("item_routes", "INT32", (-1,))  # per served item: bitmask 
 EXPERIMENT = Tensor("experiment", "STRING", (1,))  # the arms the user got: "layer=arm,..." ("" without experiments)
 SERVED_VERSION = Tensor("served_version", "INT64", (1,))  # the bundle version that computed the list (shoprec/bundles.py)
 
-REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY, SCENE, CONTEXT_ITEM_IDS, FORCE_ARMS, BLEND)
+REQUEST_INPUTS = (USER_ID, K, HOUR, WEEKDAY, CLIENT_DEVICE, EXCLUDE_SEEN, DIVERSITY, SCENE, CONTEXT_ITEM_IDS, FORCE_ARMS, BLEND,
+                  CACHE_SALT)
 RESPONSE_OUTPUTS = (ITEM_IDS, SCORES, COLD_START, ITEM_ROUTES, DEGRADED, EXPERIMENT, SERVED_VERSION)
 # the recall routes (runtime/candidates.py): fusion tie order, bit order of `item_routes`
 ROUTES = ("cf_all", "cf_pos", "ann", "category", "popular", "trending", "similar", "similar_ann", "copurchase")
@@ -126,9 +138,10 @@ STEPS: tuple[Step, ...] = (
          (*USER_MODEL_INPUTS, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, COLD_START, DEGRADED, STRATEGY, CONTEXT_ROWS,
           EXPERIMENT, SERVED_VERSION), "FeatureTransform", "KIND_CPU"),
     Step("user_tower", USER_MODEL_INPUTS, (USER_EMBEDDING,), "OnnxStep", "KIND_GPU", engine=True),
-    Step("retrieval", (USER_EMBEDDING, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, EXCLUDE_SEEN, STRATEGY, CONTEXT_ROWS),
-         (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval", "KIND_GPU"),
-    Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU"),
+    Step("retrieval", (USER_EMBEDDING, HISTORY_ROWS, HISTORY_KINDS, UNAVAILABLE_ROWS, EXCLUDE_SEEN, STRATEGY, CONTEXT_ROWS,
+                       CACHE_SALT),
+         (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval", "KIND_GPU", cacheable=True),
+    Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU", cacheable=True),
     Step("ranker", RANKER_INPUTS, (RANKING_SCORES, RANKING_PROBS), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
          preferred_batch_sizes=(4, 16, 32)),
     Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START, DIVERSITY, CANDIDATE_ROUTES, STRATEGY, RANKING_PROBS, BLEND),
@@ -186,7 +199,8 @@ def _fuse(name: str, parts: list[Step], later: list[Step]) -> Step:
     outputs = tuple(replace(t, name=s.graph_name(t.name)) for s in parts for t in s.outputs if s.graph_name(t.name) in read_later)
     return Step(name, tuple(inputs), outputs, "Fused", "KIND_CPU", engine=False, per_request=any(s.per_request for s in parts),
                 profiles=("cpu",), max_batch_size=min(s.max_batch_size for s in parts),
-                preferred_batch_sizes=parts[0].preferred_batch_sizes, parts=tuple(s.name for s in parts))
+                preferred_batch_sizes=parts[0].preferred_batch_sizes, parts=tuple(s.name for s in parts),
+                cacheable=all(s.cacheable for s in parts))
 
 
 def profile_step(profile: str, name: str) -> Step:

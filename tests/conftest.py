@@ -62,9 +62,11 @@ def triton(artifacts, cfg, config_file):
     from serving.launcher import TritonServer
 
     # no step doctor here: its canary requests count in the steps' metrics like any request, and the metrics
-    # tests assert exact deltas (tests/test_step_doctor.py runs a server with one)
-    server = TritonServer.from_config(cfg.replace("serve", canary_interval_s=0.0).serve, artifacts, ephemeral_ports=True,
-                                      config_path=config_file)
+    # tests assert exact deltas (tests/test_step_doctor.py runs a server with one). No response cache either: a
+    # cached step does not run, so its counters would depend on what earlier tests asked
+    # (test_the_response_cache_answers_a_repeated_request_and_never_the_canary runs a server with it)
+    server = TritonServer.from_config(cfg.replace("serve", canary_interval_s=0.0, response_cache_mb=0).serve, artifacts,
+                                      ephemeral_ports=True, config_path=config_file)
     with server:
         yield server
 

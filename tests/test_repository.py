@@ -37,7 +37,8 @@ def test_configs_parse_and_follow_contract():
         steps = contract.profile_steps(profile)
         assert [s.model_name for s in ens.ensemble_scheduling.step] == [s.name for s in steps]
         assert {i.name for i in ens.input if i.optional} == {"hour", "weekday", "client_device", "exclude_seen", "diversity",
-                                                                   "scene", "context_item_ids", "force_arms", "blend"}
+                                                                   "scene", "context_item_ids", "force_arms", "blend",
+                                                                   "cache_salt"}
         for step in steps:
             cfg = _load(profile, step.name)
             assert [i.name for i in cfg.input] == [t.name for t in step.inputs]
@@ -49,6 +50,10 @@ def test_configs_parse_and_follow_contract():
     assert _load("gpu", "topk").instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     cpu = [s.name for s in contract.profile_steps("cpu")]
     assert cpu == ["user_features", "candidates", "ranking"]  # three python hops per request on CPU
+    # Triton's response cache: only on the steps that compute from their inputs alone and read the canary's salt
+    # (the feature step reads live state, the ranking step the blocked-items file)
+    cached = {(p, s.name) for p in PROFILES for s in contract.profile_steps(p) if _load(p, s.name).response_cache.enable}
+    assert cached == {("cpu", "candidates"), ("gpu", "retrieval")}
     assert _load("cpu", "ranking").backend == "python" and _load("cpu", "ranking").max_batch_size == 64
 
 

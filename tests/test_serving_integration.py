@@ -3,6 +3,7 @@
 import asyncio
 import os
 import re
+import secrets
 
 import numpy as np
 import pytest
@@ -155,6 +156,8 @@ def test_requests_with_histories_of_different_lengths_batch_together(triton, pip
         widths.add(width)
         t["history_rows"], t["history_kinds"] = t["history_rows"][:, :width], t["history_kinds"][:, :width]
         requests.append({x.name: (np.ascontiguousarray(t[x.name]), x.dtype) for x in step.inputs if t.get(x.name) is not None})
+        # a fresh salt: earlier tests asked for these users, and the response cache would answer them unbatched
+        requests[-1]["cache_salt"] = (np.array([[secrets.randbits(62)]], np.int64), "INT64")
         expected.append(pipeline.run(t, start="retrieval", stop="ranker"))
         if len(requests) == 16:
             break
@@ -377,6 +380,37 @@ def test_step_counters_on_the_metrics_port(triton, artifacts):
     assert delta('shoprec_route_empty_total{route="cf_all"}') >= 2  # the two cold users at least
     assert delta('shoprec_route_candidates_total{route="popular"}') > 0
     assert delta("shoprec_candidates_total") == 5 * triton_candidates(artifacts)
+
+
+def test_the_response_cache_answers_a_repeated_request_and_never_the_canary(artifacts, cfg):
+    """On by default: the candidates step (retrieval + candidate features: a function of its inputs and the
+    bundle) is answered from Triton's cache when a request repeats one it ran, with the same lists; the
+    canary's fresh salt runs it every time."""
+    from serving.canary import canary
+    from serving.launcher import TritonServer
+
+    serve = cfg.replace("serve", canary_interval_s=0.0).serve
+    assert serve.response_cache_mb > 0
+    users = _users(artifacts, 4) + [-1, -2]  # and two unknown users: their requests differ at most in the arm
+    with TritonServer.from_config(serve, artifacts, ephemeral_ports=True) as server, \
+            RecommenderClient(server.grpc_url) as c, grpcclient.InferenceServerClient(server.grpc_url) as g:
+
+        def counts():
+            s = g.get_inference_statistics("candidates").model_stats[0].inference_stats
+            return s.cache_hit.count, s.cache_miss.count
+
+        first = [c.recommend(u, k=10) for u in users]
+        hits, misses = counts()
+        assert hits + misses == len(users) and misses >= len(users) - 1
+        again = [c.recommend(u, k=10) for u in users]
+        assert counts() == (hits + len(users), misses)  # every repeat is a hit
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a.item_ids, b.item_ids)
+            np.testing.assert_array_equal(a.scores, b.scores)
+            assert a.routes == b.routes
+        for _ in range(3):
+            assert canary(server.triton_http_url) is None
+        assert counts() == (hits + len(users), misses + 3)  # each canary ran the step
 
 
 def triton_candidates(artifacts) -> int:

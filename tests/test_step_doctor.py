@@ -29,7 +29,9 @@ def test_dead_steps_are_read_from_the_error():
 def server(artifacts, cfg):
     from serving.launcher import TritonServer
 
-    serve = cfg.replace("serve", canary_interval_s=1.0, canary_timeout_s=3.0, online_store="none").serve
+    # no response cache: the load asks for one user, whose cached candidates would hide a dead candidates stub from
+    # it (the canary itself never hits the cache: test_serving_integration checks that)
+    serve = cfg.replace("serve", canary_interval_s=1.0, canary_timeout_s=3.0, online_store="none", response_cache_mb=0).serve
     with TritonServer.from_config(serve, artifacts, ephemeral_ports=True) as s:
         yield s
 
