@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.command import check_tls_files, tritonserver_command
+from serving.command import apply_instance_counts, check_tls_files, tritonserver_command
 from shoprec import contract
 from shoprec.config import ServeConfig, load_config
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest
@@ -278,6 +278,10 @@ def prepare_runtime_repo(settings: Settings, engines: list[EnginePlan]) -> Path:
         target = repo / plan.model / "1" / "model.plan"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(plan.engine)
+    try:
+        apply_instance_counts(repo, dict(settings.serve.instances))
+    except ValueError as exc:
+        raise StartupError(f"serve config: {exc}", EXIT_BAD_BUNDLE) from None
     return repo
 
 

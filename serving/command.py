@@ -4,6 +4,7 @@ container entrypoint (docker/entrypoint.py). Standard library only."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -81,3 +82,27 @@ def check_tls_files(cert: str, key: str, client_ca: str = "") -> tuple[str, str,
         if b"-----BEGIN" not in head:
             raise ValueError(f"serve.{name}: {path} is not a PEM file")
     return os.path.abspath(cert), os.path.abspath(key), os.path.abspath(client_ca) if client_ca else ""
+
+
+MAX_INSTANCES = 8
+_INSTANCE_COUNT = re.compile(r"(instance_group \{\n  count: )(\d+)")
+
+
+def apply_instance_counts(repository: Path | str, counts: dict) -> dict[str, int]:
+    """Sets `serve.instances` ({model: count}) in a copy of a generated repository: each named model's
+    instance_group count (its stubs, or GPU instances, run that many batches at once). ValueError naming the
+    setting for an unknown model, the ensemble, or a count outside 1..MAX_INSTANCES. Returns what it set."""
+    repository = Path(repository)
+    models = {p.parent.name: p for p in repository.glob("*/config.pbtxt")}
+    done = {}
+    for name, count in sorted(counts.items()):
+        path = models.get(name)
+        text = path.read_text() if path is not None else ""
+        if not _INSTANCE_COUNT.search(text):  # the ensemble has no instance group
+            raise ValueError(f"serve.instances.{name}: no model {name!r} with instances in {repository.name} "
+                             f"(models: {sorted(m for m, p in models.items() if _INSTANCE_COUNT.search(p.read_text()))})")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_INSTANCES:
+            raise ValueError(f"serve.instances.{name} must be an integer in 1..{MAX_INSTANCES}, got {count!r}")
+        path.write_text(_INSTANCE_COUNT.sub(lambda m: f"{m.group(1)}{count}", text, count=1))
+        done[name] = count
+    return done

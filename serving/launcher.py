@@ -24,7 +24,7 @@ import sysconfig
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoprec import bundles
@@ -33,7 +33,7 @@ from shoprec.contract import ENSEMBLE
 from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
-from .command import check_tls_files, tritonserver_command
+from .command import apply_instance_counts, check_tls_files, tritonserver_command
 
 log = logging.getLogger("shoprec.serve")
 
@@ -200,6 +200,7 @@ class TritonServer:
     triton_grpc_port: int = 0
     grpc_proxy: object = None  # the GrpcFront while it runs
     front: object = None  # the HttpFront while it runs
+    instances: dict = field(default_factory=dict)  # serve.instances: {model: instance count} in the served repository
     response_cache_mb: int = 0  # Triton's local response cache for the cacheable steps (contract.Step.cacheable); 0: off
     canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
     canary_timeout_s: float = 5.0
@@ -220,6 +221,7 @@ class TritonServer:
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
                    grpc_tls=_tls(cfg), http_front=cfg.http_front, grpc_front=_grpc_front(cfg),
                    grpc_max_message_mb=cfg.grpc_max_message_mb, response_cache_mb=cfg.response_cache_mb,
+                   instances=dict(cfg.instances),
                    canary_timeout_s=cfg.canary_timeout_s, versioned=True, swap_drain_s=cfg.swap_drain_s)
 
     @property
@@ -297,6 +299,13 @@ class TritonServer:
             from .versions import ServedRepository
 
             self.served = ServedRepository.create(self.repository, work / f"repository.{self.grpc_port}", version)
+        if self.instances:
+            if not self.versioned:
+                raise LaunchError("serve.instances needs the numbered bundles' served repository (versioned)")
+            try:
+                log.info("instances: %s", apply_instance_counts(self.served.root, self.instances))
+            except ValueError as exc:
+                raise LaunchError(str(exc)) from None
         cmd = self.command(backends_dir(work))
         self._lifecycle = threading.Lock()  # a restart by the step doctor replaces self.process under it
         self._halt = threading.Event()  # set by stop(): a restart in flight must not start a new server

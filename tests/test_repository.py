@@ -4,6 +4,7 @@ import filecmp
 import subprocess
 import sys
 
+import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -65,3 +66,23 @@ def test_serving_imports_without_the_offline_stack():
             + "import runtime.steps, runtime.pipeline, serving.repository\nprint('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_instance_counts_are_set_in_a_copy_and_bad_ones_are_named(tmp_path):
+    import shutil
+
+    from serving.command import apply_instance_counts
+
+    repo = tmp_path / "cpu"
+    shutil.copytree(REPO_ROOT / "model_repository" / "cpu", repo)
+    assert apply_instance_counts(repo, {"candidates": 3}) == {"candidates": 3}
+    cfg = text_format.Parse((repo / "candidates" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert [g.count for g in cfg.instance_group] == [3]
+    assert _load("cpu", "candidates").instance_group[0].count == 1  # the generated repository is untouched
+    for counts, message in (({"rankr": 2}, "serve.instances.rankr: no model 'rankr'"),
+                            ({contract.ENSEMBLE: 2}, f"serve.instances.{contract.ENSEMBLE}: no model"),
+                            ({"ranking": 0}, "serve.instances.ranking must be an integer in 1..8, got 0"),
+                            ({"ranking": "2"}, "serve.instances.ranking must be an integer in 1..8, got '2'")):
+        with pytest.raises(ValueError) as err:
+            apply_instance_counts(repo, counts)
+        assert str(err.value).startswith(message), err.value

@@ -389,11 +389,13 @@ def test_the_response_cache_answers_a_repeated_request_and_never_the_canary(arti
     from serving.canary import canary
     from serving.launcher import TritonServer
 
-    serve = cfg.replace("serve", canary_interval_s=0.0).serve
+    serve = cfg.replace("serve", canary_interval_s=0.0, instances={"candidates": 2}).serve  # and two instances of it
     assert serve.response_cache_mb > 0
     users = _users(artifacts, 4) + [-1, -2]  # and two unknown users: their requests differ at most in the arm
     with TritonServer.from_config(serve, artifacts, ephemeral_ports=True) as server, \
             RecommenderClient(server.grpc_url) as c, grpcclient.InferenceServerClient(server.grpc_url) as g:
+        assert [i.count for i in g.get_model_config("candidates").config.instance_group] == [2]
+        assert [i.count for i in g.get_model_config("ranking").config.instance_group] == [1]
 
         def counts():
             s = g.get_inference_statistics("candidates").model_stats[0].inference_stats
