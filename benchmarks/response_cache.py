@@ -1,6 +1,6 @@
 """Triton's response cache on the candidates step: its hit rate and what a hit saves, on a replay of the shop.
 
-    python -m benchmarks.response_cache                  # after `make demo`; ~3 min on 2 cores
+    python -m benchmarks.response_cache                  # after `make demo`; ~5 min on 2 cores
     python -m benchmarks.response_cache --artifacts A --tag medium
 
 The cache answers the candidates step (retrieval + candidate features, a function of its inputs and the
@@ -16,9 +16,10 @@ so the traffic is a replay, not a made-up repeat rate:
   synthetic shop has no such traffic of its own; the share is an assumption, so every figure is given per
   class (known users, anonymous visitors) and the overall rate at that share.
 
-The same request sequence runs against two servers started alike (private online store, fresh): the cache
-off, then on. Per request: the client's latency and whether the candidates step was a hit (Triton's
-statistics, read after each request). The lists of the two runs must be identical. Results:
+The same request sequence runs against servers started alike (private online store, fresh), the cache off
+and on, `--rounds` times in the order off, on, on, off, ... (this machine's speed drifts within minutes).
+Per request: the client's latency (the median of its rounds) and whether the candidates step was a hit
+(Triton's statistics, read after each request). Every round's lists must be identical. Results:
 benchmarks/results/response_cache[_TAG].{json,md}.
 """
 
@@ -76,7 +77,7 @@ def run(artifacts: Path, sequence: list[dict], cache_mb: int, tmp: Path) -> dict
 
     cfg = load_config().serve
     root = tmp / f"cache-{cache_mb}"
-    root.mkdir()
+    root.mkdir(parents=True)
     (root / "serving").symlink_to((artifacts / "serving").resolve())
     server = TritonServer.from_config(cfg, root, ephemeral_ports=True, log_path=tmp / f"triton-{cache_mb}.log")
     server.online_store, server.response_cache_mb, server.canary_interval_s = "private", cache_mb, 0.0
@@ -109,6 +110,14 @@ def run(artifacts: Path, sequence: list[dict], cache_mb: int, tmp: Path) -> dict
     return {"lists": lists, "latency_ms": np.array(latency), "hit": np.array(hit, bool), "step_ms": step_ms}
 
 
+def _merge(rounds: list[dict]) -> dict:
+    """One server setting's rounds: each request's median latency; hits and lists must agree across rounds."""
+    first = rounds[0]
+    return {"lists": first["lists"], "latency_ms": np.median([r["latency_ms"] for r in rounds], axis=0),
+            "hit": first["hit"], "step_ms": {k: float(np.median([r["step_ms"][k] for r in rounds])) for k in first["step_ms"]},
+            "identical": all(r["lists"] == first["lists"] and np.array_equal(r["hit"], first["hit"]) for r in rounds)}
+
+
 def _summary(sequence: list[dict], off: dict, on: dict) -> dict:
     anon = np.array([r["anonymous"] for r in sequence])
     classes = {"all": np.ones(len(anon), bool), "known users": ~anon, "anonymous visitors": anon}
@@ -124,7 +133,7 @@ def _summary(sequence: list[dict], off: dict, on: dict) -> dict:
             "mean_ms_cache_off": round(float(off["latency_ms"][sel].mean()), 3),
             "mean_ms_cache_on": round(float(on["latency_ms"][sel].mean()), 3),
         }
-        if h.any() and (~h).any():  # the same requests in the run without the cache, split by what the cache did
+        if h.any():  # the same requests in the runs without the cache, split by what the cache did
             out[name]["p50_ms_on_hits"] = round(float(np.median(on["latency_ms"][sel][h])), 3)
             out[name]["p50_ms_off_same_requests"] = round(float(np.median(off["latency_ms"][sel][h])), 3)
     return out
@@ -139,7 +148,8 @@ def write_outputs(report: dict, out: Path, tag: str) -> None:
           f"Machine: {report['machine']}. Commit {report['commit']}. Bundle: {report['items']} items. "
           f"{report['requests']} requests replayed from the shop's later events ({report['anonymous_share']:.0%} of the "
           f"sessions as anonymous visitors), gRPC, one at a time, k = 10, the event's hour, weekday and device as "
-          f"context; cache {report['cache_mb']} MB. Lists identical with and without the cache: "
+          f"context; cache {report['cache_mb']} MB; latencies are each request's median over {report['rounds']} "
+          f"replays per setting, alternated. Lists identical with and without the cache, in every replay: "
           f"**{report['identical_lists']}**.", "",
           "| requests | n | hit rate | p50 ms, cache off | p50 ms, cache on | mean ms, off | mean ms, on |",
           "|---|---|---|---|---|---|---|",
@@ -164,6 +174,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. medium)")
     p.add_argument("--events", type=int, default=3000, help="later events replayed, in time order (one request each)")
     p.add_argument("--anonymous-share", type=float, default=0.3, help="share of sessions replayed as anonymous visitors")
+    p.add_argument("--rounds", type=int, default=2, help="replays per setting, alternated (off, on, on, off, ...)")
     p.add_argument("--cache-mb", type=int, default=load_config().serve.response_cache_mb or 64,
                    help="cache size of the run with the cache (default: serve.response_cache_mb)")
     args = p.parse_args(argv)
@@ -173,18 +184,22 @@ def main(argv=None) -> dict:
     verify_tree(artifacts / "serving")
     sequence = replay(artifacts, args.events, args.anonymous_share)
     tmp = Path(tempfile.mkdtemp(prefix="shoprec-cache-"))
+    runs: dict[int, list[dict]] = {0: [], args.cache_mb: []}
     try:
-        print(f"replaying {len(sequence)} requests without the cache, then with it ...", flush=True)
-        off = run(artifacts, sequence, 0, tmp)
-        on = run(artifacts, sequence, args.cache_mb, tmp)
+        for r in range(args.rounds):
+            for mb in (0, args.cache_mb) if r % 2 == 0 else (args.cache_mb, 0):
+                print(f"round {r + 1}/{args.rounds}: replaying {len(sequence)} requests, cache {mb} MB ...", flush=True)
+                runs[mb].append(run(artifacts, sequence, mb, tmp / f"r{r}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    off, on = _merge(runs[0]), _merge(runs[args.cache_mb])
     if off["hit"].any():
         raise RuntimeError("the run without the cache reported cache hits")
     report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
               "items": json.loads((artifacts / "serving" / "contract.json").read_text())["n_items"],
               "requests": len(sequence), "anonymous_share": args.anonymous_share, "cache_mb": args.cache_mb,
-              "identical_lists": off["lists"] == on["lists"], "classes": _summary(sequence, off, on),
+              "rounds": args.rounds, "identical_lists": off["lists"] == on["lists"] and off["identical"] and on["identical"],
+              "classes": _summary(sequence, off, on),
               "step_ms": {k: round(v, 4) for k, v in on["step_ms"].items()}}
     write_outputs(report, Path(args.out), args.tag)
     print(json.dumps({k: v for k, v in report.items() if k != "command"}, indent=1))

@@ -7,7 +7,9 @@ Python-backend stubs' CPU time.
 The in-process pipeline (runtime/pipeline.py, the cpu profile's unfused steps, online store off)
 runs `--users` warm users, one per request and then 16 per batch; every step is timed on its own inputs,
 `--rounds` times; the minimum of the rounds' means is reported (the least disturbed round on a shared
-machine). Writes benchmarks/results/step_cost.json.
+machine). The feature step is timed a second time encoding every user's state per request
+(`feature_transform_encoding_every_user`), against the columns the features stage encoded once.
+Writes benchmarks/results/step_cost.json.
 """
 
 from __future__ import annotations
@@ -37,14 +39,24 @@ def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, 
         key = "" if batch == 1 else f"_batch{batch}"  # batch 1: a request is a user
         out[f"ms_per_user{key}" if batch > 1 else "ms_per_request"] = ms
         out[f"total_ms_per_user{key}" if batch > 1 else "total_ms"] = round(sum(ms.values()), 4)
+    ft = p.steps["feature_transform"]
+    if ft.encoded:  # the same step encoding every user's state per request, as before the store held it encoded
+        ft.encoded = False
+        try:
+            out["feature_transform_encoding_every_user"] = {
+                ("ms_per_request" if batch == 1 else f"ms_per_user_batch{batch}"):
+                    _per_step(p, ids, batch, rounds, only="feature_transform")["feature_transform"] for batch in batches}
+        finally:
+            ft.encoded = True
     return out
 
 
-def _per_step(p, ids: list[int], batch: int, rounds: int) -> dict:
+def _per_step(p, ids: list[int], batch: int, rounds: int, only: str | None = None) -> dict:
     """Each step's time per user, the users sent `batch` per request (as Triton's batcher hands them to a step)."""
     from runtime.steps import check_outputs
 
-    per_step: dict[str, list[float]] = {s.name: [] for s in p.graph}
+    timed = [s for s in p.graph if only is None or s.name == only]
+    per_step: dict[str, list[float]] = {s.name: [] for s in timed}
     feeds = []
     for i in range(0, len(ids), batch):  # each step's checked inputs, from the steps before it
         chunk = ids[i : i + batch]
@@ -61,7 +73,7 @@ def _per_step(p, ids: list[int], batch: int, rounds: int) -> dict:
             tensors.update({step.graph_name(t.name): o for t, o in zip(step.outputs, outputs)})
         feeds.append(feed)
     for _ in range(rounds):
-        for step in p.graph:
+        for step in timed:
             impl = p.steps[step.name]
             t0 = time.perf_counter()
             for feed in feeds:
