@@ -17,7 +17,8 @@ Key layout; the prefix names the bundle (`shoprec:<12 hex of its item table and 
 sha256>`), because item rows and the snapshot belong to one export:
   <p>:acts:<user>    HASH   "<item row>:<session>" -> "<unix seconds>:<kind 1-4>", the live actions
                             (at most `serve.online_max_actions`, the latest kept)
-  <p>:state:<user>   STRING the state derived from them (runtime/user_state.pack): what a request reads
+  <p>:state:<user>   STRING the state derived from them, with the user's columns as the query plan encodes
+                            them (runtime/user_state.pack): what a request reads
   <p>:events:<user>  HASH   event id -> unix seconds: the user's applied event ids (idempotency;
                             an event id is unique per user; at most `serve.online_max_event_ids`,
                             the latest by event time: an older id replayed is applied again)
@@ -42,7 +43,7 @@ import numpy as np
 from shoprec.errors import UserError
 from shoprec.manifest import read_manifest
 
-from .request_transform import find_rows
+from .request_transform import StateEncoder, TransformPlan, find_rows
 from .user_state import pack, unpack, user_state
 
 KIND = {"view": 1, "click": 2, "cart": 3, "purchase": 4}
@@ -87,7 +88,10 @@ class OnlineStore:
 
     def __init__(self, url: str, prefix: str, item_ids: np.ndarray, category: np.ndarray | None,
                  rel_price: np.ndarray | None, snapshot, n_seq: int, n_cat: int, timeout_ms: float = 50.0,
-                 retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000, max_event_ids: int = 10_000):
+                 retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000, max_event_ids: int = 10_000,
+                 encoder=None):
+        """encoder: a function (user id, state) -> the user's encoded columns (request_transform.StateEncoder),
+        or one returning it (made on the first write); None: states are written without them."""
         import redis
 
         self.redis_errors = (redis.RedisError, OSError)
@@ -105,6 +109,14 @@ class OnlineStore:
         self._unavailable_key = self.key("unavailable", "items")
         self._unavailable_blob = b""
         self._unavailable_rows = np.zeros(0, np.int64)
+        self._encoder = encoder
+
+    @property
+    def encoder(self):
+        """What encodes a written state's user columns (None: nothing does); made once, on the first write."""
+        if self._encoder is not None and not isinstance(self._encoder, StateEncoder):
+            self._encoder = self._encoder()
+        return self._encoder
 
     @classmethod
     def for_bundle(cls, url: str, bundle, cfg, snapshot, timeout_ms: float | None = None) -> "OnlineStore":
@@ -114,9 +126,17 @@ class OnlineStore:
         category = table["category_code"] if "recent_categories" in a else None
         rel_price = table["rel_price"] if "price_level" in a else None
         n_cat = a["recent_categories"].shape[1] if "recent_categories" in a else 0
+
+        def encoder():  # only a writer needs it: the query plan, as the feature step loads it
+            plan = TransformPlan.load(bundle.file("query_plan"), bundle.file("query_vocab"))
+            return StateEncoder(plan, bundle.dims["query_spec"], snapshot, table["category_names"])
+
+        # the snapshot's encoded columns tie the plan to the store's key prefix (bundle_tag hashes the user store);
+        # a store without them (an older bundle) gets states without them too
         return cls(url, bundle_tag(bundle.path), table["item_ids"], category, rel_price, snapshot, a["seq_rows"].shape[1],
                    n_cat, cfg.online_timeout_ms if timeout_ms is None else timeout_ms, cfg.online_retry_s,
-                   cfg.online_ttl_days, cfg.online_max_actions, cfg.online_max_event_ids)
+                   cfg.online_ttl_days, cfg.online_max_actions, cfg.online_max_event_ids,
+                   encoder=encoder if "enc__cat" in a else None)
 
     @classmethod
     def open(cls, serving_dir: Path, url: str, cfg, timeout_ms: float = 5000.0) -> "OnlineStore":
@@ -312,7 +332,9 @@ class OnlineStore:
                     changed = set(acts)
                 tx.hset(key, mapping={f: "%d:%d" % acts[f] for f in changed})
                 tx.expire(key, self.ttl_s)
-                tx.set(self.key("state", u), pack(self.state_of(acts)), ex=self.ttl_s)
+                state = self.state_of(acts)
+                encoded = self.encoder(u, state) if self.encoder is not None else None
+                tx.set(self.key("state", u), pack(state, encoded), ex=self.ttl_s)
                 if new_ids:
                     tx.hset(event_keys[i], mapping=new_ids)
                     tx.expire(event_keys[i], self.ttl_s)

@@ -158,6 +158,23 @@ class UserColumns:
         return cat, cont
 
 
+class StateEncoder:
+    """The user columns of one user's live state, encoded when their events arrive (the online store keeps them
+    beside the state, runtime/user_state.pack): what the feature step computes from that state and the
+    snapshot's attributes, without the context."""
+
+    def __init__(self, plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray):
+        self.columns, self.spec, self.store, self.category_names = UserColumns(plan, spec), spec, store, category_names
+
+    def __call__(self, user_id: int, state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(int64 [len(cat)], float32 [len(cont)]) of one state (`runtime.user_state.user_state`)."""
+        uid = np.array([user_id], np.int64)
+        one = {k: np.asarray(v)[None] for k, v in state.items() if k not in ("hist_rows", "hist_kinds")}
+        raw = raw_rows(self.spec, one, self.store.attrs(uid, self.store.lookup(uid)), self.category_names)
+        cat, cont = self.columns.encode(raw)
+        return cat[0], cont[0]
+
+
 def encode_users(plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray, n_seq: int,
                  chunk: int = 100_000) -> dict[str, np.ndarray]:
     """The user columns of every snapshot user, encoded once (user_store.npz's `enc__cat` / `enc__cont`): what

@@ -428,6 +428,7 @@ class FeatureTransform(StepImpl):
         state = self.store.state(rows, self.seq_len)
         history = [self.store.history(int(r)) for r in rows]
         live = np.zeros(len(user_id), bool)
+        live_encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the columns the store encoded at ingestion
         unavailable, degraded = np.zeros(0, np.int64), False
         if pending is not None:
             states, unavailable, degraded = pending()
@@ -438,7 +439,9 @@ class FeatureTransform(StepImpl):
                 for key in state:
                     state[key][i] = one[key][: self.seq_len] if key in ("seq_rows", "seq_kinds") else one[key]
                 history[i] = (one["hist_rows"], one["hist_kinds"])
-        cat, cont = self.encode(user_id, rows, state, live, hour, weekday, client_device)
+                if "enc_cat" in one:
+                    live_encoded[i] = (one["enc_cat"], one["enc_cont"])
+        cat, cont = self.encode(user_id, rows, state, live, hour, weekday, client_device, live_encoded=live_encoded)
         seq_rows = state["seq_rows"]
         seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
         width = max(1, max(len(h[0]) for h in history))
@@ -452,16 +455,24 @@ class FeatureTransform(StepImpl):
                 "cold": state["activity"] <= 0, "live": live, "degraded": degraded}
 
     def encode(self, user_id: np.ndarray, rows: np.ndarray, state: dict, live: np.ndarray, hour=None, weekday=None,
-               client_device=None, encoded: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+               client_device=None, encoded: bool | None = None,
+               live_encoded: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The query plan's packed (user_cat, user_cont): the snapshot's columns encoded once where the user's
-        state is the snapshot's, the same plan on their state otherwise (`encoded=False`: every row so)."""
+        state is the snapshot's, the online store's where it encoded the live state (live_encoded: row ->
+        (cat, cont)), the same plan on the state otherwise (`encoded=False`: every row so)."""
         cols = self.columns
-        redo = np.flatnonzero((rows < 0) | live) if (self.encoded if encoded is None else encoded) else np.arange(len(rows))
+        use = self.encoded if encoded is None else encoded
+        live_encoded = live_encoded if use and live_encoded else {}
+        fresh = np.array([i in live_encoded and len(live_encoded[i][0]) == len(cols.cat)
+                          and len(live_encoded[i][1]) == len(cols.cont) for i in range(len(rows))], bool)
+        redo = np.flatnonzero(~fresh & ((rows < 0) | live)) if use else np.arange(len(rows))
         if len(redo) == len(rows):
             user_cat, user_cont = None, None
         else:
             safe = np.maximum(rows, 0)
             user_cat, user_cont = self.enc_cat[safe].astype(np.int64), self.enc_cont[safe]
+            for i in np.flatnonzero(fresh):
+                user_cat[i], user_cont[i] = live_encoded[i]
         if len(redo):
             one = {k: v[redo] for k, v in state.items()}
             raw = raw_rows(self.spec, one, self.store.attrs(user_id[redo], rows[redo]), self.category_names)

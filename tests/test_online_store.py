@@ -81,6 +81,23 @@ def test_a_value_of_another_format_is_refused():
         unpack(bytes(blob))
 
 
+def test_a_state_carries_its_encoded_columns_and_the_first_format_is_still_read():
+    state = user_state(np.array([4, 2, 7]), np.array([1, 2, 4]), np.array([5, 6, 9]), np.arange(10) % 3, None, 4, 2)
+    encoded = (np.array([3, 1, 4], np.int64), np.array([0.5, -2.0], np.float32))
+    got = unpack(pack(state, encoded))
+    np.testing.assert_array_equal(got["enc_cat"], encoded[0])
+    np.testing.assert_array_equal(got["enc_cont"], encoded[1])
+    plain = pack(state)
+    assert "enc_cat" not in unpack(plain)
+    # format 1 (before the encoded columns): a six-int header, the same body; a store written then is still read
+    header = np.frombuffer(plain, np.int64, 8).copy()
+    old = np.array([1, *header[1:6]], np.int64).tobytes() + plain[64:]
+    for key, value in unpack(plain).items():
+        np.testing.assert_array_equal(unpack(old)[key], value, err_msg=key)
+    with pytest.raises(ValueError, match="does not hold the sizes"):
+        unpack(pack(state, encoded)[:-4])
+
+
 def test_bad_events_are_rejected_with_their_reason_and_the_rest_kept(store, pipeline):
     item = int(pipeline.item_table["item_ids"][0])
     events = [
@@ -191,6 +208,9 @@ def test_replayed_events_give_the_offline_features_row_by_row(store, artifacts, 
     assert len(users) > 20
     got = step(users)
     assert got["live"].all() and not got["degraded"]
+    # the store encoded each live user's columns when their events arrived: the step read them, not the plan
+    states, _, _ = step.online.read(users)
+    assert all(len(one["enc_cat"]) == len(step.columns.cat) for one in states)
 
     snapshot = UserStore.load(artifacts / "serving" / "user_store.npz")
     has_cat = "recent_categories" in snapshot.arrays
