@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
     p.add_argument("--anonymous-share", type=float, default=0.3, help="share of sessions replayed as anonymous visitors")
     p.add_argument("--rounds", type=int, default=2, help="replays per setting, alternated (off, on, on, off, ...)")
     p.add_argument("--cache-mb", type=int, default=load_config().serve.response_cache_mb or 64,
-                   help="cache size of the run with the cache (default: serve.response_cache_mb)")
+                   help="cache size of the run with the cache (default: serve.response_cache_mb, else 64)")
     args = p.parse_args(argv)
     if not 0 <= args.anonymous_share <= 1:
         p.error("--anonymous-share must be in [0, 1]")

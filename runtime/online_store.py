@@ -90,8 +90,8 @@ class OnlineStore:
                  rel_price: np.ndarray | None, snapshot, n_seq: int, n_cat: int, timeout_ms: float = 50.0,
                  retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000, max_event_ids: int = 10_000,
                  encoder=None):
-        """encoder: a function (user id, state) -> the user's encoded columns (request_transform.StateEncoder),
-        or one returning it (made on the first write); None: states are written without them."""
+        """encoder: a function (user ids, states) -> their encoded columns (request_transform.StateEncoder), or
+        one returning it (made on the first write); None: states are written without them."""
         import redis
 
         self.redis_errors = (redis.RedisError, OSError)
@@ -301,6 +301,7 @@ class OnlineStore:
             accepted = dups = 0
             tx.multi()
             trend: dict[tuple[int, int], int] = {}  # (hour, item row) -> accepted events
+            states: dict[int, dict] = {}  # the changed users' new states, encoded together below
             for i, (u, key) in enumerate(zip(users, act_keys)):
                 fields, applied, n_ids = got[3 * i], got[3 * i + 1], got[3 * i + 2]
                 eids = [e[5] for e in by_user[u] if e[5] is not None]
@@ -332,9 +333,7 @@ class OnlineStore:
                     changed = set(acts)
                 tx.hset(key, mapping={f: "%d:%d" % acts[f] for f in changed})
                 tx.expire(key, self.ttl_s)
-                state = self.state_of(acts)
-                encoded = self.encoder(u, state) if self.encoder is not None else None
-                tx.set(self.key("state", u), pack(state, encoded), ex=self.ttl_s)
+                states[u] = self.state_of(acts)
                 if new_ids:
                     tx.hset(event_keys[i], mapping=new_ids)
                     tx.expire(event_keys[i], self.ttl_s)
@@ -344,6 +343,11 @@ class OnlineStore:
                         oldest = sorted(known, key=lambda e: (known[e], e))[: len(known) - self.max_event_ids]
                         if oldest:
                             tx.hdel(event_keys[i], *oldest)
+            if states:
+                encoded = self.encoder(list(states), list(states.values())) if self.encoder is not None else None
+                for j, (u, state) in enumerate(states.items()):
+                    tx.set(self.key("state", u), pack(state, None if encoded is None else (encoded[0][j], encoded[1][j])),
+                           ex=self.ttl_s)
             for (hour, row), n in trend.items():
                 tx.zincrby(self.key("trend", hour), n, row)
             for hour in {h for h, _ in trend}:

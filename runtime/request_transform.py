@@ -166,13 +166,14 @@ class StateEncoder:
     def __init__(self, plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray):
         self.columns, self.spec, self.store, self.category_names = UserColumns(plan, spec), spec, store, category_names
 
-    def __call__(self, user_id: int, state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(int64 [len(cat)], float32 [len(cont)]) of one state (`runtime.user_state.user_state`)."""
-        uid = np.array([user_id], np.int64)
-        one = {k: np.asarray(v)[None] for k, v in state.items() if k not in ("hist_rows", "hist_kinds")}
-        raw = raw_rows(self.spec, one, self.store.attrs(uid, self.store.lookup(uid)), self.category_names)
-        cat, cont = self.columns.encode(raw)
-        return cat[0], cont[0]
+    def __call__(self, user_ids: list[int], states: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """(int64 [n, len(cat)], float32 [n, len(cont)]) of n users' states (`runtime.user_state.user_state`),
+        encoded in one batch."""
+        uid = np.asarray(user_ids, np.int64)
+        keys = [k for k in states[0] if k not in ("hist_rows", "hist_kinds")]
+        batch = {k: np.stack([np.asarray(s[k]) for s in states]) for k in keys}
+        raw = raw_rows(self.spec, batch, self.store.attrs(uid, self.store.lookup(uid)), self.category_names)
+        return self.columns.encode(raw)
 
 
 def encode_users(plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray, n_seq: int,

@@ -383,14 +383,14 @@ def test_step_counters_on_the_metrics_port(triton, artifacts):
 
 
 def test_the_response_cache_answers_a_repeated_request_and_never_the_canary(artifacts, cfg):
-    """On by default: the candidates step (retrieval + candidate features: a function of its inputs and the
-    bundle) is answered from Triton's cache when a request repeats one it ran, with the same lists; the
-    canary's fresh salt runs it every time."""
+    """With serve.response_cache_mb set, the candidates step (retrieval + candidate features: a function of its
+    inputs and the bundle) is answered from Triton's cache when a request repeats one it ran, with the same
+    lists; the canary's fresh salt runs it every time."""
     from serving.canary import canary
     from serving.launcher import TritonServer
 
-    serve = cfg.replace("serve", canary_interval_s=0.0, instances={"candidates": 2}).serve  # and two instances of it
-    assert serve.response_cache_mb > 0
+    # and two instances of the step
+    serve = cfg.replace("serve", canary_interval_s=0.0, response_cache_mb=64, instances={"candidates": 2}).serve
     users = _users(artifacts, 4) + [-1, -2]  # and two unknown users: their requests differ at most in the arm
     with TritonServer.from_config(serve, artifacts, ephemeral_ports=True) as server, \
             RecommenderClient(server.grpc_url) as c, grpcclient.InferenceServerClient(server.grpc_url) as g:
