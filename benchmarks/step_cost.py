@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -101,8 +102,8 @@ def main(argv=None) -> None:
 
         runtime.candidates.SPARSE_FROM_ITEMS = 0 if args.tables == "sparse" else 2**62
     r = run(args.artifacts.resolve(), args.users, args.rounds)
-    r.update(machine=describe(), tables=args.tables, command="python -m benchmarks.step_cost"
-             + (f" --tables {args.tables}" if args.tables != "auto" else ""))
+    given = sys.argv[1:] if argv is None else argv
+    r.update(machine=describe(), tables=args.tables, command=" ".join(["python -m benchmarks.step_cost", *given]))
     out = args.out or args.results / "step_cost.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1) + "\n")
