@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runtime.request_transform import TransformPlan, UserStore, encode_users, raw_rows
+from runtime.request_transform import TransformPlan, raw_rows
 from shoprec.config import FeatureConfig
 from shoprec.manifest import write_manifest
 from shoprec.progress import Steps
@@ -364,10 +364,7 @@ def _serving_files(qw, qspec: dict, log_all: ActionLog, data: _Split, it: _ItemF
     plan = TransformPlan.load(out / "serving" / "query_plan.json", out / "serving" / "query_vocab.npz")
     attr_cols = [c.removeprefix("user_") for c in qspec["user_cat"] + qspec["user_num"]]
     store = _store_arrays(data.users[["user_id", *attr_cols]], attr_cols, log_all, cfg.sequence_length, cfg.recent_categories)
-    # each user's attribute and history columns, encoded once by the request-time plan (the feature step
-    # then encodes only a request's context for them)
-    store.update(encode_users(plan, qspec, UserStore(store), it.category_names, cfg.sequence_length))
-    np.savez(out / "serving" / "user_store.npz", **store)
+    np.savez(out / "serving" / "user_store.npz", **store)  # `export` adds each user's columns, encoded once
     items = data.items
     display = {f"display__{c}": np.asarray(items[c].fillna("").astype(str).values, dtype=str)
                for c, k in data.raw_schema["items"].items() if k in ("text", "categorical", "multi")}

@@ -178,8 +178,9 @@ class StateEncoder:
 
 def encode_users(plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray, n_seq: int,
                  chunk: int = 100_000) -> dict[str, np.ndarray]:
-    """The user columns of every snapshot user, encoded once (user_store.npz's `enc__cat` / `enc__cont`): what
-    the feature step would compute per request from the same state and attributes, without the context."""
+    """The user columns of every snapshot user, encoded once by `export` (the bundle's user_store.npz: `enc__cat` /
+    `enc__cont`): what the feature step would compute per request from the same state and attributes, without
+    the context."""
     cols = UserColumns(plan, spec)
     n = len(store.user_id)
     cat = np.zeros((n, len(cols.cat)), np.int64)

@@ -318,7 +318,7 @@ class FeatureTransform(StepImpl):
         self.plan = TransformPlan.load(bundle.file("query_plan"), bundle.file("query_vocab"))
         self.store = UserStore(bundle.npz("user_store"))
         self.columns = UserColumns(self.plan, bundle.dims["query_spec"])
-        # the snapshot users' attribute and history columns, encoded once by the features stage; a store
+        # the snapshot users' attribute and history columns, encoded once by `export`; a store
         # without them (an older bundle) has every row encoded per request
         self.encoded = self.store.encoded(self.columns)
         if self.encoded:

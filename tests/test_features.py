@@ -150,10 +150,10 @@ def test_small_batches_take_the_dict_lookup_and_agree_with_the_vectorised_path(a
 
 def test_snapshot_users_are_encoded_once_and_equal_the_per_request_encoding(pipeline):
     """The feature step reads a snapshot user's attribute and history columns from user_store.npz (encoded by
-    the features stage) and encodes only the request's context; a user unknown to the snapshot, or with live
+    `export`) and encodes only the request's context; a user unknown to the snapshot, or with live
     state, is encoded per request. Both give what encoding every row per request gives."""
     step = pipeline.steps["feature_transform"]
-    assert step.encoded, "the features stage wrote no encoded user columns into user_store.npz"
+    assert step.encoded, "export wrote no encoded user columns into user_store.npz"
     assert step.enc_cat.shape == (len(step.store.user_id), len(step.columns.cat))
     assert "hour" in step.columns.context and "hour" not in step.columns.user
     rng = np.random.default_rng(3)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from runtime.candidates import DENSE_FEATURES, copurchase_neighbours, trending_order
+from runtime.request_transform import encode_users
 from shoprec import bundles, contract
 from shoprec.config import Config
 from shoprec.errors import UserError
@@ -150,8 +151,15 @@ def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, 
     for key in ("cf_all", "cf_pos"):
         shutil.copy2(verified_path(models_dir, files[key]), tmp / files[key])
     report["scene_routes"] = write_scene_routes(data, cfg.serve, tmp / files["scene_routes"])
-    for key in ("query_plan", "query_vocab", "user_store", "item_table"):
+    for key in ("query_plan", "query_vocab", "item_table"):
         shutil.copy2(verified_path(features_dir, f"serving/{files[key]}"), tmp / files[key])
+    # the snapshot's users with their attribute and history columns encoded once, by the plan the feature step
+    # runs (runtime/request_transform.encode_users): a request then encodes only its context
+    t_enc = time.time()
+    store = {k: v for k, v in data.store.arrays.items() if not k.startswith("enc__")}
+    store.update(encode_users(data.plan, data.schema["query_spec"], data.store, data.category_names, data.seq_len))
+    np.savez(tmp / files["user_store"], **store)
+    report["encoded_users"] = {"users": int(len(data.store.user_id)), "seconds": round(time.time() - t_enc, 1)}
     dims = {
         "user_cat_dim": len(data.user_cat_cols), "user_cont_dim": len(data.user_cont_cols), "seq_len": data.seq_len,
         "item_cat_dim": int(data.item_cat.shape[1]), "item_cont_dim": int(data.item_cont.shape[1]),
