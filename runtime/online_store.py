@@ -90,8 +90,8 @@ class OnlineStore:
                  rel_price: np.ndarray | None, snapshot, n_seq: int, n_cat: int, timeout_ms: float = 50.0,
                  retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000, max_event_ids: int = 10_000,
                  encoder=None):
-        """encoder: a function (user ids, states) -> their encoded columns (request_transform.StateEncoder), or
-        one returning it (made on the first write); None: states are written without them."""
+        """encoder: what encodes written states' user columns (request_transform.StateEncoder), or a function of no
+        arguments that makes one (called on the first write); None: states are written without them."""
         import redis
 
         self.redis_errors = (redis.RedisError, OSError)

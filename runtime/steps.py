@@ -308,9 +308,10 @@ class FeatureTransform(StepImpl):
     their context is dropped out, never the server's clock. A user is cold when neither holds an
     action of theirs, whatever their id.
 
-    The snapshot's users come with their attribute and history columns encoded once (user_store.npz), so
-    a request encodes only its context; a user with live state, or unknown to the snapshot, is encoded
-    from their state per request by the same plan."""
+    The snapshot's users come with their attribute and history columns encoded once (user_store.npz), and
+    a live state with them encoded when its events were written (runtime/online_store.py), so a request
+    encodes only its context; a user unknown to the snapshot without live state, or a state written
+    without them, is encoded per request by the same plan."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -320,7 +321,7 @@ class FeatureTransform(StepImpl):
         self.columns = UserColumns(self.plan, bundle.dims["query_spec"])
         # the snapshot users' attribute and history columns, encoded once by `export`; a store
         # without them (an older bundle) has every row encoded per request
-        self.encoded = self.store.encoded(self.columns)
+        self.encoded = self.store.encoded(self.columns) and len(self.store.user_id) > 0
         if self.encoded:
             self.enc_cat, self.enc_cont = self.store.arrays["enc__cat"], self.store.arrays["enc__cont"]
         table = bundle.npz("item_table")
