@@ -14,6 +14,9 @@ A probe ensemble of as many identity python models as the cpu profile has steps 
 backend cost by themselves (no model work), to explain the gap between Triton and the floor.
 
 The load generator runs on the same cores as the servers; every target pays that equally.
+`--rounds N` keeps Triton and FastAPI up together and sweeps each N times, the order reversed each
+round, because this machine's speed drifts by more than the differences measured: each figure is
+then the median of the rounds, and every round's throughput is kept (`rounds_throughput_rps`).
 Writes benchmarks/results/serving.{json,csv,md,png} (serving_TAG.* with --tag).
 """
 
@@ -118,6 +121,25 @@ def sweep(results: dict, target: str, url: str, protocol: str, levels, data: Pat
     results[target] = rows
 
 
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Per concurrency level, the median of the rounds' figures (each field on its own), with every round's
+    throughput kept beside it."""
+    out = []
+    for rows in zip(*rounds):
+        row = dict(rows[0])
+        for key, value in rows[0].items():
+            if isinstance(value, float | int) and key not in ("concurrency", "requests"):
+                row[key] = round(float(np.median([r[key] for r in rows])), 3)
+            elif isinstance(value, dict):
+                row[key] = {k: (round(float(np.median([r[key].get(k, 0.0) for r in rows])), 3) if isinstance(v, float | int)
+                                else {f: round(float(np.median([r[key][k][f] for r in rows if k in r[key]])), 3)
+                                      if isinstance(x, float | int) else x for f, x in v.items()} if isinstance(v, dict) else v)
+                            for k, v in value.items()}
+        row["rounds_throughput_rps"] = [r["throughput_rps"] for r in rows]
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> dict:
     from serving.launcher import TritonServer, free_port
 
@@ -127,6 +149,8 @@ def main(argv=None) -> dict:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--fastapi-workers", type=int, default=os.cpu_count(), help="uvicorn workers (default: one per core)")
     p.add_argument("--tag", help="write serving_TAG.* (e.g. medium) instead of serving.*")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="sweeps per system, the order reversed each round; each figure is the median of the rounds")
     args = p.parse_args(argv)
     artifacts = Path(args.artifacts)
     cfg = load_config()
@@ -148,12 +172,21 @@ def main(argv=None) -> dict:
         # the response cache off: the load cycles the same users, so the cache would answer most requests after the
         # first round, and FastAPI and the in-process floor have none (benchmarks/response_cache.py measures it)
         serve = dataclasses.replace(cfg.serve, response_cache_mb=0)
-        with TritonServer.from_config(serve, artifacts, ephemeral_ports=True, log_path=Path(tmp) / "triton.log") as server:
+        rounds: dict[str, list[list[dict]]] = {"triton-grpc": [], "triton-http": [], "fastapi-http": []}
+        with TritonServer.from_config(serve, artifacts, ephemeral_ports=True, log_path=Path(tmp) / "triton.log") as server, \
+                FastAPIServer(artifacts, args.fastapi_workers) as api:
             pgid = server.process.pid  # started in its own session: the stubs share its process group
-            sweep(report["targets"], "triton-grpc", server.grpc_url, "grpc", args.concurrency, data, pgid, server.grpc_url)
-            sweep(report["targets"], "triton-http", server.http_url, "http", args.concurrency, data, pgid)
-        with FastAPIServer(artifacts, args.fastapi_workers) as api:
-            sweep(report["targets"], "fastapi-http", api.url, "http", args.concurrency, data, api.proc.pid)
+            plan = [("triton-grpc", server.grpc_url, "grpc", pgid, server.grpc_url), ("triton-http", server.http_url, "http", pgid, None),
+                    ("fastapi-http", api.url, "http", api.proc.pid, None)]
+            for r in range(args.rounds):  # both servers up; the order reversed each round (the machine's speed drifts)
+                if args.rounds > 1:
+                    print(f"round {r + 1}/{args.rounds}", flush=True)
+                for target, url, protocol, group, stats_url in (plan if r % 2 == 0 else plan[::-1]):
+                    one: dict = {}
+                    sweep(one, target, url, protocol, args.concurrency, data, group, stats_url)
+                    rounds[target].append(one[target])
+        report["targets"] = {t: median_rows(rs) for t, rs in rounds.items()}
+        report["rounds"] = args.rounds
         hops = len(shoprec_contract.profile_steps("cpu"))
         probe_root = probe_repository(Path(tmp) / "probe", steps=hops)
         with TritonServer(probe_root, artifacts, free_port(), free_port(), free_port(), log_path=Path(tmp) / "probe.log") as probe:

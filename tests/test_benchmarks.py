@@ -159,3 +159,16 @@ def test_two_tower_step_times_the_dense_and_the_sparse_item_table(artifacts, tmp
     assert [r["item_ids"] for r in report["runs"]] == ["dense", "sparse"]
     assert all(r["ms_per_step"] > 0 and np.isfinite(r["loss"]) for r in report["runs"])
     assert json.loads((tmp_path / "two_tower_step_t.json").read_text()) == report
+
+
+def test_serving_rounds_are_summarised_by_their_median():
+    from benchmarks.serving_bench import median_rows
+
+    def row(rps, p50, cpu, batch):
+        return {"concurrency": 16, "requests": 6400, "throughput_rps": rps, "p50_ms": p50,
+                "cpu_ms_per_request": {"tritonserver": cpu}, "steps": {"ranking": {"queue_us": cpu, "avg_batch": batch}}}
+
+    got = median_rows([[row(300.0, 50.0, 1.0, 3.0)], [row(200.0, 70.0, 3.0, 5.0)], [row(250.0, 60.0, 2.0, 4.0)]])
+    assert got == [{"concurrency": 16, "requests": 6400, "throughput_rps": 250.0, "p50_ms": 60.0,
+                    "cpu_ms_per_request": {"tritonserver": 2.0}, "steps": {"ranking": {"queue_us": 2.0, "avg_batch": 4.0}},
+                    "rounds_throughput_rps": [300.0, 200.0, 250.0]}]
