@@ -172,3 +172,16 @@ def test_serving_rounds_are_summarised_by_their_median():
     assert got == [{"concurrency": 16, "requests": 6400, "throughput_rps": 250.0, "p50_ms": 60.0,
                     "cpu_ms_per_request": {"tritonserver": 2.0}, "steps": {"ranking": {"queue_us": 2.0, "avg_batch": 4.0}},
                     "rounds_throughput_rps": [300.0, 200.0, 250.0]}]
+
+
+def test_stub_profile_puts_each_sample_in_one_bucket():
+    from benchmarks.stub_profile import bucket
+
+    execute = "StepModel.execute (serving/triton_models.py:96)"
+    run = "Fused._run (runtime/steps.py:271)"
+    assert bucket([""]) == "idle"
+    assert bucket(["Thread.run (threading.py:982)", "StepModel._publish_loop (serving/triton_models.py:68)"]) == "idle"
+    assert bucket([execute, "StepModel.parse (serving/triton_models.py:86)"]) == "adapter"
+    assert bucket([execute, "StepModel._execute (serving/triton_models.py:117)", run,
+                   "Retrieval.run (runtime/steps.py:585)", "unique (numpy/lib/arraysetops.py:274)"]) == "step:Retrieval"
+    assert bucket([execute, run, "OnnxStep.run (runtime/steps.py:518)", "Session.run (onnxruntime/x.py:1)"]) == "step:OnnxStep"
