@@ -37,9 +37,9 @@ import numpy as np
 from shoprec.config import REPO_ROOT, load_config
 
 from .machine import commit, describe
+from .online_bench import KIND_NAMES
 
 COMMAND = "python -m benchmarks.response_cache"
-KIND_NAMES = {1: "view", 2: "click", 3: "cart", 4: "purchase"}
 ANONYMOUS_ID = 10**15  # + the session's number: an id no store knows
 
 

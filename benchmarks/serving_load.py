@@ -82,13 +82,18 @@ def _step_times(before: dict, after: dict) -> dict:
     return out
 
 
+def stub_model(cmd: list[bytes]) -> str | None:
+    """The model a python-backend stub process serves (from its command line), None for any other process."""
+    return next((Path(c.decode()).parent.parent.name for c in cmd if c.endswith(b"/model.py")), None)
+
+
 def process_cpu(pgid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of every process in a process group, by role: the Triton
     core, each python-backend stub by its model, uvicorn workers."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for _, fields, cmd in process_group(pgid):
-        model = next((Path(c.decode()).parent.parent.name for c in cmd if c.endswith(b"/model.py")), None)
+        model = stub_model(cmd)
         if model:
             role = f"stub:{model}"
         elif any(b"uvicorn" in c or b"multiprocessing" in c for c in cmd):

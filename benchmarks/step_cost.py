@@ -8,7 +8,7 @@ The in-process pipeline (runtime/pipeline.py, the cpu profile's unfused steps, o
 runs `--users` warm users, one per request and then 16 per batch; every step is timed on its own inputs,
 `--rounds` times; the minimum of the rounds' means is reported (the least disturbed round on a shared
 machine). The feature step is timed a second time encoding every user's state per request
-(`feature_transform_encoding_every_user`), against the columns the features stage encoded once.
+(`feature_transform_encoding_every_user`), against the columns `export` encoded once.
 Writes benchmarks/results/step_cost.json.
 """
 

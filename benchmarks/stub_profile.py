@@ -31,7 +31,7 @@ from shoprec.config import REPO_ROOT, load_config
 
 from .machine import commit, describe
 from .serving_bench import input_data
-from .serving_load import process_group, run_perf_analyzer
+from .serving_load import process_group, run_perf_analyzer, stub_model
 
 COMMAND = "python -m benchmarks.stub_profile"
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
             run_perf_analyzer(server.grpc_url, "grpc", args.concurrency, data, 1500)  # warm
             pids = {}
             for pid, _, cmd in process_group(server.process.pid):
-                model = next((Path(c.decode()).parent.parent.name for c in cmd if c.endswith(b"/model.py")), None)
+                model = stub_model(cmd)
                 if model:
                     pids[model] = pid
             load: dict = {}

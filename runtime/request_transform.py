@@ -131,7 +131,7 @@ class UserColumns:
 
     def __init__(self, plan: TransformPlan, spec: dict):
         context = set(spec["context"])
-        self.plan = plan
+        self.plan, self.spec = plan, spec
         self.cat = [c for c in plan.cat_names if c not in context]
         self.cont = [c for c in plan.cont_names if c not in context]
         self.ctx_cat = [c for c in plan.cat_names if c in context]
@@ -142,8 +142,11 @@ class UserColumns:
         self._pos = (pos(plan.cat_names, self.cat), pos(plan.cat_names, self.ctx_cat),
                      pos(plan.cont_names, self.cont), pos(plan.cont_names, self.ctx_cont))
 
-    def encode(self, raw: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """The user columns of raw query rows, packed: (int64 [B, len(cat)], float32 [B, len(cont)])."""
+    def encode(self, state: dict[str, np.ndarray], attrs: dict[str, np.ndarray],
+               category_names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The user columns of B users' states and attributes (as `raw_rows` takes them), packed:
+        (int64 [B, len(cat)], float32 [B, len(cont)])."""
+        raw = raw_rows(self.spec, state, attrs, category_names)
         return self.plan.pack(self.plan.transform(raw, only=self.user), self.cat, self.cont)
 
     def assemble(self, user_cat: np.ndarray, user_cont: np.ndarray, context_raw: dict[str, np.ndarray]):
@@ -164,7 +167,7 @@ class StateEncoder:
     snapshot's attributes, without the context."""
 
     def __init__(self, plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray):
-        self.columns, self.spec, self.store, self.category_names = UserColumns(plan, spec), spec, store, category_names
+        self.columns, self.store, self.category_names = UserColumns(plan, spec), store, category_names
 
     def __call__(self, user_ids: list[int], states: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """(int64 [n, len(cat)], float32 [n, len(cont)]) of n users' states (`runtime.user_state.user_state`),
@@ -172,8 +175,7 @@ class StateEncoder:
         uid = np.asarray(user_ids, np.int64)
         keys = [k for k in states[0] if k not in ("hist_rows", "hist_kinds")]
         batch = {k: np.stack([np.asarray(s[k]) for s in states]) for k in keys}
-        raw = raw_rows(self.spec, batch, self.store.attrs(uid, self.store.lookup(uid)), self.category_names)
-        return self.columns.encode(raw)
+        return self.columns.encode(batch, self.store.attrs(uid, self.store.lookup(uid)), self.category_names)
 
 
 def encode_users(plan: TransformPlan, spec: dict, store: "UserStore", category_names: np.ndarray, n_seq: int,
@@ -187,8 +189,7 @@ def encode_users(plan: TransformPlan, spec: dict, store: "UserStore", category_n
     cont = np.zeros((n, len(cols.cont)), np.float32)
     for lo in range(0, n, chunk):
         rows = np.arange(lo, min(lo + chunk, n))
-        raw = raw_rows(spec, store.state(rows, n_seq), store.attrs(store.user_id[rows], rows), category_names)
-        cat[rows], cont[rows] = cols.encode(raw)
+        cat[rows], cont[rows] = cols.encode(store.state(rows, n_seq), store.attrs(store.user_id[rows], rows), category_names)
     small = cat.size == 0 or (cat.min() >= np.iinfo(np.int32).min and cat.max() <= np.iinfo(np.int32).max)
     return {"enc__cat": cat.astype(np.int32) if small else cat, "enc__cont": cont,
             "enc__cat_columns": np.array(cols.cat, dtype=str), "enc__cont_columns": np.array(cols.cont, dtype=str)}

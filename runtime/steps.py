@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours, csr_offsets
 from runtime.online_store import OnlineStore, store_url
-from runtime.request_transform import TransformPlan, UserColumns, UserStore, context_raw, find_rows, raw_rows
+from runtime.request_transform import TransformPlan, UserColumns, UserStore, context_raw, find_rows
 from runtime.strategy import Strategy
 from shoprec import contract
 from shoprec.config import REPO_ROOT, ServeConfig, load_config
@@ -476,8 +476,7 @@ class FeatureTransform(StepImpl):
                 user_cat[i], user_cont[i] = live_encoded[i]
         if len(redo):
             one = {k: v[redo] for k, v in state.items()}
-            raw = raw_rows(self.spec, one, self.store.attrs(user_id[redo], rows[redo]), self.category_names)
-            cat_r, cont_r = cols.encode(raw)
+            cat_r, cont_r = cols.encode(one, self.store.attrs(user_id[redo], rows[redo]), self.category_names)
             if user_cat is None:
                 user_cat, user_cont = cat_r, cont_r
             else:
