@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from shoprec.config import REPO_ROOT, load_config
+from shoprec.contract import PROFILES
 
 
 def _artifacts(args) -> Path:
@@ -312,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     _results_args(add("evaluate", cmd_evaluate, "offline quality: the served pipeline against popularity, ALS, item-kNN, EASE "
                       "and the two-tower alone, same split and user state, seen items excluded for all"))
     p = add("serve", cmd_serve, "start tritonserver on model_repository/<profile> (loopback by default)")
-    p.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--profile", default="cpu", choices=list(PROFILES),
+                   help="cpu: one python model runs the whole graph, one instance per core; cpu-stages: three python "
+                        "models (per-step statistics, response cache); gpu: TensorRT plans and FAISS-GPU (the container)")
     p.add_argument("--address", help="address HTTP, gRPC and metrics listen on (default: config serve.address, loopback)")
     p.add_argument("--http-port", type=int, help="default: config serve.http_port (8000)")
     p.add_argument("--grpc-port", type=int, help="default: config serve.grpc_port (8001)")

@@ -1,11 +1,12 @@
-"""Instance counts per served model (`serve.instances`), measured side by side: does a second stub of a step
-buy throughput at concurrency 16 without costing concurrency 1?
+"""The cpu profiles and their instance counts (`serve.instances`), measured side by side: how many python models
+per request, and how many stubs of each, buy throughput at concurrency 16 without costing concurrency 1?
 
     python -m benchmarks.instances                             # after `make demo`; ~6 min on 2 cores
     python -m benchmarks.instances --artifacts A --tag medium
 
-Each variant (by default: one instance of every model; two of `candidates`, the busiest stub; two of
-`candidates` and of `ranking`) serves the same bundle from a fresh server, with the response cache off
+Each variant serves the same bundle from a fresh server: the cpu profile (one model runs the whole graph) with
+its default of one instance per core and with one instance; the cpu-stages profile (three models) with one
+instance each and with two of `candidates`, its busiest stub. The response cache is off
 (the load repeats its users) and the step doctor off. perf_analyzer drives it over gRPC with the same 1,000
 real user ids at each `--concurrency` level (k = 10). The variants are run `--rounds` times, the order
 reversed each round, because this machine's speed drifts within minutes; each figure is the median of
@@ -29,16 +30,18 @@ from .machine import commit, describe
 from .serving_bench import input_data, sweep
 
 COMMAND = "python -m benchmarks.instances"
-VARIANTS = {"1 each": {}, "candidates x2": {"candidates": 2}, "candidates x2, ranking x2": {"candidates": 2, "ranking": 2}}
+VARIANTS = {"cpu (default: pipeline x cores)": ("cpu", {}), "cpu, pipeline x1": ("cpu", {"pipeline": 1}),
+            "cpu-stages, 1 each": ("cpu-stages", {}), "cpu-stages, candidates x2": ("cpu-stages", {"candidates": 2})}
 
 
-def run_variant(artifacts: Path, instances: dict, levels: list[int], data: Path, tmp: Path) -> list[dict]:
+def run_variant(artifacts: Path, variant: tuple[str, dict], levels: list[int], data: Path, tmp: Path) -> list[dict]:
     from serving.launcher import TritonServer
 
     cfg = load_config().serve
+    profile, instances = variant
     serve = dataclasses.replace(cfg, response_cache_mb=0, canary_interval_s=0.0, instances=dict(instances))
     results: dict = {}
-    with TritonServer.from_config(serve, artifacts, ephemeral_ports=True, log_path=tmp / "triton.log") as server:
+    with TritonServer.from_config(serve, artifacts, profile, ephemeral_ports=True, log_path=tmp / "triton.log") as server:
         sweep(results, "triton-grpc", server.grpc_url, "grpc", levels, data, server.process.pid, server.grpc_url)
     return results["triton-grpc"]
 
@@ -74,8 +77,8 @@ def write_outputs(report: dict, out: Path, tag: str) -> None:
     md = [f"# Instances per model — `{report['command']}`", "",
           f"Machine: {report['machine']}. Commit {report['commit']}. Bundle: {report['items']} items. gRPC, k = 10, "
           f"1,000 real user ids, response cache off; median of {report['rounds']} rounds (order reversed each round).", "",
-          "| instances | " + " | ".join(f"c{c} req/s | c{c} p50 ms | c{c} p99 ms" for c in levels) + " | c"
-          + f"{levels[-1]} vs 1 each |",
+          "| profile, instances | " + " | ".join(f"c{c} req/s | c{c} p50 ms | c{c} p99 ms" for c in levels) + " | c"
+          + f"{levels[-1]} vs the first |",
           "|---|" + "---|---|---|" * len(levels) + "---|"]
     for variant, per in s.items():
         cells = " | ".join(f"{per[str(c)]['throughput_rps']} | {per[str(c)]['p50_ms']} | {per[str(c)]['p99_ms']}" for c in levels)

@@ -1,4 +1,5 @@
-"""Triton's response cache on the candidates step: its hit rate and what a hit saves, on a replay of the shop.
+"""Triton's response cache on the candidates step (the cpu-stages profile): its hit rate and what a hit saves, on
+a replay of the shop.
 
     python -m benchmarks.response_cache                  # after `make demo`; ~5 min on 2 cores
     python -m benchmarks.response_cache --artifacts A --tag medium
@@ -79,7 +80,8 @@ def run(artifacts: Path, sequence: list[dict], cache_mb: int, tmp: Path) -> dict
     root = tmp / f"cache-{cache_mb}"
     root.mkdir(parents=True)
     (root / "serving").symlink_to((artifacts / "serving").resolve())
-    server = TritonServer.from_config(cfg, root, ephemeral_ports=True, log_path=tmp / f"triton-{cache_mb}.log")
+    # the cpu-stages profile: its candidates model is the one the response cache can answer
+    server = TritonServer.from_config(cfg, root, "cpu-stages", ephemeral_ports=True, log_path=tmp / f"triton-{cache_mb}.log")
     server.online_store, server.response_cache_mb, server.canary_interval_s = "private", cache_mb, 0.0
     lists, latency, hit = [], [], []
     with server, RecommenderClient(server.grpc_url) as c, grpcclient.InferenceServerClient(server.grpc_url) as g:

@@ -1,11 +1,14 @@
-"""Faults in the served steps under load: each step's stub killed (SIGKILL) or hung (SIGSTOP) in turn,
-with the step doctor on (serving/canary.py); failed requests and time until requests are answered again.
+"""Faults in the served steps under load: a stub of each python model killed (SIGKILL) or hung (SIGSTOP) in
+turn, with the step doctor on (serving/canary.py); failed requests and time until requests are answered again.
 
-    .venv/bin/python -m benchmarks.step_faults                # on ARTIFACTS (`make demo` built them)
+    .venv/bin/python -m benchmarks.step_faults                         # on ARTIFACTS (`make demo` built them)
+    .venv/bin/python -m benchmarks.step_faults --profile cpu-stages    # the three-model cpu profile
 
-A real tritonserver on the bundle (CPU profile, online store off), 4 gRPC clients sending requests
-for one warm user without pause. For each fault: requests answered and failed, and the seconds from
-the fault to the last failed request. Writes benchmarks/results/step_faults.{json,md}.
+A real tritonserver on the bundle (online store off), 4 gRPC clients sending requests for one warm user
+without pause. The cpu profile's one model runs one instance per core: the fault hits its first stub, and
+the others keep answering until the doctor's stub census finds it. For each fault: requests answered and
+failed, and the seconds from the fault to the last failed request. Writes
+benchmarks/results/step_faults[_PROFILE].{json,md} (no suffix for cpu).
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ from shoprec.config import REPO_ROOT, load_config
 from .machine import describe
 from .serving_bench import warm_users
 
-STEPS = ("user_features", "candidates", "ranking")  # the cpu profile's python models
-FAULTS = [(s, signal.SIGKILL) for s in STEPS] + [(s, signal.SIGSTOP) for s in STEPS]
+def faults(profile: str) -> list[tuple[str, signal.Signals]]:
+    """Every python model of the profile killed, then every one hung."""
+    from shoprec.contract import profile_steps
+
+    models = [s.name for s in profile_steps(profile)]
+    return [(m, signal.SIGKILL) for m in models] + [(m, signal.SIGSTOP) for m in models]
 
 
 def stub_pid(server, step: str) -> int:
-    pids = server.stub_pids(step)
-    if len(pids) != 1:
-        raise RuntimeError(f"{len(pids)} stubs for {step} in the server's process group, expected 1")
+    """The first stub of the model (its first instance)."""
+    pids = sorted(server.stub_pids(step))
+    if not pids:
+        raise RuntimeError(f"no stub for {step} in the server's process group")
     return pids[0]
 
 
@@ -91,6 +99,7 @@ def main(argv=None) -> None:
     ap.add_argument("--artifacts", type=Path, default=REPO_ROOT / "artifacts")
     ap.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--profile", default="cpu", choices=["cpu", "cpu-stages"])
     args = ap.parse_args(argv)
     from serving.launcher import TritonServer
 
@@ -99,27 +108,31 @@ def main(argv=None) -> None:
     serve = cfg.replace("serve", online_store="none", response_cache_mb=0).serve
     user = int(warm_users(args.artifacts)[0])
     rows = []
-    with TritonServer.from_config(serve, args.artifacts, ephemeral_ports=True) as server:
+    with TritonServer.from_config(serve, args.artifacts, profile=args.profile, ephemeral_ports=True) as server:
+        instances = {m: len(server.stub_pids(m)) for m, _ in faults(args.profile)}
         with Load(server.grpc_url, user, args.clients) as load:
             time.sleep(2.0)
-            for step, sig in FAULTS:
+            for step, sig in faults(args.profile):
                 rows.append(inject(server, load, step, sig))
                 print(json.dumps(rows[-1]), flush=True)
         t0 = time.time()
     stop_s = round(time.time() - t0, 2)
     report = {"rows": rows, "canary_interval_s": serve.canary_interval_s, "canary_timeout_s": serve.canary_timeout_s,
-              "clients": args.clients, "stop_after_faults_s": stop_s, "machine": describe(),
-              "command": "python -m benchmarks.step_faults"}
+              "clients": args.clients, "stop_after_faults_s": stop_s, "machine": describe(), "profile": args.profile,
+              "instances": instances,
+              "command": "python -m benchmarks.step_faults" + (f" --profile {args.profile}" if args.profile != "cpu" else "")}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "step_faults.json").write_text(json.dumps(report, indent=1) + "\n")
+    name = "step_faults" if args.profile == "cpu" else f"step_faults_{args.profile.replace('-', '_')}"
+    (args.results / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["# Step faults under load (the step doctor on)", "",
              (f"{args.clients} gRPC clients without pause; canary every {serve.canary_interval_s:g} s, "
-             f"timeout {serve.canary_timeout_s:g} s. Command: `{report['command']}`. Machine: {report['machine']}."), "",
+             f"timeout {serve.canary_timeout_s:g} s. Profile {args.profile}, stubs per model {instances}. "
+             f"Command: `{report['command']}`. Machine: {report['machine']}."), "",
              "| step | fault | failed | answered | last failure after (s) | healed by |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['fault']} | {r['failed']} | {r['answered']} | {r['last_failure_s']} | "
               f"{'; '.join(r['actions']) if r['healed'] else 'NOT HEALED'} |" for r in rows]
     lines += ["", f"`shoprec serve`'s stop after the faults: {stop_s} s.", ""]
-    (args.results / "step_faults.md").write_text("\n".join(lines))
+    (args.results / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

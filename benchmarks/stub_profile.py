@@ -1,7 +1,8 @@
-"""Where the python-backend stubs spend their time under load: py-spy samples of each stub of the cpu profile.
+"""Where the python-backend stubs spend their time under load: py-spy samples of each stub of a cpu profile.
 
     python -m benchmarks.stub_profile                                   # after `make demo`; ~1 min
     python -m benchmarks.stub_profile --artifacts MEDIUM --tag medium
+    python -m benchmarks.stub_profile --profile cpu-stages --concurrency 1   # the three-model profile, unloaded
 
 A server as `shoprec serve` runs it (response cache and step doctor off), perf_analyzer over gRPC at
 `--concurrency` with 1,000 real user ids, and `py-spy record` (in the venv) on every stub for `--seconds`
@@ -10,7 +11,9 @@ at 200 samples/s, all at once. Each sample of a stub's main thread is put in one
     (ONNX Runtime, FAISS, NumPy); split further by step class;
   - adapter: everything else the stub does for a request (serving/triton_models.py: reading and checking
     inputs, merging and padding a batch, building output tensors, the python backend's own utilities);
-idle samples (the stub waiting for work, the metrics publisher's thread) are counted apart. Results:
+idle samples (the stub waiting for work, the metrics publisher's thread) are counted apart. Each bucket is also
+given in ms per request served while py-spy recorded (5 ms a sample; a model with several instances: add its
+stubs). py-spy pauses a process to sample it, so these are upper bounds. Results:
 benchmarks/results/stub_profile[_TAG].{json,md}.
 """
 
@@ -73,6 +76,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seconds", type=int, default=15)
+    p.add_argument("--profile", default="cpu", choices=["cpu", "cpu-stages"])
     args = p.parse_args(argv)
     if not PY_SPY.is_file():
         p.error(f"py-spy is not installed beside this Python ({PY_SPY}); `make setup` installs it")
@@ -83,13 +87,14 @@ def main(argv=None) -> dict:
         tmp = Path(tmp_name)
         data = tmp / "input.json"
         input_data(artifacts, data)
-        with TritonServer.from_config(cfg, artifacts, ephemeral_ports=True, log_path=tmp / "triton.log") as server:
+        with TritonServer.from_config(cfg, artifacts, args.profile, ephemeral_ports=True, log_path=tmp / "triton.log") as server:
             run_perf_analyzer(server.grpc_url, "grpc", args.concurrency, data, 1500)  # warm
             pids = {}
             for pid, _, cmd in process_group(server.process.pid):
                 model = stub_model(cmd)
-                if model:
-                    pids[model] = pid
+                if model:  # several instances of a model: each stub apart (model, model#2, ...)
+                    n = sum(1 for m in pids if m == model or m.startswith(model + "#"))
+                    pids[model if n == 0 else f"{model}#{n + 1}"] = pid
             load: dict = {}
             requests = max(2000, int(300 * (args.seconds + 10)))  # outlasts the recording on this machine
             t = threading.Thread(target=lambda: load.update(run_perf_analyzer(server.grpc_url, "grpc", args.concurrency,
@@ -102,19 +107,27 @@ def main(argv=None) -> dict:
                 if proc.wait() != 0:
                     raise RuntimeError(f"py-spy on the {m} stub failed: {proc.stderr.read().decode()[-500:]}")
             t.join()
+        served = (load.get("throughput_rps") or 0) * args.seconds  # requests answered while py-spy recorded
         for m in pids:
             stubs[m] = summarise(tmp / f"{m}.txt")
+            for part in ("step", "adapter"):  # sampled at 200 Hz: 5 ms a sample
+                share = stubs[m][f"{part}_share_of_busy"]
+                stubs[m][f"{part}_ms_per_request"] = (round(stubs[m]["busy_samples"] * share * 5.0 / served, 3)
+                                                      if served and share is not None else None)
     report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
-              "concurrency": args.concurrency, "seconds": args.seconds, "load": load, "stubs": stubs}
+              "profile": args.profile, "concurrency": args.concurrency, "seconds": args.seconds, "load": load, "stubs": stubs}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     name = f"stub_profile_{args.tag}" if args.tag else "stub_profile"
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = [f"# Where the stubs spend their time — `{report['command']}`", "",
-          f"Machine: {report['machine']}. Commit {report['commit']}. perf_analyzer gRPC at concurrency {args.concurrency} "
+          f"Machine: {report['machine']}. Commit {report['commit']}. Profile {args.profile}. perf_analyzer gRPC at concurrency {args.concurrency} "
           f"({load.get('throughput_rps')} req/s), py-spy {args.seconds} s at 200 Hz on each stub.", "",
-          "| stub | busy samples | step code | adapter | step code by class |", "|---|---|---|---|---|"]
+          "| stub | busy samples | step code | adapter | ms per request: step code / adapter | step code by class |",
+          "|---|---|---|---|---|---|"]
     for m, s in sorted(stubs.items()):
         md.append(f"| {m} | {s['busy_samples']} | {s['step_share_of_busy']:.1%} | {s['adapter_share_of_busy']:.1%} | "
+                  f"{s['step_ms_per_request']} / {s['adapter_ms_per_request']} | "
                   + ", ".join(f"{k} {v:.1%}" for k, v in s["by_step_class"].items()) + " |")
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -88,10 +88,12 @@ class Pipeline:
         impl = self.steps[last.name]
         inputs = impl.check({t.name: tensors.get(last.graph_name(t.name)) for t in last.inputs})
         out = []
-        for outputs, cold in zip(impl.run_requests(inputs, [1] * len(tensors["user_id"])), tensors["cold_start"].ravel()):
+        for i, outputs in enumerate(impl.run_requests(inputs, [1] * len(tensors["user_id"]))):
             check_outputs(last, outputs, self.sizes, 1)
             named = {last.graph_name(t.name): o[0] for t, o in zip(last.outputs, outputs)}
             keep = named["item_ids"] >= 0
-            one = (named["item_ids"][keep], named["scores"][keep], bool(cold))
+            # cold_start: from the feature step, or from the last step where it runs the whole graph (the cpu profile)
+            cold = named["cold_start"] if "cold_start" in named else tensors["cold_start"][i]
+            one = (named["item_ids"][keep], named["scores"][keep], bool(np.ravel(cold)[0]))
             out.append((*one, named["item_routes"][keep]) if with_routes else one)
         return out

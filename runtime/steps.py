@@ -243,7 +243,7 @@ class StepImpl:
 
 
 class Fused(StepImpl):
-    """Adjacent steps of the graph in one model (the cpu profile, contract.CPU_FUSION): the parts' own
+    """Adjacent steps of the graph in one model (the cpu profiles, contract.FUSION): the parts' own
     classes run in order over one dict of tensors. A per-request part runs per request after the
     batched parts ran over the whole batch, so the ranker still batches across requests."""
 

@@ -80,6 +80,16 @@ def canary(http_url: str, timeout_s: float = 5.0) -> str | None:
     return None
 
 
+def _stopped(pid: int) -> bool:
+    """A process that is gone, a zombie, or stopped (SIGSTOP: a hung stub)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"T", b"t", b"Z", b"X")
+
+
 def dead_steps(error: str) -> list[str]:
     """The models whose stub the error names as dead."""
     return sorted(set(_DEAD_STUB.findall(error)))
@@ -123,12 +133,16 @@ class StepDoctor:
 
     def __init__(self, http_url: str, steps: list[str], admin_key: str | None, interval_s: float = 2.0,
                  timeout_s: float = 5.0, reloads_before_restart: int = 2, restart=None, alive=None, stub_pids=None,
-                 lock=None):
+                 lock=None, stubs: dict | None = None):
         """restart: called when reloads do not help; alive: False once the server process has exited,
         which is not the doctor's to heal (its owner reports the exit); stub_pids(model): the pids of the
         model's stubs, which get SIGKILL once the reload has replaced them (a hung stub would stay); lock(): a
-        context manager held while reloading (a version switch, serving/versions.py, takes it too)."""
+        context manager held while reloading (a version switch, serving/versions.py, takes it too);
+        stubs: {model: instances} of the python models. A model with several instances can lose one while the
+        canary, answered by another, still passes: after each good canary the doctor counts the model's live,
+        running stubs, and heals the model when fewer than its instances are left (the stub census)."""
         self.http_url, self.steps, self.admin_key = http_url, list(steps), admin_key
+        self.stubs = dict(stubs or {})
         self.alive = alive or (lambda: True)
         self.stub_pids = stub_pids or (lambda model: [])
         self.lock = lock or contextlib.nullcontext
@@ -151,21 +165,32 @@ class StepDoctor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            error = canary(self.http_url, self.timeout_s)
+            error, models = canary(self.http_url, self.timeout_s), None
+            if error is None:
+                models = self.short_of_stubs()
+                error = "; ".join(f"{m}: fewer running stubs than its {self.stubs[m]} instances" for m in models) or None
             if error is not None and not self._stop.is_set() and self.alive():
                 try:
-                    self._heal(error)
+                    self._heal(error, models)
                 except Exception as exc:  # noqa: BLE001 - the doctor must outlive any one incident
                     log.error("step doctor: healing failed (%s); trying again on the next canary", exc)
 
-    def _heal(self, error: str) -> None:
+    def short_of_stubs(self) -> list[str]:
+        """The python models with fewer live, running (not stopped) stubs than instances."""
+        return sorted(m for m, n in self.stubs.items() if sum(not _stopped(pid) for pid in self.stub_pids(m)) < n)
+
+    def _heal(self, error: str, models: list[str] | None = None) -> None:
         waited = time.time()
         with self.lock():  # not while a version switch loads and unloads steps
-            if time.time() - waited > 0.1 and canary(self.http_url, self.timeout_s) is None:
+            if models:
+                models = self.short_of_stubs()  # counted again under the lock: a switch replaces stubs
+                if not models:
+                    return
+            elif time.time() - waited > 0.1 and canary(self.http_url, self.timeout_s) is None:
                 return  # a switch was in flight, and it is over
-            self._heal_locked(error)
+            self._heal_locked(error, models)
 
-    def _heal_locked(self, error: str) -> None:
+    def _heal_locked(self, error: str, models: list[str] | None = None) -> None:
         t0 = time.time()
         self.ready = False
         incident = {"at": t0, "error": error[:300], "actions": []}
@@ -174,7 +199,7 @@ class StepDoctor:
         for attempt in range(self.reloads_before_restart):
             if self._stop.is_set():
                 return
-            named = [m for m in dead_steps(error) if m in self.steps]
+            named = models or [m for m in dead_steps(error) if m in self.steps]
             for model in named or self.steps:  # a hang names nothing: every step is reloaded
                 old = self.stub_pids(model)
                 try:

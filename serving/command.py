@@ -88,6 +88,17 @@ MAX_INSTANCES = 8
 _INSTANCE_COUNT = re.compile(r"(instance_group \{\n  count: )(\d+)")
 
 
+def python_stub_counts(repository: Path | str) -> dict[str, int]:
+    """{model: instances} of the python-backend models of a repository: the stub processes Triton runs for each."""
+    out = {}
+    for path in Path(repository).glob("*/config.pbtxt"):
+        text = path.read_text()
+        m = _INSTANCE_COUNT.search(text)
+        if m and 'backend: "python"' in text:
+            out[path.parent.name] = int(m.group(2))
+    return out
+
+
 def apply_instance_counts(repository: Path | str, counts: dict) -> dict[str, int]:
     """Sets `serve.instances` ({model: count}) in a copy of a generated repository: each named model's
     instance_group count (its stubs, or GPU instances, run that many batches at once). ValueError naming the

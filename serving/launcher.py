@@ -29,11 +29,11 @@ from pathlib import Path
 
 from shoprec import bundles
 from shoprec.config import REPO_ROOT, ServeConfig
-from shoprec.contract import ENSEMBLE
+from shoprec.contract import ENSEMBLE, default_instances
 from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
-from .command import apply_instance_counts, check_tls_files, tritonserver_command
+from .command import apply_instance_counts, check_tls_files, python_stub_counts, tritonserver_command
 
 log = logging.getLogger("shoprec.serve")
 
@@ -221,7 +221,7 @@ class TritonServer:
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
                    grpc_tls=_tls(cfg), http_front=cfg.http_front, grpc_front=_grpc_front(cfg),
                    grpc_max_message_mb=cfg.grpc_max_message_mb, response_cache_mb=cfg.response_cache_mb,
-                   instances=dict(cfg.instances),
+                   instances={**default_instances(profile, os.cpu_count() or 1), **cfg.instances},
                    canary_timeout_s=cfg.canary_timeout_s, versioned=True, swap_drain_s=cfg.swap_drain_s)
 
     @property
@@ -328,7 +328,7 @@ class TritonServer:
                 steps = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file() and p.name != ENSEMBLE)
                 self.doctor = StepDoctor(self.triton_http_url, steps, self.admin_key, self.canary_interval_s, self.canary_timeout_s,
                                          restart=self._restart, alive=lambda: self.process.poll() is None,
-                                         stub_pids=self.stub_pids,
+                                         stub_pids=self.stub_pids, stubs=python_stub_counts(repo),
                                          lock=(lambda: self.served.lock(timeout_s=None)) if self.served else None).start()
             if self.served is not None:
                 self._write_record()

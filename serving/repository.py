@@ -4,10 +4,12 @@
 regenerates into a temp dir and diffs, so contract and configs cannot drift.
 
 Profiles:
-  cpu  python-backend models (ONNX Runtime / FAISS / NumPy inside), adjacent steps fused into one
-       model each (contract.CPU_FUSION: three hops per request); runs on the pip tritonserver.
-  gpu  towers and ranker as TensorRT plans (built at container start, docker/entrypoint.py),
-       retrieval on a GPU instance (FAISS-GPU on the device Triton assigns), light steps KIND_CPU.
+  cpu         one python-backend model runs the whole graph (ONNX Runtime / FAISS / NumPy inside), one
+              instance per core at serve time (contract.FUSION); runs on the pip tritonserver.
+  cpu-stages  the same steps fused into three python models (features, candidates, ranking): per-step
+              statistics and instance counts, Triton's response cache on `candidates`.
+  gpu         towers and ranker as TensorRT plans (built at container start, docker/entrypoint.py),
+              retrieval on a GPU instance (FAISS-GPU on the device Triton assigns), light steps KIND_CPU.
 """
 
 from __future__ import annotations

@@ -156,7 +156,8 @@ class ServeConfig:
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""
     ready_timeout_s: float = 120.0
-    # instances per served model ({"candidates": 2}: two stubs run batches of that step at once); absent: 1
+    # instances per served model ({"pipeline": 4}: four stubs run batches at once); absent: the step's default
+    # (contract.default_instances: the cpu profile's whole-graph model one per core, up to 8; others 1)
     instances: dict = field(default_factory=dict)
     # Triton's response cache (local, LRU) for the steps whose outputs depend on their inputs alone
     # (contract.Step.cacheable: retrieval and the candidate features); 0: no cache. Off by default: a miss costs

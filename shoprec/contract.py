@@ -1,7 +1,7 @@
 """The step graph, declared once: every step, the tensors that cross its boundaries, its batching,
 device and profiles, and the class that computes it.
 
-From this one declaration come every generated config.pbtxt of both profiles
+From this one declaration come every generated config.pbtxt of every profile
 (serving/repository.py), the Triton python models (serving/triton_models.py: one generic adapter),
 the TensorRT shape profiles (shoprec/tensorrt_shapes.py), the container's engine list
 (docker/entrypoint.py), the in-process pipeline used by evaluation and the FastAPI baseline
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 ENSEMBLE = "recommender"
-PROFILES = ("cpu", "gpu")
+PROFILES = ("cpu", "cpu-stages", "gpu")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ class Step:
     # its outputs are a function of its inputs and the bundle alone (no clock, no live state read inside the step);
     # `response_cache` says whether Triton's cache answers repeated requests for it (serve.response_cache_mb)
     cacheable: bool = False
+    # instances when serve.instances does not name the model: 1, or "cores" (one per CPU core, at most 8: the
+    # whole-pipeline model of the cpu profile, whose instances are the server's only parallelism)
+    instances: int | str = 1
 
     def kind(self, profile: str) -> str:
         return self.gpu_kind if profile == "gpu" else "KIND_CPU"
@@ -152,15 +155,22 @@ STEP_BY_NAME = {s.name: s for s in STEPS}
 ENGINE_STEPS = tuple(s.name for s in STEPS if s.engine)  # the ONNX graphs the gpu profile serves as TensorRT plans
 
 
-# The cpu profile runs adjacent steps in one python model each: every python-backend hop costs adapter
-# work and a shared-memory round trip, and on a few cores each extra process competes for them. The
-# gpu profile keeps every step its own model (TensorRT plans, GPU instances). Groups are of adjacent steps.
-CPU_FUSION: tuple[tuple[str, tuple[str, ...]], ...] = (
+# Python-backend hops cost adapter work and a shared-memory round trip each, and on a few cores every
+# extra process competes for them, so the cpu profiles fuse adjacent steps (ALL: every step of the
+# graph, in order):
+#   cpu         one model runs the whole graph, one instance per core: the fewest hops and the biggest
+#               batches (benchmarks/results/instances_medium.md: 1.5x the throughput of cpu-stages at
+#               concurrency 16 and a lower p50 at concurrency 1, medium shop, 2 cores);
+#   cpu-stages  three models (features, candidates, ranking): per-step statistics and instance counts, and
+#               Triton's response cache on `candidates` (the one stage whose answer is a function of its inputs).
+# The gpu profile keeps every step its own model (TensorRT plans, GPU instances).
+ALL = ("*",)
+STAGE_FUSION: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("user_features", ("feature_transform", "user_tower")),
     ("candidates", ("retrieval", "candidate_features")),
     ("ranking", ("ranker", "topk")),
 )
-FUSION = {"cpu": CPU_FUSION, "gpu": ()}
+FUSION = {"cpu": (("pipeline", ALL),), "cpu-stages": STAGE_FUSION, "gpu": ()}
 
 
 def profile_steps(profile: str) -> tuple[Step, ...]:
@@ -171,20 +181,25 @@ def profile_steps(profile: str) -> tuple[Step, ...]:
     steps = [s for s in STEPS if profile in s.profiles]
     names = [s.name for s in steps]
     out: list[Step] = []
-    groups = {parts[0]: (name, parts) for name, parts in FUSION[profile]}
+    groups = {(names[0] if parts == ALL else parts[0]): (name, tuple(names) if parts == ALL else parts)
+              for name, parts in FUSION[profile]}
     i = 0
     while i < len(steps):
         name, parts = groups.get(steps[i].name, (None, (steps[i].name,)))
         if names[i : i + len(parts)] != list(parts):
             raise ValueError(f"fusion {name!r}: {parts} are not adjacent steps of the {profile} graph {names}")
-        out.append(steps[i] if name is None else _fuse(name, steps[i : i + len(parts)], steps[i + len(parts):]))
+        if name is None:
+            out.append(steps[i])
+        else:
+            fused = _fuse(name, steps[i : i + len(parts)], steps[i + len(parts):], profile)
+            out.append(replace(fused, instances="cores") if len(parts) == len(steps) else fused)
         i += len(parts)
     if any(s.per_request for s in out[:-1]):
         raise ValueError(f"{profile}: only the last step may run per request, got {[s.name for s in out if s.per_request]}")
     return tuple(out)
 
 
-def _fuse(name: str, parts: list[Step], later: list[Step]) -> Step:
+def _fuse(name: str, parts: list[Step], later: list[Step], profile: str) -> Step:
     """One step running `parts` in order: it reads what they read and no earlier part writes, and returns
     what later steps or the response read. Tensors carry their graph names (wiring applied)."""
     produced: set[str] = set()
@@ -198,9 +213,15 @@ def _fuse(name: str, parts: list[Step], later: list[Step]) -> Step:
     read_later = {s.graph_name(t.name) for s in later for t in s.inputs} | {t.name for t in RESPONSE_OUTPUTS}
     outputs = tuple(replace(t, name=s.graph_name(t.name)) for s in parts for t in s.outputs if s.graph_name(t.name) in read_later)
     return Step(name, tuple(inputs), outputs, "Fused", "KIND_CPU", engine=False, per_request=any(s.per_request for s in parts),
-                profiles=("cpu",), max_batch_size=min(s.max_batch_size for s in parts),
+                profiles=(profile,), max_batch_size=min(s.max_batch_size for s in parts),
                 preferred_batch_sizes=parts[0].preferred_batch_sizes, parts=tuple(s.name for s in parts),
                 cacheable=all(s.cacheable for s in parts))
+
+
+def default_instances(profile: str, cores: int) -> dict[str, int]:
+    """The models of a profile that do not run one instance by default: one per core (up to 8). serve.instances
+    overrides them."""
+    return {s.name: max(1, min(cores, 8)) for s in profile_steps(profile) if s.instances == "cores"}
 
 
 def profile_step(profile: str, name: str) -> Step:

@@ -72,6 +72,17 @@ def triton(artifacts, cfg, config_file):
 
 
 @pytest.fixture(scope="session")
+def triton_stages(artifacts, cfg, config_file):
+    """The cpu-stages profile (three python models), for the tests that call a stage model directly."""
+    from serving.launcher import TritonServer
+
+    server = TritonServer.from_config(cfg.replace("serve", canary_interval_s=0.0, response_cache_mb=0).serve, artifacts,
+                                      profile="cpu-stages", ephemeral_ports=True, config_path=config_file)
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def pipeline(artifacts, cfg):
     from runtime.pipeline import Pipeline
 

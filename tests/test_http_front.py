@@ -99,5 +99,5 @@ def test_the_front_forwards_the_admin_header_and_tritons_own_port_is_loopback_on
         urllib.request.urlopen(req, timeout=10)
     req.add_header("shoprec-admin-key", triton.admin_key)
     with urllib.request.urlopen(req, timeout=10) as r:
-        assert {m["name"] for m in json.loads(r.read())} >= {"recommender", "ranking"}
+        assert {m["name"] for m in json.loads(r.read())} >= {"recommender", "pipeline"}
     assert triton.triton_http_url.startswith("127.0.0.1:") and triton.triton_http_url != triton.http_url

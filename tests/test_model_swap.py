@@ -107,5 +107,5 @@ def test_a_changed_or_broken_version_is_refused_and_the_old_one_keeps_serving(co
         # the version is in the metrics too: Triton labels each step's series with its model version
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as m:
             text = m.read().decode()
-        assert f'nv_inference_request_success{{model="user_features",version="{served}"}}' in text
+        assert f'nv_inference_request_success{{model="pipeline",version="{served}"}}' in text
     assert not (copy / "triton" / "servers" / f"{server.grpc_port}.json").exists()  # the record goes with the server

@@ -49,13 +49,18 @@ def test_configs_parse_and_follow_contract():
     gpu = _load("gpu", "ranker")
     assert gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert _load("gpu", "topk").instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    cpu = [s.name for s in contract.profile_steps("cpu")]
-    assert cpu == ["user_features", "candidates", "ranking"]  # three python hops per request on CPU
+    # cpu: one python hop per request, as many instances as cores; cpu-stages: three hops
+    assert [(s.name, s.parts, s.instances) for s in contract.profile_steps("cpu")] == [
+        ("pipeline", tuple(s.name for s in contract.STEPS), "cores")]
+    assert [s.name for s in contract.profile_steps("cpu-stages")] == ["user_features", "candidates", "ranking"]
+    assert contract.default_instances("cpu", 2) == {"pipeline": 2} and contract.default_instances("cpu", 64) == {"pipeline": 8}
+    assert contract.default_instances("cpu-stages", 2) == {} == contract.default_instances("gpu", 2)
     # Triton's response cache: only on the steps that compute from their inputs alone and read the canary's salt
     # (the feature step reads live state, the ranking step the blocked-items file)
     cached = {(p, s.name) for p in PROFILES for s in contract.profile_steps(p) if _load(p, s.name).response_cache.enable}
-    assert cached == {("cpu", "candidates"), ("gpu", "retrieval")}
-    assert _load("cpu", "ranking").backend == "python" and _load("cpu", "ranking").max_batch_size == 64
+    assert cached == {("cpu-stages", "candidates"), ("gpu", "retrieval")}
+    assert _load("cpu-stages", "ranking").backend == "python" and _load("cpu-stages", "ranking").max_batch_size == 64
+    assert _load("cpu", "pipeline").backend == "python" and _load("cpu", "pipeline").max_batch_size == 64
 
 
 def test_serving_imports_without_the_offline_stack():
@@ -73,12 +78,12 @@ def test_instance_counts_are_set_in_a_copy_and_bad_ones_are_named(tmp_path):
 
     from serving.command import apply_instance_counts
 
-    repo = tmp_path / "cpu"
-    shutil.copytree(REPO_ROOT / "model_repository" / "cpu", repo)
+    repo = tmp_path / "cpu-stages"
+    shutil.copytree(REPO_ROOT / "model_repository" / "cpu-stages", repo)
     assert apply_instance_counts(repo, {"candidates": 3}) == {"candidates": 3}
     cfg = text_format.Parse((repo / "candidates" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert [g.count for g in cfg.instance_group] == [3]
-    assert _load("cpu", "candidates").instance_group[0].count == 1  # the generated repository is untouched
+    assert _load("cpu-stages", "candidates").instance_group[0].count == 1  # the generated repository is untouched
     for counts, message in (({"rankr": 2}, "serve.instances.rankr: no model 'rankr'"),
                             ({contract.ENSEMBLE: 2}, f"serve.instances.{contract.ENSEMBLE}: no model"),
                             ({"ranking": 0}, "serve.instances.ranking must be an integer in 1..8, got 0"),

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks.step_faults import STEPS, Load, inject
+from benchmarks.step_faults import Load, inject
 from serving.canary import canary, dead_steps
 from tests.test_deploy import probe_command
 
@@ -25,14 +25,28 @@ def test_dead_steps_are_read_from_the_error():
     assert dead_steps("no answer within 5s (TimeoutError: timed out)") == []
 
 
-@pytest.fixture(scope="module")
-def server(artifacts, cfg):
+STEPS = ("user_features", "candidates", "ranking")  # the cpu-stages profile's models
+
+
+def _server(artifacts, cfg, profile, **serve):
     from serving.launcher import TritonServer
 
     # no response cache: the load asks for one user, whose cached candidates would hide a dead candidates stub from
     # it (the canary itself never hits the cache: test_serving_integration checks that)
-    serve = cfg.replace("serve", canary_interval_s=1.0, canary_timeout_s=3.0, online_store="none", response_cache_mb=0).serve
-    with TritonServer.from_config(serve, artifacts, ephemeral_ports=True) as s:
+    serve = cfg.replace("serve", canary_interval_s=1.0, canary_timeout_s=3.0, online_store="none", response_cache_mb=0,
+                        **serve).serve
+    return TritonServer.from_config(serve, artifacts, profile=profile, ephemeral_ports=True)
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, cfg):
+    with _server(artifacts, cfg, "cpu-stages") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def two_instances(artifacts, cfg):
+    with _server(artifacts, cfg, "cpu", instances={"pipeline": 2}) as s:
         yield s
 
 
@@ -57,5 +71,24 @@ def test_a_dead_or_hung_step_is_healed_within_ten_seconds(server, artifacts, ste
         assert load.ok > answered, "requests are answered again"
     assert row["healed"] and row["actions"] == [f"reloaded {step}"], row
     assert row["stubs_after"] == 1, "the replaced stub is gone, hung or not"
+    assert row["last_failure_s"] is None or row["last_failure_s"] < 10, row
+    assert canary(server.http_url) is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "hang"])
+def test_one_dead_instance_of_two_is_found_and_healed(two_instances, artifacts, sig):
+    """The cpu profile's model runs several instances: with one stub dead or hung, the other answers the canary, so
+    the doctor counts the stubs. The model is reloaded, both instances run again, and requests are answered."""
+    server = two_instances
+    assert server.doctor.stubs == {"pipeline": 2} and len(server.stub_pids("pipeline")) == 2
+    user = int(np.load(artifacts / "serving" / "user_store.npz")["user_id"][0])
+    with Load(server.grpc_url, user) as load:
+        time.sleep(0.5)
+        row = inject(server, load, "pipeline", sig, settle_s=1.5)
+        answered = load.ok
+        time.sleep(0.5)
+        assert load.ok > answered, "requests are answered again"
+    assert row["healed"] and row["actions"] == ["reloaded pipeline"], row
+    assert row["stubs_after"] == 2 and server.doctor.short_of_stubs() == []
     assert row["last_failure_s"] is None or row["last_failure_s"] < 10, row
     assert canary(server.http_url) is None

@@ -82,9 +82,10 @@ def test_every_step_output_is_checked_against_the_graph(pipeline):
         check_outputs(step, (outputs[0][..., :1], outputs[1]), pipeline.sizes)
 
 
-def test_fused_cpu_profile_serves_what_the_graph_serves(artifacts, cfg, pipeline):
-    fused = Pipeline(artifacts / "serving", cfg=cfg.serve, profile="cpu")
-    assert [s.name for s in fused.graph] == ["user_features", "candidates", "ranking"]
+@pytest.mark.parametrize("profile,models", [("cpu", ["pipeline"]), ("cpu-stages", ["user_features", "candidates", "ranking"])])
+def test_fused_cpu_profiles_serve_what_the_graph_serves(artifacts, cfg, pipeline, profile, models):
+    fused = Pipeline(artifacts / "serving", cfg=cfg.serve, profile=profile)
+    assert [s.name for s in fused.graph] == models
     users = pipeline.steps["feature_transform"].store.user_id[:8]
     for a, b in zip(pipeline.recommend(users, 10, hour=9), fused.recommend(users, 10, hour=9)):
         np.testing.assert_array_equal(a[0], b[0])
@@ -131,7 +132,7 @@ def test_candidate_rows_outside_the_table_fail_the_batch(artifacts, cfg):
 def test_requests_of_different_widths_batch_padded_with_the_same_answers(pipeline):
     """Triton batches retrieval's variable-width inputs (history, unavailable items, context) whatever their widths
     (allow_ragged_batch); the adapter pads them into one batch, and each user's candidates are what they are alone."""
-    step = contract.profile_step("cpu", "candidates")
+    step = contract.profile_step("cpu-stages", "candidates")
     ragged = {t.name for t in step.inputs if t.pad is not None}
     assert ragged == {"history_rows", "history_kinds", "unavailable_rows", "context_rows"}
     store = pipeline.steps["feature_transform"].store
@@ -187,9 +188,11 @@ def test_adding_a_step_is_one_class_and_one_graph_entry(artifacts, cfg, pipeline
     rewired = dataclasses.replace(contract.STEP_BY_NAME["topk"], wiring=(("ranking_scores", "reversed_scores"),))
     monkeypatch.setattr(steps_module, "Reverse", Reverse, raising=False)
     monkeypatch.setattr(contract, "STEPS", (*contract.STEPS[:-1], entry, rewired))
-    with pytest.raises(ValueError, match="fusion 'ranking'.* are not adjacent steps of the cpu graph"):
-        contract.profile_steps("cpu")  # the step lands inside a fused group: the cpu profile says so, not silently
-    monkeypatch.setitem(contract.FUSION, "cpu", (*contract.CPU_FUSION[:-1], ("ranking", ("ranker", "reverse", "topk"))))
+    with pytest.raises(ValueError, match="fusion 'ranking'.* are not adjacent steps of the cpu-stages graph"):
+        contract.profile_steps("cpu-stages")  # the step lands inside a fused group: the profile says so, not silently
+    monkeypatch.setitem(contract.FUSION, "cpu-stages",
+                        (*contract.STAGE_FUSION[:-1], ("ranking", ("ranker", "reverse", "topk"))))
+    assert contract.profile_steps("cpu")[0].parts[-2:] == ("reverse", "topk")  # the whole graph, whatever it holds
 
     repository.generate(tmp_path)
     cfg_text = (tmp_path / "gpu" / "reverse" / "config.pbtxt").read_text()
@@ -200,12 +203,12 @@ def test_adding_a_step_is_one_class_and_one_graph_entry(artifacts, cfg, pipeline
         if profile == "gpu":
             assert [s.model_name for s in ens.ensemble_scheduling.step][-2:] == ["reverse", "topk"]
             assert ens.ensemble_scheduling.step[-1].input_map["ranking_scores"] == "reversed_scores"
-        else:  # fused: the new step runs inside the cpu profile's last model
-            assert [s.model_name for s in ens.ensemble_scheduling.step][-1] == "ranking"
+        else:  # fused: the new step runs inside the cpu profiles' last model
+            assert [s.model_name for s in ens.ensemble_scheduling.step][-1] == ("pipeline" if profile == "cpu" else "ranking")
 
     users = pipeline.steps["feature_transform"].store.user_id[:4]
     normal = pipeline.recommend(users, pipeline.max_k)
-    for profile in (None, "cpu"):  # the graph step by step, and the cpu profile's fused models
+    for profile in (None, "cpu", "cpu-stages"):  # the graph step by step, and the cpu profiles' fused models
         reversed_ = Pipeline(artifacts / "serving", cfg=cfg.serve, profile=profile).recommend(users, pipeline.max_k)
         _assert_reversed(normal, reversed_)
 
