@@ -53,10 +53,39 @@ def bundle_dir(version: int | None = None) -> Path:
     return root / "serving"
 
 
+def _npz_members(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, memory-mapped read-only where the member is stored uncompressed (np.savez), else
+    read. Mapped arrays live in the page cache, shared by every process that maps the file: the instances of
+    a model, the FastAPI workers; a bundle's files never change once exported (shoprec/bundles.py)."""
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type == zipfile.ZIP_STORED:
+                fh.seek(info.header_offset)
+                local = fh.read(30)  # the local file header: its name and extra field lengths at bytes 26-29
+                fh.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+                version = np.lib.format.read_magic(fh)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                         else np.lib.format.read_array_header_2_0(fh))
+                if not dtype.hasobject and int(np.prod(shape)) > 0:
+                    # a plain ndarray over the map (the memmap subclass would cost a Python call on every
+                    # slice of the request path)
+                    out[name] = np.memmap(path, dtype=dtype, mode="r", offset=fh.tell(), shape=shape,
+                                          order="F" if fortran else "C").view(np.ndarray)
+                    continue
+            with zf.open(info) as member:
+                out[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return out
+
+
 @dataclass
 class Bundle:
     """The serving bundle. Each file is checked against the manifest once, each .npz read once,
-    however many steps of one process ask for it."""
+    however many steps of one process ask for it; arrays are memory-mapped where the file allows, so
+    processes serving one bundle share them."""
 
     path: Path
     _checked: set = field(default_factory=set, repr=False)
@@ -70,13 +99,12 @@ class Bundle:
 
     def npz(self, key: str) -> dict[str, np.ndarray]:
         if key not in self._arrays:
-            with np.load(self.file(key), allow_pickle=False) as z:
-                self._arrays[key] = {k: z[k] for k in z.files}
+            self._arrays[key] = _npz_members(self.file(key))
         return dict(self._arrays[key])  # callers may pop keys; the arrays themselves are shared
 
     def npy(self, key: str) -> np.ndarray:
         if key not in self._arrays:
-            self._arrays[key] = np.load(self.file(key), allow_pickle=False)
+            self._arrays[key] = np.load(self.file(key), allow_pickle=False, mmap_mode="r").view(np.ndarray)
         return self._arrays[key]
 
     @functools.cached_property

@@ -218,3 +218,21 @@ def _assert_reversed(normal, reversed_):
         assert set(ids) == set(rev_ids) and len(ids) > 1
         np.testing.assert_allclose(np.sort(rev_scores), np.sort(-scores), rtol=1e-6)
         assert ids[-1] == rev_ids[0]  # the worst of the normal list leads the reversed one
+
+
+def test_bundle_arrays_are_mapped_read_only_and_equal_what_numpy_reads(artifacts):
+    """Instances of a model map the bundle's arrays from the page cache instead of each holding a copy; the
+    arrays are the file's, read-only (a step that wrote into one would fail here, not corrupt a neighbour)."""
+    bundle = Bundle(artifacts / "serving")
+    for key in ("user_store", "item_table", "cf_all", "scene_routes"):
+        mapped = bundle.npz(key)
+        with np.load(artifacts / "serving" / contract.BUNDLE_FILES[key], allow_pickle=False) as z:
+            assert sorted(mapped) == sorted(z.files)
+            for name in z.files:
+                want = z[name]
+                got = mapped[name]
+                assert type(got) is np.ndarray and got.dtype == want.dtype and got.shape == want.shape, (key, name)
+                np.testing.assert_array_equal(got, want)
+                assert not got.flags.writeable or got.size == 0, (key, name)
+    embeddings = bundle.npy("item_embeddings")
+    assert not embeddings.flags.writeable and isinstance(embeddings.base, np.memmap)
