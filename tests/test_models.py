@@ -574,3 +574,22 @@ def test_topk_multiplies_the_score_by_the_popularity_factor(artifacts, cfg, pipe
         order = best_first(rows[i], want[i], 10)
         np.testing.assert_array_equal(ids[i], step.item_ids[rows[i][order]])
         np.testing.assert_allclose(served[i], want[i][order], rtol=1e-6)
+
+
+def test_target_attention_scores_equal_the_mlp_over_the_concatenated_pairs():
+    """DIN's score MLP reads (c, h, c*h, c-h) per candidate and action; the layer is computed without building
+    that [B, N, L, 4D] input (TargetAttention.scores). Same weights, same scores, gradients included."""
+    torch.manual_seed(0)
+    att = TargetAttention(8, hidden=6)
+    for b, n, length in ((1, 300, 20), (3, 5, 7), (2, 1, 1)):
+        c = torch.randn(b, n, 8, requires_grad=True)
+        h = torch.randn(b, length, 8, requires_grad=True)
+        cc, hh = c.unsqueeze(2).expand(b, n, length, 8), h.unsqueeze(1).expand(b, n, length, 8)
+        want = att.score(torch.cat([cc, hh, cc * hh, cc - hh], dim=-1)).squeeze(-1)
+        got = att.scores(c, h)
+        assert got.shape == (b, n, length)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        g_want = torch.autograd.grad(want.sum(), (c, h, att.score[0].weight))
+        g_got = torch.autograd.grad(got.sum(), (c, h, att.score[0].weight))
+        for x, y in zip(g_got, g_want):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

@@ -208,15 +208,31 @@ class TargetAttention(nn.Module):
         self.score = mlp([4 * dim, hidden, 1])
 
     def forward(self, cand: torch.Tensor, hist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, n, d = cand.shape
-        length = hist.shape[1]
-        c = cand.unsqueeze(2).expand(b, n, length, d)
-        h = hist.unsqueeze(1).expand(b, n, length, d)
-        s = self.score(torch.cat([c, h, c * h, c - h], dim=-1)).squeeze(-1)  # [B, N, L]
+        s = self.scores(cand, hist)  # [B, N, L]
         s = s + (1 - valid.unsqueeze(1).to(s.dtype)) * NEG
         s = torch.cat([torch.zeros_like(s[..., :1]), s], dim=-1)
         w = torch.softmax(s, dim=-1)[..., 1:]
         return w @ hist
+
+    def scores(self, cand: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        """score(c, h_j) for every candidate and action, [B, N, L], without building the [B, N, L, 4D] input.
+
+        The first layer is linear, so W [c, h, c*h, c-h] = (Wc + Wd) c + (Wh - Wd) h + Wp (c*h): the candidate
+        and the action parts are computed once each and broadcast, and only the product term pairs them:
+        c . (Wp * h), one batched matmul of the candidates with each action's weighted copy. The same function as `score(cat(...))` with the same weights (tested), at about a
+        quarter of the multiplications and no concatenation: the ranker's largest cost at serving time."""
+        first, relu, last = self.score
+        d = cand.shape[-1]
+        w = first.weight
+        w_c, w_h, w_p, w_d = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]  # each [H, D], in the order above
+        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w.shape[0]
+        c_part = cand @ (w_c + w_d).T  # [B, N, H]
+        h_part = hist @ (w_h - w_d).T + first.bias  # [B, L, H]
+        # Wp (c*h) = c . (Wp * h): each action's weighted copy [B, L*H, D], then one matmul with the candidates
+        weighted = (hist.unsqueeze(2) * w_p).reshape(b, length * hidden, d)
+        product = (cand @ weighted.transpose(1, 2)).reshape(b, n, length, hidden)  # [B, N, L, H]
+        pre = product + c_part.unsqueeze(2) + h_part.unsqueeze(1)
+        return (relu(pre) @ last.weight.T).squeeze(-1) + last.bias  # [B, N, L]
 
 
 class Ranker(nn.Module):
