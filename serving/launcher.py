@@ -174,6 +174,11 @@ def _grpc_front(cfg: ServeConfig) -> bool:
     raise LaunchError(f"serve.grpc_front must be auto, true or false, got {cfg.grpc_front!r}")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset), not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @dataclass
 class TritonServer:
     """A running tritonserver process. Use as a context manager, or call start()/stop()."""
@@ -221,7 +226,7 @@ class TritonServer:
                    online_max_memory_mb=cfg.online_max_memory_mb, canary_interval_s=cfg.canary_interval_s,
                    grpc_tls=_tls(cfg), http_front=cfg.http_front, grpc_front=_grpc_front(cfg),
                    grpc_max_message_mb=cfg.grpc_max_message_mb, response_cache_mb=cfg.response_cache_mb,
-                   instances={**default_instances(profile, os.cpu_count() or 1), **cfg.instances},
+                   instances={**default_instances(profile, usable_cores()), **cfg.instances},
                    canary_timeout_s=cfg.canary_timeout_s, versioned=True, swap_drain_s=cfg.swap_drain_s)
 
     @property
