@@ -11,7 +11,6 @@ alternated over `--rounds`. Results: benchmarks/results/bundle_diff[_TAG].{json,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT
 
-from .machine import commit, describe
+from .machine import command_line, commit, describe, write_report
 from .serving_bench import warm_users
 
 COMMAND = "python -m benchmarks.bundle_diff"
@@ -58,23 +57,19 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             lists(pipes[v], sample, args.k)
             times[v].append(round((time.perf_counter() - t0) / len(sample) * 1e3, 4))
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
+    report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "users": len(users), "k": args.k, "old": args.old, "new": args.new,
               "identical_lists": round(float(identical.mean()), 4), "mean_overlap": round(float(overlap.mean()), 4),
               "min_overlap": round(float(overlap.min()), 4),
               "ms_per_user_batch16": {str(v): float(np.median(t)) for v, t in times.items()},
               "rounds_ms_per_user_batch16": {str(v): t for v, t in times.items()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"bundle_diff_{args.tag}" if args.tag else "bundle_diff"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = [f"# Bundle {args.old} against bundle {args.new} — `{report['command']}`", "",
           f"Machine: {report['machine']}. Commit {report['commit']}. {len(users)} real users with history, k = {args.k}.", "",
           f"- identical top-{args.k} lists: {report['identical_lists']:.2%}",
           f"- mean overlap: {report['mean_overlap']:.4f} (lowest {report['min_overlap']:.2f})",
           f"- ms per user at batch 16 (median of {args.rounds} alternated rounds): "
           + ", ".join(f"bundle {v}: {t}" for v, t in report["ms_per_user_batch16"].items())]
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_report(args.out, "bundle_diff", args.tag, report, md)
     print("\n".join(md))
     return report
 

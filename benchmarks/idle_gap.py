@@ -15,7 +15,6 @@ Results: benchmarks/results/idle_gap[_TAG].{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT
 
-from .machine import commit, describe
+from .machine import command_line, commit, describe, write_report
 from .serving_bench import warm_users
 
 COMMAND = "python -m benchmarks.idle_gap"
@@ -61,19 +60,15 @@ def main(argv=None) -> dict:
             rounds[str(g)].append(round(p50_ms(pipe, users, g / 1e3), 3))
     p50 = {g: round(float(np.median(v)), 3) for g, v in rounds.items()}
     base = p50[str(args.gaps_ms[0])]
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
+    report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "requests": args.requests, "rounds": args.rounds, "p50_ms_by_gap_ms": p50, "rounds_p50_ms": rounds,
               "extra_ms_by_gap_ms": {g: round(v - base, 3) for g, v in p50.items()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"idle_gap_{args.tag}" if args.tag else "idle_gap"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = [f"# A pause between requests — `{report['command']}`", "",
           f"Machine: {report['machine']}. Commit {report['commit']}. The cpu profile's fused graph in one process, batch 1, "
           f"{args.requests} real user ids per setting; median p50 of {args.rounds} alternated rounds.", "",
           "| sleep between requests (ms) | p50 ms | extra ms | p50 by round |", "|---|---|---|---|"]
     md += [f"| {g} | {p50[g]} | {report['extra_ms_by_gap_ms'][g]} | {rounds[g]} |" for g in p50]
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_report(args.out, "idle_gap", args.tag, report, md)
     print("\n".join(md))
     return report
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT, load_config
 
-from .machine import commit, describe
+from .machine import command_line, commit, describe
 from .serving_bench import input_data, sweep
 
 COMMAND = "python -m benchmarks.instances"
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
             for name in order:
                 print(f"round {r + 1}/{args.rounds}: {name}", flush=True)
                 runs[name].append(run_variant(artifacts, VARIANTS[name], args.concurrency, data, tmp))
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
+    report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "items": json.loads((artifacts / "serving" / "contract.json").read_text())["n_items"],
               "concurrency": args.concurrency, "rounds": args.rounds, "variants": VARIANTS,
               "summary": summarise(runs, args.concurrency), "runs": runs}

@@ -1,10 +1,12 @@
-"""What machine a benchmark ran on, in one place for every benchmark's results."""
+"""What machine (and command, and commit) a benchmark ran on, in one place for every benchmark's results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -33,3 +35,19 @@ def commit() -> str:
     except OSError:
         return "unknown"
     return (head or "unknown") + ("+changes" if dirty else "")
+
+
+def command_line(base: str, argv: list[str] | None) -> str:
+    """The command that made a result: `base` and its arguments (the process's own when `argv` is None, i.e. when
+    the benchmark runs from the shell)."""
+    given = sys.argv[1:] if argv is None else argv
+    return " ".join([base, *given])
+
+
+def write_report(out: str | Path, name: str, tag: str, report: dict, md: list[str]) -> None:
+    """benchmarks/results-style output: OUT/NAME[_TAG].json (the report) and .md (the lines)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{tag}" if tag else name
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")

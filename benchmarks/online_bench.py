@@ -278,7 +278,7 @@ def write_outputs(report: dict, out: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.machine import commit, describe
+    from benchmarks.machine import command_line, commit, describe
     from serving.online import RedisServer
     from shoprec.manifest import verify_tree
 
@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     artifacts = Path(args.artifacts).resolve()
     verify_tree(artifacts / "serving")
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
+    report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "bundle": json.loads((artifacts / "serving" / "contract.json").read_text()).get("n_items", "?")}
     report["bundle"] = f"{report['bundle']} items"
     events = replay_events(artifacts)

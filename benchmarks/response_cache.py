@@ -37,7 +37,7 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT, load_config
 
-from .machine import commit, describe
+from .machine import command_line, commit, describe
 from .online_bench import KIND_NAMES
 
 COMMAND = "python -m benchmarks.response_cache"
@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     off, on = _merge(runs[0]), _merge(runs[args.cache_mb])
     if off["hit"].any():
         raise RuntimeError("the run without the cache reported cache hits")
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
+    report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "items": json.loads((artifacts / "serving" / "contract.json").read_text())["n_items"],
               "requests": len(sequence), "anonymous_share": args.anonymous_share, "cache_mb": args.cache_mb,
               "rounds": args.rounds, "identical_lists": off["lists"] == on["lists"] and off["identical"] and on["identical"],

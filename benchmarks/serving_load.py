@@ -87,6 +87,18 @@ def stub_model(cmd: list[bytes]) -> str | None:
     return next((Path(c.decode()).parent.parent.name for c in cmd if c.endswith(b"/model.py")), None)
 
 
+def stub_pids(pgid: int) -> dict[str, int]:
+    """The python-backend stubs of a process group by model: `model`, then `model#2`, ... for a model's further
+    instances (in pid order)."""
+    out: dict[str, int] = {}
+    for pid, _, cmd in sorted(process_group(pgid)):
+        model = stub_model(cmd)
+        if model:
+            n = sum(1 for m in out if m == model or m.startswith(model + "#"))
+            out[model if n == 0 else f"{model}#{n + 1}"] = pid
+    return out
+
+
 def process_cpu(pgid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of every process in a process group, by role: the Triton
     core, each python-backend stub by its model, uvicorn workers."""

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 
 from shoprec.config import REPO_ROOT, load_config
 
-from .machine import commit, describe
+from .machine import command_line, commit, describe, write_report
 from .serving_bench import warm_users
-from .serving_load import process_group, stub_model
+from .serving_load import stub_pids
 
 COMMAND = "python -m benchmarks.serving_memory"
 FIELDS = {"Rss": "rss_mb", "Pss": "pss_mb", "Shared_Clean": "shared_clean_mb", "Private_Clean": "private_clean_mb",
@@ -60,19 +59,12 @@ def main(argv=None) -> dict:
             for u in users:
                 c.recommend(int(u), k=10)
         processes["tritonserver"] = smaps_mb(server.process.pid)
-        for pid, _, cmd in sorted(process_group(server.process.pid)):
-            model = stub_model(cmd)
-            if model:
-                n = sum(1 for m in processes if m.startswith(f"stub:{model}"))
-                processes[f"stub:{model}" + (f"#{n + 1}" if n else "")] = smaps_mb(pid)
+        for model, pid in stub_pids(server.process.pid).items():
+            processes[f"stub:{model}"] = smaps_mb(pid)
     total = {k: sum(v.get(k, 0) for v in processes.values()) for k in FIELDS.values()}
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
+    report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "profile": args.profile, "requests": len(users), "processes": processes, "total": total,
               "bundle_mb": round(sum(f.stat().st_size for f in (artifacts / "serving").iterdir() if f.is_file()) / 2**20)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"serving_memory_{args.tag}" if args.tag else "serving_memory"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = [f"# Server memory by process — `{report['command']}`", "",
           f"Machine: {report['machine']}. Commit {report['commit']}. Profile {args.profile}; after {len(users)} gRPC requests. "
           f"Bundle on disk: {report['bundle_mb']} MB. MB from /proc/<pid>/smaps_rollup.", "",
@@ -80,7 +72,7 @@ def main(argv=None) -> dict:
     for proc, m in [*processes.items(), ("**total**", total)]:
         md.append(f"| {proc} | {m['rss_mb']} | {m['pss_mb']} | {m['shared_clean_mb']} | "
                   f"{m['private_clean_mb'] + m['private_dirty_mb']} |")
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_report(args.out, "serving_memory", args.tag, report, md)
     print("\n".join(md))
     return report
 

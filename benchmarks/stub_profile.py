@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import re
 import subprocess
 import sys
@@ -32,9 +31,9 @@ from pathlib import Path
 
 from shoprec.config import REPO_ROOT, load_config
 
-from .machine import commit, describe
+from .machine import command_line, commit, describe, write_report
 from .serving_bench import input_data
-from .serving_load import process_group, run_perf_analyzer, stub_model
+from .serving_load import run_perf_analyzer, stub_pids
 
 COMMAND = "python -m benchmarks.stub_profile"
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -89,12 +88,7 @@ def main(argv=None) -> dict:
         input_data(artifacts, data)
         with TritonServer.from_config(cfg, artifacts, args.profile, ephemeral_ports=True, log_path=tmp / "triton.log") as server:
             run_perf_analyzer(server.grpc_url, "grpc", args.concurrency, data, 1500)  # warm
-            pids = {}
-            for pid, _, cmd in process_group(server.process.pid):
-                model = stub_model(cmd)
-                if model:  # several instances of a model: each stub apart (model, model#2, ...)
-                    n = sum(1 for m in pids if m == model or m.startswith(model + "#"))
-                    pids[model if n == 0 else f"{model}#{n + 1}"] = pid
+            pids = stub_pids(server.process.pid)  # several instances of a model: each stub apart
             load: dict = {}
             requests = max(2000, int(300 * (args.seconds + 10)))  # outlasts the recording on this machine
             t = threading.Thread(target=lambda: load.update(run_perf_analyzer(server.grpc_url, "grpc", args.concurrency,
@@ -114,12 +108,8 @@ def main(argv=None) -> dict:
                 share = stubs[m][f"{part}_share_of_busy"]
                 stubs[m][f"{part}_ms_per_request"] = (round(stubs[m]["busy_samples"] * share * 5.0 / served, 3)
                                                       if served and share is not None else None)
-    report = {"command": COMMAND + (" " + " ".join(argv) if argv else ""), "machine": describe(), "commit": commit(),
+    report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "profile": args.profile, "concurrency": args.concurrency, "seconds": args.seconds, "load": load, "stubs": stubs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"stub_profile_{args.tag}" if args.tag else "stub_profile"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = [f"# Where the stubs spend their time — `{report['command']}`", "",
           f"Machine: {report['machine']}. Commit {report['commit']}. Profile {args.profile}. perf_analyzer gRPC at concurrency {args.concurrency} "
           f"({load.get('throughput_rps')} req/s), py-spy {args.seconds} s at 200 Hz on each stub.", "",
@@ -129,7 +119,7 @@ def main(argv=None) -> dict:
         md.append(f"| {m} | {s['busy_samples']} | {s['step_share_of_busy']:.1%} | {s['adapter_share_of_busy']:.1%} | "
                   f"{s['step_ms_per_request']} / {s['adapter_ms_per_request']} | "
                   + ", ".join(f"{k} {v:.1%}" for k, v in s["by_step_class"].items()) + " |")
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    write_report(args.out, "stub_profile", args.tag, report, md)
     print("\n".join(md))
     return report
 

@@ -185,3 +185,19 @@ def test_stub_profile_puts_each_sample_in_one_bucket():
     assert bucket([execute, "StepModel._execute (serving/triton_models.py:117)", run,
                    "Retrieval.run (runtime/steps.py:585)", "unique (numpy/lib/arraysetops.py:274)"]) == "step:Retrieval"
     assert bucket([execute, run, "OnnxStep.run (runtime/steps.py:518)", "Session.run (onnxruntime/x.py:1)"]) == "step:OnnxStep"
+
+
+def test_a_result_names_the_command_that_made_it(tmp_path, monkeypatch):
+    """Run from the shell, a benchmark records its own arguments (a tagged medium run must not read as the
+    default one); called with argv, those."""
+    from benchmarks.machine import command_line, write_report
+
+    monkeypatch.setattr("sys.argv", ["idle_gap.py", "--artifacts", "/m", "--tag", "medium"])
+    assert command_line("python -m benchmarks.idle_gap", None) == "python -m benchmarks.idle_gap --artifacts /m --tag medium"
+    assert command_line("python -m benchmarks.idle_gap", []) == "python -m benchmarks.idle_gap"
+    report = {"command": command_line("python -m benchmarks.idle_gap", None), "p50_ms": 1.5}
+    write_report(tmp_path / "out", "idle_gap", "medium", report, ["# t", "| a |"])
+    write_report(tmp_path / "out", "idle_gap", "", report, ["# u"])
+    assert json.loads((tmp_path / "out" / "idle_gap_medium.json").read_text()) == report
+    assert (tmp_path / "out" / "idle_gap_medium.md").read_text() == "# t\n| a |\n"
+    assert (tmp_path / "out" / "idle_gap.md").read_text() == "# u\n"

@@ -219,8 +219,9 @@ class TargetAttention(nn.Module):
 
         The first layer is linear, so W [c, h, c*h, c-h] = (Wc + Wd) c + (Wh - Wd) h + Wp (c*h): the candidate
         and the action parts are computed once each and broadcast, and only the product term pairs them:
-        c . (Wp * h), one batched matmul of the candidates with each action's weighted copy. The same function as `score(cat(...))` with the same weights (tested), at about a
-        quarter of the multiplications and no concatenation: the ranker's largest cost at serving time."""
+        c . (Wp * h), one batched matmul of the candidates with each action's weighted copy. The same function
+        as `score(cat(...))` with the same weights (tested), at about a quarter of the multiplications and no
+        concatenation: it was the ranker's largest cost at serving time."""
         first, relu, last = self.score
         d = cand.shape[-1]
         w = first.weight
