@@ -1,12 +1,16 @@
 """Real-data quality through the SERVER, scored by the shared referee (public development set).
 
-    .venv/bin/python -m benchmarks.referee_bench                      # both protocols, ~25 min on 2 cores
+    .venv/bin/python -m benchmarks.referee_bench                      # both protocols, ~6 min on 2 cores
     .venv/bin/python -m benchmarks.referee_bench --protocols random-8-1-1
+    .venv/bin/python -m benchmarks.referee_bench --dataset ml100k --data /data/movielens-100k \
+        --protocols temporal random-8-1-1 user-temporal-8-1-1
 
-For each protocol (`random-8-1-1`, `user-temporal-8-1-1`) of `shared/quality/referee.py`:
-1. the referee writes its split of ml-latest-small (train / valid / test CSVs);
-2. the train split becomes a MovieLens-layout folder (ratings.csv + movies.csv) and goes through
-   the product's own commands: `shoprec data --source movielens-latest-small`, `features --deploy`
+For each protocol (`random-8-1-1`, `user-temporal-8-1-1`, `temporal`) of `shared/quality/referee.py`:
+1. the referee writes its split of the data set (train / valid / test CSVs);
+2. the train split becomes a folder in the data set's own MovieLens layout (ml-latest-small:
+   ratings.csv + movies.csv; ml100k: u.data + u.item + u.user; ml1m-partial: ratings.dat +
+   movies.dat + users.dat, the item and user files copied as they are) and goes through the
+   product's own commands: `shoprec data --source movielens-...`, `features --deploy`
    (all of the referee's train trains the models and fills the user store), `train`, `export`;
 3. tritonserver serves the bundle; every test user of the referee is asked for a top 100 over gRPC
    (no context, seen items excluded by default) and the lists are written as the referee's CSV;
@@ -18,8 +22,14 @@ item table: no genres, no titles, no year. It shows what the served lists are wo
 has no item attributes. Its results are written with the suffix `_interactions`.
 
 Writes benchmarks/results/referee_<protocol>.json (the referee's own JSON plus timings) and
-referee_summary.{json,md} with the ratios to the referee's published baselines (read from
-shared/quality/README.md). ml-latest-small: GroupLens, research licence (see its README.txt).
+referee_summary.{json,md} with the ratios to the best baseline. For ml-latest-small on its two
+protocols the baselines are the referee's published table (shared/quality/README.md); for any other
+data set or protocol they are fitted on the same split by `referee.py baselines --grid wide`
+(popularity, ALS, item-kNN, EASE). Other data sets' results get the suffix `_<dataset>`.
+
+The other MovieLens releases may not be redistributed: their split, the product's tables and its
+artifacts are written under WORK, by default a folder outside this work tree (the referee refuses to
+write their splits inside one). ml-latest-small: GroupLens, research licence (see its README.txt).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,10 +51,19 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT, load_config
 
-from .machine import describe
+from .machine import command_line, describe
 
 SHARED = REPO_ROOT.parent / "shared"
-PROTOCOLS = ("random-8-1-1", "user-temporal-8-1-1")
+PROTOCOLS = ("random-8-1-1", "user-temporal-8-1-1", "temporal")
+DEFAULT_PROTOCOLS = PROTOCOLS[:2]  # the global temporal split leaves 7 test users on ml-latest-small
+# the referee's data set -> (its folder under REFEREE_DATA, the ratings file it reads there, the product's --source)
+DATASETS = {
+    "mlls": ("ml-latest-small", "ratings.csv", "movielens-latest-small"),
+    "ml100k": ("movielens-100k", "u.data", "movielens-100k"),
+    "ml1m-partial": ("movielens-1m-partial", "ratings_users1-2999.dat", "movielens-1m"),
+}
+BASELINES = ("pop", "als", "itemknn", "ease")
+BASELINE_METRICS = ("Recall@10", "NDCG@10", "Recall@50", "Recall@100", "HitRate@10", "Coverage@10")
 TARGET = 1.10
 
 
@@ -56,16 +76,26 @@ def _run(cmd: list[str], env: dict | None = None, quiet: bool = False) -> str:
     return out.stdout
 
 
-def _ml_layout(split_dir: Path, data_dir: Path, out: Path) -> None:
-    """The referee's train split as an ml-latest-small folder (ratings.csv, movies.csv)."""
+def _ml_layout(dataset: str, split_dir: Path, data_dir: Path, out: Path) -> str:
+    """The referee's train split in `dataset`'s own MovieLens layout: the ratings file holds the train
+    rows, the item and user files are copied from `data_dir`. Returns the product's --source."""
+    from feature_workflows.movielens import FILES
+
+    source = DATASETS[dataset][2]
+    ratings_name, *copied = FILES[source]
     out.mkdir(parents=True, exist_ok=True)
-    with open(split_dir / "train.csv") as src, open(out / "ratings.csv", "w", newline="") as dst:
-        reader = csv.DictReader(src)
-        writer = csv.writer(dst)
-        writer.writerow(["userId", "movieId", "rating", "timestamp"])
-        for row in reader:
-            writer.writerow([row["user"], row["item"], row["rating"], row["ts"]])
-    shutil.copy2(data_dir / "movies.csv", out / "movies.csv")
+    with open(split_dir / "train.csv") as src, open(out / ratings_name, "w", newline="") as dst:
+        rows = ((r["user"], r["item"], r["rating"], r["ts"]) for r in csv.DictReader(src))
+        if dataset == "mlls":
+            writer = csv.writer(dst)
+            writer.writerow(["userId", "movieId", "rating", "timestamp"])
+            writer.writerows(rows)
+        else:
+            sep = "\t" if dataset == "ml100k" else "::"
+            dst.writelines(sep.join(r) + "\n" for r in rows)
+    for name in copied:
+        shutil.copy2(data_dir / name, out / name)
+    return source
 
 
 def _interactions_file(split_dir: Path, out: Path) -> Path:
@@ -122,23 +152,37 @@ def published_baselines(readme: Path) -> dict:
     return table
 
 
+def fit_baselines(referee: Path, data: Path, dataset: str, protocol: str, work: Path) -> dict:
+    """The referee's tuned baselines on the same split (wide grid, chosen on valid NDCG@10):
+    {"systems": {name: {"test": metrics, "stderr": ..., "best_params": ...}}, "split_info": ..., "wall_s": ...}."""
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"baselines_{protocol}.json"
+    env = {**os.environ, "REFEREE_DATA": str(data.parent), "REFEREE_RESULTS": str(work)}
+    _run([sys.executable, str(referee), "baselines", "--dataset", dataset, "--protocol", protocol, "--grid", "wide",
+          "--only", ",".join(BASELINES), "--out-json", str(out)], env, quiet=True)
+    res = json.loads(out.read_text())
+    return {"split_info": res["split_info"], "wall_s": res["wall_seconds"],
+            "systems": {name: {"test": {m: r["test"][m] for m in BASELINE_METRICS}, "stderr": r["test"]["stderr"],
+                               "best_params": r["best_params"]} for name, r in res["results"].items()}}
+
+
 def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: str | None = None, data: str | None = None,
-                    timings: dict | None = None, layout: str = "movielens") -> Path:
-    """The referee's split -> ml-latest-small layout -> the product's own commands (data, features
-    --deploy, train, export). Returns the artifacts folder."""
+                    timings: dict | None = None, layout: str = "movielens", dataset: str = "mlls") -> Path:
+    """The referee's split -> the data set's MovieLens layout (or the generic file) -> the product's own
+    commands (data, features --deploy, train, export). Returns the artifacts folder."""
     referee = referee or str(SHARED / "quality" / "referee.py")
-    data = data or str(SHARED / "data" / "ml-latest-small")
+    data = data or str(SHARED / "data" / DATASETS[dataset][0])
     if work.exists():
         shutil.rmtree(work)
     split_dir, ml_dir, art = work / "split", work / "ml", work / "artifacts"
     py = sys.executable
     env = {**os.environ, "REFEREE_DATA": str(Path(data).parent)}
-    _run([py, referee, "split", "--dataset", "mlls", "--protocol", protocol, "--out", str(split_dir)], env)
+    _run([py, referee, "split", "--dataset", dataset, "--protocol", protocol, "--out", str(split_dir)]
+         + (["--allow-repo-path"] if dataset != "mlls" and _ignored(split_dir) else []), env)
     if layout == "interactions":
         source = ["--source", "interactions", "--interactions", str(_interactions_file(split_dir, work / "generic"))]
     else:
-        _ml_layout(split_dir, Path(data), ml_dir)
-        source = ["--source", "movielens-latest-small", "--movielens-dir", str(ml_dir)]
+        source = ["--source", _ml_layout(dataset, split_dir, Path(data), ml_dir), "--movielens-dir", str(ml_dir)]
     shoprec = [py, "-m", "app.cli", "--artifacts", str(art), "--quiet"] + (["--config", cfg_path] if cfg_path else [])
     for stage, extra in (("data", source),
                          ("features", ["--deploy"]), ("train", []), ("export", [])):
@@ -149,14 +193,21 @@ def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: st
     return art
 
 
+def _ignored(path: Path) -> bool:
+    """Whether git ignores `path` (so the referee may write another release's split there)."""
+    out = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO_ROOT, capture_output=True)
+    return out.returncode == 0
+
+
 def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
+    dataset = getattr(args, "dataset", "mlls")
     work = Path(args.work) / protocol
     split_dir = work / "split"
     referee = [sys.executable, str(args.referee)]
     env = {**os.environ, "REFEREE_DATA": str(Path(args.data).parent)}
     t0 = time.time()
     timings: dict = {}
-    art = build_artifacts(protocol, work, cfg_path, str(args.referee), str(args.data), timings, args.layout)
+    art = build_artifacts(protocol, work, cfg_path, str(args.referee), str(args.data), timings, args.layout, dataset)
 
     from serving.launcher import TritonServer
 
@@ -172,12 +223,12 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
         ranked = work / f"lists_{part}.csv"
         _write_lists(ranked, {u: lists[u] for u in part_users})
         out_json = work / f"referee_{part}.json"
-        _run(referee + ["score", "--dataset", "mlls", "--protocol", protocol, "--part", part, "--ranked", str(ranked),
+        _run(referee + ["score", "--dataset", dataset, "--protocol", protocol, "--part", part, "--ranked", str(ranked),
                         "--json", str(out_json)], env, quiet=True)
         results[part] = json.loads(out_json.read_text())
     timings["total"] = round(time.time() - t0, 1)
     train_report = json.loads((art / "models" / "train_report.json").read_text())
-    return {"protocol": protocol, "layout": args.layout, "referee": results, "timings_s": timings, "served_users": len(lists),
+    return {"dataset": dataset, "protocol": protocol, "layout": args.layout, "referee": results, "timings_s": timings, "served_users": len(lists),
             "train": {"cf": train_report.get("cf"), "ranker_deep": train_report["ranking"].get("deep"),
                       "retrieval_best_epoch": train_report["retrieval_stage_a"]["best_epoch"],
                       "popularity_prior": train_report.get("popularity_prior", {}).get("weight")}}
@@ -202,12 +253,14 @@ def summarize(runs: dict, baselines: dict) -> dict:
 
 
 def markdown(summary: dict, baselines: dict, meta: dict) -> str:
+    folder = DATASETS[meta.get("dataset", "mlls")][0]
     given = ("the generic interactions file (ratings only, no item attributes)" if meta.get("layout") == "interactions"
-             else "the ml-latest-small files")
-    lines = ["# Served recommendations on ml-latest-small, scored by the referee", "", f"The product was given {given}.", "",
+             else f"the {folder} files")
+    lines = [f"# Served recommendations on {folder}, scored by the referee", "", f"The product was given {given}.", "",
              f"Command: `{meta['command']}` ({meta['date']}, {meta['machine']}). The lists are what the running "
              "tritonserver returned (top 100, no context, seen items excluded). Baselines: the referee's published "
-             "table (wide grid, test).", ""]
+             "table (wide grid, test), or where it has none, the referee's baselines fitted on the same split "
+             "(`referee.py baselines --grid wide`, chosen on valid NDCG@10).", ""]
     for protocol, s in summary.items():
         se = s["stderr"]
         lines += [f"## {protocol} ({s['users']} test users)", "",
@@ -228,38 +281,56 @@ def markdown(summary: dict, baselines: dict, meta: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    parser.add_argument("--dataset", default="mlls", choices=list(DATASETS),
+                        help="the referee's data set (default mlls, the public development set)")
+    parser.add_argument("--protocols", nargs="+", default=list(DEFAULT_PROTOCOLS), choices=PROTOCOLS)
     parser.add_argument("--referee", default=str(SHARED / "quality" / "referee.py"))
-    parser.add_argument("--data", default=str(SHARED / "data" / "ml-latest-small"), help="the ml-latest-small folder")
-    parser.add_argument("--work", default=str(REPO_ROOT / "artifacts" / "referee"))
+    parser.add_argument("--data", default=None,
+                        help="the data set's folder, named as the referee names it (default ../shared/data/ml-latest-small)")
+    parser.add_argument("--work", default=None, help="splits, tables and artifacts (default: artifacts/referee for "
+                        "ml-latest-small, a temporary folder outside this work tree for the others)")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--config", default=None, help="shoprec config (default: configs/default.toml)")
     parser.add_argument("-k", type=int, default=100)
     parser.add_argument("--layout", default="movielens", choices=["movielens", "interactions"],
-                        help="what the product is given: the ml-latest-small files (default) or the generic interactions "
-                             "file without any item attributes (results get the suffix _interactions)")
+                        help="what the product is given: the data set's MovieLens files (default) or the generic "
+                             "interactions file without any item attributes (results get the suffix _interactions)")
     args = parser.parse_args(argv)
-    suffix = "" if args.layout == "movielens" else f"_{args.layout}"
-    if suffix:
-        args.work = str(Path(args.work).with_name(Path(args.work).name + suffix))
-    for p in (Path(args.referee), Path(args.data) / "ratings.csv"):
+    folder, ratings, _ = DATASETS[args.dataset]
+    args.data = args.data or str(SHARED / "data" / folder)
+    if Path(args.data).name != folder:
+        raise SystemExit(f"referee_bench: --data {args.data}: the referee reads {args.dataset} from a folder named "
+                         f"{folder!r} (it is given that folder's parent)")
+    suffix = ("" if args.dataset == "mlls" else f"_{args.dataset}") + ("" if args.layout == "movielens" else f"_{args.layout}")
+    args.work = args.work or str(REPO_ROOT / "artifacts" / "referee" if args.dataset == "mlls"
+                                 else Path(tempfile.gettempdir()) / "shoprec_referee" / args.dataset)
+    if args.layout != "movielens":
+        args.work = str(Path(args.work).with_name(Path(args.work).name + f"_{args.layout}"))
+    for p in (Path(args.referee), Path(args.data) / ratings):
         if not p.exists():
-            raise SystemExit(f"referee_bench: {p} not found (the referee and ml-latest-small live in ../shared)")
+            raise SystemExit(f"referee_bench: {p} not found (the referee and ml-latest-small live in ../shared; --data names another data set's folder)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {}
+    published = published_baselines(Path(args.referee).parent / "README.md") if args.dataset == "mlls" else {}
+    runs, baselines = {}, {}
     for protocol in args.protocols:
         print(f"== {protocol}", flush=True)
         runs[protocol] = run_protocol(protocol, args, args.config)
+        if protocol in published:
+            baselines[protocol] = published[protocol]
+        else:
+            fitted = fit_baselines(Path(args.referee), Path(args.data), args.dataset, protocol,
+                                   Path(args.work) / protocol / "baselines")
+            runs[protocol]["baselines_fitted"] = fitted
+            baselines[protocol] = {name: s["test"] for name, s in fitted["systems"].items()}
         (out / f"referee_{protocol}{suffix}.json").write_text(json.dumps(runs[protocol], indent=1) + "\n")
-    baselines = published_baselines(Path(args.referee).parent / "README.md")
-    meta = {"command": " ".join(["python -m benchmarks.referee_bench", *(argv or sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%d"), "machine": describe()}
+    meta = {"command": command_line("python -m benchmarks.referee_bench", argv),
+            "date": time.strftime("%Y-%m-%d"), "machine": describe(), "dataset": args.dataset, "layout": args.layout}
     summary = summarize(runs, baselines)
-    meta["layout"] = args.layout
     summary_json, summary_md = out / f"referee_summary{suffix}.json", out / f"referee_summary{suffix}.md"
-    prev = json.loads(summary_json.read_text())["protocols"] if summary_json.exists() else {}
-    summary = {**{k: v for k, v in prev.items() if k not in summary}, **summary}
+    prev = json.loads(summary_json.read_text()) if summary_json.exists() else {}
+    summary = {**{k: v for k, v in prev.get("protocols", {}).items() if k not in summary}, **summary}
+    baselines = {**{k: v for k, v in prev.get("baselines", {}).items() if k in summary}, **baselines}
     summary_json.write_text(json.dumps({**meta, "protocols": summary, "baselines": baselines}, indent=1) + "\n")
     summary_md.write_text(markdown(summary, baselines, meta))
     print(markdown(summary, baselines, meta))

@@ -201,3 +201,30 @@ def test_a_result_names_the_command_that_made_it(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "idle_gap_medium.json").read_text()) == report
     assert (tmp_path / "out" / "idle_gap_medium.md").read_text() == "# t\n| a |\n"
     assert (tmp_path / "out" / "idle_gap.md").read_text() == "# u\n"
+
+
+def test_referee_variants_reshape_the_ratings_as_documented(tmp_path):
+    import pandas as pd
+
+    from benchmarks.referee_variants import make_variant
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "ml-latest-small"
+    data.mkdir()
+    ratings = pd.DataFrame({"userId": rng.integers(1, 41, 3000), "movieId": rng.zipf(1.6, 3000) % 200,
+                            "rating": rng.integers(1, 11, 3000) / 2, "timestamp": rng.integers(10**9, 2 * 10**9, 3000)})
+    ratings.to_csv(data / "ratings.csv", index=False)
+    (data / "movies.csv").write_text("movieId,title,genres\n1,A (1995),Drama\n")
+
+    dense = pd.read_csv(make_variant("whole-stars-dense", data, tmp_path / "v") / "ratings.csv")
+    raters = ratings["movieId"].value_counts()
+    assert set(dense["movieId"]) == set(raters[raters >= 10].index)
+    assert (dense["rating"] == np.ceil(dense["rating"])).all() and dense["rating"].between(1, 5).all()
+    assert len(dense) == int(ratings["movieId"].map(raters).ge(10).sum())
+
+    half = make_variant("half-users", data, tmp_path / "v")
+    assert half.name == "ml-latest-small" and (half / "movies.csv").exists()  # the folder the referee reads
+    kept = pd.read_csv(half / "ratings.csv")
+    assert kept["userId"].nunique() == ratings["userId"].nunique() // 2
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True),
+                                  ratings[ratings["userId"].isin(kept["userId"])].reset_index(drop=True))

@@ -14,7 +14,7 @@ from shoprec import contract
 from shoprec.config import IndexConfig
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest, verify_tree, write_manifest
 from training import metrics as M
-from training.cf import _top_abs_dense, ease_weights, to_neighbours
+from training.cf import _top_abs_dense, active_items, ease_weights, to_neighbours
 from training.index import build_index
 from training.modules import FieldArch, Ranker, RankerServing, SequenceEncoder, TargetAttention, TwoTower, sampled_softmax_loss
 
@@ -123,6 +123,25 @@ def test_ease_weights_have_zero_diagonal_and_reconstruct():
     assert np.allclose(np.diag(b), 0)
     scores = np.asarray(x[0] @ b).ravel()
     assert scores[2] > scores[3]  # item 2 co-occurs with item 1, item 3 with neither of user 0's items
+
+
+def test_ease_over_the_active_items_equals_ease_over_the_whole_catalog():
+    """Items nobody touched are decoupled in EASE: inverting over the active items alone gives the same
+    weights, and the idle items get none."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(3)
+    dense = (rng.random((40, 12)) < 0.3).astype(np.float32)
+    dense[:, [2, 7, 11]] = 0  # never interacted with
+    x = sp.csr_matrix(dense)
+    assert list(active_items(x)) == [i for i in range(12) if i not in (2, 7, 11)]
+    b = ease_weights(x, 2.0)
+    g = dense.T.astype(np.float64) @ dense + 2.0 * np.eye(12)
+    p = np.linalg.inv(g)
+    want = -p / np.diag(p)
+    np.fill_diagonal(want, 0.0)
+    np.testing.assert_allclose(b, want, atol=1e-5)
+    assert not b[[2, 7, 11]].any() and not b[:, [2, 7, 11]].any()
 
 
 def _generator(n_items=8, exempt=None):

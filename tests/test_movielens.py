@@ -181,3 +181,38 @@ def test_malformed_lines_named(tmp_path):
     with pytest.raises(RawDataError, match=re.escape("ratings.csv: missing column(s) ['movieId']; has ['userId', "
                                                      "'itemId', 'rating', 'timestamp']")):
         load_movielens(d, "movielens-latest-small")
+
+
+@pytest.mark.parametrize("dataset,write,flavour,ratings", [
+    ("ml100k", _ml100k, "movielens-100k", ("u.data", "\t")),
+    ("ml1m-partial", _ml1m, "movielens-1m", ("ratings.dat", "::")),
+    ("mlls", _latest, "movielens-latest-small", ("ratings.csv", ","))])
+def test_a_referee_split_is_handed_over_in_its_own_layout(tmp_path, dataset, write, flavour, ratings):
+    """benchmarks.referee_bench writes the referee's train split in the data set's own layout (its item
+    and user files copied): the product's loader reads the train ratings alone, with every attribute."""
+    from benchmarks.referee_bench import _ml_layout
+
+    original = write(tmp_path / "original")
+    name, sep = ratings
+    raw = pd.read_csv(original / name, sep=sep, engine="python", header=0 if dataset == "mlls" else None,
+                      dtype=str).iloc[:, :4]
+    raw.columns = ["user", "item", "rating", "ts"]
+    left_out = raw.iloc[-1]  # as if the referee had put it in valid or test
+    split = tmp_path / "split"
+    split.mkdir()
+    raw.iloc[:-1].to_csv(split / "train.csv", index=False)
+    assert _ml_layout(dataset, split, original, tmp_path / "handed") == flavour
+
+    full, _ = load_movielens(original, flavour)
+    handed, _ = load_movielens(tmp_path / "handed", flavour)
+    events = ["user_id", "item_id", "ts", "event"]
+    inter = full["interactions"]
+    kept = inter[~((inter.user_id == int(left_out.user)) & (inter.item_id == int(left_out["item"])))]
+    assert len(kept) < len(inter)
+    pd.testing.assert_frame_equal(handed["interactions"][events].sort_values(events).reset_index(drop=True),
+                                  kept[events].sort_values(events).reset_index(drop=True))
+    for table in ("items", "users"):  # an item rated only in the left-out row and absent from the item file is not added
+        ids = handed[table].columns[0]
+        pd.testing.assert_frame_equal(handed[table].reset_index(drop=True),
+                                      full[table][full[table][ids].isin(handed[table][ids])].reset_index(drop=True))
+    assert len(handed["items"]) >= len(full["items"]) - 1 and len(handed["items"]) >= 3

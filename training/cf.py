@@ -3,7 +3,7 @@ EASE / item-kNN baselines): fitted here, exported as sparse neighbour arrays, sc
 `runtime.candidates.ItemNeighbours` offline and in the server alike.
 
 EASE (Steck, WWW 2019): B = I - P / diag(P), P = (X'X + lambda I)^-1, diag(B) = 0. Exact and strong,
-but dense items x items, so only up to `ease_max_items` items. Above that, cosine item-kNN with
+but dense items x items, so only up to `ease_max_items` items with interactions. Above that, cosine item-kNN with
 same matrix. Either way each item keeps its `neighbours` largest |weights|: EASE's
 negative weights matter (keeping only the positive ones cost about 4 % NDCG@10 on ml-latest-small).
 The exported route holds at most `max_entries` weights, so big catalogs keep fewer neighbours per item.
@@ -36,16 +36,30 @@ def interaction_matrix(users: np.ndarray, rows: np.ndarray, n_items: int) -> tup
     return m, uniq
 
 
+def active_items(x: sp.csr_matrix) -> np.ndarray:
+    """The columns (item rows) of `x` with at least one interaction."""
+    return np.flatnonzero(x.getnnz(axis=0))
+
+
 def ease_weights(x: sp.csr_matrix, lam: float) -> np.ndarray:
+    """EASE's items x items weights. An item nobody interacted with has a zero row and column in X'X, so
+    its block of the inverse is 1/lambda alone and all its weights are 0: the inverse is taken over the
+    active items only (a catalog full of never-bought items costs what its active part costs)."""
     import scipy.linalg
 
-    g = (x.T @ x).toarray().astype(np.float32)
+    active = active_items(x)
+    xa = x[:, active] if len(active) < x.shape[1] else x
+    g = (xa.T @ xa).toarray().astype(np.float32)
     g[np.diag_indices_from(g)] += lam
     # float32 LAPACK inverse: 5x faster than numpy's float64 one at 9k items, same top lists
     p = scipy.linalg.inv(g, overwrite_a=True, check_finite=False)
     b = -p / np.diag(p)
     b[np.diag_indices_from(b)] = 0.0
-    return b.astype(np.float32)
+    if len(active) == x.shape[1]:
+        return b.astype(np.float32)
+    full = np.zeros((x.shape[1], x.shape[1]), np.float32)
+    full[np.ix_(active, active)] = b
+    return full
 
 
 def knn_weights(x: sp.csr_matrix, k: int) -> sp.csr_matrix:
@@ -76,6 +90,7 @@ def to_neighbours(w: sp.csr_matrix) -> ItemNeighbours:
 
 
 def choose_method(n_items: int, cfg: CFConfig) -> str:
+    """The method for a matrix with `n_items` active items (auto: EASE up to ease_max_items)."""
     if cfg.method not in ("auto", "ease", "knn", "none"):
         raise ValueError(f"cf.method must be auto, ease, knn or none; got {cfg.method!r}")
     if cfg.method == "auto":
@@ -90,7 +105,7 @@ def neighbours_per_item(n_items: int, cfg: CFConfig) -> int:
 
 def fit_neighbours(x: sp.csr_matrix, cfg: CFConfig, lam: float | None = None) -> ItemNeighbours:
     """Sparse item-to-item weights from a users x items matrix (EASE with `lam`, or kNN)."""
-    method = choose_method(x.shape[1], cfg)
+    method = choose_method(len(active_items(x)), cfg)
     if method == "none" or x.nnz == 0:
         return ItemNeighbours.empty(x.shape[1])
     k = neighbours_per_item(x.shape[1], cfg)
@@ -105,8 +120,9 @@ def choose_lambda(x: sp.csr_matrix, eval_x: sp.csr_matrix, truth: list[np.ndarra
 
     x: the fit matrix; eval_x: the rows (users) whose holdout items `truth` are scored; seen: their
     items to exclude."""
-    if choose_method(x.shape[1], cfg) != "ease" or len(cfg.ease_lambdas) == 1:
-        return (cfg.ease_lambdas[0] if choose_method(x.shape[1], cfg) == "ease" else None), {}
+    method = choose_method(len(active_items(x)), cfg)
+    if method != "ease" or len(cfg.ease_lambdas) == 1:
+        return (cfg.ease_lambdas[0] if method == "ease" else None), {}
     scores = {}
     for lam in cfg.ease_lambdas:
         b = ease_weights(x, lam)
