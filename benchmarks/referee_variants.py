@@ -112,7 +112,7 @@ def markdown(report: dict) -> list[str]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--protocols", nargs="+", default=list(referee_bench.PROTOCOLS), choices=referee_bench.PROTOCOLS)
+    parser.add_argument("--protocols", nargs="+", default=list(referee_bench.DEFAULT_PROTOCOLS), choices=referee_bench.PROTOCOLS)
     parser.add_argument("--referee", default=str(referee_bench.SHARED / "quality" / "referee.py"))
     parser.add_argument("--data", default=str(referee_bench.SHARED / "data" / "ml-latest-small"),
                         help="the ml-latest-small folder the variants are made from")

@@ -51,6 +51,8 @@ FILES = {
     "movielens-1m": ("ratings.dat", "movies.dat", "users.dat"),
     "movielens-latest-small": ("ratings.csv", "movies.csv"),
 }
+# a ratings file under another name: ML-1M split by user ranges (e.g. ratings_users1-2999.dat), when it is the only one
+RENAMED = {"ratings.dat": "ratings*.dat"}
 RATINGS = ["user_id", "item_id", "rating", "timestamp"]
 ITEM_KINDS = {"title": "text", "genres": "multi", "year": "numeric"}
 USER_KINDS = {"age": "numeric", "gender": "categorical", "occupation": "categorical", "region": "categorical"}
@@ -63,12 +65,20 @@ def _need(folder: Path, flavour: str) -> list[Path]:
     if not folder.is_dir():
         raise RawDataError(f"{folder}: not found (expected a folder holding the MovieLens {flavour} files)")
     names = FILES[flavour]
-    missing = [n for n in names if not (folder / n).is_file()]
+    found = {n: folder / n for n in names if (folder / n).is_file()}
+    for name in set(names) - set(found):
+        others = sorted(p for p in folder.glob(RENAMED.get(name, name)) if p.is_file())
+        if len(others) > 1:
+            raise RawDataError(f"{folder}: no {name} and several files that could be it: {[p.name for p in others]}; "
+                               f"keep one, or name it {name}")
+        if others:
+            found[name] = others[0]
+    missing = [n for n in names if n not in found]
     if missing:
         below = [d for d in sorted(folder.iterdir()) if d.is_dir() and all((d / n).is_file() for n in names)]
         hint = f"; they are in {below[0]}: pass that folder" if below else ""
         raise RawDataError(f"{folder}: MovieLens {flavour} file(s) not found: {missing}; expected {list(names)}{hint}")
-    return [folder / n for n in names]
+    return [found[n] for n in names]
 
 
 def _read_lines(path: Path, sep: str, names: list[str], text: tuple[str, ...] = ()) -> Frame:

@@ -137,6 +137,21 @@ def test_missing_files_listed(tmp_path):
         load_movielens(d, "movielens-20m")
 
 
+def test_ml1m_split_by_users_reads_its_one_ratings_file(tmp_path):
+    """ML-1M published in user ranges (ratings_users1-2999.dat) loads as ML-1M when that is the only ratings file;
+    two candidates are an error naming both."""
+    d = _ml1m(tmp_path / "ml")
+    whole, _ = load_movielens(d, "movielens-1m")
+    (d / "ratings.dat").rename(d / "ratings_users1-2999.dat")
+    part, schema = load_movielens(d, "movielens-1m")
+    pd.testing.assert_frame_equal(part["interactions"], whole["interactions"])
+    assert schema["load_report"]["interactions_file"].endswith("ratings_users1-2999.dat")  # the report names it
+    (d / "ratings_users3000-6040.dat").write_text("3000::1193::4::978300760\n")
+    with pytest.raises(RawDataError, match=re.escape("no ratings.dat and several files that could be it: "
+                                                     "['ratings_users1-2999.dat', 'ratings_users3000-6040.dat']")):
+        load_movielens(d, "movielens-1m")
+
+
 def test_empty_file_named(tmp_path):
     d = _ml100k(tmp_path / "ml")
     (d / "u.data").write_text("")
