@@ -1,7 +1,7 @@
 """Does the served quality hold on data shaped unlike the development set? Variants of ml-latest-small,
 each scored by the shared referee against its own tuned baselines.
 
-    .venv/bin/python -m benchmarks.referee_variants                     # 2 variants x 2 protocols, ~13 min on 2 cores
+    .venv/bin/python -m benchmarks.referee_variants                     # 2 variants x 2 protocols, ~10 min on 2 cores
     .venv/bin/python -m benchmarks.referee_variants --variants half-users --protocols random-8-1-1
 
 The product is judged on public data sets it never sees here. Its defaults were checked on
