@@ -13,6 +13,7 @@ Not a product path: the served product is the Triton ensemble (model_repository/
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -26,6 +27,8 @@ from serving.repository import ensemble_config
 from shoprec import contract
 
 _pipeline: Pipeline | None = None
+# how a worker runs the pipeline: "thread" (FastAPI's threadpool, as a sync endpoint would) or "inline" (in the event loop)
+INLINE = os.environ.get("SHOPREC_FASTAPI_MODE", "thread") == "inline"
 _DTYPES = {"INT64": np.int64, "INT32": np.int32, "BYTES": object, "BOOL": bool, "FP32": np.float32}
 
 
@@ -110,6 +113,8 @@ async def infer(raw: Request) -> dict:
         request = InferRequest.model_validate_json(await raw.body())
     except ValidationError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from exc
+    if INLINE:  # one request at a time per worker, in the event loop: no threads contending for the GIL
+        return _infer(request)
     return await run_in_threadpool(_infer, request)
 
 

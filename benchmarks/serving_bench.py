@@ -7,9 +7,15 @@ One load generator, one run: perf_analyzer (the tritonclient 2.51.0 wheel's bina
                  statistics (queue, compute, average batch) diffed around every measurement;
   - triton-http  the ensemble over HTTP/JSON;
   - fastapi-http the same steps (runtime/pipeline.py) behind FastAPI + uvicorn, one worker per
-                 core, speaking the same KServe v2 JSON (benchmarks/fastapi_app.py);
+                 core, speaking the same KServe v2 JSON (benchmarks/fastapi_app.py); each worker runs
+                 the pipeline inline in its event loop, one request at a time (`--fastapi-mode inline`,
+                 its best configuration here: on the medium shop 1.09x the throughput at concurrency 16
+                 of FastAPI's threadpool, the same at concurrency 1; `python -m benchmarks.fastapi_modes`);
 with the same real user ids as input data, a fixed request count per concurrency level.
-The in-process floor is the same pipeline called directly, one request at a time, same users.
+The in-process floor is the same pipeline called directly, one request at a time, same users, measured
+in every round just before the Triton gRPC sweep. With `--rounds`, each ratio is taken within a round
+(Triton against FastAPI, Triton's concurrency-1 p50 against that round's floor) and the median of the
+rounds' ratios is reported: this machine drifts by more than the differences measured.
 A probe ensemble of as many identity python models as the cpu profile has steps measures what the ensemble and the python
 backend cost by themselves (no model work), to explain the gap between Triton and the floor.
 
@@ -136,6 +142,7 @@ def median_rows(rounds: list[list[dict]]) -> list[dict]:
                                       if isinstance(x, float | int) else x for f, x in v.items()} if isinstance(v, dict) else v)
                             for k, v in value.items()}
         row["rounds_throughput_rps"] = [r["throughput_rps"] for r in rows]
+        row["rounds_p50_ms"] = [r["p50_ms"] for r in rows]
         out.append(row)
     return out
 
@@ -148,6 +155,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--fastapi-workers", type=int, default=os.cpu_count(), help="uvicorn workers (default: one per core)")
+    p.add_argument("--fastapi-mode", choices=["inline", "thread"], default="inline",
+                   help="how a FastAPI worker runs the pipeline: inline in its event loop, one request at a time (default: "
+                        "its best here), or in FastAPI's threadpool, as a plain sync endpoint would")
     p.add_argument("--tag", help="write serving_TAG.* (e.g. medium) instead of serving.*")
     p.add_argument("--rounds", type=int, default=1,
                    help="sweeps per system, the order reversed each round; each figure is the median of the rounds")
@@ -160,21 +170,24 @@ def main(argv=None) -> dict:
     report = {"command": COMMAND + (" " + " ".join(given) if given else ""), "machine": machine(),
               "catalog_items": n_items, "num_candidates": shoprec_contract.num_candidates(cfg.serve.num_candidates, n_items),
               "concurrency": args.concurrency, "fastapi_workers": args.fastapi_workers,
+              "fastapi_mode": args.fastapi_mode,
               "load": "gRPC for triton-grpc, HTTP/JSON (KServe v2) for the others; k=10; "
                       "request count per level max(1500, 400*c); 1000 real user ids", "targets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "input.json"
         users = input_data(artifacts, data)
-        print("in-process floor ...", flush=True)
-        report["in_process"] = in_process_floor(artifacts, users)
-        print(f"in-process    c=1   {report['in_process']['throughput_rps']:8.1f} req/s  "
-              f"p50 {report['in_process']['p50_ms']:7.2f} ms", flush=True)
+        floors: list[dict] = []
+
+        def floor() -> None:
+            floors.append(in_process_floor(artifacts, users))
+            print(f"in-process    c=1   {floors[-1]['throughput_rps']:8.1f} req/s  p50 {floors[-1]['p50_ms']:7.2f} ms",
+                  flush=True)
         # the response cache off: the load cycles the same users, so the cache would answer most requests after the
         # first round, and FastAPI and the in-process floor have none (benchmarks/response_cache.py measures it)
         serve = dataclasses.replace(cfg.serve, response_cache_mb=0)
         rounds: dict[str, list[list[dict]]] = {"triton-grpc": [], "triton-http": [], "fastapi-http": []}
         with TritonServer.from_config(serve, artifacts, ephemeral_ports=True, log_path=Path(tmp) / "triton.log") as server, \
-                FastAPIServer(artifacts, args.fastapi_workers) as api:
+                FastAPIServer(artifacts, args.fastapi_workers, args.fastapi_mode) as api:
             pgid = server.process.pid  # started in its own session: the stubs share its process group
             plan = [("triton-grpc", server.grpc_url, "grpc", pgid, server.grpc_url), ("triton-http", server.http_url, "http", pgid, None),
                     ("fastapi-http", api.url, "http", api.proc.pid, None)]
@@ -182,10 +195,14 @@ def main(argv=None) -> dict:
                 if args.rounds > 1:
                     print(f"round {r + 1}/{args.rounds}", flush=True)
                 for target, url, protocol, group, stats_url in (plan if r % 2 == 0 else plan[::-1]):
+                    if target == "triton-grpc":  # the floor in every round, just before the sweep it is compared with
+                        floor()
                     one: dict = {}
                     sweep(one, target, url, protocol, args.concurrency, data, group, stats_url)
                     rounds[target].append(one[target])
         report["targets"] = {t: median_rows(rs) for t, rs in rounds.items()}
+        report["in_process"] = {k: float(np.median([f[k] for f in floors])) for k in floors[0]}
+        report["in_process"]["rounds_p50_ms"] = [f["p50_ms"] for f in floors]
         report["rounds"] = args.rounds
         hops = len(shoprec_contract.profile_steps("cpu"))
         probe_root = probe_repository(Path(tmp) / "probe", steps=hops)

@@ -122,14 +122,14 @@ def _cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, floa
 
 
 class FastAPIServer:
-    def __init__(self, artifacts: Path, workers: int):
+    def __init__(self, artifacts: Path, workers: int, mode: str = "thread"):
         from serving.launcher import free_port
 
-        self.port, self.artifacts, self.workers = free_port(), artifacts, workers
+        self.port, self.artifacts, self.workers, self.mode = free_port(), artifacts, workers, mode
         self.url = f"127.0.0.1:{self.port}"
 
     def __enter__(self):
-        env = dict(os.environ, SHOPREC_ARTIFACTS=str(self.artifacts), OMP_NUM_THREADS="1")
+        env = dict(os.environ, SHOPREC_ARTIFACTS=str(self.artifacts), OMP_NUM_THREADS="1", SHOPREC_FASTAPI_MODE=self.mode)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "benchmarks.fastapi_app:app", "--host", "127.0.0.1", "--port", str(self.port),

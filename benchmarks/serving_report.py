@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 # issue 15's targets: Triton gRPC throughput over FastAPI's at concurrency 16 (2x from a 100k-item catalog, where
 # batching has real work to share; 1.3x below), and Triton's p50 at concurrency 1 over the in-process floor
@@ -25,7 +27,17 @@ def summarise(report: dict) -> dict:
     floor = report["in_process"]["p50_ms"]
     thr = at("triton-grpc", c_hi)["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"]
     lat = at("triton-grpc", 1)["p50_ms"] / floor
+    paired = {}
+    floors = report["in_process"].get("rounds_p50_ms", [])
+    if len(floors) > 1 and "rounds_p50_ms" in at("triton-grpc", 1):  # ratios within each round, then their median
+        thr_r = [t / f for t, f in zip(at("triton-grpc", c_hi)["rounds_throughput_rps"],
+                                       at("fastapi-http", c_hi)["rounds_throughput_rps"])]
+        lat_r = [t / f for t, f in zip(at("triton-grpc", 1)["rounds_p50_ms"], floors)]
+        thr, lat = float(np.median(thr_r)), float(np.median(lat_r))
+        paired = {f"rounds_triton_grpc_over_fastapi_throughput_c{c_hi}": [round(x, 2) for x in thr_r],
+                  "rounds_triton_grpc_p50_c1_over_in_process_p50": [round(x, 2) for x in lat_r]}
     return {
+        **paired,
         f"triton_grpc_over_fastapi_throughput_c{c_hi}": round(thr, 2),
         f"triton_http_over_fastapi_throughput_c{c_hi}": round(
             at("triton-http", c_hi)["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"], 2),
@@ -104,7 +116,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {role} | " + " | ".join(_ms(r.get("cpu_ms_per_request", {}).get(role)) for r in rows.values()) + " |")
     lines.append("| **total** | " + " | ".join(f"**{sum(r.get('cpu_ms_per_request', {}).values()):.3f}**" for r in rows.values()) + " |")
     lines += ["", f"In-process: {report['in_process']['p50_ms']:.3f} ms per request at batch 1, "
-              f"{report['in_process']['batch16_ms_per_request']:.3f} ms per request at batch 16 (same steps, one process)."]
+              f"{report['in_process']['batch16_ms_per_request']:.3f} ms per request at batch 16 (same steps, one process)"
+              + (f"; p50 by round {report['in_process']['rounds_p50_ms']}." if "rounds_p50_ms" in report["in_process"] else ".")]
     return "\n".join(lines) + "\n"
 
 

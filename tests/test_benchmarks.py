@@ -171,7 +171,31 @@ def test_serving_rounds_are_summarised_by_their_median():
     got = median_rows([[row(300.0, 50.0, 1.0, 3.0)], [row(200.0, 70.0, 3.0, 5.0)], [row(250.0, 60.0, 2.0, 4.0)]])
     assert got == [{"concurrency": 16, "requests": 6400, "throughput_rps": 250.0, "p50_ms": 60.0,
                     "cpu_ms_per_request": {"tritonserver": 2.0}, "steps": {"ranking": {"queue_us": 2.0, "avg_batch": 4.0}},
-                    "rounds_throughput_rps": [300.0, 200.0, 250.0]}]
+                    "rounds_throughput_rps": [300.0, 200.0, 250.0], "rounds_p50_ms": [50.0, 70.0, 60.0]}]
+
+
+def test_serving_targets_compare_within_each_round():
+    """The machine drifts between rounds: each round's Triton figure is compared with the same round's FastAPI and
+    in-process ones, and the target is judged on the median of those ratios, not on a ratio of medians."""
+    from benchmarks.serving_report import summarise
+
+    def level(c, rps, p50):
+        return {"concurrency": c, "throughput_rps": float(np.median(rps)), "p50_ms": float(np.median(p50)),
+                "rounds_throughput_rps": rps, "rounds_p50_ms": p50, "cpu_ms_per_request": {}}
+
+    report = {"catalog_items": 100_000, "concurrency": [1, 16],
+              "in_process": {"p50_ms": 5.0, "rounds_p50_ms": [5.1, 5.0, 4.3]},
+              "probe": {"c1": {"p50_ms": 0.5}, "c16": {"throughput_rps": 6000.0}},
+              "targets": {"triton-grpc": [level(1, [110.0, 130.0, 150.0], [9.2, 7.3, 6.6]),
+                                          level(16, [460.0, 480.0, 530.0], [33.0, 32.0, 30.0])],
+                          "triton-http": [level(1, [1.0] * 3, [9.0] * 3), level(16, [450.0] * 3, [35.0] * 3)],
+                          "fastapi-http": [level(1, [150.0] * 3, [6.3] * 3), level(16, [300.0, 310.0, 275.0], [51.0] * 3)]}}
+    got = summarise(report)
+    assert got["rounds_triton_grpc_p50_c1_over_in_process_p50"] == [1.8, 1.46, 1.53]
+    assert got["triton_grpc_p50_c1_over_in_process_p50"] == 1.53  # 7.3 / 5.0 = 1.46 as a ratio of medians
+    assert got["target_latency_met"] is False
+    assert got["rounds_triton_grpc_over_fastapi_throughput_c16"] == [1.53, 1.55, 1.93]
+    assert got["triton_grpc_over_fastapi_throughput_c16"] == 1.55
 
 
 def test_stub_profile_puts_each_sample_in_one_bucket():
