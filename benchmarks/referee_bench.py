@@ -252,6 +252,19 @@ def summarize(runs: dict, baselines: dict) -> dict:
     return out
 
 
+def metrics_table(baselines: dict, served: dict, stderr: dict, labels: dict | None = None) -> list[str]:
+    """The referee-style table: each baseline's test metrics ({name: metrics}; `labels`: what the rows say instead of
+    "NAME (referee)"), then the served pipeline with its standard errors."""
+    lines = ["| system | Recall@10 | NDCG@10 | Recall@50 | Recall@100 | HitRate@10 |", "|---|---|---|---|---|---|"]
+    for name, row in baselines.items():
+        lines.append(f"| {(labels or {}).get(name, f'{name} (referee)')} | {row['Recall@10']:.4f} | {row['NDCG@10']:.4f} | "
+                     f"{row['Recall@50']:.4f} | {row['Recall@100']:.4f} | {row['HitRate@10']:.4f} |")
+    lines.append(f"| **served pipeline** | **{served['Recall@10']:.4f}** ± {stderr.get('Recall@10', 0):.4f} | "
+                 f"**{served['NDCG@10']:.4f}** ± {stderr.get('NDCG@10', 0):.4f} | {served['Recall@50']:.4f} | "
+                 f"{served['Recall@100']:.4f} | {served['HitRate@10']:.4f} |")
+    return lines
+
+
 def markdown(summary: dict, baselines: dict, meta: dict) -> str:
     folder = DATASETS[meta.get("dataset", "mlls")][0]
     given = ("the generic interactions file (ratings only, no item attributes)" if meta.get("layout") == "interactions"
@@ -262,16 +275,8 @@ def markdown(summary: dict, baselines: dict, meta: dict) -> str:
              "table (wide grid, test), or where it has none, the referee's baselines fitted on the same split "
              "(`referee.py baselines --grid wide`, chosen on valid NDCG@10).", ""]
     for protocol, s in summary.items():
-        se = s["stderr"]
         lines += [f"## {protocol} ({s['users']} test users)", "",
-                  "| system | Recall@10 | NDCG@10 | Recall@50 | Recall@100 | HitRate@10 |", "|---|---|---|---|---|---|"]
-        for name, row in baselines.get(protocol, {}).items():
-            lines.append(f"| {name} (referee) | {row['Recall@10']:.4f} | {row['NDCG@10']:.4f} | {row['Recall@50']:.4f} | "
-                         f"{row['Recall@100']:.4f} | {row['HitRate@10']:.4f} |")
-        v = s["served"]
-        lines.append(f"| **served pipeline** | **{v['Recall@10']:.4f}** ± {se.get('Recall@10', 0):.4f} | "
-                     f"**{v['NDCG@10']:.4f}** ± {se.get('NDCG@10', 0):.4f} | {v['Recall@50']:.4f} | {v['Recall@100']:.4f} | "
-                     f"{v['HitRate@10']:.4f} |")
+                  *metrics_table(baselines.get(protocol, {}), s["served"], s["stderr"])]
         r = s["ratio_to_best"]
         lines += ["", f"Ratio to the best baseline: Recall@10 {r['Recall@10']:.3f}x, NDCG@10 {r['NDCG@10']:.3f}x "
                   f"(target {TARGET:.2f}x). Valid (not tuned on): Recall@10 {s['valid']['Recall@10']:.4f}, "

@@ -43,7 +43,6 @@ VARIANTS = {
     "whole-stars-dense": "films rated by >= 10 users; half stars rounded up to whole stars",
     "half-users": "a random half of the users (seed 2026), all their ratings",
 }
-METRICS = referee_bench.BASELINE_METRICS
 SEED = 2026
 
 
@@ -69,16 +68,12 @@ def make_variant(name: str, data: Path, out: Path) -> Path:
     return folder
 
 
-def summarize(baselines: dict, served_run: dict) -> dict:
-    test = served_run["referee"]["test"]["metrics"]
-    served = {m: test[m] for m in METRICS}
-    best = {m: max(s["test"][m] for s in baselines["systems"].values()) for m in ("Recall@10", "NDCG@10")}
-    best_name = {m: max(baselines["systems"], key=lambda n: baselines["systems"][n]["test"][m])
-                 for m in ("Recall@10", "NDCG@10")}
-    return {"served": served, "served_stderr": test.get("stderr", {}), "users": test.get("n_users"),
-            "best_baseline": best, "best_baseline_system": best_name,
-            "ratio_to_best": {m: served[m] / best[m] for m in best},
-            "train": served_run["train"], "timings_s": served_run["timings_s"]}
+def summarize(protocol: str, baselines: dict, served_run: dict) -> dict:
+    """referee_bench's summary of one protocol against the variant's fitted baselines, plus which baseline was best."""
+    systems = {name: s["test"] for name, s in baselines["systems"].items()}
+    row = referee_bench.summarize({protocol: served_run}, {protocol: systems})[protocol]
+    row["best_baseline_system"] = {m: max(systems, key=lambda n: systems[n][m]) for m in row["best_baseline"]}
+    return {**row, "train": served_run["train"], "timings_s": served_run["timings_s"]}
 
 
 def markdown(report: dict) -> list[str]:
@@ -93,15 +88,9 @@ def markdown(report: dict) -> list[str]:
             info = r["split_info"]
             lines += [f"### {protocol} ({r['users']} test users; {info['n_interactions']} ratings, "
                       f"{info['n_users']} users, catalog {info['catalog_size']})", "",
-                      "| system | Recall@10 | NDCG@10 | Recall@50 | Recall@100 | HitRate@10 |", "|---|---|---|---|---|---|"]
-            for name, s in r["baselines"].items():
-                t = s["test"]
-                lines.append(f"| {name} (referee, {json.dumps(s['best_params'])}) | {t['Recall@10']:.4f} | "
-                             f"{t['NDCG@10']:.4f} | {t['Recall@50']:.4f} | {t['Recall@100']:.4f} | {t['HitRate@10']:.4f} |")
-            v, se = r["served"], r["served_stderr"]
-            lines.append(f"| **served pipeline** | **{v['Recall@10']:.4f}** ± {se.get('Recall@10', 0):.4f} | "
-                         f"**{v['NDCG@10']:.4f}** ± {se.get('NDCG@10', 0):.4f} | {v['Recall@50']:.4f} | "
-                         f"{v['Recall@100']:.4f} | {v['HitRate@10']:.4f} |")
+                      *referee_bench.metrics_table(
+                          {name: b["test"] for name, b in r["baselines"].items()}, r["served"], r["stderr"],
+                          {name: f"{name} (referee, {json.dumps(b['best_params'])})" for name, b in r["baselines"].items()})]
             ratio = r["ratio_to_best"]
             lines += ["", f"Ratio to the best baseline: Recall@10 {ratio['Recall@10']:.3f}x "
                       f"({r['best_baseline_system']['Recall@10']}), NDCG@10 {ratio['NDCG@10']:.3f}x "
@@ -136,7 +125,7 @@ def main(argv=None) -> dict:
             served = referee_bench.run_protocol(protocol, argparse.Namespace(
                 dataset="mlls", work=str(run_dir), referee=str(referee), data=str(folder), k=100, layout="movielens"),
                 args.config)
-            row = summarize(base, served)
+            row = summarize(protocol, base, served)
             row.update(split_info=base["split_info"], baselines=base["systems"], baselines_wall_s=base["wall_s"])
             report["variants"].setdefault(variant, {})[protocol] = row
             print(f"   served NDCG@10 {row['served']['NDCG@10']:.4f}, best baseline {row['best_baseline']['NDCG@10']:.4f} "

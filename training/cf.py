@@ -3,7 +3,7 @@ EASE / item-kNN baselines): fitted here, exported as sparse neighbour arrays, sc
 `runtime.candidates.ItemNeighbours` offline and in the server alike.
 
 EASE (Steck, WWW 2019): B = I - P / diag(P), P = (X'X + lambda I)^-1, diag(B) = 0. Exact and strong,
-but dense items x items, so only up to `ease_max_items` items with interactions. Above that, cosine item-kNN with
+but dense items x items, so only up to `ease_max_items` items. Above that, cosine item-kNN with
 same matrix. Either way each item keeps its `neighbours` largest |weights|: EASE's
 negative weights matter (keeping only the positive ones cost about 4 % NDCG@10 on ml-latest-small).
 The exported route holds at most `max_entries` weights, so big catalogs keep fewer neighbours per item.
@@ -90,7 +90,7 @@ def to_neighbours(w: sp.csr_matrix) -> ItemNeighbours:
 
 
 def choose_method(n_items: int, cfg: CFConfig) -> str:
-    """The method for a matrix with `n_items` active items (auto: EASE up to ease_max_items)."""
+    """The method for a catalog of `n_items` items (auto: EASE up to ease_max_items)."""
     if cfg.method not in ("auto", "ease", "knn", "none"):
         raise ValueError(f"cf.method must be auto, ease, knn or none; got {cfg.method!r}")
     if cfg.method == "auto":
@@ -105,7 +105,7 @@ def neighbours_per_item(n_items: int, cfg: CFConfig) -> int:
 
 def fit_neighbours(x: sp.csr_matrix, cfg: CFConfig, lam: float | None = None) -> ItemNeighbours:
     """Sparse item-to-item weights from a users x items matrix (EASE with `lam`, or kNN)."""
-    method = choose_method(len(active_items(x)), cfg)
+    method = choose_method(x.shape[1], cfg)
     if method == "none" or x.nnz == 0:
         return ItemNeighbours.empty(x.shape[1])
     k = neighbours_per_item(x.shape[1], cfg)
@@ -120,7 +120,7 @@ def choose_lambda(x: sp.csr_matrix, eval_x: sp.csr_matrix, truth: list[np.ndarra
 
     x: the fit matrix; eval_x: the rows (users) whose holdout items `truth` are scored; seen: their
     items to exclude."""
-    method = choose_method(len(active_items(x)), cfg)
+    method = choose_method(x.shape[1], cfg)
     if method != "ease" or len(cfg.ease_lambdas) == 1:
         return (cfg.ease_lambdas[0] if method == "ease" else None), {}
     scores = {}

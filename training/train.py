@@ -423,9 +423,8 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     t0 = time.time()
     lam, lam_scores = choose_cf_lambda(data, fit, users, truth, cfg)
     cf_all_a, cf_pos_a = fit_routes(data, fit, cfg, lam)
-    n_active = len(cflib.active_items(cflib.interaction_matrix(fit["user_id"].values, fit["item_row"].values,
-                                                                 data.n_items)[0]))
-    report["cf"] = {"method": cflib.choose_method(n_active, cfg.cf), "active_items": n_active, "ease_lambda": lam,
+    report["cf"] = {"method": cflib.choose_method(data.n_items, cfg.cf), "active_items": int(fit["item_row"].nunique()),
+                    "ease_lambda": lam,
                     "holdout_ndcg@10_by_lambda": lam_scores, "seconds": round(time.time() - t0, 1)}
     vsel = np.arange(min(len(users), rc.max_valid_users))
     valid = {"q": {k: v[vsel] if k not in ("hist_indptr", "hist_rows", "hist_kinds") else None for k, v in q.items()},
