@@ -27,8 +27,9 @@ from serving.repository import ensemble_config
 from shoprec import contract
 
 _pipeline: Pipeline | None = None
-# how a worker runs the pipeline: "thread" (FastAPI's threadpool, as a sync endpoint would) or "inline" (in the event loop)
-INLINE = os.environ.get("SHOPREC_FASTAPI_MODE", "thread") == "inline"
+# how a worker runs the pipeline: "inline" (in the event loop, one request at a time: the faster here, see
+# benchmarks/fastapi_modes.py) or "thread" (FastAPI's threadpool, as a sync endpoint would)
+INLINE = os.environ.get("SHOPREC_FASTAPI_MODE", "inline") == "inline"
 _DTYPES = {"INT64": np.int64, "INT32": np.int32, "BYTES": object, "BOOL": bool, "FP32": np.float32}
 
 

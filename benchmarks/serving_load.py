@@ -122,7 +122,7 @@ def _cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, floa
 
 
 class FastAPIServer:
-    def __init__(self, artifacts: Path, workers: int, mode: str = "thread"):
+    def __init__(self, artifacts: Path, workers: int, mode: str = "inline"):
         from serving.launcher import free_port
 
         self.port, self.artifacts, self.workers, self.mode = free_port(), artifacts, workers, mode
