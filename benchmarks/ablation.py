@@ -10,7 +10,8 @@ Parts measured (same split, same user state, seen items excluded unless said oth
 - the ranker: the full list vs the merged candidate order (no ranker), and rankers retrained on the
   same held-out lists with a feature group removed (the item-to-item scores, the two-tower scores)
   or with the deep part (embeddings, DIN, interactions) forced on or off;
-- the recall routes alone (cf_all, cf_pos, ann, popular);
+- the recall routes alone (cf_all, cf_pos, ann, popular), and the ann route without its popularity bias
+  where `train` chose one;
 - the two-tower alone, retrained on the fit fold without a part (the action sequence, logQ
   correction, the mixed negatives) or with the user-id embedding: holdout Recall@50;
 - the seen-item filter: the full pipeline with it off.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.candidates import DENSE_FEATURES, CandidateGenerator, CategoryPrior
+from runtime.candidates import DENSE_FEATURES, CandidateGenerator, CategoryPrior, popularity_bias
 from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verify_manifest
 
@@ -50,6 +51,12 @@ def _mask_features(lists: dict, cols: list[int], n_user_cont: int, n_item_cont: 
         dense[..., c - n_user_cont - n_item_cont] = 0.0
     out["dense"] = dense
     return out
+
+
+def _ann_weight(models_dir: Path) -> float:
+    """The ann route's popularity bias weight that `train` chose for these models (0 before it chose one)."""
+    report = json.loads((models_dir / "train_report.json").read_text())
+    return float(report.get("ann_popularity_prior", {}).get("bias_weight", 0.0))
 
 
 def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
@@ -92,7 +99,8 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     cf_all_a, cf_pos_a = T.fit_routes(data, fit, cfg, lam)
     gen_a = CandidateGenerator(T.item_embeddings(tt_a, data.item_cat, data.items["item_cont_fit"], "cpu"), None, cf_all_a,
                                cf_pos_a, data.items["popular_rows_fit"], cfg.serve.num_candidates, cfg.serve.recent_window,
-                               categories=T.fit_categories(data))
+                               categories=T.fit_categories(data),
+                               ann_bias=popularity_bias(data.items["popularity_fit"], _ann_weight(artifacts / "models")))
     n = min(len(users), kc.max_users)
     sel = np.arange(n)
     lists = T.ranker_lists(data, gen_a, T._slice_q(q, sel), T.user_embeddings(tt_a, T._slice_q(q, sel), "cpu"), truth[:n])
@@ -141,14 +149,18 @@ class Evaluator:
         bundle = self.bundle
         verify_manifest(bundle.parent / "models")  # the checkpoints below are loaded from these bytes only
         tt = T.load_two_tower(bundle.parent / "models", data, cfg.retrieval)
-        gen = CandidateGenerator(T.item_embeddings(tt, data.item_cat, data.item_cont, "cpu"), None,
-                                 T.load_neighbours(bundle.parent / "models" / "cf_all.npz"),
-                                 T.load_neighbours(bundle.parent / "models" / "cf_pos.npz"), data.popular_rows,
-                                 cfg.serve.num_candidates, cfg.serve.recent_window,
-                                 categories=CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity"]))
+        kw = dict(item_embeddings=T.item_embeddings(tt, data.item_cat, data.item_cont, "cpu"), index=None,
+                  cf_all=T.load_neighbours(bundle.parent / "models" / "cf_all.npz"),
+                  cf_pos=T.load_neighbours(bundle.parent / "models" / "cf_pos.npz"), popular_rows=data.popular_rows,
+                  n_candidates=cfg.serve.num_candidates, recent_window=cfg.serve.recent_window,
+                  categories=CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity"]))
+        gen = CandidateGenerator(**kw, ann_bias=popularity_bias(data.items["popularity"], _ann_weight(bundle.parent / "models")))
         q = data.queries(self.users, data.action_log(data.actions[data.actions["split"] == 0]))
         emb = T.user_embeddings(tt, q, "cpu")
         rows, dense, routes = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])
+        if gen.ann_bias is not None:  # what the ann route's popularity bias adds: the same route without it
+            routes["ann without its popularity bias"] = CandidateGenerator(**kw)(
+                emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])[2]["ann"]
         lists = {"rows": rows, "dense": dense, **{k: q[k] for k in ("user_cat", "user_cont", "seq", "seq_kinds")}}
         loose, dense_l, _ = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"], exclude_seen=False)
         ranker = T.load_ranker(bundle.parent / "models", data, cfg.ranking)

@@ -231,7 +231,8 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
     return {"dataset": dataset, "protocol": protocol, "layout": args.layout, "referee": results, "timings_s": timings, "served_users": len(lists),
             "train": {"cf": train_report.get("cf"), "ranker_deep": train_report["ranking"].get("deep"),
                       "retrieval_best_epoch": train_report["retrieval_stage_a"]["best_epoch"],
-                      "popularity_prior": train_report.get("popularity_prior", {}).get("weight")}}
+                      "popularity_prior": train_report.get("popularity_prior", {}).get("weight"),
+                      "ann_popularity_prior": train_report.get("ann_popularity_prior", {}).get("weight")}}
 
 
 def summarize(runs: dict, baselines: dict) -> dict:

@@ -6,7 +6,8 @@ Routes, each excluding the user's seen items (`exclude_seen`; items of repeat ca
 request's context items and the unavailable ones:
   cf_all       item-to-item scores of everything the user interacted with (views included)
   cf_pos       the same from the user's positives only (click or stronger)
-  ann          two-tower: the user embedding against the item embeddings (FAISS)
+  ann          two-tower: the user embedding against the item embeddings (FAISS), plus the item's
+               popularity bias when train chose one (`popularity_bias`)
   category     the popular items of the user's categories: P(category | user) from their actions,
                recent ones weighing more, times P(item | category), the item's share of its
                category's popularity (items with a category only)
@@ -42,7 +43,7 @@ import numpy as np
 
 from shoprec import contract
 
-from .faiss_search import search
+from .faiss_search import augment, search
 from .sparse_routes import SPARSE_FROM_ITEMS, Blocked, CategoryScores, DenseScores, SparseScores, _take, _topn
 
 DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann", "cat_affinity",
@@ -155,13 +156,24 @@ def csr_offsets(cumsum: np.ndarray) -> np.ndarray:
     return np.concatenate((np.zeros(1, dtype=cumsum.dtype), cumsum))
 
 
+def popularity_bias(popularity: np.ndarray, weight: float) -> np.ndarray | None:
+    """What the ann route adds to the inner product, per item row: weight * log of the item's popularity as a share
+    of the most popular item's (counts smoothed by one, so <= 0). The two-tower learns with logQ correction, which
+    takes popularity out of its scores; `train` chooses how much to put back (retrieval.popularity_prior, on its
+    holdout) and export builds the index over [embedding, bias]. None for weight 0: the inner product alone."""
+    if not weight:
+        return None
+    pop = np.asarray(popularity, dtype=np.float64)
+    return (float(weight) * np.log((pop + 1.0) / (pop.max(initial=0.0) + 1.0))).astype(np.float32)
+
+
 class CandidateGenerator:
     """Routes + fusion + features for a batch of users. Cost per user: O(history x neighbours + items)."""
 
     def __init__(self, item_embeddings: np.ndarray, index, cf_all: ItemNeighbours, cf_pos: ItemNeighbours,
                  popular_rows: np.ndarray, n_candidates: int, recent_window: int = 5, exempt: np.ndarray | None = None,
                  categories: CategoryPrior | None = None, trending_rows: np.ndarray | None = None,
-                 copurchase: ItemNeighbours | None = None, sparse: bool | None = None):
+                 copurchase: ItemNeighbours | None = None, sparse: bool | None = None, ann_bias: np.ndarray | None = None):
         n = len(item_embeddings)
         copurchase = copurchase or ItemNeighbours.empty(n)
         for name, cf in (("cf_all", cf_all), ("cf_pos", cf_pos), ("copurchase", copurchase)):
@@ -169,6 +181,14 @@ class CandidateGenerator:
                 raise ValueError(f"{name} covers {cf.n_items} items, the item embeddings {n}")
         self.emb = np.ascontiguousarray(item_embeddings, dtype=np.float32)
         self.index = index
+        # the ann route's per-item popularity bias; an index then holds [embedding, bias] (export builds it so)
+        self.ann_bias = None if ann_bias is None else np.asarray(ann_bias, dtype=np.float32)
+        if self.ann_bias is not None and self.ann_bias.shape != (n,):
+            raise ValueError(f"ann_bias has shape {self.ann_bias.shape}, the item embeddings {n} rows")
+        if index is not None and index.d != self.emb.shape[1] + (self.ann_bias is not None):
+            raise ValueError(f"the FAISS index has {index.d} dimensions; the {self.emb.shape[1]}-d item embeddings "
+                             f"{'with' if self.ann_bias is not None else 'without'} a popularity bias need "
+                             f"{self.emb.shape[1] + (self.ann_bias is not None)}")
         self.cf_all, self.cf_pos, self.copurchase = cf_all, cf_pos, copurchase
         # every action a positive (a shop logging clicks and up): the two routes are one model, and a user whose
         # actions are all positive gets cf_all's scores for cf_pos without computing them twice
@@ -298,15 +318,20 @@ class CandidateGenerator:
     def _scores(self, neighbours: ItemNeighbours, indptr: np.ndarray, rows: np.ndarray):
         return neighbours.sparse_scores(indptr, rows) if self.sparse else DenseScores(neighbours.scores(indptr, rows))
 
-    def _ann(self, user_emb: np.ndarray, blocked: Blocked, n: int, count_categories: bool = False) -> np.ndarray:
-        """The n nearest unblocked items; the search asks for n + the most items a user has blocked (not counting
-        a cart's whole categories unless count_categories: those only shorten the list)."""
+    def _ann(self, user_emb: np.ndarray, blocked: Blocked, n: int, count_categories: bool = False,
+             biased: bool = True) -> np.ndarray:
+        """The n best unblocked items by inner product (plus the popularity bias, if any and `biased`); the
+        search asks for n + the most items a user has blocked (not counting a cart's whole categories unless
+        count_categories: those only shorten the list)."""
         extra = blocked.most(with_categories=count_categories)
         k = min(self.n_items, n + extra)
+        bias = self.ann_bias if biased else None
         if self.index is None:
             scores = np.asarray(user_emb, dtype=np.float32) @ self.emb.T
-            return _topn(scores, blocked.dense(), n)
-        _, found = search(self.index, user_emb, k, self.emb)
+            return _topn(scores if bias is None else scores + bias, blocked.dense(), n)
+        if self.ann_bias is not None:  # the index holds [embedding, bias]: the query's last column switches it
+            user_emb = augment(user_emb, 1.0 if biased else 0.0)
+        _, found = search(self.index, user_emb, k, self.emb, self.ann_bias)
         ok = ~blocked.take(np.maximum(found, 0)) & (found >= 0)
         return _compact(found, ok, n)
 
@@ -317,7 +342,7 @@ class CandidateGenerator:
         emb = self.emb[ctx_rows] / np.maximum(np.linalg.norm(self.emb[ctx_rows], axis=1, keepdims=True), 1e-12)
         sums = np.add.reduceat(emb, ctx_indptr[users], axis=0) if len(users) else np.zeros((0, self.emb.shape[1]))
         query = (sums / np.diff(ctx_indptr)[users, None]).astype(np.float32)
-        out[users] = self._ann(query, blocked.subset(users), n, count_categories=True)
+        out[users] = self._ann(query, blocked.subset(users), n, count_categories=True, biased=False)
         return out
 
     def _ranked(self, ranked: np.ndarray, blocked: Blocked, n: int) -> np.ndarray:

@@ -5,18 +5,31 @@ from __future__ import annotations
 import numpy as np
 
 
-def search(index, queries: np.ndarray, k: int, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, embeddings: np.ndarray,
+           bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, rows) that never contain FAISS's -1 padding: k is capped at the catalog size,
     and a query an approximate index could not fill (too few items in its probed lists) is answered
-    by exact search over `embeddings` instead."""
+    by exact search over `embeddings` instead. bias: the index holds [embedding, bias] per item and
+    each query ends in the bias's coefficient (`augment`); the exact search then scores the same."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = int(min(k, index.ntotal))
     scores, rows = index.search(queries, k)
+    d = embeddings.shape[1]
     for q in np.where((rows < 0).any(1))[0]:
-        s = embeddings @ queries[q]
+        s = embeddings @ queries[q, :d]
+        if bias is not None:
+            s = s + bias * queries[q, d]
         top = np.argsort(-s, kind="stable")[:k]
         rows[q], scores[q] = top, s[top]
     return scores, rows
+
+
+def augment(vectors: np.ndarray, column: np.ndarray | float) -> np.ndarray:
+    """[vectors, column] as float32: item embeddings with their bias, or queries with the bias's coefficient
+    (1: the bias counts, 0: pure inner product), for an index built over biased items."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    col = np.broadcast_to(np.asarray(column, dtype=np.float32), (len(vectors),))
+    return np.ascontiguousarray(np.concatenate([vectors, col[:, None]], axis=1))
 
 
 def exact_top(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

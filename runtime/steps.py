@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours, csr_offsets
+from runtime.candidates import ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours, csr_offsets, popularity_bias
 from runtime.online_store import OnlineStore, store_url
 from runtime.request_transform import TransformPlan, UserColumns, UserStore, context_raw, find_rows
 from runtime.strategy import Strategy
@@ -583,11 +583,18 @@ class Retrieval(StepImpl):
             raise ValueError(f"serve.repeat_categories names categories the catalog does not have: {unknown}")
         exempt = np.isin(table["category_code"], [names.index(c) for c in cfg.repeat_categories])
         routes = bundle.npz("scene_routes")
+        # the ann route's popularity bias (train's choice; bundles before it have none), the column export indexed
+        bias = popularity_bias(table["popularity"], float(bundle.dims.get("ann_popularity_weight", 0.0)))
+        if index.d != embeddings.shape[1] + (bias is not None):
+            raise ArtifactError(f"{bundle.file('faiss_index')}: the index has {index.d} dimensions, contract.json's "
+                                f"embedding_dim {embeddings.shape[1]} {'plus the popularity bias ' if bias is not None else ''}"
+                                f"needs {embeddings.shape[1] + (bias is not None)}; re-run `shoprec export`")
         self.generator = CandidateGenerator(
             embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
             table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt,
             CategoryPrior.from_popularity(table["category_code"], table["popularity"]), routes["trending_rows"],
-            ItemNeighbours.from_arrays({k.removeprefix("copurchase_"): v for k, v in routes.items() if k.startswith("copurchase_")}))
+            ItemNeighbours.from_arrays({k.removeprefix("copurchase_"): v for k, v in routes.items() if k.startswith("copurchase_")}),
+            ann_bias=bias)
         self.default_exclude = cfg.exclude_seen
         self.strategy = Strategy(cfg)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, _fuse
-from runtime.faiss_search import recall_vs_exact, search
+from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, _fuse, popularity_bias
+from runtime.faiss_search import augment, recall_vs_exact, search
 from shoprec import contract
 from shoprec.config import IndexConfig
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest, verify_tree, write_manifest
@@ -473,6 +473,47 @@ def test_search_never_returns_padding():
     scores, rows = search(index, emb[:5], 1000, emb)  # more than the catalog, one probed list
     assert rows.shape == (5, 300) and (rows >= 0).all()
     assert all(len(set(r)) == 300 for r in rows)
+
+
+def test_popularity_bias_puts_popular_items_first_in_the_ann_route_and_the_index_serves_it_exactly():
+    import faiss
+
+    rng = np.random.default_rng(4)
+    n_items, d = 300, 8
+    emb = rng.normal(size=(n_items, d)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    popularity = np.floor(rng.pareto(1.2, n_items) * 20)
+    assert popularity_bias(popularity, 0.0) is None  # weight 0: the inner product alone
+    bias = popularity_bias(popularity, 0.5)
+    assert bias.max() == 0.0 and (bias <= 0).all() and bias[np.argmax(popularity)] == 0.0
+    assert np.array_equal(np.argsort(-bias, kind="stable"), np.argsort(-popularity, kind="stable"))
+    nb = to_neighbours(_top_abs_dense(np.zeros((n_items, n_items), np.float32), 1))
+    flat = faiss.IndexFlatIP(d + 1)
+    flat.add(augment(emb, bias))
+    kw = dict(cf_all=nb, cf_pos=nb, popular_rows=np.argsort(-popularity), n_candidates=20, recent_window=2)
+    exact = CandidateGenerator(emb, None, ann_bias=bias, **kw)
+    served = CandidateGenerator(emb, flat, ann_bias=bias, **kw)
+    plain = CandidateGenerator(emb, None, **kw)
+    users = rng.normal(size=(6, d)).astype(np.float32)
+    indptr = np.array([0, 0, 2, 3, 3, 5, 6])
+    hist = rng.choice(n_items, 6, replace=False)
+    args = (users, indptr, hist, np.full(6, 4))
+    ctx = (np.array([0, 1, 1, 2, 2, 2, 2]), rng.choice(n_items, 2, replace=False))
+    lists = [g(*args, context=ctx, weights=np.ones(len(ROUTES)))[2] for g in (exact, served, plain)]
+    want = np.argsort(-(users @ emb.T + bias), axis=1, kind="stable")
+    for u in range(len(users)):
+        np.testing.assert_array_equal(lists[0]["ann"][u], [r for r in want[u] if r not in hist[indptr[u]:indptr[u + 1]]][:20])
+    np.testing.assert_array_equal(lists[1]["ann"], lists[0]["ann"])  # the [embedding, bias] index: the same list
+    assert not np.array_equal(lists[2]["ann"], lists[0]["ann"])
+    assert popularity[lists[0]["ann"][:, :5]].mean() > popularity[lists[2]["ann"][:, :5]].mean()
+    for g in (lists[0], lists[1]):  # items like the viewed one: similarity alone, without the bias
+        np.testing.assert_array_equal(g["similar_ann"], lists[2]["similar_ann"])
+    with pytest.raises(ValueError, match="9 dimensions"):
+        CandidateGenerator(emb, flat, **kw)  # an index built with the bias, served without it
+    # an approximate index that cannot fill a list falls back to exact search over the same biased scores
+    ivf, _ = build_index(augment(emb, bias), IndexConfig(kind="ivf", ivf_nprobe=1))
+    _, rows = search(ivf, augment(users, 1.0), n_items, emb, bias)
+    np.testing.assert_array_equal(rows, want)
 
 
 def test_manifest_refuses_tampered_and_unlisted_files(tmp_path):

@@ -311,7 +311,8 @@ def _train_summary(models_dir: Path) -> dict:
             "holdout_popularity_recall@50": r.get("retrieval_stage_a", {}).get("holdout_popularity_recall@50"),
             "ranker": {k: r.get("ranking", {}).get(k) for k in ("deep", "steps", "valid_ndcg@10", "valid_ndcg@10_merged_order",
                                                                 "candidate_recall")},
-            "popularity_prior": {k: r.get("popularity_prior", {}).get(k) for k in ("weight", "chosen_on")}}
+            "popularity_prior": {k: r.get("popularity_prior", {}).get(k) for k in ("weight", "chosen_on")},
+            "ann_popularity_prior": {k: r.get("ann_popularity_prior", {}).get(k) for k in ("weight", "chosen_on")}}
 
 
 def _machine() -> str:
@@ -347,6 +348,10 @@ def markdown(r: dict) -> str:
     if prior.get("weight") is not None:
         lines += [f"Popularity prior of the served score: w = {prior['weight']} (chosen by `train` on its "
                   f"{str(prior['chosen_on']).replace('_', ' ')}); `ranker_without_prior` is the same ranker's order with w = 0."]
+    ann = r.get("train_report", {}).get("ann_popularity_prior") or {}
+    if ann.get("weight") is not None:
+        lines += [f"Popularity prior of the ann route (`two_tower`, `route_ann`): b = {ann['weight']} (chosen by `train` on its "
+                  f"{ann['chosen_on']})."]
     return "\n".join(lines) + "\n"
 
 

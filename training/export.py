@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.candidates import DENSE_FEATURES, copurchase_neighbours, trending_order
+from runtime.candidates import DENSE_FEATURES, copurchase_neighbours, popularity_bias, trending_order
+from runtime.faiss_search import augment
 from runtime.request_transform import encode_users
 from shoprec import bundles, contract
 from shoprec.config import Config
@@ -28,7 +29,7 @@ from shoprec.errors import UserError
 from shoprec.manifest import verified_path, verify_manifest, write_manifest
 
 from .data import FeatureData
-from .index import build_index, tune_index
+from .index import build_index, held_out_queries, tune_index
 from .modules import RankerServing
 from .tensorrt import build_engines
 from .train import check_lineage, item_embeddings, load_ranker, load_two_tower
@@ -141,9 +142,15 @@ def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, 
 
     emb = item_embeddings(two_tower, data.item_cat, data.item_cont, "cpu").astype(np.float32)
     np.save(tmp / files["item_embeddings"], emb)
+    train_report = json.loads(verified_path(models_dir, "train_report.json").read_text())
+    # the ann route's popularity bias (train's choice): the index holds [embedding, bias], a query [u, 1]
+    ann_weight = float(train_report.get("ann_popularity_prior", {}).get("bias_weight", 0.0))
+    bias = popularity_bias(data.items["popularity"], ann_weight)
+    vectors = emb if bias is None else augment(emb, bias)
     t_index = time.time()
-    index, kind = build_index(emb, cfg.index)
-    report["index"] = tune_index(index, kind, emb, cfg.index)  # the breadth is stored in the index file
+    index, kind = build_index(vectors, cfg.index)
+    queries = None if bias is None else augment(held_out_queries(emb), 1.0)
+    report["index"] = tune_index(index, kind, vectors, cfg.index, queries=queries)  # the breadth is stored in the index file
     report["index"]["build_seconds"] = round(time.time() - t_index, 2)
     import faiss
 
@@ -169,8 +176,9 @@ def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, 
         "dense_features": list(DENSE_FEATURES), "query_spec": data.schema["query_spec"],
         "recent_categories": int(data.schema["recent_categories"]), "onnx_opset": OPSET,
         # the served score's popularity exponent (runtime.steps.popularity_factor), train's choice
-        "popularity_prior": float(json.loads(verified_path(models_dir, "train_report.json").read_text())
-                                  .get("popularity_prior", {}).get("weight", 0.0)),
+        "popularity_prior": float(train_report.get("popularity_prior", {}).get("weight", 0.0)),
+        # the ann route's popularity bias weight (runtime.candidates.popularity_bias), train's choice
+        "ann_popularity_weight": ann_weight,
     }
     (tmp / files["contract"]).write_text(json.dumps(dims, indent=1) + "\n")
     sizes = {**dims, "num_candidates": contract.num_candidates(cfg.serve.num_candidates, len(emb))}

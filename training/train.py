@@ -5,10 +5,12 @@ the holdout fold (each user's latest actions plus a random share) is what they a
 two-tower early-stops on holdout Recall@50; the EASE lambda is chosen on holdout NDCG@10; the
 ranker learns to rank the candidates the fit-fold models recall for each holdout user against
 what that user did next (the serving task: the server ranks candidates from models fitted on all
-of train). Stage B refits the two-tower (the epochs stage A chose) and the routes on all of train;
-the ranker is stage A's. Last, the served score's popularity exponent (`ranking.popularity_prior`) is
-chosen on the features' valid split, the period after train, with the final models' candidates (on
-the holdout when there is no valid split).
+of train). Before the ranker's lists are built, the ann route's popularity bias
+(`retrieval.popularity_prior`: how much of what logQ correction took out of the two-tower's scores to
+put back) is chosen on holdout NDCG@10 of the two-tower alone. Stage B refits the two-tower (the
+epochs stage A chose) and the routes on all of train; the ranker is stage A's. Last, the served
+score's popularity exponent (`ranking.popularity_prior`) is chosen on the features' valid split, the
+period after train, with the final models' candidates (on the holdout when there is no valid split).
 
 Fails fast: a non-finite loss or gradient stops training with the stage, the epoch and the likely
 cause. `models/` is emptied first, and its manifest (written last) records the features manifest
@@ -30,7 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from runtime.candidates import CandidateGenerator, CategoryPrior, ItemNeighbours
+from runtime.candidates import CandidateGenerator, CategoryPrior, ItemNeighbours, popularity_bias
 from runtime.steps import best_first, popularity_factor
 from shoprec.config import Config, RankingConfig, RetrievalConfig
 from shoprec.device import torch_device
@@ -435,11 +437,22 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     report["retrieval_stage_a"]["holdout_popularity_recall@50"] = recall_at(
         _popular_unseen(data.items["popular_rows_fit"], valid["seen"], 50), valid["truth"], 50)
 
+    # the ann route's popularity bias, before the ranker's lists: they hold the ann route's list and ranks
+    t0 = time.time()
+    emb_a = item_embeddings(tt_a, data.item_cat, item_cont_fit, device)
+    curve = ann_prior_curve(emb_a, user_embeddings(tt_a, valid["q"], device), valid, data.items["popularity_fit"],
+                            rc.popularity_prior, rc.temperature)
+    ann_weight = choose_prior(curve)
+    report["ann_popularity_prior"] = {"weight": ann_weight, "temperature": rc.temperature,
+                                      "bias_weight": rc.temperature * ann_weight, "chosen_on": "holdout",
+                                      "holdout_ndcg@10": _curve_summary(curve), "seconds": round(time.time() - t0, 1)}
+    log.info("ann route popularity prior: weight %s (chosen on the holdout)", ann_weight)
+
     # ranker on stage A's candidates for the holdout users
     n_rank = min(len(users), kc.max_users)
-    emb_a = item_embeddings(tt_a, data.item_cat, item_cont_fit, device)
     gen_a = CandidateGenerator(emb_a, None, cf_all_a, cf_pos_a, data.items["popular_rows_fit"], cfg.serve.num_candidates,
-                               cfg.serve.recent_window, _exempt(data, cfg), fit_categories(data))
+                               cfg.serve.recent_window, _exempt(data, cfg), fit_categories(data),
+                               ann_bias=popularity_bias(data.items["popularity_fit"], rc.temperature * ann_weight))
     rsel = np.arange(n_rank)
     lists = ranker_lists(data, gen_a, _slice_q(q, rsel), user_embeddings(tt_a, _slice_q(q, rsel), device), [truth[i] for i in rsel])
     is_valid = np.random.default_rng(kc.seed + 1).random(n_rank) < kc.valid_share
@@ -467,7 +480,7 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     t0 = time.time()
     curves = {"holdout": prior_curve(ranker_scores(ranker, data, va, item_cont_fit, kc.cvr_weight, device), va["rows"],
                                      va_truth, data.items["popularity_fit"], kc.popularity_prior)}
-    later = valid_split_lists(data, train, cfg, tt_b, cf_all, cf_pos, device)
+    later = valid_split_lists(data, train, cfg, tt_b, cf_all, cf_pos, device, rc.temperature * ann_weight)
     if later is not None:
         lists_v, truth_v = later
         curves["valid_split"] = prior_curve(ranker_scores(ranker, data, lists_v, data.item_cont, kc.cvr_weight, device),
@@ -490,7 +503,7 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
 
 
 def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf_all: ItemNeighbours,
-                      cf_pos: ItemNeighbours, device: str) -> tuple[dict, list[set]] | None:
+                      cf_pos: ItemNeighbours, device: str, ann_bias_weight: float = 0.0) -> tuple[dict, list[set]] | None:
     """Candidate lists of the final models for users with a positive in the features' valid split (the
     period after train) and a train history, at most retrieval.max_valid_users of them; their state is
     their train actions and their context unknown, as `evaluate` asks. None without a valid split."""
@@ -506,7 +519,8 @@ def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf
     emb = item_embeddings(model, data.item_cat, data.item_cont, device)
     gen = CandidateGenerator(emb, None, cf_all, cf_pos, data.popular_rows, cfg.serve.num_candidates, cfg.serve.recent_window,
                              _exempt(data, cfg), CategoryPrior.from_popularity(data.items["category_code"],
-                                                                               data.items["popularity"]))
+                                                                               data.items["popularity"]),
+                             ann_bias=popularity_bias(data.items["popularity"], ann_bias_weight))
     return ranker_lists(data, gen, q, user_embeddings(model, q, device), [dict.fromkeys(t, 1.0) for t in truth]), truth
 
 
@@ -518,6 +532,21 @@ def prior_curve(scores: np.ndarray, rows: np.ndarray, truth: list, popularity: n
         order = best_first(rows, scores * popularity_factor(popularity, w)[np.maximum(rows, 0)], 10)  # top-k's order
         out[float(w)] = per_user_ndcg(np.take_along_axis(rows, order, 1), truth, 10)
     return out
+
+
+def ann_prior_curve(emb: np.ndarray, users: np.ndarray, valid: dict, popularity: np.ndarray,
+                    weights: tuple[float, ...], temperature: float) -> dict[float, np.ndarray]:
+    """Per weight b: each holdout user's NDCG@10 of the two-tower alone, ranking the items they have not acted on
+    by u.v / temperature + b * log(popularity share) (the ann route with `popularity_bias`)."""
+    out: dict[float, list] = {float(w): [] for w in weights}
+    step = rows_per_batch(len(emb))
+    for s in range(0, len(users), step):
+        scores = users[s : s + step] @ emb.T
+        for w in out:
+            bias = popularity_bias(popularity, temperature * w)
+            top = top_n_unseen(scores if bias is None else scores + bias, valid["seen"][s : s + step], 10)
+            out[w].append(per_user_ndcg(top, valid["truth"][s : s + step], 10))
+    return {w: np.concatenate(v) if v else np.zeros(0) for w, v in out.items()}
 
 
 def _curve_summary(curve: dict[float, np.ndarray]) -> dict:
