@@ -11,7 +11,7 @@ Parts measured (same split, same user state, seen items excluded unless said oth
   same held-out lists with a feature group removed (the item-to-item scores, the two-tower scores)
   or with the deep part (embeddings, DIN, interactions) forced on or off;
 - the recall routes alone (cf_all, cf_pos, ann, popular), and the ann route without its popularity bias
-  where `train` chose one;
+  where `train` chose one, or with b = 1 where it did not;
 - the two-tower alone, retrained on the fit fold without a part (the action sequence, logQ
   correction, the mixed negatives) or with the user-id embedding: holdout Recall@50;
 - the seen-item filter: the full pipeline with it off.
@@ -158,9 +158,10 @@ class Evaluator:
         q = data.queries(self.users, data.action_log(data.actions[data.actions["split"] == 0]))
         emb = T.user_embeddings(tt, q, "cpu")
         rows, dense, routes = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])
-        if gen.ann_bias is not None:  # what the ann route's popularity bias adds: the same route without it
-            routes["ann without its popularity bias"] = CandidateGenerator(**kw)(
-                emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])[2]["ann"]
+        # what the ann route's popularity bias adds: the same route without it, or with b = 1 where train chose none
+        other = ("ann without its popularity bias", None) if gen.ann_bias is not None else (
+            "ann with a popularity bias (b = 1)", popularity_bias(data.items["popularity"], cfg.retrieval.temperature))
+        routes[other[0]] = CandidateGenerator(**kw, ann_bias=other[1])(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])[2]["ann"]
         lists = {"rows": rows, "dense": dense, **{k: q[k] for k in ("user_cat", "user_cont", "seq", "seq_kinds")}}
         loose, dense_l, _ = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"], exclude_seen=False)
         ranker = T.load_ranker(bundle.parent / "models", data, cfg.ranking)

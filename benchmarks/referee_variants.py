@@ -19,8 +19,8 @@ product's own commands train on the train split and export, tritonserver serves,
 item-kNN, EASE; wide grid, chosen on valid NDCG@10) are fitted on the same split by
 `referee.py baselines`, so the ratio is to the best baseline of that variant.
 
-Writes benchmarks/results/referee_variants.{json,md}. Nothing here tunes the product: the config is
-the default one, as in referee_bench.
+Writes benchmarks/results/referee_variants[_TAG].{json,md}. Nothing here tunes the product: the config is
+the default one, as in referee_bench, unless --config names another (to measure a non-default setting).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def summarize(protocol: str, baselines: dict, served_run: dict) -> dict:
 def markdown(report: dict) -> list[str]:
     lines = ["# Served quality on variants of ml-latest-small, scored by the referee", "",
              f"Command: `{report['command']}` ({report['date']}, {report['machine']}, commit {report['commit']}). "
-             "Each variant is split by the referee; the product trains on the train split with the default config "
+             "Each variant is split by the referee; the product trains on the train split with "
+             f"{'the config ' + report['config'] if report.get('config') else 'the default config'} "
              "and the running tritonserver's top 100 per test user are scored; the baselines are the referee's, "
              "fitted on the same split (wide grid, chosen on valid NDCG@10). Mean ± standard error over test users.", ""]
     for variant, per_protocol in report["variants"].items():
@@ -108,6 +109,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", default=str(REPO_ROOT / "artifacts" / "referee_variants"))
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--config", default=None, help="shoprec config (default: configs/default.toml)")
+    parser.add_argument("--tag", default="", help="write referee_variants_TAG.* (e.g. for another --config)")
     args = parser.parse_args(argv)
     referee, data, work = Path(args.referee), Path(args.data), Path(args.work)
     for p in (referee, data / "ratings.csv", data / "movies.csv"):
@@ -115,7 +117,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"referee_variants: {p} not found (the referee and ml-latest-small live in ../shared)")
     t0 = time.time()
     report = {"command": command_line("python -m benchmarks.referee_variants", argv), "date": time.strftime("%Y-%m-%d"),
-              "machine": describe(), "commit": commit(), "variants": {}}
+              "machine": describe(), "commit": commit(), "config": args.config, "variants": {}}
     for variant in args.variants:
         folder = make_variant(variant, data, work / "data")
         for protocol in args.protocols:
@@ -131,7 +133,7 @@ def main(argv=None) -> dict:
             print(f"   served NDCG@10 {row['served']['NDCG@10']:.4f}, best baseline {row['best_baseline']['NDCG@10']:.4f} "
                   f"({row['ratio_to_best']['NDCG@10']:.3f}x)", flush=True)
     report["seconds"] = round(time.time() - t0, 1)
-    write_report(args.out, "referee_variants", "", report, markdown(report))
+    write_report(args.out, "referee_variants", args.tag, report, markdown(report))
     print("\n".join(markdown(report)))
     return report
 
