@@ -636,6 +636,33 @@ def test_topk_multiplies_the_score_by_the_popularity_factor(artifacts, cfg, pipe
         np.testing.assert_allclose(served[i], want[i][order], rtol=1e-6)
 
 
+def test_train_chooses_the_ann_popularity_bias_and_export_and_the_retrieval_step_serve_it(artifacts, cfg, tmp_path):
+    """With a grid in retrieval.popularity_prior, train scores it on the holdout and records its choice; export
+    indexes [vector, bias] and writes the weight; the retrieval step's ann route is the exact biased order."""
+    from runtime.pipeline import Pipeline
+    from training.export import export_bundle
+    from training.train import train_all
+
+    shutil.copytree(artifacts / "features", tmp_path / "features")  # the same bytes: the lineage check passes
+    grid = cfg.replace("retrieval", popularity_prior=(1.0, 2.0))
+    report = train_all(tmp_path / "features", tmp_path / "models", grid, "cpu", progress=False)
+    ann = report["ann_popularity_prior"]
+    assert ann["chosen_on"] == "holdout" and ann["weight"] in (1.0, 2.0)
+    assert {"1.0", "2.0"} <= set(ann["holdout_ndcg@10"]) and ann["bias_weight"] == grid.retrieval.temperature * ann["weight"]
+    export_bundle(tmp_path / "features", tmp_path / "models", tmp_path / "serving", grid)
+    dims = json.loads((tmp_path / "serving" / "contract.json").read_text())
+    assert dims["ann_popularity_weight"] == pytest.approx(ann["bias_weight"])
+    pipe = Pipeline(tmp_path / "serving", cfg=grid.serve)
+    step = pipe.steps["retrieval"]
+    gen = step.generator
+    np.testing.assert_array_equal(gen.ann_bias, popularity_bias(pipe.item_table["popularity"], dims["ann_popularity_weight"]))
+    assert gen.index.d == gen.emb.shape[1] + 1
+    t = pipe.run(pipe.request(pipe.steps["feature_transform"].store.user_id[:6], 10, exclude_seen=True), stop="retrieval")
+    served = step.candidates(t)[2]["ann"]
+    gen.index = None  # the same request scored exactly: u.v + bias over the whole catalog
+    np.testing.assert_array_equal(step.candidates(t)[2]["ann"], served)
+
+
 def test_target_attention_scores_equal_the_mlp_over_the_concatenated_pairs():
     """DIN's score MLP reads (c, h, c*h, c-h) per candidate and action; the layer is computed without building
     that [B, N, L, 4D] input (TargetAttention.scores). Same weights, same scores, gradients included."""

@@ -350,8 +350,8 @@ def markdown(r: dict) -> str:
                   f"{str(prior['chosen_on']).replace('_', ' ')}); `ranker_without_prior` is the same ranker's order with w = 0."]
     ann = r.get("train_report", {}).get("ann_popularity_prior") or {}
     if ann.get("weight") is not None:
-        lines += [f"Popularity prior of the ann route (`two_tower`, `route_ann`): b = {ann['weight']} (chosen by `train` on its "
-                  f"{ann['chosen_on']})."]
+        how = "fixed by the config" if ann["chosen_on"] == "config" else f"chosen by `train` on its {ann['chosen_on']}"
+        lines += [f"Popularity prior of the ann route (`two_tower`, `route_ann`): b = {ann['weight']} ({how})."]
     return "\n".join(lines) + "\n"
 
 

@@ -440,13 +440,17 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     # the ann route's popularity bias, before the ranker's lists: they hold the ann route's list and ranks
     t0 = time.time()
     emb_a = item_embeddings(tt_a, data.item_cat, item_cont_fit, device)
-    curve = ann_prior_curve(emb_a, user_embeddings(tt_a, valid["q"], device), valid, data.items["popularity_fit"],
-                            rc.popularity_prior, rc.temperature)
-    ann_weight = choose_prior(curve)
+    grid = tuple(float(w) for w in rc.popularity_prior)
+    if len(grid) == 1:  # fixed by the config (the default [0.0]: off); nothing to score
+        ann_weight, scored = grid[0], {"chosen_on": "config"}
+    else:
+        curve = ann_prior_curve(emb_a, user_embeddings(tt_a, valid["q"], device), valid, data.items["popularity_fit"],
+                                grid, rc.temperature)
+        ann_weight, scored = choose_prior(curve), {"chosen_on": "holdout", "holdout_ndcg@10": _curve_summary(curve)}
     report["ann_popularity_prior"] = {"weight": ann_weight, "temperature": rc.temperature,
-                                      "bias_weight": rc.temperature * ann_weight, "chosen_on": "holdout",
-                                      "holdout_ndcg@10": _curve_summary(curve), "seconds": round(time.time() - t0, 1)}
-    log.info("ann route popularity prior: weight %s (chosen on the holdout)", ann_weight)
+                                      "bias_weight": rc.temperature * ann_weight, **scored,
+                                      "seconds": round(time.time() - t0, 1)}
+    log.info("ann route popularity prior: weight %s (%s)", ann_weight, scored["chosen_on"])
 
     # ranker on stage A's candidates for the holdout users
     n_rank = min(len(users), kc.max_users)
