@@ -53,12 +53,6 @@ def _mask_features(lists: dict, cols: list[int], n_user_cont: int, n_item_cont: 
     return out
 
 
-def _ann_weight(models_dir: Path) -> float:
-    """The ann route's popularity bias weight that `train` chose for these models (0 before it chose one)."""
-    report = json.loads((models_dir / "train_report.json").read_text())
-    return float(report.get("ann_popularity_prior", {}).get("bias_weight", 0.0))
-
-
 def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     """evaluate_lists(data, top [U, N] item rows, users) -> {metric: (mean, se)} for the evaluated users."""
     from training import train as T
@@ -100,7 +94,7 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     gen_a = CandidateGenerator(T.item_embeddings(tt_a, data.item_cat, data.items["item_cont_fit"], "cpu"), None, cf_all_a,
                                cf_pos_a, data.items["popular_rows_fit"], cfg.serve.num_candidates, cfg.serve.recent_window,
                                categories=T.fit_categories(data),
-                               ann_bias=popularity_bias(data.items["popularity_fit"], _ann_weight(artifacts / "models")))
+                               ann_bias=popularity_bias(data.items["popularity_fit"], T.ann_bias_weight(artifacts / "models")))
     n = min(len(users), kc.max_users)
     sel = np.arange(n)
     lists = T.ranker_lists(data, gen_a, T._slice_q(q, sel), T.user_embeddings(tt_a, T._slice_q(q, sel), "cpu"), truth[:n])
@@ -154,7 +148,7 @@ class Evaluator:
                   cf_pos=T.load_neighbours(bundle.parent / "models" / "cf_pos.npz"), popular_rows=data.popular_rows,
                   n_candidates=cfg.serve.num_candidates, recent_window=cfg.serve.recent_window,
                   categories=CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity"]))
-        gen = CandidateGenerator(**kw, ann_bias=popularity_bias(data.items["popularity"], _ann_weight(bundle.parent / "models")))
+        gen = CandidateGenerator(**kw, ann_bias=popularity_bias(data.items["popularity"], T.ann_bias_weight(bundle.parent / "models")))
         q = data.queries(self.users, data.action_log(data.actions[data.actions["split"] == 0]))
         emb = T.user_embeddings(tt, q, "cpu")
         rows, dense, routes = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])

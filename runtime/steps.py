@@ -585,16 +585,15 @@ class Retrieval(StepImpl):
         routes = bundle.npz("scene_routes")
         # the ann route's popularity bias (train's choice; bundles before it have none), the column export indexed
         bias = popularity_bias(table["popularity"], float(bundle.dims.get("ann_popularity_weight", 0.0)))
-        if index.d != embeddings.shape[1] + (bias is not None):
-            raise ArtifactError(f"{bundle.file('faiss_index')}: the index has {index.d} dimensions, contract.json's "
-                                f"embedding_dim {embeddings.shape[1]} {'plus the popularity bias ' if bias is not None else ''}"
-                                f"needs {embeddings.shape[1] + (bias is not None)}; re-run `shoprec export`")
-        self.generator = CandidateGenerator(
-            embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
-            table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt,
-            CategoryPrior.from_popularity(table["category_code"], table["popularity"]), routes["trending_rows"],
-            ItemNeighbours.from_arrays({k.removeprefix("copurchase_"): v for k, v in routes.items() if k.startswith("copurchase_")}),
-            ann_bias=bias)
+        try:  # the generator checks that the bundle's parts fit together (the index's dimensions among them)
+            self.generator = CandidateGenerator(
+                embeddings, index, ItemNeighbours.from_arrays(bundle.npz("cf_all")), ItemNeighbours.from_arrays(bundle.npz("cf_pos")),
+                table["popular_rows"], self.sizes["num_candidates"], cfg.recent_window, exempt,
+                CategoryPrior.from_popularity(table["category_code"], table["popularity"]), routes["trending_rows"],
+                ItemNeighbours.from_arrays({k.removeprefix("copurchase_"): v for k, v in routes.items() if k.startswith("copurchase_")}),
+                ann_bias=bias)
+        except ValueError as exc:
+            raise ArtifactError(f"{bundle.path}: {exc}; re-run `shoprec export`") from exc
         self.default_exclude = cfg.exclude_seen
         self.strategy = Strategy(cfg)
 

@@ -640,6 +640,7 @@ def test_train_chooses_the_ann_popularity_bias_and_export_and_the_retrieval_step
     """With a grid in retrieval.popularity_prior, train scores it on the holdout and records its choice; export
     indexes [vector, bias] and writes the weight; the retrieval step's ann route is the exact biased order."""
     from runtime.pipeline import Pipeline
+    from runtime.steps import Bundle, Retrieval
     from training.export import export_bundle
     from training.train import train_all
 
@@ -661,6 +662,10 @@ def test_train_chooses_the_ann_popularity_bias_and_export_and_the_retrieval_step
     served = step.candidates(t)[2]["ann"]
     gen.index = None  # the same request scored exactly: u.v + bias over the whole catalog
     np.testing.assert_array_equal(step.candidates(t)[2]["ann"], served)
+    bundle = Bundle(tmp_path / "serving")
+    bundle.dims["ann_popularity_weight"] = 0.0  # a contract that disagrees with its index: refused, naming the bundle
+    with pytest.raises(ArtifactError, match="65 dimensions.*re-run `shoprec export`"):
+        Retrieval(contract.STEP_BY_NAME["retrieval"], bundle, grid.serve)
 
 
 def test_target_attention_scores_equal_the_mlp_over_the_concatenated_pairs():

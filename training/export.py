@@ -32,7 +32,7 @@ from .data import FeatureData
 from .index import build_index, held_out_queries, tune_index
 from .modules import RankerServing
 from .tensorrt import build_engines
-from .train import check_lineage, item_embeddings, load_ranker, load_two_tower
+from .train import ann_bias_weight, check_lineage, item_embeddings, load_ranker, load_two_tower
 
 OPSET = 17
 
@@ -142,9 +142,8 @@ def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, 
 
     emb = item_embeddings(two_tower, data.item_cat, data.item_cont, "cpu").astype(np.float32)
     np.save(tmp / files["item_embeddings"], emb)
-    train_report = json.loads(verified_path(models_dir, "train_report.json").read_text())
     # the ann route's popularity bias (train's choice): the index holds [embedding, bias], a query [u, 1]
-    ann_weight = float(train_report.get("ann_popularity_prior", {}).get("bias_weight", 0.0))
+    ann_weight = ann_bias_weight(models_dir)
     bias = popularity_bias(data.items["popularity"], ann_weight)
     vectors = emb if bias is None else augment(emb, bias)
     t_index = time.time()
@@ -176,7 +175,8 @@ def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, 
         "dense_features": list(DENSE_FEATURES), "query_spec": data.schema["query_spec"],
         "recent_categories": int(data.schema["recent_categories"]), "onnx_opset": OPSET,
         # the served score's popularity exponent (runtime.steps.popularity_factor), train's choice
-        "popularity_prior": float(train_report.get("popularity_prior", {}).get("weight", 0.0)),
+        "popularity_prior": float(json.loads(verified_path(models_dir, "train_report.json").read_text())
+                                  .get("popularity_prior", {}).get("weight", 0.0)),
         # the ann route's popularity bias weight (runtime.candidates.popularity_bias), train's choice
         "ann_popularity_weight": ann_weight,
     }

@@ -543,11 +543,11 @@ def ann_prior_curve(emb: np.ndarray, users: np.ndarray, valid: dict, popularity:
     """Per weight b: each holdout user's NDCG@10 of the two-tower alone, ranking the items they have not acted on
     by u.v / temperature + b * log(popularity share) (the ann route with `popularity_bias`)."""
     out: dict[float, list] = {float(w): [] for w in weights}
+    biases = {w: popularity_bias(popularity, temperature * w) for w in out}
     step = rows_per_batch(len(emb))
     for s in range(0, len(users), step):
         scores = users[s : s + step] @ emb.T
-        for w in out:
-            bias = popularity_bias(popularity, temperature * w)
+        for w, bias in biases.items():
             top = top_n_unseen(scores if bias is None else scores + bias, valid["seen"][s : s + step], 10)
             out[w].append(per_user_ndcg(top, valid["truth"][s : s + step], 10))
     return {w: np.concatenate(v) if v else np.zeros(0) for w, v in out.items()}
@@ -598,6 +598,13 @@ def _exempt(data: FeatureData, cfg: Config) -> np.ndarray:
     names = list(data.category_names)
     codes = [names.index(c) for c in cfg.serve.repeat_categories if c in names]
     return np.isin(data.category, codes) if codes else np.zeros(data.n_items, bool)
+
+
+def ann_bias_weight(models_dir: str | Path) -> float:
+    """The ann route's popularity bias weight (temperature * b) train chose for these models; 0 for models trained
+    before it chose one. Read from the checksummed train report."""
+    report = json.loads(verified_path(models_dir, "train_report.json").read_text())
+    return float(report.get("ann_popularity_prior", {}).get("bias_weight", 0.0))
 
 
 def load_two_tower(models_dir: str | Path, data: FeatureData, cfg: RetrievalConfig, device: str = "cpu") -> TwoTower:
