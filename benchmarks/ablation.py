@@ -13,7 +13,8 @@ Parts measured (same split, same user state, seen items excluded unless said oth
 - the recall routes alone (cf_all, cf_pos, ann, popular), and the ann route without its popularity bias
   where `train` chose one, or with b = 1 where it did not;
 - the two-tower alone, retrained on the fit fold without a part (the action sequence, logQ
-  correction, the mixed negatives) or with the user-id embedding: holdout Recall@50;
+  correction, the mixed negatives, the whole-history rows) or with the user-id embedding: holdout
+  Recall@50;
 - the seen-item filter: the full pipeline with it off.
 Writes benchmarks/results/ablation_<tag>.{json,md}. Figures are means over users with standard errors.
 """
@@ -72,7 +73,7 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
 
     # the two-tower without one part at a time (stage A: fit fold, holdout Recall@50)
     variants = {"as configured": {}, "+ user-id embedding": {"use_user_id": True}, "- logQ correction": {"logq_correction": False},
-                "- mixed negatives": {"mixed_negatives": 0}}
+                "- mixed negatives": {"mixed_negatives": 0}, "- whole-history rows": {"whole_history_share": 0.0}}
     tt_a = None
     for name, change in variants.items():
         t0 = time.time()

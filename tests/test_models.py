@@ -400,6 +400,40 @@ def test_training_with_a_sparse_item_table_learns(artifacts, cfg):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
+def test_whole_history_rows_read_the_users_final_state_without_their_own_item(artifacts):
+    from training.data import FeatureData
+    from training.train import WholeHistory
+
+    data = FeatureData(artifacts / "features")
+    whole = WholeHistory(data, (0,))
+    batch = next(data.train_batches(4096, (0,)))
+    cat, cont, seq, kinds = data.arrays(batch)
+    before = [a.copy() for a in (cat, cont, seq, kinds)]
+    whole.apply(cat, cont, seq, kinds, batch["item_row"], 1.0, np.random.default_rng(0))
+    uid = data.user_cat_cols.index("user_id")
+    fit = data.actions[(data.actions["split"] == 0) & (data.actions["fold"] == 0)]
+    users = np.unique(fit["user_id"].values)
+    final = data.queries(users, data.action_log(fit))
+    row = {int(c): i for i, c in enumerate(final["user_cat"][:, uid])}
+    changed = 0
+    for i in range(len(cat)):
+        j = row[int(before[0][i, uid])]
+        own = data.item_codes[batch["item_row"][i]]
+        expect = np.where(final["seq"][j] == own, 0, final["seq"][j])
+        np.testing.assert_array_equal(seq[i], expect)  # the user's last actions of the fold, the row's own item left out
+        np.testing.assert_array_equal(kinds[i], np.where(final["seq"][j] == own, 0, final["seq_kinds"][j]))
+        assert own not in seq[i]
+        np.testing.assert_array_equal(cat[i, data.context_fields], before[0][i, data.context_fields])  # the row's context
+        others = [c for c in range(cat.shape[1]) if c not in data.context_fields]
+        np.testing.assert_array_equal(cat[i, others], final["user_cat"][j, others])
+        np.testing.assert_allclose(cont[i], final["user_cont"][j])
+        changed += not np.array_equal(seq[i], before[2][i])
+    assert changed > len(cat) // 2  # most rows had later actions than their own
+    cat2, cont2, seq2, kinds2 = [a.copy() for a in before]
+    whole.apply(cat2, cont2, seq2, kinds2, batch["item_row"], 0.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(seq2, before[2])  # share 0: rows keep the actions before them
+
+
 def test_export_refuses_models_of_other_features(artifacts, cfg, tmp_path):
     from training.export import export_bundle
 

