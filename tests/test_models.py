@@ -644,6 +644,10 @@ def test_choose_prior_keeps_the_smallest_weight_unless_another_wins_clearly():
     assert choose_prior({0.0: base, 1.0: base + rng.normal(0, 0.05, 400)}) == 0.0  # noise: no clear win
     assert choose_prior({0.0: base, 1.0: base + 0.05, 2.0: base + 0.02}) == 1.0
     assert choose_prior({0.5: base}) == 0.5  # one value fixes the weight
+    gain = rng.normal(0.0, 1.0, 400)
+    gain = (gain - gain.mean()) / gain.std(ddof=1) * 0.05  # paired s.e. exactly 0.05 / sqrt(400) = 0.0025
+    assert choose_prior({0.0: base, 1.0: base + gain + 0.004}) == 0.0  # 1.6 standard errors: not enough
+    assert choose_prior({0.0: base, 1.0: base + gain + 0.006}) == 1.0  # 2.4 standard errors
 
 
 def test_topk_multiplies_the_score_by_the_popularity_factor(artifacts, cfg, pipeline):
