@@ -73,7 +73,7 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
 
     # the two-tower without one part at a time (stage A: fit fold, holdout Recall@50)
     variants = {"as configured": {}, "+ user-id embedding": {"use_user_id": True}, "- logQ correction": {"logq_correction": False},
-                "- mixed negatives": {"mixed_negatives": 0}, "- whole-history rows": {"whole_history_share": 0.0}}
+                "- mixed negatives": {"mixed_negatives": 0}, "- whole-history rows": {"whole_history_share": (0.0,)}}
     tt_a = None
     for name, change in variants.items():
         t0 = time.time()

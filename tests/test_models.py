@@ -650,6 +650,32 @@ def test_choose_prior_keeps_the_smallest_weight_unless_another_wins_clearly():
     assert choose_prior({0.0: base, 1.0: base + gain + 0.006}) == 1.0  # 2.4 standard errors
 
 
+def test_the_whole_history_share_is_chosen_on_the_valid_split_and_refit_with(artifacts, cfg):
+    """Stage A is fitted once per retrieval.whole_history_share; the valid split (the tiny shop's features
+    split by time) scores each fit's two-tower alone, the best mean wins, and the stage-B refit and the
+    ranker's lists use the chosen one."""
+    report = json.loads((artifacts / "models" / "train_report.json").read_text())
+    chosen = report["whole_history_share"]
+    grid = [float(s) for s in cfg.retrieval.whole_history_share]
+    assert len(grid) > 1 and chosen["chosen_on"] == "valid_split" and chosen["share"] in grid
+    curve = chosen["valid_split_ndcg@10"]
+    assert sorted(k for k in curve if k != "users") == sorted(str(s) for s in grid) and curve["users"] > 0
+    assert all(curve[str(chosen["share"])]["mean"] >= curve[str(s)]["mean"] for s in grid)
+    assert report["retrieval"]["whole_history"]["share"] == chosen["share"]  # the refit
+    assert report["retrieval_stage_a"]["whole_history"]["share"] == chosen["share"]  # the fit behind the ranker's lists
+    assert report["retrieval_stage_a"]["best_epoch"] == chosen["fits"][str(chosen["share"])]["best_epoch"]
+
+
+def test_a_whole_history_share_outside_zero_to_one_is_refused(cfg):
+    from dataclasses import replace
+
+    from training.train import TrainingError, whole_history_shares
+
+    assert whole_history_shares(replace(cfg.retrieval, whole_history_share=0.25)) == (0.25,)  # one number fixes it
+    with pytest.raises(TrainingError, match=r"retrieval.whole_history_share: \[0.5, 1.5\] must be one or more shares in \[0, 1\]"):
+        whole_history_shares(replace(cfg.retrieval, whole_history_share=(0.5, 1.5)))
+
+
 def test_topk_multiplies_the_score_by_the_popularity_factor(artifacts, cfg, pipeline):
     """With a weight in the bundle, the served score is the ranker's times (popularity / top popularity)^w, and
     the order follows it; weight 0 leaves the ranker's score as it is."""

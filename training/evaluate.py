@@ -312,7 +312,8 @@ def _train_summary(models_dir: Path) -> dict:
             "ranker": {k: r.get("ranking", {}).get(k) for k in ("deep", "steps", "valid_ndcg@10", "valid_ndcg@10_merged_order",
                                                                 "candidate_recall")},
             "popularity_prior": {k: r.get("popularity_prior", {}).get(k) for k in ("weight", "chosen_on")},
-            "ann_popularity_prior": {k: r.get("ann_popularity_prior", {}).get(k) for k in ("weight", "chosen_on")}}
+            "ann_popularity_prior": {k: r.get("ann_popularity_prior", {}).get(k) for k in ("weight", "chosen_on")},
+            "whole_history_share": {k: (r.get("whole_history_share") or {}).get(k) for k in ("share", "chosen_on")}}
 
 
 def _machine() -> str:
@@ -352,6 +353,11 @@ def markdown(r: dict) -> str:
     if ann.get("weight") is not None:
         how = "fixed by the config" if ann["chosen_on"] == "config" else f"chosen by `train` on its {ann['chosen_on']}"
         lines += [f"Popularity prior of the ann route (`two_tower`, `route_ann`): b = {ann['weight']} ({how})."]
+    whole = r.get("train_report", {}).get("whole_history_share") or {}
+    if whole.get("share") is not None:
+        how = "fixed by the config" if whole["chosen_on"] == "config" else \
+            f"chosen by `train` on its {str(whole['chosen_on']).replace('_', ' ')}"
+        lines += [f"Two-tower rows that read the whole history: share {whole['share']} ({how})."]
     return "\n".join(lines) + "\n"
 
 

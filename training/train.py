@@ -5,7 +5,9 @@ the holdout fold (each user's latest actions plus a random share) is what they a
 two-tower early-stops on holdout Recall@50; the EASE lambda is chosen on holdout NDCG@10; the
 ranker learns to rank the candidates the fit-fold models recall for each holdout user against
 what that user did next (the serving task: the server ranks candidates from models fitted on all
-of train). Before the ranker's lists are built, the ann route's popularity bias
+of train). With several retrieval.whole_history_share values, stage A's two-tower is fitted once per
+share and the valid split (the period after train) picks one (`choose_whole_history`). Before the
+ranker's lists are built, the ann route's popularity bias
 (`retrieval.popularity_prior`: how much of what logQ correction took out of the two-tower's scores to
 put back) is chosen on holdout NDCG@10 of the two-tower alone. Stage B refits the two-tower (the
 epochs stage A chose) and the routes on all of train; the ranker is stage A's. Last, the served
@@ -190,11 +192,22 @@ class WholeHistory:
         seq[pick], kinds[pick] = s, k
 
 
+def whole_history_shares(cfg: RetrievalConfig) -> tuple[float, ...]:
+    """retrieval.whole_history_share as a tuple (a config may give one number), each checked to lie in [0, 1]."""
+    raw = cfg.whole_history_share
+    shares = tuple(float(v) for v in (raw if isinstance(raw, (tuple, list)) else (raw,)))
+    if not shares or not all(0.0 <= v <= 1.0 for v in shares):
+        raise TrainingError(f"retrieval.whole_history_share: {list(shares)} must be one or more shares in [0, 1]")
+    return shares
+
+
 def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, ...], item_cont: np.ndarray, device: str,
-                    epochs: int, valid: dict | None, progress: bool, stage: str) -> tuple[TwoTower, dict]:
+                    epochs: int, valid: dict | None, progress: bool, stage: str,
+                    share: float | None = None) -> tuple[TwoTower, dict]:
     """In-batch + uniform mixed negatives with logQ correction, AdamW, item-id and context dropout; a share of
-    the rows read the user's whole history (`WholeHistory`). With `valid`, keeps the epoch with the best
-    holdout Recall@50 (early stop after `patience`)."""
+    the rows (`share`, default the first of retrieval.whole_history_share) read the user's whole history
+    (`WholeHistory`). With `valid`, keeps the epoch with the best holdout Recall@50 (early stop after `patience`)."""
+    share = whole_history_shares(cfg)[0] if share is None else float(share)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = build_two_tower(data, cfg).to(device)
@@ -206,7 +219,7 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
     if n_rows == 0:
         raise TrainingError(f"{stage}: no positive training actions (click or stronger) to learn from")
     p_item = counts / counts.sum()
-    whole = WholeHistory(data, folds) if cfg.whole_history_share > 0 and "user_id" in data.user_cat_cols else None
+    whole = WholeHistory(data, folds) if share > 0 and "user_id" in data.user_cat_cols else None
     # big data: an epoch is a random sample of max_rows_per_epoch rows, so early stopping looks often enough
     rate = min(1.0, cfg.max_rows_per_epoch / n_rows) if cfg.max_rows_per_epoch else 1.0
     item_cat, item_cont_t = _t(data.item_cat, device), _t(item_cont, device)
@@ -221,7 +234,7 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
                                f"{stage} epoch {epoch}", progress):
             cat, cont, seq, kinds = data.arrays(b)
             if whole is not None:
-                whole.apply(cat, cont, seq, kinds, b["item_row"], cfg.whole_history_share, rng)
+                whole.apply(cat, cont, seq, kinds, b["item_row"], share, rng)
             if ctx and cfg.context_dropout:
                 drop = rng.random((len(cat), 1)) < cfg.context_dropout
                 cat[:, ctx] = np.where(drop, NULL_CODE, cat[:, ctx])
@@ -260,7 +273,7 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
     report = {"epochs_run": len(history), "best_epoch": best_epoch if valid is not None else epochs, "history": history,
               "train_samples": samples, "train_seconds": round(seconds, 2),
               "train_samples_per_s": round(samples / max(seconds, 1e-9), 1),
-              "whole_history": {"share": cfg.whole_history_share if whole is not None else 0.0,
+              "whole_history": {"share": share if whole is not None else 0.0,
                                 "users": len(whole) if whole is not None else 0}}
     if valid is not None:
         report["best_holdout_recall@50"] = best
@@ -485,7 +498,16 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     valid = {"q": {k: v[vsel] if k not in ("hist_indptr", "hist_rows", "hist_kinds") else None for k, v in q.items()},
              "truth": [set(truth[i]) for i in vsel]}
     valid["seen"] = seen_mask(_slice_q(q, vsel), data.n_items)
-    tt_a, rep_a = train_two_tower(data, rc, (0,), item_cont_fit, device, rc.epochs, valid, progress, "retrieval")
+    shares = whole_history_shares(rc) if "user_id" in data.user_cat_cols else (0.0,)  # whole history: by user id
+    fits = {}
+    for share in shares:
+        fits[share] = train_two_tower(data, rc, (0,), item_cont_fit, device, rc.epochs, valid, progress,
+                                      "retrieval" if len(shares) == 1 else f"retrieval (whole-history share {share:g})",
+                                      share)
+    share, report["whole_history_share"] = choose_whole_history(data, train, cfg, fits, item_cont_fit, valid, device)
+    tt_a, rep_a = fits.pop(share)
+    fits.clear()
+    log.info("two-tower whole-history share: %s (%s)", share, report["whole_history_share"]["chosen_on"])
     report["retrieval_stage_a"] = rep_a
     report["retrieval_stage_a"]["holdout_popularity_recall@50"] = recall_at(
         _popular_unseen(data.items["popular_rows_fit"], valid["seen"], 50), valid["truth"], 50)
@@ -528,7 +550,8 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
 
     # stage B: refit the two-tower and the routes on all of train
     epochs_b = max(1, rep_a["best_epoch"])
-    tt_b, rep_b = train_two_tower(data, rc, (0, 1), data.item_cont, device, epochs_b, None, progress, "retrieval refit")
+    tt_b, rep_b = train_two_tower(data, rc, (0, 1), data.item_cont, device, epochs_b, None, progress, "retrieval refit",
+                                  share)
     report["retrieval"] = rep_b
     cf_all, cf_pos = fit_routes(data, train, cfg, lam)
 
@@ -559,11 +582,10 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     return report
 
 
-def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf_all: ItemNeighbours,
-                      cf_pos: ItemNeighbours, device: str, ann_bias_weight: float = 0.0) -> tuple[dict, list[set]] | None:
-    """Candidate lists of the final models for users with a positive in the features' valid split (the
-    period after train) and a train history, at most retrieval.max_valid_users of them; their state is
-    their train actions and their context unknown, as `evaluate` asks. None without a valid split."""
+def valid_split_queries(data: FeatureData, train, cfg: Config) -> tuple[dict, list[set]] | None:
+    """Users with a positive in the features' valid split (the period after train, on an item they had not
+    acted on) and a train history, at most retrieval.max_valid_users of them: their queries (state = their
+    train actions, context unknown, as `evaluate` asks) and their truth. None without a valid split."""
     if not (data.actions["split"] == 1).any():
         return None
     users, truth = split_truth(data, 1, train)
@@ -572,7 +594,49 @@ def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf
     if not len(users):
         return None
     users, truth = sample_users(users, truth, cfg.retrieval.max_valid_users, cfg.retrieval.seed)
-    q = data.queries(users, data.action_log(train))
+    return data.queries(users, data.action_log(train)), truth
+
+
+def choose_whole_history(data: FeatureData, train, cfg: Config, fits: dict[float, tuple[TwoTower, dict]],
+                         item_cont: np.ndarray, holdout: dict, device: str) -> tuple[float, dict]:
+    """The whole-history share among stage A's fits (one per retrieval.whole_history_share): the one whose
+    two-tower alone scores the best mean NDCG@10 on the valid split (its users' state = their train actions,
+    as served), or on the holdout when there is no valid split; a tie keeps the earlier in the config. A
+    hyper-parameter chosen like the baselines' and EASE's lambda: no share is the safe default to defend
+    (on the small shop's valid split 0.5 won, .0791 against .0745, by less than two paired standard errors,
+    and gained on test; on medium 0 won, .0468 against .0449, and gained on test).
+
+    The valid split is the period after train, what serving faces. Rows that read the whole history teach
+    the user's long-term profile: on a random split (ml-latest-small) they doubled the two-tower's NDCG@10;
+    on the synthetic medium shop, whose later window follows late taste shifts, they lowered it."""
+    shares = list(fits)
+    fitted = {str(s): {"best_epoch": r["best_epoch"], "best_holdout_recall@50": r.get("best_holdout_recall@50"),
+                       "train_seconds": r["train_seconds"]} for s, (_, r) in fits.items()}
+    if len(shares) == 1:
+        return shares[0], {"share": shares[0], "chosen_on": "config", "fits": fitted}
+    later = valid_split_queries(data, train, cfg)
+    if later is not None:
+        q, truth = later
+        ev, source = {"q": q, "truth": [set(t) for t in truth], "seen": seen_mask(q, data.n_items)}, "valid_split"
+    else:
+        ev, source = holdout, "holdout"
+    curve = {}
+    for s, (model, _) in fits.items():
+        emb = item_embeddings(model, data.item_cat, item_cont, device)
+        curve[s] = ann_prior_curve(emb, user_embeddings(model, ev["q"], device), ev, data.items["popularity_fit"],
+                                   (0.0,), cfg.retrieval.temperature)[0.0]
+    share = max(shares, key=lambda v: (float(curve[v].mean()), -shares.index(v)))  # a tie: the first
+    return share, {"share": share, "chosen_on": source, f"{source}_ndcg@10": _curve_summary(curve), "fits": fitted}
+
+
+def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf_all: ItemNeighbours,
+                      cf_pos: ItemNeighbours, device: str, ann_bias_weight: float = 0.0) -> tuple[dict, list[set]] | None:
+    """Candidate lists of the final models for the valid split's users (`valid_split_queries`). None without
+    a valid split."""
+    later = valid_split_queries(data, train, cfg)
+    if later is None:
+        return None
+    q, truth = later
     emb = item_embeddings(model, data.item_cat, data.item_cont, device)
     gen = CandidateGenerator(emb, None, cf_all, cf_pos, data.popular_rows, cfg.serve.num_candidates, cfg.serve.recent_window,
                              _exempt(data, cfg), CategoryPrior.from_popularity(data.items["category_code"],
