@@ -72,15 +72,23 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     report: dict = {"two_tower_holdout_recall@50": {}, "ranker": {}, "routes": {}}
 
     # the two-tower without one part at a time (stage A: fit fold, holdout Recall@50)
-    variants = {"as configured": {}, "+ user-id embedding": {"use_user_id": True}, "- logQ correction": {"logq_correction": False},
-                "- mixed negatives": {"mixed_negatives": 0}, "- whole-history rows": {"whole_history_share": (0.0,)}}
+    # "as configured": the whole-history share `train` chose for these models; the variant flips it
+    chosen = json.loads((artifacts / "models" / "train_report.json").read_text()).get("whole_history_share", {})
+    share = float(chosen.get("share", T.whole_history_shares(rc)[0]))
+    other = (f"- whole-history rows (share {share:g} -> 0)", 0.0) if share > 0 else \
+        (f"+ whole-history rows (share 0 -> {max(T.whole_history_shares(rc)):g})", max(T.whole_history_shares(rc)))
+    report["whole_history_share_chosen"] = share
+    variants = {"as configured": {"whole_history_share": (share,)}, "+ user-id embedding": {"use_user_id": True},
+                "- logQ correction": {"logq_correction": False}, "- mixed negatives": {"mixed_negatives": 0},
+                other[0]: {"whole_history_share": (other[1],)}}
+    variants = {name: {"whole_history_share": (share,), **change} for name, change in variants.items()}
     tt_a = None
     for name, change in variants.items():
         t0 = time.time()
         model, rep = T.train_two_tower(data, cfg.replace("retrieval", **change).retrieval, (0,), data.items["item_cont_fit"],
                                        "cpu", rc.epochs, valid, progress, "retrieval")
         report["two_tower_holdout_recall@50"][name] = rep["best_holdout_recall@50"]
-        if not change:
+        if name == "as configured":
             tt_a = model
         print(f"ablation: two-tower {name}: {rep['best_holdout_recall@50']:.4f} ({time.time() - t0:.0f}s)", flush=True)
     no_seq = dict(valid, q={**valid["q"], "seq": np.zeros_like(valid["q"]["seq"]), "seq_kinds": np.zeros_like(valid["q"]["seq_kinds"])})
