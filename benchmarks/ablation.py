@@ -73,14 +73,13 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
 
     # the two-tower without one part at a time (stage A: fit fold, holdout Recall@50)
     # "as configured": the whole-history share `train` chose for these models; the variant flips it
+    grid = T.whole_history_shares(rc)
     chosen = json.loads((artifacts / "models" / "train_report.json").read_text()).get("whole_history_share", {})
-    share = float(chosen.get("share", T.whole_history_shares(rc)[0]))
-    other = (f"- whole-history rows (share {share:g} -> 0)", 0.0) if share > 0 else \
-        (f"+ whole-history rows (share 0 -> {max(T.whole_history_shares(rc)):g})", max(T.whole_history_shares(rc)))
-    report["whole_history_share_chosen"] = share
-    variants = {"as configured": {"whole_history_share": (share,)}, "+ user-id embedding": {"use_user_id": True},
-                "- logQ correction": {"logq_correction": False}, "- mixed negatives": {"mixed_negatives": 0},
-                other[0]: {"whole_history_share": (other[1],)}}
+    share = report["whole_history_share_chosen"] = float(chosen.get("share", grid[0]))
+    flip = 0.0 if share > 0 else max(grid)
+    variants = {"as configured": {}, "+ user-id embedding": {"use_user_id": True}, "- logQ correction": {"logq_correction": False},
+                "- mixed negatives": {"mixed_negatives": 0},
+                f"{'-' if share > 0 else '+'} whole-history rows (share {share:g} -> {flip:g})": {"whole_history_share": (flip,)}}
     variants = {name: {"whole_history_share": (share,), **change} for name, change in variants.items()}
     tt_a = None
     for name, change in variants.items():

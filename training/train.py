@@ -499,12 +499,15 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
              "truth": [set(truth[i]) for i in vsel]}
     valid["seen"] = seen_mask(_slice_q(q, vsel), data.n_items)
     shares = whole_history_shares(rc) if "user_id" in data.user_cat_cols else (0.0,)  # whole history: by user id
+    later = valid_split_queries(data, train, cfg)  # the valid split's users, read twice below
     fits = {}
     for share in shares:
         fits[share] = train_two_tower(data, rc, (0,), item_cont_fit, device, rc.epochs, valid, progress,
                                       "retrieval" if len(shares) == 1 else f"retrieval (whole-history share {share:g})",
                                       share)
-    share, report["whole_history_share"] = choose_whole_history(data, train, cfg, fits, item_cont_fit, valid, device)
+    share, report["whole_history_share"] = choose_whole_history(data, cfg, fits, item_cont_fit, later, valid, device)
+    if "user_id" not in data.user_cat_cols:
+        report["whole_history_share"]["chosen_on"] = "no user_id column"
     tt_a, rep_a = fits.pop(share)
     fits.clear()
     log.info("two-tower whole-history share: %s (%s)", share, report["whole_history_share"]["chosen_on"])
@@ -560,7 +563,7 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     t0 = time.time()
     curves = {"holdout": prior_curve(ranker_scores(ranker, data, va, item_cont_fit, kc.cvr_weight, device), va["rows"],
                                      va_truth, data.items["popularity_fit"], kc.popularity_prior)}
-    later = valid_split_lists(data, train, cfg, tt_b, cf_all, cf_pos, device, rc.temperature * ann_weight)
+    later = valid_split_lists(data, cfg, later, tt_b, cf_all, cf_pos, device, rc.temperature * ann_weight)
     if later is not None:
         lists_v, truth_v = later
         curves["valid_split"] = prior_curve(ranker_scores(ranker, data, lists_v, data.item_cont, kc.cvr_weight, device),
@@ -597,8 +600,8 @@ def valid_split_queries(data: FeatureData, train, cfg: Config) -> tuple[dict, li
     return data.queries(users, data.action_log(train)), truth
 
 
-def choose_whole_history(data: FeatureData, train, cfg: Config, fits: dict[float, tuple[TwoTower, dict]],
-                         item_cont: np.ndarray, holdout: dict, device: str) -> tuple[float, dict]:
+def choose_whole_history(data: FeatureData, cfg: Config, fits: dict[float, tuple[TwoTower, dict]], item_cont: np.ndarray,
+                         later: tuple[dict, list[set]] | None, holdout: dict, device: str) -> tuple[float, dict]:
     """The whole-history share among stage A's fits (one per retrieval.whole_history_share): the one whose
     two-tower alone scores the best mean NDCG@10 on the valid split (its users' state = their train actions,
     as served), or on the holdout when there is no valid split; a tie keeps the earlier in the config. A
@@ -614,8 +617,7 @@ def choose_whole_history(data: FeatureData, train, cfg: Config, fits: dict[float
                        "train_seconds": r["train_seconds"]} for s, (_, r) in fits.items()}
     if len(shares) == 1:
         return shares[0], {"share": shares[0], "chosen_on": "config", "fits": fitted}
-    later = valid_split_queries(data, train, cfg)
-    if later is not None:
+    if later is not None:  # valid_split_queries
         q, truth = later
         ev, source = {"q": q, "truth": [set(t) for t in truth], "seen": seen_mask(q, data.n_items)}, "valid_split"
     else:
@@ -629,11 +631,11 @@ def choose_whole_history(data: FeatureData, train, cfg: Config, fits: dict[float
     return share, {"share": share, "chosen_on": source, f"{source}_ndcg@10": _curve_summary(curve), "fits": fitted}
 
 
-def valid_split_lists(data: FeatureData, train, cfg: Config, model: TwoTower, cf_all: ItemNeighbours,
-                      cf_pos: ItemNeighbours, device: str, ann_bias_weight: float = 0.0) -> tuple[dict, list[set]] | None:
-    """Candidate lists of the final models for the valid split's users (`valid_split_queries`). None without
-    a valid split."""
-    later = valid_split_queries(data, train, cfg)
+def valid_split_lists(data: FeatureData, cfg: Config, later: tuple[dict, list[set]] | None, model: TwoTower,
+                      cf_all: ItemNeighbours, cf_pos: ItemNeighbours, device: str,
+                      ann_bias_weight: float = 0.0) -> tuple[dict, list[set]] | None:
+    """Candidate lists of the final models for the valid split's users (`later`, from `valid_split_queries`).
+    None without a valid split."""
     if later is None:
         return None
     q, truth = later
