@@ -32,7 +32,7 @@ import torch
 
 from runtime.candidates import DENSE_FEATURES, CandidateGenerator, CategoryPrior, popularity_bias
 from shoprec.config import REPO_ROOT, load_config
-from shoprec.manifest import verify_manifest
+from shoprec.manifest import verified_path, verify_manifest
 
 from .machine import describe
 
@@ -74,7 +74,7 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     # the two-tower without one part at a time (stage A: fit fold, holdout Recall@50)
     # "as configured": the whole-history share `train` chose for these models; the variant flips it
     grid = T.whole_history_shares(rc)
-    chosen = json.loads((artifacts / "models" / "train_report.json").read_text()).get("whole_history_share", {})
+    chosen = json.loads(verified_path(artifacts / "models", "train_report.json").read_text()).get("whole_history_share", {})
     share = report["whole_history_share_chosen"] = float(chosen.get("share", grid[0]))
     flip = 0.0 if share > 0 else max(grid)
     variants = {"as configured": {}, "+ user-id embedding": {"use_user_id": True}, "- logQ correction": {"logq_correction": False},
