@@ -167,9 +167,11 @@ def fit_baselines(referee: Path, data: Path, dataset: str, protocol: str, work: 
 
 
 def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: str | None = None, data: str | None = None,
-                    timings: dict | None = None, layout: str = "movielens", dataset: str = "mlls") -> Path:
+                    timings: dict | None = None, layout: str = "movielens", dataset: str = "mlls",
+                    hand_over: tuple[str, Path] | None = None) -> Path:
     """The referee's split -> the data set's MovieLens layout (or the generic file) -> the product's own
-    commands (data, features --deploy, train, export). Returns the artifacts folder."""
+    commands (data, features --deploy, train, export). Returns the artifacts folder. `hand_over`
+    (release, folder with its item and user files): give the product the split in that release's layout instead."""
     referee = referee or str(SHARED / "quality" / "referee.py")
     data = data or str(SHARED / "data" / DATASETS[dataset][0])
     if work.exists():
@@ -182,7 +184,8 @@ def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: st
     if layout == "interactions":
         source = ["--source", "interactions", "--interactions", str(_interactions_file(split_dir, work / "generic"))]
     else:
-        source = ["--source", _ml_layout(dataset, split_dir, Path(data), ml_dir), "--movielens-dir", str(ml_dir)]
+        release, files = hand_over or (dataset, Path(data))
+        source = ["--source", _ml_layout(release, split_dir, Path(files), ml_dir), "--movielens-dir", str(ml_dir)]
     shoprec = [py, "-m", "app.cli", "--artifacts", str(art), "--quiet"] + (["--config", cfg_path] if cfg_path else [])
     for stage, extra in (("data", source),
                          ("features", ["--deploy"]), ("train", []), ("export", [])):
@@ -191,6 +194,13 @@ def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: st
         if timings is not None:
             timings[stage] = round(time.time() - t, 1)
     return art
+
+
+def referee_datasets(referee: Path) -> list[str]:
+    """The data sets `referee.py split --dataset` accepts, as its --help lists them."""
+    text = _run([sys.executable, str(referee), "split", "--help"], quiet=True)
+    found = re.search(r"--dataset \{([^}]*)\}", text)
+    return found.group(1).split(",") if found else []
 
 
 def _ignored(path: Path) -> bool:
@@ -207,7 +217,8 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
     env = {**os.environ, "REFEREE_DATA": str(Path(args.data).parent)}
     t0 = time.time()
     timings: dict = {}
-    art = build_artifacts(protocol, work, cfg_path, str(args.referee), str(args.data), timings, args.layout, dataset)
+    art = build_artifacts(protocol, work, cfg_path, str(args.referee), str(args.data), timings, args.layout, dataset,
+                          getattr(args, "hand_over", None))
 
     from serving.launcher import TritonServer
 
@@ -315,6 +326,10 @@ def main(argv=None) -> dict:
     for p in (Path(args.referee), Path(args.data) / ratings):
         if not p.exists():
             raise SystemExit(f"referee_bench: {p} not found (the referee and ml-latest-small live in ../shared; --data names another data set's folder)")
+    known = referee_datasets(Path(args.referee))
+    if args.dataset not in known:
+        raise SystemExit(f"referee_bench: {args.referee} splits only {', '.join(known)}, not {args.dataset} "
+                         "(use a referee that lists it)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     published = published_baselines(Path(args.referee).parent / "README.md") if args.dataset == "mlls" else {}

@@ -3,6 +3,8 @@ each scored by the shared referee against its own tuned baselines.
 
     .venv/bin/python -m benchmarks.referee_variants                     # 2 variants x 2 protocols, ~10 min on 2 cores
     .venv/bin/python -m benchmarks.referee_variants --variants half-users --protocols random-8-1-1
+    .venv/bin/python -m benchmarks.referee_variants --variants ml100k-files ml1m-files --tag release_files  # ~25 min
+    .venv/bin/python -m benchmarks.referee_variants --variants whole-stars --tag whole_stars  # their reference
 
 The product is judged on public data sets it never sees here. Its defaults were checked on
 ml-latest-small; these variants change what a default could have been fitted to:
@@ -11,9 +13,18 @@ ml-latest-small; these variants change what a default could have been fitted to:
   3.5 becomes 4, so the positives change too.
 - `half-users`: a random half of the users (seed 2026) with all their ratings: less data for every
   item and every model.
+- `whole-stars`: every half-star rating rounded up to a whole star, nothing else changed: the
+  reference for the next two.
+- `ml100k-files`, `ml1m-files`: the ratings of `whole-stars`, handed to the product in
+  MovieLens 100K's files (u.data, u.item with its 19 genre flags, u.user) or 1M's (ratings.dat,
+  movies.dat, users.dat with its age and occupation codes), with a user file of attributes drawn at
+  random (seed 2026). Those releases' loaders, and user attributes, which ml-latest-small lacks and
+  the product reads into the user tower and the ranker: here they carry no signal, so a model that
+  leans on them loses.
 
-Each variant is written as an ml-latest-small folder (ratings.csv, the original movies.csv), and
-then, per protocol, exactly as `benchmarks.referee_bench` does it: the referee splits it, the
+Each variant is written as an ml-latest-small folder (ratings.csv, the original movies.csv), which
+is what the referee reads (its copy here splits and scores ml-latest-small only), and then, per
+protocol, exactly as `benchmarks.referee_bench` does it: the referee splits it, the
 product's own commands train on the train split and export, tritonserver serves, the server's top
 100 per test user are scored by `referee.py score`. The referee's baselines (popularity, ALS,
 item-kNN, EASE; wide grid, chosen on valid NDCG@10) are fitted on the same split by
@@ -42,8 +53,16 @@ from .machine import command_line, commit, describe, write_report
 VARIANTS = {
     "whole-stars-dense": "films rated by >= 10 users; half stars rounded up to whole stars",
     "half-users": "a random half of the users (seed 2026), all their ratings",
+    "whole-stars": "half stars rounded up to whole stars, no other change",
+    "ml100k-files": "whole stars, handed over as MovieLens 100K's files with random user attributes",
+    "ml1m-files": "whole stars, handed over as MovieLens 1M's files with random user attributes",
 }
+DEFAULT_VARIANTS = ("whole-stars-dense", "half-users")  # the others on request (--variants)
+HANDED_AS = {"ml100k-files": "ml100k", "ml1m-files": "ml1m-partial"}  # variant -> the release whose files the product gets
 SEED = 2026
+ML100K_OCCUPATIONS = ["administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
+                      "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
+                      "retired", "salesman", "scientist", "student", "technician", "writer"]
 
 
 def make_variant(name: str, data: Path, out: Path) -> Path:
@@ -57,15 +76,58 @@ def make_variant(name: str, data: Path, out: Path) -> Path:
         users = np.sort(ratings["userId"].unique())
         keep = np.random.default_rng(SEED).choice(users, size=len(users) // 2, replace=False)
         ratings = ratings[ratings["userId"].isin(keep)]
+    elif name == "whole-stars" or name in HANDED_AS:
+        ratings["rating"] = np.ceil(ratings["rating"]).astype(np.int64)
     else:
         raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
     folder = out / name / "ml-latest-small"
-    if folder.exists():
-        shutil.rmtree(folder)
+    if folder.parent.exists():
+        shutil.rmtree(folder.parent)
     folder.mkdir(parents=True)
     ratings.to_csv(folder / "ratings.csv", index=False)
     shutil.copy2(data / "movies.csv", folder / "movies.csv")
+    if name in HANDED_AS:
+        release_files(HANDED_AS[name], pd.read_csv(data / "movies.csv"), np.sort(ratings["userId"].unique()),
+                      handed_over(name, folder))
     return folder
+
+
+def handed_over(name: str, folder: Path) -> Path | None:
+    """Where `name`'s release files (item and user files; the ratings come from the referee's train split) are, beside
+    the ml-latest-small folder the referee reads; None for a variant handed over as ml-latest-small."""
+    return folder.parent / referee_bench.DATASETS[HANDED_AS[name]][0] if name in HANDED_AS else None
+
+
+def release_files(dataset: str, movies: pd.DataFrame, users: np.ndarray, out: Path) -> None:
+    """ml-latest-small's films as `dataset`'s item file, and a user file for `users` with attributes drawn at random
+    in that release's coding (100K: age in years, occupation names; 1M: age and occupation codes). latin-1, as the
+    releases are; characters it lacks become '?'."""
+    rng = np.random.default_rng(SEED)
+    n = len(users)
+    gender = rng.choice(["M", "F"], n, p=[0.7, 0.3])
+    zips = [f"{z:05d}" for z in rng.integers(0, 100_000, n)]
+    out.mkdir(parents=True)
+
+    def write(name: str, lines) -> None:
+        with open(out / name, "w", encoding="latin-1", errors="replace", newline="") as fh:
+            fh.writelines(line + "\n" for line in lines)
+
+    genres = movies["genres"].str.split("|")
+    if dataset == "ml100k":
+        from feature_workflows.movielens import ML100K_GENRES
+
+        alias = {"Children": "Children's", "(no genres listed)": "unknown"}
+        flags = [[int(g in {alias.get(x, x) for x in gs}) for g in ML100K_GENRES] for gs in genres]
+        write("u.item", (f"{i}|{t}|01-Jan-1995|||" + "|".join(map(str, f))
+                         for i, t, f in zip(movies["movieId"], movies["title"].str.replace("|", "/", regex=False), flags)))
+        ages, jobs = rng.integers(7, 74, n), rng.choice(ML100K_OCCUPATIONS, n)
+        write("u.user", (f"{u}|{a}|{g}|{j}|{z}" for u, a, g, j, z in zip(users, ages, gender, jobs, zips)))
+    else:
+        from feature_workflows.movielens import ML1M_AGE
+
+        write("movies.dat", (f"{i}::{t}::{g}" for i, t, g in zip(movies["movieId"], movies["title"], movies["genres"])))
+        ages, jobs = rng.choice(list(ML1M_AGE), n), rng.integers(0, 21, n)
+        write("users.dat", (f"{u}::{g}::{a}::{j}::{z}" for u, a, g, j, z in zip(users, ages, gender, jobs, zips)))
 
 
 def summarize(protocol: str, baselines: dict, served_run: dict) -> dict:
@@ -101,7 +163,8 @@ def markdown(report: dict) -> list[str]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                        help=f"default: {' '.join(DEFAULT_VARIANTS)}")
     parser.add_argument("--protocols", nargs="+", default=list(referee_bench.DEFAULT_PROTOCOLS), choices=referee_bench.PROTOCOLS)
     parser.add_argument("--referee", default=str(referee_bench.SHARED / "quality" / "referee.py"))
     parser.add_argument("--data", default=str(referee_bench.SHARED / "data" / "ml-latest-small"),
@@ -125,7 +188,8 @@ def main(argv=None) -> dict:
             run_dir = work / variant
             base = referee_bench.fit_baselines(referee, folder, "mlls", protocol, run_dir / "baselines")
             served = referee_bench.run_protocol(protocol, argparse.Namespace(
-                dataset="mlls", work=str(run_dir), referee=str(referee), data=str(folder), k=100, layout="movielens"),
+                dataset="mlls", work=str(run_dir), referee=str(referee), data=str(folder), k=100, layout="movielens",
+                hand_over=(HANDED_AS[variant], handed_over(variant, folder)) if variant in HANDED_AS else None),
                 args.config)
             row = summarize(protocol, base, served)
             row.update(split_info=base["split_info"], baselines=base["systems"], baselines_wall_s=base["wall_s"])

@@ -246,9 +246,107 @@ def test_referee_variants_reshape_the_ratings_as_documented(tmp_path):
     assert (dense["rating"] == np.ceil(dense["rating"])).all() and dense["rating"].between(1, 5).all()
     assert len(dense) == int(ratings["movieId"].map(raters).ge(10).sum())
 
+    whole = pd.read_csv(make_variant("whole-stars", data, tmp_path / "v") / "ratings.csv")
+    pd.testing.assert_frame_equal(whole.drop(columns="rating"), ratings.drop(columns="rating"))
+    assert (whole["rating"] == np.ceil(ratings["rating"])).all()
+
     half = make_variant("half-users", data, tmp_path / "v")
     assert half.name == "ml-latest-small" and (half / "movies.csv").exists()  # the folder the referee reads
     kept = pd.read_csv(half / "ratings.csv")
     assert kept["userId"].nunique() == ratings["userId"].nunique() // 2
     pd.testing.assert_frame_equal(kept.reset_index(drop=True),
                                   ratings[ratings["userId"].isin(kept["userId"])].reset_index(drop=True))
+
+
+@pytest.mark.parametrize("variant,flavour", [("ml100k-files", "movielens-100k"), ("ml1m-files", "movielens-1m")])
+def test_release_file_variants_hand_over_whole_stars_with_random_user_attributes(tmp_path, variant, flavour):
+    """The ml100k/ml1m-files variants: the referee reads whole stars in ml-latest-small's ratings.csv; the product
+    gets the referee's train split in the release's own files, with every film's genres and a user file whose
+    attributes are drawn at random (one row per user)."""
+    import pandas as pd
+
+    from benchmarks.referee_bench import _ml_layout
+    from benchmarks.referee_variants import HANDED_AS, handed_over, make_variant
+    from feature_workflows.movielens import load_movielens
+
+    data = tmp_path / "ml-latest-small"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    ratings = pd.DataFrame({"userId": rng.integers(1, 31, 800), "movieId": rng.integers(1, 4, 800),
+                            "rating": rng.integers(1, 11, 800) / 2, "timestamp": rng.integers(10**9, 2 * 10**9, 800)})
+    ratings = ratings.drop_duplicates(["userId", "movieId"]).reset_index(drop=True)
+    ratings.to_csv(data / "ratings.csv", index=False)
+    (data / "movies.csv").write_text('movieId,title,genres\n1,"Toy Story, The (1995)",Animation|Children\n'
+                                     "2,Señor|Pixel (2001),(no genres listed)\n3,Heat (1995),Action|Crime|IMAX\n")
+
+    folder = make_variant(variant, data, tmp_path / "v")
+    whole = pd.read_csv(folder / "ratings.csv")
+    assert folder.name == "ml-latest-small" and (whole["rating"] == np.ceil(ratings["rating"])).all()
+    split = tmp_path / "split"
+    split.mkdir()
+    whole.rename(columns={"userId": "user", "movieId": "item", "timestamp": "ts"})[["user", "item", "rating", "ts"]] \
+        .astype({"rating": float}).to_csv(split / "train.csv", index=False)  # the referee writes ratings as floats
+
+    handed = tmp_path / "handed"
+    assert _ml_layout(HANDED_AS[variant], split, handed_over(variant, folder), handed) == flavour
+    tables, _ = load_movielens(handed, flavour)
+    assert len(tables["interactions"].drop_duplicates(["user_id", "item_id"])) == len(whole)
+    genres = dict(zip(tables["items"]["item_id"], tables["items"]["genres"]))
+    children = "Children's" if variant == "ml100k-files" else "Children"
+    assert genres[1] == f"Animation|{children}" and pd.isna(genres[2])
+    assert genres[3] == ("Action|Crime" if variant == "ml100k-files" else "Action|Crime|IMAX")
+    users = tables["users"]
+    assert sorted(users["user_id"]) == sorted(whole["userId"].unique())
+    assert users[["age", "gender", "occupation", "region"]].notna().all().all()
+    assert users["occupation"].nunique() > 1 and users["region"].str.fullmatch(r"zip_\d").all()
+
+
+def test_paired_lists_scores_each_user_as_the_referee_does_and_refuses_two_splits(tmp_path):
+    """benchmarks.paired_lists: per test user, train positives, items outside the catalog and repeats are dropped
+    before the top 10; Recall@10 = hits / |test positives in the catalog|, NDCG@10 over min(10, |G|) ideal hits."""
+    import pandas as pd
+
+    from benchmarks.paired_lists import compare
+
+    def run(name: str, lists: dict, users=(1, 2)):
+        split = tmp_path / name / "split"
+        split.mkdir(parents=True)
+        pd.DataFrame({"user": [1, 1, 2], "item": [10, 11, 10], "rating": [5.0, 2.0, 4.0], "ts": 0}) \
+            .to_csv(split / "train.csv", index=False)
+        pd.DataFrame({"user": [1, 1, 1, 2], "item": [12, 13, 99, 14], "rating": [4.0, 5.0, 5.0, 4.0], "ts": 1}) \
+            .to_csv(split / "test.csv", index=False)
+        pd.DataFrame({"item": [10, 11, 12, 13, 14]}).to_csv(split / "catalog.csv", index=False)
+        pd.DataFrame({"user": list(users)}).to_csv(split / "eval_users_test.csv", index=False)
+        rows = [(u, item, r) for u, items in lists.items() for r, item in enumerate(items, 1)]
+        pd.DataFrame(rows, columns=["user", "item", "rank"]).to_csv(tmp_path / name / "lists_test.csv", index=False)
+        return tmp_path / name
+
+    # user 1: truth {12, 13} (99 is outside the catalog); 10 is a train positive, 77 not in the catalog, 13 repeated;
+    # user 2: truth {14}, no list from A (scored 0)
+    a = run("a", {1: [10, 77, 13, 13, 12]})
+    b = run("b", {1: [12, 14], 2: [14]})
+    out = compare(a, b)
+    ndcg_b1 = 1 / (1 + 1 / np.log2(3))  # one hit at rank 1 of two ideal hits
+    assert out["users"] == 2
+    assert out["Recall@10"]["a"] == pytest.approx(0.5) and out["Recall@10"]["b"] == pytest.approx(0.75)
+    assert out["NDCG@10"]["a"] == pytest.approx(0.5) and out["NDCG@10"]["b"] == pytest.approx((ndcg_b1 + 1) / 2)
+    assert out["NDCG@10"]["diff"] == pytest.approx((1 - ndcg_b1 - 1) / 2)
+    with pytest.raises(SystemExit, match="do not hold the same split"):
+        compare(a, run("c", {1: [12]}, users=(1,)))
+
+
+def test_referee_bench_reads_which_data_sets_the_referee_splits(tmp_path):
+    """A referee whose copy splits ml-latest-small only gets a one-line refusal for another release, before any work."""
+    from benchmarks.referee_bench import main, referee_datasets
+
+    referee = tmp_path / "referee.py"
+    referee.write_text("import argparse\np = argparse.ArgumentParser()\nsub = p.add_subparsers(dest='cmd')\n"
+                       "s = sub.add_parser('split')\ns.add_argument('--dataset', required=True, choices=('mlls', 'ml100k'))\n"
+                       "p.parse_args()\n")
+    assert referee_datasets(referee) == ["mlls", "ml100k"]
+    referee.write_text(referee.read_text().replace("('mlls', 'ml100k')", "('mlls',)"))
+    data = tmp_path / "movielens-100k"
+    data.mkdir()
+    (data / "u.data").write_text("1\t1\t5\t0\n")
+    with pytest.raises(SystemExit, match=f"referee_bench: {referee} splits only mlls, not ml100k"):
+        main(["--dataset", "ml100k", "--data", str(data), "--referee", str(referee), "--out", str(tmp_path / "out")])

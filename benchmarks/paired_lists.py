@@ -1,0 +1,86 @@
+"""Paired per-user differences between two served runs on one referee split.
+
+    .venv/bin/python -m benchmarks.paired_lists /tmp/rv_work7/ml1m-files/random-8-1-1 \
+        /tmp/rv_work8/whole-stars/random-8-1-1
+
+Each folder is one protocol's work folder of `benchmarks.referee_bench` or `benchmarks.referee_variants`:
+its `split/` (the referee's train/test/catalog/eval_users_test.csv) and `lists_test.csv` (what the server
+returned). Both must hold the same split. Per test user, Recall@10 and NDCG@10 are computed as the referee
+defines them (its docstring: catalog items only, the user's train positives and repeats dropped, then the
+top 10; ground truth = test positives in the catalog). Prints A, B and the mean of A - B with its standard
+error over users: a paired difference is far tighter than the two means' own standard errors. `--json`
+writes the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+POSITIVE = 4  # the referee's positive: rating >= 4
+K = 10
+
+
+def per_user(run: Path) -> tuple[list[int], dict[str, np.ndarray]]:
+    """(evaluated test users, {"Recall@10": [...], "NDCG@10": [...]}) of one run's served lists."""
+    split = run / "split"
+    train, test = pd.read_csv(split / "train.csv"), pd.read_csv(split / "test.csv")
+    catalog = set(pd.read_csv(split / "catalog.csv")["item"])
+    users = pd.read_csv(split / "eval_users_test.csv")["user"].tolist()
+    truth = test[(test["rating"] >= POSITIVE) & test["item"].isin(catalog)].groupby("user")["item"].apply(set)
+    seen = train[train["rating"] >= POSITIVE].groupby("user")["item"].apply(set)
+    lists = pd.read_csv(run / "lists_test.csv").sort_values(["user", "rank"]).groupby("user")["item"].apply(list)
+    discount = 1 / np.log2(np.arange(2, K + 2))
+    recall, ndcg = [], []
+    for u in users:
+        g, drop, kept = truth[u], seen.get(u, set()), []
+        for item in lists.get(u, []):
+            if item in catalog and item not in drop and item not in kept:
+                kept.append(item)
+            if len(kept) == K:
+                break
+        hits = np.array([item in g for item in kept], dtype=float)
+        recall.append(hits.sum() / len(g))
+        ndcg.append((hits * discount[: len(hits)]).sum() / discount[: min(K, len(g))].sum())
+    return users, {"Recall@10": np.array(recall), "NDCG@10": np.array(ndcg)}
+
+
+def compare(a: Path, b: Path) -> dict:
+    users_a, ma = per_user(a)
+    users_b, mb = per_user(b)
+    if users_a != users_b:
+        raise SystemExit(f"paired_lists: {a} and {b} do not hold the same split (their evaluated test users differ)")
+    out = {"a": str(a), "b": str(b), "users": len(users_a)}
+    for metric in ma:
+        d = ma[metric] - mb[metric]
+        out[metric] = {"a": float(ma[metric].mean()), "b": float(mb[metric].mean()), "diff": float(d.mean()),
+                       "diff_stderr": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", type=Path, help="one protocol's work folder (split/, lists_test.csv)")
+    parser.add_argument("b", type=Path, help="another on the same split")
+    parser.add_argument("--json", type=Path, help="write the result here too")
+    args = parser.parse_args(argv)
+    for run in (args.a, args.b):
+        for need in ("split/test.csv", "lists_test.csv"):
+            if not (run / need).exists():
+                raise SystemExit(f"paired_lists: {run / need} not found (a referee_bench protocol work folder holds it)")
+    out = compare(args.a, args.b)
+    for metric in ("Recall@10", "NDCG@10"):
+        r = out[metric]
+        print(f"{metric}: A {r['a']:.4f}  B {r['b']:.4f}  A - B {r['diff']:+.4f} ± {r['diff_stderr']:.4f} "
+              f"({out['users']} users)")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
