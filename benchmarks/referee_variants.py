@@ -18,7 +18,8 @@ ml-latest-small; these variants change what a default could have been fitted to:
 - `ml100k-files`, `ml1m-files`: the ratings of `whole-stars`, handed to the product in
   MovieLens 100K's files (u.data, u.item with its 19 genre flags, u.user) or 1M's (ratings.dat,
   movies.dat, users.dat with its age and occupation codes), with a user file of attributes drawn at
-  random (seed 2026). Those releases' loaders, and user attributes, which ml-latest-small lacks and
+  random (seed 2026). ml1m-files' users.dat also lists as many users again who rated nothing, as
+  ML-1M-partial's lists all 6,040 users for ratings of the first 2,999. Those releases' loaders, and user attributes, which ml-latest-small lacks and
   the product reads into the user tower and the ranker: here they carry no signal, so a model that
   leans on them loses.
 
@@ -128,6 +129,10 @@ def release_files(dataset: str, movies: pd.DataFrame, users: np.ndarray, out: Pa
         write("movies.dat", (f"{i}::{t}::{g}" for i, t, g in zip(movies["movieId"], movies["title"], movies["genres"])))
         ages, jobs = rng.choice(list(ML1M_AGE), n), rng.integers(0, 21, n)
         write("users.dat", (f"{u}::{g}::{a}::{j}::{z}" for u, a, g, j, z in zip(users, ages, gender, jobs, zips)))
+        # ML-1M-partial's users.dat lists all 6,040 users, its ratings file only the first 2,999: as many again who rated nothing
+        with open(out / "users.dat", "a", encoding="latin-1", newline="") as fh:
+            fh.writelines(f"{u}::{g}::{a}::{j}::{z}\n" for u, a, g, j, z in zip(
+                users.max() + 1 + np.arange(n), rng.choice(list(ML1M_AGE), n), gender, rng.integers(0, 21, n), zips))
 
 
 def summarize(protocol: str, baselines: dict, served_run: dict) -> dict:
