@@ -5,9 +5,9 @@
 
 Each folder is one protocol's work folder of `benchmarks.referee_bench` or `benchmarks.referee_variants`:
 its `split/` (the referee's train/test/catalog/eval_users_test.csv) and `lists_test.csv` (what the server
-returned). Both must hold the same split. Per test user, Recall@10 and NDCG@10 are computed as the referee
-defines them (its docstring: catalog items only, the user's train positives and repeats dropped, then the
-top 10; ground truth = test positives in the catalog). Prints A, B and the mean of A - B with its standard
+returned). Both must hold the same split. Per test user, the list is cut as the referee cuts it (catalog
+items only, the user's train positives and repeats dropped, then the top 10; ground truth = test positives
+in the catalog) and scored by training.metrics (the referee's Recall@10 and NDCG@10). Prints A, B and the mean of A - B with its standard
 error over users: a paired difference is far tighter than the two means' own standard errors. `--json`
 writes the same.
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from training.metrics import mean_se, per_user_ndcg, per_user_recall
 
 POSITIVE = 4  # the referee's positive: rating >= 4
 K = 10
@@ -34,19 +36,17 @@ def per_user(run: Path) -> tuple[list[int], dict[str, np.ndarray]]:
     truth = test[(test["rating"] >= POSITIVE) & test["item"].isin(catalog)].groupby("user")["item"].apply(set)
     seen = train[train["rating"] >= POSITIVE].groupby("user")["item"].apply(set)
     lists = pd.read_csv(run / "lists_test.csv").sort_values(["user", "rank"]).groupby("user")["item"].apply(list)
-    discount = 1 / np.log2(np.arange(2, K + 2))
-    recall, ndcg = [], []
-    for u in users:
-        g, drop, kept = truth[u], seen.get(u, set()), []
+    top = np.full((len(users), K), -1, dtype=np.int64)  # raw item ids, -1 = empty slot
+    for row, u in enumerate(users):
+        drop, kept = seen.get(u, set()), []
         for item in lists.get(u, []):
             if item in catalog and item not in drop and item not in kept:
                 kept.append(item)
             if len(kept) == K:
                 break
-        hits = np.array([item in g for item in kept], dtype=float)
-        recall.append(hits.sum() / len(g))
-        ndcg.append((hits * discount[: len(hits)]).sum() / discount[: min(K, len(g))].sum())
-    return users, {"Recall@10": np.array(recall), "NDCG@10": np.array(ndcg)}
+        top[row, : len(kept)] = kept
+    g = [truth[u] for u in users]
+    return users, {"Recall@10": per_user_recall(top, g, K), "NDCG@10": per_user_ndcg(top, g, K)}
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -56,9 +56,8 @@ def compare(a: Path, b: Path) -> dict:
         raise SystemExit(f"paired_lists: {a} and {b} do not hold the same split (their evaluated test users differ)")
     out = {"a": str(a), "b": str(b), "users": len(users_a)}
     for metric in ma:
-        d = ma[metric] - mb[metric]
-        out[metric] = {"a": float(ma[metric].mean()), "b": float(mb[metric].mean()), "diff": float(d.mean()),
-                       "diff_stderr": float(d.std(ddof=1) / np.sqrt(len(d)))}
+        diff, stderr = mean_se(ma[metric] - mb[metric])
+        out[metric] = {"a": float(ma[metric].mean()), "b": float(mb[metric].mean()), "diff": diff, "diff_stderr": stderr}
     return out
 
 

@@ -498,7 +498,8 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     valid = {"q": {k: v[vsel] if k not in ("hist_indptr", "hist_rows", "hist_kinds") else None for k, v in q.items()},
              "truth": [set(truth[i]) for i in vsel]}
     valid["seen"] = seen_mask(_slice_q(q, vsel), data.n_items)
-    shares = whole_history_shares(rc) if "user_id" in data.user_cat_cols else (0.0,)  # whole history: by user id
+    shares = whole_history_shares(rc)  # checked even where unused
+    shares = shares if "user_id" in data.user_cat_cols else (0.0,)  # the whole history is found by user id
     later = valid_split_queries(data, train, cfg)  # the valid split's users, read twice below
     fits = {}
     for share in shares:
