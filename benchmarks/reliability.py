@@ -12,7 +12,8 @@ it; the three requests known to kill Triton 2.51's own HTTP front end (a declare
 [2^31, 1] or [2^63-1, 1], JSON nested 100k deep) are among the HTTP cases.
 
 The soak keeps `--concurrency` gRPC clients busy for `--soak-s` seconds and samples the server's
-RSS (tritonserver and its stubs) every 5 s. Writes benchmarks/results/reliability.{json,md}.
+RSS (tritonserver and its stubs) every 5 s. It counts answers that came back without outputs
+(client.IncompleteResponse; the client asks once more). Writes benchmarks/results/reliability.{json,md}.
 """
 
 from __future__ import annotations
@@ -215,10 +216,12 @@ def soak(server, users: list[int], seconds: float, concurrency: int) -> dict:
     async def main():
         async with AsyncRecommenderClient(server.grpc_url) as c:
             await asyncio.gather(sampler(), *(worker(c, j) for j in range(concurrency)))
+            return c.incomplete
 
-    asyncio.run(main())
+    incomplete = asyncio.run(main())
     half = [r for t, r in rss if t >= seconds / 2] or [rss[-1][1]]
-    return {"seconds": seconds, "concurrency": concurrency, "answered": ok, "failed": failed,
+    # answers without outputs (client.IncompleteResponse), each asked again once; one left so counts in `failed`
+    return {"seconds": seconds, "concurrency": concurrency, "answered": ok, "failed": failed, "incomplete_answers": incomplete,
             "throughput_rps": round(ok / seconds, 1), "rss_mb": rss,
             "rss_growth_second_half_mb": round(max(half) - min(half), 1)}
 
@@ -260,7 +263,8 @@ def markdown(r: dict) -> str:
     s = r["soak"]
     lines += ["## Soak", "",
               (f"{s['concurrency']} gRPC clients for {s['seconds']:.0f} s: {s['answered']} answered, {s['failed']} failed "
-              f"({s['throughput_rps']} req/s). RSS of tritonserver and its stubs: {s['rss_mb'][0][1]} MB at the start, "
+              f"({s['throughput_rps']} req/s); {s.get('incomplete_answers', 'not counted')} answers without outputs, each "
+              "asked again once (client.IncompleteResponse). RSS of tritonserver and its stubs: {s['rss_mb'][0][1]} MB at the start, "
               f"{s['rss_mb'][-1][1]} MB at the end, {s['rss_growth_second_half_mb']} MB of spread over the second half."),
               "", (f"Server alive after the fuzz: {r['alive_after_fuzz']}; after the soak: {r['alive_after_soak']}; step "
               f"doctor incidents: {r['doctor_incidents']}."), ""]

@@ -29,6 +29,7 @@ class GrpcFront(BackgroundServer):
     in a daemon thread: start() returns once it listens; stop() closes it."""
 
     name = "grpc-front"
+    forward = None  # the handler class; None: _Forward (below). Tests put a fault-injecting one here
 
     def __init__(self, address: str, port: int, backend: str, max_message_mb: float = 1.0,
                  tls: tuple[str, str, str] | None = None):
@@ -43,7 +44,7 @@ class GrpcFront(BackgroundServer):
             ("grpc.max_receive_message_length", self.max_bytes), ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0)])
         try:
-            server.add_generic_rpc_handlers((_Forward(channel),))
+            server.add_generic_rpc_handlers(((self.forward or _Forward)(channel),))
             where = f"{self.address or '0.0.0.0'}:{self.port}"
             if self.tls is not None:
                 cert, key, client_ca = self.tls

@@ -81,3 +81,77 @@ def test_streaming_passes_through(fronted, artifacts):
         g.stop_stream()
     assert [len(r.as_numpy("item_ids")[0]) for r, e in got[:2] if e is None] == [3, 4]
     assert got[2][1] is not None and "k must be >= 1" in str(got[2][1])  # a bad request in the stream: its own error
+
+
+class _EmptyAnswers:
+    """A forwarder that answers the next `n` ModelInfer calls with an empty ModelInferResponse (zero bytes): a
+    successful answer without outputs, which tritonserver 2.51 gave once in a CI soak."""
+
+    n = 0
+
+    @classmethod
+    def handler(cls):
+        from serving.grpc_front import _Forward
+
+        class Handler(_Forward):
+            def _unary(self, method):
+                forward = super()._unary(method)
+                if not method.endswith("/ModelInfer"):
+                    return forward
+
+                async def handle(request, context):
+                    if cls.n > 0:
+                        cls.n -= 1
+                        return b""
+                    return await forward(request, context)
+
+                return handle
+
+        return Handler
+
+
+@pytest.fixture()
+def empty_answers(triton):
+    from serving.grpc_front import GrpcFront
+    from serving.launcher import free_port
+
+    front = GrpcFront("127.0.0.1", free_port(), triton.grpc_url)
+    front.forward = _EmptyAnswers.handler()
+    front.start()
+    try:
+        yield front
+    finally:
+        front.stop()
+        _EmptyAnswers.n = 0
+
+
+def test_an_answer_without_outputs_is_asked_again_once_then_raised_clearly(empty_answers, artifacts):
+    """The clients (sync and asyncio) ask once more after an answer without outputs, count it, and raise
+    IncompleteResponse (an InferenceServerException) naming the user and the missing outputs when it repeats."""
+    import asyncio
+
+    from client import AsyncRecommenderClient, IncompleteResponse
+
+    user, url = _user(artifacts), f"127.0.0.1:{empty_answers.port}"
+    with RecommenderClient(url) as c:
+        _EmptyAnswers.n = 1
+        assert len(c.recommend(user, k=6).item_ids) == 6 and c.incomplete == 1
+        _EmptyAnswers.n = 2
+        with pytest.raises(IncompleteResponse, match=rf"answered user {user} without item_ids, scores, cold_start "
+                                                     r"\(outputs in the answer: none\)"):
+            c.recommend(user, k=6)
+        assert c.incomplete == 3 and _EmptyAnswers.n == 0
+    with RecommenderClient(url, retry_incomplete=0) as c:
+        _EmptyAnswers.n = 1
+        with pytest.raises(InferenceServerException, match="without item_ids"):
+            c.recommend(user, k=6)
+
+    async def twice():
+        async with AsyncRecommenderClient(url) as c:
+            _EmptyAnswers.n = 1
+            rec = await c.recommend(user, k=4)
+            return len(rec.item_ids), c.incomplete
+
+    assert asyncio.run(twice()) == (4, 1)
+    with pytest.raises(ValueError, match="retry_incomplete must be an integer >= 0, got -1"):
+        RecommenderClient(url, retry_incomplete=-1)
