@@ -264,7 +264,7 @@ def markdown(r: dict) -> str:
     lines += ["## Soak", "",
               (f"{s['concurrency']} gRPC clients for {s['seconds']:.0f} s: {s['answered']} answered, {s['failed']} failed "
               f"({s['throughput_rps']} req/s); {s.get('incomplete_answers', 'not counted')} answers without outputs, each "
-              "asked again once (client.IncompleteResponse). RSS of tritonserver and its stubs: {s['rss_mb'][0][1]} MB at the start, "
+              f"asked again once (client.IncompleteResponse). RSS of tritonserver and its stubs: {s['rss_mb'][0][1]} MB at the start, "
               f"{s['rss_mb'][-1][1]} MB at the end, {s['rss_growth_second_half_mb']} MB of spread over the second half."),
               "", (f"Server alive after the fuzz: {r['alive_after_fuzz']}; after the soak: {r['alive_after_soak']}; step "
               f"doctor incidents: {r['doctor_incidents']}."), ""]

@@ -28,7 +28,7 @@ class IncompleteResponse(InferenceServerException):
     """A successful answer that lacks outputs every answer of the ensemble carries. Recommendations are read-only, so
     the clients ask once more before raising it (`retry_incomplete`); `client.incomplete` counts such answers.
     Seen once, in a fresh-clone CI run: a gRPC answer without outputs from tritonserver 2.51 under a concurrency-8
-    soak (benchmarks/reliability.py); not reproduced here in 100k requests (see benchmarks/results/reliability.md)."""
+    soak (benchmarks/reliability.py); none in the 600 s soak of benchmarks/results/reliability.md."""
 
 
 @dataclass(frozen=True)
