@@ -74,7 +74,8 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     # the two-tower without one part at a time (stage A: fit fold, holdout Recall@50)
     # "as configured": the whole-history share `train` chose for these models; the variant flips it
     grid = T.whole_history_shares(rc)
-    chosen = json.loads(verified_path(artifacts / "models", "train_report.json").read_text()).get("whole_history_share", {})
+    trained = json.loads(verified_path(artifacts / "models", "train_report.json").read_text())
+    chosen = trained.get("whole_history_share", {})
     share = report["whole_history_share_chosen"] = float(chosen.get("share", grid[0]))
     flip = 0.0 if share > 0 else max(grid)
     variants = {"as configured": {}, "+ user-id embedding": {"use_user_id": True}, "- logQ correction": {"logq_correction": False},
@@ -112,10 +113,12 @@ def run(artifacts: Path, cfg, evaluate_lists, progress: bool = False) -> dict:
     empty = {k: v[:0] for k, v in lists.items()}
     nu, ni = len(data.user_cont_cols), data.item_cont.shape[1]
     rankers = {}
-    auto_deep = T.deep_part_on(kc, len(tr))
-    flipped = ("deep part off (auto: on)", "off") if auto_deep else ("deep part on (auto: off)", "on")
-    for name, (cols, deep) in {"full": ([], kc.deep), flipped[0]: ([], flipped[1]),
-                               **{f"- {g}": (c, kc.deep) for g, c in _groups(nu, ni).items()}}.items():
+    # "full": the deep part as `train` chose it for these models (fit_ranker); the variant flips it
+    deep_on = bool(trained.get("ranking", {}).get("deep", T.deep_part_on(kc, len(tr))))
+    setting = "on" if deep_on else "off"
+    flipped = ("deep part off (auto: on)", "off") if deep_on else ("deep part on (auto: off)", "on")
+    for name, (cols, deep) in {"full": ([], setting), flipped[0]: ([], flipped[1]),
+                               **{f"- {g}": (c, setting) for g, c in _groups(nu, ni).items()}}.items():
         t0 = time.time()
         model, rep = T.train_ranker(data, cfg.replace("ranking", deep=deep).ranking, _mask_features(sub, cols, nu, ni), empty, [],
                                     data.items["item_cont_fit"], tt_a.item_ids, "cpu", progress)

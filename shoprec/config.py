@@ -84,7 +84,7 @@ class RankingConfig:
     top_mlp: tuple[int, ...] = (128, 64)
     din: bool = True
     din_length: int = 20  # the most recent actions target attention reads
-    deep: str = "auto"  # auto: the deep part (embeddings, DIN, dot interactions) from deep_min_lists lists on | on | off
+    deep: str = "auto"  # auto: the deep part (embeddings, DIN, dot interactions) tried from deep_min_lists lists, kept if it wins on the validation lists | on | off
     deep_min_lists: int = 10_000  # see configs/default.toml
     ignore_user_features: tuple[str, ...] = ("user_id",)
     cvr_weight: float = 1.0  # score = pCTR * (1 + cvr_weight * pCVR): a purchase counts 1 + w clicks

@@ -637,7 +637,7 @@ def test_the_popularity_prior_is_chosen_on_later_data_and_reaches_the_bundle(art
 
 
 def test_choose_prior_keeps_the_smallest_weight_unless_another_wins_clearly():
-    from training.train import choose_prior
+    from training.train import beats, choose_prior
 
     rng = np.random.default_rng(0)
     base = rng.random(400)
@@ -648,6 +648,7 @@ def test_choose_prior_keeps_the_smallest_weight_unless_another_wins_clearly():
     gain = (gain - gain.mean()) / gain.std(ddof=1) * 0.05  # paired s.e. exactly 0.05 / sqrt(400) = 0.0025
     assert choose_prior({0.0: base, 1.0: base + gain + 0.004}) == 0.0  # 1.6 standard errors: not enough
     assert choose_prior({0.0: base, 1.0: base + gain + 0.006}) == 1.0  # 2.4 standard errors
+    assert beats(base, base + gain + 0.006) and not beats(base + gain + 0.006, base) and not beats(base, base)
 
 
 def test_the_whole_history_share_is_chosen_on_the_valid_split_and_refit_with(artifacts, cfg):
@@ -702,15 +703,26 @@ def test_topk_multiplies_the_score_by_the_popularity_factor(artifacts, cfg, pipe
 
 def test_train_chooses_the_ann_popularity_bias_and_export_and_the_retrieval_step_serve_it(artifacts, cfg, tmp_path):
     """With a grid in retrieval.popularity_prior, train scores it on the holdout and records its choice; export
-    indexes [vector, bias] and writes the weight; the retrieval step's ann route is the exact biased order."""
+    indexes [vector, bias] and writes the weight; the retrieval step's ann route is the exact biased order.
+    With enough lists for the ranker's deep part (here ranking.deep_min_lists = 1), a wide-only and a deep ranker
+    are both trained and the validation lists choose; the saved ranker is the chosen one."""
     from runtime.pipeline import Pipeline
     from runtime.steps import Bundle, Retrieval
     from training.export import export_bundle
     from training.train import train_all
 
     shutil.copytree(artifacts / "features", tmp_path / "features")  # the same bytes: the lineage check passes
-    grid = cfg.replace("retrieval", popularity_prior=(1.0, 2.0))
+    grid = cfg.replace("retrieval", popularity_prior=(1.0, 2.0)).replace("ranking", deep_min_lists=1)
     report = train_all(tmp_path / "features", tmp_path / "models", grid, "cpu", progress=False)
+    ranking = report["ranking"]
+    assert ranking["deep_chosen_on"] == "validation lists" and ranking["deep"] in (True, False)
+    summary = ranking["deep_choice"]["valid_ndcg@10"]
+    assert summary["users"] == ranking["lists"]["valid_users"] > 0
+    assert summary["deep" if ranking["deep"] else "wide"]["mean"] == pytest.approx(ranking["valid_ndcg@10"], abs=1e-5)
+    saved = torch.load(tmp_path / "models" / "ranker.pt", weights_only=True)
+    assert bool(saved["deep_on"] > 0) == ranking["deep"]
+    default = json.loads((artifacts / "models" / "train_report.json").read_text())["ranking"]
+    assert default["deep_chosen_on"] == f"fewer than {cfg.ranking.deep_min_lists} lists" and not default["deep"]
     ann = report["ann_popularity_prior"]
     assert ann["chosen_on"] == "holdout" and ann["weight"] in (1.0, 2.0)
     assert {"1.0", "2.0"} <= set(ann["holdout_ndcg@10"]) and ann["bias_weight"] == grid.retrieval.temperature * ann["weight"]

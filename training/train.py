@@ -379,15 +379,16 @@ def list_ndcg(lists: dict, scores: np.ndarray, truth: list[dict], k: int = 10) -
 
 
 def train_ranker(data: FeatureData, cfg: RankingConfig, train: dict, valid: dict, valid_truth: list[dict],
-                 item_cont: np.ndarray, id_table: torch.nn.Embedding, device: str, progress: bool) -> tuple[Ranker, dict]:
+                 item_cont: np.ndarray, id_table: torch.nn.Embedding, device: str, progress: bool,
+                 deep: bool | None = None) -> tuple[Ranker, dict]:
     """A fixed budget of `cfg.steps` steps of `users_per_batch` lists, the served weights an exponential
     moving average of the trained ones. No early stopping on the validation lists: with a few hundred
     held-out users their NDCG moves more from noise than from the model (on ml-latest-small, picking the
     best epoch by it swung test NDCG@10 between .062 and .074 across seeds; converged runs agree within
-    .001). The validation NDCG is reported per epoch."""
+    .001). The validation NDCG is reported per epoch. `deep`: the deep part on or off (None: `deep_part_on`)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    deep = deep_part_on(cfg, len(train["rows"]))
+    deep = deep_part_on(cfg, len(train["rows"])) if deep is None else bool(deep)
     model = build_ranker(data, cfg, train["dense"].shape[2], id_table, deep).to(device)
     ok = train["rows"] >= 0
     rows = np.maximum(train["rows"], 0)
@@ -447,6 +448,33 @@ def train_ranker(data: FeatureData, cfg: RankingConfig, train: dict, valid: dict
     return ema.eval(), {"deep": deep, "epochs_run": len(history), "steps": step, "valid_ndcg@10": history[-1].get("valid_ndcg@10"),
                         "history": history, "train_samples": samples, "train_seconds": round(t_train, 2),
                         "train_samples_per_s": round(samples / max(t_train, 1e-9), 1)}
+
+
+def fit_ranker(data: FeatureData, cfg: RankingConfig, train: dict, valid: dict, valid_truth: list[dict],
+               item_cont: np.ndarray, id_table: torch.nn.Embedding, device: str, progress: bool) -> tuple[Ranker, dict]:
+    """The served ranker. With `ranking.deep = "auto"` and at least `deep_min_lists` training lists, a wide-only
+    ranker and one with the deep part are both trained on the same lists, and the deep part is kept only when it
+    beats wide alone on the validation lists' NDCG@10 by more than two paired standard errors (`beats`): the
+    threshold says when there are lists enough to learn it, and the validation lists whether it then helps.
+    Below the threshold (or with `deep` on/off) one ranker is trained, as configured."""
+    deep = deep_part_on(cfg, len(train["rows"]))
+    if cfg.deep != "auto" or not deep or not len(valid["rows"]):
+        model, rep = train_ranker(data, cfg, train, valid, valid_truth, item_cont, id_table, device, progress, deep)
+        rep["deep_chosen_on"] = "config" if cfg.deep != "auto" else (
+            f"fewer than {cfg.deep_min_lists} lists" if not deep else "no validation lists")
+        return model, rep
+    fits, per_user = {}, {}
+    for on in (False, True):
+        fits[on] = train_ranker(data, cfg, train, valid, valid_truth, item_cont, id_table, device, progress, on)
+        scores = ranker_scores(fits[on][0], data, valid, item_cont, cfg.cvr_weight, device)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        per_user[on] = per_user_ndcg(np.take_along_axis(valid["rows"], order, axis=1), valid_truth, 10)
+    deep = beats(per_user[False], per_user[True])
+    model, rep = fits[deep]
+    rep["deep_chosen_on"] = "validation lists"
+    rep["deep_choice"] = {"valid_ndcg@10": _curve_summary({"wide": per_user[False], "deep": per_user[True]}),
+                          "train_seconds": {"wide": fits[False][1]["train_seconds"], "deep": fits[True][1]["train_seconds"]}}
+    return model, rep
 
 
 # --- both stages -------------------------------------------------------------------------------
@@ -542,7 +570,7 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     tr_idx, va_idx = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
     sub = lambda d, idx: {k: v[idx] for k, v in d.items()}  # noqa: E731
     va_truth = [truth[i] for i in va_idx]
-    ranker, rep_r = train_ranker(data, kc, sub(lists, tr_idx), sub(lists, va_idx), va_truth, item_cont_fit, tt_a.item_ids,
+    ranker, rep_r = fit_ranker(data, kc, sub(lists, tr_idx), sub(lists, va_idx), va_truth, item_cont_fit, tt_a.item_ids,
                                  device, progress)
     va = sub(lists, va_idx)
     merged = np.where(va["rows"] >= 0, -np.arange(va["rows"].shape[1])[None, :].astype(float), -np.inf)
@@ -673,7 +701,7 @@ def ann_prior_curve(emb: np.ndarray, users: np.ndarray, valid: dict, popularity:
     return {w: np.concatenate(v) if v else np.zeros(0) for w, v in out.items()}
 
 
-def _curve_summary(curve: dict[float, np.ndarray]) -> dict:
+def _curve_summary(curve: dict) -> dict:
     """{weight: {mean, se}} of a prior curve, plus its user count (train_report.json)."""
     out: dict = {}
     for w, per_user in curve.items():
@@ -686,6 +714,14 @@ def _curve_summary(curve: dict[float, np.ndarray]) -> dict:
 PRIOR_MARGIN_SE = 2.0  # a weight other than the smallest must win by this many paired standard errors
 
 
+def beats(base: np.ndarray, other: np.ndarray) -> bool:
+    """Whether `other` beats `base` (per-user scores of the same users) by more than PRIOR_MARGIN_SE standard
+    errors of the paired difference."""
+    diff = np.asarray(other, float) - np.asarray(base, float)
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+    return bool(diff.mean() > PRIOR_MARGIN_SE * se)
+
+
 def choose_prior(curve: dict[float, np.ndarray]) -> float:
     """The smallest weight, unless another beats it by more than two standard errors of the paired difference.
 
@@ -693,9 +729,7 @@ def choose_prior(curve: dict[float, np.ndarray]) -> float:
     `--deploy`) it took w = 1 on noise, and the served NDCG@10 fell from .184 (w = 0) to .168."""
     base = min(curve)
     best = max(curve, key=lambda w: (curve[w].mean(), -w))
-    diff = curve[best] - curve[base]
-    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
-    return best if diff.mean() > PRIOR_MARGIN_SE * se else base
+    return best if beats(curve[base], curve[best]) else base
 
 
 def _slice_q(q: dict, idx: np.ndarray) -> dict:
