@@ -38,6 +38,7 @@ the default one, as in referee_bench, unless --config names another (to measure 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import time
@@ -128,11 +129,10 @@ def release_files(dataset: str, movies: pd.DataFrame, users: np.ndarray, out: Pa
 
         write("movies.dat", (f"{i}::{t}::{g}" for i, t, g in zip(movies["movieId"], movies["title"], movies["genres"])))
         ages, jobs = rng.choice(list(ML1M_AGE), n), rng.integers(0, 21, n)
-        write("users.dat", (f"{u}::{g}::{a}::{j}::{z}" for u, a, g, j, z in zip(users, ages, gender, jobs, zips)))
         # ML-1M-partial's users.dat lists all 6,040 users, its ratings file only the first 2,999: as many again who rated nothing
-        with open(out / "users.dat", "a", encoding="latin-1", newline="") as fh:
-            fh.writelines(f"{u}::{g}::{a}::{j}::{z}\n" for u, a, g, j, z in zip(
-                users.max() + 1 + np.arange(n), rng.choice(list(ML1M_AGE), n), gender, rng.integers(0, 21, n), zips))
+        idle = users.max() + 1 + np.arange(n), rng.choice(list(ML1M_AGE), n), gender, rng.integers(0, 21, n), zips
+        write("users.dat", (f"{u}::{g}::{a}::{j}::{z}" for u, a, g, j, z in
+                            itertools.chain(zip(users, ages, gender, jobs, zips), zip(*idle))))
 
 
 def summarize(protocol: str, baselines: dict, served_run: dict) -> dict:

@@ -466,9 +466,8 @@ def fit_ranker(data: FeatureData, cfg: RankingConfig, train: dict, valid: dict, 
     fits, per_user = {}, {}
     for on in (False, True):
         fits[on] = train_ranker(data, cfg, train, valid, valid_truth, item_cont, id_table, device, progress, on)
-        scores = ranker_scores(fits[on][0], data, valid, item_cont, cfg.cvr_weight, device)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-        per_user[on] = per_user_ndcg(np.take_along_axis(valid["rows"], order, axis=1), valid_truth, 10)
+        per_user[on] = list_ndcgs(valid["rows"], ranker_scores(fits[on][0], data, valid, item_cont, cfg.cvr_weight, device),
+                                  valid_truth)
     deep = beats(per_user[False], per_user[True])
     model, rep = fits[deep]
     rep["deep_chosen_on"] = "validation lists"
@@ -679,11 +678,13 @@ def valid_split_lists(data: FeatureData, cfg: Config, later: tuple[dict, list[se
 def prior_curve(scores: np.ndarray, rows: np.ndarray, truth: list, popularity: np.ndarray,
                 weights: tuple[float, ...]) -> dict[float, np.ndarray]:
     """Per weight: each user's NDCG@10 when their candidates are ordered by score * popularity_factor."""
-    out = {}
-    for w in weights:
-        order = best_first(rows, scores * popularity_factor(popularity, w)[np.maximum(rows, 0)], 10)  # top-k's order
-        out[float(w)] = per_user_ndcg(np.take_along_axis(rows, order, 1), truth, 10)
-    return out
+    return {float(w): list_ndcgs(rows, scores * popularity_factor(popularity, w)[np.maximum(rows, 0)], truth)
+            for w in weights}
+
+
+def list_ndcgs(rows: np.ndarray, scores: np.ndarray, truth: list, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k when their candidates are ordered by score as served (best_first: padding last)."""
+    return per_user_ndcg(np.take_along_axis(rows, best_first(rows, scores, k), 1), truth, k)
 
 
 def ann_prior_curve(emb: np.ndarray, users: np.ndarray, valid: dict, popularity: np.ndarray,
