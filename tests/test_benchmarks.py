@@ -308,7 +308,8 @@ def test_release_file_variants_hand_over_whole_stars_with_random_user_attributes
 
 def test_paired_lists_scores_each_user_as_the_referee_does_and_refuses_two_splits(tmp_path):
     """benchmarks.paired_lists: per test user, train positives, items outside the catalog and repeats are dropped
-    before the top 10; Recall@10 = hits / |test positives in the catalog|, NDCG@10 over min(10, |G|) ideal hits."""
+    before the top 10; Recall@10 = hits / |test positives in the catalog|, NDCG@10 over min(10, |G|) ideal hits.
+    `part="valid"` reads the valid users, their truth and their lists instead."""
     import pandas as pd
 
     from benchmarks.paired_lists import compare
@@ -324,6 +325,11 @@ def test_paired_lists_scores_each_user_as_the_referee_does_and_refuses_two_split
         pd.DataFrame({"user": list(users)}).to_csv(split / "eval_users_test.csv", index=False)
         rows = [(u, item, r) for u, items in lists.items() for r, item in enumerate(items, 1)]
         pd.DataFrame(rows, columns=["user", "item", "rank"]).to_csv(tmp_path / name / "lists_test.csv", index=False)
+        # valid: user 2 alone, truth {12, 13}; A lists 13 first, B lists 11 (not a positive there)
+        pd.DataFrame({"user": [2, 2], "item": [12, 13], "rating": [4.0, 4.5], "ts": 1}).to_csv(split / "valid.csv", index=False)
+        pd.DataFrame({"user": [2]}).to_csv(split / "eval_users_valid.csv", index=False)
+        pd.DataFrame({"user": [2], "item": [13 if name == "a" else 11], "rank": [1]}) \
+            .to_csv(tmp_path / name / "lists_valid.csv", index=False)
         return tmp_path / name
 
     # user 1: truth {12, 13} (99 is outside the catalog); 10 is a train positive, 77 not in the catalog, 13 repeated;
@@ -336,6 +342,10 @@ def test_paired_lists_scores_each_user_as_the_referee_does_and_refuses_two_split
     assert out["Recall@10"]["a"] == pytest.approx(0.5) and out["Recall@10"]["b"] == pytest.approx(0.75)
     assert out["NDCG@10"]["a"] == pytest.approx(0.5) and out["NDCG@10"]["b"] == pytest.approx((ndcg_b1 + 1) / 2)
     assert out["NDCG@10"]["diff"] == pytest.approx((1 - ndcg_b1 - 1) / 2)
+    valid = compare(a, b, "valid")
+    assert valid["part"] == "valid" and valid["users"] == 1
+    assert valid["Recall@10"]["a"] == pytest.approx(0.5) and valid["Recall@10"]["b"] == 0.0
+    assert valid["NDCG@10"]["a"] == pytest.approx(ndcg_b1) and valid["NDCG@10"]["diff"] == pytest.approx(ndcg_b1)
     with pytest.raises(SystemExit, match="do not hold the same split"):
         compare(a, run("c", {1: [12]}, users=(1,)))
 
