@@ -51,7 +51,7 @@ def cmd_data(args, cfg):
             raise SystemExit("shoprec data: --source interactions needs --interactions PATH (CSV or Parquet)")
         spec = SourceSpec(args.interactions, args.items, args.users, parse_column_kinds(args.item_column or []),
                           parse_column_kinds(args.user_column or []), d.positive_threshold, d.strong_threshold,
-                          tuple(d.rating_range), args.category_column, args.price_column)
+                          tuple(d.rating_range), args.category_column, args.price_column, args.string_ids)
         tables, schema = load_interactions_source(spec)
         info = {"source": "interactions", **write_raw(tables, schema, raw), "load_report": schema.get("load_report")}
     else:
@@ -270,6 +270,9 @@ def _data_args(p):
     g.add_argument("--user-column", action="append", metavar="NAME=KIND", help="kind of a user column (repeatable)")
     g.add_argument("--category-column", help="the item column that is the item's category (default: first categorical/multi)")
     g.add_argument("--price-column", help="the numeric item column that is its price (default: a column named price)")
+    g.add_argument("--string-ids", action="store_true", help="user and item ids are text (SKUs, UUIDs): each becomes the "
+                   "integer shoprec.ids.key_id(text), stable across files and runs; the items/users tables keep the text "
+                   "as item_key / user_key; ask for a user with `shoprec recommend --user-key TEXT`")
     g.add_argument("--positive-threshold", type=float, help="rating data: a rating >= this is a positive (default 4)")
 
 
@@ -353,7 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "last HOURS hours (1-47)")
     p.add_argument("--online-store", help="redis://HOST:PORT/DB (default: the private store of `shoprec serve`)")
     p = add("recommend", cmd_recommend, "top-k items for a user from a running server")
-    p.add_argument("--user", type=int, required=True, help="raw user id")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, help="raw user id")
+    who.add_argument("--user-key", metavar="TEXT", help="the user's text id, for data loaded with --string-ids "
+                     "(asks for shoprec.ids.key_id(TEXT))")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     p.add_argument("--url", default=None, help="host:port (default: loopback and the configured port)")

@@ -6,6 +6,7 @@
         rec.item_ids, rec.scores, rec.cold_start, rec.degraded, rec.version
         similar = c.recommend(1000001, k=10, scene="item_detail", context_item_ids=[5000017])
         similar.routes, similar.experiment
+        c.recommend(key_id("c0ffee-42"))    # a shop whose ids are text (`shoprec data --string-ids`)
 
 gRPC is the protocol to expose beyond the host. `shoprec serve` puts a validating front on HTTP
 (Triton 2.51's own HTTP/JSON front end can be killed by a malformed request declaring a huge
@@ -20,6 +21,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from shoprec.contract import ENSEMBLE, ROUTES
+from shoprec.ids import key_id  # noqa: F401 - text user ids (data loaded with --string-ids): c.recommend(key_id("u-17"))
 
 REQUIRED_OUTPUTS = ("item_ids", "scores", "cold_start")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import RecommenderClient
+from . import RecommenderClient, key_id
 
 
 def item_details(artifacts: Path) -> dict | None:
@@ -20,8 +20,9 @@ def item_details(artifacts: Path) -> dict | None:
     with np.load(path, allow_pickle=False) as z:
         names, codes = z["category_names"], z["category_code"]
         columns = {"category": np.where(codes >= 0, names[np.maximum(codes, 0)] if len(names) else "", "")}
-        for key in z.files:
-            if key.startswith("display__") and key[len("display__"):] != "category" and len(columns) < 3:
+        shown = sorted((k for k in z.files if k.startswith("display__")), key=lambda k: k != "display__item_key")
+        for key in shown:  # the text id first (data loaded with --string-ids), then the others as stored
+            if key[len("display__"):] != "category" and len(columns) < 3:
                 columns[key[len("display__"):]] = z[key]
         return {"ids": z["item_ids"], "columns": columns}
 
@@ -32,7 +33,8 @@ def format_table(rec, details) -> str:
              + ("  experiment: " + ", ".join(f"{k}={v}" for k, v in rec.experiment.items()) if rec.experiment else "")
              + (f"  (bundle version {rec.version})" if getattr(rec, "version", None) else "")]
     cols = list(details["columns"]) if details else []
-    lines.append(f"{'rank':>4}  {'item_id':>9}  {'score':>7}  {'routes':<18}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
+    width = max([9, *(len(str(int(i))) for i in rec.item_ids)])  # text ids (--string-ids) hash to 16 digits
+    lines.append(f"{'rank':>4}  {'item_id':>{width}}  {'score':>7}  {'routes':<18}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
     order = np.argsort(details["ids"]) if details else None
     for i, (item, score) in enumerate(zip(rec.item_ids, rec.scores), 1):
         extra = ""
@@ -44,7 +46,7 @@ def format_table(rec, details) -> str:
             else:
                 extra = "  ".join(f"{str(details['columns'][c][j])[:24]:<24}" for c in cols)
         routes = "+".join(rec.routes[i - 1]) if rec.routes else ""
-        lines.append(f"{i:>4}  {item:>9}  {score:7.4f}  {routes[:18]:<18}  {extra}")
+        lines.append(f"{i:>4}  {item:>{width}}  {score:7.4f}  {routes[:18]:<18}  {extra}")
     return "\n".join(lines)
 
 
@@ -53,9 +55,12 @@ def run(args, cfg) -> None:
     url = args.url or f"127.0.0.1:{port}"
     from tritonclient.utils import InferenceServerException
 
+    if args.user is None and not args.user_key.strip():
+        raise SystemExit("shoprec recommend: --user-key: empty text id")
+    user = args.user if args.user is not None else key_id(args.user_key)
     with RecommenderClient(url, args.protocol, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
         try:
-            rec = c.recommend(args.user, args.k, args.hour, args.weekday, args.client_device,
+            rec = c.recommend(user, args.k, args.hour, args.weekday, args.client_device,
                               exclude_seen=False if args.include_seen else None, diversity=args.diversity, scene=args.scene,
                               context_item_ids=args.context, force_arms=",".join(args.force_arm) if args.force_arm else None,
                               blend=args.blend)

@@ -9,8 +9,8 @@ Interactions (required), one row per event or per rating:
 
 | column       | required         | values                                                              |
 |--------------|------------------|---------------------------------------------------------------------|
-| `user_id`    | yes              | integer >= 0 that fits int64                                        |
-| `item_id`    | yes              | integer >= 0 that fits int64                                        |
+| `user_id`    | yes              | integer >= 0 that fits int64 (any text with `string_ids`)           |
+| `item_id`    | yes              | integer >= 0 that fits int64 (any text with `string_ids`)           |
 | `timestamp`  | yes              | unix seconds, or ISO-8601 / `YYYY-MM-DD HH:MM:SS` text (UTC)        |
 | `event`      | exactly one of   | `view`, `click`, `cart`, `purchase`; `impression` = shown, not acted on |
 | `rating`     | `event`, `rating`| a number within the rating range (default 0.5..5; half stars kept)  |
@@ -18,7 +18,11 @@ Interactions (required), one row per event or per rating:
 | `device`     | no               | text; without it (or where empty) `unknown`                         |
 
 Other columns are ignored. Event names are matched ignoring case and surrounding spaces.
-Ids must already be integers: map string ids (SKUs, hashed e-mails) to integers first.
+Ids are integers, unless the spec's `string_ids` (`shoprec data --string-ids`) says they are text (SKUs,
+UUIDs, hashed e-mails): then every user and item id, in every file, is hashed to the integer
+`shoprec.ids.key_id(text)` (stable, below 2^53; `007` and `7` are two ids), and the items and users
+tables get a text column `item_key` / `user_key` holding it. Requests name users by that integer:
+`client.key_id("c0ffee-42")`. Two texts that hash alike are refused, naming both.
 Timestamps: integer or fractional unix seconds (the fraction is dropped), a Parquet datetime
 column, or ISO-8601 text such as `2024-03-01T12:30:00Z`, `2024-03-01 12:30:00`,
 `2024-03-01T12:30:00+02:00` or `2024-03-01`; text without a zone is UTC, text with one is converted
@@ -70,6 +74,8 @@ from typing import Callable, Mapping, NoReturn, Sequence
 import numpy as np
 import pandas as pd
 
+from shoprec.ids import key_id
+
 from .raw_schema import (EVENTS, KINDS, RawDataError, make_schema, validate_attributes,
                          validate_interactions)
 
@@ -103,6 +109,7 @@ class SourceSpec:
     rating_range: tuple[float, float] = (0.5, 5.0)
     category_column: str | None = None
     price_column: str | None = None
+    string_ids: bool = False  # user and item ids are text: each becomes shoprec.ids.key_id(text)
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,7 +162,7 @@ def parse_ints(frame: Frame, col: str, noun: str = "id", negative_ok: bool = Fal
     values are errors naming the file, position and column."""
     s = _plain(frame.df[col])
     rule = "integers" if negative_ok else "integers >= 0"
-    not_int = f"is not an integer {noun}" + ("; map string ids to integers first" if noun == "id" else "")
+    not_int = f"is not an integer {noun}" + ("; for text ids load with --string-ids" if noun == "id" else "")
     null = s.isna().to_numpy()
     if null.any():
         frame.fail(s, null, col, lambda v: f"empty value; {noun}s must be {rule}")
@@ -361,6 +368,44 @@ def _require_columns(frame: Frame, needed: Sequence[str]) -> None:
         raise RawDataError(f"{frame.name}: missing column(s) {missing}; has {frame.columns_in_file()}")
 
 
+def parse_key_ids(frame: Frame, col: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column `col` of text ids -> (int64 ids, the stripped texts): `shoprec.ids.key_id` of each distinct
+    text (numbers count as their text: `007` and `7` are two ids). Empty values are errors naming the
+    file, position and column; two texts with one id are an error naming both."""
+    text = as_strings(frame.df[col]).str.strip()
+    empty = (text.isna() | (text == "")).to_numpy()
+    if empty.any():
+        frame.fail(frame.df[col], empty, col, lambda v: "empty value; text ids must not be empty")
+    codes, uniq = pd.factorize(text)
+    hashed = np.fromiter((key_id(k) for k in uniq), dtype=np.int64, count=len(uniq))
+    dup = pd.Series(hashed).duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = hashed[dup][0]
+        a, b = (str(k) for k in uniq[hashed == first][:2])
+        raise RawDataError(f"{frame.name}: column {frame.labels.get(col, col)!r}: the text ids {a!r} and {b!r} hash to the "
+                           f"same id {first}; rename one of them, or map the ids to integers yourself")
+    return hashed[codes], text.to_numpy(dtype=object)
+
+
+KEY_COLUMN = {"user_id": "user_key", "item_id": "item_key"}  # with string ids: the text beside the id, kind text
+
+
+def _key_map(ids: np.ndarray, texts: np.ndarray) -> pd.Series:
+    """id -> text, one entry per id (`parse_key_ids` made each text's id unique within its column)."""
+    return pd.Series(texts, index=ids).groupby(level=0).first()
+
+
+def _merge_keys(known: pd.Series, more: pd.Series, frame: Frame, col: str) -> pd.Series:
+    """Two id -> text maps as one; an id with two texts (two files' texts hash alike) is an error naming both."""
+    both = known.index.intersection(more.index)
+    clash = both[known.loc[both].to_numpy() != more.loc[both].to_numpy()]
+    if len(clash):
+        i = clash[0]
+        raise RawDataError(f"{frame.name}: column {frame.labels.get(col, col)!r}: the text ids {known.loc[i]!r} and "
+                           f"{more.loc[i]!r} hash to the same id {i}; rename one of them, or map the ids to integers yourself")
+    return pd.concat([known, more[~more.index.isin(both)]])
+
+
 def _check_spec(spec: SourceSpec) -> None:
     """Thresholds and range that cannot describe a rating scale are errors, not silent oddities."""
     lo, hi = spec.rating_range
@@ -371,9 +416,10 @@ def _check_spec(spec: SourceSpec) -> None:
                            f"{spec.positive_threshold}; a purchase must also be a click")
 
 
-def _parse_interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, str]:
+def _parse_interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, str, dict[str, pd.Series]]:
     """The interaction columns parsed and checked; value column `rating` (float) or `event` (int8
-    index into EVENTS). Returns (frame, mode) with mode "rating" or "event"."""
+    index into EVENTS). Returns (frame, mode, keys) with mode "rating" or "event" and, with
+    `spec.string_ids`, keys = {"user_id": id -> text, "item_id": id -> text} (else {})."""
     _require_rows(frame)
     _require_columns(frame, REQUIRED)
     cols = frame.df.columns
@@ -383,8 +429,16 @@ def _parse_interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, s
                            "keep exactly one")
     if "event" not in cols and "rating" not in cols:
         raise RawDataError(f"{frame.name}: needs an 'event' or a 'rating' column; has {frame.columns_in_file()}")
-    out = pd.DataFrame({"user_id": parse_ints(frame, "user_id"), "item_id": parse_ints(frame, "item_id"),
-                        "ts": parse_timestamps(frame, "timestamp").to_numpy()})
+    keys: dict[str, pd.Series] = {}
+    if spec.string_ids:
+        parsed = {}
+        for col in ("user_id", "item_id"):
+            parsed[col], texts = parse_key_ids(frame, col)
+            keys[col] = _key_map(parsed[col], texts)
+        users, items = parsed["user_id"], parsed["item_id"]
+    else:
+        users, items = parse_ints(frame, "user_id"), parse_ints(frame, "item_id")
+    out = pd.DataFrame({"user_id": users, "item_id": items, "ts": parse_timestamps(frame, "timestamp").to_numpy()})
     mode = "rating" if "rating" in cols else "event"
     if mode == "rating":
         out["rating"] = _parse_ratings(frame, "rating", *spec.rating_range)
@@ -393,7 +447,7 @@ def _parse_interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, s
     if "session_id" in cols:
         out["session_id"] = parse_ints(frame, "session_id", noun="session id", negative_ok=True)
     out["device"] = as_strings(frame.df["device"], "unknown").to_numpy() if "device" in cols else "unknown"
-    return out, mode
+    return out, mode, keys
 
 
 def _drop_duplicates(df: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, int, int]:
@@ -446,9 +500,10 @@ def _to_events(df: pd.DataFrame, mode: str, spec: SourceSpec) -> pd.DataFrame:
     return pd.DataFrame(out)[["user_id", "item_id", "ts", "session_id", "event", "device"]]
 
 
-def _interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, dict]:
-    """Raw-format interactions from an interaction table, and the counts for the load report."""
-    df, mode = _parse_interactions(frame, spec)
+def _interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, dict, dict[str, pd.Series]]:
+    """Raw-format interactions from an interaction table, the counts for the load report, and the text ids'
+    maps (`_parse_interactions`)."""
+    df, mode, keys = _parse_interactions(frame, spec)
     read = len(df)
     df, exact, rerated = _drop_duplicates(df, mode)
     if "session_id" not in df.columns:
@@ -457,7 +512,7 @@ def _interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, dict]:
     report = {"interactions_file": frame.name, "mode": mode, "rows_read": read, "rows_kept": len(df),
               "duplicates_dropped": exact + rerated, "duplicates_exact": exact, "duplicates_rerated": rerated,
               "events": len(events)}
-    return events, report
+    return events, report, keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,9 +575,11 @@ def _check_kinds(kinds: Mapping[str, str], what: str) -> None:
 
 
 def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], referenced: np.ndarray,
-                ) -> tuple[pd.DataFrame, dict[str, str], dict]:
+                keys: pd.Series | None = None) -> tuple[pd.DataFrame, dict[str, str], dict]:
     """The items or users table with typed attributes, ids the interactions mention but the table
-    lacks appended with null attributes; (table, kinds, report)."""
+    lacks appended with null attributes; (table, kinds, report). With text ids (`keys`: the
+    interactions' id -> text) the table's ids are hashed too, and a text column `item_key` /
+    `user_key` holds every row's text id."""
     id_col = "item_id" if table == "items" else "user_id"
     option = "item_columns" if table == "items" else "user_columns"
     _check_kinds(kinds, option)
@@ -530,17 +587,28 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
     if frame is None:
         if kinds:
             raise RawDataError(f"{option} names {sorted(kinds)} but no {table} file was given")
-        return pd.DataFrame({id_col: ids}), {}, {f"{table}_file": None, f"{table}_added": 0, "empty": []}
+        out = pd.DataFrame({id_col: ids})
+        if keys is None:
+            return out, {}, {f"{table}_file": None, f"{table}_added": 0, "empty": []}
+        out[KEY_COLUMN[id_col]] = keys.reindex(ids).to_numpy(dtype=object)
+        return out, {KEY_COLUMN[id_col]: "text"}, {f"{table}_file": None, f"{table}_added": 0, "empty": []}
     _require_rows(frame)
     _require_columns(frame, [id_col])
     absent = [c for c in kinds if c not in frame.df.columns or c == id_col]
     if absent:
         raise RawDataError(f"{frame.name}: {option} names column(s) {absent}, which the {table} table lacks; "
                            f"has {frame.columns_in_file()}")
-    own = parse_ints(frame, id_col)
+    if keys is None:
+        own = parse_ints(frame, id_col)
+        shown = own
+    else:
+        if KEY_COLUMN[id_col] in frame.df.columns:
+            raise RawDataError(f"{frame.name}: has a column {KEY_COLUMN[id_col]!r}, which --string-ids writes (the text "
+                               f"id); rename it")
+        own, shown = parse_key_ids(frame, id_col)
     dup = pd.Series(own).duplicated().to_numpy()
     if dup.any():
-        frame.fail(own, dup, id_col, lambda v: f"{id_col} {v} is listed more than once")
+        frame.fail(shown, dup, id_col, lambda v: f"{id_col} {v} is listed more than once")
     attrs = [c for c in frame.df.columns if c != id_col]
     all_kinds = {c: kinds.get(c) or _infer_kind(frame.df[c]) for c in attrs}
     out = pd.DataFrame({id_col: own})
@@ -552,6 +620,10 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
         out = pd.concat([out, pd.DataFrame({id_col: missing})], ignore_index=True)
         for c, k in all_kinds.items():
             out[c] = _finish(out[c], k)
+    if keys is not None:
+        merged = _merge_keys(keys, _key_map(own, shown), frame, id_col)
+        out[KEY_COLUMN[id_col]] = merged.reindex(out[id_col].to_numpy()).to_numpy(dtype=object)
+        all_kinds[KEY_COLUMN[id_col]] = "text"
     out = validate_attributes(out, table, all_kinds, frame.name)
     return out, all_kinds, {f"{table}_file": frame.name, f"{table}_added": int(len(missing)), "empty": empty}
 
@@ -577,10 +649,13 @@ def build_tables(interactions: Frame, items: Frame | None, users: Frame | None, 
     raw tables and their schema (with the load report under "load_report"). `spec`'s paths are
     not read here; its kinds, thresholds and roles are used."""
     _check_spec(spec)
-    inter, report = _interactions(interactions, spec)
-    item_df, item_kinds, item_rep = _attributes(items, "items", spec.item_columns, inter["item_id"].to_numpy())
-    user_df, user_kinds, user_rep = _attributes(users, "users", spec.user_columns, inter["user_id"].to_numpy())
+    inter, report, keys = _interactions(interactions, spec)
+    item_df, item_kinds, item_rep = _attributes(items, "items", spec.item_columns, inter["item_id"].to_numpy(),
+                                                keys.get("item_id"))
+    user_df, user_kinds, user_rep = _attributes(users, "users", spec.user_columns, inter["user_id"].to_numpy(),
+                                                keys.get("user_id"))
     report.update({k: v for k, v in {**item_rep, **user_rep}.items() if k != "empty"})
+    report["string_ids"] = spec.string_ids
     report["empty_columns"] = {"items": item_rep["empty"], "users": user_rep["empty"]}
     schema = make_schema(item_kinds, user_kinds, source=source, roles=_roles(spec, item_kinds), load_report=report)
     return {"interactions": inter, "items": item_df, "users": user_df}, schema
@@ -668,9 +743,10 @@ def load_interactions_source(spec: SourceSpec) -> tuple[dict[str, pd.DataFrame],
     raw tables, schema); the schema's "load_report" holds rows read and kept, duplicates dropped,
     items/users added and empty attribute columns."""
     _check_spec(spec)
-    inter = read_frame(spec.interactions, INTERACTION_INPUT, text=("event", "device"))
-    items = read_frame(spec.items, text=_text_columns(spec.item_columns)) if spec.items else None
-    users = read_frame(spec.users, text=_text_columns(spec.user_columns)) if spec.users else None
+    ids = ("user_id", "item_id") if spec.string_ids else ()  # text ids keep their leading zeros
+    inter = read_frame(spec.interactions, INTERACTION_INPUT, text=("event", "device", *ids))
+    items = read_frame(spec.items, text=[*_text_columns(spec.item_columns), *ids[1:]]) if spec.items else None
+    users = read_frame(spec.users, text=[*_text_columns(spec.user_columns), *ids[:1]]) if spec.users else None
     return build_tables(inter, items, users, spec, source="interactions")
 
 

@@ -57,15 +57,20 @@ def write_layout(layout: str, d):
         (d / "movies.csv").write_text("movieId,title,genres\n" + "".join(
             f'{i},"{titles[i - 1].replace("Movie", "Movie, The")}",{GENRES[item_genre[i - 1]]}|Drama\n' for i in range(1, N_ITEMS + 1)))
         return ["--source", layout, "--movielens-dir", str(d)]
-    # the generic format: events with ISO timestamps, items with a multi-valued and a numeric column
+    # the generic format: events with ISO timestamps, items with a multi-valued and a numeric column;
+    # "generic-string-ids": the same with text ids (user "u007", item "sku-0042"), loaded with --string-ids
+    text = layout == "generic-string-ids"
+    uid = (lambda u: f"u{u:03d}") if text else (lambda u: u)  # noqa: E731
+    iid = (lambda i: f"sku-{i:04d}") if text else (lambda i: i)  # noqa: E731
     events = {1: "view", 2: "view", 3: "view", 4: "click", 5: "purchase"}
     (d / "events.csv").write_text("user_id,item_id,timestamp,event\n" + "".join(
-        f"{u},{i},{np.datetime64(t, 's')}Z,{events[r]}\n" for u, i, r, t in rows))
+        f"{uid(u)},{iid(i)},{np.datetime64(t, 's')}Z,{events[r]}\n" for u, i, r, t in rows))
     (d / "items.csv").write_text("item_id,genres,price,title\n" + "".join(
-        f"{i},{GENRES[item_genre[i - 1]]}|Drama,{5 + i % 7}.5,{titles[i - 1]}\n" for i in range(1, N_ITEMS + 1)))
-    (d / "users.csv").write_text("user_id,segment\n" + "".join(f"{u},s{u % 3}\n" for u in range(1, N_USERS + 1)))
+        f"{iid(i)},{GENRES[item_genre[i - 1]]}|Drama,{5 + i % 7}.5,{titles[i - 1]}\n" for i in range(1, N_ITEMS + 1)))
+    (d / "users.csv").write_text("user_id,segment\n" + "".join(f"{uid(u)},s{u % 3}\n" for u in range(1, N_USERS + 1)))
     return ["--source", "interactions", "--interactions", str(d / "events.csv"), "--items", str(d / "items.csv"),
-            "--users", str(d / "users.csv"), "--item-column", "genres=multi", "--item-column", "title=text"]
+            "--users", str(d / "users.csv"), "--item-column", "genres=multi", "--item-column", "title=text",
+            *(["--string-ids"] if text else [])]
 
 
 def write_config(path, **sections):
@@ -81,9 +86,11 @@ def write_config(path, **sections):
     return path
 
 
-@pytest.mark.parametrize("layout", ["movielens-100k", "movielens-1m", "movielens-latest-small", "generic"])
+@pytest.mark.parametrize("layout", ["movielens-100k", "movielens-1m", "movielens-latest-small", "generic",
+                                    "generic-string-ids"])
 def test_end_to_end(layout, tmp_path):
     from client import RecommenderClient
+    from feature_workflows.raw_schema import read_table
     from runtime.pipeline import Pipeline
     from runtime.request_transform import UserStore
     from serving.launcher import TritonServer
@@ -117,3 +124,14 @@ def test_end_to_end(layout, tmp_path):
                 assert seen and not seen & set(served.item_ids.tolist()), user
                 if row % 15 == 0:
                     np.testing.assert_array_equal(served.item_ids, pipe.recommend([user], 20)[0][0])
+            if layout == "generic-string-ids":  # a user asked for by their text id; items shown by theirs
+                from client import key_id
+
+                assert key_id("u007") in set(store.user_id.tolist())
+                served = c.recommend(key_id("u007"), k=5)
+                assert len(served.item_ids) == 5 and not served.cold_start
+                keys = dict(zip(*(read_table(art / "data" / "raw", "items")[c] for c in ("item_id", "item_key"))))
+                assert all(keys[i].startswith("sku-") for i in served.item_ids.tolist())
+                from client.cli import item_details
+
+                assert list(item_details(art)["columns"])[:2] == ["category", "item_key"]  # `shoprec recommend` shows it

@@ -214,6 +214,60 @@ def test_users_table_added_and_round_trip(tmp_path):
         pd.testing.assert_frame_equal(back, tables[name], check_dtype=False)
 
 
+def test_string_ids_hash_every_file_alike_and_keep_the_text(tmp_path):
+    """--string-ids: each id's text becomes shoprec.ids.key_id(text) in interactions, items and users alike;
+    numbers count as their text (007 and 7 differ); items and users get the text as item_key / user_key, also for
+    the ids only the interactions mention; the files round-trip through the raw format."""
+    from shoprec.ids import key_id
+
+    inter = _csv(tmp_path / "i.csv", "user_id,item_id,timestamp,event\nalice,SKU-007,100,click\nalice,007,101,view\n"
+                                    " bob ,7,102,purchase\nbob,SKU-007,103,view\n")
+    items = _csv(tmp_path / "items.csv", "item_id,price\nSKU-007,3.5\nSKU-9,2\n7,1\n")
+    users = _csv(tmp_path / "users.csv", "user_id,segment\nbob,gold\n")
+    tables, schema = load_interactions_source(SourceSpec(inter, items=items, users=users, string_ids=True))
+    ev = tables["interactions"]
+    assert ev["user_id"].tolist() == [key_id("alice"), key_id("alice"), key_id("bob"), key_id("bob")]
+    assert ev["item_id"].tolist() == [key_id("SKU-007"), key_id("007"), key_id("7"), key_id("SKU-007")]
+    assert key_id("007") != key_id("7")
+    it = tables["items"].set_index("item_id")
+    assert it.loc[key_id("SKU-9"), "item_key"] == "SKU-9" and it.loc[key_id("7"), "price"] == 1.0
+    assert it.loc[key_id("007"), "item_key"] == "007" and pd.isna(it.loc[key_id("007"), "price"])  # added from interactions
+    us = tables["users"].set_index("user_id")
+    assert us.loc[key_id("bob"), "segment"] == "gold" and us.loc[key_id("alice"), "user_key"] == "alice"
+    assert schema["items"]["item_key"] == "text" and schema["users"]["user_key"] == "text"
+    assert schema["load_report"]["string_ids"] is True and schema["load_report"]["items_added"] == 1
+    write_raw(tables, schema, tmp_path / "raw")
+    for name in ("interactions", "items", "users"):
+        pd.testing.assert_frame_equal(read_table(tmp_path / "raw", name), tables[name], check_dtype=False)
+    # without an items or users file, the tables are the ids with their text
+    tables, _ = load_interactions_source(SourceSpec(inter, string_ids=True))
+    assert dict(zip(tables["users"]["user_id"], tables["users"]["user_key"])) == {key_id("alice"): "alice",
+                                                                                  key_id("bob"): "bob"}
+
+
+def test_key_id_is_stable_across_processes_and_json_safe():
+    """The id of a text must not depend on the process (Python's own str hash does: PYTHONHASHSEED), or a client could
+    not compute a user's id; and below 2**53, exact as a float64 and as a JSON number everywhere."""
+    import os
+    import subprocess
+    import sys
+
+    from shoprec.ids import KEY_BITS, key_id
+
+    keys = ["alice", "SKU-007", "c0ffee-42", "ü-é-中文", "x" * 300]
+    code = "import sys; from shoprec.ids import key_id; print(*[key_id(k) for k in sys.argv[1:]])"
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code, *keys], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()
+        assert [int(v) for v in out] == [key_id(k) for k in keys]
+    assert KEY_BITS == 53 and all(0 <= key_id(k) < 2 ** 53 and float(key_id(k)) == key_id(k) for k in keys)
+    assert len({key_id(k) for k in keys}) == len(keys) and key_id(" alice ") == key_id("alice")
+    # pinned: a change of the hash would silently re-number every deployed shop's users and items
+    assert key_id("alice") == int.from_bytes(__import__("hashlib").blake2b(b"alice", digest_size=8).digest(), "big") >> 11
+    with pytest.raises(ValueError, match="empty text id"):
+        key_id("  ")
+
+
 # ---- errors: one line, naming file, row and column ------------------------------------------------
 
 def _raises(tmp_path, text: str, pattern: str, **kw) -> str:
@@ -252,7 +306,7 @@ def test_error_ids(tmp_path):
             re.escape("interactions.csv: row 2: column 'user_id': negative id -4; ids must be integers >= 0"))
     _raises(tmp_path, HEAD + "1,10,100,click\n1,sku-9,101,click\n",
             re.escape("interactions.csv: row 2: column 'item_id': 'sku-9' is not an integer id; "
-                      "map string ids to integers first"))
+                      "for text ids load with --string-ids"))
     _raises(tmp_path, HEAD + "1,10.5,100,click\n", r"row 1: column 'item_id': 10\.5 is not an integer id")
     _raises(tmp_path, HEAD + "1,10,100,click\n,11,101,click\n",
             re.escape("row 2: column 'user_id': empty value; ids must be integers >= 0"))
@@ -260,6 +314,28 @@ def test_error_ids(tmp_path):
             re.escape("row 1: column 'item_id': id 99999999999999999999 does not fit int64"))
     _raises(tmp_path, HEAD + "1,9223372036854775808,100,click\n",
             re.escape("row 1: column 'item_id': id 9223372036854775808 does not fit int64"))
+
+
+def test_error_string_ids(tmp_path, monkeypatch):
+    """--string-ids errors: an empty id names file, row and column; two texts with one id (forced here) are refused
+    naming both, inside one file and across files; an items file with its own item_key column is refused."""
+    import feature_workflows.sources as sources
+
+    _raises(tmp_path, HEAD + "alice,SKU-1,100,click\nbob, ,101,click\n",
+            re.escape("interactions.csv: row 2: column 'item_id': empty value; text ids must not be empty"),
+            string_ids=True)
+    real = sources.key_id
+    monkeypatch.setattr(sources, "key_id", lambda k: 5 if k in ("SKU-1", "SKU-2") else real(k))
+    _raises(tmp_path, HEAD + "alice,SKU-1,100,click\nbob,SKU-2,101,click\n",
+            re.escape("interactions.csv: column 'item_id': the text ids 'SKU-1' and 'SKU-2' hash to the same id 5; "
+                      "rename one of them, or map the ids to integers yourself"), string_ids=True)
+    items = _csv(tmp_path / "items.csv", "item_id,price\nSKU-2,1\n")
+    with pytest.raises(RawDataError, match=re.escape("items.csv: column 'item_id': the text ids 'SKU-1' and 'SKU-2' hash "
+                                                     "to the same id 5")):
+        _load(tmp_path, HEAD + "alice,SKU-1,100,click\n", items=items, string_ids=True)
+    items = _csv(tmp_path / "items.csv", "item_id,item_key\nSKU-1,x\n")
+    with pytest.raises(RawDataError, match=re.escape("items.csv: has a column 'item_key', which --string-ids writes")):
+        _load(tmp_path, HEAD + "alice,SKU-1,100,click\n", items=items, string_ids=True)
 
 
 def test_error_columns(tmp_path):
