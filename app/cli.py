@@ -40,6 +40,8 @@ def cmd_data(args, cfg):
 
     raw = _artifacts(args) / "data" / "raw"
     d = cfg.data
+    if getattr(args, "string_ids", False) and d.source != "interactions":
+        raise SystemExit(f"shoprec data: --string-ids applies to --source interactions (your own files), not {d.source}")
     if d.source == "synthetic":
         from feature_workflows.synthetic import generate
 

@@ -73,6 +73,7 @@ from typing import Callable, Mapping, NoReturn, Sequence
 
 import numpy as np
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES  # pandas' default missing-value words (public in docs, private path)
 
 from shoprec.ids import key_id
 
@@ -162,7 +163,7 @@ def parse_ints(frame: Frame, col: str, noun: str = "id", negative_ok: bool = Fal
     values are errors naming the file, position and column."""
     s = _plain(frame.df[col])
     rule = "integers" if negative_ok else "integers >= 0"
-    not_int = f"is not an integer {noun}" + ("; for text ids load with --string-ids" if noun == "id" else "")
+    not_int = f"is not an integer {noun}" + ("; text ids: --source interactions --string-ids" if noun == "id" else "")
     null = s.isna().to_numpy()
     if null.any():
         frame.fail(s, null, col, lambda v: f"empty value; {noun}s must be {rule}")
@@ -368,21 +369,49 @@ def _require_columns(frame: Frame, needed: Sequence[str]) -> None:
         raise RawDataError(f"{frame.name}: missing column(s) {missing}; has {frame.columns_in_file()}")
 
 
+def _id_text(value: object) -> str | None:
+    """One distinct value of a text-id column as its text: str as is, bytes decoded as UTF-8, integers in
+    decimal; None for anything else (floats, booleans: `7.0` and `7` must not become two ids by accident)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    return None
+
+
 def parse_key_ids(frame: Frame, col: str) -> tuple[np.ndarray, np.ndarray]:
     """Column `col` of text ids -> (int64 ids, the stripped texts): `shoprec.ids.key_id` of each distinct
-    text (numbers count as their text: `007` and `7` are two ids). Empty values are errors naming the
-    file, position and column; two texts with one id are an error naming both."""
-    text = as_strings(frame.df[col]).str.strip()
-    empty = (text.isna() | (text == "")).to_numpy()
+    text (numbers count as their text: `007` and `7` are two ids). Text, UTF-8 bytes and integer columns are
+    read; a float or boolean value is an error (its text would depend on how the file stored it). Empty
+    values are errors naming the file, position and column; two texts with one id are an error naming both."""
+    s = _plain(frame.df[col])
+    label = frame.labels.get(col, col)
+    if pd.api.types.is_float_dtype(s) or pd.api.types.is_bool_dtype(s):
+        raise RawDataError(f"{frame.name}: column {label!r}: text ids must be text or integers, not {s.dtype}; "
+                           "store the column as text")
+    codes, uniq = pd.factorize(s)
+    texts = [_id_text(v) for v in uniq]
+    bad = [t is None for t in texts]
+    if any(bad):
+        frame.fail(s, np.isin(codes, np.flatnonzero(bad)), col,
+                   lambda v: f"{_show(v)} is not a text id (text, UTF-8 bytes or an integer); store the column as text")
+    stripped = np.array([t.strip() for t in texts] + [""], dtype=object)
+    empty = stripped[codes] == ""  # code -1 (a null) lands on the trailing ""
     if empty.any():
-        frame.fail(frame.df[col], empty, col, lambda v: "empty value; text ids must not be empty")
-    codes, uniq = pd.factorize(text)
+        frame.fail(s, empty, col, lambda v: "empty value; text ids must not be empty")
+    text = pd.Series(stripped[codes], dtype=object)
+    codes, uniq = pd.factorize(text)  # texts equal after stripping: one id
     hashed = np.fromiter((key_id(k) for k in uniq), dtype=np.int64, count=len(uniq))
     dup = pd.Series(hashed).duplicated(keep=False).to_numpy()
     if dup.any():
         first = hashed[dup][0]
         a, b = (str(k) for k in uniq[hashed == first][:2])
-        raise RawDataError(f"{frame.name}: column {frame.labels.get(col, col)!r}: the text ids {a!r} and {b!r} hash to the "
+        raise RawDataError(f"{frame.name}: column {label!r}: the text ids {a!r} and {b!r} hash to the "
                            f"same id {first}; rename one of them, or map the ids to integers yourself")
     return hashed[codes], text.to_numpy(dtype=object)
 
@@ -608,7 +637,7 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
         own, shown = parse_key_ids(frame, id_col)
     dup = pd.Series(own).duplicated().to_numpy()
     if dup.any():
-        frame.fail(shown, dup, id_col, lambda v: f"{id_col} {v} is listed more than once")
+        frame.fail(shown, dup, id_col, lambda v: f"{id_col} {v if keys is None else _show(v)} is listed more than once")
     attrs = [c for c in frame.df.columns if c != id_col]
     all_kinds = {c: kinds.get(c) or _infer_kind(frame.df[c]) for c in attrs}
     out = pd.DataFrame({id_col: own})
@@ -655,7 +684,8 @@ def build_tables(interactions: Frame, items: Frame | None, users: Frame | None, 
     user_df, user_kinds, user_rep = _attributes(users, "users", spec.user_columns, inter["user_id"].to_numpy(),
                                                 keys.get("user_id"))
     report.update({k: v for k, v in {**item_rep, **user_rep}.items() if k != "empty"})
-    report["string_ids"] = spec.string_ids
+    if spec.string_ids:
+        report["string_ids"] = True
     report["empty_columns"] = {"items": item_rep["empty"], "users": user_rep["empty"]}
     schema = make_schema(item_kinds, user_kinds, source=source, roles=_roles(spec, item_kinds), load_report=report)
     return {"interactions": inter, "items": item_df, "users": user_df}, schema
@@ -693,7 +723,7 @@ def _read_parquet(path: Path, wanted: Sequence[str] | None) -> tuple[pd.DataFram
     return df.rename(columns=lambda c: str(c).strip()), [str(c).strip() for c in names]
 
 
-def _read_csv(path: Path, sep: str, wanted: Sequence[str] | None, text: Sequence[str],
+def _read_csv(path: Path, sep: str, wanted: Sequence[str] | None, text: Sequence[str], literal: Sequence[str] = (),
               ) -> tuple[pd.DataFrame, list[str]]:
     try:
         header = pd.read_csv(path, sep=sep, nrows=0).columns
@@ -701,8 +731,12 @@ def _read_csv(path: Path, sep: str, wanted: Sequence[str] | None, text: Sequence
         # Text columns stay text: a numeric-looking device name is still a name, and a zip code
         # keeps its leading 0. Blank lines are kept as rows so that "row N" is the file's line
         # N + 1; trailing ones are dropped below.
-        dtype = {c: str for c in columns if str(c).strip() in text}
-        df = pd.read_csv(path, sep=sep, usecols=columns, dtype=dtype, low_memory=False, skip_blank_lines=False)
+        dtype = {c: str for c in columns if str(c).strip() in text or str(c).strip() in literal}
+        # `literal` columns (text ids) are missing only where blank: "NA" or "null" is somebody's id
+        na = {} if not any(str(c).strip() in literal for c in columns) else {
+            "keep_default_na": False,
+            "na_values": {c: [""] if str(c).strip() in literal else sorted(STR_NA_VALUES) for c in columns}}
+        df = pd.read_csv(path, sep=sep, usecols=columns, dtype=dtype, low_memory=False, skip_blank_lines=False, **na)
     except pd.errors.EmptyDataError as exc:
         raise RawDataError(f"{path}: file is empty") from exc
     except pd.errors.ParserError as exc:
@@ -717,17 +751,19 @@ def _read_csv(path: Path, sep: str, wanted: Sequence[str] | None, text: Sequence
     return df.iloc[:end], [str(c).strip() for c in header]
 
 
-def read_frame(path: str | Path, wanted: Sequence[str] | None = None, text: Sequence[str] = ()) -> Frame:
+def read_frame(path: str | Path, wanted: Sequence[str] | None = None, text: Sequence[str] = (),
+               literal: Sequence[str] = ()) -> Frame:
     """One table from CSV/TSV/Parquet as a Frame named by its path; `wanted` limits the columns
     read (the rest are ignored, which saves memory on wide exports); CSV columns in `text` are
-    read as strings, not numbers."""
+    read as strings, not numbers, and those in `literal` too, with only a blank cell missing (not
+    pandas' "NA", "null", "nan"...)."""
     p = Path(path)
     if not p.exists():
         raise RawDataError(f"{path}: not found")
     kind = _file_kind(p)
     if p.is_file() and p.stat().st_size == 0:
         raise RawDataError(f"{path}: file is empty")
-    df, header = _read_parquet(p, wanted) if kind == "parquet" else _read_csv(p, kind, wanted, text)
+    df, header = _read_parquet(p, wanted) if kind == "parquet" else _read_csv(p, kind, wanted, text, literal)
     frame = Frame(df.reset_index(drop=True), str(path), header=tuple(header))
     _require_rows(frame)
     return frame
@@ -743,10 +779,10 @@ def load_interactions_source(spec: SourceSpec) -> tuple[dict[str, pd.DataFrame],
     raw tables, schema); the schema's "load_report" holds rows read and kept, duplicates dropped,
     items/users added and empty attribute columns."""
     _check_spec(spec)
-    ids = ("user_id", "item_id") if spec.string_ids else ()  # text ids keep their leading zeros
-    inter = read_frame(spec.interactions, INTERACTION_INPUT, text=("event", "device", *ids))
-    items = read_frame(spec.items, text=[*_text_columns(spec.item_columns), *ids[1:]]) if spec.items else None
-    users = read_frame(spec.users, text=[*_text_columns(spec.user_columns), *ids[:1]]) if spec.users else None
+    ids = ("user_id", "item_id") if spec.string_ids else ()  # text ids: "007" keeps its zeros, "NA" is an id
+    inter = read_frame(spec.interactions, INTERACTION_INPUT, text=("event", "device"), literal=ids)
+    items = read_frame(spec.items, text=_text_columns(spec.item_columns), literal=ids[1:]) if spec.items else None
+    users = read_frame(spec.users, text=_text_columns(spec.user_columns), literal=ids[:1]) if spec.users else None
     return build_tables(inter, items, users, spec, source="interactions")
 
 

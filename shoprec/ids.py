@@ -9,7 +9,8 @@ the same id in every file, every run and every process, so an application asks f
 
 KEY_BITS = 53: every id is exact as a float64 and as a JSON number in any language (JavaScript's
 integers stop at 2^53), and never negative. Two texts that hash alike are refused when the data is
-loaded, naming both (the chance is about n^2 / 2^54 for n distinct texts: 1 in 18,000 for a million).
+loaded, naming both (the chance is about n^2 / 2^54 for n distinct texts: 1 in 18,000 for a million); an
+id first seen later (a new user's request, an event) is not checked against them.
 """
 
 from __future__ import annotations

@@ -48,6 +48,17 @@ def test_bad_input_is_one_line_naming_file_row_and_column(tmp_path):
     assert "events.csv: row 2: column 'timestamp'" in lines[0] and lines[0].startswith("shoprec data: error:")
 
 
+def test_string_ids_need_your_own_files_and_a_text_user_key(tmp_path):
+    """--string-ids with the synthetic shop or MovieLens would do nothing: refused in one line; so is an empty
+    --user-key (before any connection)."""
+    out = subprocess.run([sys.executable, "-m", "app.cli", "--artifacts", str(tmp_path / "a"), "data", "--source",
+                          "synthetic", "--size", "tiny", "--string-ids"], capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "shoprec data: --string-ids applies to --source interactions (your own files), not synthetic"
+    out = subprocess.run([sys.executable, "-m", "app.cli", "recommend", "--user-key", " "], capture_output=True, text=True)
+    assert out.returncode != 0 and out.stderr.strip() == "shoprec recommend: --user-key: empty text id"
+
+
 def test_evaluate_scores_every_system_with_standard_errors_and_keeps_reports(artifacts, cfg, tmp_path):
     import json
 

@@ -239,6 +239,17 @@ def test_string_ids_hash_every_file_alike_and_keep_the_text(tmp_path):
     write_raw(tables, schema, tmp_path / "raw")
     for name in ("interactions", "items", "users"):
         pd.testing.assert_frame_equal(read_table(tmp_path / "raw", name), tables[name], check_dtype=False)
+    # pandas' missing-value words are ids here ("NA", "null"); integer and UTF-8 bytes columns give their text
+    from feature_workflows.sources import build_tables, Frame
+
+    tables, _ = _load(tmp_path, "user_id,item_id,timestamp,event,device\nNA,null,100,click,NA\n", string_ids=True)
+    assert tables["users"]["user_key"].tolist() == ["NA"] and tables["items"]["item_key"].tolist() == ["null"]
+    assert tables["interactions"]["device"].tolist() == ["unknown"]  # other columns keep pandas' missing values
+    frame = Frame(pd.DataFrame({"user_id": [b"u1", b"u2"], "item_id": np.array([7, 8]), "timestamp": [1, 2],
+                                "event": "click"}), "mem")
+    tables, _ = build_tables(frame, None, None, SourceSpec("mem", string_ids=True), "interactions")
+    assert tables["interactions"]["user_id"].tolist() == [key_id("u1"), key_id("u2")]
+    assert tables["items"]["item_key"].tolist() == [k for _, k in sorted([(key_id("7"), "7"), (key_id("8"), "8")])]
     # without an items or users file, the tables are the ids with their text
     tables, _ = load_interactions_source(SourceSpec(inter, string_ids=True))
     assert dict(zip(tables["users"]["user_id"], tables["users"]["user_key"])) == {key_id("alice"): "alice",
@@ -306,7 +317,7 @@ def test_error_ids(tmp_path):
             re.escape("interactions.csv: row 2: column 'user_id': negative id -4; ids must be integers >= 0"))
     _raises(tmp_path, HEAD + "1,10,100,click\n1,sku-9,101,click\n",
             re.escape("interactions.csv: row 2: column 'item_id': 'sku-9' is not an integer id; "
-                      "for text ids load with --string-ids"))
+                      "text ids: --source interactions --string-ids"))
     _raises(tmp_path, HEAD + "1,10.5,100,click\n", r"row 1: column 'item_id': 10\.5 is not an integer id")
     _raises(tmp_path, HEAD + "1,10,100,click\n,11,101,click\n",
             re.escape("row 2: column 'user_id': empty value; ids must be integers >= 0"))
@@ -333,6 +344,22 @@ def test_error_string_ids(tmp_path, monkeypatch):
     with pytest.raises(RawDataError, match=re.escape("items.csv: column 'item_id': the text ids 'SKU-1' and 'SKU-2' hash "
                                                      "to the same id 5")):
         _load(tmp_path, HEAD + "alice,SKU-1,100,click\n", items=items, string_ids=True)
+    monkeypatch.setattr(sources, "key_id", real)
+    # a text printed in a message is quoted (one line even for a text with a line break)
+    items = _csv(tmp_path / "items.csv", 'item_id,price\n"a\nb",1\n"a\nb",2\n')
+    with pytest.raises(RawDataError, match=re.escape("items.csv: row 2: column 'item_id': item_id 'a\\nb' is listed "
+                                                     "more than once")) as info:
+        _load(tmp_path, HEAD + "alice,SKU-1,100,click\n", items=items, string_ids=True)
+    assert "\n" not in str(info.value)
+    # a float column would give 7.0 and 7 two ids; bytes that are not UTF-8 are not text
+    pd.DataFrame({"item_id": [8.0, 9.5], "price": [1.0, 2.0]}).to_parquet(tmp_path / "items.parquet")
+    with pytest.raises(RawDataError, match=re.escape("items.parquet: column 'item_id': text ids must be text or "
+                                                     "integers, not float64; store the column as text")):
+        _load(tmp_path, HEAD + "alice,8,100,click\n", items=str(tmp_path / "items.parquet"), string_ids=True)
+    pd.DataFrame({"user_id": [b"ok", b"\xff"], "item_id": ["a", "b"], "timestamp": [1, 2], "event": "click"}) \
+        .to_parquet(tmp_path / "bytes.parquet")
+    with pytest.raises(RawDataError, match=re.escape("bytes.parquet: row 2: column 'user_id': b'\\xff' is not a text id")):
+        load_interactions_source(SourceSpec(str(tmp_path / "bytes.parquet"), string_ids=True))
     items = _csv(tmp_path / "items.csv", "item_id,item_key\nSKU-1,x\n")
     with pytest.raises(RawDataError, match=re.escape("items.csv: has a column 'item_key', which --string-ids writes")):
         _load(tmp_path, HEAD + "alice,SKU-1,100,click\n", items=items, string_ids=True)
