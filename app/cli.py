@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", default="-", help="JSON lines or CSV (header: user_id,item_id,type,timestamp"
                    "[,event_id,session_id]); - or nothing: standard input")
     p.add_argument("--format", choices=["jsonl", "csv"], help="default: csv for .csv/.tsv files, else jsonl")
+    p.add_argument("--string-ids", action="store_true", help="user_id and item_id are text ids (data loaded with "
+                   "`shoprec data --string-ids`): each is sent as shoprec.ids.key_id(text)")
     p.add_argument("--online-store", help="redis://HOST:PORT/DB (default: the private store `shoprec serve` runs on "
                    "these artifacts)")
     p = add("items", cmd_items, "mark items unavailable (never served, from the next request on) or available again; "

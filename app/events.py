@@ -3,7 +3,8 @@ of a running server (runtime/online_store.py).
 
 Events are JSON lines (one object per line) or CSV with a header; the fields are
 user_id, item_id, type (view, click, cart, purchase), timestamp (unix seconds or ISO-8601) and
-optionally event_id (idempotency: an id already applied is skipped) and session_id.
+optionally event_id (idempotency: an id already applied is skipped) and session_id. With `--string-ids`
+(data loaded that way) user_id and item_id are text ids, hashed by `shoprec.ids.key_id` as the loader did.
 """
 
 from __future__ import annotations
@@ -61,7 +62,22 @@ def read_events(stream, fmt: str):
         raise EventsError(f"format must be jsonl or csv, got {fmt!r}")
 
 
-def ingest_stream(store, stream, fmt: str, progress: bool = True) -> dict:
+def text_ids(event: dict) -> str | None:
+    """For data loaded with `--string-ids`: the event's user_id and item_id (text, or an integer read as its decimal
+    text) replaced in place by `shoprec.ids.key_id`, as the loader did; the reason when one cannot be."""
+    from shoprec.ids import key_id
+
+    for field in ("user_id", "item_id"):
+        value = event.get(field)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            return f"{field} {value!r} is not a text id (text or an integer)"
+        event[field] = key_id(value)
+    return None
+
+
+def ingest_stream(store, stream, fmt: str, progress: bool = True, string_ids: bool = False) -> dict:
     """Read, validate and apply events in chunks; a summary with the rejected events' reasons (their line numbers)."""
     from runtime.online_store import IngestReport
 
@@ -82,6 +98,8 @@ def ingest_stream(store, stream, fmt: str, progress: bool = True) -> dict:
 
     for n, event in read_events(stream, fmt):
         n_read += 1
+        if isinstance(event, dict) and string_ids:
+            event = text_ids(event) or event
         if isinstance(event, str):
             report.rejected.append((n - 1, event))
             continue
@@ -114,7 +132,7 @@ def cmd_events(args, cfg) -> None:
         fmt = args.format or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl")
         stream = path.open(encoding="utf-8", newline="")
     with stream:
-        summary = ingest_stream(store, stream, fmt, progress=not args.quiet)
+        summary = ingest_stream(store, stream, fmt, progress=not args.quiet, string_ids=args.string_ids)
     print(json.dumps(summary, indent=1))
 
 

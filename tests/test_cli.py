@@ -59,6 +59,21 @@ def test_string_ids_need_your_own_files_and_a_text_user_key(tmp_path):
     assert out.returncode != 0 and out.stderr.strip() == "shoprec recommend: --user-key: empty text id"
 
 
+def test_events_with_text_ids_are_hashed_as_the_loader_hashed_them():
+    """`shoprec events --string-ids`: user_id and item_id become key_id(text) (an integer counts as its decimal text,
+    as in the loader); a float, a boolean or an empty id is the event's rejection reason."""
+    from app.events import text_ids
+    from shoprec.ids import key_id
+
+    event = {"user_id": "c0ffee-42", "item_id": 7, "type": "click", "timestamp": 1}
+    assert text_ids(event) is None and event == {"user_id": key_id("c0ffee-42"), "item_id": key_id("7"), "type": "click",
+                                                 "timestamp": 1}
+    assert text_ids({"user_id": "u", "item_id": 7.0}) == "item_id 7.0 is not a text id (text or an integer)"
+    assert text_ids({"user_id": True, "item_id": "a"}) == "user_id True is not a text id (text or an integer)"
+    assert text_ids({"user_id": " ", "item_id": "a"}) == "user_id ' ' is not a text id (text or an integer)"
+    assert text_ids({"item_id": "a"}) == "user_id None is not a text id (text or an integer)"
+
+
 def test_evaluate_scores_every_system_with_standard_errors_and_keeps_reports(artifacts, cfg, tmp_path):
     import json
 
