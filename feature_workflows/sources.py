@@ -158,12 +158,16 @@ def _plain(series: pd.Series) -> pd.Series:
     return series.astype(object) if isinstance(series.dtype, pd.CategoricalDtype) else series
 
 
-def parse_ints(frame: Frame, col: str, noun: str = "id", negative_ok: bool = False) -> np.ndarray:
+TEXT_ID_HINT = "; text ids: --string-ids"  # your own files only: MovieLens ids are integers by their format
+
+
+def parse_ints(frame: Frame, col: str, noun: str = "id", negative_ok: bool = False, hint: str = "") -> np.ndarray:
     """Column `col` as int64; empty, non-integer, too-large (and, unless `negative_ok`, negative)
-    values are errors naming the file, position and column."""
+    values are errors naming the file, position and column (a value that is not an integer: with `hint`
+    appended)."""
     s = _plain(frame.df[col])
     rule = "integers" if negative_ok else "integers >= 0"
-    not_int = f"is not an integer {noun}" + ("; text ids: --source interactions --string-ids" if noun == "id" else "")
+    not_int = f"is not an integer {noun}{hint}"
     null = s.isna().to_numpy()
     if null.any():
         frame.fail(s, null, col, lambda v: f"empty value; {noun}s must be {rule}")
@@ -445,7 +449,7 @@ def _check_spec(spec: SourceSpec) -> None:
                            f"{spec.positive_threshold}; a purchase must also be a click")
 
 
-def _parse_interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, str, dict[str, pd.Series]]:
+def _parse_interactions(frame: Frame, spec: SourceSpec, hint: str = "") -> tuple[pd.DataFrame, str, dict[str, pd.Series]]:
     """The interaction columns parsed and checked; value column `rating` (float) or `event` (int8
     index into EVENTS). Returns (frame, mode, keys) with mode "rating" or "event" and, with
     `spec.string_ids`, keys = {"user_id": id -> text, "item_id": id -> text} (else {})."""
@@ -466,7 +470,7 @@ def _parse_interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, s
             keys[col] = _key_map(parsed[col], texts)
         users, items = parsed["user_id"], parsed["item_id"]
     else:
-        users, items = parse_ints(frame, "user_id"), parse_ints(frame, "item_id")
+        users, items = parse_ints(frame, "user_id", hint=hint), parse_ints(frame, "item_id", hint=hint)
     out = pd.DataFrame({"user_id": users, "item_id": items, "ts": parse_timestamps(frame, "timestamp").to_numpy()})
     mode = "rating" if "rating" in cols else "event"
     if mode == "rating":
@@ -529,10 +533,10 @@ def _to_events(df: pd.DataFrame, mode: str, spec: SourceSpec) -> pd.DataFrame:
     return pd.DataFrame(out)[["user_id", "item_id", "ts", "session_id", "event", "device"]]
 
 
-def _interactions(frame: Frame, spec: SourceSpec) -> tuple[pd.DataFrame, dict, dict[str, pd.Series]]:
+def _interactions(frame: Frame, spec: SourceSpec, hint: str = "") -> tuple[pd.DataFrame, dict, dict[str, pd.Series]]:
     """Raw-format interactions from an interaction table, the counts for the load report, and the text ids'
     maps (`_parse_interactions`)."""
-    df, mode, keys = _parse_interactions(frame, spec)
+    df, mode, keys = _parse_interactions(frame, spec, hint)
     read = len(df)
     df, exact, rerated = _drop_duplicates(df, mode)
     if "session_id" not in df.columns:
@@ -604,7 +608,7 @@ def _check_kinds(kinds: Mapping[str, str], what: str) -> None:
 
 
 def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], referenced: np.ndarray,
-                keys: pd.Series | None = None) -> tuple[pd.DataFrame, dict[str, str], dict]:
+                keys: pd.Series | None = None, hint: str = "") -> tuple[pd.DataFrame, dict[str, str], dict]:
     """The items or users table with typed attributes, ids the interactions mention but the table
     lacks appended with null attributes; (table, kinds, report). With text ids (`keys`: the
     interactions' id -> text) the table's ids are hashed too, and a text column `item_key` /
@@ -628,7 +632,7 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
         raise RawDataError(f"{frame.name}: {option} names column(s) {absent}, which the {table} table lacks; "
                            f"has {frame.columns_in_file()}")
     if keys is None:
-        own = parse_ints(frame, id_col)
+        own = parse_ints(frame, id_col, hint=hint)
         shown = own
     else:
         if KEY_COLUMN[id_col] in frame.df.columns:
@@ -678,11 +682,12 @@ def build_tables(interactions: Frame, items: Frame | None, users: Frame | None, 
     raw tables and their schema (with the load report under "load_report"). `spec`'s paths are
     not read here; its kinds, thresholds and roles are used."""
     _check_spec(spec)
-    inter, report, keys = _interactions(interactions, spec)
+    hint = TEXT_ID_HINT if source == "interactions" else ""
+    inter, report, keys = _interactions(interactions, spec, hint)
     item_df, item_kinds, item_rep = _attributes(items, "items", spec.item_columns, inter["item_id"].to_numpy(),
-                                                keys.get("item_id"))
+                                                keys.get("item_id"), hint)
     user_df, user_kinds, user_rep = _attributes(users, "users", spec.user_columns, inter["user_id"].to_numpy(),
-                                                keys.get("user_id"))
+                                                keys.get("user_id"), hint)
     report.update({k: v for k, v in {**item_rep, **user_rep}.items() if k != "empty"})
     if spec.string_ids:
         report["string_ids"] = True

@@ -166,8 +166,7 @@ def test_empty_file_named(tmp_path):
 def test_malformed_lines_named(tmp_path):
     d = _ml100k(tmp_path / "ml")
     (d / "u.data").write_text("1\t10\t5\t881250949\n1\tten\t5\t881250949\n")
-    with pytest.raises(RawDataError, match=re.escape("u.data: line 2: column 'item_id': 'ten' is not an integer id; "
-                                                     "map string ids to integers first")):
+    with pytest.raises(RawDataError, match=re.escape("u.data: line 2: column 'item_id': 'ten' is not an integer id") + "$"):
         load_movielens(d, "movielens-100k")
     (d / "u.data").write_text("1\t10\t5\t881250949\n\n1\t10\t5\n")
     with pytest.raises(RawDataError, match=re.escape("u.data: line 2: expected 4 '\\t'-separated fields "

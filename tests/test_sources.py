@@ -317,7 +317,7 @@ def test_error_ids(tmp_path):
             re.escape("interactions.csv: row 2: column 'user_id': negative id -4; ids must be integers >= 0"))
     _raises(tmp_path, HEAD + "1,10,100,click\n1,sku-9,101,click\n",
             re.escape("interactions.csv: row 2: column 'item_id': 'sku-9' is not an integer id; "
-                      "text ids: --source interactions --string-ids"))
+                      "text ids: --string-ids"))
     _raises(tmp_path, HEAD + "1,10.5,100,click\n", r"row 1: column 'item_id': 10\.5 is not an integer id")
     _raises(tmp_path, HEAD + "1,10,100,click\n,11,101,click\n",
             re.escape("row 2: column 'user_id': empty value; ids must be integers >= 0"))
