@@ -354,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "these artifacts)")
     p = add("items", cmd_items, "mark items unavailable (never served, from the next request on) or available again; "
             "list the unavailable and the trending items")
-    p.add_argument("--unavailable", type=int, nargs="+", metavar="ITEM_ID", help="raw item ids to withdraw")
-    p.add_argument("--available", type=int, nargs="+", metavar="ITEM_ID", help="raw item ids to serve again")
+    p.add_argument("--unavailable", nargs="+", metavar="ITEM_ID", help="raw item ids to withdraw")
+    p.add_argument("--available", nargs="+", metavar="ITEM_ID", help="raw item ids to serve again")
+    p.add_argument("--string-ids", action="store_true", help="the item ids are text ids (data loaded with "
+                   "`shoprec data --string-ids`): each is sent as shoprec.ids.key_id(text)")
     p.add_argument("--trending", type=int, metavar="HOURS", help="also list the 20 items with the most events in the "
                    "last HOURS hours (1-47)")
     p.add_argument("--online-store", help="redis://HOST:PORT/DB (default: the private store of `shoprec serve`)")
@@ -374,8 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-device", help="request context: the device the user is on, e.g. mobile (default: unknown); not a compute device")
     p.add_argument("--scene", help="home (default: serve.default_scene), item_detail (similar items to --context), cart "
                    "(complements of the --context items), or a scene of the serve config")
-    p.add_argument("--context", type=int, nargs="+", metavar="ITEM_ID", help="context items (raw ids): the viewed item, "
+    ctx = p.add_mutually_exclusive_group()
+    ctx.add_argument("--context", type=int, nargs="+", metavar="ITEM_ID", help="context items (raw ids): the viewed item, "
                    "the cart")
+    ctx.add_argument("--context-key", nargs="+", metavar="TEXT", help="the context items' text ids, for data loaded "
+                     "with --string-ids (sent as shoprec.ids.key_id(TEXT))")
     p.add_argument("--blend", type=float, nargs=3, metavar=("CTR", "CVR", "VALUE"), help="final score = CTR * pCTR + "
                    "CVR * pCTR * pCVR + VALUE * pCTR * pCVR * item price / median price (default: the scene's)")
     p.add_argument("--force-arm", action="append", metavar="LAYER=ARM", help="QA: serve this experiment arm instead of "

@@ -136,16 +136,35 @@ def cmd_events(args, cfg) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def item_ids(values: list[str] | None, string_ids: bool, option: str) -> list[int]:
+    """`shoprec items` ids as given: integers, or with --string-ids text ids hashed by `shoprec.ids.key_id`."""
+    from shoprec.ids import key_id
+
+    out = []
+    for value in values or []:
+        if string_ids:
+            if not value.strip():
+                raise EventsError(f"{option}: empty text id")
+            out.append(key_id(value))
+        elif value.strip().isdigit():
+            out.append(int(value))
+        else:
+            raise EventsError(f"{option}: {value!r} is not an integer item id (text ids: --string-ids)")
+    return out
+
+
 def cmd_items(args, cfg) -> None:
     from runtime.online_store import OnlineStore
 
+    unavailable = item_ids(args.unavailable, args.string_ids, "--unavailable")
+    available = item_ids(args.available, args.string_ids, "--available")
     artifacts = Path(args.artifacts).resolve()
     store = OnlineStore.open(served_bundle(artifacts), online_url(artifacts, args.online_store or cfg.serve.online_store), cfg.serve)
     out: dict = {}
-    if args.unavailable:
-        out["made_unavailable"], out["unknown"] = store.set_available(args.unavailable, available=False)
-    if args.available:
-        out["made_available"], unknown = store.set_available(args.available, available=True)
+    if unavailable:
+        out["made_unavailable"], out["unknown"] = store.set_available(unavailable, available=False)
+    if available:
+        out["made_available"], unknown = store.set_available(available, available=True)
         out["unknown"] = out.get("unknown", []) + unknown
     out["unavailable"] = store.unavailable_ids().tolist()
     if args.trending:

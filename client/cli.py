@@ -58,11 +58,16 @@ def run(args, cfg) -> None:
     if args.user is None and not args.user_key.strip():
         raise SystemExit("shoprec recommend: --user-key: empty text id")
     user = args.user if args.user is not None else key_id(args.user_key)
+    context = args.context
+    if getattr(args, "context_key", None):
+        if not all(k.strip() for k in args.context_key):
+            raise SystemExit("shoprec recommend: --context-key: empty text id")
+        context = [key_id(k) for k in args.context_key]
     with RecommenderClient(url, args.protocol, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
         try:
             rec = c.recommend(user, args.k, args.hour, args.weekday, args.client_device,
                               exclude_seen=False if args.include_seen else None, diversity=args.diversity, scene=args.scene,
-                              context_item_ids=args.context, force_arms=",".join(args.force_arm) if args.force_arm else None,
+                              context_item_ids=context, force_arms=",".join(args.force_arm) if args.force_arm else None,
                               blend=args.blend)
         except InferenceServerException as exc:  # the server's one-line reason (a bad request: the field it names)
             raise SystemExit(f"shoprec recommend: {exc.message() or exc}") from None

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def test_events_with_text_ids_are_hashed_as_the_loader_hashed_them():
     assert text_ids({"user_id": True, "item_id": "a"}) == "user_id True is not a text id (text or an integer)"
     assert text_ids({"user_id": " ", "item_id": "a"}) == "user_id ' ' is not a text id (text or an integer)"
     assert text_ids({"item_id": "a"}) == "user_id None is not a text id (text or an integer)"
+
+
+def test_items_take_integer_or_text_ids():
+    """`shoprec items --unavailable/--available`: integers, or with --string-ids text ids as key_id(text); anything
+    else is a one-line error naming the option, before any store is opened."""
+    from app.events import EventsError, item_ids
+    from shoprec.ids import key_id
+
+    assert item_ids(["5000017", " 7 "], False, "--unavailable") == [5000017, 7]
+    assert item_ids(["sku-1", "7"], True, "--unavailable") == [key_id("sku-1"), key_id("7")]
+    assert item_ids(None, False, "--available") == []
+    with pytest.raises(EventsError, match=re.escape("--unavailable: 'sku-1' is not an integer item id (text ids: "
+                                                    "--string-ids)")):
+        item_ids(["sku-1"], False, "--unavailable")
+    with pytest.raises(EventsError, match="--available: empty text id"):
+        item_ids([" "], True, "--available")
 
 
 def test_evaluate_scores_every_system_with_standard_errors_and_keeps_reports(artifacts, cfg, tmp_path):

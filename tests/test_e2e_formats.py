@@ -88,7 +88,7 @@ def write_config(path, **sections):
 
 @pytest.mark.parametrize("layout", ["movielens-100k", "movielens-1m", "movielens-latest-small", "generic",
                                     "generic-string-ids"])
-def test_end_to_end(layout, tmp_path):
+def test_end_to_end(layout, tmp_path, capsys):
     from client import RecommenderClient
     from feature_workflows.raw_schema import read_table
     from runtime.pipeline import Pipeline
@@ -135,3 +135,10 @@ def test_end_to_end(layout, tmp_path):
                 from client.cli import item_details
 
                 assert list(item_details(art)["columns"])[:2] == ["category", "item_key"]  # `shoprec recommend` shows it
+        if layout == "generic-string-ids":  # the CLI by text ids: a user and the item they are looking at
+            capsys.readouterr()
+            assert main(base + ["recommend", "--user-key", "u007", "--context-key", "sku-0001", "--scene", "item_detail",
+                                "-k", "3", "--url", server.grpc_url]) == 0
+            table = capsys.readouterr().out.splitlines()
+            assert table[0].startswith(f"user {key_id('u007')}: 3 items") and "item_key" in table[1]
+            assert all(" sku-" in line for line in table[2:5]), table
