@@ -276,6 +276,11 @@ def _data_args(p):
                    "integer shoprec.ids.key_id(text), stable across files and runs; the items/users tables keep the text "
                    "as item_key / user_key; ask for a user with `shoprec recommend --user-key TEXT`")
     g.add_argument("--positive-threshold", type=float, help="rating data: a rating >= this is a positive (default 4)")
+    g.add_argument("--strong-threshold", type=float, help="rating data: a rating >= this is also a purchase, the CVR "
+                   "head's target (default 5; above the scale's top: never)")
+    g.add_argument("--rating-range", type=float, nargs=2, metavar=("LO", "HI"), help="rating data: the scale; a rating "
+                   "outside is an error naming file, row and column (default 0.5 5; e.g. 1 10 with --positive-threshold 7 "
+                   "--strong-threshold 9)")
 
 
 def _split_args(p):
@@ -414,9 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _apply_overrides(args, cfg):
     for attr, key in (("size", "size"), ("seed", "seed"), ("source", "source"), ("movielens_dir", "movielens_dir"),
-                      ("positive_threshold", "positive_threshold")):
+                      ("positive_threshold", "positive_threshold"), ("strong_threshold", "strong_threshold"),
+                      ("rating_range", "rating_range")):
         if getattr(args, attr, None) is not None:
-            cfg = cfg.replace("data", **{key: getattr(args, attr)})
+            value = getattr(args, attr)
+            cfg = cfg.replace("data", **{key: tuple(value) if isinstance(value, list) else value})
     if getattr(args, "command", None) == "serve" and args.online_store:
         cfg = cfg.replace("serve", online_store=args.online_store)
     for attr in ("address", "http_port", "grpc_port", "metrics_port", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
@@ -430,8 +437,21 @@ def _apply_overrides(args, cfg):
     if hasattr(args, "results") and args.results is None:
         args.results = str(Path(args.artifacts) / "results")
     if getattr(args, "tag", "unset") is None:
-        args.tag = cfg.data.size if cfg.data.source == "synthetic" else cfg.data.source
+        args.tag = _default_tag(args, cfg)
     return cfg
+
+
+def _default_tag(args, cfg) -> str:
+    """The quality report's name: the source the raw data on disk came from (`shoprec data` wrote it; the config may
+    name another), the synthetic shop's size for the synthetic shop."""
+    source = cfg.data.source
+    schema = Path(args.artifacts) / "data" / "raw" / "schema.json"
+    if getattr(args, "command", None) == "evaluate" and schema.is_file():
+        try:
+            source = json.loads(schema.read_text()).get("source") or source
+        except (OSError, ValueError):
+            pass  # evaluate itself reports an unreadable raw folder
+    return cfg.data.size if source == "synthetic" else source
 
 
 # known, harmless library warnings that would otherwise bury the progress lines

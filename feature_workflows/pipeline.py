@@ -89,6 +89,10 @@ def _rank_in_user(sorted_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(len(sorted_users)) - np.repeat(starts, sizes), np.repeat(sizes, sizes)
 
 
+def _utc(ts: int) -> str:
+    return str(np.datetime64(int(ts), "s")).replace("T", " ")
+
+
 def assign_holdout(actions: pd.DataFrame, cfg: FeatureConfig) -> np.ndarray:
     """Fold per train action: 0 fit, 1 holdout (the latest `holdout_latest` of each user's train
     actions, by (ts, item), plus `holdout_random` of the others at random)."""
@@ -260,8 +264,15 @@ def _read_and_split(raw_dir: Path, cfg: FeatureConfig) -> _Split:
                                 "ts": imp["ts"].values})
     part, cuts = assign_split(actions["ts"].values, actions["user_id"].values, actions["item_row"].values, cfg)
     actions["split"] = part
+    ts = actions["ts"].values
+    stamps = f"{len(np.unique(ts))} distinct timestamp(s), {_utc(ts.min())} .. {_utc(ts.max())}"
     if not (part == 0).any():
-        raise RawDataError(f"{raw_dir}: the {cfg.split!r} split left no training actions")
+        raise RawDataError(f"{raw_dir}: the {cfg.split!r} split left no training actions ({len(ts)} actions, {stamps}); "
+                           "use --split random or user-time, or --deploy")
+    if cfg.split != "none" and not (part == 1).any():
+        log.warning("the %r split left no valid actions (%d actions, %s): train chooses its hyper-parameters on the "
+                    "holdout inside train and evaluate's baselines keep their first grid point; --split random or "
+                    "user-time avoids it", cfg.split, len(ts), stamps)
     if cfg.split != "none" and not ((part == 2) & (actions["kind"].values >= POSITIVE_KIND)).any():
         raise RawDataError(f"{raw_dir}: the {cfg.split!r} split left no positive in the test part; "
                            "need more data or `features.split = \"none\"`")

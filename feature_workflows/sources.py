@@ -324,7 +324,8 @@ def _parse_ratings(frame: Frame, col: str, lo: float, hi: float) -> np.ndarray:
         frame.fail(s, bad, col, lambda v: f"{_show(v)} is not a number; {allowed}")
     out = (num < lo) | (num > hi)
     if out.any():
-        frame.fail(s, out, col, lambda v: f"rating {_show(v)} is outside the allowed range {_fmt_range(lo, hi)}")
+        frame.fail(s, out, col, lambda v: f"rating {_show(v)} is outside the allowed range {_fmt_range(lo, hi)} "
+                                          "(another scale: --rating-range LO HI)")
     return num
 
 
@@ -446,7 +447,8 @@ def _check_spec(spec: SourceSpec) -> None:
         raise RawDataError(f"rating_range {_fmt_range(lo, hi)}: the low end is above the high end")
     if spec.strong_threshold is not None and spec.strong_threshold < spec.positive_threshold:
         raise RawDataError(f"strong_threshold {spec.strong_threshold} is below positive_threshold "
-                           f"{spec.positive_threshold}; a purchase must also be a click")
+                           f"{spec.positive_threshold}; a purchase must also be a click (set both: --positive-threshold, "
+                           "--strong-threshold)")
 
 
 def _parse_interactions(frame: Frame, spec: SourceSpec, hint: str = "") -> tuple[pd.DataFrame, str, dict[str, pd.Series]]:

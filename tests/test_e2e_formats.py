@@ -142,3 +142,71 @@ def test_end_to_end(layout, tmp_path, capsys):
             table = capsys.readouterr().out.splitlines()
             assert table[0].startswith(f"user {key_id('u007')}: 3 items") and "item_key" in table[1]
             assert all(" sku-" in line for line in table[2:5]), table
+
+
+def _events_csv(path, n_users: int, per_user: int, stamp=None, seed: int = 0):
+    """Planted tastes as events; `stamp(ts)` rewrites the timestamps (coarse clocks)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for u in range(1, n_users + 1):
+        for _ in range(per_user):
+            item = int(rng.choice(np.arange(u % 4, N_ITEMS, 4))) + 1 if rng.random() < 0.8 else int(rng.integers(1, N_ITEMS + 1))
+            ts = 1_709_251_200 + int(rng.integers(0, 30 * 86400))
+            lines.append(f"{u},{item},{stamp(ts) if stamp else ts},{rng.choice(['view', 'click', 'purchase'], p=[.5, .4, .1])}")
+    path.write_text("user_id,item_id,timestamp,event\n" + "\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_small_and_coarse_data_train_or_say_why(tmp_path, capsys, caplog):
+    """What a new user's first sample looks like: 30 users of 10 events train (a ranker from 3 lists: one kept to
+    check it, never none); events that all share one timestamp cannot be split in time, and the one-line error says
+    so and what to use; dates without times leave no valid period: a warning says so, and evaluate says its baselines
+    are untuned and names its report after the data's source."""
+    config = write_config(tmp_path / "fast.toml", retrieval={"epochs": 2, "patience": 1, "batch_size": 128,
+                                                            "whole_history_share": [0.5]}, ranking={"steps": 50})
+
+    def run(name, csv, *stages):
+        base = ["--config", str(config), "--artifacts", str(tmp_path / name), "--quiet"]
+        codes = [main(base + ["data", "--source", "interactions", "--interactions", csv])]
+        for stage in stages:
+            codes.append(main(base + stage))
+            if codes[-1]:
+                break
+        return codes, tmp_path / name
+
+    codes, art = run("tiny", _events_csv(tmp_path / "tiny.csv", 30, 10), ["features"], ["train", "--device", "cpu"])
+    assert codes == [0, 0, 0]
+    lists = json.loads((art / "models" / "train_report.json").read_text())["ranking"]["lists"]
+    assert lists["valid_users"] >= 1 and lists["train_users"] >= 1
+
+    day = lambda ts: "2024-03-01"  # noqa: E731
+    codes, _ = run("one_day", _events_csv(tmp_path / "one_day.csv", 60, 8, day), ["features"])
+    assert codes == [0, 2]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the 'time' split left no training actions" in err and "1 distinct timestamp(s)" in err
+    assert err.endswith("use --split random or user-time, or --deploy")
+
+    dates = lambda ts: str(np.datetime64(1_709_251_200 + ts % (4 * 86400), "s"))[:10]  # noqa: E731
+    with caplog.at_level("WARNING", logger="shoprec.features"):
+        codes, art = run("dates", _events_csv(tmp_path / "dates.csv", 120, 10, dates), ["features"],
+                         ["train", "--device", "cpu"], ["export"], ["evaluate"])
+    assert codes == [0, 0, 0, 0, 0]
+    assert any("split left no valid actions" in r.getMessage() and "4 distinct timestamp(s)" in r.getMessage()
+               for r in caplog.records)
+    report = json.loads((art / "results" / "quality_interactions.json").read_text())
+    assert report["baselines_tuned"] is False and "the split left no valid users to tune on" in report["protocol"]
+
+
+def test_a_rating_scale_of_your_own(tmp_path):
+    """Ratings 1-10: refused with the default scale (the message names the flag), loaded with --rating-range 1 10,
+    --positive-threshold 7 and --strong-threshold 9."""
+    rows = [(u, i, r, 1_700_000_000 + u * 100 + i) for u in range(1, 21) for i, r in zip(range(1, 6), (10, 9, 7, 6, 2))]
+    csv = tmp_path / "r.csv"
+    csv.write_text("user_id,item_id,timestamp,rating\n" + "".join(f"{u},{i},{t},{r}\n" for u, i, r, t in rows))
+    base = ["--artifacts", str(tmp_path / "a"), "--quiet", "data", "--source", "interactions", "--interactions", str(csv)]
+    assert main(base) == 2
+    assert main(base + ["--rating-range", "1", "10", "--positive-threshold", "7", "--strong-threshold", "9"]) == 0
+    from feature_workflows.raw_schema import read_table
+
+    events = read_table(tmp_path / "a" / "data" / "raw", "interactions")["event"].value_counts().to_dict()
+    assert events == {"view": 100, "click": 60, "purchase": 40}  # ratings 10, 9, 7 click; 10, 9 purchase

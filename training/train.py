@@ -565,7 +565,13 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
                                ann_bias=popularity_bias(data.items["popularity_fit"], rc.temperature * ann_weight))
     rsel = np.arange(n_rank)
     lists = ranker_lists(data, gen_a, _slice_q(q, rsel), user_embeddings(tt_a, _slice_q(q, rsel), device), [truth[i] for i in rsel])
+    if n_rank < 2:
+        raise TrainingError(f"train: {n_rank} user(s) with a holdout positive on an item they had not acted on; the "
+                            "ranker needs at least 2 (one to learn from, one to check): more users or more actions per user")
     is_valid = np.random.default_rng(kc.seed + 1).random(n_rank) < kc.valid_share
+    if not is_valid.any() or is_valid.all():  # few lists: the draw can leave a side empty; one list goes to each
+        is_valid[:] = False
+        is_valid[np.random.default_rng(kc.seed + 1).integers(n_rank)] = True
     tr_idx, va_idx = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
     sub = lambda d, idx: {k: v[idx] for k, v in d.items()}  # noqa: E731
     va_truth = [truth[i] for i in va_idx]
