@@ -161,7 +161,7 @@ def test_small_and_coarse_data_train_or_say_why(tmp_path, capsys, caplog):
     """What a new user's first sample looks like: 30 users of 10 events train (a ranker from 3 lists: one kept to
     check it, never none); events that all share one timestamp cannot be split in time, and the one-line error says
     so and what to use; dates without times leave no valid period: a warning says so, and evaluate says its baselines
-    are untuned and names its report after the data's source."""
+    are untuned, names its report after the data's source, and shows category figures as n/a without a category."""
     config = write_config(tmp_path / "fast.toml", retrieval={"epochs": 2, "patience": 1, "batch_size": 128,
                                                             "whole_history_share": [0.5]}, ranking={"steps": 50})
 
@@ -195,6 +195,11 @@ def test_small_and_coarse_data_train_or_say_why(tmp_path, capsys, caplog):
                for r in caplog.records)
     report = json.loads((art / "results" / "quality_interactions.json").read_text())
     assert report["baselines_tuned"] is False and "the split left no valid users to tune on" in report["protocol"]
+    # no item table, so no category: diversity is unknown (n/a), not 0, and the category route, empty, is left out
+    assert report["results"]["served_pipeline"]["warm"]["diversity@10"]["mean"] is None
+    assert "route_category" in report["routes_without_items"] and "route_category" not in report["results"]
+    md = (art / "results" / "quality_interactions.md").read_text()
+    assert "| n/a |" in md and "left out): route_category" in md
 
 
 def test_a_rating_scale_of_your_own(tmp_path):

@@ -207,7 +207,8 @@ def figures(top: np.ndarray, truth: list[set], data: FeatureData, pop: np.ndarra
         out[f"recall@{k}"] = M.mean_se(M.per_user_recall(top, truth, k))
     out["ndcg@10"] = M.mean_se(M.per_user_ndcg(top, truth, 10))
     out["hitrate@10"] = M.mean_se(M.per_user_hit(top, truth, 10))
-    out["diversity@10"] = M.mean_se(M.per_user_diversity(top, data.category, 10))
+    has_category = bool((data.category >= 0).any())  # without one, "diversity" would read as 0, not as unknown
+    out["diversity@10"] = M.mean_se(M.per_user_diversity(top, data.category, 10)) if has_category else (None, None)
     out["novelty@10"] = M.mean_se(M.per_user_novelty(top, pop, n_users, 10))
     out["coverage@10"] = (M.coverage(top, data.n_items, 10), None)
     return {k: {"mean": v[0], "se": v[1]} for k, v in out.items()}
@@ -274,8 +275,10 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
     full, extra, cold = served_lists(Path(bundle_dir), users, cfg)
     systems["two_tower"] = extra.pop("route_ann")
     systems["served_pipeline"] = full
+    silent = [k for k, v in extra.items() if not (v >= 0).any()]  # e.g. the category route without item categories
     for k, v in extra.items():
-        systems[k] = v
+        if k not in silent:
+            systems[k] = v
     if progress:
         print(f"evaluate: served pipeline ({time.time() - t0:.0f}s)", flush=True)
     if (cold != ~warm).any():
@@ -294,7 +297,7 @@ def evaluate(features_dir: str | Path, bundle_dir: str | Path, results_dir: str 
                         "baselines tuned on valid NDCG@10" if tuned else
                         "baselines at the first point of their grid (the split left no valid users to tune on)"),
         "baselines_tuned": tuned,
-        "baseline_params": params, "results": results,
+        "baseline_params": params, "results": results, "routes_without_items": silent,
         "train_report": _train_summary(Path(features_dir).parent / "models"),
         "machine": _machine(), "command": f"shoprec evaluate --tag {tag}", "seconds": round(time.time() - t0, 1),
     }
@@ -341,7 +344,8 @@ def markdown(r: dict) -> str:
         lines += [f"## {group} users", "", "| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for n in names:
             f = r["results"][n][group]
-            cells = [f"{f[c]['mean']:.4f}" + (f" ± {f[c]['se']:.4f}" if f[c]["se"] is not None else "") for c in cols]
+            cells = ["n/a" if f[c]["mean"] is None else f"{f[c]['mean']:.4f}" + (f" ± {f[c]['se']:.4f}" if f[c]["se"] is not None
+                                                                               else "") for c in cols]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     skipped = {k: v["skipped"] for k, v in r["baseline_params"].items() if "skipped" in v}
@@ -350,6 +354,9 @@ def markdown(r: dict) -> str:
     lines += [f"Baseline hyper-parameters ({how}): `{json.dumps(chosen)}`."]
     if skipped:
         lines += [f"Skipped: {skipped}."]
+    if r.get("routes_without_items"):
+        lines += [f"Routes that returned no item for any test user (left out): {', '.join(r['routes_without_items'])}"
+                  " (`route_category` needs an item category)."]
     prior = r.get("train_report", {}).get("popularity_prior") or {}
     if prior.get("weight") is not None:
         lines += [f"Popularity prior of the served score: w = {prior['weight']} (chosen by `train` on its "
