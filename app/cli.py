@@ -444,13 +444,14 @@ def _apply_overrides(args, cfg):
 def _default_tag(args, cfg) -> str:
     """The quality report's name: the source the raw data on disk came from (`shoprec data` wrote it; the config may
     name another), the synthetic shop's size for the synthetic shop."""
+    from feature_workflows.raw_schema import RawDataError, read_schema
+
     source = cfg.data.source
-    schema = Path(args.artifacts) / "data" / "raw" / "schema.json"
-    if getattr(args, "command", None) == "evaluate" and schema.is_file():
+    if getattr(args, "command", None) == "evaluate":
         try:
-            source = json.loads(schema.read_text()).get("source") or source
-        except (OSError, ValueError):
-            pass  # evaluate itself reports an unreadable raw folder
+            source = read_schema(Path(args.artifacts) / "data" / "raw").get("source") or source
+        except (RawDataError, OSError, ValueError):
+            pass  # no raw data on disk (evaluate names what is missing)
     return cfg.data.size if source == "synthetic" else source
 
 

@@ -63,17 +63,17 @@ def read_events(stream, fmt: str):
 
 
 def text_ids(event: dict) -> str | None:
-    """For data loaded with `--string-ids`: the event's user_id and item_id (text, or an integer read as its decimal
-    text) replaced in place by `shoprec.ids.key_id`, as the loader did; the reason when one cannot be."""
-    from shoprec.ids import key_id
+    """For data loaded with `--string-ids`: the event's user_id and item_id replaced in place by
+    `shoprec.ids.key_id` of their text (`shoprec.ids.id_text`, as the loader reads them); the reason when one cannot
+    be."""
+    from shoprec.ids import id_text, key_id
 
     for field in ("user_id", "item_id"):
-        value = event.get(field)
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str) or not value.strip():
-            return f"{field} {value!r} is not a text id (text or an integer)"
-        event[field] = key_id(value)
+        text = id_text(event.get(field))
+        try:
+            event[field] = key_id(text)
+        except (TypeError, ValueError):
+            return f"{field} {event.get(field)!r} is not a text id (text or an integer)"
     return None
 
 
@@ -143,9 +143,10 @@ def item_ids(values: list[str] | None, string_ids: bool, option: str) -> list[in
     out = []
     for value in values or []:
         if string_ids:
-            if not value.strip():
-                raise EventsError(f"{option}: empty text id")
-            out.append(key_id(value))
+            try:
+                out.append(key_id(value))
+            except ValueError:  # the one refusal of a str: empty
+                raise EventsError(f"{option}: empty text id") from None
         elif value.strip().isdigit():
             out.append(int(value))
         else:

@@ -50,19 +50,20 @@ def format_table(rec, details) -> str:
     return "\n".join(lines)
 
 
+def _key(option: str, text: str) -> int:
+    try:
+        return key_id(text)
+    except ValueError:  # the one refusal of a str: empty
+        raise SystemExit(f"shoprec recommend: {option}: empty text id") from None
+
+
 def run(args, cfg) -> None:
     port = cfg.serve.grpc_port if args.protocol == "grpc" else cfg.serve.http_port
     url = args.url or f"127.0.0.1:{port}"
     from tritonclient.utils import InferenceServerException
 
-    if args.user is None and not args.user_key.strip():
-        raise SystemExit("shoprec recommend: --user-key: empty text id")
-    user = args.user if args.user is not None else key_id(args.user_key)
-    context = args.context
-    if getattr(args, "context_key", None):
-        if not all(k.strip() for k in args.context_key):
-            raise SystemExit("shoprec recommend: --context-key: empty text id")
-        context = [key_id(k) for k in args.context_key]
+    user = args.user if args.user is not None else _key("--user-key", args.user_key)
+    context = [_key("--context-key", k) for k in args.context_key] if getattr(args, "context_key", None) else args.context
     with RecommenderClient(url, args.protocol, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
         try:
             rec = c.recommend(user, args.k, args.hour, args.weekday, args.client_device,

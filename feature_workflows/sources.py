@@ -75,7 +75,7 @@ import numpy as np
 import pandas as pd
 from pandas._libs.parsers import STR_NA_VALUES  # pandas' default missing-value words (public in docs, private path)
 
-from shoprec.ids import key_id
+from shoprec.ids import id_text, key_id
 
 from .raw_schema import (EVENTS, KINDS, RawDataError, make_schema, validate_attributes,
                          validate_interactions)
@@ -374,59 +374,39 @@ def _require_columns(frame: Frame, needed: Sequence[str]) -> None:
         raise RawDataError(f"{frame.name}: missing column(s) {missing}; has {frame.columns_in_file()}")
 
 
-def _id_text(value: object) -> str | None:
-    """One distinct value of a text-id column as its text: str as is, bytes decoded as UTF-8, integers in
-    decimal; None for anything else (floats, booleans: `7.0` and `7` must not become two ids by accident)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    return None
-
-
-def parse_key_ids(frame: Frame, col: str) -> tuple[np.ndarray, np.ndarray]:
-    """Column `col` of text ids -> (int64 ids, the stripped texts): `shoprec.ids.key_id` of each distinct
-    text (numbers count as their text: `007` and `7` are two ids). Text, UTF-8 bytes and integer columns are
-    read; a float or boolean value is an error (its text would depend on how the file stored it). Empty
-    values are errors naming the file, position and column; two texts with one id are an error naming both."""
+def parse_key_ids(frame: Frame, col: str) -> tuple[np.ndarray, pd.Series]:
+    """Column `col` of text ids -> (the int64 id of each row, id -> text of each distinct id): `shoprec.ids.key_id`
+    of each distinct stripped text (numbers count as their text: `007` and `7` are two ids). Text, UTF-8 bytes and
+    integer columns are read (`shoprec.ids.id_text`); a float or boolean value is an error (its text would depend
+    on how the file stored it). Empty values are errors naming the file, position and column; two texts with one
+    id are an error naming both."""
     s = _plain(frame.df[col])
     label = frame.labels.get(col, col)
     if pd.api.types.is_float_dtype(s) or pd.api.types.is_bool_dtype(s):
         raise RawDataError(f"{frame.name}: column {label!r}: text ids must be text or integers, not {s.dtype}; "
                            "store the column as text")
-    codes, uniq = pd.factorize(s)
-    texts = [_id_text(v) for v in uniq]
-    bad = [t is None for t in texts]
-    if any(bad):
-        frame.fail(s, np.isin(codes, np.flatnonzero(bad)), col,
+    codes, uniq = pd.factorize(s)  # every text is read and hashed once
+    texts = [id_text(v) for v in uniq]
+    bad = np.array([t is None for t in texts] + [False])
+    if bad.any():
+        frame.fail(s, bad[codes], col,
                    lambda v: f"{_show(v)} is not a text id (text, UTF-8 bytes or an integer); store the column as text")
-    stripped = np.array([t.strip() for t in texts] + [""], dtype=object)
-    empty = stripped[codes] == ""  # code -1 (a null) lands on the trailing ""
+    stripped = np.array([t.strip() for t in texts], dtype=object)
+    empty = np.append(stripped == "", True)[codes]  # code -1 (a null) lands on the appended True
     if empty.any():
         frame.fail(s, empty, col, lambda v: "empty value; text ids must not be empty")
-    text = pd.Series(stripped[codes], dtype=object)
-    codes, uniq = pd.factorize(text)  # texts equal after stripping: one id
-    hashed = np.fromiter((key_id(k) for k in uniq), dtype=np.int64, count=len(uniq))
+    inner, keys = pd.factorize(stripped)  # texts equal after stripping: one id
+    hashed = np.fromiter((key_id(k) for k in keys), dtype=np.int64, count=len(keys))
     dup = pd.Series(hashed).duplicated(keep=False).to_numpy()
     if dup.any():
         first = hashed[dup][0]
-        a, b = (str(k) for k in uniq[hashed == first][:2])
+        a, b = (str(k) for k in keys[hashed == first][:2])
         raise RawDataError(f"{frame.name}: column {label!r}: the text ids {a!r} and {b!r} hash to the "
                            f"same id {first}; rename one of them, or map the ids to integers yourself")
-    return hashed[codes], text.to_numpy(dtype=object)
+    return hashed[inner[codes]], pd.Series(keys, index=hashed, dtype=object)
 
 
 KEY_COLUMN = {"user_id": "user_key", "item_id": "item_key"}  # with string ids: the text beside the id, kind text
-
-
-def _key_map(ids: np.ndarray, texts: np.ndarray) -> pd.Series:
-    """id -> text, one entry per id (`parse_key_ids` made each text's id unique within its column)."""
-    return pd.Series(texts, index=ids).groupby(level=0).first()
 
 
 def _merge_keys(known: pd.Series, more: pd.Series, frame: Frame, col: str) -> pd.Series:
@@ -468,8 +448,7 @@ def _parse_interactions(frame: Frame, spec: SourceSpec, hint: str = "") -> tuple
     if spec.string_ids:
         parsed = {}
         for col in ("user_id", "item_id"):
-            parsed[col], texts = parse_key_ids(frame, col)
-            keys[col] = _key_map(parsed[col], texts)
+            parsed[col], keys[col] = parse_key_ids(frame, col)
         users, items = parsed["user_id"], parsed["item_id"]
     else:
         users, items = parse_ints(frame, "user_id", hint=hint), parse_ints(frame, "item_id", hint=hint)
@@ -634,16 +613,16 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
         raise RawDataError(f"{frame.name}: {option} names column(s) {absent}, which the {table} table lacks; "
                            f"has {frame.columns_in_file()}")
     if keys is None:
-        own = parse_ints(frame, id_col, hint=hint)
-        shown = own
+        own, own_keys = parse_ints(frame, id_col, hint=hint), None
     else:
         if KEY_COLUMN[id_col] in frame.df.columns:
             raise RawDataError(f"{frame.name}: has a column {KEY_COLUMN[id_col]!r}, which --string-ids writes (the text "
                                f"id); rename it")
-        own, shown = parse_key_ids(frame, id_col)
+        own, own_keys = parse_key_ids(frame, id_col)
     dup = pd.Series(own).duplicated().to_numpy()
     if dup.any():
-        frame.fail(shown, dup, id_col, lambda v: f"{id_col} {v if keys is None else _show(v)} is listed more than once")
+        frame.fail(own, dup, id_col, lambda v: f"{id_col} {v if own_keys is None else _show(own_keys[v])} is listed "
+                                               "more than once")
     attrs = [c for c in frame.df.columns if c != id_col]
     all_kinds = {c: kinds.get(c) or _infer_kind(frame.df[c]) for c in attrs}
     out = pd.DataFrame({id_col: own})
@@ -656,7 +635,7 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
         for c, k in all_kinds.items():
             out[c] = _finish(out[c], k)
     if keys is not None:
-        merged = _merge_keys(keys, _key_map(own, shown), frame, id_col)
+        merged = _merge_keys(keys, own_keys, frame, id_col)
         out[KEY_COLUMN[id_col]] = merged.reindex(out[id_col].to_numpy()).to_numpy(dtype=object)
         all_kinds[KEY_COLUMN[id_col]] = "text"
     out = validate_attributes(out, table, all_kinds, frame.name)

@@ -16,6 +16,7 @@ id first seen later (a new user's request, an event) is not checked against them
 from __future__ import annotations
 
 import hashlib
+import numbers
 
 KEY_BITS = 53
 _SHIFT = 64 - KEY_BITS
@@ -30,3 +31,18 @@ def key_id(key: str) -> int:
     if not text:
         raise ValueError("key_id: empty text id")
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> _SHIFT
+
+
+def id_text(value: object) -> str | None:
+    """A value read as a text id: str as is, UTF-8 bytes decoded, an integer in decimal; None for anything else (a
+    float or a boolean: `7.0` and `7` must not become two ids because of how a file stored them)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    return None

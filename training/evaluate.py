@@ -355,8 +355,8 @@ def markdown(r: dict) -> str:
     if skipped:
         lines += [f"Skipped: {skipped}."]
     if r.get("routes_without_items"):
-        lines += [f"Routes that returned no item for any test user (left out): {', '.join(r['routes_without_items'])}"
-                  " (`route_category` needs an item category)."]
+        why = " (it needs an item category)" if r["routes_without_items"] == ["route_category"] else ""
+        lines += [f"Routes that returned no item for any test user (left out): {', '.join(r['routes_without_items'])}{why}."]
     prior = r.get("train_report", {}).get("popularity_prior") or {}
     if prior.get("weight") is not None:
         lines += [f"Popularity prior of the served score: w = {prior['weight']} (chosen by `train` on its "
