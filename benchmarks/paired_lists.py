@@ -6,8 +6,8 @@
 Each folder is one protocol's work folder of `benchmarks.referee_bench` or `benchmarks.referee_variants`:
 its `split/` (the referee's train/test/catalog/eval_users_test.csv) and `lists_test.csv` (what the server
 returned). Both must hold the same split. `--part valid` compares the valid users' lists instead
-(`lists_valid.csv`, truth from valid.csv): the part to choose a setting on, leaving test untouched. Per test user, the list is cut as the referee cuts it (catalog
-items only, the user's train positives and repeats dropped, then the top 10; ground truth = test positives
+(`lists_valid.csv`, truth from valid.csv): the part to choose a setting on, leaving test untouched. Per user of that part, the list is cut as the referee cuts it (catalog
+items only, the user's train positives and repeats dropped, then the top 10; ground truth = that part's positives
 in the catalog) and scored by training.metrics (the referee's Recall@10 and NDCG@10). Prints A, B and the mean of A - B with its standard
 error over users: a paired difference is far tighter than the two means' own standard errors. `--json`
 writes the same.
