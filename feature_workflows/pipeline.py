@@ -6,7 +6,7 @@ the timeline is test, the valid_fraction before it valid), `user-time` (inside e
 event). Valid and test exist for evaluation and tuning only.
 
 Inside train, a holdout (`holdout_latest` of each user's latest actions plus `holdout_random` of
-the rest) is what the two-tower early-stops on and what the ranker learns to rank (models fitted
+the rest, whole sessions at a time) is what the two-tower early-stops on and what the ranker learns to rank (models fitted
 on the other train actions produce its candidates); training then refits on all of train.
 
 Writes into OUT (default artifacts/features):
@@ -57,6 +57,7 @@ from .workflows import (
 
 log = logging.getLogger("shoprec.features")
 SPLITS = ("time", "user-time", "random", "none")
+HOLDOUT_UNITS = ("session", "action")
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 
@@ -95,14 +96,30 @@ def _utc(ts: int) -> str:
 
 def assign_holdout(actions: pd.DataFrame, cfg: FeatureConfig) -> np.ndarray:
     """Fold per train action: 0 fit, 1 holdout (the latest `holdout_latest` of each user's train
-    actions, by (ts, item), plus `holdout_random` of the others at random)."""
+    actions, by (ts, item), plus `holdout_random` of the others at random).
+
+    `holdout_unit = "session"` holds out whole sessions (user, session_id): a session with any of the
+    user's latest actions, and each other session with chance `holdout_random` (the draw of its first
+    action). So no label is the rest of a visit whose start the models saw: the ranker learns what a user
+    does on another visit, which is what the server and evaluation ask of it. Where every session is one
+    action (rating data without session ids: one session per user and timestamp, so ties on a timestamp
+    go together) it is the per-action rule. `"action"`: per action, sessions split."""
+    if cfg.holdout_unit not in HOLDOUT_UNITS:
+        raise ValueError(f"features.holdout_unit must be one of {HOLDOUT_UNITS}, got {cfg.holdout_unit!r}")
     a = actions
     order = np.lexsort((a["item_row"].values, a["ts"].values, a["user_id"].values))
     rank, size = _rank_in_user(a["user_id"].values[order])
     latest = np.zeros(len(a), bool)
     latest[order] = rank >= size - np.floor(cfg.holdout_latest * size)
     rnd = np.random.default_rng(cfg.split_seed + 1).random(len(a)) < cfg.holdout_random
-    return (latest | rnd).astype(np.int8)
+    if cfg.holdout_unit == "action" or "session_id" not in a.columns or not len(a):
+        return (latest | rnd).astype(np.int8)
+    session = a.groupby(["user_id", "session_id"], sort=False).ngroup().to_numpy()
+    first = np.full(session.max() + 1, len(a), np.int64)
+    np.minimum.at(first, session, np.arange(len(a)))
+    held = rnd[first]
+    np.logical_or.at(held, session, latest)
+    return held[session].astype(np.int8)
 
 
 def _category_codes(items: pd.DataFrame, roles: dict, kinds: dict) -> tuple[np.ndarray | None, np.ndarray]:
@@ -214,6 +231,8 @@ def build_features(raw_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig,
     t0 = time.time()
     if cfg.split not in SPLITS:
         raise ValueError(f"features.split must be one of {SPLITS}, got {cfg.split!r}")
+    if cfg.holdout_unit not in HOLDOUT_UNITS:
+        raise ValueError(f"features.holdout_unit must be one of {HOLDOUT_UNITS}, got {cfg.holdout_unit!r}")
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)  # never leave a stale file of an earlier run beside the new ones

@@ -31,6 +31,7 @@ class FeatureConfig:
     split_seed: int = 2026
     holdout_latest: float = 0.1  # of each user's latest train actions: what the ranker learns to rank
     holdout_random: float = 0.1  # plus this share of the other train actions, at random
+    holdout_unit: str = "session"  # session: whole sessions held out (never the rest of a visit) | action
     sequence_length: int = 50  # the last N actions the towers and the ranker read
     recent_categories: int = 10
 

@@ -72,6 +72,34 @@ def test_holdout_takes_each_users_latest_share_plus_random():
     assert (mixed == 1).sum() > 8 + 20  # plus about half of the rest
 
 
+def test_holdout_keeps_each_session_whole():
+    # two users, 12 visits of 3 actions each: the latest 10 % (3 of 36) cut no visit in two, and neither
+    # do the random draws; visits held out at random are about holdout_random of the others
+    users, visits, per = 2, 12, 3
+    n = users * visits * per
+    acts = pd.DataFrame({"user_id": np.repeat(np.arange(users), visits * per),
+                         "session_id": np.repeat(np.arange(users * visits), per),
+                         "item_row": np.arange(n) % 50, "ts": np.arange(n) * 10, "kind": 2})
+    acts = acts.sample(frac=1.0, random_state=0).reset_index(drop=True)  # any row order
+    fold = assign_holdout(acts, FeatureConfig(holdout_latest=0.1, holdout_random=0.4))
+    by_visit = pd.Series(fold).groupby([acts["user_id"], acts["session_id"]]).agg(["min", "max"])
+    assert (by_visit["min"] == by_visit["max"]).all()
+    last = acts.groupby("user_id")["session_id"].max()
+    assert all(fold[(acts["session_id"] == s).to_numpy()].all() for s in last)
+    held = by_visit["min"].groupby(level=0).sum() - 1  # visits held out besides the last
+    assert 0 < held.sum() < 2 * (visits - 1)
+    # per action the same data splits visits
+    per_action = assign_holdout(acts, FeatureConfig(holdout_latest=0.1, holdout_random=0.4, holdout_unit="action"))
+    split = pd.Series(per_action).groupby([acts["user_id"], acts["session_id"]]).nunique()
+    assert (split > 1).any()
+    # one action per session (rating data): the session rule is the action rule, draw for draw
+    single = acts.assign(session_id=np.arange(n))
+    np.testing.assert_array_equal(assign_holdout(single, FeatureConfig(holdout_random=0.4)),
+                                  assign_holdout(single, FeatureConfig(holdout_random=0.4, holdout_unit="action")))
+    with pytest.raises(ValueError, match="features.holdout_unit must be one of"):
+        assign_holdout(acts, FeatureConfig(holdout_unit="visit"))
+
+
 def test_workflow_save_load_round_trip(artifacts):
     import nvtabular as nvt
 
