@@ -103,7 +103,9 @@ def assign_holdout(actions: pd.DataFrame, cfg: FeatureConfig) -> np.ndarray:
     action). So no label is the rest of a visit whose start the models saw: the ranker learns what a user
     does on another visit, which is what the server and evaluation ask of it. Where every session is one
     action (rating data without session ids: one session per user and timestamp, so ties on a timestamp
-    go together) it is the per-action rule. `"action"`: per action, sessions split."""
+    go together) it is the per-action rule. A user whose sessions would all be held out (one visit holding
+    their latest actions) keeps the per-action rule, so the fit-fold models still see them.
+    `"action"`: per action, sessions split."""
     if cfg.holdout_unit not in HOLDOUT_UNITS:
         raise ValueError(f"features.holdout_unit must be one of {HOLDOUT_UNITS}, got {cfg.holdout_unit!r}")
     a = actions
@@ -119,7 +121,11 @@ def assign_holdout(actions: pd.DataFrame, cfg: FeatureConfig) -> np.ndarray:
     np.minimum.at(first, session, np.arange(len(a)))
     held = rnd[first]
     np.logical_or.at(held, session, latest)
-    return held[session].astype(np.int8)
+    fold = held[session]
+    user = pd.factorize(a["user_id"])[0]
+    seen = np.zeros(user.max() + 1, bool)
+    seen[user[~fold]] = True  # users with a fit action left
+    return np.where(seen[user], fold, latest | rnd).astype(np.int8)
 
 
 def _category_codes(items: pd.DataFrame, roles: dict, kinds: dict) -> tuple[np.ndarray | None, np.ndarray]:

@@ -96,6 +96,17 @@ def test_holdout_keeps_each_session_whole():
     single = acts.assign(session_id=np.arange(n))
     np.testing.assert_array_equal(assign_holdout(single, FeatureConfig(holdout_random=0.4)),
                                   assign_holdout(single, FeatureConfig(holdout_random=0.4, holdout_unit="action")))
+    # a user with one visit would have it all held out (it holds their latest actions): the action rule for them
+    lone = pd.DataFrame({"user_id": 9, "session_id": 99, "item_row": np.arange(20), "ts": np.arange(20) * 10,
+                         "kind": 2})
+    both = pd.concat([acts, lone], ignore_index=True)
+    fold = assign_holdout(both, FeatureConfig(holdout_latest=0.1, holdout_random=0.4))
+    alone = (both["user_id"] == 9).to_numpy()
+    np.testing.assert_array_equal(fold[alone], assign_holdout(both, FeatureConfig(
+        holdout_latest=0.1, holdout_random=0.4, holdout_unit="action"))[alone])
+    assert 0 < fold[alone].sum() < alone.sum()
+    np.testing.assert_array_equal(fold[~alone], assign_holdout(acts, FeatureConfig(holdout_latest=0.1,
+                                                                                   holdout_random=0.4)))
     with pytest.raises(ValueError, match="features.holdout_unit must be one of"):
         assign_holdout(acts, FeatureConfig(holdout_unit="visit"))
 

@@ -501,7 +501,7 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     fit, hold = train[train["fold"] == 0], train[train["fold"] == 1]
     if not len(fit) or not len(hold):
         raise TrainingError("train: the holdout split left an empty fit or holdout fold; need more actions per user "
-                            "(users with one session each: features.holdout_unit = \"action\")")
+                            "(or raise features.holdout_latest / holdout_random)")
     log_fit = data.action_log(fit)
     rc, kc = cfg.retrieval, cfg.ranking
     users, truth, first_ts = data.holdout_truth(fit, hold, max(rc.max_valid_users, kc.max_users), rc.seed)
