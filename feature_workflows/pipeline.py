@@ -103,8 +103,9 @@ def assign_holdout(actions: pd.DataFrame, cfg: FeatureConfig) -> np.ndarray:
     action). So no label is the rest of a visit whose start the models saw: the ranker learns what a user
     does on another visit, which is what the server and evaluation ask of it. Where every session is one
     action (rating data without session ids: one session per user and timestamp, so ties on a timestamp
-    go together) it is the per-action rule. A user whose sessions would all be held out (one visit holding
-    their latest actions) keeps the per-action rule, so the fit-fold models still see them.
+    go together) it is the per-action rule. A user whose sessions would all be held out gets back the ones
+    drawn at random; one whose latest actions span every session (most often a single visit) keeps the
+    per-action rule. So the fit-fold models see every user the per-action rule lets them see.
     `"action"`: per action, sessions split."""
     if cfg.holdout_unit not in HOLDOUT_UNITS:
         raise ValueError(f"features.holdout_unit must be one of {HOLDOUT_UNITS}, got {cfg.holdout_unit!r}")
@@ -119,13 +120,18 @@ def assign_holdout(actions: pd.DataFrame, cfg: FeatureConfig) -> np.ndarray:
     session = a.groupby(["user_id", "session_id"], sort=False).ngroup().to_numpy()
     first = np.full(session.max() + 1, len(a), np.int64)
     np.minimum.at(first, session, np.arange(len(a)))
-    held = rnd[first]
-    np.logical_or.at(held, session, latest)
-    fold = held[session]
+    by_latest = np.zeros(len(first), bool)
+    np.logical_or.at(by_latest, session, latest)
     user = pd.factorize(a["user_id"])[0]
-    seen = np.zeros(user.max() + 1, bool)
-    seen[user[~fold]] = True  # users with a fit action left
-    return np.where(seen[user], fold, latest | rnd).astype(np.int8)
+
+    def fitted(fold: np.ndarray) -> np.ndarray:  # per row: does its user keep a fit action?
+        keeps = np.zeros(user.max() + 1, bool)
+        keeps[user[~fold]] = True
+        return keeps[user]
+
+    fold = (by_latest | rnd[first])[session]
+    fold = np.where(fitted(fold), fold, by_latest[session])  # the random draws took the user's last fit visit
+    return np.where(fitted(fold), fold, latest | rnd).astype(np.int8)
 
 
 def _category_codes(items: pd.DataFrame, roles: dict, kinds: dict) -> tuple[np.ndarray | None, np.ndarray]:

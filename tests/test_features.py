@@ -96,6 +96,9 @@ def test_holdout_keeps_each_session_whole():
     single = acts.assign(session_id=np.arange(n))
     np.testing.assert_array_equal(assign_holdout(single, FeatureConfig(holdout_random=0.4)),
                                   assign_holdout(single, FeatureConfig(holdout_random=0.4, holdout_unit="action")))
+    # every visit drawn at random: each user gets those back, and only the visit with their latest actions goes
+    np.testing.assert_array_equal(assign_holdout(acts, FeatureConfig(holdout_latest=0.1, holdout_random=1.0)),
+                                  assign_holdout(acts, FeatureConfig(holdout_latest=0.1, holdout_random=0.0)))
     # a user with one visit would have it all held out (it holds their latest actions): the action rule for them
     lone = pd.DataFrame({"user_id": 9, "session_id": 99, "item_row": np.arange(20), "ts": np.arange(20) * 10,
                          "kind": 2})
