@@ -2,6 +2,7 @@
 FAISS, manifests and lineage."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -338,6 +339,22 @@ def test_short_training_learns_and_reports(artifacts):
     assert all(np.isfinite(h["loss"]) for h in stage_a["history"] + report["ranking"]["history"])
     assert report["ranking"]["candidate_recall"] > 0.5
     assert report["retrieval"]["epochs_run"] == max(1, stage_a["best_epoch"])  # the refit runs stage A's epochs
+
+
+@pytest.mark.parametrize("latest, random, unit, message", [
+    (0.0, 0.0, "session", "no train action fell in the holdout fold; need more actions per user, or raise "
+                          "features.holdout_latest / holdout_random"),
+    (0.0, 1.0, "action", "every train action fell in the holdout fold; lower features.holdout_random"),
+])
+def test_an_empty_fold_stops_train_with_the_settings_named(artifacts, cfg, tmp_path, latest, random, unit, message):
+    from feature_workflows.pipeline import build_features
+    from training.train import TrainingError, train_all
+
+    bad = cfg.replace("features", holdout_latest=latest, holdout_random=random, holdout_unit=unit)
+    build_features(artifacts / "data" / "raw", tmp_path / "features", bad.features, progress=False)
+    with pytest.raises(TrainingError, match="^train: " + re.escape(message)):
+        train_all(tmp_path / "features", tmp_path / "models", bad, "cpu", progress=False)
+    assert not any((tmp_path / "models").iterdir())  # nothing a later export could pick up
 
 
 def test_non_finite_input_stops_training_with_the_stage_named(artifacts, cfg):

@@ -499,9 +499,12 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     acts = data.actions
     train = acts[acts["split"] == 0]
     fit, hold = train[train["fold"] == 0], train[train["fold"] == 1]
-    if not len(fit) or not len(hold):
-        raise TrainingError("train: the holdout split left an empty fit or holdout fold; need more actions per user "
-                            "(or raise features.holdout_latest / holdout_random)")
+    if not len(fit):
+        raise TrainingError("train: every train action fell in the holdout fold; lower features.holdout_random "
+                            "or features.holdout_latest")
+    if not len(hold):
+        raise TrainingError("train: no train action fell in the holdout fold; need more actions per user, or raise "
+                            "features.holdout_latest / holdout_random")
     log_fit = data.action_log(fit)
     rc, kc = cfg.retrieval, cfg.ranking
     users, truth, first_ts = data.holdout_truth(fit, hold, max(rc.max_valid_users, kc.max_users), rc.seed)
