@@ -365,3 +365,23 @@ def test_referee_bench_reads_which_data_sets_the_referee_splits(tmp_path):
     (data / "u.data").write_text("1\t1\t5\t0\n")
     with pytest.raises(SystemExit, match=f"referee_bench: {referee} splits only mlls, not ml100k"):
         main(["--dataset", "ml100k", "--data", str(data), "--referee", str(referee), "--out", str(tmp_path / "out")])
+
+
+def test_holdout_units_thins_to_whole_visits_and_switches_only_the_unit(artifacts, tmp_path):
+    import pandas as pd
+
+    from benchmarks.holdout_units import config_for, thin
+    from shoprec.config import load_config
+
+    raw = artifacts / "data" / "raw"
+    info = thin(raw, tmp_path / "raw", visits=2, seed=1)
+    every, kept = pd.read_parquet(raw / "interactions"), pd.read_parquet(tmp_path / "raw" / "interactions")
+    per_user = kept.groupby("user_id")["session_id"].nunique()
+    assert per_user.max() == 2 and info["events"] == len(kept) < len(every)
+    visit = ["user_id", "session_id"]
+    assert kept.groupby(visit).size().equals(every.merge(kept[visit].drop_duplicates(), on=visit).groupby(visit).size())
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(p.name for p in raw.iterdir())
+    default = load_config(None)
+    action = load_config(config_for("action", tmp_path / "action.toml"))
+    assert (default.features.holdout_unit, action.features.holdout_unit) == ("session", "action")
+    assert action.replace("features", holdout_unit="session") == default
