@@ -2,7 +2,7 @@
 visits per user, built twice: with `features.holdout_unit = "session"` (the default: whole visits, with its
 fallbacks for users it would leave with no fit visit) and with `"action"` (single actions).
 
-    .venv/bin/python -m benchmarks.holdout_units --artifacts artifacts --visits 2 --tag small-2-visits   # ~6 min
+    .venv/bin/python -m benchmarks.holdout_units --artifacts artifacts --visits 2 --tag small-2-visits   # ~3 min (medium: ~33 min)
 
 Each user keeps `--visits` of their sessions, drawn at random over the whole timeline (impressions go with their
 session), so most users have one or two visits before the test period: the sparse regime of the large shop and
