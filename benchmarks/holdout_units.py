@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from shoprec.config import DEFAULT_CONFIG, REPO_ROOT
+from shoprec.manifest import verify_manifest
 
 from .machine import command_line, commit, describe, write_report
 
@@ -61,6 +62,7 @@ def config_for(unit: str, path: Path) -> Path:
 
 
 def folds(features: Path) -> dict:
+    verify_manifest(features, ["actions.parquet"])
     acts = pd.read_parquet(features / "actions.parquet", columns=["user_id", "split", "fold"])
     train = acts[acts["split"] == 0]
     no_fit = train.groupby("user_id")["fold"].min() == 1
