@@ -102,7 +102,11 @@ def test_synthetic_ceiling_redraws_the_generators_truth(artifacts):
     r = measure(artifacts)["results"]
     ndcg = {k: v["ndcg@10"]["mean"] for k, v in r.items()}
     assert ndcg["oracle"] > 1.5 * ndcg["popularity"] and ndcg["oracle_category"] > ndcg["popularity"]
-    assert set(ESTIMATES) <= set(r) and r["best_history"]["which"] in ESTIMATES
+    assert set(ESTIMATES) <= set(r) and r["best_history"]["which"] in ESTIMATES  # the told-the-shift rows are not in it
+    told = {k for k in r if k.startswith("history_after_shift")}
+    assert len(told) == 3 and "oracle_revealed" in r
+    only = measure(artifacts, only=("oracle_revealed",))["results"]
+    assert set(only) == {"popularity", "oracle_revealed"} and only["oracle_revealed"] == r["oracle_revealed"]
 
 
 def test_reliability_short_form_fuzz_and_soak(artifacts):
