@@ -29,7 +29,9 @@ Every system scores the whole catalog for each warm test user (seen items exclud
   smoothing), global and in-category shares from train counts. `best_history` is the best of them
   on test, which flatters it: an upper bound of that family (the after-shift ones, which read the
   truth, are not in it).
-The gap between `oracle_category` and `best_history` is what the data does not reveal.
+`oracle_category` - `oracle_revealed`: the shifts the train window has not shown yet;
+`oracle_revealed` - `history_after_shift_*`: what the visits that show a new taste leave uncertain;
+`history_after_shift_*` - `best_history`: noticing the shift.
 """
 
 from __future__ import annotations
