@@ -389,3 +389,18 @@ def test_holdout_units_thins_to_whole_visits_and_switches_only_the_unit(artifact
     action = load_config(config_for("action", tmp_path / "action.toml"))
     assert (default.features.holdout_unit, action.features.holdout_unit) == ("session", "action")
     assert action.replace("features", holdout_unit="session") == default
+
+
+def test_prior_periods_scores_popularity_on_the_users_train_chose_the_prior_on(artifacts, tmp_path):
+    """Popularity's order on the valid-split users of `train`'s prior curve: the same users (the count is
+    checked against train_report.json), the curve copied beside it, and a report written."""
+    from benchmarks.prior_periods import main
+
+    main(["--artifacts", str(artifacts), "--tag", "t", "--results", str(tmp_path)])
+    r = json.loads((tmp_path / "prior_periods_t.json").read_text())
+    curve = json.loads((artifacts / "models" / "train_report.json").read_text())["popularity_prior"]["valid_split_ndcg@10"]
+    assert r["users"] == curve["users"] > 0
+    pop = r["valid_split_ndcg@10"]["popularity"]
+    assert 0.0 <= pop["mean"] <= 1.0 and pop["se"] >= 0.0
+    assert {k for k in r["valid_split_ndcg@10"] if k != "popularity"} == {f"served w = {w}" for w in curve if w != "users"}
+    assert "| popularity |" in (tmp_path / "prior_periods_t.md").read_text()
