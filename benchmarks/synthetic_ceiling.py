@@ -127,10 +127,10 @@ def measure(artifacts: Path, max_users: int = 20_000, only: tuple = ()) -> dict:
     gp = np.exp(items["log_pop"])
     lat_global, lat_in_cat = gp / gp.sum(), gp / np.bincount(cat, weights=gp, minlength=n_cat)[cat]
     late = np.where(latent.shifted[:, None], latent.pref2, latent.pref)
-    last_ts = train.groupby("user_id")["ts"].max().reindex(users).to_numpy()
-    revealed = np.where((latent.shifted & (last_ts >= latent.shift_ts))[:, None], latent.pref2, latent.pref)
+    shown = latent.shifted & (train.groupby("user_id")["ts"].max().reindex(users).to_numpy() >= latent.shift_ts)
+    revealed = np.where(shown[:, None], latent.pref2, latent.pref)
     est = _estimates(pos, users, cat, n_cat)
-    shift_of = pd.Series(np.where(latent.shifted & (last_ts >= latent.shift_ts), latent.shift_ts, -1), index=users)
+    shift_of = pd.Series(np.where(shown, latent.shift_ts, -1), index=users)
     after = pos[pos["ts"].values >= shift_of.reindex(pos["user_id"]).fillna(-1).to_numpy()]
     est |= {name.replace("history_sessions_decay1.0", "history_after_shift"): q
             for name, q in _estimates(after, users, cat, n_cat).items() if "decay1.0" in name}
@@ -143,9 +143,12 @@ def measure(artifacts: Path, max_users: int = 20_000, only: tuple = ()) -> dict:
         "oracle_revealed": lambda sl: _category_scores(revealed[sl], cat, lat_global, lat_in_cat),
         **{name: (lambda sl, q=q: _category_scores(q[sl], cat, emp_global, emp_in_cat)) for name, q in est.items()},
     }
+    unknown = sorted(set(only) - set(scorers))
+    if unknown:
+        raise SystemExit(f"synthetic_ceiling: --only {' '.join(unknown)}: no such system (known: {' '.join(scorers)})")
     results = {}
     print(f"ceiling: {len(users)} warm users, {int(latent.shifted.sum())} shifted, "
-          f"{int((latent.shifted & (last_ts >= latent.shift_ts)).sum())} of them with a train action after the shift", flush=True)
+          f"{int(shown.sum())} of them with a train action after the shift", flush=True)
     for name, fn in scorers.items():
         if only and name not in only and name != "popularity":
             continue

@@ -107,6 +107,8 @@ def test_synthetic_ceiling_redraws_the_generators_truth(artifacts):
     assert len(told) == 3 and "oracle_revealed" in r
     only = measure(artifacts, only=("oracle_revealed",))["results"]
     assert set(only) == {"popularity", "oracle_revealed"} and only["oracle_revealed"] == r["oracle_revealed"]
+    with pytest.raises(SystemExit, match="--only oracle_reveald: no such system"):
+        measure(artifacts, only=("oracle_reveald",))
 
 
 def test_reliability_short_form_fuzz_and_soak(artifacts):
