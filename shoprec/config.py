@@ -109,8 +109,9 @@ class IndexConfig:
     kind: str = "auto"  # auto | flat | ivf | hnsw; auto: exact (flat) up to exact_max_items, IVF above
     # at the medium shop's 100k items IVF serves the same lists (NDCG@10 .0535 vs .0536) for 21 % less step work
     exact_max_items: int = 50_000
-    # search breadth: 0 = the smallest that reaches target_recall (recall@100 against exact search on held-out
-    # queries, measured at export and recorded in the bundle's report); a positive value is used as given
+    # search breadth: 0 = the smallest that reaches target_recall (recall@num_candidates against exact search on
+    # the store users' embeddings, measured at export and recorded in the bundle's report); a positive value is
+    # used as given
     ivf_nprobe: int = 0
     hnsw_ef_search: int = 0
     target_recall: float = 0.95

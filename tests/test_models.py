@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -515,6 +516,35 @@ def test_search_breadth_is_tuned_to_the_recall_target_and_stored_in_the_index(ki
     assert recall_vs_exact(loaded, emb, other, 100, filled=False) > 0.9
     fixed = tune_index(index, kind, emb, IndexConfig(kind=kind, ivf_nprobe=1, hnsw_ef_search=100))
     assert len(fixed["tried"]) == 1 and fixed[name] == (1 if kind == "ivf" else 100)  # a configured breadth is kept
+
+
+def test_export_tunes_the_index_on_the_queries_the_server_sends(artifacts, cfg, tmp_path):
+    """The IVF breadth is measured on the store users' embeddings as the served user tower computes them, at the
+    depth the ann route asks for: the recall export reports is the recall the server's users get."""
+    import faiss
+
+    from runtime.pipeline import Pipeline
+    from training.export import export_bundle
+
+    copy = tmp_path / "a"
+    for part in ("features", "models"):
+        shutil.copytree(artifacts / part, copy / part)
+    report = export_bundle(copy / "features", copy / "models", copy / "serving", cfg.replace("index", kind="ivf"))
+    idx = report["index"]
+    k = contract.num_candidates(cfg.serve.num_candidates, idx["items"])
+    assert idx["kind"] == "ivf" and idx["queries_from"] == "store users" and idx["reached_target"]
+    bundle = copy / "serving"
+    pipe = Pipeline(bundle, cfg=cfg.serve)
+    train = pd.read_parquet(copy / "features" / "actions.parquet", columns=["user_id", "split"])
+    users = np.unique(train["user_id"].values[train["split"].values == 0])
+    assert idx["queries"] == len(users)  # the tiny shop: every user with a train action
+    served = pipe.run(pipe.request(users, 10, exclude_seen=True), stop="retrieval")["user_embedding"]
+    raw = faiss.read_index(str(bundle / contract.BUNDLE_FILES["faiss_index"]))
+    index = faiss.downcast_index(raw)  # a view: `raw` owns the index
+    emb = np.load(bundle / contract.BUNDLE_FILES["item_embeddings"])
+    assert index.nprobe == idx["nprobe"] and index.d == emb.shape[1]  # no popularity bias column in this config
+    got = recall_vs_exact(index, emb, served.astype(np.float32), k, filled=False)
+    assert got == pytest.approx(idx[f"recall@{k}_vs_exact"], abs=1e-3) and got >= cfg.index.target_recall
 
 
 def test_search_never_returns_padding():

@@ -3,8 +3,9 @@
 Embeddings are L2-normalised, so inner product = cosine. The kind follows the catalog size
 (`index.kind = "auto"`: flat up to `index.exact_max_items`, IVF above). An approximate index's
 search breadth (IVF `nprobe`, HNSW `efSearch`) is the smallest that reaches `index.target_recall`
-recall@100 against exact search on held-out queries, unless the config fixes it; both are stored
-in the index file, so the server searches exactly as measured. Built on GPU when FAISS-GPU and a
+recall@k against exact search, unless the config fixes it; both are stored in the index file, so the
+server searches exactly as measured. `export` tunes it on the queries the server sends (the store users'
+embeddings, training.export.index_queries) at the depth the ann route asks for (serve.num_candidates). Built on GPU when FAISS-GPU and a
 GPU are present (shoprec.device decides); always saved as a CPU index (the server moves it to the
 device Triton assigns).
 """
