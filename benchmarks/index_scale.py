@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks.index_scale            # ~10 min on 2 cores
 
 For each catalog size and index kind, the index is built as `shoprec export` builds it
-(training/index.py: the search breadth tuned to `index.target_recall` recall@100 against exact
-search on held-out queries), then measured with one FAISS thread, as a serving step runs it:
+(training/index.py), its search breadth tuned to `index.target_recall` recall@100 against exact
+search on held-out item means (a synthetic catalog has no users; export tunes on the store users'
+queries, which need a wider search: benchmarks/index_queries.py), then measured with one FAISS thread, as a serving step runs it:
 build seconds (tuning included), index bytes, recall@100 against exact search on 1,000 other
 held-out queries, and search latency at batch 1 (200 single queries) and batch 16 (50 batches).
 
