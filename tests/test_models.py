@@ -554,6 +554,14 @@ def test_search_never_returns_padding():
     scores, rows = search(index, emb[:5], 1000, emb)  # more than the catalog, one probed list
     assert rows.shape == (5, 300) and (rows >= 0).all()
     assert all(len(set(r)) == 300 for r in rows)
+    # a list one probed cell cannot fill is exact search's top k, ties by the lower row as everywhere else
+    tied = np.repeat(emb[:100], 3, axis=0)  # every score three times
+    index, _ = build_index(tied, IndexConfig(kind="ivf", ivf_nprobe=1))
+    queries = rng.normal(size=(20, 8)).astype(np.float32)
+    scores, rows = search(index, queries, 250, tied)
+    want = np.argsort(-(queries @ tied.T), axis=1, kind="stable")[:, :250]
+    np.testing.assert_array_equal(rows, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ tied.T, want, 1), rtol=1e-5)
 
 
 def test_popularity_bias_puts_popular_items_first_in_the_ann_route_and_the_index_serves_it_exactly():
