@@ -9,6 +9,12 @@ curve in models/train_report.json. This adds what the curve leaves out: populari
 users (their first 10 unseen items of the train popularity order), so one can see whether the served order
 beat popularity there. `evaluate`'s test period is the 10 % after the valid one, with the same train state:
 a list that beats popularity on valid and loses to it on test lost to the distance, not to the choice.
+
+With --served, the served pipeline (the bundle's steps in-process, as `evaluate` runs them: the server's item
+index, its candidate features, its ranker) is scored on the same users at every w of the curve. `train` builds
+its lists with exact search and its in-memory models, so the two curves agree when the server serves what
+`train` measured; on the large shop they did not, and the difference was the item index (README, Building
+the large shop). --bundle scores another exported version (default: the served one, ARTIFACTS/serving).
 Writes benchmarks/results/prior_periods_<tag>.{json,md}.
 """
 
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verified_path
@@ -27,7 +35,7 @@ from training.metrics import mean_se, per_user_ndcg
 from .machine import command_line, commit, describe, write_report
 
 
-def measure(artifacts: Path, config: Path | None = None) -> dict:
+def measure(artifacts: Path, config: Path | None = None, served: Path | None = None) -> dict:
     cfg = load_config(config)
     report = json.loads(verified_path(artifacts / "models", "train_report.json").read_text())
     curve = report["popularity_prior"].get("valid_split_ndcg@10")
@@ -36,23 +44,60 @@ def measure(artifacts: Path, config: Path | None = None) -> dict:
                          f"({report['popularity_prior']['chosen_on']}); nothing to compare")
     data = FeatureData(artifacts / "features")
     train = data.actions[data.actions["split"] == 0]
-    q, truth = T.valid_split_queries(data, train, cfg)
+    users, truth = T.valid_split_users(data, train, cfg)
     if len(truth) != curve["users"]:
         raise SystemExit(f"{artifacts}: {len(truth)} valid-split users here, {curve['users']} in train_report.json; "
                          "pass the --config train ran with")
+    q = data.queries(users, data.action_log(train))
+    truth = [set(t) for t in truth]
     top = T._popular_unseen(data.popular_rows, T.seen_mask(q, data.n_items), 10)
-    mean, se = mean_se(per_user_ndcg(top, [set(t) for t in truth], 10))
-    served = {w: v for w, v in curve.items() if w != "users"}
-    return {"users": len(truth), "chosen_weight": report["popularity_prior"]["weight"],
-            "valid_split_ndcg@10": {"popularity": {"mean": round(mean, 5), "se": round(se, 5)},
-                                    **{f"served w = {w}": v for w, v in served.items()}}}
+    mean, se = mean_se(per_user_ndcg(top, truth, 10))
+    weights = [w for w in curve if w != "users"]
+    out = {"users": len(truth), "chosen_weight": report["popularity_prior"]["weight"],
+           "valid_split_ndcg@10": {"popularity": {"mean": round(mean, 5), "se": round(se, 5)},
+                                   **{f"train's lists, w = {w}": curve[w] for w in weights}}}
+    if served is not None:
+        version, rows = served_curve(served, users, truth, [float(w) for w in weights], cfg)
+        out["bundle"] = version
+        out["valid_split_ndcg@10"].update({f"served, w = {w}": v for w, v in zip(weights, rows)})
+    return out
+
+
+def served_curve(bundle: Path, users, truth: list[set], weights: list[float], cfg) -> tuple[dict, list[dict]]:
+    """The bundle's pipeline in-process on `users` (`evaluate.served_lists`' steps): each w's NDCG@10 when the
+    ranker's scores are multiplied by the popularity factor of w, and the bundle's version and index."""
+    from runtime.pipeline import Pipeline
+    from runtime.steps import best_first, popularity_factor
+    from shoprec.manifest import verify_manifest
+
+    manifest = verify_manifest(bundle)
+    pipe = Pipeline(bundle, cfg=cfg.serve)
+    popularity = pipe.steps["topk"].bundle.npz("item_table")["popularity"]
+    rows, scores = [], []
+    for s in range(0, len(users), 128):
+        t = pipe.run(pipe.request(users[s : s + 128], 100, exclude_seen=True), stop="retrieval")
+        cand, dense, _, _ = pipe.steps["retrieval"].candidates(t)
+        t = pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features", stop="topk")
+        rows.append(cand)
+        scores.append(t["ranking_scores"])
+    cand, sc = np.concatenate(rows), np.concatenate(scores)
+    out = []
+    for w in weights:
+        f = popularity_factor(popularity, w)[np.maximum(cand, 0)]
+        top = np.take_along_axis(cand, best_first(cand, np.where(cand >= 0, sc * f, sc), 10), 1)
+        mean, se = mean_se(per_user_ndcg(top, truth, 10))
+        out.append({"mean": round(mean, 5), "se": round(se, 5)})
+    index = manifest.get("report", {}).get("index", {})
+    return {"version": manifest.get("bundle_version"), "index": {k: index.get(k) for k in ("kind", "nprobe", "queries_from")}}, out
 
 
 def markdown(r: dict) -> list[str]:
     pop = r["valid_split_ndcg@10"]["popularity"]["mean"]
     lines = [f"# The popularity prior's period: `{r['tag']}`", "",
              f"{r['users']} valid-split users (`train`'s choice of w: {r['chosen_weight']}). NDCG@10 ± s.e. "
-             f"Command: `{r['command']}`; commit {r['commit']}.", "",
+             f"Command: `{r['command']}`; commit {r['commit']}."
+             + (f" Served: bundle version {r['bundle']['version']}, index {r['bundle']['index']}." if "bundle" in r else ""),
+             "",
              "| on the valid split | ndcg@10 | × popularity |", "|---|---|---|"]
     for name, v in r["valid_split_ndcg@10"].items():
         lines.append(f"| {name} | {v['mean']:.4f} ± {v['se']:.4f} | {v['mean'] / pop:.2f} |" if pop else
@@ -64,10 +109,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, default=REPO_ROOT / "artifacts", help="a trained shop (features + models)")
     ap.add_argument("--config", type=Path, default=None, help="the config `train` ran with (default: the default config)")
+    ap.add_argument("--served", action="store_true", help="also score the served pipeline on the same users at each w")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="with --served: the bundle version to score (default: ARTIFACTS/serving, the served one)")
     ap.add_argument("--tag", required=True, help="writes RESULTS/prior_periods_<tag>.{json,md}")
     ap.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
-    r = measure(args.artifacts, args.config)
+    if args.bundle is not None and not args.served:
+        ap.error("--bundle needs --served")
+    r = measure(args.artifacts, args.config, (args.bundle or args.artifacts / "serving") if args.served else None)
     r.update(tag=args.tag, machine=describe(), commit=commit(),
              command=command_line("python -m benchmarks.prior_periods", argv))
     md = markdown(r)

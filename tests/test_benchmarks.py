@@ -398,11 +398,19 @@ def test_prior_periods_scores_popularity_on_the_users_train_chose_the_prior_on(a
     checked against train_report.json), the curve copied beside it, and a report written."""
     from benchmarks.prior_periods import main
 
-    main(["--artifacts", str(artifacts), "--tag", "t", "--results", str(tmp_path)])
+    main(["--artifacts", str(artifacts), "--tag", "t", "--results", str(tmp_path), "--served"])
     r = json.loads((tmp_path / "prior_periods_t.json").read_text())
     curve = json.loads((artifacts / "models" / "train_report.json").read_text())["popularity_prior"]["valid_split_ndcg@10"]
     assert r["users"] == curve["users"] > 0
-    pop = r["valid_split_ndcg@10"]["popularity"]
+    got = r["valid_split_ndcg@10"]
+    pop = got["popularity"]
     assert 0.0 <= pop["mean"] <= 1.0 and pop["se"] >= 0.0
-    assert {k for k in r["valid_split_ndcg@10"] if k != "popularity"} == {f"served w = {w}" for w in curve if w != "users"}
+    weights = [w for w in curve if w != "users"]
+    assert set(got) == {"popularity", *(f"train's lists, w = {w}" for w in weights), *(f"served, w = {w}" for w in weights)}
+    # the tiny shop's index is exact: the served pipeline scores what `train` measured on the same users
+    for w in weights:
+        assert got[f"served, w = {w}"]["mean"] == pytest.approx(curve[w]["mean"], abs=1e-4), w
+    assert r["bundle"]["index"]["kind"] == "flat"
     assert "| popularity |" in (tmp_path / "prior_periods_t.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--artifacts", str(artifacts), "--tag", "t", "--results", str(tmp_path), "--bundle", str(tmp_path)])

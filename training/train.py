@@ -623,10 +623,10 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     return report
 
 
-def valid_split_queries(data: FeatureData, train, cfg: Config) -> tuple[dict, list[set]] | None:
+def valid_split_users(data: FeatureData, train, cfg: Config) -> tuple[np.ndarray, list[set]] | None:
     """Users with a positive in the features' valid split (the period after train, on an item they had not
-    acted on) and a train history, at most retrieval.max_valid_users of them: their queries (state = their
-    train actions, context unknown, as `evaluate` asks) and their truth. None without a valid split."""
+    acted on) and a train history, at most retrieval.max_valid_users of them (a fixed sample), and their
+    truth. None without a valid split."""
     if not (data.actions["split"] == 1).any():
         return None
     users, truth = split_truth(data, 1, train)
@@ -634,7 +634,16 @@ def valid_split_queries(data: FeatureData, train, cfg: Config) -> tuple[dict, li
     users, truth = users[warm], [t for t, w in zip(truth, warm) if w]
     if not len(users):
         return None
-    users, truth = sample_users(users, truth, cfg.retrieval.max_valid_users, cfg.retrieval.seed)
+    return sample_users(users, truth, cfg.retrieval.max_valid_users, cfg.retrieval.seed)
+
+
+def valid_split_queries(data: FeatureData, train, cfg: Config) -> tuple[dict, list[set]] | None:
+    """The valid split's users (`valid_split_users`): their queries (state = their train actions, context
+    unknown, as `evaluate` asks) and their truth. None without a valid split."""
+    picked = valid_split_users(data, train, cfg)
+    if picked is None:
+        return None
+    users, truth = picked
     return data.queries(users, data.action_log(train)), truth
 
 
