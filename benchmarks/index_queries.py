@@ -26,7 +26,7 @@ import numpy as np
 
 from shoprec.config import REPO_ROOT, load_config
 
-from .machine import command_line, commit, describe, write_report
+from .machine import publish
 
 NPROBES = (4, 8, 16, 32, 64, 128, 256)
 
@@ -117,11 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     r = measure(args.artifacts, args.users, nprobes=tuple(args.nprobe), config=args.config)
-    r.update(tag=args.tag, machine=describe(), commit=commit(),
-             command=command_line("python -m benchmarks.index_queries", argv))
-    md = markdown(r)
-    write_report(args.results, "index_queries", args.tag, r, md)
-    print("\n".join(md))
+    publish(args.results, "index_queries", args.tag, r, markdown, argv)
 
 
 if __name__ == "__main__":

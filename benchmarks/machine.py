@@ -51,3 +51,12 @@ def write_report(out: str | Path, name: str, tag: str, report: dict, md: list[st
     stem = f"{name}_{tag}" if tag else name
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+
+
+def publish(out: str | Path, name: str, tag: str, report: dict, markdown, argv: list[str] | None) -> None:
+    """Stamp `report` with its tag, the machine, the commit and the command (`python -m benchmarks.NAME ...`),
+    write OUT/NAME_TAG.{json,md} (`markdown(report)`: the lines) and print the markdown."""
+    report.update(tag=tag, machine=describe(), commit=commit(), command=command_line(f"python -m benchmarks.{name}", argv))
+    md = markdown(report)
+    write_report(out, name, tag, report, md)
+    print("\n".join(md))

@@ -32,7 +32,7 @@ from training import train as T
 from training.data import FeatureData
 from training.metrics import mean_se, per_user_ndcg
 
-from .machine import command_line, commit, describe, write_report
+from .machine import publish
 
 
 def measure(artifacts: Path, config: Path | None = None, served: Path | None = None) -> dict:
@@ -118,11 +118,7 @@ def main(argv=None) -> None:
     if args.bundle is not None and not args.served:
         ap.error("--bundle needs --served")
     r = measure(args.artifacts, args.config, (args.bundle or args.artifacts / "serving") if args.served else None)
-    r.update(tag=args.tag, machine=describe(), commit=commit(),
-             command=command_line("python -m benchmarks.prior_periods", argv))
-    md = markdown(r)
-    write_report(args.results, "prior_periods", args.tag, r, md)
-    print("\n".join(md))
+    publish(args.results, "prior_periods", args.tag, r, markdown, argv)
 
 
 if __name__ == "__main__":

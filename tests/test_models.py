@@ -545,6 +545,17 @@ def test_export_tunes_the_index_on_the_queries_the_server_sends(artifacts, cfg, 
     assert index.nprobe == idx["nprobe"] and index.d == emb.shape[1]  # no popularity bias column in this config
     got = recall_vs_exact(index, emb, served.astype(np.float32), k, filled=False)
     assert got == pytest.approx(idx[f"recall@{k}_vs_exact"], abs=1e-3) and got >= cfg.index.target_recall
+    # benchmarks/index_queries measures the same on the served bundle: its store-user row at export's breadth
+    from benchmarks.index_queries import main
+
+    main(["--artifacts", str(copy), "--tag", "t", "--results", str(tmp_path), "--nprobe", "1", "2"])
+    r = json.loads((tmp_path / "index_queries_t.json").read_text())
+    assert r["chosen_nprobe"] == idx["nprobe"] and r["users"] == len(users)
+    row = next(x for x in r["rows"] if x["queries"] == "store users" and x["k"] == k and x["nprobe"] == idx["nprobe"])
+    assert row["recall"] == pytest.approx(got, abs=1e-3) and row["unfilled_share"] == 0.0
+    assert {x["nprobe"] for x in r["rows"]} == {1, 2, idx["nprobe"]}
+    with pytest.raises(SystemExit, match="not IVF"):
+        main(["--artifacts", str(artifacts), "--tag", "t", "--results", str(tmp_path)])
 
 
 def test_search_never_returns_padding():
