@@ -168,13 +168,14 @@ def _write_bundle(features_dir: Path, models_dir: Path, tmp: Path, cfg: Config, 
     vectors = emb if bias is None else augment(emb, bias)
     t_index = time.time()
     index, kind = build_index(vectors, cfg.index)
-    queries, source = index_queries(data, two_tower, emb)
-    if bias is not None:
+    queries, source = index_queries(data, two_tower, emb) if kind != "flat" else (None, None)  # exact: nothing to tune
+    if queries is not None and bias is not None:
         queries = augment(queries, 1.0)
     # tuned at the depth the ann route asks for; the breadth is stored in the index file
     report["index"] = tune_index(index, kind, vectors, cfg.index, contract.num_candidates(cfg.serve.num_candidates, len(emb)),
                                  queries)
-    report["index"]["queries_from"] = source
+    if source:
+        report["index"]["queries_from"] = source
     report["index"]["build_seconds"] = round(time.time() - t_index, 2)
     import faiss
 
