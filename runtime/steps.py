@@ -568,8 +568,10 @@ class Retrieval(StepImpl):
         if embeddings.shape[1] != self.sizes["embedding_dim"]:
             raise ArtifactError(f"{bundle.path}: item embeddings are {embeddings.shape[1]}-d, contract.json says "
                                 f"{self.sizes['embedding_dim']}; re-run `shoprec export`")
-        # the vectors memory-mapped where this FAISS can (1.8+): the instances share them, like the bundle's arrays
-        index = faiss.read_index(str(bundle.file("faiss_index")), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
+        # serve.mmap_index: the lists memory-mapped where this FAISS can (1.8+), shared by the instances like the
+        # bundle's arrays; else read into this instance (a search scans many lists' pages: faster off a map)
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) if cfg.mmap_index else 0
+        index = faiss.read_index(str(bundle.file("faiss_index")), flags)
         if self.device == "cuda":
             if not hasattr(faiss, "StandardGpuResources"):
                 raise RuntimeError("retrieval: Triton gave this instance a GPU but FAISS has no GPU support; "

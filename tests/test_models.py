@@ -538,7 +538,11 @@ def test_export_tunes_the_index_on_the_queries_the_server_sends(artifacts, cfg, 
     train = pd.read_parquet(copy / "features" / "actions.parquet", columns=["user_id", "split"])
     users = np.unique(train["user_id"].values[train["split"].values == 0])
     assert idx["queries"] == len(users)  # the tiny shop: every user with a train action
-    served = pipe.run(pipe.request(users, 10, exclude_seen=True), stop="retrieval")["user_embedding"]
+    t = pipe.run(pipe.request(users, 10, exclude_seen=True), stop="retrieval")
+    served = t["user_embedding"]
+    # serve.mmap_index: the index memory-mapped (shared by the instances) serves the same candidates
+    mapped = Pipeline(bundle, cfg=cfg.replace("serve", mmap_index=True).serve)
+    np.testing.assert_array_equal(mapped.steps["retrieval"].candidates(t)[0], pipe.steps["retrieval"].candidates(t)[0])
     raw = faiss.read_index(str(bundle / contract.BUNDLE_FILES["faiss_index"]))
     index = faiss.downcast_index(raw)  # a view: `raw` owns the index
     emb = np.load(bundle / contract.BUNDLE_FILES["item_embeddings"])
