@@ -18,7 +18,6 @@ The index's own nprobe (export's choice) is marked. Writes benchmarks/results/in
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,14 +30,10 @@ from .machine import publish
 NPROBES = (4, 8, 16, 32, 64, 128, 256)
 
 
-def user_queries(bundle: Path, n: int, seed: int, cfg) -> tuple[np.ndarray, np.ndarray]:
+def user_queries(pipe, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(user ids, served user embeddings) of n random store users with a history."""
-    from runtime.pipeline import Pipeline
-
-    pipe = Pipeline(bundle, cfg=cfg.serve)
-    with np.load(bundle / "user_store.npz", allow_pickle=False) as store:
-        ids, indptr = store["user_id"], store["hist_indptr"]
-    known = ids[np.diff(indptr) > 0]
+    store = pipe.steps["feature_transform"].store
+    known = store.user_id[np.diff(store.arrays["hist_indptr"]) > 0]
     users = np.sort(np.random.default_rng(seed).choice(known, min(n, len(known)), replace=False))
     out = [pipe.run(pipe.request(users[s : s + 256], 10, exclude_seen=True), stop="retrieval")["user_embedding"]
            for s in range(0, len(users), 256)]
@@ -48,24 +43,22 @@ def user_queries(bundle: Path, n: int, seed: int, cfg) -> tuple[np.ndarray, np.n
 def measure(artifacts: Path, n_users: int = 1000, seed: int = 1, nprobes: tuple[int, ...] = NPROBES, config=None) -> dict:
     import faiss
 
-    from runtime.candidates import popularity_bias
     from runtime.faiss_search import augment, exact_top, recall_vs_exact, search
+    from runtime.pipeline import Pipeline
     from shoprec import contract
-    from shoprec.manifest import verify_manifest
+    from shoprec.manifest import read_manifest
     from training.index import held_out_queries
 
     cfg = load_config(config)
     bundle = artifacts / "serving"
-    manifest = verify_manifest(bundle)
-    raw = faiss.read_index(str(bundle / contract.BUNDLE_FILES["faiss_index"]))
-    index = faiss.downcast_index(raw)  # a view: `raw` owns the index
+    pipe = Pipeline(bundle, cfg=cfg.serve)  # checks each bundle file against the manifest as it loads it
+    gen = pipe.steps["retrieval"].generator  # the served index, item embeddings and ann bias, as loaded
+    index = faiss.downcast_index(gen.index)
     if not hasattr(index, "nprobe"):
         raise SystemExit(f"{bundle}: the item index is {type(index).__name__}, not IVF; nothing to tune")
-    emb = np.load(bundle / contract.BUNDLE_FILES["item_embeddings"])
-    users, user_emb = user_queries(bundle, n_users, seed, cfg)
+    emb, bias = gen.emb, gen.ann_bias
+    users, user_emb = user_queries(pipe, n_users, seed)
     sets = {"store users": user_emb, "held-out item means": held_out_queries(emb, n_users, seed=seed)}
-    weight = float(json.loads((bundle / contract.BUNDLE_FILES["contract"]).read_text()).get("ann_popularity_weight", 0.0))
-    bias = popularity_bias(np.load(bundle / contract.BUNDLE_FILES["item_table"])["popularity"], weight)
     vectors = emb if bias is None else augment(emb, bias)  # the index holds [embedding, bias], a query [u, 1]
     if bias is not None:
         sets = {name: augment(q, 1.0) for name, q in sets.items()}
@@ -90,7 +83,7 @@ def measure(artifacts: Path, n_users: int = 1000, seed: int = 1, nprobes: tuple[
                              "unfilled_share": round(unfilled, 4), "ms_per_query": round(ms, 3)})
     index.nprobe = chosen
     return {"items": int(len(emb)), "nlist": int(index.nlist), "chosen_nprobe": chosen, "users": int(len(users)),
-            "export_report": manifest.get("report", {}).get("index"), "rows": rows}
+            "export_report": read_manifest(bundle).get("report", {}).get("index"), "rows": rows}
 
 
 def markdown(r: dict) -> list[str]:

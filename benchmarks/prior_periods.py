@@ -68,27 +68,21 @@ def served_curve(bundle: Path, users, truth: list[set], weights: list[float], cf
     ranker's scores are multiplied by the popularity factor of w, and the bundle's version and index."""
     from runtime.pipeline import Pipeline
     from runtime.steps import best_first, popularity_factor
-    from shoprec.manifest import verify_manifest
+    from shoprec.manifest import read_manifest
+    from training.evaluate import TOPN, served_batches
 
-    manifest = verify_manifest(bundle)
-    pipe = Pipeline(bundle, cfg=cfg.serve)
-    popularity = pipe.steps["topk"].bundle.npz("item_table")["popularity"]
-    rows, scores = [], []
-    for s in range(0, len(users), 128):
-        t = pipe.run(pipe.request(users[s : s + 128], 100, exclude_seen=True), stop="retrieval")
-        cand, dense, _, _ = pipe.steps["retrieval"].candidates(t)
-        t = pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features", stop="topk")
-        rows.append(cand)
-        scores.append(t["ranking_scores"])
-    cand, sc = np.concatenate(rows), np.concatenate(scores)
+    pipe = Pipeline(bundle, cfg=cfg.serve)  # checks each bundle file against the manifest as it loads it
+    popularity = pipe.item_table["popularity"]
+    batches = list(served_batches(pipe, users, TOPN))
+    cand, sc = np.concatenate([b[0] for b in batches]), np.concatenate([b[2]["ranking_scores"] for b in batches])
     out = []
     for w in weights:
         f = popularity_factor(popularity, w)[np.maximum(cand, 0)]
         top = np.take_along_axis(cand, best_first(cand, np.where(cand >= 0, sc * f, sc), 10), 1)
         mean, se = mean_se(per_user_ndcg(top, truth, 10))
         out.append({"mean": round(mean, 5), "se": round(se, 5)})
-    index = manifest.get("report", {}).get("index", {})
-    return {"version": manifest.get("bundle_version"), "index": {k: index.get(k) for k in ("kind", "nprobe", "queries_from")}}, out
+    index = read_manifest(bundle).get("report", {}).get("index", {})  # export's report: metadata, not an artifact
+    return {"version": pipe.bundle.version, "index": {k: index.get(k) for k in ("kind", "nprobe", "queries_from")}}, out
 
 
 def markdown(r: dict) -> list[str]:

@@ -214,6 +214,16 @@ def figures(top: np.ndarray, truth: list[set], data: FeatureData, pop: np.ndarra
     return {k: {"mean": v[0], "se": v[1]} for k, v in out.items()}
 
 
+def served_batches(pipe, users: np.ndarray, n: int, batch: int = 128):
+    """`users` through the server's steps in-process (runtime.pipeline.Pipeline), `batch` at a time, up to the
+    ranker: per batch (candidate rows [B, N], each route's list, the tensors with `ranking_scores`)."""
+    for s in range(0, len(users), batch):
+        t = pipe.run(pipe.request(users[s : s + batch], n, exclude_seen=True), stop="retrieval")
+        cand, dense, lists, _ = pipe.steps["retrieval"].candidates(t)  # the route lists too, computed once
+        yield cand, lists, pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features",
+                                    stop="topk")
+
+
 def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 128) -> tuple[np.ndarray, dict, np.ndarray]:
     """The full pipeline's top-N (the server's steps, in-process), the merged candidate order, the ranker's
     order without the popularity prior (when the bundle has one), each route's list, and the cold flags."""
@@ -226,10 +236,7 @@ def served_lists(bundle_dir: Path, users: np.ndarray, cfg: Config, batch: int = 
     used = {r for r, w in zip(ROUTES, st.resolve(st.default_scene, 0).weights) if w > 0}
     topk = pipe.steps["topk"]
     full, merged, routes, cold, plain = [], [], {}, [], []
-    for s in range(0, len(users), batch):
-        t = pipe.run(pipe.request(users[s : s + batch], n, exclude_seen=True), stop="retrieval")
-        cand, dense, lists, _ = pipe.steps["retrieval"].candidates(t)  # the route lists too, computed once
-        t = pipe.run({**t, "candidate_rows": cand, "candidate_dense": dense}, start="candidate_features", stop="topk")
+    for cand, lists, t in served_batches(pipe, users, n, batch):
         order = best_first(cand, topk.with_prior(cand, t["ranking_scores"]), n)  # top-k's order, on store rows
         full.append(np.take_along_axis(cand, order, 1))
         plain.append(np.take_along_axis(cand, best_first(cand, t["ranking_scores"], n), 1))
