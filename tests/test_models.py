@@ -831,3 +831,27 @@ def test_target_attention_scores_equal_the_mlp_over_the_concatenated_pairs():
         g_got = torch.autograd.grad(got.sum(), (c, h, att.score[0].weight))
         for x, y in zip(g_got, g_want):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        # the exported form: the first layer in one matmul (export's ranker graph)
+        torch.testing.assert_close(att.folded_scores(c, h), want, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_ranker_graph_scores_like_the_trained_ranker(tmp_path):
+    """export writes the ranker with the attention in its folded form (RankerServing(folded=True)) and checks
+    the ONNX graph against the unfolded PyTorch model train fitted: the same scores, batches of several users
+    included."""
+    torch.manual_seed(0)
+    ids = torch.nn.Embedding(30, 4)
+    r = Ranker([50, 7], [0, 1], [1], 2, [30, 6], [0, 1], 3, 7, 5, dim=4, bottom=[8, 4], top=[8], id_table=ids).eval()
+    torch.nn.init.normal_(r.over[-1].weight)  # the deep part's output layer starts at zero: make it count
+    args = (torch.tensor([[3, 2], [1, 4], [2, 2]]), torch.randn(3, 2),
+            torch.tensor([[4, 5, 9, 0, 0], [7, 0, 0, 0, 0], [0, 0, 0, 0, 0]]),
+            torch.tensor([[2, 1, 3, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]]),
+            torch.randint(3, 6, (3, 11, 2)), torch.randn(3, 11, 3), torch.randn(3, 11, 7))
+    from training.export import _export, parity
+
+    path = tmp_path / "ranker.onnx"
+    _export(RankerServing(r, 1.0, folded=True), args, path, "ranker")
+    trained = RankerServing(r, 1.0)
+    with torch.no_grad():
+        assert not torch.allclose(trained(*args)[0], trained(*args[:4], 8 - args[4], *args[5:])[0])  # the items count
+    assert parity(path, trained, args, "ranker") < 1e-5

@@ -162,6 +162,26 @@ def test_requests_of_different_widths_batch_padded_with_the_same_answers(pipelin
             np.testing.assert_array_equal(a[0], b[i])
 
 
+def test_the_ranker_runs_a_large_batch_in_chunks_with_the_same_outputs(pipeline, monkeypatch):
+    """On CPU the ranker step runs a batch a few users at a time (OnnxStep.CHUNK_ROWS candidate rows, to keep its
+    attention tensors in cache): the outputs are those of one run over the whole batch, bit for bit."""
+    store = pipeline.steps["feature_transform"].store
+    users = store.user_id[store.arrays["activity"] > 0][:7]
+    t = pipeline.run(pipeline.request(users, 10), stop="ranker")
+    impl = pipeline.steps["ranker"]
+    inputs = impl.check({x.name: t.get(x.name) for x in contract.STEP_BY_NAME["ranker"].inputs})
+    n = inputs["item_cat"].shape[1]
+    whole = impl.session.run(None, {k: inputs[k] for k in impl.inputs})
+    monkeypatch.setattr(type(impl), "CHUNK_ROWS", 2 * n)  # 7 users: runs of 2, 2, 2 and 1
+    calls = []
+    run = impl.session.run
+    monkeypatch.setattr(impl, "session", type("S", (), {"run": lambda self, o, f: calls.append(len(f["item_cat"])) or run(o, f)})())
+    chunked = impl.run(inputs)
+    assert calls == [2, 2, 2, 1]
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_unknown_step_class_is_refused(artifacts, cfg):
     step = contract.Step("nope", (), (), "NoSuchStep", "KIND_CPU")
     with pytest.raises(ValueError, match="impl 'NoSuchStep' is not a StepImpl"):

@@ -207,8 +207,8 @@ class TargetAttention(nn.Module):
         super().__init__()
         self.score = mlp([4 * dim, hidden, 1])
 
-    def forward(self, cand: torch.Tensor, hist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        s = self.scores(cand, hist)  # [B, N, L]
+    def forward(self, cand: torch.Tensor, hist: torch.Tensor, valid: torch.Tensor, folded: bool = False) -> torch.Tensor:
+        s = self.folded_scores(cand, hist) if folded else self.scores(cand, hist)  # [B, N, L]
         s = s + (1 - valid.unsqueeze(1).to(s.dtype)) * NEG
         s = torch.cat([torch.zeros_like(s[..., :1]), s], dim=-1)
         w = torch.softmax(s, dim=-1)[..., 1:]
@@ -233,6 +233,27 @@ class TargetAttention(nn.Module):
         weighted = (hist.unsqueeze(2) * w_p).reshape(b, length * hidden, d)
         product = (cand @ weighted.transpose(1, 2)).reshape(b, n, length, hidden)  # [B, N, L, H]
         pre = product + c_part.unsqueeze(2) + h_part.unsqueeze(1)
+        return (relu(pre) @ last.weight.T).squeeze(-1) + last.bias  # [B, N, L]
+
+    def folded_scores(self, cand: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        """scores() as the exported ranker computes it: the first layer in one batched matmul, no [B, N, L, H] sums.
+
+        (Wc + Wd) c + Wp (c*h) = c . (Wp * h + Wc + Wd), and the action part (Wh - Wd) h + b rides on a constant 1
+        appended to each candidate: [c, 1] . [Wp * h + Wc + Wd, (Wh - Wd) h + b] for every (action, unit). The same
+        function up to float rounding (tested); scores() adds two [B, N, L, H] tensors after the matmul, which at a
+        batch of 16 users (4,800 candidates) leave the cache and cost the ranker a fifth of its time. Training
+        keeps scores(): the trained weights do not depend on the form, and the export's parity check compares
+        this form's ONNX graph with scores()'s PyTorch model."""
+        first, relu, last = self.score
+        d = cand.shape[-1]
+        w = first.weight
+        w_c, w_h, w_p, w_d = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
+        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w.shape[0]
+        per_unit = hist.unsqueeze(2) * w_p + (w_c + w_d)  # [B, L, H, D]
+        action = (hist @ (w_h - w_d).T + first.bias).unsqueeze(-1)  # [B, L, H, 1]
+        keys = torch.cat([per_unit, action], dim=-1).reshape(b, length * hidden, d + 1)
+        cand1 = torch.cat([cand, torch.ones_like(cand[..., :1])], dim=-1)  # [B, N, D + 1]
+        pre = (cand1 @ keys.transpose(1, 2)).reshape(b, n, length, hidden)
         return (relu(pre) @ last.weight.T).squeeze(-1) + last.bias  # [B, N, L]
 
 
@@ -291,7 +312,7 @@ class Ranker(nn.Module):
         self.mean.copy_(mean)
         self.std.copy_(std.clamp(min=1e-6))
 
-    def forward(self, user_cat, user_cont, seq, seq_kinds, item_cat, item_cont, cand_dense):
+    def forward(self, user_cat, user_cont, seq, seq_kinds, item_cat, item_cont, cand_dense, folded: bool = False):
         b, n = item_cat.shape[0], item_cat.shape[1]
         x = torch.cat([user_cont.unsqueeze(1).expand(b, n, user_cont.shape[1]), item_cont, cand_dense], dim=-1)
         x = (x - self.mean) / self.std
@@ -312,7 +333,7 @@ class Ranker(nn.Module):
             vecs.append(self.items(item_cat))
         vecs.append(pooled.unsqueeze(1).expand(b, n, -1).unsqueeze(2))
         if self.din is not None:
-            vecs.append(self.din(cand, hist, valid).unsqueeze(2))
+            vecs.append(self.din(cand, hist, valid, folded).unsqueeze(2))
         v = torch.cat(vecs, dim=2)  # [B, N, V, D]
         dots = (v @ v.transpose(-1, -2))[..., self.rows, self.cols]
         return self.wide(x) + self.over(torch.cat([d, dots, x], dim=-1))
@@ -321,15 +342,17 @@ class Ranker(nn.Module):
 class RankerServing(nn.Module):
     """The exported ranker: scores [B, N] = pCTR * (1 + w * pCVR), the expected gain of showing each
     candidate when a purchase counts 1 + w clicks, and the two probabilities [B, N, 2] (pCTR, pCVR) that
-    the top-k step blends when a scene, an experiment arm or the request sets another blend."""
+    the top-k step blends when a scene, an experiment arm or the request sets another blend. folded: the target
+    attention's first layer in its one-matmul form (TargetAttention.folded_scores), as export writes it."""
 
-    def __init__(self, ranker: Ranker, cvr_weight: float):
+    def __init__(self, ranker: Ranker, cvr_weight: float, folded: bool = False):
         super().__init__()
         self.ranker = ranker
         self.cvr_weight = float(cvr_weight)
+        self.folded = bool(folded)
 
     def forward(self, user_cat, user_cont, seq, seq_kinds, item_cat, item_cont, cand_dense):
-        logits = self.ranker(user_cat, user_cont, seq, seq_kinds, item_cat, item_cont, cand_dense)
+        logits = self.ranker(user_cat, user_cont, seq, seq_kinds, item_cat, item_cont, cand_dense, folded=self.folded)
         p = torch.sigmoid(logits)
         # every contract input stays in the exported graph (a wide-only ranker reads few of them), so the
         # step's signature does not depend on the model's size
