@@ -48,6 +48,7 @@ from shoprec.manifest import verify_manifest
 from .machine import cpu_model
 from .serving_load import (
     FastAPIServer,
+    LevelFailed,
     _cpu_per_request,
     _model_stats,
     _request_count,
@@ -113,7 +114,12 @@ def sweep(results: dict, target: str, url: str, protocol: str, levels, data: Pat
     for c in levels:
         before = _model_stats(grpc_stats_url) if grpc_stats_url else None
         cpu0, gen0 = process_cpu(pgid), resource.getrusage(resource.RUSAGE_CHILDREN)
-        row = run_perf_analyzer(url, protocol, c, data, _request_count(c))
+        try:
+            row = run_perf_analyzer(url, protocol, c, data, _request_count(c))
+        except LevelFailed as exc:  # the levels measured so far are kept; this target's higher ones are skipped
+            results.setdefault("failed", []).append({"target": target, "concurrency": c, "error": str(exc)})
+            print(f"{target:13s} c={c:<3d} FAILED, higher levels skipped: {exc}", flush=True)
+            break
         cpu1, gen1 = process_cpu(pgid), resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU ms per request: where the cores went (server processes by role, and the load generator)
         row["cpu_ms_per_request"] = _cpu_per_request(cpu0, cpu1, row["requests"])
@@ -186,6 +192,7 @@ def main(argv=None) -> dict:
         # first round, and FastAPI and the in-process floor have none (benchmarks/response_cache.py measures it)
         serve = dataclasses.replace(cfg.serve, response_cache_mb=0)
         rounds: dict[str, list[list[dict]]] = {"triton-grpc": [], "triton-http": [], "fastapi-http": []}
+        failed: list[dict] = []
         with TritonServer.from_config(serve, artifacts, ephemeral_ports=True, log_path=Path(tmp) / "triton.log") as server, \
                 FastAPIServer(artifacts, args.fastapi_workers, args.fastapi_mode) as api:
             pgid = server.process.pid  # started in its own session: the stubs share its process group
@@ -200,7 +207,9 @@ def main(argv=None) -> dict:
                     one: dict = {}
                     sweep(one, target, url, protocol, args.concurrency, data, group, stats_url)
                     rounds[target].append(one[target])
-        report["targets"] = {t: median_rows(rs) for t, rs in rounds.items()}
+                    failed += [{**f, "round": r + 1} for f in one.get("failed", [])]
+        report["targets"] = {t: median_rows(rs) for t, rs in rounds.items()}  # the levels every round measured
+        report["failed_levels"] = failed
         report["in_process"] = {k: float(np.median([f[k] for f in floors])) for k in floors[0]}
         report["in_process"]["rounds_p50_ms"] = [f["p50_ms"] for f in floors]
         report["rounds"] = args.rounds

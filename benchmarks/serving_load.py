@@ -28,17 +28,27 @@ def _perf_analyzer() -> tuple[str, dict]:
     return str(exe), env
 
 
+class LevelFailed(RuntimeError):
+    """One perf_analyzer run gave no figures (it failed or hung): the message says which, and its last output."""
+
+
 def run_perf_analyzer(url: str, protocol: str, concurrency: int, input_data: Path, requests: int,
-                      model: str = "recommender") -> dict:
+                      model: str = "recommender", timeout_s: float = 600.0) -> dict:
     exe, env = _perf_analyzer()
     with tempfile.NamedTemporaryFile(suffix=".csv") as out:
         cmd = [exe, "-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data),
                "--concurrency-range", str(concurrency), "--request-count", str(requests), "-f", out.name, "--verbose-csv"]
         if protocol == "http":
             cmd += ["--input-tensor-format", "json", "--output-tensor-format", "json"]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            tail = (exc.stdout or b"")[-300:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            raise LevelFailed(f"perf_analyzer ({protocol}, concurrency {concurrency}, {requests} requests) gave no result "
+                              f"in {timeout_s:.0f} s; its last output: {tail.strip()[-200:]!r}") from None
         if done.returncode != 0:
-            raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+            raise LevelFailed(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         row = next(csv.DictReader(io.StringIO(Path(out.name).read_text())))
     # A closed loop keeps `concurrency` requests in flight, so throughput = concurrency / mean
     # latency (Little's law). perf_analyzer's own figure divides by whole seconds in request-count

@@ -20,36 +20,45 @@ def throughput_target(n_items: int) -> float:
 
 
 def summarise(report: dict) -> dict:
+    """The target ratios. A level that failed (report["failed_levels"]) leaves the ratios that need it None, and
+    its target counts as not met."""
     def at(target, c):
-        return next(r for r in report["targets"][target] if r["concurrency"] == c)
+        return next((r for r in report["targets"].get(target, []) if r["concurrency"] == c), None)
 
-    c_hi = 16 if any(r["concurrency"] == 16 for r in report["targets"]["triton-grpc"]) else report["concurrency"][-1]
+    def ratio(a, b, key):
+        return a[key] / b[key] if a and b else None
+
+    c_hi = 16 if 16 in report["concurrency"] else report["concurrency"][-1]
     floor = report["in_process"]["p50_ms"]
-    thr = at("triton-grpc", c_hi)["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"]
-    lat = at("triton-grpc", 1)["p50_ms"] / floor
+    grpc_hi, http_hi, api_hi, grpc_1 = at("triton-grpc", c_hi), at("triton-http", c_hi), at("fastapi-http", c_hi), at("triton-grpc", 1)
+    thr = ratio(grpc_hi, api_hi, "throughput_rps")
+    lat = grpc_1["p50_ms"] / floor if grpc_1 else None
     paired = {}
     floors = report["in_process"].get("rounds_p50_ms", [])
-    if len(floors) > 1 and "rounds_p50_ms" in at("triton-grpc", 1):  # ratios within each round, then their median
-        thr_r = [t / f for t, f in zip(at("triton-grpc", c_hi)["rounds_throughput_rps"],
-                                       at("fastapi-http", c_hi)["rounds_throughput_rps"])]
-        lat_r = [t / f for t, f in zip(at("triton-grpc", 1)["rounds_p50_ms"], floors)]
-        thr, lat = float(np.median(thr_r)), float(np.median(lat_r))
-        paired = {f"rounds_triton_grpc_over_fastapi_throughput_c{c_hi}": [round(x, 2) for x in thr_r],
-                  "rounds_triton_grpc_p50_c1_over_in_process_p50": [round(x, 2) for x in lat_r]}
+    if len(floors) > 1 and grpc_1 and "rounds_p50_ms" in grpc_1:  # ratios within each round, then their median
+        lat_r = [t / f for t, f in zip(grpc_1["rounds_p50_ms"], floors)]
+        lat = float(np.median(lat_r))
+        paired["rounds_triton_grpc_p50_c1_over_in_process_p50"] = [round(x, 2) for x in lat_r]
+        if grpc_hi and api_hi:
+            thr_r = [t / f for t, f in zip(grpc_hi["rounds_throughput_rps"], api_hi["rounds_throughput_rps"])]
+            thr = float(np.median(thr_r))
+            paired = {f"rounds_triton_grpc_over_fastapi_throughput_c{c_hi}": [round(x, 2) for x in thr_r], **paired}
+
+    def rounded(x):
+        return None if x is None else round(x, 2)
+
     return {
         **paired,
-        f"triton_grpc_over_fastapi_throughput_c{c_hi}": round(thr, 2),
-        f"triton_http_over_fastapi_throughput_c{c_hi}": round(
-            at("triton-http", c_hi)["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"], 2),
-        "triton_grpc_p50_c1_over_in_process_p50": round(lat, 2),
+        f"triton_grpc_over_fastapi_throughput_c{c_hi}": rounded(thr),
+        f"triton_http_over_fastapi_throughput_c{c_hi}": rounded(ratio(http_hi, api_hi, "throughput_rps")),
+        "triton_grpc_p50_c1_over_in_process_p50": rounded(lat),
         "probe_p50_c1_over_in_process_p50": round(report["probe"]["c1"]["p50_ms"] / floor, 2),
-        "probe_throughput_c16_over_fastapi": round(
-            report["probe"]["c16"]["throughput_rps"] / at("fastapi-http", c_hi)["throughput_rps"], 2),
-        f"fastapi_over_triton_grpc_cpu_per_request_c{c_hi}": _cpu_ratio(at("fastapi-http", c_hi), at("triton-grpc", c_hi)),
+        "probe_throughput_c16_over_fastapi": rounded(ratio(report["probe"]["c16"], api_hi, "throughput_rps")),
+        f"fastapi_over_triton_grpc_cpu_per_request_c{c_hi}": _cpu_ratio(api_hi, grpc_hi) if api_hi and grpc_hi else None,
         "target_throughput": throughput_target(report["catalog_items"]),
-        "target_throughput_met": thr >= throughput_target(report["catalog_items"]),
+        "target_throughput_met": thr is not None and thr >= throughput_target(report["catalog_items"]),
         "target_latency": LATENCY_TARGET,
-        "target_latency_met": lat <= LATENCY_TARGET,
+        "target_latency_met": lat is not None and lat <= LATENCY_TARGET,
     }
 
 
@@ -94,6 +103,9 @@ def markdown(report: dict) -> str:
     for level, r in (("1", report["probe"]["c1"]), ("16", report["probe"]["c16"])):
         lines.append(f"| probe: {report['probe'].get('steps', 6)} empty python steps | {level} | {r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} |")
+    for f in report.get("failed_levels", []):
+        lines.append(f"| {f['target']} | {f['concurrency']} | failed (round {f['round']}): no figures, higher levels "
+                     f"not run | | | |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     for key, value in s.items():
         if not key.startswith("target_"):
@@ -108,7 +120,7 @@ def markdown(report: dict) -> str:
                  if n in r.get("steps", {}) else "" for n in report["steps"]]
         lines.append(f"| {r['concurrency']} | " + " | ".join(cells) + " |")
     c_hi = 16 if 16 in report["concurrency"] else report["concurrency"][-1]
-    rows = {t: next(r for r in report["targets"][t] if r["concurrency"] == c_hi) for t in report["targets"]}
+    rows = {t: r for t in report["targets"] for r in report["targets"][t] if r["concurrency"] == c_hi}
     roles = sorted({k for r in rows.values() for k in r.get("cpu_ms_per_request", {})})
     lines += ["", f"CPU time per request at concurrency {c_hi} (ms, summed over both cores; where the cores go):", "",
               "| process | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]

@@ -5,6 +5,7 @@ probe ensemble loading and serving."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,50 @@ def test_serving_targets_compare_within_each_round():
     assert got["target_latency_met"] is False
     assert got["rounds_triton_grpc_over_fastapi_throughput_c16"] == [1.53, 1.55, 1.93]
     assert got["triton_grpc_over_fastapi_throughput_c16"] == 1.55
+
+
+def test_a_level_that_hangs_is_reported_and_the_rest_of_the_sweep_kept(monkeypatch):
+    """A perf_analyzer run that gives no result (a hung connection at one level) costs that target its higher
+    levels, not the run: the levels measured are kept, the failure is in the report, and a ratio that needs the
+    missing level is None with its target not met."""
+    import subprocess
+
+    from benchmarks import serving_bench, serving_load
+    from benchmarks.serving_report import markdown, summarise
+
+    def fake_run(cmd, **kw):
+        c = int(cmd[cmd.index("--concurrency-range") + 1])
+        if c == 16:
+            raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=b"Request concurrency: 16")
+        Path(cmd[cmd.index("-f") + 1]).write_text(
+            "Concurrency,Inferences/Second,Avg latency,p50 latency,p90 latency,p95 latency,p99 latency\n"
+            f"{c},100,{5000 * c},{5000 * c},6000,7000,8000\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(serving_load.subprocess, "run", fake_run)
+    monkeypatch.setattr(serving_load, "_perf_analyzer", lambda: ("perf_analyzer", {}))
+    monkeypatch.setattr(serving_bench, "process_cpu", lambda pgid: {})
+    monkeypatch.setattr(serving_bench, "_cpu_per_request", lambda a, b, n: {})
+    one: dict = {}
+    serving_bench.sweep(one, "fastapi-http", "127.0.0.1:1", "http", [1, 4, 16, 32], Path("in.json"), 0)
+    assert [r["concurrency"] for r in one["fastapi-http"]] == [1, 4]
+    assert one["failed"][0]["concurrency"] == 16 and "no result in 600 s" in one["failed"][0]["error"]
+
+    def level(c, rps):
+        return {"concurrency": c, "throughput_rps": rps, "p50_ms": 6.0, "p95_ms": 7.0, "p99_ms": 8.0, "cpu_ms_per_request": {}}
+
+    report = {"catalog_items": 100_000, "num_candidates": 300, "concurrency": [1, 16], "command": "c", "load": "l",
+              "machine": {"cpu": "x", "cores": 2}, "in_process": {"p50_ms": 5.0, "p95_ms": 6.0, "p99_ms": 7.0,
+                                                                  "throughput_rps": 200.0, "batch16_ms_per_request": 2.0},
+              "probe": {"c1": level(1, 2000.0), "c16": level(16, 6000.0)}, "steps": [],
+              "targets": {"triton-grpc": [level(1, 150.0), level(16, 500.0)], "triton-http": [level(1, 140.0), level(16, 450.0)],
+                          "fastapi-http": [level(1, 180.0)]},
+              "failed_levels": [{"target": "fastapi-http", "concurrency": 16, "round": 1, "error": "hung"}]}
+    got = summarise(report)
+    assert got["triton_grpc_over_fastapi_throughput_c16"] is None and got["target_throughput_met"] is False
+    assert got["triton_grpc_p50_c1_over_in_process_p50"] == 1.2 and got["target_latency_met"] is True
+    report["summary"] = got
+    assert "| fastapi-http | 16 | failed (round 1)" in markdown(report)
 
 
 def test_stub_profile_puts_each_sample_in_one_bucket():
