@@ -114,11 +114,21 @@ def sweep(results: dict, target: str, url: str, protocol: str, levels, data: Pat
     for c in levels:
         before = _model_stats(grpc_stats_url) if grpc_stats_url else None
         cpu0, gen0 = process_cpu(pgid), resource.getrusage(resource.RUSAGE_CHILDREN)
-        try:
-            row = run_perf_analyzer(url, protocol, c, data, _request_count(c))
-        except LevelFailed as exc:  # the levels measured so far are kept; this target's higher ones are skipped
-            results.setdefault("failed", []).append({"target": target, "concurrency": c, "error": str(exc)})
-            print(f"{target:13s} c={c:<3d} FAILED, higher levels skipped: {exc}", flush=True)
+        # perf_analyzer 2.51 in request-count mode now and then never finishes a level (its workers gone, the
+        # server's connections closed, the main thread waiting for a count it cannot reach): a level gets five
+        # times what the last one's rate says it needs (at least two minutes), and one more try
+        expected = _request_count(c) / rows[-1]["throughput_rps"] if rows else 60.0
+        timeout_s = min(600.0, max(120.0, 5 * expected))
+        row = None
+        for attempt in (1, 2):
+            try:
+                row = run_perf_analyzer(url, protocol, c, data, _request_count(c), timeout_s=timeout_s)
+                break
+            except LevelFailed as exc:
+                results.setdefault("failed", []).append({"target": target, "concurrency": c, "attempt": attempt,
+                                                         "error": str(exc)})
+                print(f"{target:13s} c={c:<3d} attempt {attempt} FAILED: {exc}", flush=True)
+        if row is None:  # the levels measured so far are kept; this target's higher ones are skipped
             break
         cpu1, gen1 = process_cpu(pgid), resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU ms per request: where the cores went (server processes by role, and the load generator)

@@ -104,8 +104,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| probe: {report['probe'].get('steps', 6)} empty python steps | {level} | {r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} |")
     for f in report.get("failed_levels", []):
-        lines.append(f"| {f['target']} | {f['concurrency']} | failed (round {f['round']}): no figures, higher levels "
-                     f"not run | | | |")
+        lines.append(f"| {f['target']} | {f['concurrency']} | round {f['round']}, attempt {f.get('attempt', 1)}: no result "
+                     f"(perf_analyzer hung or failed) | | | |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     for key, value in s.items():
         if not key.startswith("target_"):
