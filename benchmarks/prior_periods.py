@@ -73,8 +73,8 @@ def served_curve(bundle: Path, users, truth: list[set], weights: list[float], cf
 
     pipe = Pipeline(bundle, cfg=cfg.serve)  # checks each bundle file against the manifest as it loads it
     popularity = pipe.item_table["popularity"]
-    batches = list(served_batches(pipe, users, TOPN))
-    cand, sc = np.concatenate([b[0] for b in batches]), np.concatenate([b[2]["ranking_scores"] for b in batches])
+    kept = [(c, t["ranking_scores"]) for c, _, t in served_batches(pipe, users, TOPN)]  # not each batch's tensors
+    cand, sc = np.concatenate([c for c, _ in kept]), np.concatenate([s for _, s in kept])
     out = []
     for w in weights:
         f = popularity_factor(popularity, w)[np.maximum(cand, 0)]

@@ -10,7 +10,7 @@ runs `--users` warm users, one per request and then 16 per batch; every step is 
 machine). The feature step is timed a second time encoding every user's state per request
 (`feature_transform_encoding_every_user`), against the columns `export` encoded once.
 `--chunk-rows 0 1200` also times the ranker alone at 16 users per batch, run whole and in chunks of that many
-candidate rows (runtime/steps.OnnxStep.CHUNK_ROWS), alternated. Writes benchmarks/results/step_cost.json.
+candidate rows (the ranker declaration's `cpu_chunk_rows`, shoprec/contract.py), alternated. Writes benchmarks/results/step_cost.json.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from .machine import describe
 from .serving_bench import warm_users
 
 
-def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, ...] = (1, 16)) -> dict:
+def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, ...] = (1, 16),
+        chunk_rows: tuple[int, ...] = ()) -> dict:
     from runtime.pipeline import Pipeline
 
     cfg = load_config().replace("serve", online_store="none").serve
@@ -50,36 +51,32 @@ def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, 
                     _per_step(p, ids, batch, rounds, only="feature_transform")["feature_transform"] for batch in batches}
         finally:
             ft.encoded = True
+    if chunk_rows:
+        out.update(_ranker_chunks(p, ids, rounds, chunk_rows))
     return out
 
 
-def ranker_chunks(artifacts: Path, users: int = 500, rounds: int = 5, settings: tuple[int, ...] = (0, 1200)) -> dict:
-    """The ranker step alone at 16 users per batch, OnnxStep.CHUNK_ROWS set to each of `settings` (0: one run per
-    batch), the settings alternated round by round: ms per user, the minimum over the rounds."""
-    from runtime.pipeline import Pipeline
-    from runtime.steps import OnnxStep
-
-    cfg = load_config().replace("serve", online_store="none").serve
-    p = Pipeline(artifacts / "serving", cfg=cfg)
-    ids = [int(u) for u in warm_users(artifacts)[:users]]
+def _ranker_chunks(p, ids: list[int], rounds: int, settings: tuple[int, ...]) -> dict:
+    """The ranker step alone at 16 users per batch, its chunk_rows (the declaration's cpu_chunk_rows) set to each of
+    `settings` (0: one run per batch), the settings alternated round by round: ms per user, the minimum of the rounds."""
     step = next(s for s in p.graph if s.name == "ranker")
     impl = p.steps["ranker"]
     feeds = []
     for i in range(0, len(ids), 16):
         t = p.run(p.request(np.array(ids[i : i + 16]), 10), stop="ranker")
         feeds.append(impl.check({x.name: t.get(step.graph_name(x.name)) for x in step.inputs}))
-    default = OnnxStep.CHUNK_ROWS
+    default = impl.chunk_rows
     times: dict[int, list[float]] = {c: [] for c in settings}
     try:
         for r in range(rounds):
             for c in (settings if r % 2 == 0 else settings[::-1]):
-                OnnxStep.CHUNK_ROWS = c or 2**62
+                impl.chunk_rows = c
                 t0 = time.perf_counter()
                 for f in feeds:
                     impl.run(f)
                 times[c].append((time.perf_counter() - t0) / len(ids) * 1e3)
     finally:
-        OnnxStep.CHUNK_ROWS = default
+        impl.chunk_rows = default
     return {"ranker_ms_per_user_batch16_by_chunk_rows": {str(c): round(min(v), 4) for c, v in times.items()},
             "chunk_rows_default": default}
 
@@ -129,16 +126,14 @@ def main(argv=None) -> None:
     ap.add_argument("--tables", choices=["auto", "dense", "sparse"], default="auto",
                     help="retrieval's per-user tables: as the server picks them by catalog size (auto), or forced")
     ap.add_argument("--chunk-rows", type=int, nargs="+", metavar="ROWS",
-                    help="also time the ranker alone at 16 users per batch with OnnxStep.CHUNK_ROWS at each "
+                    help="also time the ranker alone at 16 users per batch with its chunk_rows at each "
                          "value (0: the whole batch in one run), alternated")
     args = ap.parse_args(argv)
     if args.tables != "auto":
         import runtime.candidates
 
         runtime.candidates.SPARSE_FROM_ITEMS = 0 if args.tables == "sparse" else 2**62
-    r = run(args.artifacts.resolve(), args.users, args.rounds)
-    if args.chunk_rows:
-        r.update(ranker_chunks(args.artifacts.resolve(), args.users, args.rounds, tuple(args.chunk_rows)))
+    r = run(args.artifacts.resolve(), args.users, args.rounds, chunk_rows=tuple(args.chunk_rows or ()))
     given = sys.argv[1:] if argv is None else argv
     r.update(machine=describe(), tables=args.tables, command=" ".join(["python -m benchmarks.step_cost", *given]))
     out = args.out or args.results / "step_cost.json"

@@ -540,20 +540,21 @@ class OnnxStep(StepImpl):
                 raise ArtifactError(f"{path}: input {t.name} has shape {got[t.name]}, the bundle's contract.json says "
                                     f"[batch, {', '.join(map(str, want))}]; re-run `shoprec export`")
         self.inputs = [t.name for t in self.step.inputs]
-
-    # on CPU, a graph over candidates (the ranker) runs a batch this many candidate rows at a time: its attention
-    # tensors ([users, candidates, actions, units]) for 16 users of 300 candidates leave the cache, and four runs
-    # of four users cost less than one of sixteen (benchmarks/step_cost). The rows are independent: same outputs.
-    CHUNK_ROWS = 1200
+        # the declaration's cpu_chunk_rows, read through the first input over candidates (0: whole batches)
+        over = next((t.name for t in self.step.inputs if t.dims[:1] == ("num_candidates",)), None)
+        self.chunk_rows = self.step.cpu_chunk_rows if self.device != "cuda" and over else 0
+        self._over_candidates = over
 
     def run(self, t: dict) -> tuple:
         feeds = {n: t[n] for n in self.inputs}
-        rows = feeds.get("item_cat")
-        if self.device == "cuda" or rows is None or rows.ndim != 3 or len(rows) * rows.shape[1] <= self.CHUNK_ROWS:
-            return tuple(self.session.run(None, feeds))
-        users = max(1, self.CHUNK_ROWS // max(rows.shape[1], 1))
-        parts = [self.session.run(None, {n: a[i : i + users] for n, a in feeds.items()}) for i in range(0, len(rows), users)]
-        return tuple(np.concatenate(out) for out in zip(*parts))
+        if self.chunk_rows:
+            users, candidates = feeds[self._over_candidates].shape[:2]
+            per_run = max(1, self.chunk_rows // max(candidates, 1))
+            if users > per_run:
+                parts = [self.session.run(None, {n: a[i : i + per_run] for n, a in feeds.items()})
+                         for i in range(0, users, per_run)]
+                return tuple(np.concatenate(out) for out in zip(*parts))
+        return tuple(self.session.run(None, feeds))
 
     def __call__(self, *arrays: np.ndarray) -> np.ndarray:
         return self.session.run(None, dict(zip(self.inputs, arrays)))[0]

@@ -60,6 +60,11 @@ class Step:
     # gpu: a short delay fills bigger batches for the GPU kernels.
     cpu_queue_delay_us: int = 0
     gpu_queue_delay_us: int = 100
+    # cpu: an ONNX step over candidates runs a batch at most this many candidate rows (users x num_candidates) at a
+    # time, 0 = the whole batch at once. The ranker's attention tensors for 16 users of 300 candidates leave the
+    # cache: four runs of four users cost less than one of sixteen (benchmarks/step_cost --chunk-rows). Rows are
+    # independent, so the outputs are the same.
+    cpu_chunk_rows: int = 0
     # (step tensor, graph tensor) pairs where the ensemble routes another tensor to or from this step
     # (Triton's input_map/output_map): a step inserted before this one rewires it without a code change
     wiring: tuple[tuple[str, str], ...] = ()
@@ -146,7 +151,7 @@ STEPS: tuple[Step, ...] = (
          (CANDIDATE_ROWS, CANDIDATE_DENSE, CANDIDATE_ROUTES), "Retrieval", "KIND_GPU", cacheable=True),
     Step("candidate_features", (CANDIDATE_ROWS,), (ITEM_CAT, ITEM_CONT), "CandidateFeatures", "KIND_CPU", cacheable=True),
     Step("ranker", RANKER_INPUTS, (RANKING_SCORES, RANKING_PROBS), "OnnxStep", "KIND_GPU", engine=True, max_batch_size=64,
-         preferred_batch_sizes=(4, 16, 32)),
+         preferred_batch_sizes=(4, 16, 32), cpu_chunk_rows=1200),
     Step("topk", (CANDIDATE_ROWS, RANKING_SCORES, K, COLD_START, DIVERSITY, CANDIDATE_ROUTES, STRATEGY, RANKING_PROBS, BLEND),
          (ITEM_IDS, SCORES, ITEM_ROUTES),
          "TopK", "KIND_CPU", per_request=True),

@@ -163,8 +163,9 @@ def test_requests_of_different_widths_batch_padded_with_the_same_answers(pipelin
 
 
 def test_the_ranker_runs_a_large_batch_in_chunks_with_the_same_outputs(pipeline, monkeypatch):
-    """On CPU the ranker step runs a batch a few users at a time (OnnxStep.CHUNK_ROWS candidate rows, to keep its
-    attention tensors in cache): the outputs are those of one run over the whole batch, bit for bit."""
+    """On CPU the ranker step runs a batch a few users at a time (its declaration's cpu_chunk_rows candidate rows, to
+    keep its attention tensors in cache): the outputs are those of one run over the whole batch, bit for bit."""
+    assert contract.STEP_BY_NAME["ranker"].cpu_chunk_rows > 0 and contract.STEP_BY_NAME["user_tower"].cpu_chunk_rows == 0
     store = pipeline.steps["feature_transform"].store
     users = store.user_id[store.arrays["activity"] > 0][:7]
     t = pipeline.run(pipeline.request(users, 10), stop="ranker")
@@ -172,7 +173,8 @@ def test_the_ranker_runs_a_large_batch_in_chunks_with_the_same_outputs(pipeline,
     inputs = impl.check({x.name: t.get(x.name) for x in contract.STEP_BY_NAME["ranker"].inputs})
     n = inputs["item_cat"].shape[1]
     whole = impl.session.run(None, {k: inputs[k] for k in impl.inputs})
-    monkeypatch.setattr(type(impl), "CHUNK_ROWS", 2 * n)  # 7 users: runs of 2, 2, 2 and 1
+    assert impl.chunk_rows == contract.STEP_BY_NAME["ranker"].cpu_chunk_rows
+    monkeypatch.setattr(impl, "chunk_rows", 2 * n)  # 7 users: runs of 2, 2, 2 and 1
     calls = []
     run = impl.session.run
     monkeypatch.setattr(impl, "session", type("S", (), {"run": lambda self, o, f: calls.append(len(f["item_cat"])) or run(o, f)})())

@@ -223,10 +223,9 @@ class TargetAttention(nn.Module):
         as `score(cat(...))` with the same weights (tested), at about a quarter of the multiplications and no
         concatenation: it was the ranker's largest cost at serving time."""
         first, relu, last = self.score
+        w_c, w_h, w_p, w_d = self._first_layer(cand.shape[-1])
+        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w_c.shape[0]
         d = cand.shape[-1]
-        w = first.weight
-        w_c, w_h, w_p, w_d = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]  # each [H, D], in the order above
-        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w.shape[0]
         c_part = cand @ (w_c + w_d).T  # [B, N, H]
         h_part = hist @ (w_h - w_d).T + first.bias  # [B, L, H]
         # Wp (c*h) = c . (Wp * h): each action's weighted copy [B, L*H, D], then one matmul with the candidates
@@ -235,20 +234,25 @@ class TargetAttention(nn.Module):
         pre = product + c_part.unsqueeze(2) + h_part.unsqueeze(1)
         return (relu(pre) @ last.weight.T).squeeze(-1) + last.bias  # [B, N, L]
 
+    def _first_layer(self, d: int) -> tuple[torch.Tensor, ...]:
+        """The score MLP's first weight split by what it multiplies: (W_c, W_h, W_p, W_d), each [H, D], for the
+        input (c, h, c*h, c-h)."""
+        w = self.score[0].weight
+        return w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
+
     def folded_scores(self, cand: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """scores() as the exported ranker computes it: the first layer in one batched matmul, no [B, N, L, H] sums.
 
         (Wc + Wd) c + Wp (c*h) = c . (Wp * h + Wc + Wd), and the action part (Wh - Wd) h + b rides on a constant 1
         appended to each candidate: [c, 1] . [Wp * h + Wc + Wd, (Wh - Wd) h + b] for every (action, unit). The same
         function up to float rounding (tested); scores() adds two [B, N, L, H] tensors after the matmul, which at a
-        batch of 16 users (4,800 candidates) leave the cache and cost the ranker a fifth of its time. Training
+        batch of 16 users (4,800 candidates) leave the cache (README, What each step costs). Training
         keeps scores(): the trained weights do not depend on the form, and the export's parity check compares
         this form's ONNX graph with scores()'s PyTorch model."""
         first, relu, last = self.score
+        w_c, w_h, w_p, w_d = self._first_layer(cand.shape[-1])
+        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w_c.shape[0]
         d = cand.shape[-1]
-        w = first.weight
-        w_c, w_h, w_p, w_d = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
-        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w.shape[0]
         per_unit = hist.unsqueeze(2) * w_p + (w_c + w_d)  # [B, L, H, D]
         action = (hist @ (w_h - w_d).T + first.bias).unsqueeze(-1)  # [B, L, H, 1]
         keys = torch.cat([per_unit, action], dim=-1).reshape(b, length * hidden, d + 1)
