@@ -32,8 +32,8 @@ class Pipeline:
         """Run the steps from `start` up to (not including) `stop` over a batch; returns every tensor.
 
         Request inputs are [B, 1] arrays (absent optional inputs: missing or None). A step whose
-        outputs differ in length per request (top-k) runs once per request as Triton runs it: call
-        `recommend` for those."""
+        outputs differ in length per request (top-k) answers each request of the batch on its own, as
+        Triton runs it: call `recommend` for those."""
         tensors = dict(tensors)
         names = [s.name for s in self.graph]
         first = names.index(start) if start else 0

@@ -307,6 +307,10 @@ class Fused(StepImpl):
 
     def run_requests(self, t: dict, counts: list[int]) -> list[tuple]:
         tensors = self._run(self.parts[: self.split], dict(t))
+        rest = self.parts[self.split :]
+        if len(rest) == 1 and [x.name for x in rest[0][0].outputs] == [x.name for x in self.step.outputs]:
+            part, impl = rest[0]  # the one per-request part ends the graph (top-k): it splits the batch itself
+            return impl.run_requests({x.name: tensors.get(part.graph_name(x.name)) for x in part.inputs}, counts)
         offsets = np.cumsum([0, *counts])
         out = []
         for a, b in zip(offsets[:-1], offsets[1:]):
@@ -823,19 +827,28 @@ class TopK(StepImpl):
                "shoprec_list_pairs_diverse_total": "of them, pairs of different categories (diversity = diverse / pairs)"}
 
     def _count_routes(self, masks: np.ndarray) -> None:
-        for bit, route in enumerate(ROUTES):
-            self.count("shoprec_served_route_items_total", int(((masks >> bit) & 1).sum()), route=route)
+        per_route = ((masks.reshape(-1, 1) >> np.arange(len(ROUTES), dtype=np.int32)) & 1).sum(0).tolist()
+        for route, n in zip(ROUTES, per_route):
+            self.count("shoprec_served_route_items_total", n, route=route)
 
-    def _count_lists(self, rows: np.ndarray) -> None:
-        cats = self.category[rows]
-        n = len(rows)
-        same = sum(int(m) * (int(m) - 1) // 2 for m in np.unique(cats, return_counts=True)[1])
-        self.count("shoprec_served_items_total", n)
-        self.count("shoprec_list_pairs_total", n * (n - 1) // 2)
-        self.count("shoprec_list_pairs_diverse_total", n * (n - 1) // 2 - same)
+    def _count_lists(self, rows: np.ndarray, owner: np.ndarray) -> None:
+        """The served rows of a batch's lists (owner: each row's list, ascending): items, pairs within a list, and
+        of them the pairs of different categories (items without a category count as one category)."""
+        same = _run_lengths(np.sort(owner * (int(self.category.max(initial=0)) + 2) + self.category[rows]))
+        lists = _run_lengths(owner)
+        pairs = int((lists * (lists - 1) // 2).sum())
+        self.count("shoprec_served_items_total", len(rows))
+        self.count("shoprec_list_pairs_total", pairs)
+        self.count("shoprec_list_pairs_diverse_total", pairs - int((same * (same - 1) // 2).sum()))
 
     def run(self, t: dict) -> tuple:
-        rows, scores, k = t["candidate_rows"], t["ranking_scores"], int(t["k"].ravel()[0])
+        return self.run_requests(t, [len(t["candidate_rows"])])[0]
+
+    def run_requests(self, t: dict, counts: list[int]) -> list[tuple]:
+        """The requests of a batch (`counts` rows each, each request its own k) in one pass: the scores, the orders
+        (one sort for every user served in score order without MMR or a category cap) and the metrics over the
+        whole batch; then each request's rows, padded to its own longest list, as if it had run alone."""
+        rows, scores, k = t["candidate_rows"], t["ranking_scores"], np.ravel(t["k"]).astype(np.int64)
         if self.blocked is not None:  # blocked items become padding: never served, the next candidates fill in
             rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
         code = t.get("strategy")
@@ -847,19 +860,34 @@ class TopK(StepImpl):
         routes = t.get("candidate_routes")
         routes = np.zeros(rows.shape, np.int32) if routes is None else routes
         recall_order = -np.arange(rows.shape[1], dtype=np.float32)  # the fused order: candidates arrive in it
-        top = [self.order(rows[i], scores[i] if resolved[i].by_ranker else recall_order, k, float(lam[i]),
-                          resolved[i].max_per_category) for i in range(len(rows))]
-        for i, order in enumerate(top):
-            self._count_lists(rows[i][order])
-            self._count_routes(routes[i][order])
-        width = max(len(o) for o in top)
-
-        def pad(values, fill, dtype):
-            return np.stack([np.pad(v, (0, width - len(v)), constant_values=fill) for v in values]).astype(dtype)
-
-        return (pad([self.item_ids[rows[i][o]] for i, o in enumerate(top)], -1, np.int64),
-                pad([scores[i][o] for i, o in enumerate(top)], -np.inf, np.float32),
-                pad([routes[i][o] for i, o in enumerate(top)], 0, np.int32))
+        by_ranker = np.array([r.by_ranker for r in resolved], dtype=bool)
+        ranked = np.where(by_ranker[:, None], scores, recall_order[None, :]) if len(rows) else scores
+        plain = (lam <= 0) & np.array([r.max_per_category <= 0 for r in resolved], dtype=bool)
+        # the plain users' lists: mmr_order with lam 0 is best_first's first k minus padding, row by row
+        firsts = best_first(rows[plain], ranked[plain], int(k.max(initial=0))) if plain.any() else None
+        top, j = [], 0
+        for i in range(len(rows)):
+            if plain[i]:
+                order = firsts[j][: k[i]]
+                j += 1
+                top.append(order[rows[i][order] >= 0])
+            else:
+                top.append(self.order(rows[i], ranked[i], int(k[i]), float(lam[i]), resolved[i].max_per_category))
+        served = np.concatenate([rows[i][o] for i, o in enumerate(top)]) if top else np.zeros(0, np.int64)
+        owner = np.repeat(np.arange(len(top)), [len(o) for o in top])
+        self._count_lists(served, owner)
+        self._count_routes(np.concatenate([routes[i][o] for i, o in enumerate(top)]) if top else np.zeros(0, np.int32))
+        out, offsets = [], np.cumsum([0, *counts])
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            width = max((len(top[i]) for i in range(a, b)), default=0)
+            ids = np.full((b - a, width), -1, np.int64)
+            best = np.full((b - a, width), -np.inf, np.float32)
+            masks = np.zeros((b - a, width), np.int32)
+            for j, i in enumerate(range(a, b)):
+                n = len(top[i])
+                ids[j, :n], best[j, :n], masks[j, :n] = self.item_ids[rows[i][top[i]]], scores[i][top[i]], routes[i][top[i]]
+            out.append((ids, best, masks))
+        return out
 
     def final_scores(self, rows: np.ndarray, scores: np.ndarray, probs: np.ndarray | None, request_blend: np.ndarray | None,
                      resolved: list) -> np.ndarray:
@@ -901,6 +929,11 @@ class TopK(StepImpl):
             rest = rest[(rows[rest] >= 0) & ~np.isin(rest, first)]
             order = capped(np.concatenate([first, rest]), self.category[rows[np.concatenate([first, rest])]], cap, k)
         return order
+
+
+def _run_lengths(sorted_keys: np.ndarray) -> np.ndarray:
+    """The lengths of the runs of equal values in a sorted array."""
+    return np.diff(np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1], [True]))))
 
 
 def capped(order: np.ndarray, categories: np.ndarray, cap: int, k: int) -> np.ndarray:

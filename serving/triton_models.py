@@ -5,9 +5,10 @@ declaration names the class in runtime/steps.py that computes it (in the cpu pro
 steps fused into one model: `Fused`). `execute` checks requests one by one (a bad one gets its
 own error response), runs the good ones as one batch, checks the outputs against the declaration
 and splits them back. A step whose output length differs per request (`per_request`, top-k) gets
-the batch with its request boundaries and answers each request on its own. An unexpected failure in the batched
-compute fails only the requests of that batch, with the error message; the server stays up. The
-device comes from Triton (`model_instance_kind`), never from code.
+the batch with its request boundaries (`run_requests`) and answers each request as if it had run
+alone. An unexpected failure in the batched compute fails only the requests of that batch, with
+the error message; the server stays up. The device comes from Triton (`model_instance_kind`),
+never from code.
 """
 
 from __future__ import annotations

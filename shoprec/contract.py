@@ -51,7 +51,7 @@ class Step:
     impl: str  # the class in runtime/steps.py that computes the step (Triton and in-process alike)
     gpu_kind: str  # instance kind in the gpu profile: KIND_CPU for light steps, KIND_GPU for models
     engine: bool = False  # an exported ONNX graph: python+ORT in the cpu profile, a TensorRT plan in the gpu profile
-    per_request: bool = False  # output length differs per request (top-k): run request by request
+    per_request: bool = False  # output length differs per request (top-k): answers each request of a batch
     profiles: tuple[str, ...] = PROFILES
     max_batch_size: int = 256
     preferred_batch_sizes: tuple[int, ...] = (8, 32, 64)

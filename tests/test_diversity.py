@@ -120,6 +120,38 @@ def test_a_category_cap_limits_each_list_and_still_fills_k(artifacts, cfg, pipel
         assert ids[0] == plain[0]  # the best item always leads
 
 
+def test_a_batch_of_requests_in_one_call_serves_each_as_alone_and_counts_every_list(artifacts, cfg, pipeline):
+    step = _step_with(artifacts, cfg)
+    rows, scores = _ranked(pipeline, 6)
+    step.category = np.where(np.arange(len(step.category)) % 3 == 0, -1, step.category)  # some items without one,
+    step.category[rows[0][best_first(rows[:1], scores[:1], 2)[0]]] = -1  # the first list's two best among them
+    counts, k = [1, 2, 3], np.array([3, 8, 8, 12, 12, 12])
+    lam = np.array([0.0, 0.0, 0.6, 0.0, 0.3, 0.0])  # MMR users beside the ones one sort serves
+    t = {"candidate_rows": rows, "ranking_scores": scores, "k": k[:, None].astype(np.int32),
+         "diversity": lam[:, None].astype(np.float32)}
+    got = step.run_requests(t, counts)
+    counted = {name: v for (name, _), v in step.take_counts().items() if name.startswith(("shoprec_list", "shoprec_served_items"))}
+    pairs = diverse = items = 0
+    user = 0
+    for request, n_users in zip(got, counts):
+        ids, best, masks = request
+        lists = [step.order(rows[user + j], scores[user + j], int(k[user + j]), float(lam[user + j])) for j in range(n_users)]
+        assert ids.shape == (n_users, max(len(o) for o in lists)) and ids.dtype == np.int64 and best.dtype == np.float32
+        for j, order in enumerate(lists):
+            served = rows[user + j][order]
+            np.testing.assert_array_equal(ids[j][: len(order)], step.item_ids[served])
+            np.testing.assert_array_equal(best[j][: len(order)], scores[user + j][order])
+            assert (ids[j][len(order):] == -1).all() and (best[j][len(order):] == -np.inf).all()
+            cats = step.category[served]
+            items += len(cats)
+            pairs += len(cats) * (len(cats) - 1) // 2
+            diverse += sum(int(a != b) for x, a in enumerate(cats) for b in cats[x + 1 :])  # no category: one of its own
+        user += n_users
+    assert counted == {"shoprec_served_items_total": items, "shoprec_list_pairs_total": pairs,
+                       "shoprec_list_pairs_diverse_total": diverse}
+    assert diverse < pairs  # the lists hold items of one category (or none) together
+
+
 def test_blocked_items_are_never_served_and_the_file_is_reread(artifacts, cfg, pipeline, tmp_path):
     import os
     import time
