@@ -5,8 +5,9 @@ per request, and how many stubs of each, buy throughput at concurrency 16 withou
     python -m benchmarks.instances --artifacts A --tag medium
 
 Each variant serves the same bundle from a fresh server: the cpu profile (one model runs the whole graph) with
-its default of one instance per core and with one instance; the cpu-stages profile (three models) with one
-instance each and with two of `candidates`, its busiest stub. The response cache is off
+its default of one instance per core, the same instances taking turns (`serve.prefer_first_instance` off: no rate
+limiter), and one instance; the cpu-stages profile (three models) with one instance each and with two of
+`candidates`, its busiest stub. `--variants` runs some of them (by their names in the table). The response cache is off
 (the load repeats its users) and the step doctor off. perf_analyzer drives it over gRPC with the same 1,000
 real user ids at each `--concurrency` level (k = 10). The variants are run `--rounds` times, the order
 reversed each round, because this machine's speed drifts within minutes; each figure is the median of
@@ -30,16 +31,19 @@ from .machine import command_line, commit, describe
 from .serving_bench import input_data, sweep
 
 COMMAND = "python -m benchmarks.instances"
-VARIANTS = {"cpu (default: pipeline x cores)": ("cpu", {}), "cpu, pipeline x1": ("cpu", {"pipeline": 1}),
-            "cpu-stages, 1 each": ("cpu-stages", {}), "cpu-stages, candidates x2": ("cpu-stages", {"candidates": 2})}
+# name: (profile, serve.instances, other serve settings)
+VARIANTS = {"cpu (default: pipeline x cores)": ("cpu", {}, {}),
+            "cpu, pipeline x cores taking turns": ("cpu", {}, {"prefer_first_instance": False}),
+            "cpu, pipeline x1": ("cpu", {"pipeline": 1}, {}),
+            "cpu-stages, 1 each": ("cpu-stages", {}, {}), "cpu-stages, candidates x2": ("cpu-stages", {"candidates": 2}, {})}
 
 
-def run_variant(artifacts: Path, variant: tuple[str, dict], levels: list[int], data: Path, tmp: Path) -> list[dict]:
+def run_variant(artifacts: Path, variant: tuple[str, dict, dict], levels: list[int], data: Path, tmp: Path) -> list[dict]:
     from serving.launcher import TritonServer
 
     cfg = load_config().serve
-    profile, instances = variant
-    serve = dataclasses.replace(cfg, response_cache_mb=0, canary_interval_s=0.0, instances=dict(instances))
+    profile, instances, settings = variant
+    serve = dataclasses.replace(cfg, response_cache_mb=0, canary_interval_s=0.0, instances=dict(instances), **settings)
     results: dict = {}
     with TritonServer.from_config(serve, artifacts, profile, ephemeral_ports=True, log_path=tmp / "triton.log") as server:
         sweep(results, "triton-grpc", server.grpc_url, "grpc", levels, data, server.process.pid, server.grpc_url)
@@ -99,21 +103,24 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. medium)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME", default=list(VARIANTS),
+                   help="the variants to run, by name (default: all): " + "; ".join(VARIANTS))
     args = p.parse_args(argv)
     artifacts = Path(args.artifacts).resolve()
-    runs: dict[str, list] = {name: [] for name in VARIANTS}
+    variants = {name: VARIANTS[name] for name in VARIANTS if name in args.variants}  # the table's order
+    runs: dict[str, list] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "input.json"
         input_data(artifacts, data)
         for r in range(args.rounds):
-            order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
                 print(f"round {r + 1}/{args.rounds}: {name}", flush=True)
-                runs[name].append(run_variant(artifacts, VARIANTS[name], args.concurrency, data, tmp))
+                runs[name].append(run_variant(artifacts, variants[name], args.concurrency, data, tmp))
     report = {"command": command_line(COMMAND, argv), "machine": describe(), "commit": commit(),
               "items": json.loads((artifacts / "serving" / "contract.json").read_text())["n_items"],
-              "concurrency": args.concurrency, "rounds": args.rounds, "variants": VARIANTS,
+              "concurrency": args.concurrency, "rounds": args.rounds, "variants": variants,
               "summary": summarise(runs, args.concurrency), "runs": runs}
     write_outputs(report, Path(args.out), args.tag)
     print(json.dumps(report["summary"], indent=1))

@@ -279,7 +279,7 @@ def prepare_runtime_repo(settings: Settings, engines: list[EnginePlan]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(plan.engine)
     try:
-        apply_instance_counts(repo, dict(settings.serve.instances))
+        apply_instance_counts(repo, dict(settings.serve.instances), settings.serve.prefer_first_instance)
     except ValueError as exc:
         raise StartupError(f"serve config: {exc}", EXIT_BAD_BUNDLE) from None
     return repo
@@ -293,7 +293,8 @@ def server_command(settings: Settings, repo: Path) -> list[str]:
     return tritonserver_command("tritonserver", repo, http_address=http_address, http_port=settings.serve.http_port,
                                 grpc_address="0.0.0.0", grpc_port=settings.serve.grpc_port, metrics_address="0.0.0.0",
                                 metrics_port=settings.serve.metrics_port, admin_key=settings.admin_key,
-                                grpc_tls=settings.grpc_tls, response_cache_mb=settings.serve.response_cache_mb)
+                                grpc_tls=settings.grpc_tls, response_cache_mb=settings.serve.response_cache_mb,
+                                rate_limit=settings.serve.prefer_first_instance)
 
 
 def redacted(command: list[str]) -> list[str]:

@@ -20,11 +20,12 @@ def tritonserver_command(binary: str, repository: Path | str, *, http_address: s
                          grpc_port: int, metrics_address: str, metrics_port: int, backend_directory: Path | str | None = None,
                          admin_key: str | None = None, grpc_tls: tuple[str, str, str] | None = None,
                          response_cache_mb: int = 0, cache_directory: Path | str | None = None,
-                         extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+                         extra: tuple[str, ...] | list[str] = (), rate_limit: bool = True) -> list[str]:
     """admin_key: restrict RESTRICTED_APIS to requests carrying it (None: Triton's defaults, everything open).
     grpc_tls: (certificate, key, client CA or "") PEM paths: gRPC over TLS, mutual when a client CA is given.
     response_cache_mb: Triton's local response cache, used by the models whose config enables it (0: none);
-    cache_directory: where its library lives (None: Triton's default, /opt/tritonserver/caches)."""
+    cache_directory: where its library lives (None: Triton's default, /opt/tritonserver/caches).
+    rate_limit: Triton's rate limiter, which orders free instances by their groups' priorities (serve.prefer_first_instance)."""
     cmd = [binary, f"--model-repository={repository}"]
     if backend_directory is not None:
         cmd.append(f"--backend-directory={backend_directory}")
@@ -43,6 +44,10 @@ def tritonserver_command(binary: str, repository: Path | str, *, http_address: s
         "--exit-timeout-secs=5",
         "--log-verbose=0",
     ]
+    if rate_limit:
+        # without resources the rate limiter only orders the free instances, by apply_instance_counts' priorities: a
+        # model's first instance while it is free, so requests at low load find warm caches
+        cmd.append("--rate-limit=execution_count")
     if response_cache_mb < 0:
         raise ValueError(f"serve.response_cache_mb must be >= 0 (0: no cache), got {response_cache_mb}")
     if response_cache_mb:
@@ -85,7 +90,14 @@ def check_tls_files(cert: str, key: str, client_ca: str = "") -> tuple[str, str,
 
 
 MAX_INSTANCES = 8
-_INSTANCE_COUNT = re.compile(r"(instance_group \{\n  count: )(\d+)")
+# A model's CPU instances are preferred in order while they are free: each is its own instance group whose rate-limiter
+# priority is this step to the power of its number, and tritonserver runs its rate limiter (`tritonserver_command`),
+# which hands a batch to the free instance with the fewest executions x priority. Without it the instances take turns
+# even at concurrency 1, and each request finds its stub's caches cold (README, Instances per model).
+INSTANCE_PRIORITY_STEP = 1000
+_GROUP = re.compile(r"instance_group \{\n((?:  [^\n]*\n)*)\}\n")  # a group's lines are indented, its brace is not
+_COUNT = re.compile(r"^  count: (\d+)$", re.M)
+_KIND = re.compile(r"^  kind: (\w+)$", re.M)
 
 
 def python_stub_counts(repository: Path | str) -> dict[str, int]:
@@ -93,27 +105,40 @@ def python_stub_counts(repository: Path | str) -> dict[str, int]:
     out = {}
     for path in Path(repository).glob("*/config.pbtxt"):
         text = path.read_text()
-        m = _INSTANCE_COUNT.search(text)
-        if m and 'backend: "python"' in text:
-            out[path.parent.name] = int(m.group(2))
+        groups = _GROUP.findall(text)
+        if groups and 'backend: "python"' in text:
+            out[path.parent.name] = sum(int(_COUNT.search(g).group(1)) for g in groups)
     return out
 
 
-def apply_instance_counts(repository: Path | str, counts: dict) -> dict[str, int]:
+def instance_groups(count: int, kind: str, prefer_first: bool = True) -> str:
+    """The instance_group entries of `count` instances: CPU ones one group each, preferred in order (a priority
+    INSTANCE_PRIORITY_STEP times the one before, within uint32); a GPU group, or prefer_first off, as one group
+    (a GPU group's count is per GPU)."""
+    if kind != "KIND_CPU" or count == 1 or not prefer_first:
+        return f"instance_group {{\n  count: {count}\n  kind: {kind}\n}}\n"
+    return "".join(f"instance_group {{\n  count: 1\n  kind: {kind}\n  rate_limiter {{\n"
+                   f"    priority: {min(INSTANCE_PRIORITY_STEP ** i, 2**32 - 1)}\n  }}\n}}\n" for i in range(count))
+
+
+def apply_instance_counts(repository: Path | str, counts: dict, prefer_first: bool = True) -> dict[str, int]:
     """Sets `serve.instances` ({model: count}) in a copy of a generated repository: each named model's
-    instance_group count (its stubs, or GPU instances, run that many batches at once). ValueError naming the
-    setting for an unknown model, the ensemble, or a count outside 1..MAX_INSTANCES. Returns what it set."""
+    instances (its stubs, or GPU instances, run that many batches at once; `instance_groups`). ValueError naming
+    the setting for an unknown model, the ensemble, or a count outside 1..MAX_INSTANCES. Returns what it set."""
     repository = Path(repository)
     models = {p.parent.name: p for p in repository.glob("*/config.pbtxt")}
     done = {}
     for name, count in sorted(counts.items()):
         path = models.get(name)
         text = path.read_text() if path is not None else ""
-        if not _INSTANCE_COUNT.search(text):  # the ensemble has no instance group
+        groups = list(_GROUP.finditer(text))
+        if not groups:  # the ensemble has no instance group
             raise ValueError(f"serve.instances.{name}: no model {name!r} with instances in {repository.name} "
-                             f"(models: {sorted(m for m, p in models.items() if _INSTANCE_COUNT.search(p.read_text()))})")
+                             f"(models: {sorted(m for m, p in models.items() if _GROUP.search(p.read_text()))})")
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_INSTANCES:
             raise ValueError(f"serve.instances.{name} must be an integer in 1..{MAX_INSTANCES}, got {count!r}")
-        path.write_text(_INSTANCE_COUNT.sub(lambda m: f"{m.group(1)}{count}", text, count=1))
+        kind = _KIND.search(groups[0].group(1)).group(1)
+        rest = _GROUP.sub("", text[groups[0].start():])
+        path.write_text(text[: groups[0].start()] + instance_groups(count, kind, prefer_first) + rest)
         done[name] = count
     return done

@@ -206,6 +206,7 @@ class TritonServer:
     grpc_proxy: object = None  # the GrpcFront while it runs
     front: object = None  # the HttpFront while it runs
     instances: dict = field(default_factory=dict)  # serve.instances: {model: instance count} in the served repository
+    prefer_first_instance: bool = True  # serve.prefer_first_instance: Triton's rate limiter orders free instances
     response_cache_mb: int = 0  # Triton's local response cache for the cacheable steps (contract.Step.cacheable); 0: off
     canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
     canary_timeout_s: float = 5.0
@@ -227,6 +228,7 @@ class TritonServer:
                    grpc_tls=_tls(cfg), http_front=cfg.http_front, grpc_front=_grpc_front(cfg),
                    grpc_max_message_mb=cfg.grpc_max_message_mb, response_cache_mb=cfg.response_cache_mb,
                    instances={**default_instances(profile, usable_cores()), **cfg.instances},
+                   prefer_first_instance=cfg.prefer_first_instance,
                    canary_timeout_s=cfg.canary_timeout_s, versioned=True, swap_drain_s=cfg.swap_drain_s)
 
     @property
@@ -264,7 +266,8 @@ class TritonServer:
                                     grpc_port=self.triton_grpc_port if self.grpc_front else self.grpc_port,
                                     metrics_address=self.address, metrics_port=self.metrics_port,
                                     admin_key=self.admin_key, grpc_tls=None if self.grpc_front else self.grpc_tls,
-                                    response_cache_mb=self.response_cache_mb, cache_directory=pytriton_root() / "caches")
+                                    response_cache_mb=self.response_cache_mb, cache_directory=pytriton_root() / "caches",
+                                    rate_limit=self.prefer_first_instance)
 
     @property
     def admin_key_path(self) -> Path:
@@ -308,7 +311,7 @@ class TritonServer:
             if not self.versioned:
                 raise LaunchError("serve.instances needs the numbered bundles' served repository (versioned)")
             try:
-                log.info("instances: %s", apply_instance_counts(self.served.root, self.instances))
+                log.info("instances: %s", apply_instance_counts(self.served.root, self.instances, self.prefer_first_instance))
             except ValueError as exc:
                 raise LaunchError(str(exc)) from None
         cmd = self.command(backends_dir(work))

@@ -76,14 +76,30 @@ def test_serving_imports_without_the_offline_stack():
 def test_instance_counts_are_set_in_a_copy_and_bad_ones_are_named(tmp_path):
     import shutil
 
-    from serving.command import apply_instance_counts
+    from serving.command import apply_instance_counts, python_stub_counts, tritonserver_command
 
     repo = tmp_path / "cpu-stages"
     shutil.copytree(REPO_ROOT / "model_repository" / "cpu-stages", repo)
     assert apply_instance_counts(repo, {"candidates": 3}) == {"candidates": 3}
     cfg = text_format.Parse((repo / "candidates" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert [g.count for g in cfg.instance_group] == [3]
+    # one group per CPU instance, each preferred over the next while free (the server runs its rate limiter)
+    assert [(g.count, g.kind, g.rate_limiter.priority) for g in cfg.instance_group] == \
+        [(1, mc.ModelInstanceGroup.KIND_CPU, 1), (1, mc.ModelInstanceGroup.KIND_CPU, 1000),
+         (1, mc.ModelInstanceGroup.KIND_CPU, 1000000)]
+    assert python_stub_counts(repo)["candidates"] == 3
+    assert apply_instance_counts(repo, {"candidates": 1}) == {"candidates": 1}  # set again: the groups replaced
+    cfg = text_format.Parse((repo / "candidates" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert [(g.count, g.rate_limiter.priority) for g in cfg.instance_group] == [(1, 0)]
     assert _load("cpu-stages", "candidates").instance_group[0].count == 1  # the generated repository is untouched
+    gpu = tmp_path / "gpu"
+    shutil.copytree(REPO_ROOT / "model_repository" / "gpu", gpu)
+    gpu_model = next(p.parent.name for p in sorted(gpu.glob("*/config.pbtxt")) if "KIND_GPU" in p.read_text())
+    apply_instance_counts(gpu, {gpu_model: 2})  # a GPU group's count is per GPU: it stays one group
+    cfg = text_format.Parse((gpu / gpu_model / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, mc.ModelInstanceGroup.KIND_GPU)]
+    command = tritonserver_command("tritonserver", repo, http_address="127.0.0.1", http_port=1, grpc_address="127.0.0.1",
+                                   grpc_port=2, metrics_address="127.0.0.1", metrics_port=3)
+    assert "--rate-limit=execution_count" in command
     for counts, message in (({"rankr": 2}, "serve.instances.rankr: no model 'rankr'"),
                             ({contract.ENSEMBLE: 2}, f"serve.instances.{contract.ENSEMBLE}: no model"),
                             ({"ranking": 0}, "serve.instances.ranking must be an integer in 1..8, got 0"),

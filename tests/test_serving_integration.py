@@ -394,7 +394,8 @@ def test_the_response_cache_answers_a_repeated_request_and_never_the_canary(arti
     users = _users(artifacts, 4) + [-1, -2]  # and two unknown users: their requests differ at most in the arm
     with TritonServer.from_config(serve, artifacts, profile="cpu-stages", ephemeral_ports=True) as server, \
             RecommenderClient(server.grpc_url) as c, grpcclient.InferenceServerClient(server.grpc_url) as g:
-        assert [i.count for i in g.get_model_config("candidates").config.instance_group] == [2]
+        groups = g.get_model_config("candidates").config.instance_group  # one group each, the first preferred
+        assert [(i.count, i.rate_limiter.priority) for i in groups] == [(1, 1), (1, 1000)]
         assert [i.count for i in g.get_model_config("ranking").config.instance_group] == [1]
 
         def counts():
