@@ -272,8 +272,9 @@ class StepImpl:
 
 class Fused(StepImpl):
     """Adjacent steps of the graph in one model (the cpu profiles, contract.FUSION): the parts' own
-    classes run in order over one dict of tensors. A per-request part runs per request after the
-    batched parts ran over the whole batch, so the ranker still batches across requests."""
+    classes run in order over one dict of tensors. The per-request parts run after the batched parts ran
+    over the whole batch, so the ranker still batches across requests: one per-request part (top-k, the
+    graph's end) answers the batch's requests in one call (`run_requests`), several run request by request."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -308,11 +309,17 @@ class Fused(StepImpl):
     def run_requests(self, t: dict, counts: list[int]) -> list[tuple]:
         tensors = self._run(self.parts[: self.split], dict(t))
         rest = self.parts[self.split :]
-        if len(rest) == 1 and [x.name for x in rest[0][0].outputs] == [x.name for x in self.step.outputs]:
-            part, impl = rest[0]  # the one per-request part ends the graph (top-k): it splits the batch itself
-            return impl.run_requests({x.name: tensors.get(part.graph_name(x.name)) for x in part.inputs}, counts)
         offsets = np.cumsum([0, *counts])
         out = []
+        if len(rest) == 1:  # the one per-request part (top-k) answers every request of the batch in one call
+            part, impl = rest[0]
+            per_request = impl.run_requests({x.name: tensors.get(part.graph_name(x.name)) for x in part.inputs}, counts)
+            names = [part.graph_name(x.name) for x in part.outputs]
+            for (a, b), outputs in zip(zip(offsets[:-1], offsets[1:]), per_request):
+                check_outputs(part, outputs, self.sizes)
+                own = dict(zip(names, outputs))  # the model's other outputs come from the batched parts
+                out.append(tuple(own[x.name] if x.name in own else tensors[x.name][a:b] for x in self.step.outputs))
+            return out
         for a, b in zip(offsets[:-1], offsets[1:]):
             one = self._run(self.parts[self.split :], {k: None if v is None else v[a:b] for k, v in tensors.items()})
             out.append(tuple(one[x.name] for x in self.step.outputs))
@@ -768,6 +775,7 @@ class TopK(StepImpl):
         table = self.bundle.npz("item_table")
         self.item_ids = table["item_ids"]
         self.category = table["category_code"]
+        self._category_span = int(self.category.max(initial=0)) + 2  # (list, category) keys in _count_lists
         self.embeddings = self.bundle.npy("item_embeddings")
         weight = float(self.bundle.dims.get("popularity_prior", 0.0))  # bundles before it: no prior
         self.prior = popularity_factor(table["popularity"], weight).astype(np.float32) if weight > 0 else None
@@ -834,7 +842,7 @@ class TopK(StepImpl):
     def _count_lists(self, rows: np.ndarray, owner: np.ndarray) -> None:
         """The served rows of a batch's lists (owner: each row's list, ascending): items, pairs within a list, and
         of them the pairs of different categories (items without a category count as one category)."""
-        same = _run_lengths(np.sort(owner * (int(self.category.max(initial=0)) + 2) + self.category[rows]))
+        same = _run_lengths(np.sort(owner * self._category_span + self.category[rows]))
         lists = _run_lengths(owner)
         pairs = int((lists * (lists - 1) // 2).sum())
         self.count("shoprec_served_items_total", len(rows))
@@ -846,8 +854,9 @@ class TopK(StepImpl):
 
     def run_requests(self, t: dict, counts: list[int]) -> list[tuple]:
         """The requests of a batch (`counts` rows each, each request its own k) in one pass: the scores, the orders
-        (one sort for every user served in score order without MMR or a category cap) and the metrics over the
-        whole batch; then each request's rows, padded to its own longest list, as if it had run alone."""
+        (one sort for every user served without MMR or a category cap, in the ranker's or the recall order) and
+        the metrics over the whole batch; then each request's rows, padded to its own longest list, as if it had
+        run alone."""
         rows, scores, k = t["candidate_rows"], t["ranking_scores"], np.ravel(t["k"]).astype(np.int64)
         if self.blocked is not None:  # blocked items become padding: never served, the next candidates fill in
             rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
@@ -933,6 +942,8 @@ class TopK(StepImpl):
 
 def _run_lengths(sorted_keys: np.ndarray) -> np.ndarray:
     """The lengths of the runs of equal values in a sorted array."""
+    if not len(sorted_keys):
+        return np.zeros(0, np.int64)
     return np.diff(np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1], [True]))))
 
 

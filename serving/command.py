@@ -25,7 +25,8 @@ def tritonserver_command(binary: str, repository: Path | str, *, http_address: s
     grpc_tls: (certificate, key, client CA or "") PEM paths: gRPC over TLS, mutual when a client CA is given.
     response_cache_mb: Triton's local response cache, used by the models whose config enables it (0: none);
     cache_directory: where its library lives (None: Triton's default, /opt/tritonserver/caches).
-    rate_limit: Triton's rate limiter, which orders free instances by their groups' priorities (serve.prefer_first_instance)."""
+    rate_limit: Triton's rate limiter, which orders free instances by their groups' priorities
+    (serve.prefer_first_instance)."""
     cmd = [binary, f"--model-repository={repository}"]
     if backend_directory is not None:
         cmd.append(f"--backend-directory={backend_directory}")
@@ -91,9 +92,11 @@ def check_tls_files(cert: str, key: str, client_ca: str = "") -> tuple[str, str,
 
 MAX_INSTANCES = 8
 # A model's CPU instances are preferred in order while they are free: each is its own instance group whose rate-limiter
-# priority is this step to the power of its number, and tritonserver runs its rate limiter (`tritonserver_command`),
-# which hands a batch to the free instance with the fewest executions x priority. Without it the instances take turns
-# even at concurrency 1, and each request finds its stub's caches cold (README, Instances per model).
+# priority is a step to the power of its number (`instance_priorities`), and tritonserver runs its rate limiter
+# (`tritonserver_command`), which hands a batch to the free instance with the fewest executions x priority: the
+# first takes almost every batch while it is free (an instance that never ran scores 0, so each takes one early
+# batch). Without it the instances take turns even at concurrency 1, and each request finds its stub's caches cold
+# (README, Instances per model).
 INSTANCE_PRIORITY_STEP = 1000
 _GROUP = re.compile(r"instance_group \{\n((?:  [^\n]*\n)*)\}\n")  # a group's lines are indented, its brace is not
 _COUNT = re.compile(r"^  count: (\d+)$", re.M)
@@ -107,18 +110,27 @@ def python_stub_counts(repository: Path | str) -> dict[str, int]:
         text = path.read_text()
         groups = _GROUP.findall(text)
         if groups and 'backend: "python"' in text:
-            out[path.parent.name] = sum(int(_COUNT.search(g).group(1)) for g in groups)
+            # a group without a count line has Triton's default, 1
+            out[path.parent.name] = sum(int(m.group(1)) if (m := _COUNT.search(g)) else 1 for g in groups)
     return out
 
 
+def instance_priorities(count: int) -> list[int]:
+    """Rising rate-limiter priorities of `count` instances: 1, step, step^2, ... with step INSTANCE_PRIORITY_STEP,
+    or less where the last would not fit Triton's uint32 (23 for 8 instances)."""
+    step = INSTANCE_PRIORITY_STEP
+    while count > 1 and step ** (count - 1) > 2**32 - 1:
+        step -= 1
+    return [step**i for i in range(count)]
+
+
 def instance_groups(count: int, kind: str, prefer_first: bool = True) -> str:
-    """The instance_group entries of `count` instances: CPU ones one group each, preferred in order (a priority
-    INSTANCE_PRIORITY_STEP times the one before, within uint32); a GPU group, or prefer_first off, as one group
-    (a GPU group's count is per GPU)."""
+    """The instance_group entries of `count` instances: CPU ones one group each, preferred in order
+    (`instance_priorities`); a GPU group, or prefer_first off, as one group (a GPU group's count is per GPU)."""
     if kind != "KIND_CPU" or count == 1 or not prefer_first:
         return f"instance_group {{\n  count: {count}\n  kind: {kind}\n}}\n"
-    return "".join(f"instance_group {{\n  count: 1\n  kind: {kind}\n  rate_limiter {{\n"
-                   f"    priority: {min(INSTANCE_PRIORITY_STEP ** i, 2**32 - 1)}\n  }}\n}}\n" for i in range(count))
+    return "".join(f"instance_group {{\n  count: 1\n  kind: {kind}\n  rate_limiter {{\n    priority: {p}\n  }}\n}}\n"
+                   for p in instance_priorities(count))
 
 
 def apply_instance_counts(repository: Path | str, counts: dict, prefer_first: bool = True) -> dict[str, int]:
@@ -137,7 +149,10 @@ def apply_instance_counts(repository: Path | str, counts: dict, prefer_first: bo
                              f"(models: {sorted(m for m, p in models.items() if _GROUP.search(p.read_text()))})")
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_INSTANCES:
             raise ValueError(f"serve.instances.{name} must be an integer in 1..{MAX_INSTANCES}, got {count!r}")
-        kind = _KIND.search(groups[0].group(1)).group(1)
+        kind = _KIND.search(groups[0].group(1))
+        if kind is None:
+            raise ValueError(f"serve.instances.{name}: {path} has an instance_group without a kind line")
+        kind = kind.group(1)
         rest = _GROUP.sub("", text[groups[0].start():])
         path.write_text(text[: groups[0].start()] + instance_groups(count, kind, prefer_first) + rest)
         done[name] = count

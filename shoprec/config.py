@@ -173,8 +173,8 @@ class ServeConfig:
     # instances per served model ({"pipeline": 4}: four stubs run batches at once); absent: the step's default
     # (contract.default_instances: the cpu profile's whole-graph model one per core, up to 8; others 1)
     instances: dict = field(default_factory=dict)
-    # a model's CPU instances preferred in order while free (tritonserver's rate limiter: serving/command.py), so a
-    # request at low load finds the instance that served the last one, caches warm; false: the instances take turns
+    # a model's CPU instances preferred in order while free (tritonserver's rate limiter: serving/command.py), so at
+    # low load the first one serves back to back, caches warm; false: the instances take turns
     prefer_first_instance: bool = True
     # Triton's response cache (local, LRU) for the steps whose outputs depend on their inputs alone
     # (contract.Step.cacheable: retrieval and the candidate features); 0: no cache. Off by default: a miss costs

@@ -152,6 +152,31 @@ def test_a_batch_of_requests_in_one_call_serves_each_as_alone_and_counts_every_l
     assert diverse < pairs  # the lists hold items of one category (or none) together
 
 
+def test_the_fused_cpu_model_answers_a_batch_of_requests_in_one_top_k_call(artifacts, cfg):
+    from runtime.pipeline import Pipeline
+    from runtime.steps import merge_requests
+
+    p = Pipeline(artifacts / "serving", cfg=cfg.serve, profile="cpu")
+    step, fused = p.graph[-1], p.steps[p.graph[-1].name]  # the one model of the cpu profile: the whole graph
+    users = fused.parts[0][1].store.user_id[:5]
+    requests = [p.request(users[:2], 3, diversity=0.0), p.request(users[2:3], 12, diversity=0.0),
+                p.request(users[3:], 7, diversity=0.4)]
+    # each request checked alone, as Triton's adapter does, then merged into one batch
+    batch = merge_requests(step, [fused.check({t.name: r.get(t.name) for t in step.inputs}) for r in requests])
+    calls = []
+    topk = fused.parts[-1][1]
+    topk.run_requests = lambda t, counts, run=topk.run_requests: calls.append(counts) or run(t, counts)
+    got = fused.run_requests(batch, [2, 1, 2])
+    assert calls == [[2, 1, 2]]  # top-k saw the whole batch once
+    # the same batch request by request, top-k run on each request's rows of the batched tensors
+    tensors = fused._run(fused.parts[: fused.split], dict(batch))
+    for (a, b), outputs in zip(((0, 2), (2, 3), (3, 5)), got):
+        alone = fused._run(fused.parts[fused.split :], {k: None if v is None else v[a:b] for k, v in tensors.items()})
+        for x, out in zip(step.outputs, outputs):
+            assert out.dtype == alone[x.name].dtype and out.shape == alone[x.name].shape, x.name
+            np.testing.assert_array_equal(out, alone[x.name], err_msg=x.name)
+
+
 def test_blocked_items_are_never_served_and_the_file_is_reread(artifacts, cfg, pipeline, tmp_path):
     import os
     import time

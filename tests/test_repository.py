@@ -76,7 +76,7 @@ def test_serving_imports_without_the_offline_stack():
 def test_instance_counts_are_set_in_a_copy_and_bad_ones_are_named(tmp_path):
     import shutil
 
-    from serving.command import apply_instance_counts, python_stub_counts, tritonserver_command
+    from serving.command import apply_instance_counts, instance_priorities, python_stub_counts, tritonserver_command
 
     repo = tmp_path / "cpu-stages"
     shutil.copytree(REPO_ROOT / "model_repository" / "cpu-stages", repo)
@@ -97,6 +97,9 @@ def test_instance_counts_are_set_in_a_copy_and_bad_ones_are_named(tmp_path):
     apply_instance_counts(gpu, {gpu_model: 2})  # a GPU group's count is per GPU: it stays one group
     cfg = text_format.Parse((gpu / gpu_model / "config.pbtxt").read_text(), mc.ModelConfig())
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, mc.ModelInstanceGroup.KIND_GPU)]
+    for n in range(2, 9):  # rising priorities that fit Triton's uint32, for every allowed count
+        priorities = instance_priorities(n)
+        assert priorities[0] == 1 and all(a < b for a, b in zip(priorities, priorities[1:])) and priorities[-1] < 2**32
     command = tritonserver_command("tritonserver", repo, http_address="127.0.0.1", http_port=1, grpc_address="127.0.0.1",
                                    grpc_port=2, metrics_address="127.0.0.1", metrics_port=3)
     assert "--rate-limit=execution_count" in command
