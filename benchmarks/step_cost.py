@@ -10,7 +10,10 @@ runs `--users` warm users, one per request and then 16 per batch; every step is 
 machine). The feature step is timed a second time encoding every user's state per request
 (`feature_transform_encoding_every_user`), against the columns `export` encoded once.
 `--chunk-rows 0 1200` also times the ranker alone at 16 users per batch, run whole and in chunks of that many
-candidate rows (the ranker declaration's `cpu_chunk_rows`, shoprec/contract.py), alternated. Writes benchmarks/results/step_cost.json.
+candidate rows (the ranker declaration's `cpu_chunk_rows`, shoprec/contract.py), alternated.
+`--fused` also times the cpu profile's one model (`pipeline`, the whole graph) over batches of 16 one-user
+requests, as Triton's batcher hands them to it: top-k answering the batch's requests in one call (`Fused.one_call`,
+the default) and request by request, alternated. Writes benchmarks/results/step_cost.json.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .serving_bench import warm_users
 
 
 def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, ...] = (1, 16),
-        chunk_rows: tuple[int, ...] = ()) -> dict:
+        chunk_rows: tuple[int, ...] = (), fused: bool = False) -> dict:
     from runtime.pipeline import Pipeline
 
     cfg = load_config().replace("serve", online_store="none").serve
@@ -53,6 +56,8 @@ def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, 
             ft.encoded = True
     if chunk_rows:
         out.update(_ranker_chunks(p, ids, rounds, chunk_rows))
+    if fused:
+        out.update(_fused(artifacts, cfg, ids, rounds))
     return out
 
 
@@ -79,6 +84,33 @@ def _ranker_chunks(p, ids: list[int], rounds: int, settings: tuple[int, ...]) ->
         impl.chunk_rows = default
     return {"ranker_ms_per_user_batch16_by_chunk_rows": {str(c): round(min(v), 4) for c, v in times.items()},
             "chunk_rows_default": default}
+
+
+def _fused(artifacts: Path, cfg, ids: list[int], rounds: int) -> dict:
+    """The cpu profile's fused model over batches of 16 one-user requests, top-k in one call and request by request
+    (Fused.one_call), alternated round by round: ms per request, the minimum of the rounds."""
+    from runtime.pipeline import Pipeline
+    from runtime.steps import merge_requests
+
+    p = Pipeline(artifacts / "serving", cfg=cfg, profile="cpu")
+    step = p.graph[-1]
+    model = p.steps[step.name]
+    batches = [merge_requests(step, [model.check({t.name: r.get(t.name) for t in step.inputs})
+                                     for r in (p.request([u], 10) for u in ids[i : i + 16])])
+               for i in range(0, len(ids) - 15, 16)]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for r in range(rounds):
+            for one_call in ((True, False) if r % 2 == 0 else (False, True)):
+                model.one_call = one_call
+                t0 = time.perf_counter()
+                for b in batches:
+                    model.run_requests(b, [1] * len(b["user_id"]))
+                times[one_call].append((time.perf_counter() - t0) / (16 * len(batches)) * 1e3)
+    finally:
+        model.one_call = True
+    return {"fused_ms_per_request_batch16": {"top-k in one call": round(min(times[True]), 4),
+                                             "top-k request by request": round(min(times[False]), 4)}}
 
 
 def _per_step(p, ids: list[int], batch: int, rounds: int, only: str | None = None) -> dict:
@@ -128,12 +160,15 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-rows", type=int, nargs="+", metavar="ROWS",
                     help="also time the ranker alone at 16 users per batch with its chunk_rows at each "
                          "value (0: the whole batch in one run), alternated")
+    ap.add_argument("--fused", action="store_true",
+                    help="also time the cpu profile's one model over batches of 16 requests, top-k in one call and "
+                         "request by request, alternated")
     args = ap.parse_args(argv)
     if args.tables != "auto":
         import runtime.candidates
 
         runtime.candidates.SPARSE_FROM_ITEMS = 0 if args.tables == "sparse" else 2**62
-    r = run(args.artifacts.resolve(), args.users, args.rounds, chunk_rows=tuple(args.chunk_rows or ()))
+    r = run(args.artifacts.resolve(), args.users, args.rounds, chunk_rows=tuple(args.chunk_rows or ()), fused=args.fused)
     given = sys.argv[1:] if argv is None else argv
     r.update(machine=describe(), tables=args.tables, command=" ".join(["python -m benchmarks.step_cost", *given]))
     out = args.out or args.results / "step_cost.json"

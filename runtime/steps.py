@@ -282,6 +282,7 @@ class Fused(StepImpl):
         self.parts = [(part, load_step(part, self.bundle, self.cfg, self.device, self.device_id, self.threads))
                       for part in (graph[name] for name in self.step.parts)]
         self.split = next((i for i, (part, _) in enumerate(self.parts) if part.per_request), len(self.parts))
+        self.one_call = True  # one per-request part answers the batch in one call (False: request by request, to compare)
 
     def metrics(self) -> dict[str, str]:
         return {k: v for _, impl in self.parts for k, v in impl.metrics().items()}
@@ -311,7 +312,7 @@ class Fused(StepImpl):
         rest = self.parts[self.split :]
         offsets = np.cumsum([0, *counts])
         out = []
-        if len(rest) == 1:  # the one per-request part (top-k) answers every request of the batch in one call
+        if len(rest) == 1 and self.one_call:  # the one per-request part (top-k) answers the batch's requests at once
             part, impl = rest[0]
             per_request = impl.run_requests({x.name: tensors.get(part.graph_name(x.name)) for x in part.inputs}, counts)
             names = [part.graph_name(x.name) for x in part.outputs]

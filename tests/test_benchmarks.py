@@ -172,6 +172,15 @@ def test_two_tower_step_times_the_dense_and_the_sparse_item_table(artifacts, tmp
     assert json.loads((tmp_path / "two_tower_step_t.json").read_text()) == report
 
 
+def test_step_cost_times_the_fused_model_with_top_k_both_ways(artifacts):
+    from benchmarks import step_cost
+
+    report = step_cost.run(artifacts, users=40, rounds=2, batches=(1,), fused=True)
+    fused = report["fused_ms_per_request_batch16"]
+    assert set(fused) == {"top-k in one call", "top-k request by request"} and all(v > 0 for v in fused.values())
+    assert report["total_ms"] > 0
+
+
 def test_serving_rounds_are_summarised_by_their_median():
     from benchmarks.serving_bench import median_rows
 
