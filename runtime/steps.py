@@ -871,7 +871,7 @@ class TopK(StepImpl):
         routes = np.zeros(rows.shape, np.int32) if routes is None else routes
         recall_order = -np.arange(rows.shape[1], dtype=np.float32)  # the fused order: candidates arrive in it
         by_ranker = np.array([r.by_ranker for r in resolved], dtype=bool)
-        ranked = np.where(by_ranker[:, None], scores, recall_order[None, :]) if len(rows) else scores
+        ranked = np.where(by_ranker[:, None], scores, recall_order[None, :])
         plain = (lam <= 0) & np.array([r.max_per_category <= 0 for r in resolved], dtype=bool)
         # the plain users' lists: mmr_order with lam 0 is best_first's first k minus padding, row by row
         firsts = best_first(rows[plain], ranked[plain], int(k.max(initial=0))) if plain.any() else None

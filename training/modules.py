@@ -223,9 +223,9 @@ class TargetAttention(nn.Module):
         as `score(cat(...))` with the same weights (tested), at about a quarter of the multiplications and no
         concatenation: it was the ranker's largest cost at serving time."""
         first, relu, last = self.score
-        w_c, w_h, w_p, w_d = self._first_layer(cand.shape[-1])
-        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w_c.shape[0]
         d = cand.shape[-1]
+        w_c, w_h, w_p, w_d = self._first_layer(d)
+        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w_c.shape[0]
         c_part = cand @ (w_c + w_d).T  # [B, N, H]
         h_part = hist @ (w_h - w_d).T + first.bias  # [B, L, H]
         # Wp (c*h) = c . (Wp * h): each action's weighted copy [B, L*H, D], then one matmul with the candidates
@@ -250,9 +250,9 @@ class TargetAttention(nn.Module):
         keeps scores(): the trained weights do not depend on the form, and the export's parity check compares
         this form's ONNX graph with scores()'s PyTorch model."""
         first, relu, last = self.score
-        w_c, w_h, w_p, w_d = self._first_layer(cand.shape[-1])
-        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w_c.shape[0]
         d = cand.shape[-1]
+        w_c, w_h, w_p, w_d = self._first_layer(d)
+        b, n, length, hidden = cand.shape[0], cand.shape[1], hist.shape[1], w_c.shape[0]
         per_unit = hist.unsqueeze(2) * w_p + (w_c + w_d)  # [B, L, H, D]
         action = (hist @ (w_h - w_d).T + first.bias).unsqueeze(-1)  # [B, L, H, 1]
         keys = torch.cat([per_unit, action], dim=-1).reshape(b, length * hidden, d + 1)
