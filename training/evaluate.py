@@ -147,9 +147,11 @@ class Baselines:
             return lambda rows: np.broadcast_to(self.pop, (len(rows), len(self.pop)))
         if name == "als":
             from implicit.cpu.als import AlternatingLeastSquares
+            from threadpoolctl import threadpool_limits
 
-            m = AlternatingLeastSquares(random_state=self.cfg.retrieval.seed, **params)
-            m.fit(x, show_progress=False)
+            with threadpool_limits(1, "blas"):  # implicit runs its own threads: BLAS's pool would oversubscribe the cores
+                m = AlternatingLeastSquares(random_state=self.cfg.retrieval.seed, **params)
+                m.fit(x, show_progress=False)
             return lambda rows: m.user_factors[rows] @ m.item_factors.T
         if name == "item_knn":
             from implicit.nearest_neighbours import CosineRecommender
