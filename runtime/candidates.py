@@ -37,6 +37,7 @@ Features per candidate (`DENSE_FEATURES`): the three item-to-item scores (all, p
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -490,15 +491,36 @@ def _position(rows: np.ndarray, ranked: np.ndarray, n: int) -> np.ndarray:
         return np.full(rows.shape, n, dtype=np.int64)
     u, width = ranked.shape
     span = int(max(rows.max(initial=0), ranked.max(initial=0))) + 2
-    if u * span <= 1 << 18:  # a small dense [U, rows] table (<= 2 MB): one scatter and one gather
+    pad = span - 1  # the column the pads (-1) write to and read from, cleared in between
+    put, get = np.where(ranked >= 0, ranked, pad), np.where(rows >= 0, rows, pad)
+    if u * span <= 1 << 16:  # a small dense [U, rows] table (<= 512 kB): one scatter and one gather
         table = np.full((u, span), n, dtype=np.int64)
-        table[np.arange(u)[:, None], np.where(ranked >= 0, ranked, span - 1)] = np.arange(width)
-        table[:, span - 1] = n  # the pads' column
-        return _take(table, np.where(rows >= 0, rows, span - 1))
-    keys = (np.arange(u)[:, None] * span + ranked + 1).ravel()  # + 1: pads (-1) never match a row
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    query = (np.arange(u)[:, None] * span + rows + 1).ravel()
-    at = np.minimum(np.searchsorted(sorted_keys, query), len(sorted_keys) - 1)
-    found = (sorted_keys[at] == query) & (rows.ravel() >= 0)
-    return np.where(found, order[at] % width, n).reshape(rows.shape)
+        table[np.arange(u)[:, None], put] = np.arange(width)
+        table[:, pad] = n
+        return _take(table, get)
+    # a catalog-wide table per user costs more than the lookups: one user at a time over a row of zeros kept per
+    # thread (rank + 1 written, 0 = absent), zeroed again after each user
+    row = _zeroed_row(span)
+    found = np.empty(rows.shape, np.int32)
+    ranks = np.arange(1, width + 1, dtype=np.int32)
+    try:
+        for i in range(u):
+            row[put[i]] = ranks
+            row[pad] = 0
+            found[i] = row[get[i]]
+            row[put[i]] = 0
+    except BaseException:
+        _SCRATCH.row = None  # a row an interrupted loop may have left written is never used again
+        raise
+    return np.where(found > 0, found.astype(np.int64) - 1, n)
+
+
+_SCRATCH = threading.local()  # per thread (the FastAPI baseline runs a step in several threads at once)
+
+
+def _zeroed_row(size: int) -> np.ndarray:
+    """This thread's int32 row of at least `size` zeros; the caller leaves it zeroed."""
+    row = getattr(_SCRATCH, "row", None)
+    if row is None or len(row) < size:
+        row = _SCRATCH.row = np.zeros(size, np.int32)
+    return row

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, _fuse, popularity_bias
+from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, _fuse, _position, popularity_bias
 from runtime.faiss_search import augment, recall_vs_exact, search
 from shoprec import contract
 from shoprec.config import IndexConfig
@@ -319,6 +319,26 @@ def test_round_robin_merge():
     pad = [np.full_like(a, -1)] * (len(ROUTES) - 2)
     equal = np.r_[1.0, 1.0, np.zeros(len(ROUTES) - 2)]
     np.testing.assert_array_equal(_fuse([a, b, *pad], np.tile(equal, (2, 1)), 4), [[3, 1, 2, 4], [5, 7, 6, 8]])
+
+
+def test_route_positions_of_the_candidates_on_small_and_catalog_sized_tables():
+    """_position on a dense table (small catalogs) and user by user over a per-thread row (large ones): each
+    candidate's place in each user's list, n where the list lacks it or the candidate is a pad; the row is left
+    zeroed, so the next call (fewer items, other users) reads no stale rank."""
+    rng = np.random.default_rng(3)
+    for n_items in (50, 200_000, 40, 120_000):
+        for users in (1, 3, 17):
+            n = 12
+            ranked = np.stack([rng.choice(n_items, n, replace=False) for _ in range(users)])
+            ranked[rng.random(ranked.shape) < 0.3] = -1  # pads anywhere, as an empty route leaves them
+            rows = np.stack([np.r_[rng.choice(ranked[i][ranked[i] >= 0], min(4, int((ranked[i] >= 0).sum())),
+                                              replace=False), rng.choice(n_items, 3)] for i in range(users)])
+            rows = np.pad(rows, ((0, 0), (0, n - rows.shape[1])), constant_values=-1)
+            got = _position(rows, ranked, n)
+            for i in range(users):
+                place = {int(r): p for p, r in enumerate(ranked[i]) if r >= 0}
+                assert got[i].tolist() == [place.get(int(r), n) if r >= 0 else n for r in rows[i]]
+    assert (_position(np.array([[5, -1]]), np.full((1, 3), -1), 3) == 3).all()  # an empty route
 
 
 def test_metrics_follow_the_referee_definitions():
