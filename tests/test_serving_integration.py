@@ -168,7 +168,13 @@ def test_requests_with_histories_of_different_lengths_batch_together(triton_stag
         try:
             before = (await g.get_inference_statistics("candidates")).model_stats[0]
             results = await asyncio.gather(*(g.infer("candidates", _tensors(grpcaio, r)) for r in requests))
-            after = (await g.get_inference_statistics("candidates")).model_stats[0]
+            # a batch's statistics can be recorded after its responses reached the client (a fresh-clone CI run read
+            # 11 of 16 right after the last response): wait for them
+            for _ in range(100):
+                after = (await g.get_inference_statistics("candidates")).model_stats[0]
+                if after.inference_count - before.inference_count >= len(requests):
+                    break
+                await asyncio.sleep(0.05)
             return results, after.inference_count - before.inference_count, after.execution_count - before.execution_count
         finally:
             await g.close()
