@@ -460,6 +460,8 @@ class TritonServer:
         if self.redis is not None:
             self._stopping.set()
             self.redis.stop()
+        if "admin_key" in self.__dict__:  # this start wrote the key file: the key dies with the server
+            self.admin_key_path.unlink(missing_ok=True)
         if self.served is not None:  # after a switch in flight (its lock), so that it ends in one line, not midway
             try:
                 with self.served.lock(timeout_s=30):

@@ -295,9 +295,12 @@ def test_sigterm_stops_the_server_it_started(artifacts):
     proc, grpc_port = _serve(artifacts)
     pids = _server_pids(grpc_port)
     assert len(pids) == 1 and len(_group_members(pids[0])) > 1  # the server and its stubs
+    key_file = artifacts / "triton" / f"admin_key.{grpc_port}"
+    assert key_file.is_file()
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(60) == 0
     assert _server_pids(grpc_port) == [] and not os.path.exists(f"/proc/{pids[0]}/stat")
+    assert not key_file.exists()  # the admin key dies with the server: no secret left behind per start
     assert _group_members(pids[0]) == []  # the python-backend stubs went with it (they share its process group)
 
 
