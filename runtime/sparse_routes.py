@@ -266,6 +266,13 @@ class SparseScores:
         placer.place(owner, row)
 
 
+def _spans(owners: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, position) of every position starts[i] .. starts[i] + lengths[i] - 1, owner by owner."""
+    total = int(lengths.sum())
+    offset = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.repeat(owners, lengths), offset + np.arange(total)
+
+
 def _blocked_pairs(blocked: Blocked, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Whether each (user, item) pair is blocked."""
     if not blocked.sparse:
@@ -330,14 +337,26 @@ class CategoryScores:
                 threshold = bound[users[low]] / self.shares[users[low], cats[low]] * (1 - 1e-6)
                 above = np.searchsorted(self.keys, cats[low] + (1.0 - threshold), side="right") - self.starts[cats[low]]
                 take[low] = np.minimum(take[low], np.maximum(above, 1))
-        pair = np.repeat(np.arange(len(users)), take)
-        pos = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+        pair, pos = _spans(np.arange(len(users)), np.zeros(len(users), np.int64), take)
         parts_pair, parts_pos = [pair], [pos]
-        # past each pair's cut, the items that tie with its last one (float32 rounding) could still win on row
+        # past each pair's cut, the items that tie with its last one (float32 rounding) could still win on row:
+        # scores fall along a category's order, so they follow the cut in one run
         last = self.by_category[self.starts[cats] + np.maximum(take - 1, 0)]
         bound = self._score(users, cats, last)
-        nxt = take.copy()
-        active = np.flatnonzero((take > 0) & (nxt < size))
+        active = np.flatnonzero((take > 0) & (take < size))
+        # a normal bound: every item tying with it has P at least its threshold (taken a little low), one
+        # searchsorted finds where those end, and the exact scores keep the ties among them
+        normal = bound[active] >= np.finfo(np.float32).tiny
+        fast, active = active[normal], active[~normal]
+        if len(fast):
+            threshold = bound[fast] / self.shares[users[fast], cats[fast]] * (1 - 1e-6)
+            end = np.searchsorted(self.keys, cats[fast] + (1.0 - threshold), side="right") - self.starts[cats[fast]]
+            pair_w, pos_w = _spans(fast, take[fast], np.maximum(np.minimum(end, size[fast]) - take[fast], 0))
+            item = self.by_category[self.starts[cats[pair_w]] + pos_w]
+            tie = self._score(users[pair_w], cats[pair_w], item) == bound[pair_w]
+            parts_pair.append(pair_w[tie])
+            parts_pos.append(pos_w[tie])
+        nxt = take.copy()  # subnormal or zero bounds (float32 rounding not relative there): item by item
         while len(active):
             item = self.by_category[self.starts[cats[active]] + nxt[active]]
             tie = self._score(users[active], cats[active], item) == bound[active]

@@ -286,6 +286,35 @@ def test_sparse_routes_match_dense_on_a_catalog_smaller_than_the_lists():
     assert not {1} & set(a[0][0].tolist()) and not {4, 5} & set(a[0][3].tolist())  # unavailable per user
 
 
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_the_category_route_keeps_every_item_tying_past_its_cut(n):
+    """Categories far larger than a list, whose tails tie (items nobody acted on share one P(item | category), and
+    float32 rounds some products of unequal P to one score): the sparse route finds every item tying with its cut
+    in one pass and ranks them by row as the dense route does, blocked items skipped."""
+    from runtime.sparse_routes import Blocked, CategoryScores, DenseScores
+
+    rng = np.random.default_rng(n)
+    n_items, n_users = 3000, 6
+    category = rng.integers(0, 4, n_items)
+    category[rng.random(n_items) < 0.05] = -1
+    p = np.full(n_items, 1e-4, np.float32)  # the tied tail
+    head = rng.random(n_items) < 0.01
+    p[head] = rng.choice([0.02, 0.01], int(head.sum()))
+    near = rng.random(n_items) < 0.2  # a hair apart: float32 products may round together
+    p[near] *= np.float32(1) + rng.integers(-3, 4, int(near.sum())).astype(np.float32) * np.float32(1e-7)
+    p[category < 0] = 0
+    shares = rng.dirichlet(np.ones(4), n_users) * (rng.random((n_users, 4)) < 0.8)
+    shares[0] = 0  # no history
+    users = np.repeat(np.arange(n_users), 30)
+    items = rng.integers(0, n_items, len(users))
+    blocked = Blocked.build(n_users, n_items, users, items, None, True, category, None)
+    sparse = CategoryScores(shares, category, p, *CategoryScores.index(category, p)).top(blocked, n)
+    scores = np.where(category >= 0, shares[:, np.maximum(category, 0)] * p[None, :], 0).astype(np.float32)
+    dense = DenseScores(scores).top(Blocked.build(n_users, n_items, users, items, None, False, category, None), n, fill=False)
+    np.testing.assert_array_equal(sparse, dense)
+    assert (sparse[1:, -1] >= 0).all()  # every list with history was filled from the tied tail
+
+
 def test_the_category_bound_is_not_taken_from_subnormal_scores():
     """float32 rounds subnormal products by far more than its usual relative error: a tiny share (thousands of
     decayed actions ago) must not prune items the dense route would rank."""
