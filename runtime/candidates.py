@@ -56,6 +56,9 @@ PURCHASE_KIND = 4
 TRAINING_WEIGHTS = np.array([1.0 if r in ("cf_all", "cf_pos", "ann", "category", "popular") else 0.0 for r in ROUTES])
 
 
+LONG_ROWS = 64  # neighbours per history item from which ItemNeighbours copies whole rows (see _entries)
+
+
 @dataclass(frozen=True)
 class ItemNeighbours:
     """Sparse item-to-item weights (CSR, row i: the items that i's interaction votes for)."""
@@ -102,10 +105,20 @@ class ItemNeighbours:
         total = int(lengths.sum())
         if not total:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        flat = np.repeat(starts - csr_offsets(np.cumsum(lengths)[:-1]), lengths) + np.arange(total)
-        vals = self.values[flat] if weights is None else self.values[flat] * np.repeat(weights, lengths)
-        targets = self.indices[flat] + np.repeat(np.repeat(np.arange(n_users) * self.n_items, np.diff(indptr)), lengths)
-        return targets, vals
+        if total >= LONG_ROWS * len(rows):
+            # long neighbour rows (a catalog of thousands, hundreds of neighbours each, a user of thousands of
+            # actions): one copy of each row's slice costs less than [total] index arrays and two gathers
+            bounds = list(zip(starts.tolist(), ends.tolist()))
+            cols = np.concatenate([self.indices[a:b] for a, b in bounds])
+            vals = np.concatenate([self.values[a:b] for a, b in bounds])
+        else:
+            flat = np.repeat(starts - csr_offsets(np.cumsum(lengths)[:-1]), lengths) + np.arange(total)
+            cols, vals = self.indices[flat], self.values[flat]
+        if weights is not None:
+            vals = vals * np.repeat(weights, lengths)
+        if n_users == 1:
+            return cols, vals
+        return cols + np.repeat(np.repeat(np.arange(n_users) * self.n_items, np.diff(indptr)), lengths), vals
 
 
 @dataclass(frozen=True)

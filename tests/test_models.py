@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, _fuse, _position, popularity_bias
+from runtime.candidates import DENSE_FEATURES, ROUTES, CandidateGenerator, CategoryPrior, ItemNeighbours, _fuse, _position, popularity_bias
 from runtime.faiss_search import augment, recall_vs_exact, search
 from shoprec import contract
 from shoprec.config import IndexConfig
@@ -115,6 +115,38 @@ def test_item_neighbours_score_like_the_dense_product():
     hist = (np.array([0, 2, 3]), np.array([1, 4, 5]))  # user 0: items 1, 4; user 1: item 5
     want = np.stack([nb_dense[[1, 4]].sum(0), nb_dense[5]])
     np.testing.assert_allclose(nb.scores(*hist), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_item", [5, 90])
+def test_item_neighbours_give_the_same_entries_by_rows_or_by_index(monkeypatch, per_item):
+    """Long neighbour rows are copied row by row, short ones gathered through an index: the same entries in the
+    same order either way, for one user and for several, with and without per-action weights."""
+    import runtime.candidates as C
+
+    rng = np.random.default_rng(per_item)
+    n = 400
+    lengths = rng.integers(0, 2 * per_item, n)
+    indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    nb = ItemNeighbours.from_arrays({"indptr": indptr, "indices": rng.integers(0, n, indptr[-1]),
+                                     "values": rng.normal(size=indptr[-1]).astype(np.float32)})
+    for users in ([0, 40], [0, 3, 3, 50, 51]):
+        hist_indptr = np.array(users, np.int64)
+        rows = rng.integers(0, n, users[-1])
+        weights = rng.random(len(rows))
+        dense = np.zeros((len(users) - 1, n))
+        for u in range(len(users) - 1):
+            for r, w in zip(rows[users[u]:users[u + 1]], weights[users[u]:users[u + 1]]):
+                np.add.at(dense[u], nb.indices[indptr[r]:indptr[r + 1]], w * nb.values[indptr[r]:indptr[r + 1]])
+        got = {}
+        for long_rows in (1, 10**9):
+            monkeypatch.setattr(C, "LONG_ROWS", long_rows)
+            got[long_rows] = (nb._entries(hist_indptr, rows), nb._entries(hist_indptr, rows, weights),
+                              nb.scores(hist_indptr, rows, weights))
+        for a, b in zip(got[1][:2], got[10**9][:2]):
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(got[1][2], got[10**9][2])
+        np.testing.assert_allclose(got[1][2], dense, rtol=1e-5, atol=1e-5)
 
 
 def test_ease_weights_have_zero_diagonal_and_reconstruct():
