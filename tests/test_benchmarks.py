@@ -186,6 +186,17 @@ def test_step_cost_times_the_fused_model_with_top_k_both_ways(artifacts):
     assert report["total_ms"] > 0
 
 
+def test_retrieval_tail_reports_each_users_time_against_their_history(artifacts, tmp_path):
+    from benchmarks.retrieval_tail import main
+
+    report = main(["--artifacts", str(artifacts), "--users", "30", "--repeats", "1", "--tag", "t", "--out", str(tmp_path)])
+    ms = [report["ms"][p] for p in ("p50", "p90", "p99", "p100")]
+    assert report["users"] == 30 and 0 < ms[0] <= ms[1] <= ms[2] <= ms[3]
+    assert report["slowest"][0]["ms"] == ms[3] and sum(b["users"] for b in report["by_history"]) == 30
+    assert json.loads((tmp_path / "retrieval_tail_t.json").read_text()) == report
+    assert "| retrieval ms |" in (tmp_path / "retrieval_tail_t.md").read_text()
+
+
 def test_serving_rounds_are_summarised_by_their_median():
     from benchmarks.serving_bench import median_rows
 
