@@ -45,7 +45,8 @@ import numpy as np
 from shoprec import contract
 
 from .faiss_search import augment, search
-from .sparse_routes import SPARSE_FROM_ITEMS, Blocked, CategoryScores, DenseScores, SparseScores, _take, _topn
+from .sparse_routes import (SPARSE_FROM_ITEMS, Blocked, CategoryScores, DenseScores, SparseScores, _run_starts, _take, _topn,
+                            stable_order)
 
 DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann", "cat_affinity",
                   "cat_score")
@@ -454,8 +455,8 @@ def _fuse(lists: list[np.ndarray], weights: np.ndarray, n: int, with_cutoff: boo
     user, col = np.nonzero(inter >= 0)  # row-major: user, then fused position
     rows = inter[user, col]
     width = int(rows.max()) + 1 if len(rows) else 1
-    _, first = np.unique(user * width + rows, return_index=True)
-    first = np.sort(first)
+    ordered, order = stable_order(user * width + rows)
+    first = np.sort(order[_run_starts(ordered)])  # each (user, row)'s first place in the fused order
     user, rows = user[first], rows[first]
     starts = np.searchsorted(user, np.arange(u))
     rank = np.arange(len(user)) - starts[user]

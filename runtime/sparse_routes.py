@@ -50,6 +50,26 @@ def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
     return np.where(_take(vals, order) > -np.inf, top, -1)
 
 
+def stable_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keys sorted, the stable argsort) of int64 keys >= 0. NumPy sorts values several times faster than it
+    argsorts them, so where key * 2^b + position fits 63 bits (b: the bits of a position) one sort of those
+    gives both, ties in position order; other keys are argsorted."""
+    n = len(keys)
+    bits = max(n - 1, 1).bit_length()
+    if n and int(keys.min()) >= 0 and int(keys.max()) < 1 << (63 - bits):
+        packed = np.sort((keys << bits) | np.arange(n, dtype=np.int64))
+        return packed >> bits, packed & ((1 << bits) - 1)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], order
+
+
+def _run_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal keys starts in a sorted array (bool)."""
+    first = np.ones(len(sorted_keys), bool)
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    return first
+
+
 def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     if not len(sorted_keys):
         return np.zeros(keys.shape, bool)
@@ -197,7 +217,7 @@ def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values:
         return
     u, it, v = users[idx], items[idx], values[idx]
     if not by_key:
-        order = np.argsort(u * (int(it.max()) + 1) + it, kind="stable")
+        order = stable_order(u * (int(it.max()) + 1) + it)[1]
         u, it, v = u[order], it[order], v[order]
     n_users = len(placer.filled)
     counts = np.bincount(u, minlength=n_users)
@@ -227,7 +247,11 @@ class SparseScores:
         """Sum the entries per key in their order (float64, then float32: as the dense bincount does)."""
         if not len(targets):
             return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), n_users, n_items)
-        keys, inverse = np.unique(targets, return_inverse=True)
+        ordered, order = stable_order(np.asarray(targets, np.int64))
+        first = _run_starts(ordered)
+        keys = ordered[first]
+        inverse = np.empty(len(order), np.intp)  # each entry's key, as np.unique's return_inverse
+        inverse[order] = np.cumsum(first) - 1
         sums = np.bincount(inverse, weights=values).astype(np.float32)
         nonzero = sums != 0
         return cls(keys[nonzero], sums[nonzero], n_users, n_items)

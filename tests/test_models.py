@@ -361,6 +361,20 @@ def test_the_category_bound_is_not_taken_from_subnormal_scores():
     np.testing.assert_array_equal(sparse, dense)
 
 
+def test_stable_order_is_a_stable_argsort_for_small_and_huge_keys():
+    """One sort of key * 2^b + position where that fits 63 bits, argsort beyond: both the stable argsort."""
+    from runtime.sparse_routes import stable_order
+
+    rng = np.random.default_rng(3)
+    for keys in (rng.integers(0, 50, 1000), rng.integers(0, 1 << 40, 3000), rng.integers(0, 1 << 62, 200),
+                 np.array([5]), np.zeros(0, np.int64), np.full(70, 1 << 20)):
+        keys = keys.astype(np.int64)
+        ordered, order = stable_order(keys)
+        want = np.argsort(keys, kind="stable")
+        np.testing.assert_array_equal(order, want)
+        np.testing.assert_array_equal(ordered, keys[want])
+
+
 def test_topn_breaks_every_tie_by_the_lower_row():
     """_topn against a full sort by (score descending, row), blocked items never, ties at the n-th included."""
     from runtime.sparse_routes import _topn
