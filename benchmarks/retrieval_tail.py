@@ -8,7 +8,9 @@ with the user's history (item-to-item scores sum every action's neighbour row).
 
 The in-process pipeline (online store off) runs every step before retrieval once per user; retrieval is
 then timed `--repeats` times on each user's own inputs and the fastest is kept (a user's cost without
-the machine's noise). Run the same command on another commit's checkout to compare code. Writes
+the machine's noise). `--power-users 1000 3000` also times 20 of those users with their history replaced
+by that many random catalog items (positives and others mixed): the heavy users a real shop has and a
+synthetic one may not. Run the same command on another commit's checkout to compare code. Writes
 benchmarks/results/retrieval_tail[_TAG].{json,md}.
 """
 
@@ -28,7 +30,16 @@ from .serving_bench import warm_users
 PERCENTILES = (50, 90, 99, 100)
 
 
-def run(artifacts: Path, users: int = 600, repeats: int = 2, seed: int = 2) -> dict:
+def _fastest_ms(impl, x: dict, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        impl.run(x)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def run(artifacts: Path, users: int = 600, repeats: int = 2, seed: int = 2, power_users: tuple[int, ...] = ()) -> dict:
     from runtime.pipeline import Pipeline
 
     cfg = load_config().replace("serve", online_store="none").serve
@@ -43,14 +54,18 @@ def run(artifacts: Path, users: int = 600, repeats: int = 2, seed: int = 2) -> d
         inputs.append(impl.check({t.name: tensors.get(step.graph_name(t.name)) for t in step.inputs}))
     for x in inputs[:20]:  # warm
         impl.run(x)
-    ms = np.empty(len(inputs))
-    for i, x in enumerate(inputs):
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            impl.run(x)
-            best = min(best, time.perf_counter() - t0)
-        ms[i] = best * 1e3
+    ms = np.array([_fastest_ms(impl, x, repeats) for x in inputs])
+    power = []
+    rng = np.random.default_rng(seed)
+    n_items = impl.generator.n_items
+    for size in power_users:
+        times = []
+        for x in inputs[:20]:
+            rows = rng.choice(n_items, min(size, n_items), replace=False)[None, :].astype(np.int64)
+            kinds = rng.integers(1, 5, rows.shape).astype(np.asarray(x["history_kinds"]).dtype)
+            times.append(_fastest_ms(impl, impl.check({**x, "history_rows": rows, "history_kinds": kinds}), repeats))
+        power.append({"history": int(min(size, n_items)), "users": len(times), "median_ms": round(float(np.median(times)), 3),
+                      "max_ms": round(float(np.max(times)), 3)})
     history = np.array([int((np.asarray(x["history_rows"]) >= 0).sum()) for x in inputs])
     slowest = np.argsort(-ms)[:5]
     edges = [0, 50, 200, 500, 1000, int(history.max()) + 1]
@@ -67,7 +82,8 @@ def run(artifacts: Path, users: int = 600, repeats: int = 2, seed: int = 2) -> d
             "history": {f"p{p}": int(np.percentile(history, p)) for p in PERCENTILES},
             "corr_ms_history": round(float(np.corrcoef(ms, history)[0, 1]), 3) if history.std() else None,
             "by_history": by_history,
-            "slowest": [{"user_id": int(ids[i]), "ms": round(float(ms[i]), 3), "history": int(history[i])} for i in slowest]}
+            "slowest": [{"user_id": int(ids[i]), "ms": round(float(ms[i]), 3), "history": int(history[i])} for i in slowest],
+            "power_users": power}
 
 
 def markdown(r: dict) -> list[str]:
@@ -82,6 +98,10 @@ def markdown(r: dict) -> list[str]:
           "| history | users | median ms |", "|---|---|---|"]
     md += [f"| {b['history']} | {b['users']} | {b['median_ms']} |" for b in r["by_history"]]
     md += ["", "Slowest users: " + ", ".join(f"{s['user_id']} ({s['ms']} ms, {s['history']} actions)" for s in r["slowest"]) + "."]
+    if r.get("power_users"):
+        md += ["", "The same users with a history of random catalog items:", "",
+               "| history (actions) | users | median ms | max ms |", "|---|---|---|---|"]
+        md += [f"| {p['history']} | {p['users']} | {p['median_ms']} | {p['max_ms']} |" for p in r["power_users"]]
     return md
 
 
@@ -92,10 +112,12 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="")
     p.add_argument("--users", type=int, default=600, help="warm users sampled (all of them when fewer)")
     p.add_argument("--repeats", type=int, default=2, help="runs per user; the fastest counts")
+    p.add_argument("--power-users", type=int, nargs="*", default=[],
+                   help="also: 20 users with a history of this many random items, per size")
     args = p.parse_args(argv)
-    if args.users < 2 or args.repeats < 1:
-        p.error("--users must be >= 2 and --repeats >= 1")
-    report = run(Path(args.artifacts).resolve(), args.users, args.repeats)
+    if args.users < 2 or args.repeats < 1 or any(n < 1 for n in args.power_users):
+        p.error("--users must be >= 2, --repeats >= 1 and --power-users sizes >= 1")
+    report = run(Path(args.artifacts).resolve(), args.users, args.repeats, power_users=tuple(args.power_users))
     publish(args.out, "retrieval_tail", args.tag, report, markdown, argv)
     return report
 

@@ -189,12 +189,15 @@ def test_step_cost_times_the_fused_model_with_top_k_both_ways(artifacts):
 def test_retrieval_tail_reports_each_users_time_against_their_history(artifacts, tmp_path):
     from benchmarks.retrieval_tail import main
 
-    report = main(["--artifacts", str(artifacts), "--users", "30", "--repeats", "1", "--tag", "t", "--out", str(tmp_path)])
+    report = main(["--artifacts", str(artifacts), "--users", "30", "--repeats", "1", "--tag", "t", "--out", str(tmp_path),
+                   "--power-users", "40"])
     ms = [report["ms"][p] for p in ("p50", "p90", "p99", "p100")]
     assert report["users"] == 30 and 0 < ms[0] <= ms[1] <= ms[2] <= ms[3]
     assert report["slowest"][0]["ms"] == ms[3] and sum(b["users"] for b in report["by_history"]) == 30
     assert json.loads((tmp_path / "retrieval_tail_t.json").read_text()) == report
     assert "| retrieval ms |" in (tmp_path / "retrieval_tail_t.md").read_text()
+    power = report["power_users"]
+    assert [p["history"] for p in power] == [40] and power[0]["users"] == 20 and 0 < power[0]["median_ms"] <= power[0]["max_ms"]
 
 
 def test_serving_rounds_are_summarised_by_their_median():
