@@ -209,13 +209,25 @@ class _Placer:
 
 def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values: np.ndarray, select: np.ndarray,
                   by_key: bool = True) -> None:
-    """The selected entries, by user, then value descending, then row. A top-n per user over one padded row of
-    entries each (argpartition, _topn's ties) instead of sorting them all; by_key: the entries are already in
-    (user, item) order, as SparseScores keeps them."""
+    """The selected entries, by user, then value descending, then row, the first placer.n of each user. One sort
+    of packed (user, value, row) keys where they fit 63 bits; else a top-n per user over one padded row of entries
+    each (argpartition, _topn's ties); by_key: the entries are already in (user, item) order, as SparseScores
+    keeps them (only that path reads it)."""
     idx = np.flatnonzero(select)
     if not len(idx):
         return
     u, it, v = users[idx], items[idx], values[idx]
+    item_bits = max(int(it.max()), 1).bit_length()
+    if int(u.max()) < 1 << (31 - item_bits):
+        # one sort of (user, value descending, item) packed in 63 bits: the order _topn gives, ties by row
+        key = (u.astype(np.int64) << (32 + item_bits)) | (_descending(v) << item_bits) | it
+        ordered = np.sort(key)
+        who, row = ordered >> (32 + item_bits), ordered & ((1 << item_bits) - 1)
+        counts = np.bincount(who, minlength=len(placer.filled))
+        rank = np.arange(len(who)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keep = rank < placer.n
+        placer.place(who[keep], row[keep])
+        return
     if not by_key:
         order = stable_order(u * (int(it.max()) + 1) + it)[1]
         u, it, v = u[order], it[order], v[order]
@@ -230,6 +242,14 @@ def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values:
     top = _topn(table, np.zeros((n_users, width), bool), min(placer.n, width))  # columns: (user, item) order
     who, at = np.nonzero(top >= 0)
     placer.place(who, rows[who, top[who, at]])
+
+
+def _descending(values: np.ndarray) -> np.ndarray:
+    """float32 values (no NaN) -> int64 keys in [0, 2^32) whose ascending order is the values' descending one,
+    equal values equal keys (-0.0 as 0.0)."""
+    bits = (np.asarray(values, np.float32) + np.float32(0)).view(np.uint32).astype(np.int64)
+    ascending = np.where(bits >= 1 << 31, (1 << 32) - 1 - bits, bits | (1 << 31))
+    return (1 << 32) - 1 - ascending
 
 
 def _width(out: np.ndarray, n: int) -> np.ndarray:

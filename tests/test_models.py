@@ -375,6 +375,34 @@ def test_stable_order_is_a_stable_argsort_for_small_and_huge_keys():
         np.testing.assert_array_equal(ordered, keys[want])
 
 
+@pytest.mark.parametrize("n_users,max_item", [(20, 1000), (100, 1 << 24)])  # packed keys; too wide to pack
+@pytest.mark.parametrize("by_key", [True, False])
+def test_place_ranked_orders_by_value_then_row_within_each_user(n_users, max_item, by_key):
+    """Each user's entries by value descending, ties by the lower row, the first n (after what the user already
+    has); values tie often, one is -0.0 beside 0.0's neighbours, and lists run short."""
+    from runtime.sparse_routes import _Placer, _place_ranked
+
+    rng = np.random.default_rng(n_users)
+    m = 3000
+    users = np.sort(rng.integers(0, n_users, m))
+    items = rng.integers(0, max_item, m)
+    keys = np.unique(users * max_item + items)
+    users, items = keys // max_item, keys % max_item
+    values = rng.choice(np.array([3.5, 2.0, 1e-30, -1.0, -0.0, 7.25], np.float32), len(keys))
+    select = rng.random(len(keys)) < 0.9
+    if not by_key:
+        shuffle = rng.permutation(len(keys))
+        users, items, values, select = users[shuffle], items[shuffle], values[shuffle], select[shuffle]
+    placer = _Placer(n_users, 12)
+    placer.place(np.array([3, 3]), np.array([max_item + 1, max_item + 2]))  # user 3 has two already
+    _place_ranked(placer, users, items, values, select, by_key=by_key)
+    for u in range(n_users):
+        mine = [(-float(v), int(i)) for uu, i, v, ok in zip(users, items, values, select) if uu == u and ok]
+        want = [i for _, i in sorted(mine)][: 12 - (2 if u == 3 else 0)]
+        got = placer.out[u][placer.out[u] >= 0].tolist()
+        assert got == ([max_item + 1, max_item + 2] if u == 3 else []) + want, u
+
+
 def test_topn_breaks_every_tie_by_the_lower_row():
     """_topn against a full sort by (score descending, row), blocked items never, ties at the n-th included."""
     from runtime.sparse_routes import _topn
