@@ -82,7 +82,10 @@ class ItemNeighbours:
             raise ValueError("item neighbours: malformed CSR arrays")
         if len(indices) and (indices.min() < 0 or indices.max() >= n):
             raise ValueError(f"item neighbours: indices outside 0..{n - 1}")
-        return cls(indptr, indices, np.asarray(arrays["values"], dtype=np.float32), n)
+        values = np.asarray(arrays["values"], dtype=np.float32)
+        if not np.isfinite(values).all():  # the routes rank by these: a NaN has no place in an order
+            raise ValueError(f"item neighbours: {int((~np.isfinite(values)).sum())} weights are NaN or infinite")
+        return cls(indptr, indices, values, n)
 
     def scores(self, indptr: np.ndarray, rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """[U, n_items] sum of the neighbour rows of each user's items (CSR over users: indptr, rows)."""

@@ -117,6 +117,16 @@ def test_item_neighbours_score_like_the_dense_product():
     np.testing.assert_allclose(nb.scores(*hist), want, rtol=1e-6)
 
 
+def test_item_neighbours_refuse_malformed_arrays_naming_the_fault():
+    ok = {"indptr": np.array([0, 2, 3]), "indices": np.array([1, 0, 0]), "values": np.array([0.5, 1.0, 2.0], np.float32)}
+    assert ItemNeighbours.from_arrays(ok).n_items == 2
+    for change, message in (({"indptr": np.array([0, 3, 2])}, "malformed CSR arrays"),
+                            ({"indices": np.array([1, 0, 2])}, r"indices outside 0\.\.1"),
+                            ({"values": np.array([0.5, np.nan, np.inf], np.float32)}, "2 weights are NaN or infinite")):
+        with pytest.raises(ValueError, match=message):
+            ItemNeighbours.from_arrays({**ok, **change})
+
+
 @pytest.mark.parametrize("per_item", [5, 90])
 def test_item_neighbours_give_the_same_entries_by_rows_or_by_index(monkeypatch, per_item):
     """Long neighbour rows are copied row by row, short ones gathered through an index: the same entries in the
