@@ -50,6 +50,23 @@ def test_pooled_fields_ignore_padding_and_nulls():
     torch.testing.assert_close(out[1, 1], (history[4] + history[6]) / 2)
 
 
+def test_fused_fields_give_the_same_vectors_from_one_lookup():
+    """FieldArch(fused=True), the form export writes: the tables laid end to end, one lookup, bit for bit the
+    per-table vectors (pooled slots, single fields, a shared table, codes at each table's edges)."""
+    torch.manual_seed(2)
+    shared = torch.nn.Embedding(30, 4)
+    arch = FieldArch([30, 9, 12, 12, 7], dim=4, tables=[0, 1, 2, 2, 3], fields=[0, 1, 2, 3, 4], shared={0: shared})
+    assert arch.tables[0] is shared and arch.offsets.tolist() == [0, 30, 39, 39, 51]
+    cat = torch.tensor([[29, 0, 11, 1, 6], [0, 8, 0, 0, 0], [5, 3, 4, 7, 2]])
+    assert torch.equal(arch(cat, fused=True), arch(cat))
+    assert torch.equal(arch(cat.unsqueeze(1).expand(3, 5, 5), fused=True), arch(cat.unsqueeze(1).expand(3, 5, 5)))
+    seen = []
+    handle = torch.nn.Module.register_forward_hook(shared, lambda *a: seen.append(1))
+    arch(cat, fused=True)
+    handle.remove()
+    assert not seen  # the fused form does not call the tables one by one
+
+
 def test_sequence_order_matters():
     torch.manual_seed(1)
     enc = SequenceEncoder(torch.nn.Embedding(20, 8), 4, 8).eval()
@@ -969,9 +986,9 @@ def test_target_attention_scores_equal_the_mlp_over_the_concatenated_pairs():
 
 
 def test_exported_ranker_graph_scores_like_the_trained_ranker(tmp_path):
-    """export writes the ranker with the attention in its folded form (RankerServing(folded=True)) and checks
-    the ONNX graph against the unfolded PyTorch model train fitted: the same scores, batches of several users
-    included."""
+    """export writes the ranker with the attention in its folded form and each set of categorical fields in one
+    lookup (RankerServing(folded=True)) and checks the ONNX graph against the PyTorch model train fitted: the
+    same scores, batches of several users included."""
     torch.manual_seed(0)
     ids = torch.nn.Embedding(30, 4)
     r = Ranker([50, 7], [0, 1], [1], 2, [30, 6], [0, 1], 3, 7, 5, dim=4, bottom=[8, 4], top=[8], id_table=ids).eval()

@@ -64,6 +64,10 @@ class FieldArch(nn.Module):
         self.register_buffer("pool", pool, persistent=False)
         self.n_vectors = len(keys)
         self.sizes = sizes
+        # each field's first row in the tables laid end to end (the one-lookup form, forward(fused=True))
+        starts = [sum(int(e.weight.shape[0]) for e in embs[:k]) for k in range(len(embs))]
+        self.register_buffer("offsets", torch.tensor([starts[t] for t in self.field_table], dtype=torch.long),
+                             persistent=False)
 
     def check(self, cat: torch.Tensor) -> None:
         for i, t in enumerate(self.field_table):
@@ -71,9 +75,15 @@ class FieldArch(nn.Module):
             if col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.sizes[t]):
                 raise ValueError(f"categorical field {self.field_list[i]}: code outside 0..{self.sizes[t] - 1}")
 
-    def forward(self, cat: torch.Tensor) -> torch.Tensor:
+    def forward(self, cat: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """fused: the same vectors from one lookup in the tables laid end to end (export writes this form: one
+        Gather where there were a Gather, a Squeeze and an Unsqueeze per field; the concatenation of the
+        tables is a constant the exporter folds)."""
         used = cat.index_select(-1, self.fields)
-        vecs = torch.stack([self.tables[t](used[..., i]) for i, t in enumerate(self.field_table)], dim=-2)
+        if fused:
+            vecs = F.embedding(used + self.offsets, torch.cat([e.weight for e in self.tables]))
+        else:
+            vecs = torch.stack([self.tables[t](used[..., i]) for i, t in enumerate(self.field_table)], dim=-2)
         # pooled slots ignore padding/null codes (0, 1); a single field keeps its own vector whatever its code
         real = (used > 1).to(vecs.dtype)
         single = (self.pool.sum(1, keepdim=True) == 1).to(vecs.dtype)
@@ -331,10 +341,10 @@ class Ranker(nn.Module):
         pooled = hist.sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)  # [B, D]
         vecs = [d.unsqueeze(2)]
         if self.user is not None:
-            vecs.append(self.user(user_cat).unsqueeze(1).expand(b, n, -1, -1))
+            vecs.append(self.user(user_cat, fused=folded).unsqueeze(1).expand(b, n, -1, -1))
         vecs.append(cand.unsqueeze(2))
         if self.items is not None:
-            vecs.append(self.items(item_cat))
+            vecs.append(self.items(item_cat, fused=folded))
         vecs.append(pooled.unsqueeze(1).expand(b, n, -1).unsqueeze(2))
         if self.din is not None:
             vecs.append(self.din(cand, hist, valid, folded).unsqueeze(2))
@@ -347,7 +357,8 @@ class RankerServing(nn.Module):
     """The exported ranker: scores [B, N] = pCTR * (1 + w * pCVR), the expected gain of showing each
     candidate when a purchase counts 1 + w clicks, and the two probabilities [B, N, 2] (pCTR, pCVR) that
     the top-k step blends when a scene, an experiment arm or the request sets another blend. folded: the target
-    attention's first layer in its one-matmul form (TargetAttention.folded_scores), as export writes it."""
+    attention's first layer in its one-matmul form (TargetAttention.folded_scores) and each set of categorical
+    fields embedded in one lookup (FieldArch, fused), as export writes it."""
 
     def __init__(self, ranker: Ranker, cvr_weight: float, folded: bool = False):
         super().__init__()
