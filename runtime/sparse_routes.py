@@ -211,8 +211,8 @@ def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values:
                   by_key: bool = True) -> None:
     """The selected entries, by user, then value descending, then row, the first placer.n of each user. One sort
     of packed (user, value, row) keys where they fit 63 bits; else a top-n per user over one padded row of entries
-    each (argpartition, _topn's ties); by_key: the entries are already in (user, item) order, as SparseScores
-    keeps them (only that path reads it)."""
+    each (argpartition, _topn's ties), which needs the entries in (user, item) order: by_key says they are, as
+    SparseScores keeps them."""
     idx = np.flatnonzero(select)
     if not len(idx):
         return
