@@ -45,8 +45,8 @@ import numpy as np
 from shoprec import contract
 
 from .faiss_search import augment, search
-from .sparse_routes import (SPARSE_FROM_ITEMS, Blocked, CategoryScores, DenseScores, SparseScores, _run_starts, _take, _topn,
-                            stable_order)
+from .sparse_routes import (SPARSE_FROM_ITEMS, Blocked, CategoryScores, DenseScores, SparseScores, _ranges, _run_starts, _take,
+                            _topn, stable_order)
 
 DENSE_FEATURES = ("cf_all", "cf_pos", "cf_recent", "two_tower", "rank_cf_all", "rank_cf_pos", "rank_ann", "cat_affinity",
                   "cat_score")
@@ -116,7 +116,7 @@ class ItemNeighbours:
             cols = np.concatenate([self.indices[a:b] for a, b in bounds])
             vals = np.concatenate([self.values[a:b] for a, b in bounds])
         else:
-            flat = np.repeat(starts - csr_offsets(np.cumsum(lengths)[:-1]), lengths) + np.arange(total)
+            flat = _ranges(starts, lengths)
             cols, vals = self.indices[flat], self.values[flat]
         if weights is not None:
             vals = vals * np.repeat(weights, lengths)
@@ -430,7 +430,7 @@ def _last_per_user(indptr: np.ndarray, window: int) -> np.ndarray:
     lengths = np.diff(indptr)
     take = np.minimum(lengths, window)
     start = indptr[1:] - take
-    return np.repeat(start - csr_offsets(np.cumsum(take)[:-1]), take) + np.arange(int(take.sum()))
+    return _ranges(start, take)
 
 
 def _compact(rows: np.ndarray, keep: np.ndarray, n: int) -> np.ndarray:

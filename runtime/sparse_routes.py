@@ -18,6 +18,12 @@ import numpy as np
 
 # from this many items on, the candidate generator keeps per-user tables sparse (below it dense rows are cheaper)
 SPARSE_FROM_ITEMS = 50_000
+_NORMAL = float(np.finfo(np.float32).tiny)  # the smallest normal float32: float32 rounding is relative above it
+
+
+def _ranges(starts, lengths: np.ndarray) -> np.ndarray:
+    """starts[i] .. starts[i] + lengths[i] - 1 for each i, laid end to end (starts 0: each group's ranks)."""
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
 
 
 def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -224,7 +230,7 @@ def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values:
         ordered = np.sort(key)
         who, row = ordered >> (32 + item_bits), ordered & ((1 << item_bits) - 1)
         counts = np.bincount(who, minlength=len(placer.filled))
-        rank = np.arange(len(who)) - np.repeat(np.cumsum(counts) - counts, counts)
+        rank = _ranges(0, counts)
         keep = rank < placer.n
         placer.place(who[keep], row[keep])
         return
@@ -233,7 +239,7 @@ def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values:
         u, it, v = u[order], it[order], v[order]
     n_users = len(placer.filled)
     counts = np.bincount(u, minlength=n_users)
-    col = np.arange(len(u)) - np.repeat(np.cumsum(counts) - counts, counts)
+    col = _ranges(0, counts)
     width = int(counts.max())
     table = np.full((n_users, width), -np.inf, np.float32)
     table[u, col] = v
@@ -303,7 +309,7 @@ class SparseScores:
         # rows 0 .. span-1 hold `need` such items: at most `blocked` + `entries` of them are excluded
         span = np.minimum(need[users] + blocked.counts()[users] + entries[users], self.n_items)
         owner = np.repeat(users, span)
-        row = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+        row = _ranges(0, span)
         keys = owner * self.n_items + row
         free = ~_contains(self.keys, keys) & ~_blocked_pairs(blocked, owner, row)
         owner, row = owner[free], row[free]
@@ -312,9 +318,7 @@ class SparseScores:
 
 def _spans(owners: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(owner, position) of every position starts[i] .. starts[i] + lengths[i] - 1, owner by owner."""
-    total = int(lengths.sum())
-    offset = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return np.repeat(owners, lengths), offset + np.arange(total)
+    return np.repeat(owners, lengths), _ranges(starts, lengths)
 
 
 def _blocked_pairs(blocked: Blocked, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -376,7 +380,7 @@ class CategoryScores:
             bound = np.full(len(self.shares), -np.inf, np.float32)
             np.maximum.at(bound, users, edge)
             # float32's relative rounding holds for normal numbers only: subnormal bounds are not used
-            low = bound[users] >= np.finfo(np.float32).tiny
+            low = bound[users] >= _NORMAL
             if low.any():
                 threshold = bound[users[low]] / self.shares[users[low], cats[low]] * (1 - 1e-6)
                 above = np.searchsorted(self.keys, cats[low] + (1.0 - threshold), side="right") - self.starts[cats[low]]
@@ -390,7 +394,7 @@ class CategoryScores:
         active = np.flatnonzero((take > 0) & (take < size))
         # a normal bound: every item tying with it has P at least its threshold (taken a little low), one
         # searchsorted finds where those end, and the exact scores keep the ties among them
-        normal = bound[active] >= np.finfo(np.float32).tiny
+        normal = bound[active] >= _NORMAL
         fast, active = active[normal], active[~normal]
         if len(fast):
             threshold = bound[fast] / self.shares[users[fast], cats[fast]] * (1 - 1e-6)
