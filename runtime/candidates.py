@@ -78,7 +78,7 @@ class ItemNeighbours:
         indptr = np.asarray(arrays["indptr"], dtype=np.int64)
         indices = np.asarray(arrays["indices"], dtype=np.int64)
         n = len(indptr) - 1
-        if indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any() or len(arrays["values"]) != len(indices):
+        if n < 0 or indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any() or len(arrays["values"]) != len(indices):
             raise ValueError("item neighbours: malformed CSR arrays")
         if len(indices) and (indices.min() < 0 or indices.max() >= n):
             raise ValueError(f"item neighbours: indices outside 0..{n - 1}")
@@ -234,14 +234,15 @@ class CandidateGenerator:
                  exclude_seen: np.ndarray | bool = True, with_routes: bool = False,
                  unavailable: np.ndarray | None = None, weights: np.ndarray | None = None,
                  context: tuple[np.ndarray, np.ndarray] | None = None,
-                 exclude_context_categories: np.ndarray | bool = False) -> tuple:
+                 exclude_context_categories: np.ndarray | bool = False, failed: dict | None = None) -> tuple:
         """-> candidate rows [U, N] (-1 pads when too few items are left), dense features [U, N, F],
         and each route's ranked list {route: [U, N]} (for evaluation); with_routes: also each candidate's
         route bitmask [U, N] int32 (bit i: in ROUTES[i]'s list), from the same positions the features use.
         unavailable: item rows no route may propose, for every user ([k]) or per user ([U, k], -1 pads). weights: fusion weight of each route,
         [len(ROUTES)] or per user [U, len(ROUTES)] (default TRAINING_WEIGHTS). context: the request's context
         items (CSR indptr, rows): never proposed, read by the context routes; exclude_context_categories:
-        per user, no item of a context item's category either."""
+        per user, no item of a context item's category either. failed: where the routes that fail write their
+        errors ({route: error}; default a new dict, kept as self.failed: the last call's, for one thread)."""
         u = len(hist_indptr) - 1
         n_items, n = self.n_items, self.n
         weights = np.broadcast_to(TRAINING_WEIGHTS if weights is None else np.asarray(weights, np.float64), (u, len(ROUTES)))
@@ -276,7 +277,7 @@ class CandidateGenerator:
         shares = self.categories.shares(hist_indptr, hist_rows)
         s_cat = CategoryScores(shares, self.categories.category, self.categories.p_in_category, *self._by_category) \
             if self.sparse else DenseScores(self.categories.scores(shares))
-        self.failed = {}
+        self.failed = failed = {} if failed is None else failed
         none = np.full((u, n), -1, np.int64)
         weighted = (weights > 0).any(0)
         wanted = {r: bool(weighted[i]) for i, r in enumerate(ROUTES)}
@@ -287,7 +288,7 @@ class CandidateGenerator:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - a failing route degrades to the others
-                self.failed[name] = f"{type(exc).__name__}: {exc}"
+                failed[name] = f"{type(exc).__name__}: {exc}"
                 return none
 
         cf_all_list = np.where(has_history[:, None], s_all.top(blocked, n, fill=True), -1)

@@ -60,6 +60,7 @@ def stable_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(keys sorted, the stable argsort) of int64 keys >= 0. NumPy sorts values several times faster than it
     argsorts them, so where key * 2^b + position fits 63 bits (b: the bits of a position) one sort of those
     gives both, ties in position order; other keys are argsorted."""
+    keys = np.asarray(keys, np.int64)  # the shift below must not wrap a narrower integer
     n = len(keys)
     bits = max(n - 1, 1).bit_length()
     if n and int(keys.min()) >= 0 and int(keys.max()) < 1 << (63 - bits):
@@ -220,6 +221,7 @@ def _place_ranked(placer: _Placer, users: np.ndarray, items: np.ndarray, values:
     each (argpartition, _topn's ties), which needs the entries in (user, item) order: by_key says they are, as
     SparseScores keeps them."""
     idx = np.flatnonzero(select)
+    idx = idx[values[idx] > -np.inf]  # -inf is no score (_topn's rule), e.g. float32 sums that overflowed
     if not len(idx):
         return
     u, it, v = users[idx], items[idx], values[idx]
@@ -404,15 +406,20 @@ class CategoryScores:
             tie = self._score(users[pair_w], cats[pair_w], item) == bound[pair_w]
             parts_pair.append(pair_w[tie])
             parts_pos.append(pos_w[tie])
-        nxt = take.copy()  # subnormal or zero bounds (float32 rounding not relative there): item by item
-        while len(active):
-            item = self.by_category[self.starts[cats[active]] + nxt[active]]
-            tie = self._score(users[active], cats[active], item) == bound[active]
-            active = active[tie]
-            parts_pair.append(active)
-            parts_pos.append(nxt[active].copy())
-            nxt[active] += 1
-            active = active[nxt[active] < size[active]]
+        # a subnormal bound (float32 rounding not relative there): the exact scores fall along the category's order,
+        # so the ties form a run from the cut and a bisection over the positions finds its end; a zero bound ties
+        # only with items scoring 0, which no route keeps
+        active = active[bound[active] > 0]
+        lo, hi = take[active], size[active].copy()
+        while len(active) and (lo < hi).any():
+            mid = (lo + hi) // 2
+            item = self.by_category[self.starts[cats[active]] + np.minimum(mid, size[active] - 1)]
+            tie = (self._score(users[active], cats[active], item) == bound[active]) & (lo < hi)
+            lo, hi = np.where(tie, mid + 1, lo), np.where(tie | (lo >= hi), hi, mid)
+        if len(active):
+            pair_w, pos_w = _spans(active, take[active], lo - take[active])
+            parts_pair.append(pair_w)
+            parts_pos.append(pos_w)
         pair, pos = np.concatenate(parts_pair), np.concatenate(parts_pos)
         u, c = users[pair], cats[pair]
         items = self.by_category[self.starts[c] + pos]

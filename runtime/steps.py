@@ -642,14 +642,15 @@ class Retrieval(StepImpl):
         return t
 
     def run(self, t: dict) -> tuple:
-        cand, dense, lists, routes, weights = self._candidates(t)
+        failed: dict[str, str] = {}  # this call's own (the FastAPI baseline runs a step in several threads at once)
+        cand, dense, lists, routes, weights = self._candidates(t, failed)
         used = weights > 0  # [U, R]: the routes each user's scene uses
         found = np.stack([(lists[r] >= 0).sum(1) for r in ROUTES], axis=1)  # [U, R] candidates per route
         totals, empty = (found * used).sum(0).tolist(), ((found == 0) & used).sum(0).tolist()
         for i in np.flatnonzero(used.any(0)).tolist():
             self.count("shoprec_route_candidates_total", int(totals[i]), route=ROUTES[i])
             self.count("shoprec_route_empty_total", int(empty[i]), route=ROUTES[i])
-        for route, error in self.generator.failed.items():
+        for route, error in failed.items():
             self.count("shoprec_route_errors_total", 1, route=route)
             _log_once(f"retrieval: route {route} failed, the other routes served: {error}")
         self.count("shoprec_candidates_total", int((cand >= 0).sum()))
@@ -660,9 +661,9 @@ class Retrieval(StepImpl):
         are for evaluation and the metrics."""
         return self._candidates(t)[:4]
 
-    def _candidates(self, t: dict) -> tuple:
+    def _candidates(self, t: dict, failed: dict | None = None) -> tuple:
         """candidates() and each user's fusion weights (returned, not kept: the FastAPI baseline runs a step in
-        several threads at once)."""
+        several threads at once); the routes that failed are written into `failed`."""
         hist = np.asarray(t["history_rows"], dtype=np.int64)
         if hist.size and (hist.max() >= self.generator.n_items or hist.min() < -1):
             raise ValueError(f"history row outside the item table (0..{self.generator.n_items - 1}, -1 = padding)")
@@ -686,7 +687,8 @@ class Retrieval(StepImpl):
         weights = np.stack([r.weights for r in resolved])
         out = self.generator(t["user_embedding"], indptr, hist[keep], kinds, exclude, with_routes=True, unavailable=unavailable,
                              weights=weights, context=context,
-                             exclude_context_categories=np.array([r.exclude_context_categories for r in resolved]))
+                             exclude_context_categories=np.array([r.exclude_context_categories for r in resolved]),
+                             failed=failed)
         return (*out, weights)
 
 

@@ -138,6 +138,7 @@ def test_item_neighbours_refuse_malformed_arrays_naming_the_fault():
     ok = {"indptr": np.array([0, 2, 3]), "indices": np.array([1, 0, 0]), "values": np.array([0.5, 1.0, 2.0], np.float32)}
     assert ItemNeighbours.from_arrays(ok).n_items == 2
     for change, message in (({"indptr": np.array([0, 3, 2])}, "malformed CSR arrays"),
+                            ({"indptr": np.zeros(0, np.int64)}, "malformed CSR arrays"),
                             ({"indices": np.array([1, 0, 2])}, r"indices outside 0\.\.1"),
                             ({"values": np.array([0.5, np.nan, np.inf], np.float32)}, "2 weights are NaN or infinite")):
         with pytest.raises(ValueError, match=message):
@@ -388,14 +389,36 @@ def test_the_category_bound_is_not_taken_from_subnormal_scores():
     np.testing.assert_array_equal(sparse, dense)
 
 
+def test_a_subnormal_or_zero_cut_finds_its_tied_tail_as_the_dense_route():
+    """A category touched thousands of decayed actions ago: its cut scores subnormal or 0, past the cut a long tail
+    ties (one P for the items nobody acted on) and some products round together. The tied run's end is found by
+    bisection (a zero cut keeps nothing: score-0 items are never proposed), the lists those of the dense route."""
+    from runtime.sparse_routes import Blocked, CategoryScores, DenseScores
+
+    rng = np.random.default_rng(7)
+    n_items = 4000
+    category = np.where(np.arange(n_items) < 3500, 0, 1)
+    p = np.full(n_items, 2e-4, np.float32)
+    p[:40] = rng.choice(np.array([0.05, 0.02, 2.0001e-4, 1.9999e-4], np.float32), 40)
+    shares = np.array([[1e-40, 0.0], [1e-42, 0.5], [1e-46, 0.0], [3e-39, 1e-3], [0.0, 0.0]])
+    users = np.array([1, 3, 3]); items = np.array([5, 2, 3700])
+    blocked = Blocked.build(len(shares), n_items, users, items, None, True, category, None)
+    dense_blocked = Blocked.build(len(shares), n_items, users, items, None, False, category, None)
+    scores = (shares[:, category] * p[None, :]).astype(np.float32)
+    for n in (1, 3, 30, 60):
+        sparse = CategoryScores(shares, category, p, *CategoryScores.index(category, p)).top(blocked, n)
+        np.testing.assert_array_equal(sparse, DenseScores(scores).top(dense_blocked, n, fill=False))
+    assert (sparse[0] >= 0).all() and (sparse[2] < 0).all()  # the subnormal tail fills a list; a zero one does not
+
+
 def test_stable_order_is_a_stable_argsort_for_small_and_huge_keys():
     """One sort of key * 2^b + position where that fits 63 bits, argsort beyond: both the stable argsort."""
     from runtime.sparse_routes import stable_order
 
     rng = np.random.default_rng(3)
     for keys in (rng.integers(0, 50, 1000), rng.integers(0, 1 << 40, 3000), rng.integers(0, 1 << 62, 200),
-                 np.array([5]), np.zeros(0, np.int64), np.full(70, 1 << 20)):
-        keys = keys.astype(np.int64)
+                 np.array([5]), np.zeros(0, np.int64), np.full(70, 1 << 20), np.array([3, 1, 3, 0, 1]) << 28):
+        keys = keys.astype(np.int32 if keys.max(initial=0) < 1 << 31 else np.int64)  # a narrow dtype is widened first
         ordered, order = stable_order(keys)
         want = np.argsort(keys, kind="stable")
         np.testing.assert_array_equal(order, want)
@@ -406,7 +429,8 @@ def test_stable_order_is_a_stable_argsort_for_small_and_huge_keys():
 @pytest.mark.parametrize("by_key", [True, False])
 def test_place_ranked_orders_by_value_then_row_within_each_user(n_users, max_item, by_key):
     """Each user's entries by value descending, ties by the lower row, the first n (after what the user already
-    has); values tie often, one is -0.0 beside 0.0's neighbours, and lists run short."""
+    has); values tie often, one is -0.0 beside 0.0's neighbours, -inf is no value (as in _topn), and lists run
+    short."""
     from runtime.sparse_routes import _Placer, _place_ranked
 
     rng = np.random.default_rng(n_users)
@@ -415,7 +439,7 @@ def test_place_ranked_orders_by_value_then_row_within_each_user(n_users, max_ite
     items = rng.integers(0, max_item, m)
     keys = np.unique(users * max_item + items)
     users, items = keys // max_item, keys % max_item
-    values = rng.choice(np.array([3.5, 2.0, 1e-30, -1.0, -0.0, 7.25], np.float32), len(keys))
+    values = rng.choice(np.array([3.5, 2.0, 1e-30, -1.0, -0.0, 7.25, -np.inf], np.float32), len(keys))
     select = rng.random(len(keys)) < 0.9
     if not by_key:
         shuffle = rng.permutation(len(keys))
@@ -424,7 +448,7 @@ def test_place_ranked_orders_by_value_then_row_within_each_user(n_users, max_ite
     placer.place(np.array([3, 3]), np.array([max_item + 1, max_item + 2]))  # user 3 has two already
     _place_ranked(placer, users, items, values, select, by_key=by_key)
     for u in range(n_users):
-        mine = [(-float(v), int(i)) for uu, i, v, ok in zip(users, items, values, select) if uu == u and ok]
+        mine = [(-float(v), int(i)) for uu, i, v, ok in zip(users, items, values, select) if uu == u and ok and v > -np.inf]
         want = [i for _, i in sorted(mine)][: 12 - (2 if u == 3 else 0)]
         got = placer.out[u][placer.out[u] >= 0].tolist()
         assert got == ([max_item + 1, max_item + 2] if u == 3 else []) + want, u
