@@ -665,7 +665,13 @@ def build_tables(interactions: Frame, items: Frame | None, users: Frame | None, 
     _check_spec(spec)
     hint = TEXT_ID_HINT if source == "interactions" else ""
     inter, report, keys = _interactions(interactions, spec, hint)
-    item_df, item_kinds, item_rep = _attributes(items, "items", spec.item_columns, inter["item_id"].to_numpy(),
+    item_columns = dict(spec.item_columns)
+    # the price column (named, or the one called "price") is numeric: a value that is not ("78,19", "$12.50") is an
+    # error naming its row, where inferring its kind would make it a category and the item quietly lose its price
+    price = spec.price_column or "price"
+    if items is not None and price in items.df.columns and price not in item_columns:
+        item_columns[price] = "numeric"
+    item_df, item_kinds, item_rep = _attributes(items, "items", item_columns, inter["item_id"].to_numpy(),
                                                 keys.get("item_id"), hint)
     user_df, user_kinds, user_rep = _attributes(users, "users", spec.user_columns, inter["user_id"].to_numpy(),
                                                 keys.get("user_id"), hint)
@@ -713,6 +719,10 @@ def _read_csv(path: Path, sep: str, wanted: Sequence[str] | None, text: Sequence
               ) -> tuple[pd.DataFrame, list[str]]:
     try:
         header = pd.read_csv(path, sep=sep, nrows=0).columns
+        if len(header) == 1 and sep == ",":  # a spreadsheet's export may separate by ";" (decimal commas), "|" or tabs
+            other = next((c for c in (";", "\t", "|") if c in str(header[0])), None)
+            if other is not None:
+                sep, header = other, pd.read_csv(path, sep=other, nrows=0).columns
         columns = [c for c in header if wanted is None or str(c).strip() in wanted]
         # Text columns stay text: a numeric-looking device name is still a name, and a zip code
         # keeps its leading 0. Blank lines are kept as rows so that "row N" is the file's line

@@ -411,6 +411,30 @@ def test_error_item_attribute_values(tmp_path):
         load_interactions_source(SourceSpec(inter, items=items, item_columns={"made": "timestamp"}))
 
 
+def test_a_price_that_is_not_a_number_is_an_error_not_a_category(tmp_path):
+    """A column named price (or --price-column) is numeric unless named otherwise: a decimal comma or a currency sign
+    is an error naming its row, where inferring the kind would have made prices categories and the role vanish."""
+    inter = _csv(tmp_path / "i.csv", INTER_CSV)
+    items = _csv(tmp_path / "items.csv", "item_id,price,cost\n10,12.5,1\n20,\"78,19\",$3\n")
+    with pytest.raises(RawDataError, match=re.escape("items.csv: row 2: column 'price': cannot parse '78,19' as a number")):
+        load_interactions_source(SourceSpec(inter, items=items))
+    with pytest.raises(RawDataError, match=re.escape("items.csv: row 2: column 'cost': cannot parse '$3' as a number")):
+        load_interactions_source(SourceSpec(inter, items=items, price_column="cost"))
+    _, schema = load_interactions_source(SourceSpec(inter, items=items, item_columns={"price": "categorical"}))
+    assert schema["items"]["price"] == "categorical" and schema["roles"]["price"] is None  # named so: the user's choice
+    items = _csv(tmp_path / "items.csv", "item_id,price\n10,12.5\n20,3\n")
+    _, schema = load_interactions_source(SourceSpec(inter, items=items))
+    assert schema["items"]["price"] == "numeric" and schema["roles"]["price"] == "price"
+
+
+def test_a_spreadsheet_csv_separated_by_semicolons_is_read(tmp_path):
+    text = "user_id;item_id;timestamp;event\n1;10;100;click\n2;11;101;view\n"
+    tables, _ = _load(tmp_path, text)
+    assert list(tables["interactions"].item_id) == [10, 11] and list(tables["interactions"].event) == ["click", "view"]
+    with pytest.raises(RawDataError, match=re.escape("missing column(s) ['timestamp']")):
+        _load(tmp_path, "user_id;item_id;time;event\n1;10;100;click\n")  # read by its separator, then checked
+
+
 def test_error_kind_for_absent_column(tmp_path):
     inter = _csv(tmp_path / "i.csv", INTER_CSV)
     items = _csv(tmp_path / "items.csv", "item_id,genres\n10,A\n")
@@ -421,8 +445,10 @@ def test_error_kind_for_absent_column(tmp_path):
         load_interactions_source(SourceSpec(inter, user_columns={"age": "numeric"}))
     with pytest.raises(RawDataError, match=re.escape("item_columns: unknown column kind(s) {'genres': 'list'}")):
         load_interactions_source(SourceSpec(inter, items=items, item_columns={"genres": "list"}))
+    with pytest.raises(RawDataError, match=re.escape("items.csv: row 1: column 'genres': cannot parse 'A' as a number")):
+        load_interactions_source(SourceSpec(inter, items=items, price_column="genres"))  # the price role is numeric
     with pytest.raises(RawDataError, match=re.escape("price_column 'genres' is categorical; it must be numeric")):
-        load_interactions_source(SourceSpec(inter, items=items, price_column="genres"))
+        load_interactions_source(SourceSpec(inter, items=items, price_column="genres", item_columns={"genres": "categorical"}))
     with pytest.raises(RawDataError, match=re.escape("category_column 'kind' is not an item attribute")):
         load_interactions_source(SourceSpec(inter, items=items, category_column="kind"))
 
