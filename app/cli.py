@@ -51,6 +51,7 @@ def cmd_data(args, cfg):
 
         if not getattr(args, "interactions", None):
             raise SystemExit("shoprec data: --source interactions needs --interactions PATH (CSV or Parquet)")
+        _check_thresholds(d)
         spec = SourceSpec(args.interactions, args.items, args.users, parse_column_kinds(args.item_column or []),
                           parse_column_kinds(args.user_column or []), d.positive_threshold, d.strong_threshold,
                           tuple(d.rating_range), args.category_column, args.price_column, args.string_ids)
@@ -64,6 +65,21 @@ def cmd_data(args, cfg):
         tables, schema = load_movielens(d.movielens_dir, d.source)
         info = {"source": d.source, **write_raw(tables, schema, raw), "load_report": schema.get("load_report")}
     print(json.dumps({"raw": str(raw), **info}))
+
+
+def _check_thresholds(d) -> None:
+    """The default thresholds (4 and 5) are star ratings': on a scale that does not end at 5 they would label most
+    ratings positive (1-10) or none (0-1), so such a scale must come with its own."""
+    from shoprec.config import DataConfig
+    from shoprec.errors import UserError
+
+    default = DataConfig()
+    lo, hi = d.rating_range
+    if tuple(d.rating_range) != default.rating_range and hi != default.rating_range[1] and \
+            (d.positive_threshold, d.strong_threshold) == (default.positive_threshold, default.strong_threshold):
+        raise UserError(f"--rating-range {lo:g} {hi:g}: give --positive-threshold and --strong-threshold on that scale "
+                        f"(the defaults {default.positive_threshold:g} and {default.strong_threshold:g} are for "
+                        f"{default.rating_range[0]:g}-{default.rating_range[1]:g} stars)")
 
 
 def cmd_features(args, cfg):
@@ -371,8 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--user", type=int, help="raw user id")
     who.add_argument("--user-key", metavar="TEXT", help="the user's text id, for data loaded with --string-ids "
                      "(asks for shoprec.ids.key_id(TEXT))")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    p.add_argument("-k", type=int, default=10, help="how many items (default 10; at most the served candidate count, "
+                   "serve.num_candidates: more is a per-request error)")
+    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"], help="ask the server over gRPC (default) or "
+                   "HTTP/JSON")
     p.add_argument("--url", default=None, help="host:port (default: loopback and the configured port)")
     p.add_argument("--hour", type=int, help="request context: hour of day 0-23 (default: unknown)")
     p.add_argument("--weekday", type=int, help="request context: weekday 0-6, 0 = Monday (default: unknown)")

@@ -2,7 +2,8 @@
 of a running server (runtime/online_store.py).
 
 Events are JSON lines (one object per line) or CSV with a header; the fields are
-user_id, item_id, type (view, click, cart, purchase), timestamp (unix seconds or ISO-8601) and
+user_id, item_id, type (view, click, cart, purchase; or named `event`, as in the files `shoprec data` reads),
+timestamp (unix seconds or ISO-8601) and
 optionally event_id (idempotency: an id already applied is skipped) and session_id. With `--string-ids`
 (data loaded that way) user_id and item_id are text ids, hashed by `shoprec.ids.key_id` as the loader did.
 """
@@ -48,18 +49,26 @@ def read_events(stream, fmt: str):
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                yield n, _event_as_type(json.loads(line))
             except json.JSONDecodeError as exc:
                 yield n, f"not JSON ({exc.msg})"
     elif fmt == "csv":
         reader = csv.DictReader(stream)
-        missing = {"user_id", "item_id", "type", "timestamp"} - set(reader.fieldnames or ())
+        fields = set(reader.fieldnames or ())
+        missing = {"user_id", "item_id", "type", "timestamp"} - fields - ({"type"} if "event" in fields else set())
         if missing:
             raise EventsError(f"CSV header lacks {', '.join(sorted(missing))} (has: {', '.join(reader.fieldnames or [])})")
         for n, row in enumerate(reader, 2):
-            yield n, row
+            yield n, _event_as_type(row)
     else:
         raise EventsError(f"format must be jsonl or csv, got {fmt!r}")
+
+
+def _event_as_type(event):
+    """The loader's column name `event` read as `type` (when the event has no `type`)."""
+    if isinstance(event, dict) and "type" not in event and "event" in event:
+        event["type"] = event.pop("event")
+    return event
 
 
 def text_ids(event: dict) -> str | None:

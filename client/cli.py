@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from . import RecommenderClient, key_id
+
+
+BAD_REQUEST = ("400", "StatusCode.INVALID_ARGUMENT")  # InferenceServerException.status() over HTTP, gRPC
 
 
 def item_details(artifacts: Path) -> dict | None:
@@ -34,7 +38,9 @@ def format_table(rec, details) -> str:
              + (f"  (bundle version {rec.version})" if getattr(rec, "version", None) else "")]
     cols = list(details["columns"]) if details else []
     width = max([9, *(len(str(int(i))) for i in rec.item_ids)])  # text ids (--string-ids) hash to 16 digits
-    lines.append(f"{'rank':>4}  {'item_id':>{width}}  {'score':>7}  {'routes':<18}  " + "  ".join(f"{c[:24]:<24}" for c in cols))
+    routes_width = max([6, *(len("+".join(r)) for r in (rec.routes or []))])
+    lines.append(f"{'rank':>4}  {'item_id':>{width}}  {'score':>7}  {'routes':<{routes_width}}  "
+                 + "  ".join(f"{c[:24]:<24}" for c in cols))
     order = np.argsort(details["ids"]) if details else None
     for i, (item, score) in enumerate(zip(rec.item_ids, rec.scores), 1):
         extra = ""
@@ -46,7 +52,7 @@ def format_table(rec, details) -> str:
             else:
                 extra = "  ".join(f"{str(details['columns'][c][j])[:24]:<24}" for c in cols)
         routes = "+".join(rec.routes[i - 1]) if rec.routes else ""
-        lines.append(f"{i:>4}  {item:>{width}}  {score:7.4f}  {routes[:18]:<18}  {extra}")
+        lines.append(f"{i:>4}  {item:>{width}}  {score:7.4f}  {routes:<{routes_width}}  {extra}")
     return "\n".join(lines)
 
 
@@ -71,5 +77,7 @@ def run(args, cfg) -> None:
                               context_item_ids=context, force_arms=",".join(args.force_arm) if args.force_arm else None,
                               blend=args.blend)
         except InferenceServerException as exc:  # the server's one-line reason (a bad request: the field it names)
-            raise SystemExit(f"shoprec recommend: {exc.message() or exc}") from None
+            print(f"shoprec recommend: error: {exc.message() or exc}", file=sys.stderr)
+            # a request the server refused as invalid is bad input (exit 2, as every command's); anything else 1
+            raise SystemExit(2 if str(exc.status()) in BAD_REQUEST else 1) from None
     print(format_table(rec, item_details(Path(args.artifacts))))

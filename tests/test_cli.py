@@ -49,6 +49,36 @@ def test_bad_input_is_one_line_naming_file_row_and_column(tmp_path):
     assert "events.csv: row 2: column 'timestamp'" in lines[0] and lines[0].startswith("shoprec data: error:")
 
 
+def test_a_rating_scale_not_ending_at_5_needs_its_own_thresholds(tmp_path):
+    """--rating-range 1 10 with the star thresholds (4, 5) would label most ratings positive: one line, exit 2."""
+    ratings = tmp_path / "r.csv"
+    ratings.write_text("user_id,item_id,timestamp,rating\n1,2,1700000000,9\n1,3,1700000001,3\n")
+    cmd = [sys.executable, "-m", "app.cli", "--artifacts", str(tmp_path / "a"), "data", "--source", "interactions",
+           "--interactions", str(ratings), "--rating-range", "1", "10"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "shoprec data: error: --rating-range 1 10: give --positive-threshold and --strong-threshold on that scale "
+        "(the defaults 4 and 5 are for 0.5-5 stars)")
+    out = subprocess.run(cmd + ["--positive-threshold", "7", "--strong-threshold", "9"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ratings.write_text("user_id,item_id,timestamp,rating\n1,2,1700000000,4\n1,3,1700000001,1\n")
+    out = subprocess.run(cmd[:-2] + ["1", "5"], capture_output=True, text=True)  # a 1-5 scale: the stars' thresholds fit
+    assert out.returncode == 0, out.stderr
+
+
+def test_events_read_the_loaders_event_column_as_type():
+    import io
+
+    from app.events import EventsError, read_events
+
+    rows = list(read_events(io.StringIO("user_id,item_id,event,timestamp\n1,2,click,5\n"), "csv"))
+    assert rows == [(2, {"user_id": "1", "item_id": "2", "type": "click", "timestamp": "5"})]
+    rows = list(read_events(io.StringIO('{"user_id": 1, "item_id": 2, "event": "view", "timestamp": 5}\n'), "jsonl"))
+    assert rows == [(1, {"user_id": 1, "item_id": 2, "type": "view", "timestamp": 5})]
+    with pytest.raises(EventsError, match=re.escape("CSV header lacks type (has: user_id, item_id, timestamp)")):
+        list(read_events(io.StringIO("user_id,item_id,timestamp\n1,2,5\n"), "csv"))
+
+
 def test_string_ids_need_your_own_files_and_a_text_user_key(tmp_path):
     """--string-ids with the synthetic shop or MovieLens would do nothing: refused in one line; so is an empty
     --user-key (before any connection)."""

@@ -142,6 +142,12 @@ def test_end_to_end(layout, tmp_path, capsys):
             table = capsys.readouterr().out.splitlines()
             assert table[0].startswith(f"user {key_id('u007')}: 3 items") and "item_key" in table[1]
             assert all(" sku-" in line for line in table[2:5]), table
+            for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):  # refused as invalid: exit 2
+                with pytest.raises(SystemExit) as exit_:
+                    main(base + ["recommend", "--user-key", "u007", "-k", "100000", "--url", url, "--protocol", protocol])
+                assert exit_.value.code == 2
+                err = capsys.readouterr().err.strip().splitlines()
+                assert len(err) == 1 and err[0].startswith("shoprec recommend: error: ") and "k must be <=" in err[0], err
 
 
 def _events_csv(path, n_users: int, per_user: int, stamp=None, seed: int = 0):
