@@ -10,7 +10,9 @@ The in-process pipeline (online store off) runs every step before retrieval once
 then timed `--repeats` times on each user's own inputs and the fastest is kept (a user's cost without
 the machine's noise). `--power-users 1000 3000` also times 20 of those users with their history replaced
 by that many random catalog items (positives and others mixed): the heavy users a real shop has and a
-synthetic one may not. Run the same command on another commit's checkout to compare code. Writes
+synthetic one may not; and once more with the same items ordered by category, a taste that moved from
+category to category, so that the first categories were last touched thousands of actions ago (their
+decayed shares, and the category route's cut scores, subnormal or zero). Run the same command on another commit's checkout to compare code. Writes
 benchmarks/results/retrieval_tail[_TAG].{json,md}.
 """
 
@@ -58,14 +60,19 @@ def run(artifacts: Path, users: int = 600, repeats: int = 2, seed: int = 2, powe
     power = []
     rng = np.random.default_rng(seed)
     n_items = impl.generator.n_items
+    category = impl.generator.categories.category
     for size in power_users:
-        times = []
+        times, drift = [], []
         for x in inputs[:20]:
             rows = rng.choice(n_items, min(size, n_items), replace=False)[None, :].astype(np.int64)
             kinds = rng.integers(1, 5, rows.shape).astype(np.asarray(x["history_kinds"]).dtype)
             times.append(_fastest_ms(impl, impl.check({**x, "history_rows": rows, "history_kinds": kinds}), repeats))
+            by_cat = np.argsort(category[rows[0]], kind="stable")[None, :]
+            drift.append(_fastest_ms(impl, impl.check({**x, "history_rows": np.take_along_axis(rows, by_cat, 1),
+                                                        "history_kinds": np.take_along_axis(kinds, by_cat, 1)}), repeats))
         power.append({"history": int(min(size, n_items)), "users": len(times), "median_ms": round(float(np.median(times)), 3),
-                      "max_ms": round(float(np.max(times)), 3)})
+                      "max_ms": round(float(np.max(times)), 3), "by_category_median_ms": round(float(np.median(drift)), 3),
+                      "by_category_max_ms": round(float(np.max(drift)), 3)})
     history = np.array([int((np.asarray(x["history_rows"]) >= 0).sum()) for x in inputs])
     slowest = np.argsort(-ms)[:5]
     edges = [0, 50, 200, 500, 1000, int(history.max()) + 1]
@@ -99,9 +106,12 @@ def markdown(r: dict) -> list[str]:
     md += [f"| {b['history']} | {b['users']} | {b['median_ms']} |" for b in r["by_history"]]
     md += ["", "Slowest users: " + ", ".join(f"{s['user_id']} ({s['ms']} ms, {s['history']} actions)" for s in r["slowest"]) + "."]
     if r.get("power_users"):
-        md += ["", "The same users with a history of random catalog items:", "",
-               "| history (actions) | users | median ms | max ms |", "|---|---|---|---|"]
-        md += [f"| {p['history']} | {p['users']} | {p['median_ms']} | {p['max_ms']} |" for p in r["power_users"]]
+        md += ["", "The same users with a history of random catalog items, in random order and ordered by category (a "
+               "taste that moved category by category):", "",
+               "| history (actions) | users | median ms | max ms | by category: median ms | max ms |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {p['history']} | {p['users']} | {p['median_ms']} | {p['max_ms']} | {p.get('by_category_median_ms', '–')} | "
+               f"{p.get('by_category_max_ms', '–')} |" for p in r["power_users"]]
     return md
 
 
@@ -113,7 +123,8 @@ def main(argv=None) -> dict:
     p.add_argument("--users", type=int, default=600, help="warm users sampled (all of them when fewer)")
     p.add_argument("--repeats", type=int, default=2, help="runs per user; the fastest counts")
     p.add_argument("--power-users", type=int, nargs="*", default=[],
-                   help="also: 20 users with a history of this many random items, per size")
+                   help="also: 20 users with a history of this many random items, per size, in random order and "
+                        "ordered by category")
     args = p.parse_args(argv)
     if args.users < 2 or args.repeats < 1 or any(n < 1 for n in args.power_users):
         p.error("--users must be >= 2, --repeats >= 1 and --power-users sizes >= 1")

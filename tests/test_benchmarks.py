@@ -198,6 +198,7 @@ def test_retrieval_tail_reports_each_users_time_against_their_history(artifacts,
     assert "| retrieval ms |" in (tmp_path / "retrieval_tail_t.md").read_text()
     power = report["power_users"]
     assert [p["history"] for p in power] == [40] and power[0]["users"] == 20 and 0 < power[0]["median_ms"] <= power[0]["max_ms"]
+    assert 0 < power[0]["by_category_median_ms"] <= power[0]["by_category_max_ms"]
 
 
 def test_serving_rounds_are_summarised_by_their_median():
