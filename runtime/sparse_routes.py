@@ -31,6 +31,9 @@ def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return a[np.arange(a.shape[0])[:, None], idx]
 
 
+DENSE_SUM_CELLS = 1 << 22  # the largest [users, n_items] table SparseScores.from_entries sums entries in (32 MB)
+
+
 def _topn(scores: np.ndarray, blocked: np.ndarray, n: int) -> np.ndarray:
     """Rows of the n best scores per user (ties: lower row first, also among the items tying with the n-th),
     -1 where blocked items would be needed."""
@@ -272,9 +275,16 @@ class SparseScores:
 
     @classmethod
     def from_entries(cls, targets: np.ndarray, values: np.ndarray, n_users: int, n_items: int) -> "SparseScores":
-        """Sum the entries per key in their order (float64, then float32: as the dense bincount does)."""
+        """Sum the entries per key in their order (float64, then float32: as the dense bincount does). Entries as
+        many as half the [users, n_items] cells (a user of thousands of actions, alone in a request) are summed in
+        that table, which costs less than ordering them: the same sums in the same order."""
         if not len(targets):
             return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), n_users, n_items)
+        cells = n_users * n_items
+        if cells <= DENSE_SUM_CELLS and 2 * len(targets) >= cells:
+            sums = np.bincount(targets, weights=values, minlength=cells).astype(np.float32)
+            keys = np.flatnonzero(sums)
+            return cls(keys.astype(np.int64), sums[keys], n_users, n_items)
         ordered, order = stable_order(np.asarray(targets, np.int64))
         first = _run_starts(ordered)
         keys = ordered[first]
@@ -364,14 +374,29 @@ class CategoryScores:
     def _score(self, users: np.ndarray, cats: np.ndarray, items: np.ndarray) -> np.ndarray:
         return (self.shares[users, cats] * self.p[items]).astype(np.float32)
 
+    def _blocked_in(self, blocked: Blocked, users: np.ndarray, cats: np.ndarray) -> np.ndarray:
+        """How many of each (user, category) pair's items the user has blocked (not counting whole blocked
+        categories): the first n + that many of the category hold n the user may get. A user's blocked items in
+        other categories do not count, so a long history does not make every category's cut its whole size."""
+        if not blocked.sparse:
+            return blocked.counts(with_categories=False)[users]
+        n_cat = self.shares.shape[1]
+        cat = self.category[blocked.keys % blocked.n_items]
+        inside = cat >= 0
+        pairs = np.sort((blocked.keys[inside] // blocked.n_items) * n_cat + cat[inside])
+        query = users.astype(np.int64) * n_cat + cats
+        return np.searchsorted(pairs, query, side="right") - np.searchsorted(pairs, query, side="left")
+
     def top(self, blocked: Blocked, n: int, fill: bool = False) -> np.ndarray:
         users, cats = np.nonzero(self.shares > 0)
         placer = _Placer(len(self.shares), n)
         if not len(users):
             return placer.out
         size = self.starts[cats + 1] - self.starts[cats]
-        want = n + blocked.counts()[users]
+        want = n + self._blocked_in(blocked, users, cats)
         take = np.minimum(want, size)
+        if blocked.blocked_categories is not None:  # a whole category blocked (a cart request's): nothing to take, and
+            take[blocked.blocked_categories[users, cats]] = 0  # no bound from it (want counts the items blocked one by one)
         # a category holding `want` items gives the user n unblocked ones scoring at least its want-th item's score;
         # the best such score over the user's categories bounds what the others must supply (all of theirs scoring at
         # least that much; P's threshold taken a little low, so float32 rounding cannot leave one out)

@@ -350,7 +350,8 @@ def test_sparse_routes_match_dense_on_a_catalog_smaller_than_the_lists():
 def test_the_category_route_keeps_every_item_tying_past_its_cut(n):
     """Categories far larger than a list, whose tails tie (items nobody acted on share one P(item | category), and
     float32 rounds some products of unequal P to one score): the sparse route finds every item tying with its cut
-    in one pass and ranks them by row as the dense route does, blocked items skipped."""
+    in one pass and ranks them by row as the dense route does, blocked items skipped (each category's cut counts
+    the user's blocked items in that category only) and a user's blocked category left out."""
     from runtime.sparse_routes import Blocked, CategoryScores, DenseScores
 
     rng = np.random.default_rng(n)
@@ -367,12 +368,41 @@ def test_the_category_route_keeps_every_item_tying_past_its_cut(n):
     shares[0] = 0  # no history
     users = np.repeat(np.arange(n_users), 30)
     items = rng.integers(0, n_items, len(users))
-    blocked = Blocked.build(n_users, n_items, users, items, None, True, category, None)
+    whole = np.zeros((n_users, 4), bool)
+    whole[2, 1] = True  # a cart request's category
+    blocked = Blocked.build(n_users, n_items, users, items, None, True, category, whole)
     sparse = CategoryScores(shares, category, p, *CategoryScores.index(category, p)).top(blocked, n)
     scores = np.where(category >= 0, shares[:, np.maximum(category, 0)] * p[None, :], 0).astype(np.float32)
-    dense = DenseScores(scores).top(Blocked.build(n_users, n_items, users, items, None, False, category, None), n, fill=False)
+    dense = DenseScores(scores).top(Blocked.build(n_users, n_items, users, items, None, False, category, whole), n, fill=False)
     np.testing.assert_array_equal(sparse, dense)
     assert (sparse[1:, -1] >= 0).all()  # every list with history was filled from the tied tail
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_each_category_cut_makes_room_for_the_users_blocked_items_in_it(n):
+    """Distinct P (no ties to hide a short cut), users who blocked many of a category's best items and many
+    elsewhere: each category's cut holds n + the user's blocked items in that category, and the lists equal the
+    dense route's."""
+    from runtime.sparse_routes import Blocked, CategoryScores, DenseScores
+
+    rng = np.random.default_rng(11 + n)
+    n_items, n_users, n_cat = 2000, 8, 5
+    category = rng.integers(0, n_cat, n_items)
+    p = rng.permutation(np.linspace(1e-3, 1.0, n_items)).astype(np.float32)
+    shares = rng.dirichlet(np.ones(n_cat), n_users)
+    best = np.argsort(-p, kind="stable")
+    users, items = [], []
+    for u in range(n_users):  # each user: the best items of one category, and a spread elsewhere
+        mine = best[category[best] == u % n_cat][: 3 * n]
+        others = rng.choice(np.flatnonzero(category != u % n_cat), 40 * (u % 3), replace=False)
+        items += [*mine, *others]
+        users += [u] * (len(mine) + len(others))
+    users, items = np.array(users), np.array(items)
+    blocked = Blocked.build(n_users, n_items, users, items, None, True, category, None)
+    sparse = CategoryScores(shares, category, p, *CategoryScores.index(category, p)).top(blocked, n)
+    scores = (shares[:, category] * p[None, :]).astype(np.float32)
+    dense = DenseScores(scores).top(Blocked.build(n_users, n_items, users, items, None, False, category, None), n, fill=False)
+    np.testing.assert_array_equal(sparse, dense)
 
 
 def test_the_category_bound_is_not_taken_from_subnormal_scores():
@@ -409,6 +439,30 @@ def test_a_subnormal_or_zero_cut_finds_its_tied_tail_as_the_dense_route():
         sparse = CategoryScores(shares, category, p, *CategoryScores.index(category, p)).top(blocked, n)
         np.testing.assert_array_equal(sparse, DenseScores(scores).top(dense_blocked, n, fill=False))
     assert (sparse[0] >= 0).all() and (sparse[2] < 0).all()  # the subnormal tail fills a list; a zero one does not
+
+
+@pytest.mark.parametrize("entries", [50, 4000])
+def test_sparse_scores_sum_alike_in_order_or_in_one_table(monkeypatch, entries):
+    """from_entries sums a few entries by ordering them, as many as half the cells in one [users, items] table: the
+    same keys and float32 values either way (entries that cancel to 0 left out, repeated keys summed in order)."""
+    import runtime.sparse_routes as sr
+
+    rng = np.random.default_rng(entries)
+    n_users, n_items = 3, 1000
+    targets = rng.integers(0, n_users * n_items, entries)
+    values = rng.choice(np.array([0.1, -0.1, 1e-8, 3.0, 7e5], np.float32), entries)
+    targets = np.concatenate([targets, [17, 17]]); values = np.concatenate([values, [0.5, -0.5]]).astype(np.float32)
+    got = {}
+    for cells in (0, sr.DENSE_SUM_CELLS):
+        monkeypatch.setattr(sr, "DENSE_SUM_CELLS", cells)
+        got[cells] = sr.SparseScores.from_entries(targets, values, n_users, n_items)
+    a, b = got.values()
+    np.testing.assert_array_equal(a.keys, b.keys)
+    np.testing.assert_array_equal(a.values, b.values)
+    want = np.bincount(targets, weights=values, minlength=n_users * n_items).astype(np.float32)
+    np.testing.assert_array_equal(a.keys, np.flatnonzero(want))
+    np.testing.assert_array_equal(a.values, want[want != 0])
+    assert a.keys.dtype == b.keys.dtype == np.int64 and a.values.dtype == b.values.dtype == np.float32
 
 
 def test_stable_order_is_a_stable_argsort_for_small_and_huge_keys():
