@@ -36,9 +36,10 @@ def _artifacts(args) -> Path:
 
 
 def cmd_data(args, cfg):
-    from feature_workflows.raw_schema import write_raw
+    from feature_workflows.raw_schema import clear_raw, write_raw
 
     raw = _artifacts(args) / "data" / "raw"
+    clear_raw(raw)
     d = cfg.data
     if getattr(args, "string_ids", False) and d.source != "interactions":
         raise SystemExit(f"shoprec data: --string-ids applies to --source interactions (your own files), not {d.source}")
@@ -64,6 +65,8 @@ def cmd_data(args, cfg):
             raise SystemExit("shoprec data: a MovieLens source needs --movielens-dir DIR (the files you downloaded)")
         tables, schema = load_movielens(d.movielens_dir, d.source)
         info = {"source": d.source, **write_raw(tables, schema, raw), "load_report": schema.get("load_report")}
+    for warning in (info.get("load_report") or {}).get("warnings", []):
+        print(f"shoprec data: warning: {warning}", file=sys.stderr)
     print(json.dumps({"raw": str(raw), **info}))
 
 

@@ -125,6 +125,15 @@ def raw_paths(raw_dir: str | Path) -> dict[str, Path]:
             "interactions": raw_dir / "interactions", "schema": raw_dir / "schema.json"}
 
 
+def clear_raw(raw_dir: str | Path) -> None:
+    """Remove what an earlier `shoprec data` wrote, before reading new input: a run that stops on bad input must
+    not leave the previous data set for `features` to read as if it were the new one."""
+    paths = raw_paths(raw_dir)
+    paths["schema"].unlink(missing_ok=True)  # first: without it nothing reads the rest
+    for path in (paths["users"], paths["items"], *paths["interactions"].glob("part-*.parquet")):
+        path.unlink(missing_ok=True)
+
+
 def write_raw(tables: dict[str, pd.DataFrame], schema: dict, out_dir: str | Path) -> dict:
     """Write validated tables and schema.json; replaces whatever an earlier `shoprec data` left."""
     out = Path(out_dir)

@@ -603,9 +603,10 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
             raise RawDataError(f"{option} names {sorted(kinds)} but no {table} file was given")
         out = pd.DataFrame({id_col: ids})
         if keys is None:
-            return out, {}, {f"{table}_file": None, f"{table}_added": 0, "empty": []}
+            return out, {}, {f"{table}_file": None, f"{table}_added": 0, "empty": [], "warnings": []}
         out[KEY_COLUMN[id_col]] = keys.reindex(ids).to_numpy(dtype=object)
-        return out, {KEY_COLUMN[id_col]: "text"}, {f"{table}_file": None, f"{table}_added": 0, "empty": []}
+        return out, {KEY_COLUMN[id_col]: "text"}, {f"{table}_file": None, f"{table}_added": 0, "empty": [],
+                                                    "warnings": []}
     _require_rows(frame)
     _require_columns(frame, [id_col])
     absent = [c for c in kinds if c not in frame.df.columns or c == id_col]
@@ -625,6 +626,7 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
                                                "more than once")
     attrs = [c for c in frame.df.columns if c != id_col]
     all_kinds = {c: kinds.get(c) or _infer_kind(frame.df[c]) for c in attrs}
+    doubts = [_doubt(frame, c, all_kinds[c], option) for c in attrs if c not in kinds]
     out = pd.DataFrame({id_col: own})
     for c, k in all_kinds.items():
         out[c] = _convert(frame, c, k).reset_index(drop=True)
@@ -639,7 +641,24 @@ def _attributes(frame: Frame | None, table: str, kinds: Mapping[str, str], refer
         out[KEY_COLUMN[id_col]] = merged.reindex(out[id_col].to_numpy()).to_numpy(dtype=object)
         all_kinds[KEY_COLUMN[id_col]] = "text"
     out = validate_attributes(out, table, all_kinds, frame.name)
-    return out, all_kinds, {f"{table}_file": frame.name, f"{table}_added": int(len(missing)), "empty": empty}
+    return out, all_kinds, {f"{table}_file": frame.name, f"{table}_added": int(len(missing)), "empty": empty,
+                            "warnings": [d for d in doubts if d]}
+
+
+def _doubt(frame: Frame, col: str, kind: str, option: str) -> str | None:
+    """Why an inferred column may not be the feature it becomes (None: no doubt): a spreadsheet's saved row index,
+    or a categorical with a value per row (an id, free text), which the models would learn nothing from."""
+    label = frame.labels.get(col, col)
+    if re.fullmatch(r"Unnamed: \d+", str(label)):
+        return (f"{frame.name}: column {label!r} looks like a saved row index, and becomes a {kind} feature; drop it, or "
+                f"keep it for display: --{option.replace('_', '-')[:-1]} '{label}=text'")
+    values = frame.df[col].dropna()
+    distinct = values.nunique()
+    if kind == "categorical" and len(values) >= 100 and distinct >= 0.9 * len(values):
+        return (f"{frame.name}: column {label!r} has {distinct:,} distinct values in {len(values):,} rows (an id or free "
+                f"text?), and becomes a categorical feature; to show it only: --{option.replace('_', '-')[:-1]} "
+                f"'{label}=text'")
+    return None
 
 
 def _roles(spec: SourceSpec, item_kinds: Mapping[str, str]) -> dict[str, str | None]:
@@ -675,7 +694,8 @@ def build_tables(interactions: Frame, items: Frame | None, users: Frame | None, 
                                                 keys.get("item_id"), hint)
     user_df, user_kinds, user_rep = _attributes(users, "users", spec.user_columns, inter["user_id"].to_numpy(),
                                                 keys.get("user_id"), hint)
-    report.update({k: v for k, v in {**item_rep, **user_rep}.items() if k != "empty"})
+    report.update({k: v for k, v in {**item_rep, **user_rep}.items() if k not in ("empty", "warnings")})
+    report["warnings"] = item_rep["warnings"] + user_rep["warnings"]
     if spec.string_ids:
         report["string_ids"] = True
     report["empty_columns"] = {"items": item_rep["empty"], "users": user_rep["empty"]}

@@ -39,14 +39,22 @@ def test_default_file_and_dataclass_defaults_agree():
 
 
 def test_bad_input_is_one_line_naming_file_row_and_column(tmp_path):
-    bad = tmp_path / "events.csv"
+    """... and leaves no earlier data set behind for `features` to take for the new one."""
+    good, bad = tmp_path / "good.csv", tmp_path / "events.csv"
+    good.write_text("user_id,item_id,timestamp,event\n1,2,1700000000,click\n")
     bad.write_text("user_id,item_id,timestamp,event\n1,2,1700000000,click\n1,3,yesterday,view\n")
-    out = subprocess.run([sys.executable, "-m", "app.cli", "--artifacts", str(tmp_path / "a"), "data", "--source",
-                          "interactions", "--interactions", str(bad)], capture_output=True, text=True)
+    base = [sys.executable, "-m", "app.cli", "--artifacts", str(tmp_path / "a")]
+    assert subprocess.run(base + ["data", "--source", "interactions", "--interactions", str(good)]).returncode == 0
+    assert (tmp_path / "a" / "data" / "raw" / "schema.json").is_file()
+    out = subprocess.run(base + ["data", "--source", "interactions", "--interactions", str(bad)], capture_output=True,
+                         text=True)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert "events.csv: row 2: column 'timestamp'" in lines[0] and lines[0].startswith("shoprec data: error:")
+    assert not list((tmp_path / "a" / "data" / "raw").rglob("*.*"))  # good.csv's tables are gone with its schema
+    out = subprocess.run(base + ["features"], capture_output=True, text=True)
+    assert out.returncode == 2 and "run `shoprec data` first" in out.stderr, out.stderr
 
 
 def test_a_rating_scale_not_ending_at_5_needs_its_own_thresholds(tmp_path):

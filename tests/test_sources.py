@@ -214,6 +214,24 @@ def test_users_table_added_and_round_trip(tmp_path):
         pd.testing.assert_frame_equal(back, tables[name], check_dtype=False)
 
 
+def test_columns_that_may_not_be_features_are_warned_about(tmp_path):
+    """An inferred column that is a saved row index, or a categorical with a value per row (an id, free text),
+    loads, with a warning in the load report that names it and the option that keeps it for display."""
+    n = 120
+    lines = "\n".join(f"{i},{i + 1},note {i},gold,{30 + i % 5}" for i in range(n))
+    users = _csv(tmp_path / "users.csv", "Unnamed: 0,user_id,signup_note,segment,age\n" + lines + "\n")
+    inter = _csv(tmp_path / "i.csv", INTER_CSV)
+    _, schema = load_interactions_source(SourceSpec(inter, users=users))
+    assert [w.replace(str(tmp_path) + "/", "") for w in schema["load_report"]["warnings"]] == [
+        "users.csv: column 'Unnamed: 0' looks like a saved row index, and becomes a numeric feature; drop it, or keep "
+        "it for display: --user-column 'Unnamed: 0=text'",
+        "users.csv: column 'signup_note' has 120 distinct values in 120 rows (an id or free text?), and becomes a "
+        "categorical feature; to show it only: --user-column 'signup_note=text'"]
+    _, schema = load_interactions_source(SourceSpec(inter, users=users, user_columns={"signup_note": "text",
+                                                                                      "Unnamed: 0": "text"}))
+    assert schema["load_report"]["warnings"] == []  # named: the user's choice
+
+
 def test_string_ids_hash_every_file_alike_and_keep_the_text(tmp_path):
     """--string-ids: each id's text becomes shoprec.ids.key_id(text) in interactions, items and users alike;
     numbers count as their text (007 and 7 differ); items and users get the text as item_key / user_key, also for
