@@ -156,11 +156,13 @@ def _rel_price(items: pd.DataFrame, roles: dict, category: np.ndarray | None) ->
 
 
 def _item_value(items: pd.DataFrame, roles: dict) -> np.ndarray:
-    """The items' value for the serving blend (runtime/strategy.py): their price, 0 where missing; empty without one."""
+    """The items' value for the serving blend (runtime/strategy.py): their price, the median price where missing (as
+    the models' price feature is filled: an unknown price is a typical one, not a free item); empty without one."""
     col = roles.get("price")
     if col is None or col not in items.columns or items[col].isna().all():
         return np.zeros(0)
-    return items[col].astype(float).clip(lower=0).fillna(0.0).values.astype(np.float64)
+    price = items[col].astype(float).clip(lower=0)
+    return price.fillna(price.median()).values.astype(np.float64)
 
 
 def _item_statistics(items: pd.DataFrame, train: pd.DataFrame, impressions: pd.DataFrame, roles: dict,

@@ -305,3 +305,14 @@ def test_training_rows_written_in_chunks_equal_one_transform(tmp_path, monkeypat
     whole, chunked = (pd.read_parquet(tmp_path / d / "train.parquet") for d in ("whole", "chunked"))
     assert len(chunked) == out["train_rows"] > 7 * 10
     pd.testing.assert_frame_equal(chunked, whole)
+
+
+def test_an_item_without_a_price_has_the_median_value_in_the_blend():
+    """The blend's item value is the price; a missing one is the median (as the models' price feature is filled),
+    not 0, which would demote the item whenever a scene weighs value; no price column, or none known: no value."""
+    from feature_workflows.pipeline import _item_value
+
+    items = pd.DataFrame({"price": [10.0, None, 30.0, -5.0, 20.0]})
+    np.testing.assert_array_equal(_item_value(items, {"price": "price"}), [10.0, 15.0, 30.0, 0.0, 20.0])
+    assert len(_item_value(items, {"price": None})) == 0
+    assert len(_item_value(pd.DataFrame({"price": [None, None]}), {"price": "price"})) == 0
