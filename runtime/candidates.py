@@ -339,18 +339,29 @@ class CandidateGenerator:
 
     def _ann(self, user_emb: np.ndarray, blocked: Blocked, n: int, count_categories: bool = False,
              biased: bool = True) -> np.ndarray:
-        """The n best unblocked items by inner product (plus the popularity bias, if any and `biased`); the
-        search asks for n + the most items a user has blocked (not counting a cart's whole categories unless
-        count_categories: those only shorten the list)."""
-        extra = blocked.most(with_categories=count_categories)
-        k = min(self.n_items, n + extra)
+        """The n best unblocked items by inner product (plus the popularity bias, if any and `biased`); each user's
+        search asks for n + a margin for their blocked items (not counting a cart's whole categories unless
+        count_categories: those only shorten the list). The margin is the user's own (`ann_margin`), never the
+        batch's: an approximate index searches wider for a larger k, so a user's list must not depend on who
+        else is in the batch. Users with one margin share a search."""
         bias = self.ann_bias if biased else None
         if self.index is None:
             scores = np.asarray(user_emb, dtype=np.float32) @ self.emb.T
             return _topn(scores if bias is None else scores + bias, blocked.dense(), n)
         if self.ann_bias is not None:  # the index holds [embedding, bias]: the query's last column switches it
             user_emb = augment(user_emb, 1.0 if biased else 0.0)
-        _, found = search(self.index, user_emb, k, self.emb, self.ann_bias)
+        ks = np.minimum(self.n_items, n + ann_margin(blocked.counts(with_categories=count_categories)))
+        groups = np.unique(ks).tolist()
+        if not groups:  # no user (a batch without context items, for the similar_ann route)
+            return np.full((0, n), -1, np.int64)
+        if len(groups) == 1:  # the common case: one search
+            found = search(self.index, user_emb, groups[0], self.emb, self.ann_bias)[1]
+        else:
+            found = np.full((len(ks), int(ks.max())), -1, np.int64)
+            for k in groups:
+                who = np.flatnonzero(ks == k)
+                rows = search(self.index, user_emb[who], k, self.emb, self.ann_bias)[1]
+                found[who, : rows.shape[1]] = rows
         ok = ~blocked.take(np.maximum(found, 0)) & (found >= 0)
         return _compact(found, ok, n)
 
@@ -373,6 +384,16 @@ class CandidateGenerator:
             return np.full((blocked.n_users, n), -1, np.int64)
         rows = np.broadcast_to(head, (blocked.n_users, len(head)))
         return _compact(rows, ~blocked.take(rows), n)
+
+
+ANN_MARGIN_MIN = 64  # the ann search's margin for blocked items, at least (most users share one search)
+
+
+def ann_margin(blocked_counts: np.ndarray) -> np.ndarray:
+    """Per user, how many results beyond n the ann search asks for: their blocked items, rounded up to a power of two
+    (at least ANN_MARGIN_MIN), so that a batch's users fall into a few searches and each user's k is their own."""
+    c = np.maximum(np.asarray(blocked_counts, np.int64), 1)
+    return np.maximum(ANN_MARGIN_MIN, 1 << np.ceil(np.log2(c)).astype(np.int64))
 
 
 def trending_order(item_row: np.ndarray, ts: np.ndarray, kind: np.ndarray, n_items: int, half_life_days: float) -> np.ndarray:

@@ -321,6 +321,32 @@ def test_sparse_routes_give_the_dense_routes_lists_and_features(index, seed, n):
     assert {r for r in a[2] if (a[2][r] >= 0).any()} >= {"cf_all", "cf_pos", "ann", "category", "similar", "copurchase"}
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_the_ann_route_gives_a_user_the_same_list_alone_or_batched(kind):
+    """An approximate index searches wider for a larger k (HNSW's ef, IVF's exact fallback when the probed lists
+    run short), so each user's k comes from their own blocked items (ann_margin), never the batch's: a light user's
+    list is the same beside a heavy one as alone, and a user past the margin's first step still gets n items."""
+    from runtime.candidates import ANN_MARGIN_MIN, ann_margin
+
+    assert ann_margin(np.array([0, 1, 64, 65, 300])).tolist() == [ANN_MARGIN_MIN, 64, 64, 128, 512]
+    rng = np.random.default_rng(4)
+    n_items = 3000
+    emb = rng.normal(size=(n_items, 16)).astype(np.float32)
+    index, _ = build_index(emb, IndexConfig(kind=kind, ivf_nprobe=2, hnsw_ef_search=40), kind=kind)
+    nb = ItemNeighbours.empty(n_items)  # the ann route alone matters here
+    gen = CandidateGenerator(emb, index, nb, nb, np.arange(n_items), 60, 2, sparse=True)
+    lengths = np.array([3, 400, 0, 10, 150])
+    rows = np.concatenate([rng.choice(n_items, size=k, replace=False) for k in lengths])
+    indptr = np.r_[0, np.cumsum(lengths)]
+    user_emb = rng.normal(size=(len(lengths), 16)).astype(np.float32)
+    kinds = np.full(len(rows), 2)
+    batched = gen(user_emb, indptr, rows, kinds)[2]["ann"]
+    for u in range(len(lengths)):
+        alone = gen(user_emb[u : u + 1], np.r_[0, lengths[u]], rows[indptr[u] : indptr[u + 1]], kinds[: lengths[u]])[2]["ann"]
+        np.testing.assert_array_equal(alone[0], batched[u], err_msg=f"user {u}")
+    assert (batched >= 0).all()  # the heavy users' lists are full too
+
+
 def test_sparse_routes_match_dense_on_a_catalog_smaller_than_the_lists():
     """A catalog of 30 with 25 candidates: users run out of items, and EASE-like negative scores fill the end."""
     rng = np.random.default_rng(5)
