@@ -14,6 +14,7 @@ Adding a step: a subclass of `StepImpl` here, and one `Step(...)` entry in contr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -134,7 +135,7 @@ def max_k(bundle: Bundle, cfg: ServeConfig) -> int:
     return contract.num_candidates(cfg.num_candidates, bundle.dims["n_items"])
 
 
-def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray | None, client_device, k_max: int) -> None:
+def check_k(k: np.ndarray, k_max: int) -> None:
     if k.size == 0:
         raise RequestError("empty request: send at least one row")
     if (k < 1).any():
@@ -142,13 +143,17 @@ def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray
     if (k > k_max).any():
         raise RequestError(f"k must be <= {k_max} (the candidates ranked per request, serve.num_candidates), "
                            f"got {int(k.max())}")
+
+
+def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray | None, client_device, k_max: int) -> None:
+    check_k(k, k_max)
     if hour is not None and ((hour < 0) | (hour > 23)).any():
         raise RequestError(f"hour must be in 0..23, got {int(hour[(hour < 0) | (hour > 23)][0])}")
     if weekday is not None and ((weekday < 0) | (weekday > 6)).any():
         raise RequestError(f"weekday must be in 0..6 (0 = Monday), got {int(weekday[(weekday < 0) | (weekday > 6)][0])}")
     if client_device is not None:
         for d in client_device:
-            if len(d) > MAX_DEVICE_BYTES:
+            if len(d.encode() if isinstance(d, str) else d) > MAX_DEVICE_BYTES:  # bytes, not characters
                 raise RequestError(f"client_device must be at most {MAX_DEVICE_BYTES} bytes")
 
 
@@ -244,14 +249,34 @@ class StepImpl:
         self.sizes = bundle.sizes(cfg)
         self._counts: dict[tuple[str, tuple], float] = {}
         self._counts_lock = threading.Lock()  # a publisher thread takes the counts while requests add to them
+        self._batch = threading.local()  # batch_counts(): this thread's batch's counts until it has succeeded
 
     def metrics(self) -> dict[str, str]:
         return dict(self.METRICS)
 
     def count(self, name: str, value: float, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))
+        pending = getattr(self._batch, "pending", None)
+        if pending is not None:  # inside batch_counts(): kept until the batch has succeeded
+            pending[key] = pending.get(key, 0) + float(value)
+            return
         with self._counts_lock:
             self._counts[key] = self._counts.get(key, 0) + float(value)
+
+    @contextlib.contextmanager
+    def batch_counts(self):
+        """The counts of a batch land only if it succeeds: a failed batch is re-run request by request (the Triton
+        adapter), and each request must be counted once."""
+        self._batch.pending = {}
+        try:
+            yield
+        except BaseException:
+            self._batch.pending = None
+            raise
+        pending, self._batch.pending = self._batch.pending, None
+        with self._counts_lock:
+            for key, value in pending.items():
+                self._counts[key] = self._counts.get(key, 0) + value
 
     def take_counts(self) -> dict[tuple[str, tuple], float]:
         with self._counts_lock:
@@ -289,6 +314,13 @@ class Fused(StepImpl):
 
     def take_counts(self) -> dict[tuple[str, tuple], float]:
         return {k: v for _, impl in self.parts for k, v in impl.take_counts().items()}
+
+    @contextlib.contextmanager
+    def batch_counts(self):
+        with contextlib.ExitStack() as stack:
+            for _, impl in self.parts:
+                stack.enter_context(impl.batch_counts())
+            yield
 
     def check(self, t: dict) -> dict:
         for part, impl in self.parts:  # each part checks the request inputs it reads (the others are None here)
@@ -414,7 +446,7 @@ class FeatureTransform(StepImpl):
             t["context_item_ids"] = ctx
         return t
 
-    METRICS = {"shoprec_requests_total": "users asked for recommendations (one per request row)",
+    METRICS = {"shoprec_requests_total": "users answered (one per request row; a failed request is not counted)",
                "shoprec_cold_start_total": "of them, users without history in the user store (cold start)",
                "shoprec_live_state_total": "of them, users served from their live state in the online store",
                "shoprec_degraded_total": "of them, users served from the snapshot because the online store failed",
@@ -807,6 +839,7 @@ class TopK(StepImpl):
     def check(self, t: dict) -> dict:
         check_strategy(self.strategy, t)
         k = t["k"].ravel()
+        check_k(k, max_k(self.bundle, self.cfg))  # a direct caller of this step too (the gpu profile's topk)
         if len(k) and (k != k[0]).any():
             raise RequestError("k must be the same for every row of one request")
         d = t.get("diversity")

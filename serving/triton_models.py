@@ -112,14 +112,15 @@ class StepModel:
         counts = [len(p[self.step.inputs[0].name]) for p in parsed]
         batch = merge_requests(self.step, parsed)
         try:
-            if self.step.per_request:
-                per_request = self.impl.run_requests(batch, counts)
-            else:
-                outputs = self.impl.run(batch)
-                offsets = np.cumsum([0, *counts])
-                per_request = [tuple(out[a:b] for out in outputs) for a, b in zip(offsets[:-1], offsets[1:])]
-            for outputs, n in zip(per_request, counts):
-                check_outputs(self.step, outputs, self.impl.sizes, n)
+            with self.impl.batch_counts():  # a batch that fails is not counted: its requests are run again alone
+                if self.step.per_request:
+                    per_request = self.impl.run_requests(batch, counts)
+                else:
+                    outputs = self.impl.run(batch)
+                    offsets = np.cumsum([0, *counts])
+                    per_request = [tuple(out[a:b] for out in outputs) for a, b in zip(offsets[:-1], offsets[1:])]
+                for outputs, n in zip(per_request, counts):
+                    check_outputs(self.step, outputs, self.impl.sizes, n)
             error, bad_request = None, False
         except RequestError as exc:
             error, bad_request = str(exc), True

@@ -59,6 +59,34 @@ def test_diversity_outside_zero_one_is_a_request_error(artifacts, cfg, bad):
         step.check(t)
 
 
+@pytest.mark.parametrize("k", [0, -3, 10_000])
+def test_top_k_checks_k_itself_for_a_direct_caller(artifacts, cfg, k):
+    """The gpu profile's topk (and cpu-stages' ranking) can be called directly: k is checked there too, so a bad k
+    is this request's error, never a slice of a batch-wide sort that depends on its batch-mates."""
+    step = _topk(artifacts, cfg)
+    t = {"candidate_rows": np.zeros((1, 3), np.int64), "ranking_scores": np.zeros((1, 3), np.float32),
+         "k": np.array([[k]], np.int32), "cold_start": np.array([[False]])}
+    with pytest.raises(RequestError, match=r"k must be (>= 1|<= \d+)"):
+        step.check(t)
+
+
+def test_a_failed_batch_leaves_no_counts_and_a_good_one_all(artifacts, cfg):
+    """batch_counts: the Triton adapter re-runs a failed batch request by request, so what the failed run counted
+    is dropped; a batch that succeeds lands whole; counts outside a batch land at once."""
+    step = _topk(artifacts, cfg)
+    step.take_counts()
+    with pytest.raises(ValueError):
+        with step.batch_counts():
+            step.count("shoprec_served_items_total", 5)
+            raise ValueError("the batch failed")
+    assert step.take_counts() == {}
+    with step.batch_counts():
+        step.count("shoprec_served_items_total", 5)
+        assert step.take_counts() == {}  # a publisher mid-batch finds nothing of it
+    step.count("shoprec_served_items_total", 2)
+    assert step.take_counts() == {("shoprec_served_items_total", ()): 7.0}
+
+
 def test_diversity_raises_list_diversity_in_the_pipeline(pipeline):
     users = pipeline.steps["feature_transform"].store.user_id[:30]
     emb = pipeline.steps["topk"].embeddings
