@@ -6,7 +6,8 @@ per request, and how many stubs of each, buy throughput at concurrency 16 withou
 
 Each variant serves the same bundle from a fresh server: the cpu profile (one model runs the whole graph) with
 its default of one instance per core, the same instances taking turns (`serve.prefer_first_instance` off: no rate
-limiter), and one instance; the cpu-stages profile (three models) with one instance each and with two of
+limiter), one instance, and its dynamic batcher without preferred batch sizes or with a queue delay
+(`serve.batching`); the cpu-stages profile (three models) with one instance each and with two of
 `candidates`, its busiest stub. `--variants` runs some of them (by their names in the table). The response cache is off
 (the load repeats its users) and the step doctor off. perf_analyzer drives it over gRPC with the same 1,000
 real user ids at each `--concurrency` level (k = 10). The variants are run `--rounds` times, the order
@@ -35,6 +36,8 @@ COMMAND = "python -m benchmarks.instances"
 VARIANTS = {"cpu (default: pipeline x cores)": ("cpu", {}, {}),
             "cpu, pipeline x cores taking turns": ("cpu", {}, {"prefer_first_instance": False}),
             "cpu, pipeline x1": ("cpu", {"pipeline": 1}, {}),
+            "cpu, no preferred batch sizes": ("cpu", {}, {"batching": {"pipeline": {"preferred_batch_sizes": []}}}),
+            "cpu, queue delay 200 us": ("cpu", {}, {"batching": {"pipeline": {"max_queue_delay_us": 200}}}),
             "cpu-stages, 1 each": ("cpu-stages", {}, {}), "cpu-stages, candidates x2": ("cpu-stages", {"candidates": 2}, {})}
 
 

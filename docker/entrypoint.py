@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.command import apply_instance_counts, check_tls_files, tritonserver_command
+from serving.command import apply_batching, apply_instance_counts, check_tls_files, tritonserver_command
 from shoprec import contract
 from shoprec.config import ServeConfig, load_config
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest
@@ -280,6 +280,7 @@ def prepare_runtime_repo(settings: Settings, engines: list[EnginePlan]) -> Path:
         target.symlink_to(plan.engine)
     try:
         apply_instance_counts(repo, dict(settings.serve.instances), settings.serve.prefer_first_instance)
+        apply_batching(repo, dict(settings.serve.batching))
     except ValueError as exc:
         raise StartupError(f"serve config: {exc}", EXIT_BAD_BUNDLE) from None
     return repo

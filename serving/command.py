@@ -103,6 +103,55 @@ _COUNT = re.compile(r"^  count: (\d+)$", re.M)
 _KIND = re.compile(r"^  kind: (\w+)$", re.M)
 
 
+_BATCHING = re.compile(r"^dynamic_batching \{\n((?:  [^\n]*\n)*)\}\n", re.M)
+_MAX_BATCH = re.compile(r"^max_batch_size: (\d+)$", re.M)
+BATCHING_KEYS = ("preferred_batch_sizes", "max_queue_delay_us")
+MAX_QUEUE_DELAY_US = 1_000_000
+
+
+def apply_batching(repository: Path | str, settings: dict) -> dict[str, dict]:
+    """Sets `serve.batching` ({model: {"preferred_batch_sizes": [...], "max_queue_delay_us": n}}) in a copy of a
+    generated repository: the dynamic batcher of each named model (Triton sends a batch of the largest preferred size
+    it can form at once, else waits up to the delay for more; [] and 0: whatever is queued, at once). A key left out
+    keeps the step's declaration. ValueError naming the setting for an unknown model or key, sizes outside
+    1..max_batch_size or not ascending, a delay outside 0..MAX_QUEUE_DELAY_US. Returns what it set."""
+    repository = Path(repository)
+    models = {p.parent.name: p for p in repository.glob("*/config.pbtxt")}
+    done = {}
+    for name, setting in sorted(settings.items()):
+        where = f"serve.batching.{name}"
+        path = models.get(name)
+        text = path.read_text() if path is not None else ""
+        block = _BATCHING.search(text)
+        if block is None:  # the ensemble has no dynamic batcher
+            raise ValueError(f"{where}: no model {name!r} with a dynamic batcher in {repository.name} "
+                             f"(models: {sorted(m for m, p in models.items() if _BATCHING.search(p.read_text()))})")
+        if not isinstance(setting, dict) or not setting or set(setting) - set(BATCHING_KEYS):
+            raise ValueError(f"{where} must be a table of {list(BATCHING_KEYS)}, got {setting!r}")
+        biggest = int(_MAX_BATCH.search(text).group(1))
+        lines = block.group(1)
+        if "preferred_batch_sizes" in setting:
+            sizes = setting["preferred_batch_sizes"]
+            if not isinstance(sizes, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= biggest
+                                                  for x in sizes) or sizes != sorted(set(sizes)):
+                raise ValueError(f"{where}.preferred_batch_sizes must be ascending integers in 1..{biggest} (the model's "
+                                 f"max_batch_size), got {sizes!r}")
+            lines = "".join(f"  preferred_batch_size: {x}\n" for x in sizes) + _strip(lines, "preferred_batch_size")
+        if "max_queue_delay_us" in setting:
+            delay = setting["max_queue_delay_us"]
+            if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_QUEUE_DELAY_US:
+                raise ValueError(f"{where}.max_queue_delay_us must be an integer in 0..{MAX_QUEUE_DELAY_US}, got {delay!r}")
+            lines = _strip(lines, "max_queue_delay_microseconds") + (f"  max_queue_delay_microseconds: {delay}\n"
+                                                                      if delay else "")
+        path.write_text(text[: block.start()] + "dynamic_batching {\n" + lines + "}\n" + text[block.end():])
+        done[name] = {k: setting[k] for k in BATCHING_KEYS if k in setting}
+    return done
+
+
+def _strip(lines: str, key: str) -> str:
+    return "".join(m for m in re.findall(r"[^\n]*\n", lines) if not m.startswith(f"  {key}:"))
+
+
 def python_stub_counts(repository: Path | str) -> dict[str, int]:
     """{model: instances} of the python-backend models of a repository: the stub processes Triton runs for each."""
     out = {}

@@ -33,7 +33,7 @@ from shoprec.contract import ENSEMBLE, default_instances
 from shoprec.errors import UserError
 from shoprec.manifest import verify_tree
 
-from .command import apply_instance_counts, check_tls_files, python_stub_counts, tritonserver_command
+from .command import apply_batching, apply_instance_counts, check_tls_files, python_stub_counts, tritonserver_command
 
 log = logging.getLogger("shoprec.serve")
 
@@ -207,6 +207,7 @@ class TritonServer:
     front: object = None  # the HttpFront while it runs
     instances: dict = field(default_factory=dict)  # serve.instances: {model: instance count} in the served repository
     prefer_first_instance: bool = True  # serve.prefer_first_instance: Triton's rate limiter orders free instances
+    batching: dict = field(default_factory=dict)  # serve.batching: {model: dynamic batcher settings} in the served repository
     response_cache_mb: int = 0  # Triton's local response cache for the cacheable steps (contract.Step.cacheable); 0: off
     canary_interval_s: float = 0.0  # the step doctor (serving/canary.py); 0: off
     canary_timeout_s: float = 5.0
@@ -228,7 +229,7 @@ class TritonServer:
                    grpc_tls=_tls(cfg), http_front=cfg.http_front, grpc_front=_grpc_front(cfg),
                    grpc_max_message_mb=cfg.grpc_max_message_mb, response_cache_mb=cfg.response_cache_mb,
                    instances={**default_instances(profile, usable_cores()), **cfg.instances},
-                   prefer_first_instance=cfg.prefer_first_instance,
+                   prefer_first_instance=cfg.prefer_first_instance, batching=dict(cfg.batching),
                    canary_timeout_s=cfg.canary_timeout_s, versioned=True, swap_drain_s=cfg.swap_drain_s)
 
     @property
@@ -307,11 +308,16 @@ class TritonServer:
             from .versions import ServedRepository
 
             self.served = ServedRepository.create(self.repository, work / f"repository.{self.grpc_port}", version)
-        if self.instances:
+        if self.instances or self.batching:
             if not self.versioned:
-                raise LaunchError("serve.instances needs the numbered bundles' served repository (versioned)")
+                raise LaunchError("serve.instances and serve.batching need the numbered bundles' served repository "
+                                  "(versioned)")
             try:
-                log.info("instances: %s", apply_instance_counts(self.served.root, self.instances, self.prefer_first_instance))
+                if self.instances:
+                    log.info("instances: %s", apply_instance_counts(self.served.root, self.instances,
+                                                                    self.prefer_first_instance))
+                if self.batching:
+                    log.info("batching: %s", apply_batching(self.served.root, self.batching))
             except ValueError as exc:
                 raise LaunchError(str(exc)) from None
         cmd = self.command(backends_dir(work))

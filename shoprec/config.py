@@ -176,6 +176,9 @@ class ServeConfig:
     # a model's CPU instances preferred in order while free (tritonserver's rate limiter: serving/command.py), so at
     # low load the first one serves back to back, caches warm; false: the instances take turns
     prefer_first_instance: bool = True
+    # Triton's dynamic batcher per served model ({"pipeline": {"preferred_batch_sizes": [], "max_queue_delay_us":
+    # 0}}): what each step's declaration says unless set (contract.Step; serving/command.py apply_batching)
+    batching: dict = field(default_factory=dict)
     # Triton's response cache (local, LRU) for the steps whose outputs depend on their inputs alone
     # (contract.Step.cacheable: retrieval and the candidate features); 0: no cache. Off by default: a miss costs
     # ~0.35 ms a request here, a hit saves a third (README, Response cache)

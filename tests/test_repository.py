@@ -73,6 +73,45 @@ def test_serving_imports_without_the_offline_stack():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def test_batching_is_set_in_a_copy_and_bad_settings_are_named(tmp_path):
+    """serve.batching: a model's preferred batch sizes and queue delay in the served copy (a key left out keeps the
+    declaration's), the rest of its config untouched; bad settings are one line naming the setting."""
+    import shutil
+
+    from serving.command import apply_batching, apply_instance_counts
+
+    repo = tmp_path / "cpu"
+    shutil.copytree(REPO_ROOT / "model_repository" / "cpu", repo)
+    before = _load("cpu", "pipeline")
+    assert list(before.dynamic_batching.preferred_batch_size) and before.dynamic_batching.max_queue_delay_microseconds == 0
+    apply_instance_counts(repo, {"pipeline": 2})
+    assert apply_batching(repo, {"pipeline": {"max_queue_delay_us": 300}}) == {"pipeline": {"max_queue_delay_us": 300}}
+    cfg = text_format.Parse((repo / "pipeline" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert list(cfg.dynamic_batching.preferred_batch_size) == list(before.dynamic_batching.preferred_batch_size)
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 300
+    apply_batching(repo, {"pipeline": {"preferred_batch_sizes": [], "max_queue_delay_us": 0}})
+    cfg = text_format.Parse((repo / "pipeline" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert not cfg.dynamic_batching.preferred_batch_size and cfg.dynamic_batching.max_queue_delay_microseconds == 0
+    assert cfg.HasField("dynamic_batching") and len(cfg.instance_group) == 2  # still batching; the instances kept
+    apply_batching(repo, {"pipeline": {"preferred_batch_sizes": [4, 16]}})
+    cfg = text_format.Parse((repo / "pipeline" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 16]
+    cfg.ClearField("dynamic_batching"), before.ClearField("dynamic_batching"), cfg.ClearField("instance_group")
+    before.ClearField("instance_group")
+    assert cfg == before  # nothing else changed
+    for setting, message in (({"pipelin": {"max_queue_delay_us": 1}}, "serve.batching.pipelin: no model 'pipelin'"),
+                             ({contract.ENSEMBLE: {"max_queue_delay_us": 1}}, f"serve.batching.{contract.ENSEMBLE}: no model"),
+                             ({"pipeline": {"delay": 1}}, "serve.batching.pipeline must be a table of"),
+                             ({"pipeline": {"preferred_batch_sizes": [16, 4]}},
+                              "serve.batching.pipeline.preferred_batch_sizes must be ascending integers in 1..64"),
+                             ({"pipeline": {"preferred_batch_sizes": [128]}}, "serve.batching.pipeline.preferred_batch_sizes"),
+                             ({"pipeline": {"max_queue_delay_us": -1}},
+                              "serve.batching.pipeline.max_queue_delay_us must be an integer in 0..1000000, got -1")):
+        with pytest.raises(ValueError) as err:
+            apply_batching(repo, setting)
+        assert str(err.value).startswith(message), err.value
+
+
 def test_instance_counts_are_set_in_a_copy_and_bad_ones_are_named(tmp_path):
     import shutil
 

@@ -398,14 +398,17 @@ def test_the_response_cache_answers_a_repeated_request_and_never_the_canary(arti
     from serving.canary import canary
     from serving.launcher import TritonServer
 
-    # and two instances of the step
-    serve = cfg.replace("serve", canary_interval_s=0.0, response_cache_mb=64, instances={"candidates": 2}).serve
+    # and two instances of the step, and its dynamic batcher set (serve.batching)
+    serve = cfg.replace("serve", canary_interval_s=0.0, response_cache_mb=64, instances={"candidates": 2},
+                        batching={"candidates": {"preferred_batch_sizes": [2, 4], "max_queue_delay_us": 50}}).serve
     users = _users(artifacts, 4) + [-1, -2]  # and two unknown users: their requests differ at most in the arm
     with TritonServer.from_config(serve, artifacts, profile="cpu-stages", ephemeral_ports=True) as server, \
             RecommenderClient(server.grpc_url) as c, grpcclient.InferenceServerClient(server.grpc_url) as g:
         groups = g.get_model_config("candidates").config.instance_group  # one group each, the first preferred
         assert [(i.count, i.rate_limiter.priority) for i in groups] == [(1, 1), (1, 1000)]
         assert [i.count for i in g.get_model_config("ranking").config.instance_group] == [1]
+        batcher = g.get_model_config("candidates").config.dynamic_batching
+        assert list(batcher.preferred_batch_size) == [2, 4] and batcher.max_queue_delay_microseconds == 50
 
         def counts():
             s = g.get_inference_statistics("candidates").model_stats[0].inference_stats
