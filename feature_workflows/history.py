@@ -39,11 +39,13 @@ def recent_category_columns(n: int) -> list[str]:
     return [f"recent_category_{i}" for i in range(1, n + 1)]
 
 
-def actions_from_events(inter: pd.DataFrame, item_row: pd.Series) -> pd.DataFrame:
+def actions_from_events(inter: pd.DataFrame, item_row: pd.Series, cuts: tuple[int, ...] = ()) -> pd.DataFrame:
     """Interactions -> one action per (user, item, session): the strongest event, at its first time.
 
-    `item_row` maps raw item_id -> row of the item table. Returns user_id, item_row, ts, session_id,
-    kind (1..4), sorted by (user_id, ts, item_row)."""
+    `item_row` maps raw item_id -> row of the item table. `cuts`: times no action spans (a global time split's
+    cuts): a session's events on each side of a cut make separate actions, so a view before the test window
+    and a purchase inside it are a train view and a test purchase, not a train purchase. Returns user_id,
+    item_row, ts, session_id, kind (1..4), sorted by (user_id, ts, item_row)."""
     acts = inter[inter["event"].isin(list(KIND))]
     kind = acts["event"].map(KIND).astype(np.int8)
     frame = pd.DataFrame({"user_id": acts["user_id"].values, "item_row": acts["item_id"].map(item_row).values,
@@ -51,8 +53,12 @@ def actions_from_events(inter: pd.DataFrame, item_row: pd.Series) -> pd.DataFram
     if frame["item_row"].isna().any():
         raise ValueError("actions reference items missing from the item table")
     frame["item_row"] = frame["item_row"].astype(np.int64)
-    grouped = frame.groupby(["user_id", "item_row", "session_id"], sort=False)
-    out = grouped.agg(ts=("ts", "min"), kind=("kind", "max")).reset_index()
+    keys = ["user_id", "item_row", "session_id"]
+    if cuts:
+        frame["period"] = np.searchsorted(np.asarray(cuts, np.int64), frame["ts"].values, side="right")
+        keys.append("period")
+    grouped = frame.groupby(keys, sort=False)
+    out = grouped.agg(ts=("ts", "min"), kind=("kind", "max")).reset_index().drop(columns="period", errors="ignore")
     return out.sort_values(["user_id", "ts", "item_row"], kind="stable").reset_index(drop=True)
 
 

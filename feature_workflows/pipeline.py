@@ -287,15 +287,18 @@ def _read_and_split(raw_dir: Path, cfg: FeatureConfig) -> _Split:
     if len(missing_users):  # users known only from their events: no attributes (nulls)
         users = pd.concat([users, pd.DataFrame({"user_id": missing_users})], ignore_index=True)
     actions = actions_from_events(inter, item_row)
+    if not len(actions):
+        raise RawDataError(f"{raw_dir}: no user interactions (view/click/cart/purchase) to learn from")
+    part, cuts = assign_split(actions["ts"].values, actions["user_id"].values, actions["item_row"].values, cfg)
+    if cuts:  # a global time split: a session that spans a cut leaves each side's events on that side
+        actions = actions_from_events(inter, item_row, cuts=(cuts["t_valid"], cuts["t_test"]))
+        part = np.searchsorted(np.array([cuts["t_valid"], cuts["t_test"]]), actions["ts"].values, side="right").astype(np.int8)
     session_device = inter.drop_duplicates(["user_id", "session_id"]).set_index(["user_id", "session_id"])["device"]
     actions["device"] = session_device.reindex(pd.MultiIndex.from_arrays(
         [actions["user_id"].values, actions["session_id"].values])).values
-    if not len(actions):
-        raise RawDataError(f"{raw_dir}: no user interactions (view/click/cart/purchase) to learn from")
     imp = inter[inter["event"] == "impression"]
     impressions = pd.DataFrame({"user_id": imp["user_id"].values, "item_row": imp["item_id"].map(item_row).values,
                                 "ts": imp["ts"].values})
-    part, cuts = assign_split(actions["ts"].values, actions["user_id"].values, actions["item_row"].values, cfg)
     actions["split"] = part
     ts = actions["ts"].values
     stamps = f"{len(np.unique(ts))} distinct timestamp(s), {_utc(ts.min())} .. {_utc(ts.max())}"

@@ -250,6 +250,22 @@ def test_split_is_by_time_and_the_store_holds_train_only(artifacts):
     assert set(np.unique(acts.fold[acts.split == 0])) == {0, 1} and (acts.fold[acts.split > 0] == -1).all()
 
 
+def test_a_session_across_a_time_cut_leaves_each_side_on_its_side():
+    """One action per (user, item, session) keeps its strongest event at its first time: across a global time cut
+    that made a view before the test window and a purchase inside it one train purchase (review). With the
+    split's cuts the two sides are two actions: a train view and a test purchase."""
+    from feature_workflows.history import actions_from_events
+
+    inter = pd.DataFrame({"user_id": [1, 1, 1, 2], "item_id": [10, 10, 11, 10], "session_id": [5, 5, 5, 6],
+                          "ts": [70, 95, 72, 96], "event": ["view", "purchase", "click", "purchase"]})
+    item_row = pd.Series([0, 1], index=[10, 11])
+    merged = actions_from_events(inter, item_row)
+    assert merged[["user_id", "item_row", "ts", "kind"]].values.tolist() == [[1, 0, 70, 4], [1, 1, 72, 2], [2, 0, 96, 4]]
+    cut = actions_from_events(inter, item_row, cuts=(79, 89))
+    assert cut[["user_id", "item_row", "ts", "kind"]].values.tolist() == [[1, 0, 70, 1], [1, 1, 72, 2], [1, 0, 95, 4],
+                                                                          [2, 0, 96, 4]]
+
+
 def test_item_statistics_of_the_fit_fold_never_count_a_holdout_label(artifacts):
     feat = artifacts / "features"
     acts = pd.read_parquet(feat / "actions.parquet")
