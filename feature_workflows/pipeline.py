@@ -212,7 +212,7 @@ class _Split:
     users: pd.DataFrame
     items: pd.DataFrame
     actions: pd.DataFrame  # one row per interaction: user_id, item_row, ts, session_id, kind, device, split, fold
-    impressions: pd.DataFrame  # what was shown before the held-out period (user_id, item_row, ts)
+    impressions: pd.DataFrame  # what was shown before the held-out period (user_id, item_row, ts, session_id)
     cuts: dict
     train_end: int
 
@@ -298,7 +298,7 @@ def _read_and_split(raw_dir: Path, cfg: FeatureConfig) -> _Split:
         [actions["user_id"].values, actions["session_id"].values])).values
     imp = inter[inter["event"] == "impression"]
     impressions = pd.DataFrame({"user_id": imp["user_id"].values, "item_row": imp["item_id"].map(item_row).values,
-                                "ts": imp["ts"].values})
+                                "ts": imp["ts"].values, "session_id": imp["session_id"].values})
     actions["split"] = part
     ts = actions["ts"].values
     stamps = f"{len(np.unique(ts))} distinct timestamp(s), {_utc(ts.min())} .. {_utc(ts.max())}"
@@ -332,9 +332,15 @@ def _item_features(data: _Split, out: Path) -> _ItemFeatures:
     category, category_names = _category_codes(items, roles, data.raw_schema["items"])
     rel_price = _rel_price(items, roles, category)
     # two sets of statistics: from every train action (served), and from the fit fold only (what the
-    # models trained on the fold see), so no holdout label counts toward its own item's popularity
+    # models trained on the fold see), so no holdout label counts toward its own item's popularity, and no
+    # held-out visit's impressions toward its exposures (the slate a held-out click came from: a served
+    # request never knows its own visit's impressions)
     stats = _item_statistics(items, data.actions[part == 0], data.impressions, roles, data.train_end)
-    stats_fit = _item_statistics(items, data.actions[(part == 0) & (fold == 0)], data.impressions, roles, data.train_end)
+    hold = data.actions[(part == 0) & (fold == 1)]
+    imp = data.impressions
+    held = pd.MultiIndex.from_arrays([hold["user_id"].values, hold["session_id"].values])
+    imp_fit = imp[~pd.MultiIndex.from_arrays([imp["user_id"].values, imp["session_id"].values]).isin(held)]
+    stats_fit = _item_statistics(items, data.actions[(part == 0) & (fold == 0)], imp_fit, roles, data.train_end)
     ispec = item_spec(kinds, roles, "item_age_days" in stats.columns)
     iframe = item_input_frame(pd.concat([items, stats], axis=1), ispec)
     iframe_fit = item_input_frame(pd.concat([items, stats_fit], axis=1), ispec)

@@ -277,6 +277,23 @@ def test_item_statistics_of_the_fit_fold_never_count_a_holdout_label(artifacts):
     # the transformed popularity is monotone in the raw count: its order follows the fit-fold counts
     assert np.corrcoef(fit[:, col], np.log1p(fit_pos))[0, 1] > 0.999
     assert np.corrcoef(full[:, col], np.log1p(all_pos))[0, 1] > 0.999
+    # nor does a held-out visit's slate count toward the fit fold's exposures
+    from feature_workflows.raw_schema import read_table
+
+    cuts = json.loads((feat / "schema.json").read_text())["cuts"]
+    raw = read_table(artifacts / "data" / "raw", "interactions")
+    imp = raw[(raw.event == "impression") & (raw.ts < cuts["t_valid"])]
+    ids = np.sort(read_table(artifacts / "data" / "raw", "items").item_id.values)
+    held = set(zip(*acts[(acts.split == 0) & (acts.fold == 1)][["user_id", "session_id"]].values.T))
+    in_held = np.array([(u, s) in held for u, s in zip(imp.user_id, imp.session_id)], bool)
+    assert in_held.any() and not in_held.all()
+    rows = np.searchsorted(ids, imp.item_id.values)
+    fit_actions = acts[(acts.split == 0) & (acts.fold == 0)].item_row
+    want = np.bincount(fit_actions, minlength=len(fit)) + np.bincount(rows[~in_held], minlength=len(fit))
+    leaky = want + np.bincount(rows[in_held], minlength=len(fit))
+    col = names.index("exposures")
+    assert np.corrcoef(fit[:, col], np.log1p(want))[0, 1] > 0.999
+    assert np.corrcoef(fit[:, col], np.log1p(leaky))[0, 1] < np.corrcoef(fit[:, col], np.log1p(want))[0, 1]
 
 
 def test_a_column_without_values_is_left_out_and_nothing_nan_reaches_a_model(tmp_path):
