@@ -378,8 +378,8 @@ class CategoryScores:
         """How many of each (user, category) pair's items the user has blocked (not counting whole blocked
         categories): the first n + that many of the category hold n the user may get. A user's blocked items in
         other categories do not count, so a long history does not make every category's cut its whole size."""
-        if not blocked.sparse:
-            return blocked.counts(with_categories=False)[users]
+        if not blocked.sparse:  # masks (not how the sparse routes run): every blocked item of the user, as before
+            return blocked.counts()[users]
         n_cat = self.shares.shape[1]
         cat = self.category[blocked.keys % blocked.n_items]
         inside = cat >= 0
