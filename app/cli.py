@@ -52,7 +52,6 @@ def cmd_data(args, cfg):
 
         if not getattr(args, "interactions", None):
             raise SystemExit("shoprec data: --source interactions needs --interactions PATH (CSV or Parquet)")
-        _check_thresholds(d)
         spec = SourceSpec(args.interactions, args.items, args.users, parse_column_kinds(args.item_column or []),
                           parse_column_kinds(args.user_column or []), d.positive_threshold, d.strong_threshold,
                           tuple(d.rating_range), args.category_column, args.price_column, args.string_ids)
@@ -68,21 +67,6 @@ def cmd_data(args, cfg):
     for warning in (info.get("load_report") or {}).get("warnings", []):
         print(f"shoprec data: warning: {warning}", file=sys.stderr)
     print(json.dumps({"raw": str(raw), **info}))
-
-
-def _check_thresholds(d) -> None:
-    """The default thresholds (4 and 5) are star ratings': on a scale that does not end at 5 they would label most
-    ratings positive (1-10) or none (0-1), so such a scale must come with its own."""
-    from shoprec.config import DataConfig
-    from shoprec.errors import UserError
-
-    default = DataConfig()
-    lo, hi = d.rating_range
-    if tuple(d.rating_range) != default.rating_range and hi != default.rating_range[1] and \
-            (d.positive_threshold, d.strong_threshold) == (default.positive_threshold, default.strong_threshold):
-        raise UserError(f"--rating-range {lo:g} {hi:g}: give --positive-threshold and --strong-threshold on that scale "
-                        f"(the defaults {default.positive_threshold:g} and {default.strong_threshold:g} are for "
-                        f"{default.rating_range[0]:g}-{default.rating_range[1]:g} stars)")
 
 
 def cmd_features(args, cfg):

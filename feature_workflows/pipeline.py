@@ -68,9 +68,8 @@ def assign_split(ts: np.ndarray, user: np.ndarray, item: np.ndarray, cfg: Featur
     if cfg.split == "none":
         return np.zeros(n, np.int8), {}
     if cfg.split == "time":
-        t_valid, t_test = (int(np.quantile(ts, q)) for q in (1 - fv - ft, 1 - ft))
-        part = np.where(ts < t_valid, 0, np.where(ts < t_test, 1, 2)).astype(np.int8)
-        return part, {"t_valid": t_valid, "t_test": t_test}
+        cuts = {"t_valid": int(np.quantile(ts, 1 - fv - ft)), "t_test": int(np.quantile(ts, 1 - ft))}
+        return time_part(ts, cuts), cuts
     if cfg.split == "random":
         u = np.random.default_rng(cfg.split_seed).random(n)
         return np.where(u < 1 - fv - ft, 0, np.where(u < 1 - ft, 1, 2)).astype(np.int8), {}
@@ -82,6 +81,11 @@ def assign_split(ts: np.ndarray, user: np.ndarray, item: np.ndarray, cfg: Featur
         part[order] = np.where(rank < n_tr, 0, np.where(rank < n_tr + n_va, 1, 2))
         return part, {}
     raise ValueError(f"features.split must be one of {SPLITS}, got {cfg.split!r}")
+
+
+def time_part(ts: np.ndarray, cuts: dict) -> np.ndarray:
+    """The time split's code per timestamp: 0 before t_valid, 1 before t_test, 2 from then on."""
+    return np.searchsorted(np.array([cuts["t_valid"], cuts["t_test"]]), ts, side="right").astype(np.int8)
 
 
 def _rank_in_user(sorted_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -290,9 +294,10 @@ def _read_and_split(raw_dir: Path, cfg: FeatureConfig) -> _Split:
     if not len(actions):
         raise RawDataError(f"{raw_dir}: no user interactions (view/click/cart/purchase) to learn from")
     part, cuts = assign_split(actions["ts"].values, actions["user_id"].values, actions["item_row"].values, cfg)
-    if cuts:  # a global time split: a session that spans a cut leaves each side's events on that side
+    if cuts:  # a global time split (cut at its actions' quantiles): a session that spans a cut leaves each side's
+        # events on that side, so the actions are made again with the cuts
         actions = actions_from_events(inter, item_row, cuts=(cuts["t_valid"], cuts["t_test"]))
-        part = np.searchsorted(np.array([cuts["t_valid"], cuts["t_test"]]), actions["ts"].values, side="right").astype(np.int8)
+        part = time_part(actions["ts"].values, cuts)
     session_device = inter.drop_duplicates(["user_id", "session_id"]).set_index(["user_id", "session_id"])["device"]
     actions["device"] = session_device.reindex(pd.MultiIndex.from_arrays(
         [actions["user_id"].values, actions["session_id"].values])).values

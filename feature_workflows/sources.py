@@ -425,6 +425,13 @@ def _check_spec(spec: SourceSpec) -> None:
     lo, hi = spec.rating_range
     if not lo <= hi:
         raise RawDataError(f"rating_range {_fmt_range(lo, hi)}: the low end is above the high end")
+    default = SourceSpec("")
+    if hi != default.rating_range[1] and (spec.positive_threshold, spec.strong_threshold) == \
+            (default.positive_threshold, default.strong_threshold):
+        # the star thresholds on a scale not ending at 5 would label most ratings positive (1-10) or none (0-1)
+        raise RawDataError(f"rating_range {_fmt_range(lo, hi)}: set the thresholds on that scale (--positive-threshold, "
+                           f"--strong-threshold); the defaults {default.positive_threshold:g} and "
+                           f"{default.strong_threshold:g} are for {_fmt_range(*default.rating_range)} stars")
     if spec.strong_threshold is not None and spec.strong_threshold < spec.positive_threshold:
         raise RawDataError(f"strong_threshold {spec.strong_threshold} is below positive_threshold "
                            f"{spec.positive_threshold}; a purchase must also be a click (set both: --positive-threshold, "

@@ -224,7 +224,6 @@ class CandidateGenerator:
         # SPARSE_FROM_ITEMS items on (the same lists and features either way: runtime/sparse_routes.py)
         self.sparse = n >= SPARSE_FROM_ITEMS if sparse is None else bool(sparse)
         self._by_category = CategoryScores.index(self.categories.category, self.categories.p_in_category) if self.sparse else None
-        self.failed: dict[str, str] = {}  # route -> error of the last call's failed routes (served empty)
 
     @property
     def n_items(self) -> int:
@@ -242,7 +241,7 @@ class CandidateGenerator:
         [len(ROUTES)] or per user [U, len(ROUTES)] (default TRAINING_WEIGHTS). context: the request's context
         items (CSR indptr, rows): never proposed, read by the context routes; exclude_context_categories:
         per user, no item of a context item's category either. failed: where the routes that fail write their
-        errors ({route: error}; default a new dict, kept as self.failed: the last call's, for one thread)."""
+        errors ({route: error}; the caller's own, so that threads sharing a generator keep theirs apart)."""
         u = len(hist_indptr) - 1
         n_items, n = self.n_items, self.n
         weights = np.broadcast_to(TRAINING_WEIGHTS if weights is None else np.asarray(weights, np.float64), (u, len(ROUTES)))
@@ -277,7 +276,7 @@ class CandidateGenerator:
         shares = self.categories.shares(hist_indptr, hist_rows)
         s_cat = CategoryScores(shares, self.categories.category, self.categories.p_in_category, *self._by_category) \
             if self.sparse else DenseScores(self.categories.scores(shares))
-        self.failed = failed = {} if failed is None else failed
+        failed = {} if failed is None else failed
         none = np.full((u, n), -1, np.int64)
         weighted = (weights > 0).any(0)
         wanted = {r: bool(weighted[i]) for i, r in enumerate(ROUTES)}

@@ -807,6 +807,7 @@ class TopK(StepImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.k_max = max_k(self.bundle, self.cfg)
         table = self.bundle.npz("item_table")
         self.item_ids = table["item_ids"]
         self.category = table["category_code"]
@@ -839,7 +840,7 @@ class TopK(StepImpl):
     def check(self, t: dict) -> dict:
         check_strategy(self.strategy, t)
         k = t["k"].ravel()
-        check_k(k, max_k(self.bundle, self.cfg))  # a direct caller of this step too (the gpu profile's topk)
+        check_k(k, self.k_max)  # a direct caller of this step too (the gpu profile's topk)
         if len(k) and (k != k[0]).any():
             raise RequestError("k must be the same for every row of one request")
         d = t.get("diversity")

@@ -149,7 +149,7 @@ def apply_batching(repository: Path | str, settings: dict) -> dict[str, dict]:
 
 
 def _strip(lines: str, key: str) -> str:
-    return "".join(m for m in re.findall(r"[^\n]*\n", lines) if not m.startswith(f"  {key}:"))
+    return "".join(line for line in lines.splitlines(keepends=True) if not line.startswith(f"  {key}:"))
 
 
 def python_stub_counts(repository: Path | str) -> dict[str, int]:

@@ -65,8 +65,8 @@ def test_a_rating_scale_not_ending_at_5_needs_its_own_thresholds(tmp_path):
            "--interactions", str(ratings), "--rating-range", "1", "10"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == (
-        "shoprec data: error: --rating-range 1 10: give --positive-threshold and --strong-threshold on that scale "
-        "(the defaults 4 and 5 are for 0.5-5 stars)")
+        "shoprec data: error: rating_range [1.0, 10.0]: set the thresholds on that scale (--positive-threshold, "
+        "--strong-threshold); the defaults 4 and 5 are for [0.5, 5.0] stars")
     out = subprocess.run(cmd + ["--positive-threshold", "7", "--strong-threshold", "9"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     ratings.write_text("user_id,item_id,timestamp,rating\n1,2,1700000000,4\n1,3,1700000001,1\n")

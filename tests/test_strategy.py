@@ -210,8 +210,10 @@ def test_a_failing_route_degrades_to_the_others(pipeline):
     before = pipeline.recommend([user], 10)[0][0]
     index, gen.index = gen.index, object()  # FAISS calls on this fail
     try:
+        pipeline.steps["retrieval"].take_counts()
         t = pipeline.run(pipeline.request([user], 10), stop="candidate_features")
-        assert "ann" in gen.failed and (t["candidate_rows"] >= 0).sum() == t["candidate_rows"].shape[1]
+        errors = pipeline.steps["retrieval"].take_counts().get(("shoprec_route_errors_total", (("route", "ann"),)))
+        assert errors == 1 and (t["candidate_rows"] >= 0).sum() == t["candidate_rows"].shape[1]
         assert len(pipeline.recommend([user], 10)[0][0]) == 10
     finally:
         gen.index = index
