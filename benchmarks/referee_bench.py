@@ -67,13 +67,23 @@ BASELINE_METRICS = ("Recall@10", "NDCG@10", "Recall@50", "Recall@100", "HitRate@
 TARGET = 1.10
 
 
-def _run(cmd: list[str], env: dict | None = None, quiet: bool = False) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({out.returncode}):\n{out.stderr[-3000:]}")
+def _run(cmd: list[str], env: dict | None = None, quiet: bool = False, peak_rss: dict | None = None,
+         key: str = "") -> str:
+    """Run `cmd`, return its stdout; a failure raises with the end of its stderr. `peak_rss[key]`: the process's
+    peak RSS in GB, from the kernel when it exits (wait4, as /usr/bin/time reads it)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if peak_rss is not None:
+        peak_rss[key] = round(usage.ru_maxrss / 2**20, 2)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
     if not quiet:
-        print(out.stdout.strip()[-400:], flush=True)
-    return out.stdout
+        print(stdout.strip()[-400:], flush=True)
+    return stdout
 
 
 def _ml_layout(dataset: str, split_dir: Path, data_dir: Path, out: Path) -> str:
@@ -168,10 +178,11 @@ def fit_baselines(referee: Path, data: Path, dataset: str, protocol: str, work: 
 
 def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: str | None = None, data: str | None = None,
                     timings: dict | None = None, layout: str = "movielens", dataset: str = "mlls",
-                    hand_over: tuple[str, Path] | None = None) -> Path:
+                    hand_over: tuple[str, Path] | None = None, peak_rss: dict | None = None) -> Path:
     """The referee's split -> the data set's MovieLens layout (or the generic file) -> the product's own
     commands (data, features --deploy, train, export). Returns the artifacts folder. `hand_over`
-    (release, folder with its item and user files): give the product the split in that release's layout instead."""
+    (release, folder with its item and user files): give the product the split in that release's layout instead.
+    `timings` and `peak_rss` get each stage's wall seconds and peak RSS (GB)."""
     referee = referee or str(SHARED / "quality" / "referee.py")
     data = data or str(SHARED / "data" / DATASETS[dataset][0])
     if work.exists():
@@ -190,7 +201,7 @@ def build_artifacts(protocol: str, work: Path, cfg_path: str | None, referee: st
     for stage, extra in (("data", source),
                          ("features", ["--deploy"]), ("train", []), ("export", [])):
         t = time.time()
-        _run(shoprec + [stage, *extra], quiet=stage != "train")
+        _run(shoprec + [stage, *extra], quiet=stage != "train", peak_rss=peak_rss, key=stage)
         if timings is not None:
             timings[stage] = round(time.time() - t, 1)
     return art
@@ -217,8 +228,9 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
     env = {**os.environ, "REFEREE_DATA": str(Path(args.data).parent)}
     t0 = time.time()
     timings: dict = {}
+    peak_rss: dict = {}
     art = build_artifacts(protocol, work, cfg_path, str(args.referee), str(args.data), timings, args.layout, dataset,
-                          getattr(args, "hand_over", None))
+                          getattr(args, "hand_over", None), peak_rss)
 
     from serving.launcher import TritonServer
 
@@ -239,7 +251,8 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
         results[part] = json.loads(out_json.read_text())
     timings["total"] = round(time.time() - t0, 1)
     train_report = json.loads((art / "models" / "train_report.json").read_text())
-    return {"dataset": dataset, "protocol": protocol, "layout": args.layout, "referee": results, "timings_s": timings, "served_users": len(lists),
+    return {"dataset": dataset, "protocol": protocol, "layout": args.layout, "referee": results, "timings_s": timings,
+            "peak_rss_gb": peak_rss, "served_users": len(lists),
             "train": {"cf": train_report.get("cf"), "ranker_deep": train_report["ranking"].get("deep"),
                       "retrieval_best_epoch": train_report["retrieval_stage_a"]["best_epoch"],
                       "popularity_prior": train_report.get("popularity_prior", {}).get("weight"),

@@ -5,6 +5,7 @@ each scored by the shared referee against its own tuned baselines.
     .venv/bin/python -m benchmarks.referee_variants --variants half-users --protocols random-8-1-1
     .venv/bin/python -m benchmarks.referee_variants --variants ml100k-files ml1m-files --tag release_files  # ~25 min
     .venv/bin/python -m benchmarks.referee_variants --variants whole-stars --tag whole_stars  # their reference
+    .venv/bin/python -m benchmarks.referee_variants --variants users-x6 --tag scale  # cost at 480k ratings, ~40 min
 
 The product is judged on public data sets it never sees here. Its defaults were checked on
 ml-latest-small; these variants change what a default could have been fitted to:
@@ -15,6 +16,10 @@ ml-latest-small; these variants change what a default could have been fitted to:
   item and every model.
 - `whole-stars`: every half-star rating rounded up to a whole star, nothing else changed: the
   reference for the next two.
+- `users-x6`: six copies of every user, each keeping a random 80 % of the user's ratings: about
+  480,000 ratings from 4,026 users, about the size of ML-1M-partial (half of ML-1M's million), to measure what training and serving
+  cost at that size (wall time and peak RSS per stage). The copies share tastes across the split, so
+  every system's figures there are inflated alike; the ratio to the baselines is not a quality claim.
 - `ml100k-files`, `ml1m-files`: the ratings of `whole-stars`, handed to the product in
   MovieLens 100K's files (u.data, u.item with its 19 genre flags, u.user) or 1M's (ratings.dat,
   movies.dat, users.dat with its age and occupation codes), with a user file of attributes drawn at
@@ -58,10 +63,17 @@ VARIANTS = {
     "whole-stars": "half stars rounded up to whole stars, no other change",
     "ml100k-files": "whole stars, handed over as MovieLens 100K's files with random user attributes",
     "ml1m-files": "whole stars, handed over as MovieLens 1M's files with random user attributes",
+    "users-x6": "6 copies of every user, each with a random 80 % of its ratings: ML-1M-partial's size, for cost",
 }
+CAVEATS = {"users-x6": "Not a quality figure: each user has 5 sibling copies, and the split's figures measure the "
+                        "siblings. Under random-8-1-1, nearly every test positive of a copy is in some sibling's "
+                        "train ratings (each holds 80 % of the user's), which EASE and ALS memorise. Under user-temporal-8-1-1, what the siblings hold "
+                        "and a copy lacks is mostly the 20 % of the user's ratings that copy dropped, which can "
+                        "never be its test hits: ALS and EASE fall below popularity. This variant measures cost."}
 DEFAULT_VARIANTS = ("whole-stars-dense", "half-users")  # the others on request (--variants)
 HANDED_AS = {"ml100k-files": "ml100k", "ml1m-files": "ml1m-partial"}  # variant -> the release whose files the product gets
 SEED = 2026
+COPIES = 6  # users-x6: ml-latest-small's 100,004 ratings -> ~480,000, about ML-1M-partial's (users 1-2,999 of ML-1M)
 ML100K_OCCUPATIONS = ["administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
                       "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
                       "retired", "salesman", "scientist", "student", "technician", "writer"]
@@ -78,6 +90,8 @@ def make_variant(name: str, data: Path, out: Path) -> Path:
         users = np.sort(ratings["userId"].unique())
         keep = np.random.default_rng(SEED).choice(users, size=len(users) // 2, replace=False)
         ratings = ratings[ratings["userId"].isin(keep)]
+    elif name == "users-x6":
+        ratings = copies_of_users(ratings, COPIES, keep=0.8)
     elif name == "whole-stars" or name in HANDED_AS:
         ratings["rating"] = np.ceil(ratings["rating"]).astype(np.int64)
     else:
@@ -92,6 +106,19 @@ def make_variant(name: str, data: Path, out: Path) -> Path:
         release_files(HANDED_AS[name], pd.read_csv(data / "movies.csv"), np.sort(ratings["userId"].unique()),
                       handed_over(name, folder))
     return folder
+
+
+def copies_of_users(ratings: pd.DataFrame, copies: int, keep: float) -> pd.DataFrame:
+    """`copies` new users per user (ids u, u + step, u + 2 step, ...), each with a random share `keep` of the
+    user's ratings (seed 2026), timestamps as they were."""
+    rng = np.random.default_rng(SEED)
+    step = 10 ** len(str(int(ratings["userId"].max())))
+    parts = []
+    for c in range(copies):
+        part = ratings[rng.random(len(ratings)) < keep].copy()
+        part["userId"] += c * step
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
 
 
 def handed_over(name: str, folder: Path) -> Path | None:
@@ -140,7 +167,8 @@ def summarize(protocol: str, baselines: dict, served_run: dict) -> dict:
     systems = {name: s["test"] for name, s in baselines["systems"].items()}
     row = referee_bench.summarize({protocol: served_run}, {protocol: systems})[protocol]
     row["best_baseline_system"] = {m: max(systems, key=lambda n: systems[n][m]) for m in row["best_baseline"]}
-    return {**row, "train": served_run["train"], "timings_s": served_run["timings_s"]}
+    return {**row, "train": served_run["train"], "timings_s": served_run["timings_s"],
+            "peak_rss_gb": served_run["peak_rss_gb"]}
 
 
 def markdown(report: dict) -> list[str]:
@@ -151,7 +179,7 @@ def markdown(report: dict) -> list[str]:
              "and the running tritonserver's top 100 per test user are scored; the baselines are the referee's, "
              "fitted on the same split (wide grid, chosen on valid NDCG@10). Mean ± standard error over test users.", ""]
     for variant, per_protocol in report["variants"].items():
-        lines += [f"## {variant}: {VARIANTS[variant]}", ""]
+        lines += [f"## {variant}: {VARIANTS[variant]}", ""] + ([CAVEATS[variant], ""] if variant in CAVEATS else [])
         for protocol, r in per_protocol.items():
             info = r["split_info"]
             lines += [f"### {protocol} ({r['users']} test users; {info['n_interactions']} ratings, "
@@ -162,7 +190,10 @@ def markdown(report: dict) -> list[str]:
             ratio = r["ratio_to_best"]
             lines += ["", f"Ratio to the best baseline: Recall@10 {ratio['Recall@10']:.3f}x "
                       f"({r['best_baseline_system']['Recall@10']}), NDCG@10 {ratio['NDCG@10']:.3f}x "
-                      f"({r['best_baseline_system']['NDCG@10']}). Train: {json.dumps(r['train'])}.", ""]
+                      f"({r['best_baseline_system']['NDCG@10']}). Train: {json.dumps(r['train'])}.", "",
+                      "Cost (wall seconds; peak RSS, GB): " + ", ".join(
+                          f"{stage} {sec} s" + (f" ({r['peak_rss_gb'][stage]} GB)" if stage in r.get("peak_rss_gb", {}) else "")
+                          for stage, sec in r["timings_s"].items()) + f"; the referee's baselines {r['baselines_wall_s']:.0f} s.", ""]
     return lines
 
 

@@ -352,6 +352,15 @@ def test_referee_variants_reshape_the_ratings_as_documented(tmp_path):
     pd.testing.assert_frame_equal(kept.reset_index(drop=True),
                                   ratings[ratings["userId"].isin(kept["userId"])].reset_index(drop=True))
 
+    copies = pd.read_csv(make_variant("users-x6", data, tmp_path / "v") / "ratings.csv")
+    assert copies["userId"].nunique() == 6 * ratings["userId"].nunique()  # ids u, u + 100, ..., u + 500 (max id 40)
+    original = copies[copies["userId"] % 100 == copies["userId"]]
+    assert 0.75 * len(ratings) < len(original) < 0.85 * len(ratings)
+    for copy_id, rows in copies.groupby(copies["userId"] // 100):  # each copy's rows: a subset of the original rows
+        back = rows.assign(userId=rows["userId"] % 100)
+        assert len(back.merge(ratings, how="inner")) == len(rows)
+    assert not copies.duplicated(["userId", "movieId", "timestamp"]).any()
+
 
 @pytest.mark.parametrize("variant,flavour", [("ml100k-files", "movielens-100k"), ("ml1m-files", "movielens-1m")])
 def test_release_file_variants_hand_over_whole_stars_with_random_user_attributes(tmp_path, variant, flavour):
