@@ -80,4 +80,10 @@ def run(args, cfg) -> None:
             print(f"shoprec recommend: error: {exc.message() or exc}", file=sys.stderr)
             # a request the server refused as invalid is bad input (exit 2, as every command's); anything else 1
             raise SystemExit(2 if str(exc.status()) in BAD_REQUEST else 1) from None
+        except ValueError as exc:  # refused before sending: a value outside its wire type
+            print(f"shoprec recommend: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as exc:  # the HTTP client's connection errors (gRPC's come as InferenceServerException)
+            print(f"shoprec recommend: error: cannot reach {url} over {args.protocol}: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
     print(format_table(rec, item_details(Path(args.artifacts))))

@@ -407,6 +407,8 @@ class FeatureTransform(StepImpl):
         self.item_order = np.argsort(self.item_ids, kind="stable")
         url = store_url(self.cfg.online_store)
         self.online = OnlineStore.for_bundle(url, bundle, self.cfg, self.store) if url else None
+        # blocked items join the unavailable ones, so every recall route skips them and the lists stay full
+        self.blocked = BlockedItems(self.cfg.blocked_items_file, self.item_ids) if self.cfg.blocked_items_file else None
 
     def check(self, t: dict) -> dict:
         n = len(t["user_id"])
@@ -433,8 +435,11 @@ class FeatureTransform(StepImpl):
             texts = decode_text(t["force_arms"], "force_arms")
             if len(texts) != n:
                 raise RequestError("force_arms must have one value per user_id row")
+            long = next((x for x in texts if len(x) > 1024), None)
+            if long is not None:
+                raise RequestError(f"force_arms: at most 1024 characters, got {len(long)}")
             try:
-                t["force_arms"] = [st.parse_forced(x[:1024]) for x in texts]
+                t["force_arms"] = [st.parse_forced(x) for x in texts]
             except ValueError as exc:
                 raise RequestError(str(exc)) from None
         ctx = t.get("context_item_ids")
@@ -514,6 +519,8 @@ class FeatureTransform(StepImpl):
                 history[i] = (one["hist_rows"], one["hist_kinds"])
                 if "enc_cat" in one:
                     live_encoded[i] = (one["enc_cat"], one["enc_cont"])
+        if self.blocked is not None:
+            unavailable = np.union1d(unavailable, self.blocked.rows())
         cat, cont = self.encode(user_id, rows, state, live, hour, weekday, client_device, live_encoded=live_encoded)
         seq_rows = state["seq_rows"]
         seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
@@ -895,7 +902,7 @@ class TopK(StepImpl):
         the metrics over the whole batch; then each request's rows, padded to its own longest list, as if it had
         run alone."""
         rows, scores, k = t["candidate_rows"], t["ranking_scores"], np.ravel(t["k"]).astype(np.int64)
-        if self.blocked is not None:  # blocked items become padding: never served, the next candidates fill in
+        if self.blocked is not None:  # a guard: the feature step already sent them as unavailable (the file may change between)
             rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
         code = t.get("strategy")
         st = self.strategy
@@ -1013,7 +1020,7 @@ class BlockedItems:
             raise FileNotFoundError(f"serve.blocked_items_file: {self.path} does not exist (create it empty to block nothing)")
         self.item_ids, self.check_every_s = item_ids, check_every_s
         self._order = np.argsort(item_ids, kind="stable")
-        self._mask = np.zeros(len(item_ids), bool)
+        self._mask, self._rows = np.zeros(len(item_ids), bool), np.zeros(0, np.int64)
         self._mtime, self._checked = None, 0.0
         self.reload()
 
@@ -1046,7 +1053,7 @@ class BlockedItems:
         if (~found).any():
             log.warning("blocked items: %d ids in %s are not in the catalog (ignored), e.g. %d", int((~found).sum()), self.path,
                         int(ids[~found][0]))
-        self._mask, self._mtime = mask, mtime
+        self._mask, self._mtime, self._rows = mask, mtime, np.flatnonzero(mask).astype(np.int64)
 
     def mask(self) -> np.ndarray:
         import time
@@ -1054,3 +1061,8 @@ class BlockedItems:
         if time.monotonic() - self._checked >= self.check_every_s:
             self.reload()
         return self._mask
+
+    def rows(self) -> np.ndarray:
+        """The blocked items' rows, ascending."""
+        self.mask()
+        return self._rows

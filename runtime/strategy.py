@@ -236,6 +236,8 @@ class Strategy:
             if not sep or layer.strip() not in names:
                 raise ValueError(f"force_arms: {part!r} is not layer=arm with a layer of {names}")
             li = names.index(layer.strip())
+            if li in out:
+                raise ValueError(f"force_arms: layer {layer.strip()!r} is named twice")
             if arm.strip() not in self.layers[li].arms:
                 raise ValueError(f"force_arms: layer {layer.strip()!r} has no arm {arm.strip()!r} (arms: "
                                  f"{list(self.layers[li].arms)})")

@@ -98,6 +98,25 @@ def test_string_ids_need_your_own_files_and_a_text_user_key(tmp_path):
     assert out.returncode != 0 and out.stderr.strip() == "shoprec recommend: --user-key: empty text id"
 
 
+@pytest.mark.parametrize("argv,code,line", [
+    (["--user", "1", "-k", str(2**32 + 5)], 2,  # numpy would have wrapped it to k = 5
+     f"k must be an integer in the INT32 range [-2147483648, 2147483647], got {2**32 + 5}"),
+    (["--user", str(2**63)], 2, f"user_id must be an integer in the INT64 range [{-2**63}, {2**63 - 1}], got {2**63}"),
+    (["--user", "1", "--context", str(10**20)], 2, f"context_item_ids must be integers in the INT64 range, got {10**20}"),
+    (["--user", "1", "--protocol", "http"], 1, "cannot reach 127.0.0.1:{port} over http: [Errno 111] Connection refused"),
+])
+def test_recommend_refuses_values_outside_the_wire_types_and_names_an_unreachable_server(argv, code, line):
+    """Checked before anything is sent, one line each (exit 2, bad input); nothing listening: one line, exit 1."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "app.cli", "recommend", "--url", f"127.0.0.1:{port}", *argv],
+                         capture_output=True, text=True)
+    assert (out.returncode, out.stderr.strip()) == (code, "shoprec recommend: error: " + line.format(port=port))
+
+
 def test_events_with_text_ids_are_hashed_as_the_loader_hashed_them():
     """`shoprec events --string-ids`: user_id and item_id become key_id(text) (an integer counts as its decimal text,
     as in the loader); a float, a boolean or an empty id is the event's rejection reason."""

@@ -226,6 +226,24 @@ def test_blocked_items_are_never_served_and_the_file_is_reread(artifacts, cfg, p
     np.testing.assert_array_equal(step.run(t)[0][0], after)  # a broken file keeps the last good list
 
 
+def test_blocked_items_leave_the_candidates_so_lists_stay_full(artifacts, cfg, pipeline, tmp_path):
+    """Blocking every candidate a user had still serves a full list: the feature step sends the blocked items as
+    unavailable, so each recall route skips them (a filter in top-k alone would leave the list empty)."""
+    import dataclasses
+
+    from runtime.pipeline import Pipeline
+
+    user = pipeline.steps["feature_transform"].store.user_id[:1]
+    table = pipeline.steps["topk"].item_ids
+    candidates = pipeline.rank(pipeline.request(user, 10))["candidate_rows"][0]
+    blocked_ids = table[candidates[candidates >= 0]]
+    blocked = tmp_path / "blocked.txt"
+    blocked.write_text("".join(f"{i}\n" for i in blocked_ids))
+    served = Pipeline(artifacts / "serving", cfg=dataclasses.replace(cfg.serve, blocked_items_file=str(blocked)))
+    ids = served.recommend(user, 10)[0][0]
+    assert len(blocked_ids) > 10 and len(ids) == 10 and not set(ids.tolist()) & set(blocked_ids.tolist())
+
+
 def test_blocked_items_file_must_exist_and_be_absolute(artifacts, cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist \\(create it empty to block nothing\\)"):
         _step_with(artifacts, cfg, blocked_items_file=str(tmp_path / "missing.txt"))

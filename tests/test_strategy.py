@@ -141,6 +141,8 @@ def test_layers_hash_users_independently_stably_and_in_their_shares():
         st.parse_forced("recall=down")
     with pytest.raises(ValueError, match="is not layer=arm"):
         st.parse_forced("ranking")
+    with pytest.raises(ValueError, match="layer 'recall' is named twice"):  # not the last one silently winning
+        st.parse_forced("recall=up,recall=control")
 
 
 def test_an_arm_may_change_one_scene_only():
@@ -198,6 +200,8 @@ def test_scenes_in_process(pipeline):
         pipeline.recommend([user], 10, scene="checkout")
     with pytest.raises(RequestError, match=r"context_item_ids: at most 50 items"):
         pipeline.recommend([user], 10, scene="cart", context_item_ids=list(range(51)))
+    with pytest.raises(RequestError, match=r"force_arms: at most 1024 characters, got 1030"):  # not cut silently
+        pipeline.recommend([user], 10, force_arms=" " * 1030)
     # unknown context ids are ignored (and counted): a cold request still gets the fallback
     ids = pipeline.recommend([user], 5, scene="item_detail", context_item_ids=[-7])[0][0]
     assert len(ids) == 5
