@@ -22,7 +22,8 @@ sha256>`), because item rows and the snapshot belong to one export:
   <p>:events:<user>  HASH   event id -> unix seconds: the user's applied event ids (idempotency;
                             an event id is unique per user; at most `serve.online_max_event_ids`,
                             the latest by event time: an older id replayed is applied again)
-  <p>:unavailable:items  STRING sorted raw item ids (int64) that no list may hold
+  shoprec:unavailable:items  STRING sorted raw item ids (int64) that no list may hold: without the bundle's
+                            prefix, since raw ids outlive an export (withdrawn items stay withdrawn after a deploy)
   <p>:trend:<hour>   ZSET   item row -> accepted events in that hour (unix hours; kept two days):
                             `OnlineStore.trending`, `shoprec items --trending`
 User and event keys expire `serve.online_ttl_days` after their last write: a user quiet for longer
@@ -50,6 +51,7 @@ KIND = {"view": 1, "click": 2, "cart": 3, "purchase": 4}
 TS_LIMIT = (1 << 34) - 1  # the offline store's limit (feature_workflows/history.py)
 MAX_EVENT_ID = 128
 TREND_TTL_S = 48 * 3600  # hourly item event counters are kept two days
+UNAVAILABLE_KEY = "shoprec:unavailable:items"  # raw ids: every export of the shop reads the one list
 
 
 class OnlineStoreError(UserError, RuntimeError):
@@ -77,7 +79,7 @@ class IngestReport:
 
     def as_dict(self, show: int = 20) -> dict:
         return {"accepted": self.accepted, "duplicates": self.duplicates, "rejected": len(self.rejected),
-                "reasons": [f"event {i + 1}: {why}" for i, why in self.rejected[:show]]}
+                "reasons": [f"event {i + 1}: {why}" for i, why in sorted(self.rejected, key=lambda r: r[0])[:show]]}
 
 
 class OnlineStore:
@@ -106,7 +108,7 @@ class OnlineStore:
         self.retry_s, self.ttl_s = retry_s, int(ttl_days * 86_400)
         self.max_actions, self.max_event_ids = max_actions, max_event_ids
         self._down_until = 0.0
-        self._unavailable_key = self.key("unavailable", "items")
+        self._unavailable_key = UNAVAILABLE_KEY
         self._unavailable_blob = b""
         self._unavailable_rows = np.zeros(0, np.int64)
         self._encoder = encoder
@@ -366,7 +368,7 @@ class OnlineStore:
         ids = np.asarray([_int(i, "item_id") for i in item_ids], dtype=np.int64)
         _, found = self._rows(ids)
         unknown = ids[~found].tolist()
-        key = self.key("unavailable", "items")
+        key = UNAVAILABLE_KEY
         for _ in range(20):
             with self.client.pipeline(transaction=True) as tx:
                 tx.watch(key)
@@ -393,20 +395,28 @@ class OnlineStore:
         return [(int(i), c) for i, c in ranked[:n]]
 
     def unavailable_ids(self) -> np.ndarray:
-        return np.frombuffer(self.client.get(self.key("unavailable", "items")) or b"", np.int64)
+        return np.frombuffer(self.client.get(UNAVAILABLE_KEY) or b"", np.int64)
+
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def _int(value, name: str) -> int:
+    """An id as an int64; ValueError naming `name` otherwise (a float with a fraction, text, out of range)."""
     if isinstance(value, bool):
         raise ValueError(f"{name} {value!r} is not an integer")
     if isinstance(value, float):
         if not value.is_integer():
             raise ValueError(f"{name} {value!r} is not an integer")
-        return int(value)
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"{name} {value!r} is not an integer") from None
+        out = int(value)
+    else:
+        try:
+            out = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is not an integer") from None
+    if not INT64[0] <= out <= INT64[1]:
+        raise ValueError(f"{name} {value!r} does not fit in int64")
+    return out
 
 
 def _timestamp(value) -> int:
@@ -426,5 +436,6 @@ def _timestamp(value) -> int:
                 parsed = parsed.replace(tzinfo=dt.timezone.utc)
             ts = parsed.timestamp()
     if not (ts == ts) or ts < 0 or ts > TS_LIMIT:
-        raise ValueError(f"timestamp {value!r} is outside 0..{TS_LIMIT} unix seconds")
+        hint = " (milliseconds? divide by 1000)" if 1e11 <= ts <= TS_LIMIT * 1000 else ""
+        raise ValueError(f"timestamp {value!r} is outside 0..{TS_LIMIT} unix seconds{hint}")
     return int(ts)

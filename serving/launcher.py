@@ -441,7 +441,9 @@ class TritonServer:
         while not self._stopping.wait(poll_s):
             if self.redis.alive():
                 continue
-            log.warning("the private redis-server exited with %s; restarting it", self.redis.process.returncode)
+            log.warning("the private redis-server stopped (%s); restarting it",
+                        f"exit code {self.redis.process.returncode}" if self.redis.process is not None
+                        else "started by another server, which is gone")
             try:
                 self.redis.start()
             except LaunchError as exc:

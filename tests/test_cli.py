@@ -87,6 +87,39 @@ def test_events_read_the_loaders_event_column_as_type():
         list(read_events(io.StringIO("user_id,item_id,timestamp\n1,2,5\n"), "csv"))
 
 
+@pytest.mark.parametrize("text,delimiter", [
+    ("user_id\titem_id\ttype\ttimestamp\n1\t2\tclick\t5\n", "\t"),  # a .tsv file
+    ("user_id\titem_id\ttype\ttimestamp\n1\t2\tclick\t5\n", None),  # tabs found in the header
+    ("user_id;item_id;type;timestamp\n1;2;click;5\n", None),  # a spreadsheet's export
+    ("user_id, item_id, type, timestamp\n1,2,click,5\n", None),  # spaces after the header's commas
+])
+def test_events_csv_reads_what_shoprec_data_reads(text, delimiter):
+    import io
+
+    from app.events import read_events
+
+    assert list(read_events(io.StringIO(text), "csv", delimiter)) == [
+        (2, {"user_id": "1", "item_id": "2", "type": "click", "timestamp": "5"})]
+
+
+def test_events_name_lines_bad_json_objects_and_text_ids(tmp_path):
+    import io
+
+    from app.events import read_events, text_ids
+
+    text = '"just a string"\n[1, 2]\n{"user_id": 1, "item_id": 2, "type": "view", "timestamp": 5}\n'
+    assert [r for _, r in read_events(io.StringIO(text), "jsonl")][:2] == [
+        "not a JSON object with user_id, item_id, type, timestamp (a str)",
+        "not a JSON object with user_id, item_id, type, timestamp (a list)"]
+    quoted = 'user_id,item_id,type,timestamp\n"a\nb",2,view,5\n1,2,view,6\n'  # a quoted field over two lines
+    assert [n for n, _ in read_events(io.StringIO(quoted), "csv")] == [3, 4]
+    assert text_ids({"item_id": "sku-1", "type": "view", "timestamp": 5}) == "missing user_id"
+    path = tmp_path / "bom.csv"  # a spreadsheet's byte-order mark before the header
+    path.write_bytes("user_id,item_id,type,timestamp\n1,2,view,5\n".encode("utf-8-sig"))
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        assert [e["user_id"] for _, e in read_events(fh, "csv")] == ["1"]
+
+
 def test_string_ids_need_your_own_files_and_a_text_user_key(tmp_path):
     """--string-ids with the synthetic shop or MovieLens would do nothing: refused in one line; so is an empty
     --user-key (before any connection)."""
@@ -129,7 +162,7 @@ def test_events_with_text_ids_are_hashed_as_the_loader_hashed_them():
     assert text_ids({"user_id": "u", "item_id": 7.0}) == "item_id 7.0 is not a text id (text or an integer)"
     assert text_ids({"user_id": True, "item_id": "a"}) == "user_id True is not a text id (text or an integer)"
     assert text_ids({"user_id": " ", "item_id": "a"}) == "user_id ' ' is not a text id (text or an integer)"
-    assert text_ids({"item_id": "a"}) == "user_id None is not a text id (text or an integer)"
+    assert text_ids({"item_id": "a"}) == "missing user_id"
 
 
 def test_items_take_integer_or_text_ids():

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from feature_workflows.history import KIND, NEVER, ActionLog
-from runtime.online_store import OnlineStore
+from runtime.online_store import IngestReport, OnlineStore
 from runtime.request_transform import UserStore, raw_rows
 from runtime.user_state import pack, unpack, user_state
 
@@ -38,6 +38,44 @@ def test_the_private_redis_starts_from_a_relative_data_folder(tmp_path, monkeypa
         assert ping(server.url) and (tmp_path / "artifacts" / "online" / "redis.log").exists()
     finally:
         server.stop()
+
+
+def test_a_private_redis_left_by_a_killed_server_is_adopted_restarted_and_stopped(tmp_path):
+    """`shoprec serve` killed without stopping leaves its redis-server running. The next server on those artifacts
+    shares it and, its owner gone, looks after it: restarts it when it dies, stops it on exit. Meanwhile
+    `shoprec events` refuses to write to it (no server would read what it wrote)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from app.events import EventsError, online_url
+    from serving.online import RedisServer, pid_alive, ping
+
+    data = tmp_path / "artifacts" / "online"
+    first = RedisServer(data).start()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (data / "owner").write_text(f"{gone.pid}\n")  # the server that started it was killed
+    with pytest.raises(EventsError, match=f"left by a server that is gone \\(pid {gone.pid}\\)"):
+        online_url(tmp_path / "artifacts", "private")
+    second = RedisServer(data).start()
+    try:
+        assert second.process is None and second.adopted_pid == first.process.pid and second.alive()
+        assert (data / "owner").read_text().strip() == str(os.getpid())
+        assert online_url(tmp_path / "artifacts", "private") == second.url
+        os.kill(second.adopted_pid, signal.SIGKILL)
+        first.process.wait()
+        deadline = time.time() + 5
+        while pid_alive(second.adopted_pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not second.alive()  # the launcher's supervisor then starts it again:
+        second.start()
+        assert second.process is not None and ping(second.url)
+    finally:
+        second.stop()
+        first.stop()
+    assert not ping(second.url)
 
 
 @pytest.fixture()
@@ -110,9 +148,11 @@ def test_bad_events_are_rejected_with_their_reason_and_the_rest_kept(store, pipe
         {"user_id": 900001, "item_id": item, "type": "view", "timestamp": -5},
         "not an object",
         {"user_id": 900001, "item_id": item, "type": "purchase", "timestamp": "2023-11-14T22:13:21Z"},
+        {"user_id": 10**20, "item_id": item, "type": "view", "timestamp": 5},  # once a traceback that lost the batch
+        {"user_id": 900001, "item_id": item, "type": "view", "timestamp": 1_700_000_000_123},
     ]
     report = store.ingest(events).as_dict()
-    assert report["accepted"] == 2 and report["rejected"] == 7
+    assert report["accepted"] == 2 and report["rejected"] == 9
     assert report["reasons"] == [
         "event 2: item_id 123456789 is not in the served catalog",
         "event 3: user_id 'x' is not an integer",
@@ -121,7 +161,19 @@ def test_bad_events_are_rejected_with_their_reason_and_the_rest_kept(store, pipe
         "event 6: missing timestamp",
         f"event 7: timestamp -5 is outside 0..{(1 << 34) - 1} unix seconds",
         "event 8: not an object with user_id, item_id, type, timestamp",
+        f"event 10: user_id {10**20} does not fit in int64",
+        f"event 11: timestamp 1700000000123 is outside 0..{(1 << 34) - 1} unix seconds (milliseconds? divide by 1000)",
     ]
+    late = IngestReport(rejected=[(5, "b"), (2, "a")])  # rejections arrive by batch: shown in line order
+    assert late.as_dict()["reasons"] == ["event 3: a", "event 6: b"]
+    import io
+
+    from app.events import ingest_stream
+
+    text = '{"user_id": "ana", "item_id": "sku-zzz", "type": "view", "timestamp": 5}\n"a string"\n'
+    out = ingest_stream(store, io.StringIO(text), "jsonl", progress=False, string_ids=True)
+    assert out["reasons"] == ["line 1: item_id 'sku-zzz' is not in the served catalog",  # its text, not its hash
+                              "line 2: not a JSON object with user_id, item_id, type, timestamp (a str)"]
     states, _, degraded = store.read(np.array([900001]))
     assert not degraded and states[0]["activity"] == 2 and states[0]["positives"] == 2
 
@@ -185,6 +237,12 @@ def test_unavailable_items_round_trip(store, pipeline):
     assert sorted(store.read(np.array([1]))[1].tolist()) == [3, 5]
     store.set_available([int(ids[3])], available=True)
     assert store.read(np.array([1]))[1].tolist() == [5]
+    # the next export's store (another key prefix) reads the same list: raw ids outlive an export
+    import copy
+
+    nxt = copy.copy(store)
+    nxt.prefix = "shoprec:000000000000"
+    assert nxt.unavailable_ids().tolist() == [int(ids[5])] and nxt.read(np.array([1]))[1].tolist() == [5]
 
 
 def test_replayed_events_give_the_offline_features_row_by_row(store, artifacts, cfg, redis_url):
