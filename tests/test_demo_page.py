@@ -99,6 +99,7 @@ def test_an_event_sent_from_the_page_changes_the_served_list(triton, artifacts, 
         deadline = time.time() + 30
         while (after := rendered_cards(page, K)) == before and time.time() < deadline:  # the rerun's cards replace them
             time.sleep(0.2)
+        text = page.evaluate("document.body.innerText")
     with RecommenderClient(triton.grpc_url) as c:
         served = c.recommend(user, k=K)
-    assert before[0] not in after and after == served.item_ids.tolist() and not served.cold_start
+    assert before[0] not in after and after == served.item_ids.tolist() and not served.cold_start, text[-600:]
