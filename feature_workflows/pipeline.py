@@ -293,6 +293,10 @@ def _read_and_split(raw_dir: Path, cfg: FeatureConfig) -> _Split:
     actions = actions_from_events(inter, item_row)
     if not len(actions):
         raise RawDataError(f"{raw_dir}: no user interactions (view/click/cart/purchase) to learn from")
+    if not (actions["kind"].values >= POSITIVE_KIND).any():  # more data or another split would not help
+        raise RawDataError(f"{raw_dir}: none of the {len(actions)} actions is a positive (a click, cart or purchase; "
+                           "with ratings, one at or above the positive threshold): the models learn from positives. "
+                           "With ratings, lower `shoprec data --positive-threshold`")
     part, cuts = assign_split(actions["ts"].values, actions["user_id"].values, actions["item_row"].values, cfg)
     if cuts:  # a global time split (cut at its actions' quantiles): a session that spans a cut leaves each side's
         # events on that side, so the actions are made again with the cuts
@@ -310,6 +314,9 @@ def _read_and_split(raw_dir: Path, cfg: FeatureConfig) -> _Split:
     if not (part == 0).any():
         raise RawDataError(f"{raw_dir}: the {cfg.split!r} split left no training actions ({len(ts)} actions, {stamps}); "
                            "use --split random or user-time, or --deploy")
+    if not ((part == 0) & (actions["kind"].values >= POSITIVE_KIND)).any():
+        raise RawDataError(f"{raw_dir}: the {cfg.split!r} split left no positive (click, cart or purchase) among the "
+                           f"training actions ({len(ts)} actions, {stamps}); use another --split, or --deploy")
     if cfg.split != "none" and not (part == 1).any():
         log.warning("the %r split left no valid actions (%d actions, %s): train chooses its hyper-parameters on the "
                     "holdout inside train and evaluate's baselines keep their first grid point; --split random or "

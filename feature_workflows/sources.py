@@ -683,6 +683,12 @@ def _roles(spec: SourceSpec, item_kinds: Mapping[str, str]) -> dict[str, str | N
     return roles
 
 
+POSITIVE_EVENTS = ("click", "cart", "purchase")  # what the models learn from (feature_workflows.history.POSITIVE_KIND)
+NO_POSITIVE = ("no event is a positive (a click, cart or purchase; with ratings, one at or above the positive "
+               "threshold): the models learn from positives, so `features` will refuse this data; with ratings, "
+               "lower --positive-threshold")
+
+
 def build_tables(interactions: Frame, items: Frame | None, users: Frame | None, spec: SourceSpec,
                  source: str) -> tuple[dict[str, pd.DataFrame], dict]:
     """The shared core of every file-based source: frames with canonical column names -> validated
@@ -703,6 +709,8 @@ def build_tables(interactions: Frame, items: Frame | None, users: Frame | None, 
                                                 keys.get("user_id"), hint)
     report.update({k: v for k, v in {**item_rep, **user_rep}.items() if k not in ("empty", "warnings")})
     report["warnings"] = item_rep["warnings"] + user_rep["warnings"]
+    if not inter["event"].isin(list(POSITIVE_EVENTS)).any():
+        report["warnings"].insert(0, NO_POSITIVE)
     if spec.string_ids:
         report["string_ids"] = True
     report["empty_columns"] = {"items": item_rep["empty"], "users": user_rep["empty"]}

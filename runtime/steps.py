@@ -141,8 +141,8 @@ def check_k(k: np.ndarray, k_max: int) -> None:
     if (k < 1).any():
         raise RequestError(f"k must be >= 1, got {int(k.min())}")
     if (k > k_max).any():
-        raise RequestError(f"k must be <= {k_max} (the candidates ranked per request, serve.num_candidates), "
-                           f"got {int(k.max())}")
+        raise RequestError(f"k must be <= {k_max} (the candidates ranked per request: serve.num_candidates, at most "
+                           f"the catalog's items), got {int(k.max())}")
 
 
 def validate_request(k: np.ndarray, hour: np.ndarray | None, weekday: np.ndarray | None, client_device, k_max: int) -> None:

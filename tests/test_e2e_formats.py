@@ -6,10 +6,12 @@ the user interacted with in any served list."""
 from __future__ import annotations
 
 import json
+import re
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
 from app.cli import main
 from shoprec.config import DEFAULT_CONFIG
@@ -191,6 +193,18 @@ def test_small_and_coarse_data_train_or_say_why(tmp_path, capsys, caplog):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the 'time' split left no training actions" in err and "1 distinct timestamp(s)" in err
     assert err.endswith("use --split random or user-time, or --deploy")
+
+    # views only: `data` warns, and `features` says that no action is a positive (more data would not help), with or
+    # without a split (--deploy once ended in an NVTabular traceback)
+    views = Path(_events_csv(tmp_path / "views.csv", 30, 10))
+    views.write_text(views.read_text().replace(",click", ",view").replace(",purchase", ",view"))
+    codes, _ = run("views", str(views), ["features"])
+    err = capsys.readouterr().err
+    assert codes == [0, 2] and "shoprec data: warning: no event is a positive (a click, cart or purchase" in err
+    assert re.search(r"none of the \d+ actions is a positive .* lower `shoprec data --positive-threshold`$",
+                     err.strip().splitlines()[-1])
+    codes, _ = run("views_deploy", str(views), ["features", "--deploy"])
+    assert codes == [0, 2] and re.search(r"none of the \d+ actions is a positive", capsys.readouterr().err)
 
     dates = lambda ts: str(np.datetime64(1_709_251_200 + ts % (4 * 86400), "s"))[:10]  # noqa: E731
     with caplog.at_level("WARNING", logger="shoprec.features"):

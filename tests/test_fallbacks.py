@@ -30,11 +30,12 @@ def test_store_category_codes_outside_the_item_table_are_refused():
         raw_rows(spec, state, {"user_id": np.array([1, 2])}, np.array(["x", "y"], dtype=object))
 
 
-def test_ease_lambda_choice_refuses_a_non_finite_holdout_score():
+def test_ease_lambda_choice_with_no_holdout_user_names_the_data():
     x = sp.csr_matrix(np.eye(4, dtype=np.float32))
-    with pytest.raises(CFError, match="holdout NDCG@10 by lambda"):
-        # no held-out item for anyone: NDCG is undefined, and NaN would be "chosen" at random
-        choose_lambda(x, x, [np.zeros(0, np.int64)] * 0, sp.csr_matrix((0, 4)), CFConfig(method="ease", ease_lambdas=(1.0, 2.0)))
+    with pytest.raises(CFError, match=r"no holdout user has a positive in the fit fold \(4 positives in it\).* need "
+                                      "more positive events"):
+        # no held-out user at all: NDCG is undefined (NaN would be "chosen" at random), and the data is the cause
+        choose_lambda(x, x[:0], [], sp.csr_matrix((0, 4)), CFConfig(method="ease", ease_lambdas=(1.0, 2.0)))
 
 
 def test_mixed_negatives_equal_the_hand_computed_softmax():

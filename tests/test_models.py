@@ -120,6 +120,26 @@ def test_ranker_shapes_and_serving_scores(deep):
     assert not r.item_ids.weight.requires_grad  # the two-tower's item-id table, frozen
 
 
+def test_a_ranker_input_constant_in_training_is_ignored_not_blown_up():
+    """One category in the catalog: the category affinity is 1 for every training candidate. An unknown user's 0
+    once became (0 - 1) / 1e-6 and saturated every score; such an input now reads as its mean."""
+    torch.manual_seed(0)
+    ids = torch.nn.Embedding(30, 4)
+    r = Ranker([50, 7], [0, 1], [1], 2, [30, 6], [0, 1], 3, 7, 5, dim=4, bottom=[8, 4], top=[8], id_table=ids).eval()
+    std = torch.ones(12)
+    std[5] = 0.0  # cand_dense[..., 0], after 2 user and 3 item columns
+    mean = torch.zeros(12)
+    mean[5] = 1.0
+    r.set_normalisation(mean, std)
+    dense = torch.randn(1, 11, 7)
+    args = [torch.tensor([[3, 2]]), torch.randn(1, 2), torch.tensor([[4, 5, 0, 0, 0]]), torch.tensor([[2, 1, 0, 0, 0]]),
+            torch.randint(3, 6, (1, 11, 2)), torch.randn(1, 11, 3)]
+    seen = r(*args, dense.clone().index_fill_(2, torch.tensor([0]), 1.0))
+    unseen = r(*args, dense.clone().index_fill_(2, torch.tensor([0]), 0.0))
+    torch.testing.assert_close(seen, unseen)
+    assert torch.isfinite(seen).all() and seen.std() > 0
+
+
 def test_item_neighbours_score_like_the_dense_product():
     rng = np.random.default_rng(0)
     b = rng.normal(size=(6, 6)).astype(np.float32)

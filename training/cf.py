@@ -123,6 +123,9 @@ def choose_lambda(x: sp.csr_matrix, eval_x: sp.csr_matrix, truth: list[np.ndarra
     method = choose_method(x.shape[1], cfg)
     if method != "ease" or len(cfg.ease_lambdas) == 1:
         return (cfg.ease_lambdas[0] if method == "ease" else None), {}
+    if not len(truth):  # np.mean of nothing: NaN by lambda, and a message about EASE rather than the data
+        raise CFError(f"no holdout user has a positive in the fit fold ({x.nnz} positives in it), so nothing can be "
+                      "learned or checked: too few clicks, carts or purchases; need more positive events")
     scores = {}
     for lam in cfg.ease_lambdas:
         b = ease_weights(x, lam)

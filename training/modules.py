@@ -271,6 +271,9 @@ class TargetAttention(nn.Module):
         return (relu(pre) @ last.weight.T).squeeze(-1) + last.bias  # [B, N, L]
 
 
+IGNORED_SPREAD = 1e30  # the spread given to a ranker input that was constant in training: it then reads as 0
+
+
 class Ranker(nn.Module):
     """DLRM-style ranker of one user's N candidates with CTR and CVR heads and DIN target attention.
 
@@ -323,8 +326,12 @@ class Ranker(nn.Module):
         self.register_buffer("deep_on", torch.tensor(1.0 if deep else 0.0))
 
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The inputs' training mean and spread. An input that never varied in training (one category in the
+        whole catalog: every candidate's category affinity 1) taught the model nothing, and scaled by a tiny
+        spread, the first value unlike its constant (an unknown user's 0) would saturate every score. Its
+        spread is set so large that the input always reads as 0 (its mean)."""
         self.mean.copy_(mean)
-        self.std.copy_(std.clamp(min=1e-6))
+        self.std.copy_(torch.where(std > 1e-6, std, torch.full_like(std, IGNORED_SPREAD)))
 
     def forward(self, user_cat, user_cont, seq, seq_kinds, item_cat, item_cont, cand_dense, folded: bool = False):
         b, n = item_cat.shape[0], item_cat.shape[1]
