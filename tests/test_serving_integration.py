@@ -79,7 +79,7 @@ def test_k_is_validated_against_the_served_candidates(triton, pipeline, artifact
     with RecommenderClient(triton.grpc_url) as c:
         with pytest.raises(InferenceServerException, match="k must be >= 1, got 0"):
             c.recommend(u, k=0)
-        with pytest.raises(InferenceServerException, match=rf"k must be <= {n} \(the candidates ranked per request, "
+        with pytest.raises(InferenceServerException, match=rf"k must be <= {n} \(the candidates ranked per request: "
                                                            rf"serve.num_candidates, at most the catalog's items\), got {n + 1}"):
             c.recommend(u, k=n + 1)
         assert len(c.recommend(u, k=n).item_ids) <= n
