@@ -193,7 +193,7 @@ def parse_ints(frame: Frame, col: str, noun: str = "id", negative_ok: bool = Fal
     if not negative_ok:
         neg = values < 0
         if neg.any():
-            frame.fail(values, neg, col, lambda v: f"negative {noun} {v}; {noun}s must be {rule}")
+            frame.fail(values, neg, col, lambda v: f"negative {noun} {v}; {noun}s must be {rule}{hint}")
     return values
 
 

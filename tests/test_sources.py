@@ -332,7 +332,8 @@ def test_error_rating_out_of_range_and_not_numeric(tmp_path):
 
 def test_error_ids(tmp_path):
     _raises(tmp_path, HEAD + "1,10,100,click\n-4,11,101,click\n",
-            re.escape("interactions.csv: row 2: column 'user_id': negative id -4; ids must be integers >= 0"))
+            re.escape("interactions.csv: row 2: column 'user_id': negative id -4; ids must be integers >= 0; "
+                      "text ids: --string-ids"))
     _raises(tmp_path, HEAD + "1,10,100,click\n1,sku-9,101,click\n",
             re.escape("interactions.csv: row 2: column 'item_id': 'sku-9' is not an integer id; "
                       "text ids: --string-ids"))
