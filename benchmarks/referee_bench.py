@@ -256,7 +256,18 @@ def run_protocol(protocol: str, args, cfg_path: str | None) -> dict:
             "train": {"cf": train_report.get("cf"), "ranker_deep": train_report["ranking"].get("deep"),
                       "retrieval_best_epoch": train_report["retrieval_stage_a"]["best_epoch"],
                       "popularity_prior": train_report.get("popularity_prior", {}).get("weight"),
-                      "ann_popularity_prior": train_report.get("ann_popularity_prior", {}).get("weight")}}
+                      "ann_popularity_prior": train_report.get("ann_popularity_prior", {}).get("weight"),
+                      "seconds": train_seconds(train_report)}}
+
+
+def train_seconds(report: dict) -> dict:
+    """Where `train`'s time went, from its report: each part's seconds (the two-tower's fits for each whole-history
+    share, its final fit, the ranker, the item-to-item fit) and the whole."""
+    return {"cf": (report.get("cf") or {}).get("seconds"),
+            **{f"two_tower_share_{share}": fit.get("train_seconds")  # the chosen one is stage A's model
+               for share, fit in (report.get("whole_history_share") or {}).get("fits", {}).items()},
+            "two_tower_final": report.get("retrieval", {}).get("train_seconds"),
+            "ranker": report.get("ranking", {}).get("train_seconds"), "total": report.get("seconds")}
 
 
 def summarize(runs: dict, baselines: dict) -> dict:

@@ -508,3 +508,15 @@ def test_prior_periods_scores_popularity_on_the_users_train_chose_the_prior_on(a
     assert "| popularity |" in (tmp_path / "prior_periods_t.md").read_text()
     with pytest.raises(SystemExit):
         main(["--artifacts", str(artifacts), "--tag", "t", "--results", str(tmp_path), "--bundle", str(tmp_path)])
+
+
+def test_referee_bench_reads_where_trains_time_went():
+    from benchmarks.referee_bench import train_seconds
+
+    report = {"cf": {"seconds": 21.2}, "seconds": 860.8, "ranking": {"train_seconds": 3.5},
+              "retrieval": {"train_seconds": 380.0}, "retrieval_stage_a": {"train_seconds": 340.8},
+              "whole_history_share": {"fits": {"0.0": {"train_seconds": 76.8}, "0.5": {"train_seconds": 340.8}}}}
+    assert train_seconds(report) == {"cf": 21.2, "two_tower_share_0.0": 76.8, "two_tower_share_0.5": 340.8,
+                                     "two_tower_final": 380.0, "ranker": 3.5, "total": 860.8}
+    assert train_seconds({"seconds": 5.0, "cf": None, "ranking": {}}) == {  # a bundle without a share choice
+        "cf": None, "two_tower_final": None, "ranker": None, "total": 5.0}
