@@ -181,6 +181,7 @@ def cmd_events(args, cfg) -> None:
 
 def item_ids(values: list[str] | None, string_ids: bool, option: str) -> list[int]:
     """`shoprec items` ids as given: integers, or with --string-ids text ids hashed by `shoprec.ids.key_id`."""
+    from runtime.online_store import _int
     from shoprec.ids import key_id
 
     out = []
@@ -191,9 +192,10 @@ def item_ids(values: list[str] | None, string_ids: bool, option: str) -> list[in
             except ValueError:  # the one refusal of a str: empty
                 raise EventsError(f"{option}: empty text id") from None
         elif value.strip().isdigit():
-            if int(value) >= 1 << 63:
-                raise EventsError(f"{option}: {value.strip()} does not fit in int64")
-            out.append(int(value))
+            try:
+                out.append(_int(value, option))  # the store's rule for an id: it fits int64
+            except ValueError as exc:
+                raise EventsError(str(exc)) from None
         else:
             raise EventsError(f"{option}: {value!r} is not an integer item id (text ids: --string-ids)")
     return out

@@ -57,14 +57,19 @@ def _module(protocol: str, aio: bool = False):
     return a if aio else m
 
 
+def _wire_int(name: str, value, dtype: str, np_dtype) -> None:
+    """ValueError unless `value` is an integer that fits the wire type: numpy would wrap one outside it
+    (k = 2^32 + 5 sent as 5)."""
+    bounds = np.iinfo(np_dtype)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not bounds.min <= value <= bounds.max:
+        raise ValueError(f"{name} must be an integer in the {dtype} range [{bounds.min}, {bounds.max}], got {value!r}")
+
+
 def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_device=None, exclude_seen=None,
                  diversity=None, scene=None, context_item_ids=None, force_arms=None, blend=None) -> list:
     def tensor(name, value, dtype, np_dtype):
-        if np.dtype(np_dtype).kind == "i":  # numpy would wrap an int outside the wire type (k = 2^32 + 5 sent as 5)
-            bounds = np.iinfo(np_dtype)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not bounds.min <= value <= bounds.max:
-                raise ValueError(f"{name} must be an integer in the {dtype} range [{bounds.min}, {bounds.max}], "
-                                 f"got {value!r}")
+        if np.dtype(np_dtype).kind == "i":
+            _wire_int(name, value, dtype, np_dtype)
         t = mod.InferInput(name, [1, 1], dtype)
         t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
         return t
@@ -83,11 +88,8 @@ def build_inputs(mod, user_id: int, k: int, hour=None, weekday=None, client_devi
     if scene is not None:
         inputs.append(tensor("scene", scene.encode(), "BYTES", np.object_))
     if context_item_ids is not None and len(context_item_ids):
-        bounds = np.iinfo(np.int64)
-        bad = [x for x in context_item_ids if not isinstance(x, (int, np.integer)) or isinstance(x, bool)
-               or not bounds.min <= x <= bounds.max]
-        if bad:
-            raise ValueError(f"context_item_ids must be integers in the INT64 range, got {bad[0]!r}")
+        for x in context_item_ids:
+            _wire_int("context_item_ids", x, "INT64", np.int64)
         ids = np.asarray(context_item_ids, dtype=np.int64).reshape(1, -1)
         t = mod.InferInput("context_item_ids", list(ids.shape), "INT64")
         t.set_data_from_numpy(ids)

@@ -77,6 +77,7 @@ from pandas._libs.parsers import STR_NA_VALUES  # pandas' default missing-value 
 
 from shoprec.ids import id_text, key_id
 
+from .history import KIND, POSITIVE_KIND
 from .raw_schema import (EVENTS, KINDS, RawDataError, make_schema, validate_attributes,
                          validate_interactions)
 
@@ -683,7 +684,7 @@ def _roles(spec: SourceSpec, item_kinds: Mapping[str, str]) -> dict[str, str | N
     return roles
 
 
-POSITIVE_EVENTS = ("click", "cart", "purchase")  # what the models learn from (feature_workflows.history.POSITIVE_KIND)
+POSITIVE_EVENTS = tuple(e for e, k in KIND.items() if k >= POSITIVE_KIND)  # what the models learn from
 NO_POSITIVE = ("no event is a positive (a click, cart or purchase; with ratings, one at or above the positive "
                "threshold): the models learn from positives, so `features` will refuse this data; with ratings, "
                "lower --positive-threshold")

@@ -108,7 +108,6 @@ class OnlineStore:
         self.retry_s, self.ttl_s = retry_s, int(ttl_days * 86_400)
         self.max_actions, self.max_event_ids = max_actions, max_event_ids
         self._down_until = 0.0
-        self._unavailable_key = UNAVAILABLE_KEY
         self._unavailable_blob = b""
         self._unavailable_rows = np.zeros(0, np.int64)
         self._encoder = encoder
@@ -177,7 +176,7 @@ class OnlineStore:
         conn = None
         try:  # one command: the users' states and the unavailable items
             conn = pool.get_connection()
-            conn.send_command("MGET", *(self.key("state", int(u)) for u in user_ids), self._unavailable_key)
+            conn.send_command("MGET", *(self.key("state", int(u)) for u in user_ids), UNAVAILABLE_KEY)
         except self.redis_errors:
             return self._failed(pool, conn, now, len(user_ids))
 

@@ -368,6 +368,10 @@ def load_step(step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str
     return cls(step, bundle, cfg, device, device_id, threads)
 
 
+NO_ROWS = np.zeros(0, np.int64)  # no unavailable items (one array, so the feature step's union with blocked ones is kept)
+NO_ROWS.flags.writeable = False
+
+
 class FeatureTransform(StepImpl):
     """user_id, k, optional hour/weekday/client_device -> user_cat, user_cont, seq_items, seq_kinds,
     history_rows, history_kinds, unavailable_rows, cold_start, degraded, strategy, context_rows, experiment,
@@ -409,6 +413,7 @@ class FeatureTransform(StepImpl):
         self.online = OnlineStore.for_bundle(url, bundle, self.cfg, self.store) if url else None
         # blocked items join the unavailable ones, so every recall route skips them and the lists stay full
         self.blocked = BlockedItems(self.cfg.blocked_items_file, self.item_ids) if self.cfg.blocked_items_file else None
+        self._merged = (None, None, None)  # (store's unavailable rows, blocked rows, their union): made once per change
 
     def check(self, t: dict) -> dict:
         n = len(t["user_id"])
@@ -507,7 +512,7 @@ class FeatureTransform(StepImpl):
         history = [self.store.history(int(r)) for r in rows]
         live = np.zeros(len(user_id), bool)
         live_encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the columns the store encoded at ingestion
-        unavailable, degraded = np.zeros(0, np.int64), False
+        unavailable, degraded = NO_ROWS, False
         if pending is not None:
             states, unavailable, degraded = pending()
             for i, one in enumerate(states):
@@ -520,7 +525,7 @@ class FeatureTransform(StepImpl):
                 if "enc_cat" in one:
                     live_encoded[i] = (one["enc_cat"], one["enc_cont"])
         if self.blocked is not None:
-            unavailable = np.union1d(unavailable, self.blocked.rows())
+            unavailable = self._with_blocked(unavailable, self.blocked.rows())
         cat, cont = self.encode(user_id, rows, state, live, hour, weekday, client_device, live_encoded=live_encoded)
         seq_rows = state["seq_rows"]
         seq = np.where(seq_rows >= 0, self.item_codes[np.maximum(seq_rows, 0)], 0).astype(np.int64)
@@ -533,6 +538,15 @@ class FeatureTransform(StepImpl):
                 "history_rows": hist_rows, "history_kinds": hist_kinds,
                 "unavailable": np.pad(unavailable, (0, 1 if not len(unavailable) else 0), constant_values=-1),
                 "cold": state["activity"] <= 0, "live": live, "degraded": degraded}
+
+    def _with_blocked(self, unavailable: np.ndarray, blocked: np.ndarray) -> np.ndarray:
+        """The union of the online store's unavailable rows and the blocked rows; both arrays are kept until their
+        source changes, so the union is made again only then, not per request."""
+        a, b, union = self._merged
+        if a is not unavailable or b is not blocked:
+            union = np.union1d(unavailable, blocked)
+            self._merged = (unavailable, blocked, union)
+        return union
 
     def encode(self, user_id: np.ndarray, rows: np.ndarray, state: dict, live: np.ndarray, hour=None, weekday=None,
                client_device=None, encoded: bool | None = None,
@@ -826,7 +840,6 @@ class TopK(StepImpl):
             raise ValueError(f"serve.diversity must be in [0, 1], got {self.cfg.diversity}")
         if self.cfg.max_per_category < 0:
             raise ValueError(f"serve.max_per_category must be >= 0 (0: no cap), got {self.cfg.max_per_category}")
-        self.blocked = BlockedItems(self.cfg.blocked_items_file, self.item_ids) if self.cfg.blocked_items_file else None
         self.strategy = Strategy(self.cfg)
         # the blend's item value: the items' price over its median (so weights compare across shops); None without
         value = table.get("value", np.zeros(0))
@@ -902,8 +915,6 @@ class TopK(StepImpl):
         the metrics over the whole batch; then each request's rows, padded to its own longest list, as if it had
         run alone."""
         rows, scores, k = t["candidate_rows"], t["ranking_scores"], np.ravel(t["k"]).astype(np.int64)
-        if self.blocked is not None:  # a guard: the feature step already sent them as unavailable (the file may change between)
-            rows = np.where(self.blocked.mask()[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
         code = t.get("strategy")
         st = self.strategy
         resolved = [st.resolve(*(np.asarray(code).reshape(-1, 2)[i] if code is not None else (st.default_scene, 0)))

@@ -135,7 +135,7 @@ def test_string_ids_need_your_own_files_and_a_text_user_key(tmp_path):
     (["--user", "1", "-k", str(2**32 + 5)], 2,  # numpy would have wrapped it to k = 5
      f"k must be an integer in the INT32 range [-2147483648, 2147483647], got {2**32 + 5}"),
     (["--user", str(2**63)], 2, f"user_id must be an integer in the INT64 range [{-2**63}, {2**63 - 1}], got {2**63}"),
-    (["--user", "1", "--context", str(10**20)], 2, f"context_item_ids must be integers in the INT64 range, got {10**20}"),
+    (["--user", "1", "--context", str(10**20)], 2, f"context_item_ids must be an integer in the INT64 range [{-2**63}, {2**63 - 1}], got {10**20}"),
     (["--user", "1", "--protocol", "http"], 1, "cannot reach 127.0.0.1:{port} over http: [Errno 111] Connection refused"),
 ])
 def test_recommend_refuses_values_outside_the_wire_types_and_names_an_unreachable_server(argv, code, line):
@@ -172,6 +172,8 @@ def test_items_take_integer_or_text_ids():
     from shoprec.ids import key_id
 
     assert item_ids(["5000017", " 7 "], False, "--unavailable") == [5000017, 7]
+    with pytest.raises(EventsError, match=re.escape(f"--unavailable '{10**20}' does not fit in int64")):
+        item_ids([str(10**20)], False, "--unavailable")  # once a traceback from the store
     assert item_ids(["sku-1", "7"], True, "--unavailable") == [key_id("sku-1"), key_id("7")]
     assert item_ids(None, False, "--available") == []
     with pytest.raises(EventsError, match=re.escape("--unavailable: 'sku-1' is not an integer item id (text ids: "

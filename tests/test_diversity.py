@@ -205,25 +205,26 @@ def test_the_fused_cpu_model_answers_a_batch_of_requests_in_one_top_k_call(artif
             np.testing.assert_array_equal(out, alone[x.name], err_msg=x.name)
 
 
-def test_blocked_items_are_never_served_and_the_file_is_reread(artifacts, cfg, pipeline, tmp_path):
+def test_blocked_items_are_never_served_and_the_file_is_reread(artifacts, cfg, tmp_path):
+    import dataclasses
     import os
     import time
 
+    from runtime.pipeline import Pipeline
+
     blocked = tmp_path / "blocked.txt"
     blocked.write_text("# nothing blocked yet\n")
-    step = _step_with(artifacts, cfg, blocked_items_file=str(blocked))
-    step.blocked.check_every_s = 0.0
-    rows, scores = _ranked(pipeline, 1)
-    t = {"candidate_rows": rows, "ranking_scores": scores, "k": np.array([[10]], np.int32)}
-    before = step.run(t)[0][0]
+    served = Pipeline(artifacts / "serving", cfg=dataclasses.replace(cfg.serve, blocked_items_file=str(blocked)))
+    served.steps["feature_transform"].blocked.check_every_s = 0.0
+    user = served.steps["feature_transform"].store.user_id[:1]
+    before = served.recommend(user, 10)[0][0]
     blocked.write_text(f"{before[0]}\n{before[3]}  # out of stock\n999999999999\n")
     os.utime(blocked, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new mtime even on coarse clocks
-    after = step.run(t)[0][0]
+    after = served.recommend(user, 10)[0][0]
     assert before[0] not in after and before[3] not in after and len(after) == 10
-    assert list(after[:2]) == [before[1], before[2]]  # the rest keep their order; new items fill in at the end
     blocked.write_text("not-a-number\n")
     os.utime(blocked, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
-    np.testing.assert_array_equal(step.run(t)[0][0], after)  # a broken file keeps the last good list
+    np.testing.assert_array_equal(served.recommend(user, 10)[0][0], after)  # a broken file keeps the last good list
 
 
 def test_blocked_items_leave_the_candidates_so_lists_stay_full(artifacts, cfg, pipeline, tmp_path):
@@ -245,7 +246,14 @@ def test_blocked_items_leave_the_candidates_so_lists_stay_full(artifacts, cfg, p
 
 
 def test_blocked_items_file_must_exist_and_be_absolute(artifacts, cfg, tmp_path):
+    import dataclasses
+
+    from runtime.pipeline import Pipeline
+
+    def load(path):
+        return Pipeline(artifacts / "serving", cfg=dataclasses.replace(cfg.serve, blocked_items_file=path))
+
     with pytest.raises(FileNotFoundError, match="does not exist \\(create it empty to block nothing\\)"):
-        _step_with(artifacts, cfg, blocked_items_file=str(tmp_path / "missing.txt"))
+        load(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="must be an absolute path"):
-        _step_with(artifacts, cfg, blocked_items_file="blocked.txt")
+        load("blocked.txt")
