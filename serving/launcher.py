@@ -118,6 +118,56 @@ def process_group(pgid: int) -> list[tuple[int, list[str], list[bytes]]]:
     return out
 
 
+def _kill_group(pgid: int, timeout_s: float) -> None:
+    """SIGTERM (and SIGCONT, so that a stopped stub gets it) to a process group, SIGKILL to what is left after timeout_s."""
+    for sig in (signal.SIGTERM, signal.SIGCONT):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(f[0] != "Z" for _, f, _ in process_group(pgid)):
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + 5.0  # its ports are free once the kernel has reaped it
+    while time.time() < deadline and any(f[0] != "Z" for _, f, _ in process_group(pgid)):
+        time.sleep(0.05)
+
+
+def stop_orphans(artifacts: Path, timeout_s: float = 8.0) -> list[str]:
+    """Stop the tritonservers (and their stubs) left running on these artifacts by a `shoprec serve` that is gone
+    (killed with SIGKILL, or its machine's OOM killer): they hold ports, memory and CPU, and serve a version no
+    deploy can switch any more. A server is recognised by its record (ARTIFACTS/triton/servers/PORT.json): the
+    serve process it names is dead, and the process group it names is a tritonserver serving the record's
+    repository. A record whose tritonserver is not found here (already gone, or another pid namespace) is left
+    alone. Returns one line per server stopped."""
+    from .versions import _read_record
+
+    stopped = []
+    folder = bundles.servers_dir(artifacts)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = _read_record(path)
+        if not isinstance(record, dict) or not record.get("triton_pid") or bundles._alive(int(record.get("pid") or 0)):
+            continue
+        pgid, repo = int(record["triton_pid"]), str(record.get("repository", ""))
+        leader = [argv for pid, fields, argv in process_group(pgid) if pid == pgid and fields[0] != "Z"]
+        flag = b"--model-repository="
+        if not (leader and leader[0][0].endswith(b"tritonserver") and repo
+                and any(a.startswith(flag) and Path(a[len(flag):].decode(errors="replace")).resolve() == Path(repo)
+                        for a in leader[0])):
+            continue
+        _kill_group(pgid, timeout_s)
+        path.unlink(missing_ok=True)
+        Path(record.get("admin_key_path") or "/nonexistent").unlink(missing_ok=True)
+        shutil.rmtree(repo, ignore_errors=True)
+        stopped.append(f"stopped tritonserver pid {pgid} (gRPC {record.get('grpc', '?')}), left running by a "
+                       f"`shoprec serve` that is gone (pid {record.get('pid')})")
+    return stopped
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 
@@ -295,6 +345,9 @@ class TritonServer:
         if self.versioned and version is None:                                  # move it while this starts
             raise LaunchError(f"{bundle}: a bundle from before numbered versions; run `shoprec export` again")
         verify_tree(bundles.version_dir(bundle, version) if version is not None else bundle)  # as export wrote it
+        if self.versioned:
+            for line in stop_orphans(self.artifacts):
+                log.warning("%s", line)
         check_ports_free(self.address, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
         public = (self.http_port, self.grpc_port, self.metrics_port)
         if self.http_front and not self.triton_http_port:
@@ -356,7 +409,7 @@ class TritonServer:
         from .versions import write_record
 
         write_record(self.artifacts, self.grpc_port, {
-            "pid": os.getpid(), "grpc_port": self.grpc_port, "grpc": self.grpc_url, "http": self.http_url,
+            "pid": os.getpid(), "triton_pid": self.process.pid, "grpc_port": self.grpc_port, "grpc": self.grpc_url, "http": self.http_url,
             "triton_http": self.triton_http_url, "admin_key_path": str(self.admin_key_path.resolve()),
             "repository": str(self.served.root.resolve()), "template": str(Path(self.repository).resolve()),
             "history": [self.served.served()], "swap_drain_s": self.swap_drain_s})
@@ -396,6 +449,10 @@ class TritonServer:
                 return
             try:
                 self._launch(self.command(backends_dir(self.artifacts / "triton")), self.ready_timeout_s, mode="a")
+                if self.served is not None:  # the record names the new process group (stop_orphans)
+                    from .versions import _update_record
+
+                    _update_record(self.record_path, triton_pid=self.process.pid)
             except LaunchError as exc:
                 log.error("restart failed: %s", exc)
 

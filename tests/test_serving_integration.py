@@ -320,6 +320,34 @@ def test_a_server_that_dies_is_reported_not_a_clean_exit(artifacts):
     assert "tritonserver stopped on its own with exit code -9" in proc.stderr.read()
 
 
+def test_a_server_left_by_a_killed_serve_is_stopped_by_the_next_one(artifacts):
+    """`shoprec serve` killed with SIGKILL cannot stop its tritonserver, which keeps its ports and memory. The next
+    serve on the same artifacts finds it by its record and stops it, stubs and all, and says so."""
+    import os
+    import signal
+
+    proc, grpc_port = _serve(artifacts)
+    pids = _server_pids(grpc_port)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    assert _server_pids(grpc_port) == pids and len(_group_members(pids[0])) > 1  # left running, stubs and all
+    record = artifacts / "triton" / "servers" / f"{grpc_port}.json"
+    assert record.is_file()
+    second, _ = _serve(artifacts)
+    try:
+        from serving.launcher import process_group
+
+        assert _server_pids(grpc_port) == []
+        assert [pid for pid, fields, _ in process_group(pids[0]) if fields[0] != "Z"] == []  # zombies: init reaps them
+        assert not record.exists() and not (artifacts / "triton" / f"repository.{grpc_port}").exists()
+        assert not (artifacts / "triton" / f"admin_key.{grpc_port}").exists()
+    finally:
+        os.kill(second.pid, signal.SIGTERM)
+        assert second.wait(60) == 0
+    assert f"stopped tritonserver pid {pids[0]} (gRPC 127.0.0.1:{grpc_port}), left running by a `shoprec serve` that " \
+           f"is gone (pid {proc.pid})" in second.stderr.read()
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_bad_request_is_the_clients_error_not_the_servers(triton, artifacts, protocol):
     """Validation errors carry INVALID_ARG through the ensemble: gRPC INVALID_ARGUMENT, HTTP 400 (not INTERNAL/500)."""
