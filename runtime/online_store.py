@@ -91,7 +91,7 @@ class OnlineStore:
     def __init__(self, url: str, prefix: str, item_ids: np.ndarray, category: np.ndarray | None,
                  rel_price: np.ndarray | None, snapshot, n_seq: int, n_cat: int, timeout_ms: float = 50.0,
                  retry_s: float = 1.0, ttl_days: float = 30.0, max_actions: int = 2000, max_event_ids: int = 10_000,
-                 encoder=None):
+                 encoder=None, max_ahead_s: float = 3600.0):
         """encoder: what encodes written states' user columns (request_transform.StateEncoder), or a function of no
         arguments that makes one (called on the first write); None: states are written without them."""
         import redis
@@ -107,6 +107,7 @@ class OnlineStore:
         self.n_seq, self.n_cat = n_seq, n_cat
         self.retry_s, self.ttl_s = retry_s, int(ttl_days * 86_400)
         self.max_actions, self.max_event_ids = max_actions, max_event_ids
+        self.max_ahead_s = float(max_ahead_s)  # 0 or less: no check
         self._down_until = 0.0
         self._unavailable_blob = b""
         self._unavailable_rows = np.zeros(0, np.int64)
@@ -137,7 +138,7 @@ class OnlineStore:
         return cls(url, bundle_tag(bundle.path), table["item_ids"], category, rel_price, snapshot, a["seq_rows"].shape[1],
                    n_cat, cfg.online_timeout_ms if timeout_ms is None else timeout_ms, cfg.online_retry_s,
                    cfg.online_ttl_days, cfg.online_max_actions, cfg.online_max_event_ids,
-                   encoder=encoder if "enc__cat" in a else None)
+                   encoder=encoder if "enc__cat" in a else None, max_ahead_s=cfg.online_max_ahead_s)
 
     @classmethod
     def open(cls, serving_dir: Path, url: str, cfg, timeout_ms: float = 5000.0) -> "OnlineStore":
@@ -258,6 +259,10 @@ class OnlineStore:
         if kind is None:
             raise ValueError(f"type {event['type']!r} is not one of {', '.join(KIND)}")
         ts = _timestamp(event["timestamp"])
+        if self.max_ahead_s > 0 and ts > time.time() + self.max_ahead_s:
+            # it would stay the user's latest action until the clock caught up, and count for trending in an hour to come
+            raise ValueError(f"timestamp {event['timestamp']!r} is {ts - time.time():.0f} s ahead of this machine's clock "
+                             f"(more than serve.online_max_ahead_s = {self.max_ahead_s:g})")
         row, found = self._rows(np.array([item]))
         if not found[0]:
             raise ValueError(f"item_id {item} is not in the served catalog")

@@ -16,7 +16,7 @@ from runtime.online_store import OnlineStore
 from runtime.request_transform import UserStore
 
 pytestmark = pytest.mark.integration
-NOW = 2_000_000_000  # after every action of the export: live events come last
+NOW = int(time.time()) - 3_600  # after every action of the export: live events come last
 
 
 @pytest.fixture(scope="module")

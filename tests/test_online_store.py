@@ -5,6 +5,8 @@ computes for the same moment, row by row)."""
 from __future__ import annotations
 
 import dataclasses
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +152,11 @@ def test_bad_events_are_rejected_with_their_reason_and_the_rest_kept(store, pipe
         {"user_id": 900001, "item_id": item, "type": "purchase", "timestamp": "2023-11-14T22:13:21Z"},
         {"user_id": 10**20, "item_id": item, "type": "view", "timestamp": 5},  # once a traceback that lost the batch
         {"user_id": 900001, "item_id": item, "type": "view", "timestamp": 1_700_000_000_123},
+        {"user_id": 900001, "item_id": item, "type": "view", "timestamp": int(time.time()) + 86_400},  # a day ahead
     ]
     report = store.ingest(events).as_dict()
-    assert report["accepted"] == 2 and report["rejected"] == 9
-    assert report["reasons"] == [
+    assert report["accepted"] == 2 and report["rejected"] == 10
+    assert report["reasons"][:-1] == [
         "event 2: item_id 123456789 is not in the served catalog",
         "event 3: user_id 'x' is not an integer",
         "event 4: type 'like' is not one of view, click, cart, purchase",
@@ -164,6 +167,8 @@ def test_bad_events_are_rejected_with_their_reason_and_the_rest_kept(store, pipe
         f"event 10: user_id {10**20} does not fit in int64",
         f"event 11: timestamp 1700000000123 is outside 0..{(1 << 34) - 1} unix seconds (milliseconds? divide by 1000)",
     ]
+    assert re.fullmatch(r"event 12: timestamp \d+ is 86(399|400) s ahead of this machine's clock \(more than "
+                        r"serve.online_max_ahead_s = 3600\)", report["reasons"][-1]), report["reasons"][-1]
     late = IngestReport(rejected=[(5, "b"), (2, "a")])  # rejections arrive by batch: shown in line order
     assert late.as_dict()["reasons"] == ["event 3: a", "event 6: b"]
     import io
@@ -307,7 +312,7 @@ def test_a_dead_store_degrades_to_the_snapshot_without_failing(artifacts, cfg, p
 
 def test_trending_counts_events_per_item_over_the_last_hours(store, pipeline):
     ids = pipeline.item_table["item_ids"]
-    now = 1_800_000_000
+    now = (int(time.time()) // 3600 - 1) * 3600 + 1800  # the middle of the hour before: every event in the past
     events = [{"user_id": 900010 + j, "item_id": int(ids[i]), "type": "view", "timestamp": now - 600}
               for i, times in ((2, 3), (4, 1), (6, 2)) for j in range(times)]
     events.append({"user_id": 900020, "item_id": int(ids[4]), "type": "click", "timestamp": now - 5 * 3600})  # older
