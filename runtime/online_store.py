@@ -324,7 +324,11 @@ class OnlineStore:
                         new_ids[eid] = ts
                     f = f"{row}:{session}"
                     old = acts.get(f)
-                    acts[f] = (ts, kind) if old is None else (min(old[0], ts), max(old[1], kind))
+                    merged = (ts, kind) if old is None else (min(old[0], ts), max(old[1], kind))
+                    if merged == old:  # the same action again (a resend without an event id): nothing changes,
+                        dups += 1      # and it does not count for trending twice
+                        continue
+                    acts[f] = merged
                     changed.add(f)
                     trend[(ts // 3600, row)] = trend.get((ts // 3600, row), 0) + 1
                     accepted += 1

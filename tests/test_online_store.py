@@ -232,7 +232,10 @@ def test_event_ids_per_user_are_bounded_and_the_latest_still_deduplicate(redis_u
     assert kept == {f"e{i}" for i in range(3, 8)}  # the five latest by event time
     report = small.ingest(events[3:])
     assert report.accepted == 0 and report.duplicates == 5
-    assert small.ingest(events[:1]).accepted == 1  # forgotten: applied again, as documented
+    again = small.ingest(events[:1])  # its id is forgotten, but the action it made is still there: nothing changes
+    assert (again.accepted, again.duplicates) == (0, 1)
+    moved = small.ingest([{**events[0], "type": "click"}])  # the same id forgotten, with a stronger type: applied
+    assert (moved.accepted, moved.duplicates) == (1, 0)
 
 
 def test_unavailable_items_round_trip(store, pipeline):
@@ -316,7 +319,9 @@ def test_trending_counts_events_per_item_over_the_last_hours(store, pipeline):
     events = [{"user_id": 900010 + j, "item_id": int(ids[i]), "type": "view", "timestamp": now - 600}
               for i, times in ((2, 3), (4, 1), (6, 2)) for j in range(times)]
     events.append({"user_id": 900020, "item_id": int(ids[4]), "type": "click", "timestamp": now - 5 * 3600})  # older
-    store.ingest(events)
+    events.append(dict(events[0]))  # sent twice, with no event id or session id: the same action, counted once
+    report = store.ingest(events)
+    assert (report.accepted, report.duplicates) == (len(events) - 1, 1)
     assert store.trending(hours=1, now=now) == [(int(ids[2]), 3), (int(ids[6]), 2), (int(ids[4]), 1)]
     assert store.trending(hours=6, now=now, n=1) == [(int(ids[2]), 3)]
     assert store.trending(hours=6, now=now)[1:] == [(int(ids[4]), 2), (int(ids[6]), 2)]  # ties by item id
