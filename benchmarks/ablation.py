@@ -148,7 +148,10 @@ class Evaluator:
     def __init__(self, users: np.ndarray, score_fn):
         self.users, self.score_fn = users, score_fn
 
-    def prepare(self, data, cfg) -> dict:
+    def prepare(self, data, cfg, lists_only: bool = False, chunk: int = 2048) -> dict:
+        """The bundle's candidate lists for the users ({"lists"}), with each route's list and the lists without the
+        seen-item filter unless lists_only. Users go through the routes `chunk` at a time: a small catalog's routes
+        hold a dense row per user."""
         from training import train as T
 
         bundle = self.bundle
@@ -162,13 +165,25 @@ class Evaluator:
         gen = CandidateGenerator(**kw, ann_bias=popularity_bias(data.items["popularity"], T.ann_bias_weight(bundle.parent / "models")))
         q = data.queries(self.users, data.action_log(data.actions[data.actions["split"] == 0]))
         emb = T.user_embeddings(tt, q, "cpu")
-        rows, dense, routes = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])
+
+        def chunked(generator, **kw):
+            out = []
+            for s in range(0, len(emb), chunk):
+                lo, hi = q["hist_indptr"][s], q["hist_indptr"][min(s + chunk, len(emb))]
+                out.append(generator(emb[s : s + chunk], q["hist_indptr"][s : s + chunk + 1] - lo, q["hist_rows"][lo:hi],
+                                     q["hist_kinds"][lo:hi], **kw))
+            routes = {r: np.concatenate([o[2][r] for o in out]) for r in out[0][2]} if out else {}
+            return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]), routes)
+
+        rows, dense, routes = chunked(gen)
+        lists = {"rows": rows, "dense": dense, **{k: q[k] for k in ("user_cat", "user_cont", "seq", "seq_kinds")}}
+        if lists_only:
+            return {"lists": lists}
         # what the ann route's popularity bias adds: the same route without it, or with b = 1 where train chose none
         other = ("ann without its popularity bias", None) if gen.ann_bias is not None else (
             "ann with a popularity bias (b = 1)", popularity_bias(data.items["popularity"], cfg.retrieval.temperature))
-        routes[other[0]] = CandidateGenerator(**kw, ann_bias=other[1])(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"])[2]["ann"]
-        lists = {"rows": rows, "dense": dense, **{k: q[k] for k in ("user_cat", "user_cont", "seq", "seq_kinds")}}
-        loose, dense_l, _ = gen(emb, q["hist_indptr"], q["hist_rows"], q["hist_kinds"], exclude_seen=False)
+        routes[other[0]] = chunked(CandidateGenerator(**kw, ann_bias=other[1]))[2]["ann"]
+        loose, dense_l, _ = chunked(gen, exclude_seen=False)
         ranker = T.load_ranker(bundle.parent / "models", data, cfg.ranking)
         sc = T.ranker_scores(ranker, data, {**lists, "rows": loose, "dense": dense_l}, data.item_cont, cfg.ranking.cvr_weight, "cpu")
         unfiltered = np.take_along_axis(loose, np.argsort(-sc, axis=1, kind="stable"), 1)
@@ -203,8 +218,9 @@ def _metrics_from(per_user: dict) -> dict:
     return {k: mean_se(v) for k, v in per_user.items()}
 
 
-def shop_evaluator(artifacts: Path):
-    """The synthetic shop (or any features with a test split): test positives on unseen items."""
+def shop_evaluator(artifacts: Path, per_user: bool = False):
+    """The synthetic shop (or any features with a test split): test positives on unseen items. per_user: the scores
+    also hold each user's NDCG@10 ("per_user_ndcg@10"), for paired comparisons."""
     from training import metrics as M
     from training.data import FeatureData
     from training.evaluate import split_truth
@@ -216,33 +232,61 @@ def shop_evaluator(artifacts: Path):
     users, truth = users[warm], [t for t, w in zip(truth, warm) if w]
 
     def score(top):
-        return _metrics_from({"Recall@10": M.per_user_recall(top, truth, 10), "NDCG@10": M.per_user_ndcg(top, truth, 10),
-                              "Recall@100": M.per_user_recall(top, truth, 100)})
+        ndcg = M.per_user_ndcg(top, truth, 10)
+        out = _metrics_from({"Recall@10": M.per_user_recall(top, truth, 10), "NDCG@10": ndcg,
+                             "Recall@100": M.per_user_recall(top, truth, 100)})
+        return {**out, "per_user_ndcg@10": ndcg} if per_user else out
 
     ev = Evaluator(users, score)
     ev.bundle = artifacts / "serving"
     return ev
 
 
-def referee_evaluator(artifacts: Path, protocol: str):
-    """ml-latest-small under the referee's protocol: its test users, its scoring."""
+def referee_evaluator(artifacts: Path, protocol: str, part: str = "test", per_user: bool = False):
+    """ml-latest-small under the referee's protocol: its `part` users (test or valid), its scoring. per_user: the
+    scores also hold each user's NDCG@10 ("per_user_ndcg@10", the referee's filter and discount), for paired
+    comparisons."""
     sys.path.insert(0, str(REPO_ROOT.parent / "shared" / "quality"))
     import referee
 
     from training.data import FeatureData
 
     split = referee.get_split("mlls", protocol)
-    users = split.users[split.eval_rows["test"]]
+    users = split.users[split.eval_rows[part]]
     ids = FeatureData(artifacts / "features").items["item_ids"]
 
     def score(top):
-        m = referee.evaluate_ranked(users, [[int(ids[r]) for r in t if r >= 0] for t in top], split, "test")
+        m = referee.evaluate_ranked(users, [[int(ids[r]) for r in t if r >= 0] for t in top], split, part)
         se = m["stderr"]
-        return {k: (m[k], se.get(k)) for k in ("Recall@10", "NDCG@10", "Recall@100")}
+        out = {k: (m[k], se.get(k)) for k in ("Recall@10", "NDCG@10", "Recall@100")}
+        if per_user:
+            out["per_user_ndcg@10"] = _referee_ndcgs(referee, split, part, users, top, ids)
+        return out
 
     ev = Evaluator(users, score)
     ev.bundle = artifacts / "serving"
     return ev
+
+
+def _referee_ndcgs(referee, split, part: str, users: np.ndarray, top: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each user's NDCG@10 as the referee computes it (items outside the catalog, train positives and repeats
+    dropped from the list first)."""
+    out = np.zeros(len(users))
+    discount = 1.0 / np.log2(np.arange(2, 12))
+    for i, (u, rows) in enumerate(zip(users, top)):
+        r = split.user_index[int(u)]
+        liked = set(split.X.indices[split.X.indptr[r] : split.X.indptr[r + 1]].tolist())
+        kept = []
+        for row in rows[rows >= 0]:
+            c = split.item_index.get(int(ids[row]))
+            if c is not None and c not in liked and c not in kept:
+                kept.append(c)
+                if len(kept) == 10:
+                    break
+        truth = set(np.asarray(split.gt[part][int(r)]).tolist())
+        gains = np.array([c in truth for c in kept], dtype=float)
+        out[i] = (gains * discount[: len(kept)]).sum() / discount[: min(10, len(truth))].sum()
+    return out
 
 
 def main(argv=None) -> dict:

@@ -520,3 +520,49 @@ def test_referee_bench_reads_where_trains_time_went():
                                      "two_tower_final": 380.0, "ranker": 3.5, "total": 860.8}
     assert train_seconds({"seconds": 5.0, "cf": None, "ranking": {}}) == {  # a bundle without a share choice
         "cf": None, "two_tower_final": None, "ranker": None, "total": 5.0}
+
+
+def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candidates(artifacts, cfg):
+    """benchmarks.ranker_variants: stage A's lists train each variant, which re-orders the bundle's candidates for the
+    evaluated users; every row is paired with the reference user by user."""
+    from benchmarks.ablation import shop_evaluator
+    from benchmarks.ranker_variants import REFERENCE, inputs, run
+
+    report = run(artifacts, cfg.replace("ranking", steps=200), {"test": shop_evaluator(artifacts, per_user=True)})
+    rows = report["variants"]
+    assert list(rows) == [REFERENCE, "+ listwise loss", "+ MLP of the dense features", "+ list-relative scores",
+                          "+ ALS score", "served (training/train.py)", "no ranker (merged candidate order)"]
+    assert "NDCG@10 - reference" not in rows[REFERENCE]["test"]
+    for name, row in rows.items():
+        m = row["test"]
+        assert 0.0 <= m["NDCG@10"][0] <= 1.0 and "per_user_ndcg@10" not in m
+        if name != REFERENCE:  # the mean of the per-user differences is the difference of the means
+            assert m["NDCG@10 - reference"][0] == pytest.approx(m["NDCG@10"][0] - rows[REFERENCE]["test"]["NDCG@10"][0])
+    # the list-relative scores: each score feature over its largest magnitude in the list, padding left out
+    from runtime.candidates import DENSE_FEATURES
+
+    dense = np.zeros((1, 3, len(DENSE_FEATURES)), np.float32)
+    dense[0, :, DENSE_FEATURES.index("cf_pos")] = [2.0, -4.0, 100.0]
+    lists = {"rows": np.array([[0, 1, -1]]), "user_cont": np.zeros((1, 1), np.float32), "dense": dense}
+    x = inputs(lists, np.zeros((2, 0), np.float32), relative=True)
+    assert x.shape == (1, 3, 1 + len(DENSE_FEATURES) + 4)
+    np.testing.assert_allclose(x[0, :2, -3], [0.5, -1.0])
+
+
+def test_referee_ndcg_per_user_drops_what_the_referee_drops():
+    """Each user's NDCG@10 as referee.py scores it: items outside the catalog, train positives and repeats leave
+    the list first; the ideal is min(10, |truth|) hits."""
+    from types import SimpleNamespace
+
+    import scipy.sparse as sp
+
+    from benchmarks.ablation import _referee_ndcgs
+
+    ids = np.array([100, 101, 102, 103, 999])  # item rows -> raw ids; 999 is outside the referee's catalog
+    split = SimpleNamespace(user_index={7: 0, 8: 1}, item_index={100: 0, 101: 1, 102: 2, 103: 3},
+                            X=sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 0, 0, 0]])),  # user 7 liked item 100 in train
+                            gt={"test": {0: np.array([2, 3]), 1: np.array([1])}})
+    top = np.array([[0, 4, 2, 2, 3, -1], [3, 1, -1, -1, -1, -1]])
+    got = _referee_ndcgs(None, split, "test", np.array([7, 8]), top, ids)
+    d = 1 / np.log2(np.arange(2, 4))
+    assert got == pytest.approx([1.0, d[1] / d[0]])  # user 7: 102, 103 at ranks 1-2; user 8: 101 at rank 2 of 1 ideal

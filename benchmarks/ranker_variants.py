@@ -1,0 +1,276 @@
+"""Does another ranker do better on the same candidates? Loss, capacity and extra features, side by side.
+
+    .venv/bin/python -m benchmarks.ranker_variants --tag small                              # after make demo
+    .venv/bin/python -m benchmarks.ranker_variants --referee random-8-1-1 --tag mlls-random  # ml-latest-small
+
+The served ranker is wide only below `ranking.deep_min_lists` lists (every real data set here): a linear model
+of the standardised candidate, item and user features with a CTR and an ESMM CVR head. Until 2026-12-07 it was
+trained pointwise only (binary cross-entropy); this asks where its quality stops, and what changed that. One bundle's stage-A lists (the
+two-tower refitted on the fit fold with the share and epochs `train` chose, the routes with its EASE lambda,
+the same held-out users and labels as `train`) train each variant; the bundle's final models make the evaluated
+users' candidates, as in `benchmarks/ablation.py`, and each variant only re-orders them. Variants:
+- `wide, pointwise (this loop)`: the wide model in this file's loop (training/train.py's steps, batch, EMA, CTR +
+  CVR cross-entropy), the reference row;
+- `+ listwise loss`: plus a softmax over each list with its clicks as targets (ListNet), weight 1 (now the default,
+  `ranking.listwise_weight`);
+- `+ MLP of the dense features`: plus two ReLU layers (16 wide, last layer from zero) over the same inputs;
+- `+ list-relative scores`: the four score features also divided by their largest magnitude in the list;
+- `+ ALS score`: the user-item dot product of an `implicit` ALS fitted on the same actions as the lists' models
+  (64 factors, regularisation .05, alpha 1, 15 iterations), an extra feature;
+- `served`: training/train.py's own ranker (`train_ranker`) as configured: the deep part as `ranking.deep` decides
+  by the number of lists (on where "auto" would compare it with wide alone), the listwise weight of the config.
+Figures: NDCG@10 and Recall@10 of the evaluated users (mean ± s.e.): synthetic shop, warm test users; ml-latest-small,
+the referee's valid and test users, scored by the referee. Writes benchmarks/results/ranker_variants_<tag>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shoprec.config import REPO_ROOT, load_config
+from shoprec.manifest import verified_path
+
+from training.metrics import mean_se
+
+from .machine import describe
+
+SCORE_COLUMNS = ("cf_all", "cf_pos", "cf_recent", "two_tower")
+REFERENCE = "wide, pointwise (this loop)"  # the row the others are paired with
+
+
+class WideRanker(torch.nn.Module):
+    """The served wide ranker's model (a linear map of standardised inputs to the two logits), optionally plus an MLP."""
+
+    def __init__(self, x: np.ndarray, hidden: int = 0):
+        super().__init__()
+        std = x.std(0)
+        self.register_buffer("mean", torch.tensor(x.mean(0)))
+        self.register_buffer("std", torch.tensor(np.where(std > 1e-6, std, 1e30), dtype=torch.float32))
+        self.wide = torch.nn.Linear(x.shape[1], 2)
+        self.mlp = None
+        if hidden:
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                                           torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
+            torch.nn.init.zeros_(self.mlp[-1].weight)
+            torch.nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        return self.wide(x) + (self.mlp(x) if self.mlp is not None else 0.0)
+
+
+def inputs(lists: dict, item_cont: np.ndarray, extra: np.ndarray | None = None, relative: bool = False) -> np.ndarray:
+    """[U, N, F]: the user's numeric columns, the candidate's, its dense features (and the variant's additions)."""
+    rows = np.maximum(lists["rows"], 0)
+    parts = [np.broadcast_to(lists["user_cont"][:, None, :], rows.shape + (lists["user_cont"].shape[1],)), item_cont[rows],
+             lists["dense"]]
+    if relative:
+        from runtime.candidates import DENSE_FEATURES
+
+        ok = lists["rows"] >= 0
+        for name in SCORE_COLUMNS:
+            v = lists["dense"][..., DENSE_FEATURES.index(name)]
+            top = np.abs(np.where(ok, v, 0.0)).max(1, keepdims=True)
+            parts.append((v / np.where(top > 0, top, 1.0))[..., None])
+    if extra is not None:
+        parts.append(extra[..., None])
+    return np.concatenate(parts, axis=2).astype(np.float32)
+
+
+def train_wide(x: np.ndarray, ok: np.ndarray, click: np.ndarray, purchase: np.ndarray, kc, hidden: int = 0,
+               listwise: float = 0.0) -> WideRanker:
+    """training/train.py's loop for a wide ranker (steps of `users_per_batch` lists, AdamW, EMA of the weights,
+    CTR + ESMM CVR binary cross-entropy over the valid candidates), with an optional listwise term."""
+    torch.manual_seed(kc.seed)
+    rng = np.random.default_rng(kc.seed)
+    net = WideRanker(x[ok], hidden)
+    opt = torch.optim.AdamW(net.parameters(), lr=kc.learning_rate, weight_decay=kc.weight_decay)
+    ema = copy.deepcopy(net)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    xt, mt = torch.tensor(x), torch.tensor(ok, dtype=torch.float32)
+    ct, pt = torch.tensor(click), torch.tensor(purchase)
+    step, n = 0, len(x)
+    while step < kc.steps:
+        order = rng.permutation(n)
+        for s in range(0, n, kc.users_per_batch):
+            if step >= kc.steps:
+                break
+            idx = torch.tensor(order[s : s + kc.users_per_batch])
+            logits, m, c, p = net(xt[idx]), mt[idx], ct[idx], pt[idx]
+            l_ctr = (bce(logits[..., 0], c, reduction="none") * m).sum() / m.sum()
+            p_buy = (torch.sigmoid(logits[..., 0]) * torch.sigmoid(logits[..., 1])).clamp(1e-7, 1 - 1e-7)
+            l_cvr = (torch.nn.functional.binary_cross_entropy(p_buy, p, reduction="none") * m).sum() / m.sum()
+            loss = l_ctr + kc.cvr_loss_weight * l_cvr
+            if listwise:
+                log_p = torch.log_softmax(logits[..., 0].masked_fill(m == 0, -1e9), 1)
+                has = c.sum(1) > 0
+                if has.any():
+                    loss = loss + listwise * -((log_p * c).sum(1)[has] / c.sum(1)[has]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                decay = min(kc.ema_decay, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.parameters(), net.parameters()):
+                    pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+    return ema.eval()
+
+
+@torch.no_grad()
+def order_by(net: WideRanker, x: np.ndarray, rows: np.ndarray, cvr_weight: float) -> np.ndarray:
+    p = torch.sigmoid(net(torch.tensor(x))).numpy()
+    score = np.where(rows >= 0, p[..., 0] * (1 + cvr_weight * p[..., 1]), -np.inf)
+    return np.take_along_axis(rows, np.argsort(-score, axis=1, kind="stable"), 1)
+
+
+def als_scores(data, actions, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[U, N] dot products of an implicit ALS fitted on `actions`' positives (0 for a user it never saw)."""
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    from training import cf as cflib
+
+    pos = actions[actions["kind"] >= 2]
+    x, uniq = cflib.interaction_matrix(pos["user_id"].values, pos["item_row"].values, data.n_items)
+    model = AlternatingLeastSquares(factors=64, regularization=0.05, alpha=1.0, iterations=15, random_state=0)
+    model.fit(x.astype(np.float32).tocsr(), show_progress=False)
+    at = np.searchsorted(uniq, users)
+    known = (at < len(uniq)) & (uniq[np.minimum(at, len(uniq) - 1)] == users)
+    u = np.zeros((len(users), model.factors), np.float32)
+    u[known] = model.user_factors[at[known]]
+    return np.einsum("uf,unf->un", u, model.item_factors[np.maximum(rows, 0)]).astype(np.float32)
+
+
+def stage_a_lists(artifacts: Path, cfg):
+    """The ranker's training lists as `train` built them: the held-out users, stage A's models, their labels."""
+    from runtime.candidates import CandidateGenerator, popularity_bias
+    from training import train as T
+    from training.data import FeatureData, context_of
+
+    data = FeatureData(artifacts / "features")
+    report = json.loads(verified_path(artifacts / "models", "train_report.json").read_text())
+    train = data.actions[data.actions["split"] == 0]
+    fit, hold = train[train["fold"] == 0], train[train["fold"] == 1]
+    rc, kc = cfg.retrieval, cfg.ranking
+    users, truth, first_ts = data.holdout_truth(fit, hold, max(rc.max_valid_users, kc.max_users), rc.seed)
+    hour, weekday = context_of(first_ts, rc.context_dropout, np.random.default_rng(kc.seed))
+    q = data.queries(users, data.action_log(fit), hour=hour, weekday=weekday)
+    tt_a, _ = T.train_two_tower(data, rc, (0,), data.items["item_cont_fit"], "cpu", report["retrieval_stage_a"]["best_epoch"],
+                                None, False, "retrieval", float(report["whole_history_share"]["share"]))
+    cf_all, cf_pos = T.fit_routes(data, fit, cfg, report["cf"]["ease_lambda"])
+    gen = CandidateGenerator(T.item_embeddings(tt_a, data.item_cat, data.items["item_cont_fit"], "cpu"), None, cf_all, cf_pos,
+                             data.items["popular_rows_fit"], cfg.serve.num_candidates, cfg.serve.recent_window,
+                             T._exempt(data, cfg), T.fit_categories(data),
+                             ann_bias=popularity_bias(data.items["popularity_fit"], report["ann_popularity_prior"]["bias_weight"]))
+    n = min(len(users), kc.max_users)
+    sel = np.arange(n)
+    lists = T.ranker_lists(data, gen, T._slice_q(q, sel), T.user_embeddings(tt_a, T._slice_q(q, sel), "cpu"), truth[:n])
+    keep = ~(np.random.default_rng(kc.seed + 1).random(n) < kc.valid_share)  # train's own split of the lists
+    return data, fit, train, tt_a, users[:n][keep], {k: v[keep] for k, v in lists.items()}
+
+
+def run(artifacts: Path, cfg, evaluators: dict) -> dict:
+    """evaluators: {part: ablation.Evaluator}; each variant's lists scored on every part."""
+    from training import train as T
+
+    kc = cfg.ranking
+    data, fit, train, tt_a, users_a, lists = stage_a_lists(artifacts, cfg)
+    ok = lists["rows"] >= 0
+    parts = {name: ev.prepare(data, cfg, lists_only=True)["lists"] for name, ev in evaluators.items()}
+    als_a = als_scores(data, fit, users_a, lists["rows"])
+    als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
+    report: dict = {"lists": {"train_users": int(len(users_a)), "candidates": int(lists["rows"].shape[1])}, "variants": {}}
+
+    per_user: dict = {}
+
+    def scored(name: str, tops: dict, seconds: float) -> None:
+        report["variants"][name] = {part: evaluators[part](top) for part, top in tops.items()}
+        for part in tops:  # paired with the reference row (this loop's wide ranker), user by user
+            mine = per_user.setdefault(name, {})[part] = report["variants"][name][part].pop("per_user_ndcg@10")
+            ref = per_user.get(REFERENCE, {}).get(part)
+            if ref is not None and name != REFERENCE:
+                report["variants"][name][part]["NDCG@10 - reference"] = mean_se(mine - ref)
+        report["variants"][name]["train_seconds"] = round(seconds, 1)
+        print(f"ranker_variants: {name}: " + "  ".join(f"{p} NDCG@10 {m['NDCG@10'][0]:.4f}" for p, m in
+                                                      report["variants"][name].items() if p != "train_seconds"), flush=True)
+
+    variants = {REFERENCE: {}, "+ listwise loss": {"listwise": 1.0}, "+ MLP of the dense features": {"hidden": 16},
+                "+ list-relative scores": {"relative": True}, "+ ALS score": {"als": True}}
+    for name, v in variants.items():
+        t0 = time.time()
+        x = inputs(lists, data.items["item_cont_fit"], als_a if v.get("als") else None, v.get("relative", False))
+        net = train_wide(x, ok, lists["click"], lists["purchase"], kc, v.get("hidden", 0), v.get("listwise", 0.0))
+        seconds = time.time() - t0
+        scored(name, {p: order_by(net, inputs(ev, data.item_cont, als_e[p] if v.get("als") else None, v.get("relative", False)),
+                                  ev["rows"], kc.cvr_weight) for p, ev in parts.items()}, seconds)
+    t0 = time.time()
+    served, _ = T.train_ranker(data, kc, lists, {k: v[:0] for k, v in lists.items()}, [], data.items["item_cont_fit"],
+                               tt_a.item_ids, "cpu", False)
+    seconds = time.time() - t0
+    scored("served (training/train.py)", {p: np.take_along_axis(ev["rows"], np.argsort(
+        -T.ranker_scores(served, data, ev, data.item_cont, kc.cvr_weight, "cpu"), axis=1, kind="stable"), 1)
+        for p, ev in parts.items()}, seconds)
+    report["variants"]["served (training/train.py)"]["deep"] = bool(T.deep_part_on(kc, len(users_a)))
+    scored("no ranker (merged candidate order)", {p: ev["rows"] for p, ev in parts.items()}, 0.0)
+    return report
+
+
+def markdown(report: dict, meta: dict) -> str:
+    parts = [p for p in next(iter(report["variants"].values())) if p not in ("train_seconds", "deep")]
+    lines = [f"# Ranker variants: `{meta['tag']}`", "", f"Command: `{meta['command']}` ({meta['date']}, {meta['machine']}).", "",
+             f"{report['lists']['train_users']} training lists of {report['lists']['candidates']} candidates. "
+             "NDCG@10 and Recall@10, mean ± s.e.; seconds to train.", "",
+             f"Paired: each user's NDCG@10 minus the same user's under `{REFERENCE}`, mean ± s.e.", "",
+             "| variant | " + " | ".join(f"{p} NDCG@10 | paired | {p} Recall@10" for p in parts) + " | s |",
+             "|---|" + "---|---|---|" * len(parts) + "---|"]
+    for name, v in report["variants"].items():
+        cells = [f"{v[p]['NDCG@10'][0]:.4f} ± {v[p]['NDCG@10'][1]:.4f} | "
+                 + ("{:+.4f} ± {:.4f}".format(*v[p]["NDCG@10 - reference"]) if name != REFERENCE else "reference")
+                 + f" | {v[p]['Recall@10'][0]:.4f}" for p in parts]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    from .ablation import referee_evaluator, shop_evaluator
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"),
+                        help="a trained bundle (the synthetic shop); with --referee, where its bundle is built")
+    parser.add_argument("--referee", choices=["random-8-1-1", "user-temporal-8-1-1"],
+                        help="build a bundle from the referee's split of ml-latest-small and score with the referee")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config).replace("features", split="none") if args.referee else load_config(args.config)
+    artifacts = Path(args.artifacts)
+    if args.referee:
+        from .referee_bench import build_artifacts
+
+        artifacts = build_artifacts(args.referee, artifacts / "ranker_variants" / args.referee, args.config)
+        evaluators = {part: referee_evaluator(artifacts, args.referee, part, per_user=True) for part in ("valid", "test")}
+    else:
+        evaluators = {"test": shop_evaluator(artifacts, per_user=True)}
+    t0 = time.time()
+    report = run(artifacts, cfg, evaluators)
+    meta = {"tag": args.tag, "command": " ".join(["python -m benchmarks.ranker_variants", *(argv or sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d"), "machine": describe(), "seconds": round(time.time() - t0, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ranker_variants_{args.tag}.json").write_text(json.dumps({**meta, **report}, indent=1, default=float) + "\n")
+    (out / f"ranker_variants_{args.tag}.md").write_text(markdown(report, meta))
+    print(markdown(report, meta))
+    return report
+
+
+if __name__ == "__main__":
+    main()
