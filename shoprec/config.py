@@ -90,6 +90,7 @@ class RankingConfig:
     ignore_user_features: tuple[str, ...] = ("user_id",)
     cvr_weight: float = 1.0  # score = pCTR * (1 + cvr_weight * pCVR): a purchase counts 1 + w clicks
     cvr_loss_weight: float = 0.5
+    listwise_weight: float = 1.0  # plus a softmax over each list with its clicks as targets (ListNet), this much
     max_users: int = 20_000
     users_per_batch: int = 8
     steps: int = 4000  # a fixed budget: a few hundred held-out lists are too few to early-stop on

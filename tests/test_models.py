@@ -1129,3 +1129,19 @@ def test_exported_ranker_graph_scores_like_the_trained_ranker(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(trained(*args)[0], trained(*args[:4], 8 - args[4], *args[5:])[0])  # the items count
     assert parity(path, trained, args, "ranker") < 1e-5
+
+
+def test_listwise_loss_is_the_softmax_cross_entropy_over_each_lists_clicks():
+    """ListNet: padding (mask 0) takes no probability, clicks share the target evenly, lists without a click add
+    nothing, and adding a constant to a list's logits changes nothing (only the order inside a list counts)."""
+    from training.modules import listwise_loss
+
+    logits = torch.tensor([[2.0, 0.0, 5.0], [1.0, 1.0, 1.0], [0.0, 3.0, 1.0]])
+    clicks = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])  # the first list's third slot is padding
+    first = -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
+    second = -torch.log(torch.tensor(1 / 3))  # two clicks of three equal logits: each has probability 1/3
+    assert float(listwise_loss(logits, clicks, mask)) == pytest.approx(float((first + second) / 2), rel=1e-6)
+    shifted = logits + torch.tensor([[10.0], [-3.0], [7.0]])
+    assert float(listwise_loss(shifted, clicks, mask)) == pytest.approx(float(listwise_loss(logits, clicks, mask)), rel=1e-5)
+    assert float(listwise_loss(logits, torch.zeros_like(clicks), mask)) == 0.0

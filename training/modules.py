@@ -183,6 +183,18 @@ class TwoTower(nn.Module):
         self.item_tower = ItemTower(item_card, item_tables, item_cont, self.item_ids, field_dim, hidden, out_dim, dropout)
 
 
+def listwise_loss(logits: torch.Tensor, clicks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ListNet over each list [B, N]: the cross-entropy between the softmax of the logits over the list's valid
+    candidates (mask 1) and the clicks spread evenly, averaged over the lists holding a click (0 when none does).
+    Only the order inside a list matters to it, as only that order is served."""
+    log_p = torch.log_softmax(logits.masked_fill(mask == 0, -1e9), dim=1)
+    n_pos = clicks.sum(1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    return -((log_p * clicks).sum(1)[has] / n_pos[has]).mean()
+
+
 def sampled_softmax_loss(user: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, log_q: torch.Tensor | None,
                          temperature: float, extra: torch.Tensor | None = None, extra_ids: torch.Tensor | None = None,
                          extra_log_q: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ from . import cf as cflib
 from .data import NULL_CODE, FeatureData, context_of
 from .evaluate import rows_per_batch, sample_users, split_truth, top_n_unseen
 from .metrics import mean_se, ndcg_at, per_user_ndcg, recall_at
-from .modules import OOV_CODE, Ranker, TwoTower, sampled_softmax_loss
+from .modules import OOV_CODE, Ranker, TwoTower, listwise_loss, sampled_softmax_loss
 
 log = logging.getLogger("shoprec.train")
 
@@ -425,6 +425,8 @@ def train_ranker(data: FeatureData, cfg: RankingConfig, train: dict, valid: dict
             l_cvr = (torch.nn.functional.binary_cross_entropy(p_buy.clamp(1e-7, 1 - 1e-7), purchase, reduction="none")
                      * mask).sum() / mask.sum()
             loss = l_ctr + cfg.cvr_loss_weight * l_cvr
+            if cfg.listwise_weight:  # what is served is the order inside each list
+                loss = loss + cfg.listwise_weight * listwise_loss(logits[..., 0], click, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             _check_finite("ranking", epoch, loss, model)
