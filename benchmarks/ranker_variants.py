@@ -39,6 +39,7 @@ from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verified_path
 
 from training.metrics import mean_se
+from training.modules import IGNORED_SPREAD
 
 from .machine import describe
 
@@ -53,7 +54,7 @@ class WideRanker(torch.nn.Module):
         super().__init__()
         std = x.std(0)
         self.register_buffer("mean", torch.tensor(x.mean(0)))
-        self.register_buffer("std", torch.tensor(np.where(std > 1e-6, std, 1e30), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(np.where(std > 1e-6, std, IGNORED_SPREAD), dtype=torch.float32))
         self.wide = torch.nn.Linear(x.shape[1], 2)
         self.mlp = None
         if hidden:

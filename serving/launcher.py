@@ -150,7 +150,7 @@ def stop_orphans(artifacts: Path, timeout_s: float = 8.0) -> list[str]:
     folder = bundles.servers_dir(artifacts)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         record = _read_record(path)
-        if not isinstance(record, dict) or not record.get("triton_pid") or bundles._alive(int(record.get("pid") or 0)):
+        if not isinstance(record, dict) or not record.get("triton_pid") or bundles.pid_alive(int(record.get("pid") or 0)):
             continue
         pgid, repo = int(record["triton_pid"]), str(record.get("repository", ""))
         leader = [argv for pid, fields, argv in process_group(pgid) if pid == pgid and fields[0] != "Z"]

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoprec.bundles import pid_alive
+
 from .launcher import LaunchError, free_port
 
 
@@ -28,16 +30,6 @@ def ping(url: str, timeout_s: float = 0.5) -> bool:
         return bool(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s).ping())
     except (redis.RedisError, OSError):
         return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def owner(data_dir: Path) -> int | None:

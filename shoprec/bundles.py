@@ -89,7 +89,7 @@ def _in_progress(root: Path) -> set[int]:
     taken = set()
     for tmp in root.glob(".tmp-*-*"):
         _, number, pid = tmp.name.split("-", 2)
-        if number.isdigit() and pid.isdigit() and _alive(int(pid)):
+        if number.isdigit() and pid.isdigit() and pid_alive(int(pid)):
             taken.add(int(number))
         else:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +150,8 @@ def servers_dir(artifacts: Path) -> Path:
     return Path(artifacts) / "triton" / "servers"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,7 +172,7 @@ def live_servers(artifacts: Path) -> list[dict]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and _alive(int(record.get("pid", 0) or 0)):
+        if isinstance(record, dict) and pid_alive(int(record.get("pid", 0) or 0)):
             out.append({**record, "record": str(path)})
     return out
 
