@@ -38,6 +38,29 @@ def test_ease_lambda_choice_with_no_holdout_user_names_the_data():
         choose_lambda(x, x[:0], [], sp.csr_matrix((0, 4)), CFConfig(method="ease", ease_lambdas=(1.0, 2.0)))
 
 
+def test_ease_lambda_keeps_the_first_unless_another_wins_by_two_standard_errors(monkeypatch):
+    """Every user has acted on item 0 only, so row 0 of B is every user's list: the first lambda's B ranks items
+    1-10 first, the other's 11-20. Users whose held-out item lies in the other's block prefer the other."""
+    import training.cf as cflib
+
+    n = 21
+    order = {300.0: np.r_[0.0, np.linspace(2, 1, 10), np.zeros(10)], 100.0: np.r_[0.0, np.zeros(10), np.linspace(2, 1, 10)]}
+    monkeypatch.setattr(cflib, "ease_weights", lambda x, lam: np.vstack([order[lam], np.zeros((n - 1, n))]))
+    users = 400
+    x = sp.csr_matrix((np.ones(users, np.float32), (np.arange(users), np.zeros(users, int))), shape=(users, n))
+    cfg = CFConfig(method="ease", ease_lambdas=(300.0, 100.0))
+
+    def truth(share_other: float) -> list[np.ndarray]:  # each block's users hold its items in turn
+        other = np.arange(users) < round(share_other * users)
+        return [np.array([(11 if o else 1) + u % 10]) for u, o in enumerate(other)]
+
+    lam, scores = choose_lambda(x, x, truth(0.53), x, cfg)  # the other is ahead by noise only
+    assert scores["100.0"] > scores["300.0"] and lam == 300.0
+    lam, scores = choose_lambda(x, x, truth(0.75), x, cfg)
+    assert lam == 100.0
+    assert choose_lambda(x, x, truth(0.9), x, CFConfig(method="ease", ease_lambdas=(100.0,)))[0] == 100.0  # one value fixes it
+
+
 def test_mixed_negatives_equal_the_hand_computed_softmax():
     torch.manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)

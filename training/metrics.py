@@ -50,6 +50,17 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
+MARGIN_SE = 2.0  # a choice other than the default must win by this many paired standard errors
+
+
+def beats(base: np.ndarray, other: np.ndarray) -> bool:
+    """Whether `other` beats `base` (per-user scores of the same users) by more than MARGIN_SE standard errors of
+    the paired difference: the test `train` puts every choice on a holdout through before it leaves a default."""
+    diff = np.asarray(other, float) - np.asarray(base, float)
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+    return bool(diff.mean() > MARGIN_SE * se)
+
+
 def coverage(top: np.ndarray, n_items: int, k: int = 10) -> float:
     t = top[:, :k]
     return float(len(np.unique(t[t >= 0])) / max(n_items, 1))

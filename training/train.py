@@ -45,7 +45,7 @@ from shoprec.progress import progress as progress_iter
 from . import cf as cflib
 from .data import NULL_CODE, FeatureData, context_of
 from .evaluate import rows_per_batch, sample_users, split_truth, top_n_unseen
-from .metrics import mean_se, ndcg_at, per_user_ndcg, recall_at
+from .metrics import beats, mean_se, ndcg_at, per_user_ndcg, recall_at
 from .modules import OOV_CODE, Ranker, TwoTower, listwise_loss, sampled_softmax_loss
 
 log = logging.getLogger("shoprec.train")
@@ -731,17 +731,6 @@ def _curve_summary(curve: dict) -> dict:
         out[str(w)] = {"mean": round(mean, 5), "se": round(se, 5)}
     out["users"] = len(next(iter(curve.values())))
     return out
-
-
-PRIOR_MARGIN_SE = 2.0  # a weight other than the smallest must win by this many paired standard errors
-
-
-def beats(base: np.ndarray, other: np.ndarray) -> bool:
-    """Whether `other` beats `base` (per-user scores of the same users) by more than PRIOR_MARGIN_SE standard
-    errors of the paired difference."""
-    diff = np.asarray(other, float) - np.asarray(base, float)
-    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
-    return bool(diff.mean() > PRIOR_MARGIN_SE * se)
 
 
 def choose_prior(curve: dict[float, np.ndarray]) -> float:
