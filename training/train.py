@@ -2,7 +2,8 @@
 
 Stage A learns on the features stage's fold split of train: the models fit on the *fit* fold, and
 the holdout fold (each user's latest actions plus a random share) is what they are judged on. The
-two-tower early-stops on holdout Recall@50; the EASE lambda is chosen on holdout NDCG@10; the
+two-tower early-stops on holdout Recall@50; the EASE lambda is the configured first unless another wins
+on holdout NDCG@10 by two paired standard errors (`cf.choose_lambda`); the
 ranker learns to rank the candidates the fit-fold models recall for each holdout user against
 what that user did next (the serving task: the server ranks candidates from models fitted on all
 of train). With several retrieval.whole_history_share values, stage A's two-tower is fitted once per
@@ -654,7 +655,8 @@ def choose_whole_history(data: FeatureData, cfg: Config, fits: dict[float, tuple
     """The whole-history share among stage A's fits (one per retrieval.whole_history_share): the one whose
     two-tower alone scores the best mean NDCG@10 on the valid split (its users' state = their train actions,
     as served), or on the holdout when there is no valid split; a tie keeps the earlier in the config. A
-    hyper-parameter chosen like the baselines' and EASE's lambda: no share is the safe default to defend
+    hyper-parameter chosen like the baselines' (the plain best, unlike EASE's lambda, the ranker's prior and
+    its deep part, which need a win by two paired standard errors): no share is the safe default to defend
     (on the small shop's valid split 0.5 won, .0791 against .0745, by less than two paired standard errors,
     and gained on test; on medium 0 won, .0468 against .0449, and gained on test).
 
