@@ -9,16 +9,22 @@ trained pointwise only (binary cross-entropy); this asks where its quality stops
 two-tower refitted on the fit fold with the share and epochs `train` chose, the routes with its EASE lambda,
 the same held-out users and labels as `train`) train each variant; the bundle's final models make the evaluated
 users' candidates, as in `benchmarks/ablation.py`, and each variant only re-orders them. Variants:
-- `wide, pointwise (this loop)`: the wide model in this file's loop (training/train.py's steps, batch, EMA, CTR +
-  CVR cross-entropy), the reference row;
+Every row is training/train.py's own `train_ranker` (its steps, batch, EMA, CTR + ESMM CVR cross-entropy) with one
+thing changed from the reference:
+- `wide, pointwise`: the wide part alone, cross-entropy only (`ranking.listwise_weight = 0`), the rule before
+  2026-12-07 and the reference row;
 - `+ listwise loss`: plus a softmax over each list with its clicks as targets (ListNet), weight 1 (now the default,
   `ranking.listwise_weight`);
-- `+ MLP of the dense features`: plus two ReLU layers (16 wide, last layer from zero) over the same inputs;
-- `+ list-relative scores`: the four score features also divided by their largest magnitude in the list;
+- `+ deep part`: the ranker's deep part on (embeddings, DIN over the recent actions, the bottom and top MLPs;
+  `ranking.deep = "on"`), pointwise;
+- `+ list-relative scores`: the four score features also divided by their largest magnitude in the list, as extra
+  dense features;
 - `+ ALS score`: the user-item dot product of an `implicit` ALS fitted on the same actions as the lists' models
-  (64 factors, regularisation .05, alpha 1, 15 iterations), an extra feature;
-- `served`: training/train.py's own ranker (`train_ranker`) as configured: the deep part as `ranking.deep` decides
-  by the number of lists (on where "auto" would compare it with wide alone), the listwise weight of the config.
+  (64 factors, regularisation .05, alpha 1, 15 iterations), an extra dense feature;
+- `served`: `train_ranker` as configured: the deep part as `ranking.deep` decides by the number of lists (on where
+  "auto" would compare it with wide alone), the listwise weight of the config.
+Before 2026-12-07 (commit 7bbe031's results) the rows came from a copy of the training loop in this file, and an MLP
+of the dense features stood where the deep part stands now.
 Figures: NDCG@10 and Recall@10 of the evaluated users (mean ± s.e.): synthetic shop, warm test users; ml-latest-small,
 the referee's valid and test users, scored by the referee. Writes benchmarks/results/ranker_variants_<tag>.{json,md}.
 """
@@ -26,53 +32,29 @@ the referee's valid and test users, scored by the referee. Writes benchmarks/res
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verified_path
 
 from training.metrics import mean_se
-from training.modules import IGNORED_SPREAD
 
 from .machine import describe
 
 SCORE_COLUMNS = ("cf_all", "cf_pos", "cf_recent", "two_tower")
-REFERENCE = "wide, pointwise (this loop)"  # the row the others are paired with
+REFERENCE = "wide, pointwise"  # the row the others are paired with
 
 
-class WideRanker(torch.nn.Module):
-    """The served wide ranker's model (a linear map of standardised inputs to the two logits), optionally plus an MLP."""
-
-    def __init__(self, x: np.ndarray, hidden: int = 0):
-        super().__init__()
-        std = x.std(0)
-        self.register_buffer("mean", torch.tensor(x.mean(0)))
-        self.register_buffer("std", torch.tensor(np.where(std > 1e-6, std, IGNORED_SPREAD), dtype=torch.float32))
-        self.wide = torch.nn.Linear(x.shape[1], 2)
-        self.mlp = None
-        if hidden:
-            self.mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
-                                           torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
-            torch.nn.init.zeros_(self.mlp[-1].weight)
-            torch.nn.init.zeros_(self.mlp[-1].bias)
-
-    def forward(self, x):
-        x = (x - self.mean) / self.std
-        return self.wide(x) + (self.mlp(x) if self.mlp is not None else 0.0)
-
-
-def inputs(lists: dict, item_cont: np.ndarray, extra: np.ndarray | None = None, relative: bool = False) -> np.ndarray:
-    """[U, N, F]: the user's numeric columns, the candidate's, its dense features (and the variant's additions)."""
-    rows = np.maximum(lists["rows"], 0)
-    parts = [np.broadcast_to(lists["user_cont"][:, None, :], rows.shape + (lists["user_cont"].shape[1],)), item_cont[rows],
-             lists["dense"]]
+def with_columns(lists: dict, extra: np.ndarray | None = None, relative: bool = False) -> dict:
+    """The lists with the variant's dense features appended: each score feature relative to its largest magnitude
+    in the list, and an extra [U, N] column."""
+    parts = [lists["dense"]]
     if relative:
         from runtime.candidates import DENSE_FEATURES
 
@@ -83,54 +65,7 @@ def inputs(lists: dict, item_cont: np.ndarray, extra: np.ndarray | None = None, 
             parts.append((v / np.where(top > 0, top, 1.0))[..., None])
     if extra is not None:
         parts.append(extra[..., None])
-    return np.concatenate(parts, axis=2).astype(np.float32)
-
-
-def train_wide(x: np.ndarray, ok: np.ndarray, click: np.ndarray, purchase: np.ndarray, kc, hidden: int = 0,
-               listwise: float = 0.0) -> WideRanker:
-    """training/train.py's loop for a wide ranker (steps of `users_per_batch` lists, AdamW, EMA of the weights,
-    CTR + ESMM CVR binary cross-entropy over the valid candidates), with an optional listwise term."""
-    torch.manual_seed(kc.seed)
-    rng = np.random.default_rng(kc.seed)
-    net = WideRanker(x[ok], hidden)
-    opt = torch.optim.AdamW(net.parameters(), lr=kc.learning_rate, weight_decay=kc.weight_decay)
-    ema = copy.deepcopy(net)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    xt, mt = torch.tensor(x), torch.tensor(ok, dtype=torch.float32)
-    ct, pt = torch.tensor(click), torch.tensor(purchase)
-    step, n = 0, len(x)
-    while step < kc.steps:
-        order = rng.permutation(n)
-        for s in range(0, n, kc.users_per_batch):
-            if step >= kc.steps:
-                break
-            idx = torch.tensor(order[s : s + kc.users_per_batch])
-            logits, m, c, p = net(xt[idx]), mt[idx], ct[idx], pt[idx]
-            l_ctr = (bce(logits[..., 0], c, reduction="none") * m).sum() / m.sum()
-            p_buy = (torch.sigmoid(logits[..., 0]) * torch.sigmoid(logits[..., 1])).clamp(1e-7, 1 - 1e-7)
-            l_cvr = (torch.nn.functional.binary_cross_entropy(p_buy, p, reduction="none") * m).sum() / m.sum()
-            loss = l_ctr + kc.cvr_loss_weight * l_cvr
-            if listwise:
-                log_p = torch.log_softmax(logits[..., 0].masked_fill(m == 0, -1e9), 1)
-                has = c.sum(1) > 0
-                if has.any():
-                    loss = loss + listwise * -((log_p * c).sum(1)[has] / c.sum(1)[has]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            with torch.no_grad():
-                decay = min(kc.ema_decay, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.parameters(), net.parameters()):
-                    pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
-    return ema.eval()
-
-
-@torch.no_grad()
-def order_by(net: WideRanker, x: np.ndarray, rows: np.ndarray, cvr_weight: float) -> np.ndarray:
-    p = torch.sigmoid(net(torch.tensor(x))).numpy()
-    score = np.where(rows >= 0, p[..., 0] * (1 + cvr_weight * p[..., 1]), -np.inf)
-    return np.take_along_axis(rows, np.argsort(-score, axis=1, kind="stable"), 1)
+    return {**lists, "dense": np.concatenate(parts, axis=2).astype(np.float32)}
 
 
 def als_scores(data, actions, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -184,7 +119,6 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
 
     kc = cfg.ranking
     data, fit, train, tt_a, users_a, lists = stage_a_lists(artifacts, cfg)
-    ok = lists["rows"] >= 0
     parts = {name: ev.prepare(data, cfg, lists_only=True)["lists"] for name, ev in evaluators.items()}
     als_a = als_scores(data, fit, users_a, lists["rows"])
     als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
@@ -194,7 +128,7 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
 
     def scored(name: str, tops: dict, seconds: float) -> None:
         report["variants"][name] = {part: evaluators[part](top) for part, top in tops.items()}
-        for part in tops:  # paired with the reference row (this loop's wide ranker), user by user
+        for part in tops:  # paired with the reference row (the wide ranker, pointwise), user by user
             mine = per_user.setdefault(name, {})[part] = report["variants"][name][part].pop("per_user_ndcg@10")
             ref = per_user.get(REFERENCE, {}).get(part)
             if ref is not None and name != REFERENCE:
@@ -203,22 +137,23 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
         print(f"ranker_variants: {name}: " + "  ".join(f"{p} NDCG@10 {m['NDCG@10'][0]:.4f}" for p, m in
                                                       report["variants"][name].items() if p != "train_seconds"), flush=True)
 
-    variants = {REFERENCE: {}, "+ listwise loss": {"listwise": 1.0}, "+ MLP of the dense features": {"hidden": 16},
-                "+ list-relative scores": {"relative": True}, "+ ALS score": {"als": True}}
+    wide = dict(deep=False, listwise_weight=0.0)
+    variants = {REFERENCE: wide, "+ listwise loss": {**wide, "listwise_weight": 1.0}, "+ deep part": {**wide, "deep": True},
+                "+ list-relative scores": {**wide, "relative": True}, "+ ALS score": {**wide, "als": True},
+                "served (training/train.py)": {"deep": None, "listwise_weight": kc.listwise_weight}}
     for name, v in variants.items():
         t0 = time.time()
-        x = inputs(lists, data.items["item_cont_fit"], als_a if v.get("als") else None, v.get("relative", False))
-        net = train_wide(x, ok, lists["click"], lists["purchase"], kc, v.get("hidden", 0), v.get("listwise", 0.0))
+        train_lists = with_columns(lists, als_a if v.get("als") else None, v.get("relative", False))
+        model, _ = T.train_ranker(data, dataclasses.replace(kc, listwise_weight=v["listwise_weight"]), train_lists,
+                                  {k: x[:0] for k, x in train_lists.items()}, [], data.items["item_cont_fit"], tt_a.item_ids,
+                                  "cpu", False, deep=v["deep"])
         seconds = time.time() - t0
-        scored(name, {p: order_by(net, inputs(ev, data.item_cont, als_e[p] if v.get("als") else None, v.get("relative", False)),
-                                  ev["rows"], kc.cvr_weight) for p, ev in parts.items()}, seconds)
-    t0 = time.time()
-    served, _ = T.train_ranker(data, kc, lists, {k: v[:0] for k, v in lists.items()}, [], data.items["item_cont_fit"],
-                               tt_a.item_ids, "cpu", False)
-    seconds = time.time() - t0
-    scored("served (training/train.py)", {p: np.take_along_axis(ev["rows"], np.argsort(
-        -T.ranker_scores(served, data, ev, data.item_cont, kc.cvr_weight, "cpu"), axis=1, kind="stable"), 1)
-        for p, ev in parts.items()}, seconds)
+        tops = {}
+        for p, ev in parts.items():
+            ev = with_columns(ev, als_e[p] if v.get("als") else None, v.get("relative", False))
+            order = np.argsort(-T.ranker_scores(model, data, ev, data.item_cont, kc.cvr_weight, "cpu"), axis=1, kind="stable")
+            tops[p] = np.take_along_axis(ev["rows"], order, 1)
+        scored(name, tops, seconds)
     report["variants"]["served (training/train.py)"]["deep"] = bool(T.deep_part_on(kc, len(users_a)))
     scored("no ranker (merged candidate order)", {p: ev["rows"] for p, ev in parts.items()}, 0.0)
     return report

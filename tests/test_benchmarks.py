@@ -526,12 +526,12 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     """benchmarks.ranker_variants: stage A's lists train each variant, which re-orders the bundle's candidates for the
     evaluated users; every row is paired with the reference user by user."""
     from benchmarks.ablation import shop_evaluator
-    from benchmarks.ranker_variants import REFERENCE, inputs, run
+    from benchmarks.ranker_variants import REFERENCE, run, with_columns
 
     report = run(artifacts, cfg.replace("ranking", steps=200), {"test": shop_evaluator(artifacts, per_user=True)})
     rows = report["variants"]
-    assert list(rows) == [REFERENCE, "+ listwise loss", "+ MLP of the dense features", "+ list-relative scores",
-                          "+ ALS score", "served (training/train.py)", "no ranker (merged candidate order)"]
+    assert list(rows) == [REFERENCE, "+ listwise loss", "+ deep part", "+ list-relative scores", "+ ALS score",
+                          "served (training/train.py)", "no ranker (merged candidate order)"]
     assert "NDCG@10 - reference" not in rows[REFERENCE]["test"]
     for name, row in rows.items():
         m = row["test"]
@@ -543,10 +543,11 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
 
     dense = np.zeros((1, 3, len(DENSE_FEATURES)), np.float32)
     dense[0, :, DENSE_FEATURES.index("cf_pos")] = [2.0, -4.0, 100.0]
-    lists = {"rows": np.array([[0, 1, -1]]), "user_cont": np.zeros((1, 1), np.float32), "dense": dense}
-    x = inputs(lists, np.zeros((2, 0), np.float32), relative=True)
-    assert x.shape == (1, 3, 1 + len(DENSE_FEATURES) + 4)
-    np.testing.assert_allclose(x[0, :2, -3], [0.5, -1.0])
+    lists = {"rows": np.array([[0, 1, -1]]), "dense": dense}
+    x = with_columns(lists, np.array([[7.0, 8.0, 9.0]], np.float32), relative=True)["dense"]
+    assert x.shape == (1, 3, len(DENSE_FEATURES) + 4 + 1)
+    np.testing.assert_allclose(x[0, :2, -4], [0.5, -1.0])  # cf_pos, the second score column
+    np.testing.assert_allclose(x[0, :, -1], [7.0, 8.0, 9.0])  # the extra column last
 
 
 def test_referee_ndcg_per_user_drops_what_the_referee_drops():
