@@ -55,7 +55,8 @@ MARGIN_SE = 2.0  # a choice other than the default must win by this many paired 
 
 def beats(base: np.ndarray, other: np.ndarray) -> bool:
     """Whether `other` beats `base` (per-user scores of the same users) by more than MARGIN_SE standard errors of
-    the paired difference: the test `train` puts every choice on a holdout through before it leaves a default."""
+    the paired difference: the test a holdout choice of `train` (EASE lambda, the ranker's popularity prior and its
+    deep part) must pass to leave its default."""
     diff = np.asarray(other, float) - np.asarray(base, float)
     se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
     return bool(diff.mean() > MARGIN_SE * se)
