@@ -269,54 +269,70 @@ def referee_evaluator(artifacts: Path, protocol: str, part: str = "test", per_us
 
 
 def _referee_ndcgs(referee, split, part: str, users: np.ndarray, top: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Each user's NDCG@10 as the referee computes it (items outside the catalog, train positives and repeats
-    dropped from the list first)."""
-    out = np.zeros(len(users))
-    discount = 1.0 / np.log2(np.arange(2, 12))
+    """Each user's NDCG@10 as the referee computes it: items outside the catalog, train positives and repeats
+    dropped from the list first (`referee.evaluate_ranked`'s cut), then training.metrics' NDCG@10 (the referee's)."""
+    from training.metrics import per_user_ndcg
+
+    cut = np.full((len(users), 10), -1, dtype=np.int64)  # catalog columns, -1 = empty slot
+    truth = []
     for i, (u, rows) in enumerate(zip(users, top)):
         r = split.user_index[int(u)]
         liked = set(split.X.indices[split.X.indptr[r] : split.X.indptr[r + 1]].tolist())
-        kept = []
+        kept: list[int] = []
         for row in rows[rows >= 0]:
             c = split.item_index.get(int(ids[row]))
             if c is not None and c not in liked and c not in kept:
                 kept.append(c)
                 if len(kept) == 10:
                     break
-        truth = set(np.asarray(split.gt[part][int(r)]).tolist())
-        gains = np.array([c in truth for c in kept], dtype=float)
-        out[i] = (gains * discount[: len(kept)]).sum() / discount[: min(10, len(truth))].sum()
-    return out
+        cut[i, : len(kept)] = kept
+        truth.append(set(np.asarray(split.gt[part][int(r)]).tolist()))
+    return per_user_ndcg(cut, truth, 10)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"))
+def parse(name: str, doc: str, argv) -> argparse.Namespace:
+    """The command line `ablation` and `ranker_variants` share."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"),
+                        help="a trained bundle (the synthetic shop); with --referee, where its bundle is built")
     parser.add_argument("--referee", choices=["random-8-1-1", "user-temporal-8-1-1"],
-                        help="build artifacts from the referee's split of ml-latest-small and score with the referee")
+                        help="build a bundle from the referee's split of ml-latest-small and score with the referee")
     parser.add_argument("--config", default=None)
     parser.add_argument("--tag", required=True)
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    cfg = load_config(args.config).replace("features", split="none") if args.referee else load_config(args.config)
-    artifacts = Path(args.artifacts)
-    if args.referee:
-        from .referee_bench import build_artifacts
+    return parser.parse_args(argv)
 
-        artifacts = build_artifacts(args.referee, Path(args.artifacts) / "ablation" / args.referee, args.config)
-        evaluator = referee_evaluator(artifacts, args.referee)
-    else:
-        evaluator = shop_evaluator(artifacts)
-    t0 = time.time()
-    report = run(artifacts, cfg, evaluator)
-    meta = {"tag": args.tag, "command": " ".join(["python -m benchmarks.ablation", *(argv or sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%d"), "machine": describe(), "seconds": round(time.time() - t0, 1)}
+
+def bundle(name: str, args: argparse.Namespace):
+    """(config, artifacts): the bundle at --artifacts, or one built from the referee's split under it."""
+    cfg = load_config(args.config).replace("features", split="none") if args.referee else load_config(args.config)
+    if not args.referee:
+        return cfg, Path(args.artifacts)
+    from .referee_bench import build_artifacts
+
+    return cfg, build_artifacts(args.referee, Path(args.artifacts) / name / args.referee, args.config)
+
+
+def save(name: str, args: argparse.Namespace, argv, report: dict, seconds: float, to_markdown) -> None:
+    """benchmarks/results/<name>_<tag>.{json,md}, with the command, date, machine and seconds; prints the markdown."""
+    meta = {"tag": args.tag, "command": " ".join([f"python -m benchmarks.{name}", *(argv or sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d"), "machine": describe(), "seconds": round(seconds, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"ablation_{args.tag}.json").write_text(json.dumps({**meta, **report}, indent=1, default=float) + "\n")
-    (out / f"ablation_{args.tag}.md").write_text(markdown(report, meta))
-    print(markdown(report, meta))
+    (out / f"{name}_{args.tag}.json").write_text(json.dumps({**meta, **report}, indent=1, default=float) + "\n")
+    (out / f"{name}_{args.tag}.md").write_text(to_markdown(report, meta))
+    print(to_markdown(report, meta))
+
+
+def main(argv=None) -> dict:
+    args = parse("ablation", __doc__, argv)
+    torch.manual_seed(0)
+    cfg, artifacts = bundle("ablation", args)
+    evaluator = referee_evaluator(artifacts, args.referee) if args.referee else shop_evaluator(artifacts)
+    t0 = time.time()
+    report = run(artifacts, cfg, evaluator)
+    save("ablation", args, argv, report, time.time() - t0, markdown)
     return report
 
 

@@ -8,8 +8,7 @@ of the standardised candidate, item and user features with a CTR and an ESMM CVR
 trained pointwise only (binary cross-entropy); this asks where its quality stops, and what changed that. One bundle's stage-A lists (the
 two-tower refitted on the fit fold with the share and epochs `train` chose, the routes with its EASE lambda,
 the same held-out users and labels as `train`) train each variant; the bundle's final models make the evaluated
-users' candidates, as in `benchmarks/ablation.py`, and each variant only re-orders them. Variants:
-Every row is training/train.py's own `train_ranker` (its steps, batch, EMA, CTR + ESMM CVR cross-entropy) with one
+users' candidates, as in `benchmarks/ablation.py`, and each variant only re-orders them. Every row is training/train.py's own `train_ranker` (its steps, batch, EMA, CTR + ESMM CVR cross-entropy) with one
 thing changed from the reference:
 - `wide, pointwise`: the wide part alone, cross-entropy only (`ranking.listwise_weight = 0`), the rule before
   2026-12-07 and the reference row;
@@ -31,21 +30,16 @@ the referee's valid and test users, scored by the referee. Writes benchmarks/res
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from shoprec.config import REPO_ROOT, load_config
 from shoprec.manifest import verified_path
 
 from training.metrics import mean_se
-
-from .machine import describe
 
 SCORE_COLUMNS = ("cf_all", "cf_pos", "cf_recent", "two_tower")
 REFERENCE = "wide, pointwise"  # the row the others are paired with
@@ -176,35 +170,17 @@ def markdown(report: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from .ablation import referee_evaluator, shop_evaluator
+    from .ablation import bundle, parse, referee_evaluator, save, shop_evaluator
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"),
-                        help="a trained bundle (the synthetic shop); with --referee, where its bundle is built")
-    parser.add_argument("--referee", choices=["random-8-1-1", "user-temporal-8-1-1"],
-                        help="build a bundle from the referee's split of ml-latest-small and score with the referee")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--tag", required=True)
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config).replace("features", split="none") if args.referee else load_config(args.config)
-    artifacts = Path(args.artifacts)
+    args = parse("ranker_variants", __doc__, argv)
+    cfg, artifacts = bundle("ranker_variants", args)
     if args.referee:
-        from .referee_bench import build_artifacts
-
-        artifacts = build_artifacts(args.referee, artifacts / "ranker_variants" / args.referee, args.config)
         evaluators = {part: referee_evaluator(artifacts, args.referee, part, per_user=True) for part in ("valid", "test")}
     else:
         evaluators = {"test": shop_evaluator(artifacts, per_user=True)}
     t0 = time.time()
     report = run(artifacts, cfg, evaluators)
-    meta = {"tag": args.tag, "command": " ".join(["python -m benchmarks.ranker_variants", *(argv or sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%d"), "machine": describe(), "seconds": round(time.time() - t0, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"ranker_variants_{args.tag}.json").write_text(json.dumps({**meta, **report}, indent=1, default=float) + "\n")
-    (out / f"ranker_variants_{args.tag}.md").write_text(markdown(report, meta))
-    print(markdown(report, meta))
+    save("ranker_variants", args, argv, report, time.time() - t0, markdown)
     return report
 
 
