@@ -21,7 +21,11 @@ thing changed from the reference:
 - `+ ALS score`: the user-item dot product of an `implicit` ALS fitted on the same actions as the lists' models
   (64 factors, regularisation .05, alpha 1, 15 iterations), an extra dense feature;
 - `served`: `train_ranker` as configured: the deep part as `ranking.deep` decides by the number of lists (on where
-  "auto" would compare it with wide alone), the listwise weight of the config.
+  "auto" would compare it with wide alone), the listwise weight of the config;
+- `served + trending score`: the served ranker with the trending route's score of each candidate as an extra dense
+  feature: log(1 + its positives weighted 0.5 ** (age / `serve.trending_half_life_days`)), the age taken at the train
+  window's last action (the fit fold's positives for the training lists, all of train's for the evaluated users).
+  Is recent popularity something the ranker lacks? Also paired with `served`.
 Before 2026-12-07 (commit 7bbe031's results) the rows came from a copy of the training loop in this file, and an MLP
 of the dense features stood where the deep part stands now.
 Figures: NDCG@10 and Recall@10 of the evaluated users (mean ± s.e.): synthetic shop, warm test users; ml-latest-small,
@@ -43,6 +47,7 @@ from training.metrics import mean_se
 
 SCORE_COLUMNS = ("cf_all", "cf_pos", "cf_recent", "two_tower")
 REFERENCE = "wide, pointwise"  # the row the others are paired with
+SERVED, TRENDING = "served (training/train.py)", "served + trending score"  # the latter also paired with the former
 
 
 def with_columns(lists: dict, extra: np.ndarray | None = None, relative: bool = False) -> dict:
@@ -107,6 +112,14 @@ def stage_a_lists(artifacts: Path, cfg):
     return data, fit, train, tt_a, users[:n][keep], {k: v[keep] for k, v in lists.items()}
 
 
+def trending_scores(actions, n_items: int, half_life_days: float, t_end: float) -> np.ndarray:
+    """[n_items] log(1 + positives weighted 0.5 ** (age in days / half-life)), the age taken at `t_end`."""
+    pos = actions[actions["kind"] >= 2]
+    age = (t_end - pos["ts"].to_numpy(np.float64)) / 86400.0
+    weights = 0.5 ** (age / max(half_life_days, 1e-6))
+    return np.log1p(np.bincount(pos["item_row"].to_numpy(), weights=weights, minlength=n_items)).astype(np.float32)
+
+
 def run(artifacts: Path, cfg, evaluators: dict) -> dict:
     """evaluators: {part: ablation.Evaluator}; each variant's lists scored on every part."""
     from training import train as T
@@ -116,6 +129,10 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
     parts = {name: ev.prepare(data, cfg, lists_only=True)["lists"] for name, ev in evaluators.items()}
     als_a = als_scores(data, fit, users_a, lists["rows"])
     als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
+    t_end, half_life = float(train["ts"].max()), cfg.serve.trending_half_life_days
+    trend_a = trending_scores(fit, data.n_items, half_life, t_end)[np.maximum(lists["rows"], 0)]
+    trend_all = trending_scores(train, data.n_items, half_life, t_end)
+    trend_e = {name: trend_all[np.maximum(ev["rows"], 0)] for name, ev in parts.items()}
     report: dict = {"lists": {"train_users": int(len(users_a)), "candidates": int(lists["rows"].shape[1])}, "variants": {}}
 
     per_user: dict = {}
@@ -134,21 +151,25 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
     wide = dict(deep=False, listwise_weight=0.0)
     variants = {REFERENCE: wide, "+ listwise loss": {**wide, "listwise_weight": 1.0}, "+ deep part": {**wide, "deep": True},
                 "+ list-relative scores": {**wide, "relative": True}, "+ ALS score": {**wide, "als": True},
-                "served (training/train.py)": {"deep": None, "listwise_weight": kc.listwise_weight}}
+                SERVED: {"deep": None, "listwise_weight": kc.listwise_weight},
+                TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "trending": True}}
     for name, v in variants.items():
         t0 = time.time()
-        train_lists = with_columns(lists, als_a if v.get("als") else None, v.get("relative", False))
+        extra = lambda als, trend: als if v.get("als") else trend if v.get("trending") else None  # noqa: E731
+        train_lists = with_columns(lists, extra(als_a, trend_a), v.get("relative", False))
         model, _ = T.train_ranker(data, dataclasses.replace(kc, listwise_weight=v["listwise_weight"]), train_lists,
                                   {k: x[:0] for k, x in train_lists.items()}, [], data.items["item_cont_fit"], tt_a.item_ids,
                                   "cpu", False, deep=v["deep"])
         seconds = time.time() - t0
         tops = {}
         for p, ev in parts.items():
-            ev = with_columns(ev, als_e[p] if v.get("als") else None, v.get("relative", False))
+            ev = with_columns(ev, extra(als_e[p], trend_e[p]), v.get("relative", False))
             order = np.argsort(-T.ranker_scores(model, data, ev, data.item_cont, kc.cvr_weight, "cpu"), axis=1, kind="stable")
             tops[p] = np.take_along_axis(ev["rows"], order, 1)
         scored(name, tops, seconds)
-    report["variants"]["served (training/train.py)"]["deep"] = bool(T.deep_part_on(kc, len(users_a)))
+    report["variants"][SERVED]["deep"] = bool(T.deep_part_on(kc, len(users_a)))
+    for p in parts:
+        report["variants"][TRENDING][p]["NDCG@10 - served"] = mean_se(per_user[TRENDING][p] - per_user[SERVED][p])
     scored("no ranker (merged candidate order)", {p: ev["rows"] for p, ev in parts.items()}, 0.0)
     return report
 
@@ -166,6 +187,9 @@ def markdown(report: dict, meta: dict) -> str:
                  + ("{:+.4f} ± {:.4f}".format(*v[p]["NDCG@10 - reference"]) if name != REFERENCE else "reference")
                  + f" | {v[p]['Recall@10'][0]:.4f}" for p in parts]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['train_seconds']:.0f} |")
+    if TRENDING in report["variants"]:
+        lines += ["", f"`{TRENDING}` minus `{SERVED}`, paired: " + ", ".join(
+            "{} NDCG@10 {:+.4f} ± {:.4f}".format(p, *report["variants"][TRENDING][p]["NDCG@10 - served"]) for p in parts) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -467,6 +467,40 @@ def test_referee_bench_reads_which_data_sets_the_referee_splits(tmp_path):
         main(["--dataset", "ml100k", "--data", str(data), "--referee", str(referee), "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize("dataset,ratings_name,sep", [("ml100k", "u.data", "\t"),
+                                                     ("ml1m-partial", "ratings_users1-2999.dat", "::")])
+def test_referee_rehearsal_lays_out_a_release_as_the_referee_reads_it(tmp_path, dataset, ratings_name, sep):
+    """benchmarks.referee_rehearsal: ml-latest-small's whole stars in the release's ratings file (user, item,
+    integer rating, timestamp), beside the variant's item and user files, in the folder the referee names; the
+    referee copy lists the release, and a referee without the known DATASETS line gets a one-line stop."""
+    import pandas as pd
+
+    from benchmarks.referee_rehearsal import referee_copy, release_folder
+
+    data = tmp_path / "ml-latest-small"
+    data.mkdir()
+    rng = np.random.default_rng(2)
+    ratings = pd.DataFrame({"userId": rng.integers(1, 21, 300), "movieId": rng.integers(1, 3, 300),
+                            "rating": rng.integers(1, 11, 300) / 2, "timestamp": rng.integers(10**9, 2 * 10**9, 300)})
+    ratings.drop_duplicates(["userId", "movieId"]).to_csv(data / "ratings.csv", index=False)
+    (data / "movies.csv").write_text("movieId,title,genres\n1,Heat (1995),Action|Crime\n2,Up (2009),Animation\n")
+    kept = pd.read_csv(data / "ratings.csv")
+
+    folder = release_folder(dataset, data, tmp_path / "work")
+    assert folder.name == ("movielens-100k" if dataset == "ml100k" else "movielens-1m-partial")
+    rows = [line.split(sep) for line in (folder / ratings_name).read_text().splitlines()]
+    got = pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).astype(np.int64)
+    assert got.equals(kept.assign(rating=np.ceil(kept["rating"]).astype(np.int64)).astype(np.int64))
+    assert {p.name for p in folder.iterdir()} >= ({"u.item", "u.user"} if dataset == "ml100k" else {"movies.dat", "users.dat"})
+
+    referee = tmp_path / "referee.py"
+    referee.write_text('DATASETS = ("mlls",)\nPROTOCOLS = ("temporal",)\n')
+    copy = referee_copy(referee, [dataset], tmp_path / "copy")
+    assert copy.read_text().splitlines()[0] == f'DATASETS = ("{dataset}", "mlls")'
+    with pytest.raises(SystemExit, match=f"referee_rehearsal: {copy} has no line"):
+        referee_copy(copy, [dataset], tmp_path / "again")
+
+
 def test_holdout_units_thins_to_whole_visits_and_switches_only_the_unit(artifacts, tmp_path):
     import pandas as pd
 
@@ -526,12 +560,14 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     """benchmarks.ranker_variants: stage A's lists train each variant, which re-orders the bundle's candidates for the
     evaluated users; every row is paired with the reference user by user."""
     from benchmarks.ablation import shop_evaluator
-    from benchmarks.ranker_variants import REFERENCE, run, with_columns
+    from benchmarks.ranker_variants import REFERENCE, SERVED, TRENDING, run, trending_scores, with_columns
 
     report = run(artifacts, cfg.replace("ranking", steps=200), {"test": shop_evaluator(artifacts, per_user=True)})
     rows = report["variants"]
     assert list(rows) == [REFERENCE, "+ listwise loss", "+ deep part", "+ list-relative scores", "+ ALS score",
-                          "served (training/train.py)", "no ranker (merged candidate order)"]
+                          SERVED, TRENDING, "no ranker (merged candidate order)"]
+    assert rows[TRENDING]["test"]["NDCG@10 - served"][0] == pytest.approx(
+        rows[TRENDING]["test"]["NDCG@10"][0] - rows[SERVED]["test"]["NDCG@10"][0])
     assert "NDCG@10 - reference" not in rows[REFERENCE]["test"]
     for name, row in rows.items():
         m = row["test"]
@@ -548,6 +584,11 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     assert x.shape == (1, 3, len(DENSE_FEATURES) + 4 + 1)
     np.testing.assert_allclose(x[0, :2, -4], [0.5, -1.0])  # cf_pos, the second score column
     np.testing.assert_allclose(x[0, :, -1], [7.0, 8.0, 9.0])  # the extra column last
+    # the trending score: positives (kind >= 2) only, each halved per half-life of age at t_end
+    import pandas as pd
+
+    acts = pd.DataFrame({"item_row": [0, 0, 1, 2], "kind": [2, 3, 2, 1], "ts": [86400 * 7, 0, 86400 * 7, 86400 * 7]})
+    np.testing.assert_allclose(trending_scores(acts, 4, 7.0, 86400 * 7), np.log1p([1.5, 1.0, 0.0, 0.0]), rtol=1e-6)
 
 
 def test_referee_ndcg_per_user_drops_what_the_referee_drops():
