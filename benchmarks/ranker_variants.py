@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.candidates import trending_scores
 from shoprec.manifest import verified_path
 
 from training.metrics import mean_se
@@ -112,14 +113,6 @@ def stage_a_lists(artifacts: Path, cfg):
     return data, fit, train, tt_a, users[:n][keep], {k: v[keep] for k, v in lists.items()}
 
 
-def trending_scores(actions, n_items: int, half_life_days: float, t_end: float) -> np.ndarray:
-    """[n_items] log(1 + positives weighted 0.5 ** (age in days / half-life)), the age taken at `t_end`."""
-    pos = actions[actions["kind"] >= 2]
-    age = (t_end - pos["ts"].to_numpy(np.float64)) / 86400.0
-    weights = 0.5 ** (age / max(half_life_days, 1e-6))
-    return np.log1p(np.bincount(pos["item_row"].to_numpy(), weights=weights, minlength=n_items)).astype(np.float32)
-
-
 def run(artifacts: Path, cfg, evaluators: dict) -> dict:
     """evaluators: {part: ablation.Evaluator}; each variant's lists scored on every part."""
     from training import train as T
@@ -129,9 +122,10 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
     parts = {name: ev.prepare(data, cfg, lists_only=True)["lists"] for name, ev in evaluators.items()}
     als_a = als_scores(data, fit, users_a, lists["rows"])
     als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
-    t_end, half_life = float(train["ts"].max()), cfg.serve.trending_half_life_days
-    trend_a = trending_scores(fit, data.n_items, half_life, t_end)[np.maximum(lists["rows"], 0)]
-    trend_all = trending_scores(train, data.n_items, half_life, t_end)
+    trend_fit, trend_all = (np.log1p(trending_scores(a["item_row"].to_numpy(), a["ts"].to_numpy(), a["kind"].to_numpy(),
+                                                     data.n_items, cfg.serve.trending_half_life_days,
+                                                     float(train["ts"].max()))).astype(np.float32) for a in (fit, train))
+    trend_a = trend_fit[np.maximum(lists["rows"], 0)]
     trend_e = {name: trend_all[np.maximum(ev["rows"], 0)] for name, ev in parts.items()}
     report: dict = {"lists": {"train_users": int(len(users_a)), "candidates": int(lists["rows"].shape[1])}, "variants": {}}
 
@@ -155,15 +149,15 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
                 TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "trending": True}}
     for name, v in variants.items():
         t0 = time.time()
-        extra = lambda als, trend: als if v.get("als") else trend if v.get("trending") else None  # noqa: E731
-        train_lists = with_columns(lists, extra(als_a, trend_a), v.get("relative", False))
+        extra_a, extra_e = (als_a, als_e) if v.get("als") else (trend_a, trend_e) if v.get("trending") else (None, {})
+        train_lists = with_columns(lists, extra_a, v.get("relative", False))
         model, _ = T.train_ranker(data, dataclasses.replace(kc, listwise_weight=v["listwise_weight"]), train_lists,
                                   {k: x[:0] for k, x in train_lists.items()}, [], data.items["item_cont_fit"], tt_a.item_ids,
                                   "cpu", False, deep=v["deep"])
         seconds = time.time() - t0
         tops = {}
         for p, ev in parts.items():
-            ev = with_columns(ev, extra(als_e[p], trend_e[p]), v.get("relative", False))
+            ev = with_columns(ev, extra_e.get(p), v.get("relative", False))
             order = np.argsort(-T.ranker_scores(model, data, ev, data.item_cont, kc.cvr_weight, "cpu"), axis=1, kind="stable")
             tops[p] = np.take_along_axis(ev["rows"], order, 1)
         scored(name, tops, seconds)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--protocols", nargs="+", default=list(referee_bench.PROTOCOLS), choices=referee_bench.PROTOCOLS)
     parser.add_argument("--referee", default=str(referee_bench.SHARED / "quality" / "referee.py"))
     parser.add_argument("--data", default=str(referee_bench.SHARED / "data" / "ml-latest-small"))
-    parser.add_argument("--work", default=str(Path("/tmp") / "shoprec_rehearsal"))
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "shoprec_rehearsal"))
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "rehearsal"))
     args = parser.parse_args(argv)
     work = Path(args.work)

@@ -395,15 +395,21 @@ def ann_margin(blocked_counts: np.ndarray) -> np.ndarray:
     return np.maximum(ANN_MARGIN_MIN, 1 << np.ceil(np.log2(c)).astype(np.int64))
 
 
-def trending_order(item_row: np.ndarray, ts: np.ndarray, kind: np.ndarray, n_items: int, half_life_days: float) -> np.ndarray:
-    """Item rows by recency-weighted popularity: each positive weighs 0.5 ** (age / half-life), its age taken
-    at the latest action; items without a positive are left out."""
+def trending_scores(item_row: np.ndarray, ts: np.ndarray, kind: np.ndarray, n_items: int, half_life_days: float,
+                    t_end: float | None = None) -> np.ndarray:
+    """[n_items] recency-weighted popularity: each positive weighs 0.5 ** (age / half-life), its age taken at `t_end`
+    (default: the latest positive)."""
     pos = np.asarray(kind) >= POSITIVE_KIND
     if not pos.any():
-        return np.zeros(0, np.int64)
+        return np.zeros(n_items)
     ts = np.asarray(ts, dtype=np.float64)[pos]
-    age_days = (ts.max() - ts) / 86400.0
-    score = np.bincount(np.asarray(item_row)[pos], weights=0.5 ** (age_days / max(half_life_days, 1e-6)), minlength=n_items)
+    age_days = ((ts.max() if t_end is None else t_end) - ts) / 86400.0
+    return np.bincount(np.asarray(item_row)[pos], weights=0.5 ** (age_days / max(half_life_days, 1e-6)), minlength=n_items)
+
+
+def trending_order(item_row: np.ndarray, ts: np.ndarray, kind: np.ndarray, n_items: int, half_life_days: float) -> np.ndarray:
+    """Item rows by `trending_scores`, their ages taken at the latest positive; items without a positive are left out."""
+    score = trending_scores(item_row, ts, kind, n_items, half_life_days)
     order = np.lexsort((np.arange(n_items), -score))
     return order[score[order] > 0].astype(np.int64)
 

@@ -560,7 +560,8 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     """benchmarks.ranker_variants: stage A's lists train each variant, which re-orders the bundle's candidates for the
     evaluated users; every row is paired with the reference user by user."""
     from benchmarks.ablation import shop_evaluator
-    from benchmarks.ranker_variants import REFERENCE, SERVED, TRENDING, run, trending_scores, with_columns
+    from benchmarks.ranker_variants import REFERENCE, SERVED, TRENDING, run, with_columns
+    from runtime.candidates import trending_scores
 
     report = run(artifacts, cfg.replace("ranking", steps=200), {"test": shop_evaluator(artifacts, per_user=True)})
     rows = report["variants"]
@@ -584,11 +585,9 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     assert x.shape == (1, 3, len(DENSE_FEATURES) + 4 + 1)
     np.testing.assert_allclose(x[0, :2, -4], [0.5, -1.0])  # cf_pos, the second score column
     np.testing.assert_allclose(x[0, :, -1], [7.0, 8.0, 9.0])  # the extra column last
-    # the trending score: positives (kind >= 2) only, each halved per half-life of age at t_end
-    import pandas as pd
-
-    acts = pd.DataFrame({"item_row": [0, 0, 1, 2], "kind": [2, 3, 2, 1], "ts": [86400 * 7, 0, 86400 * 7, 86400 * 7]})
-    np.testing.assert_allclose(trending_scores(acts, 4, 7.0, 86400 * 7), np.log1p([1.5, 1.0, 0.0, 0.0]), rtol=1e-6)
+    # the trending score at a given end: positives (kind >= 2) only, each halved per half-life of age at t_end
+    score = trending_scores(np.array([0, 0, 1, 2]), np.array([7, 0, 7, 7]) * 86400, np.array([2, 3, 2, 1]), 4, 7.0, 14 * 86400)
+    np.testing.assert_allclose(score, [0.75, 0.5, 0.0, 0.0])
 
 
 def test_referee_ndcg_per_user_drops_what_the_referee_drops():
