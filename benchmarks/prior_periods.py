@@ -13,7 +13,7 @@ a list that beats popularity on valid and loses to it on test lost to the distan
 With --served, the served pipeline (the bundle's steps in-process, as `evaluate` runs them: the server's item
 index, its candidate features, its ranker) is scored on the same users at every w of the curve. `train` builds
 its lists with exact search and its in-memory models, so the two curves agree when the server serves what
-`train` measured; on the large shop they did not, and the difference was the item index (README, Building
+`train` measured; on the large shop they did not, and the difference was the item index (docs/performance.md, Building
 the large shop). --bundle scores another exported version (default: the served one, ARTIFACTS/serving).
 Writes benchmarks/results/prior_periods_<tag>.{json,md}.
 """

@@ -96,7 +96,7 @@ MAX_INSTANCES = 8
 # (`tritonserver_command`), which hands a batch to the free instance with the fewest executions x priority: the
 # first takes almost every batch while it is free (an instance that never ran scores 0, so each takes one early
 # batch). Without it the instances take turns even at concurrency 1, and each request finds its stub's caches cold
-# (README, Instances per model).
+# (docs/performance.md, Instances per model).
 INSTANCE_PRIORITY_STEP = 1000
 _GROUP = re.compile(r"instance_group \{\n((?:  [^\n]*\n)*)\}\n")  # a group's lines are indented, its brace is not
 _COUNT = re.compile(r"^  count: (\d+)$", re.M)

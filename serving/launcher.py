@@ -1,6 +1,6 @@
 """Start a real tritonserver from the nvidia-pytriton wheel (no Docker), wait for readiness, stop.
 
-What it takes care of (see README "Serving without Docker"):
+What it takes care of (see README "Serving" and "Environments"):
 - the python backend stub for this interpreter's X.Y is put into a private backends folder;
 - this interpreter's libpython comes first on LD_LIBRARY_PATH (the stub otherwise loads
   Debian's libpython3.11 under a pyenv 3.11 stdlib and dies);

@@ -131,7 +131,7 @@ class ServeConfig:
     max_per_category: int = 0  # at most this many items of one category in a top-k (0: no cap)
     blocked_items_file: str = ""  # raw item ids never served (blocked, out of stock), one per line; re-read when it changes
     # the item index's lists memory-mapped (the instances share one copy) or read into each instance (default):
-    # an IVF search scans its lists' pages, and over a map it was ~2 ms slower a request at 1M items (README)
+    # an IVF search scans its lists' pages, and over a map it was ~2 ms slower a request at 1M items (docs/performance.md)
     mmap_index: bool = False
     # scenes and layered experiments (runtime/strategy.py): request input `scene` picks one; built-in home,
     # item_detail and cart, a [serve.scenes.<name>] table replaces or adds one; [serve.experiments.<layer>]
@@ -183,7 +183,7 @@ class ServeConfig:
     batching: dict = field(default_factory=dict)
     # Triton's response cache (local, LRU) for the steps whose outputs depend on their inputs alone
     # (contract.Step.cacheable: retrieval and the candidate features); 0: no cache. Off by default: a miss costs
-    # ~0.35 ms a request here, a hit saves a third (README, Response cache)
+    # ~0.35 ms a request here, a hit saves a third (docs/performance.md, Response cache)
     response_cache_mb: int = 0
     # the step doctor (serving/canary.py): one request through the ensemble this often; a failure or a
     # reply slower than canary_timeout_s reloads the failed step (or every step), then restarts the server

@@ -268,7 +268,7 @@ class TargetAttention(nn.Module):
         (Wc + Wd) c + Wp (c*h) = c . (Wp * h + Wc + Wd), and the action part (Wh - Wd) h + b rides on a constant 1
         appended to each candidate: [c, 1] . [Wp * h + Wc + Wd, (Wh - Wd) h + b] for every (action, unit). The same
         function up to float rounding (tested); scores() adds two [B, N, L, H] tensors after the matmul, which at a
-        batch of 16 users (4,800 candidates) leave the cache (README, What each step costs). Training
+        batch of 16 users (4,800 candidates) leave the cache (docs/performance.md, What each step costs). Training
         keeps scores(): the trained weights do not depend on the form, and the export's parity check compares
         this form's ONNX graph with scores()'s PyTorch model."""
         first, relu, last = self.score
