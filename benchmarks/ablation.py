@@ -148,10 +148,10 @@ class Evaluator:
     def __init__(self, users: np.ndarray, score_fn):
         self.users, self.score_fn = users, score_fn
 
-    def prepare(self, data, cfg, lists_only: bool = False, chunk: int = 2048) -> dict:
+    def prepare(self, data, cfg, lists_only: bool = False, chunk: int = 2048, category_smoothing: float = 0.0) -> dict:
         """The bundle's candidate lists for the users ({"lists"}), with each route's list and the lists without the
         seen-item filter unless lists_only. Users go through the routes `chunk` at a time: a small catalog's routes
-        hold a dense row per user."""
+        hold a dense row per user. category_smoothing: the category route's (`CategoryPrior.smoothing`)."""
         from training import train as T
 
         bundle = self.bundle
@@ -161,7 +161,8 @@ class Evaluator:
                   cf_all=T.load_neighbours(bundle.parent / "models" / "cf_all.npz"),
                   cf_pos=T.load_neighbours(bundle.parent / "models" / "cf_pos.npz"), popular_rows=data.popular_rows,
                   n_candidates=cfg.serve.num_candidates, recent_window=cfg.serve.recent_window,
-                  categories=CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity"]))
+                  categories=CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity"],
+                                                          smoothing=category_smoothing))
         gen = CandidateGenerator(**kw, ann_bias=popularity_bias(data.items["popularity"], T.ann_bias_weight(bundle.parent / "models")))
         q = data.queries(self.users, data.action_log(data.actions[data.actions["split"] == 0]))
         emb = T.user_embeddings(tt, q, "cpu")
@@ -290,8 +291,16 @@ def _referee_ndcgs(referee, split, part: str, users: np.ndarray, top: np.ndarray
     return per_user_ndcg(cut, truth, 10)
 
 
-def parse(name: str, doc: str, argv) -> argparse.Namespace:
-    """The command line `ablation` and `ranker_variants` share."""
+def paired_evaluators(artifacts: Path, referee: str | None) -> dict:
+    """{part: Evaluator} keeping each user's NDCG@10, for paired rows: the referee's valid and test users, or the
+    synthetic shop's warm test users."""
+    if referee:
+        return {part: referee_evaluator(artifacts, referee, part, per_user=True) for part in ("valid", "test")}
+    return {"test": shop_evaluator(artifacts, per_user=True)}
+
+
+def parse(name: str, doc: str, argv, extra=None) -> argparse.Namespace:
+    """The command line `ablation`, `ranker_variants` and `category_smoothing` share; extra(parser) adds a script's own."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts"),
@@ -301,6 +310,8 @@ def parse(name: str, doc: str, argv) -> argparse.Namespace:
     parser.add_argument("--config", default=None)
     parser.add_argument("--tag", required=True)
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    if extra is not None:
+        extra(parser)
     return parser.parse_args(argv)
 
 

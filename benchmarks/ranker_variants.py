@@ -85,8 +85,10 @@ def als_scores(data, actions, users: np.ndarray, rows: np.ndarray) -> np.ndarray
     return np.einsum("uf,unf->un", u, model.item_factors[np.maximum(rows, 0)]).astype(np.float32)
 
 
-def stage_a_lists(artifacts: Path, cfg):
-    """The ranker's training lists as `train` built them: the held-out users, stage A's models, their labels."""
+def stage_a_lists(artifacts: Path, cfg, category_smoothing: tuple[float, ...] = (0.0,)):
+    """The ranker's training lists as `train` built them: the held-out users, stage A's models, their labels.
+    Returns (data, fit, train, tt_a, users, lists), lists built with the category route's first smoothing; with
+    several, lists is {smoothing: lists}, stage A trained once."""
     from runtime.candidates import CandidateGenerator, popularity_bias
     from training import train as T
     from training.data import FeatureData, context_of
@@ -102,15 +104,20 @@ def stage_a_lists(artifacts: Path, cfg):
     tt_a, _ = T.train_two_tower(data, rc, (0,), data.items["item_cont_fit"], "cpu", report["retrieval_stage_a"]["best_epoch"],
                                 None, False, "retrieval", float(report["whole_history_share"]["share"]))
     cf_all, cf_pos = T.fit_routes(data, fit, cfg, report["cf"]["ease_lambda"])
-    gen = CandidateGenerator(T.item_embeddings(tt_a, data.item_cat, data.items["item_cont_fit"], "cpu"), None, cf_all, cf_pos,
-                             data.items["popular_rows_fit"], cfg.serve.num_candidates, cfg.serve.recent_window,
-                             T._exempt(data, cfg), T.fit_categories(data),
-                             ann_bias=popularity_bias(data.items["popularity_fit"], report["ann_popularity_prior"]["bias_weight"]))
+    items = T.item_embeddings(tt_a, data.item_cat, data.items["item_cont_fit"], "cpu")
     n = min(len(users), kc.max_users)
     sel = np.arange(n)
-    lists = T.ranker_lists(data, gen, T._slice_q(q, sel), T.user_embeddings(tt_a, T._slice_q(q, sel), "cpu"), truth[:n])
+    q_sel = T._slice_q(q, sel)
+    emb = T.user_embeddings(tt_a, q_sel, "cpu")
     keep = ~(np.random.default_rng(kc.seed + 1).random(n) < kc.valid_share)  # train's own split of the lists
-    return data, fit, train, tt_a, users[:n][keep], {k: v[keep] for k, v in lists.items()}
+    out = {}
+    for alpha in category_smoothing:
+        gen = CandidateGenerator(items, None, cf_all, cf_pos, data.items["popular_rows_fit"], cfg.serve.num_candidates,
+                                 cfg.serve.recent_window, T._exempt(data, cfg), T.fit_categories(data, alpha),
+                                 ann_bias=popularity_bias(data.items["popularity_fit"], report["ann_popularity_prior"]["bias_weight"]))
+        lists = T.ranker_lists(data, gen, q_sel, emb, truth[:n])
+        out[alpha] = {k: v[keep] for k, v in lists.items()}
+    return data, fit, train, tt_a, users[:n][keep], out if len(out) > 1 else out[category_smoothing[0]]
 
 
 def run(artifacts: Path, cfg, evaluators: dict) -> dict:
@@ -188,14 +195,11 @@ def markdown(report: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from .ablation import bundle, parse, referee_evaluator, save, shop_evaluator
+    from .ablation import bundle, paired_evaluators, parse, save
 
     args = parse("ranker_variants", __doc__, argv)
     cfg, artifacts = bundle("ranker_variants", args)
-    if args.referee:
-        evaluators = {part: referee_evaluator(artifacts, args.referee, part, per_user=True) for part in ("valid", "test")}
-    else:
-        evaluators = {"test": shop_evaluator(artifacts, per_user=True)}
+    evaluators = paired_evaluators(artifacts, args.referee)
     t0 = time.time()
     report = run(artifacts, cfg, evaluators)
     save("ranker_variants", args, argv, report, time.time() - t0, markdown)

@@ -129,25 +129,36 @@ class ItemNeighbours:
 class CategoryPrior:
     """The category route's model: P(item | category), the item's share of its category's popularity
     (popularity + 1, so items nobody acted on yet keep a little), and how a user's category shares decay
-    with the age of their actions (`decay` per action, the latest weighing 1)."""
+    with the age of their actions (`decay` per action, the latest weighing 1).
+
+    `smoothing` (alpha) shrinks a user's shares toward the catalog's: (W * shares + alpha * global) / (W + alpha),
+    W the user's decayed action count, `global_share` each category's share of all popularity. A user with a few
+    actions in one category then gets that category first and the rest in popularity order, where the raw shares
+    gave nothing outside the categories seen. 0: the raw shares."""
 
     category: np.ndarray  # [n_items] category code, -1 none
     p_in_category: np.ndarray  # [n_items], 0 for items without a category
     n_categories: int
     decay: float = 0.97
+    smoothing: float = 0.0
+    global_share: np.ndarray | None = None  # [n_categories], sums to 1
 
     @classmethod
-    def from_popularity(cls, category: np.ndarray, popularity: np.ndarray, decay: float = 0.97) -> "CategoryPrior":
+    def from_popularity(cls, category: np.ndarray, popularity: np.ndarray, decay: float = 0.97,
+                        smoothing: float = 0.0) -> "CategoryPrior":
         category = np.asarray(category, dtype=np.int64)
         pop = np.asarray(popularity, dtype=np.float64) + 1.0
         has = category >= 0
         n_cat = int(category.max()) + 1 if has.any() else 0
         total = np.bincount(category[has], weights=pop[has], minlength=n_cat)
         p = np.where(has, pop / np.maximum(total[np.maximum(category, 0)] if n_cat else 1.0, 1e-12), 0.0)
-        return cls(category, p.astype(np.float32), n_cat, decay)
+        if not np.isfinite(smoothing) or smoothing < 0:
+            raise ValueError(f"category smoothing must be a finite number >= 0; got {smoothing}")
+        return cls(category, p.astype(np.float32), n_cat, decay, float(smoothing), total / max(total.sum(), 1e-12))
 
     def shares(self, indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """[U, C] each user's recency-weighted category shares (rows sum to 1; 0 without categorised actions)."""
+        """[U, C] each user's recency-weighted category shares (rows sum to 1; 0 without categorised actions),
+        shrunk toward `global_share` by `smoothing`."""
         u = len(indptr) - 1
         out = np.zeros((u, max(self.n_categories, 1)), np.float64)
         if not len(rows) or not self.n_categories:
@@ -160,7 +171,10 @@ class CategoryPrior:
         flat = np.bincount(owner[ok] * self.n_categories + cats[ok], weights=self.decay ** age[ok],
                            minlength=u * self.n_categories)
         out = flat.reshape(u, self.n_categories)
-        return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
+        weight = out.sum(1, keepdims=True)
+        if self.smoothing > 0:  # users without categorised actions keep no shares: the route stays empty for them
+            return np.where(weight > 0, (out + self.smoothing * self.global_share[None, :]) / (weight + self.smoothing), 0.0)
+        return out / np.maximum(weight, 1e-12)
 
     def scores(self, shares: np.ndarray) -> np.ndarray:
         """[U, n_items] P(category | user) * P(item | category)."""

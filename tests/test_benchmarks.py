@@ -590,6 +590,33 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     np.testing.assert_allclose(score, [0.75, 0.5, 0.0, 0.0])
 
 
+def test_category_smoothing_retrains_the_ranker_per_alpha_and_pairs_it_with_the_raw_route(artifacts, cfg):
+    """benchmarks.category_smoothing: per alpha the route alone, the merged candidates and a ranker retrained on lists
+    built with that route; alpha 0 is the served route (the same lists and ranker as ranker_variants' served row)."""
+    from benchmarks.ablation import shop_evaluator
+    from benchmarks.category_smoothing import markdown, route_alone, run
+    from training.data import FeatureData
+
+    ev = shop_evaluator(artifacts, per_user=True)
+    report = run(artifacts, cfg.replace("ranking", steps=200), {"test": ev}, [0.0, 10.0])
+    raw, smooth = report["alphas"]["0.0"]["test"], report["alphas"]["10.0"]["test"]
+    assert "NDCG@10 - alpha 0" not in raw["served"]
+    assert smooth["served"]["NDCG@10 - alpha 0"][0] == pytest.approx(smooth["served"]["NDCG@10"][0] - raw["served"]["NDCG@10"][0])
+    assert all("per_user_ndcg@10" not in m for m in (*raw.values(), *smooth.values()))
+    assert "| 10.0 | test |" in markdown(report, {"tag": "t", "command": "c", "date": "d", "machine": "m"})
+    # the route alone: 100 distinct unseen items a user; smoothing reaches outside the user's categories
+    data = FeatureData(artifacts / "features")
+    users = ev.users[:50]
+    tops = {a: route_alone(data, users, a) for a in (0.0, 1e9)}
+    train = data.actions[data.actions["split"] == 0]
+    for u, t0, t1 in zip(users, tops[0.0], tops[1e9]):
+        seen = set(train.loc[train["user_id"] == u, "item_row"])
+        assert len(set(t1)) == 100 and not seen & set(t1)
+    popular = [r for r in np.argsort(-np.asarray(data.items["popularity"], float), kind="stable")]
+    first = [r for r in popular if r not in set(train.loc[train["user_id"] == users[0], "item_row"])][:10]
+    assert set(tops[1e9][0][:10]) == set(first)  # all smoothing and no user: popularity
+
+
 def test_referee_ndcg_per_user_drops_what_the_referee_drops():
     """Each user's NDCG@10 as referee.py scores it: items outside the catalog, train positives and repeats leave
     the list first; the ideal is min(10, |truth|) hits."""

@@ -283,15 +283,25 @@ def test_category_route_is_the_users_categories_times_the_items_share_of_them():
     assert lists["category"][0].tolist() == [6, 7, 1, 2]  # cat 1 first (unseen, by popularity), then cat 0's best unseen
     assert (lists["category"][1] == -1).all()  # without history the route is empty
     assert dense.shape[2] == len(DENSE_FEATURES)
+    # smoothed: (W * shares + alpha * the catalog's category shares) / (W + alpha), W the decayed action count
+    smooth = CategoryPrior.from_popularity(category, popularity, decay=0.5, smoothing=3.5)
+    np.testing.assert_allclose(smooth.global_share, [16 / 28, 12 / 28])
+    np.testing.assert_allclose(smooth.shares(indptr, rows)[0], (w.sum() * shares[0] + 3.5 * smooth.global_share) / (w.sum() + 3.5))
+    assert (smooth.shares(indptr, rows)[1] == 0).all()  # still no shares without history: the route stays empty
+    with pytest.raises(ValueError, match="category smoothing must be a finite number >= 0; got -1"):
+        CategoryPrior.from_popularity(category, popularity, smoothing=-1)
 
 
-@pytest.mark.parametrize("index,seed,n", [("none", 11, 60), ("flat", 11, 60), ("flat", 12, 60), ("none", 13, 60), ("flat", 14, 8)])
-def test_sparse_routes_give_the_dense_routes_lists_and_features(index, seed, n):
+@pytest.mark.parametrize("index,seed,n,smoothing", [("none", 11, 60, 0.0), ("flat", 11, 60, 0.0), ("flat", 12, 60, 0.0),
+                                                    ("none", 13, 60, 0.0), ("flat", 14, 8, 0.0), ("flat", 15, 60, 5.0),
+                                                    ("none", 16, 8, 2.0)])
+def test_sparse_routes_give_the_dense_routes_lists_and_features(index, seed, n, smoothing):
     """Large catalogs keep per-user tables sparse (runtime/sparse_routes.py); on random catalogs both give the same
     candidates, features, route lists and route masks: negative item-to-item weights (EASE), ties in the category
     route (equal popularity), exempt repeat categories, unavailable items, context items and a cart's categories,
     users without history or without positives, per-user fusion weights, and lists that need zero-score fills. With
-    few candidates (n = 8) a category holds more than a user needs, and the category route skips what cannot win."""
+    few candidates (n = 8) a category holds more than a user needs, and the category route skips what cannot win; with
+    its shares smoothed, every category is in play for every user with history."""
     import faiss
 
     rng = np.random.default_rng(seed)
@@ -304,7 +314,7 @@ def test_sparse_routes_give_the_dense_routes_lists_and_features(index, seed, n):
     category = np.where(rng.random(n_items) < 0.1, -1, rng.integers(0, n_cat, n_items))
     # many equal popularities: category-route ties; distinct ones (n = 8) for the category route's pruning
     popularity = rng.choice([0.0, 1.0, 5.0, 40.0], n_items) if n > 8 else rng.pareto(1.1, n_items) * 10
-    prior = CategoryPrior.from_popularity(category, popularity)
+    prior = CategoryPrior.from_popularity(category, popularity, smoothing=smoothing)  # smoothed: every category in play
     exempt = category == 3
     flat = None
     if index == "flat":

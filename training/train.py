@@ -318,9 +318,9 @@ def deep_part_on(cfg: RankingConfig, n_lists: int) -> bool:
     return cfg.deep == "on" or (cfg.deep == "auto" and n_lists >= cfg.deep_min_lists)
 
 
-def fit_categories(data: FeatureData) -> CategoryPrior:
+def fit_categories(data: FeatureData, smoothing: float = 0.0) -> CategoryPrior:
     """The category route as the fit-fold models see it: popularity counted on the fit fold only."""
-    return CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity_fit"])
+    return CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity_fit"], smoothing=smoothing)
 
 
 def build_ranker(data: FeatureData, cfg: RankingConfig, n_dense: int, id_table: torch.nn.Embedding, deep: bool = True) -> Ranker:
