@@ -55,7 +55,7 @@ from .machine import describe
 
 CHUNK = 250  # users scored at once: CHUNK x items float64 arrays
 ESTIMATES = {"history_click_shares": (None, 0.0)} | {
-    f"history_sessions_decay{d}_smooth{a}": (d, a) for d in (1.0, 0.8, 0.6, 0.3) for a in (0.5, 2.0, 6.0)}
+    f"history_sessions_decay{d}_smooth{a}": (d, a) for d in (1.0, 0.8, 0.6, 0.3) for a in (0.5, 2.0, 6.0, 12.0, 24.0)}
 
 
 def _sig(x):
@@ -207,10 +207,12 @@ def main(argv=None) -> None:
         q = json.loads(quality.read_text())["results"]
         for name in ("two_tower", "served_pipeline"):
             if "warm" in q.get(name, {}):
-                r["results"][f"{name} (quality_{args.tag}.json)"] = {
+                r["results"][f"{name} ({quality.name})"] = {
                     k: q[name]["warm"][k] for k in ("ndcg@10", "recall@10", "recall@50")}
     r.update(tag=args.tag, machine=describe(), seconds=round(time.time() - t0, 1),
-             command=f"python -m benchmarks.synthetic_ceiling --artifacts ARTIFACTS --tag {args.tag}")
+             command=" ".join(["python -m benchmarks.synthetic_ceiling --artifacts ARTIFACTS --tag", args.tag,
+                               *(["--quality", str(args.quality)] if args.quality else []),
+                               *(["--only", *args.only] if args.only else [])]))
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"ceiling_{args.tag}.json").write_text(json.dumps(r, indent=1) + "\n")
     (args.results / f"ceiling_{args.tag}.md").write_text(markdown(r))
