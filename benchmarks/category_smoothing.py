@@ -31,22 +31,18 @@ CHUNK = 512  # users per dense [users, items] score block of the route alone
 
 
 def route_alone(data, users: np.ndarray, alpha: float) -> np.ndarray:
-    """[U, 100] item rows: the category route alone over the whole catalog (popularity on all of train), seen
-    items excluded, for `users` with their train actions."""
+    """[U, 100] item rows: the category route alone over the whole catalog (popularity on all of train), the users'
+    train items excluded as `shoprec evaluate` excludes them."""
     from runtime.candidates import CategoryPrior
+    from training import evaluate as E
 
     prior = CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity"], smoothing=alpha)
-    q = data.queries(users, data.action_log(data.actions[data.actions["split"] == 0]))
-    indptr, rows = q["hist_indptr"], q["hist_rows"]
-    shares = prior.shares(indptr, rows)
-    tops = []
-    for s in range(0, len(users), CHUNK):
-        e = min(s + CHUNK, len(users))
-        sc = prior.scores(shares[s:e])
-        sc[np.repeat(np.arange(e - s), np.diff(indptr[s : e + 1])), rows[indptr[s] : indptr[e]]] = -np.inf
-        top = np.argpartition(-sc, 99, axis=1)[:, :100]
-        tops.append(np.take_along_axis(top, np.argsort(-np.take_along_axis(sc, top, 1), axis=1, kind="stable"), 1))
-    return np.concatenate(tops)
+    train = data.actions[data.actions["split"] == 0]
+    q = data.queries(users, data.action_log(train))
+    shares = prior.shares(q["hist_indptr"], q["hist_rows"])
+    seen = E._seen(users, train, data.n_items)
+    return np.concatenate([E.top_n_unseen(prior.scores(shares[s : s + CHUNK]), seen[s : s + CHUNK], 100)
+                           for s in range(0, len(users), CHUNK)])
 
 
 def run(artifacts, cfg, evaluators: dict, alphas: list[float]) -> dict:

@@ -87,8 +87,8 @@ def als_scores(data, actions, users: np.ndarray, rows: np.ndarray) -> np.ndarray
 
 def stage_a_lists(artifacts: Path, cfg, category_smoothing: tuple[float, ...] = (0.0,)):
     """The ranker's training lists as `train` built them: the held-out users, stage A's models, their labels.
-    Returns (data, fit, train, tt_a, users, lists), lists built with the category route's first smoothing; with
-    several, lists is {smoothing: lists}, stage A trained once."""
+    Returns (data, fit, train, tt_a, users, {smoothing: lists}): one set of lists per category route smoothing
+    (0: the served route), stage A trained once."""
     from runtime.candidates import CandidateGenerator, popularity_bias
     from training import train as T
     from training.data import FeatureData, context_of
@@ -117,7 +117,7 @@ def stage_a_lists(artifacts: Path, cfg, category_smoothing: tuple[float, ...] = 
                                  ann_bias=popularity_bias(data.items["popularity_fit"], report["ann_popularity_prior"]["bias_weight"]))
         lists = T.ranker_lists(data, gen, q_sel, emb, truth[:n])
         out[alpha] = {k: v[keep] for k, v in lists.items()}
-    return data, fit, train, tt_a, users[:n][keep], out if len(out) > 1 else out[category_smoothing[0]]
+    return data, fit, train, tt_a, users[:n][keep], out
 
 
 def run(artifacts: Path, cfg, evaluators: dict) -> dict:
@@ -126,6 +126,7 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
 
     kc = cfg.ranking
     data, fit, train, tt_a, users_a, lists = stage_a_lists(artifacts, cfg)
+    lists = lists[0.0]
     parts = {name: ev.prepare(data, cfg, lists_only=True)["lists"] for name, ev in evaluators.items()}
     als_a = als_scores(data, fit, users_a, lists["rows"])
     als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
