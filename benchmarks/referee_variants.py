@@ -16,6 +16,9 @@ ml-latest-small; these variants change what a default could have been fitted to:
   item and every model.
 - `whole-stars`: every half-star rating rounded up to a whole star, nothing else changed: the
   reference for the next two.
+- `sparse-users`: every user keeps a random fifth of its ratings, at least 5 (seed 2026): a median
+  history of about a dozen ratings and most films rated once or twice, as in shops and data sets
+  sparser than MovieLens. Less for every model to learn from per user, and a long tail.
 - `users-x6`: six copies of every user, each keeping a random 80 % of the user's ratings: about
   480,000 ratings from 4,026 users, about the size of ML-1M-partial (half of ML-1M's million), to measure what training and serving
   cost at that size (wall time and peak RSS per stage). The copies share tastes across the split, so
@@ -64,6 +67,7 @@ VARIANTS = {
     "ml100k-files": "whole stars, handed over as MovieLens 100K's files with random user attributes",
     "ml1m-files": "whole stars, handed over as MovieLens 1M's files with random user attributes",
     "users-x6": "6 copies of every user, each with a random 80 % of its ratings: ML-1M-partial's size, for cost",
+    "sparse-users": "every user keeps a random 20 % of its ratings (at least 5, seed 2026): sparse histories, long tail",
 }
 CAVEATS = {"users-x6": "Not a quality figure: each user has 5 sibling copies, and the split's figures measure the "
                         "siblings. Under random-8-1-1, nearly every test positive of a copy is in some sibling's "
@@ -73,6 +77,7 @@ CAVEATS = {"users-x6": "Not a quality figure: each user has 5 sibling copies, an
 DEFAULT_VARIANTS = ("whole-stars-dense", "half-users")  # the others on request (--variants)
 HANDED_AS = {"ml100k-files": "ml100k", "ml1m-files": "ml1m-partial"}  # variant -> the release whose files the product gets
 SEED = 2026
+SPARSE_KEEP, SPARSE_MIN = 0.2, 5  # sparse-users: a fifth of each user's ratings, never fewer than 5
 COPIES = 6  # users-x6: ml-latest-small's 100,004 ratings -> ~480,000, about ML-1M-partial's (users 1-2,999 of ML-1M)
 ML100K_OCCUPATIONS = ["administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
                       "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
@@ -92,6 +97,8 @@ def make_variant(name: str, data: Path, out: Path) -> Path:
         ratings = ratings[ratings["userId"].isin(keep)]
     elif name == "users-x6":
         ratings = copies_of_users(ratings, COPIES, keep=0.8)
+    elif name == "sparse-users":
+        ratings = share_of_each_user(ratings, SPARSE_KEEP, SPARSE_MIN)
     elif name == "whole-stars" or name in HANDED_AS:
         ratings["rating"] = np.ceil(ratings["rating"]).astype(np.int64)
     else:
@@ -119,6 +126,15 @@ def copies_of_users(ratings: pd.DataFrame, copies: int, keep: float) -> pd.DataF
         part["userId"] += c * step
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
+
+
+def share_of_each_user(ratings: pd.DataFrame, keep: float, at_least: int) -> pd.DataFrame:
+    """Each user's ratings thinned to a random share `keep` (rounded), never fewer than `at_least` (or all the user
+    has), seed 2026; rows stay in their original order."""
+    rng = np.random.default_rng(SEED)
+    draw = pd.Series(rng.random(len(ratings)), index=ratings.index).groupby(ratings["userId"]).rank(method="first")
+    count = ratings.groupby("userId")["userId"].transform("size")
+    return ratings[draw <= np.maximum(np.round(keep * count), at_least)]
 
 
 def handed_over(name: str, folder: Path) -> Path | None:

@@ -361,6 +361,14 @@ def test_referee_variants_reshape_the_ratings_as_documented(tmp_path):
         assert len(back.merge(ratings, how="inner")) == len(rows)
     assert not copies.duplicated(["userId", "movieId", "timestamp"]).any()
 
+    few = ratings[ratings["userId"] <= 3].groupby("userId").head(3)  # fewer than 5 ratings: all kept
+    ratings = pd.concat([ratings[ratings["userId"] > 3], few])
+    ratings.to_csv(data / "ratings.csv", index=False)
+    sparse = pd.read_csv(make_variant("sparse-users", data, tmp_path / "v") / "ratings.csv")
+    assert len(sparse.merge(ratings, how="inner")) == len(sparse)  # a subset of the rows, ratings unchanged
+    before, after = ratings.groupby("userId").size(), sparse.groupby("userId").size()
+    assert (after == np.maximum(np.round(0.2 * before), np.minimum(before, 5))).all() and after.min() == 3
+
 
 @pytest.mark.parametrize("variant,flavour", [("ml100k-files", "movielens-100k"), ("ml1m-files", "movielens-1m")])
 def test_release_file_variants_hand_over_whole_stars_with_random_user_attributes(tmp_path, variant, flavour):
