@@ -127,8 +127,11 @@ def markdown(report: dict) -> str:
     for role in roles:
         lines.append(f"| {role} | " + " | ".join(_ms(r.get("cpu_ms_per_request", {}).get(role)) for r in rows.values()) + " |")
     lines.append("| **total** | " + " | ".join(f"**{sum(r.get('cpu_ms_per_request', {}).values()):.3f}**" for r in rows.values()) + " |")
-    lines += ["", f"In-process: {report['in_process']['p50_ms']:.3f} ms per request at batch 1, "
-              f"{report['in_process']['batch16_ms_per_request']:.3f} ms per request at batch 16 (same steps, one process)"
+    ip = report["in_process"]
+    batched = " and ".join(f"{ip[f'batch{b}_ms_per_request']:.3f} at batch {b}"
+                           for b in (6, 16) if f"batch{b}_ms_per_request" in ip)
+    lines += ["", f"In-process: {ip['p50_ms']:.3f} ms per request at batch 1, {batched} (ms per request; same steps, "
+              "one process" + (", each batch its own users)" if "batch6_ms_per_request" in ip else ")")
               + (f"; p50 by round {report['in_process']['rounds_p50_ms']}." if "rounds_p50_ms" in report["in_process"] else ".")]
     return "\n".join(lines) + "\n"
 

@@ -186,6 +186,27 @@ def test_step_cost_times_the_fused_model_with_top_k_both_ways(artifacts):
     assert report["total_ms"] > 0
 
 
+def test_in_process_floor_times_batches_of_distinct_users(artifacts):
+    from benchmarks.serving_bench import BATCHES, in_process_floor, warm_users
+
+    floor = in_process_floor(artifacts, np.asarray(warm_users(artifacts)[:20]))
+    assert floor["requests"] == 40 and floor["p50_ms"] > 0
+    assert all(floor[f"batch{b}_ms_per_request"] > 0 for b in BATCHES) and max(BATCHES) == 16  # 20 users: 2 batches
+
+
+def test_graph_cost_runs_the_fused_graph_at_each_batch_alone_and_side_by_side(artifacts, tmp_path):
+    from benchmarks.graph_cost import main
+
+    report = main(["--artifacts", str(artifacts), "--users", "24", "--batches", "1", "4", "--processes", "1", "2",
+                   "--rounds", "1", "--seconds", "0.2", "--results", str(tmp_path), "--tag", "t"])
+    assert [(r["batch"], r["processes"]) for r in report["rows"]] == [(1, 1), (4, 1), (1, 2), (4, 2)]
+    for r in report["rows"]:
+        assert r["cpu_ms_per_user"] > 0 and r["machine_ms_per_user"] == pytest.approx(
+            r["wall_ms_per_user_per_process"] / r["processes"], rel=1e-3)
+    assert json.loads((tmp_path / "graph_cost_t.json").read_text()) == report
+    assert "| 4 | 2 |" in (tmp_path / "graph_cost_t.md").read_text()
+
+
 def test_retrieval_tail_reports_each_users_time_against_their_history(artifacts, tmp_path):
     from benchmarks.retrieval_tail import main
 
