@@ -29,6 +29,14 @@ Every system scores the whole catalog for each warm test user (seen items exclud
   smoothing), global and in-category shares from train counts. `best_history` is the best of them
   on test, which flatters it: an upper bound of that family (the after-shift ones, which read the
   truth, are not in it).
+- `history_click_model_smooth*`: the generator's own click model (as `oracle`) filled in with what the
+  user's train positives show: the category preference as `history_sessions_decay0.8_smooth*`, the price
+  tier as the mean relative price of the items they clicked (shrunk toward 0 by one pseudo-click), the two
+  favourite brands as their two most clicked brands. What a model that knew the generator's form and read
+  every parameter from the data would reach (also in `best_history`: it reads no truth);
+- `history_click_model_cells_smooth*`: the same, the category estimate smoothed toward the mean shares of the
+  train users of the same age and region (the generator's taste has a prior by age and region) instead of
+  toward uniform shares;
 `oracle_category` - `oracle_revealed`: the shifts the train window has not shown yet;
 `oracle_revealed` - `history_after_shift_*`: what the visits that show a new taste leave uncertain;
 `history_after_shift_*` - `best_history`: noticing the shift.
@@ -40,6 +48,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -84,13 +93,16 @@ def _click_oracle(latent, rows: slice, items: dict, q: np.ndarray) -> np.ndarray
     return shown_pop * (p_int * _sig(base + 2.2) + (1 - p_int) * _sig(base)) + shown_cat * _sig(base + 2.2)
 
 
-def _estimates(pos: pd.DataFrame, users: np.ndarray, cat: np.ndarray, n_cat: int) -> dict[str, np.ndarray]:
-    """Category preference per user from their train positives, one matrix per ESTIMATES entry."""
+def _estimates(pos: pd.DataFrame, users: np.ndarray, cat: np.ndarray, n_cat: int, grid: dict | None = None,
+               prior: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Category preference per user from their train positives, one matrix per `grid` entry (default ESTIMATES),
+    each smoothed toward `prior` ([users, categories] rows summing to 1; default uniform)."""
     at = {int(u): i for i, u in enumerate(users)}
     p = pos[pos["user_id"].isin(users)].copy()
     p["row"], p["c"] = p["user_id"].map(at).values, cat[p["item_row"].values]
     out = {}
-    for name, (decay, smooth) in ESTIMATES.items():
+    prior = np.full((1, n_cat), 1.0 / n_cat) if prior is None else prior
+    for name, (decay, smooth) in (ESTIMATES if grid is None else grid).items():
         q = np.zeros((len(users), n_cat))
         if decay is None:
             np.add.at(q, (p["row"].values, p["c"].values), 1.0)
@@ -101,8 +113,40 @@ def _estimates(pos: pd.DataFrame, users: np.ndarray, cat: np.ndarray, n_cat: int
             s = s.join(last, on=["row", "session_id"])
             age = s.groupby("row")["ts"].rank(ascending=False, method="dense").values - 1  # 0: the latest session
             np.add.at(q, (s["row"].values, s["c"].values), s["w"].values * decay ** age)
-        out[name] = (q + smooth / n_cat) / np.maximum(q.sum(1, keepdims=True) + smooth, 1e-12)
+        out[name] = (q + smooth * prior) / np.maximum(q.sum(1, keepdims=True) + smooth, 1e-12)
     return out
+
+
+CLICK_MODEL_DECAY, CLICK_MODEL_SMOOTH = 0.8, (2.0, 6.0)  # history_click_model_*: the category estimate it reads
+CELL_COLUMNS = ("age", "region")  # history_click_model_cells_*: users alike in these attributes share a prior
+
+
+def _cell_prior(pos: pd.DataFrame, users: np.ndarray, user_table: pd.DataFrame, cat: np.ndarray, n_cat: int) -> np.ndarray:
+    """[users, categories]: the mean decayed, unsmoothed category shares of every train user with positives in the
+    same CELL_COLUMNS cell (uniform for a cell without any)."""
+    everyone = np.sort(pos["user_id"].unique())
+    shares = _estimates(pos, everyone, cat, n_cat, {"raw": (CLICK_MODEL_DECAY, 0.0)})["raw"]
+    table = user_table.set_index("user_id")
+    cell = lambda ids: table.reindex(ids)[list(CELL_COLUMNS)].astype(str).agg("|".join, axis=1).to_numpy()  # noqa: E731
+    means = pd.DataFrame(shares).groupby(cell(everyone)).mean()
+    return means.reindex(cell(users)).fillna(1.0 / n_cat).to_numpy()
+
+
+def _price_and_brands(pos: pd.DataFrame, users: np.ndarray, items: dict) -> SimpleNamespace:
+    """Each user's price tier (mean relative price of their positives, shrunk toward 0 by one pseudo-click) and two
+    most clicked brands (one brand twice when they clicked one; -1, matching nothing, without positives)."""
+    at = pd.Series(np.arange(len(users)), index=users)
+    p = pos[pos["user_id"].isin(users)]
+    row = at[p["user_id"].to_numpy()].to_numpy()
+    n = np.bincount(row, minlength=len(users))
+    tier = np.bincount(row, weights=items["rel_price"][p["item_row"].to_numpy()], minlength=len(users)) / (n + 1.0)
+    counts = pd.DataFrame({"r": row, "b": items["brand"][p["item_row"].to_numpy()]}).value_counts().rename("n").reset_index()
+    top = counts.sort_values(["r", "n", "b"], ascending=[True, False, True]).groupby("r").head(2)
+    rank = top.groupby("r").cumcount().to_numpy()
+    fav = np.full((len(users), 2), -1, np.int64)
+    fav[top["r"].to_numpy(), rank] = top["b"].to_numpy()
+    fav[:, 1] = np.where(fav[:, 1] < 0, fav[:, 0], fav[:, 1])
+    return SimpleNamespace(tier=tier, fav_brands=fav)
 
 
 def measure(artifacts: Path, max_users: int = 20_000, only: tuple = ()) -> dict:
@@ -135,6 +179,15 @@ def measure(artifacts: Path, max_users: int = 20_000, only: tuple = ()) -> dict:
     est |= {name.replace("history_sessions_decay1.0", "history_after_shift"): q
             for name, q in _estimates(after, users, cat, n_cat).items() if "decay1.0" in name}
 
+    seen_taste = _price_and_brands(pos, users, items)
+    click_model = {f"history_click_model_smooth{a}": est[f"history_sessions_decay{CLICK_MODEL_DECAY}_smooth{a}"]
+                   for a in CLICK_MODEL_SMOOTH}
+    wanted = lambda name: not only or name in only  # noqa: E731 - the cell prior reads every train user: only when asked
+    if any(wanted(f"history_click_model_cells_smooth{a}") for a in CLICK_MODEL_SMOOTH):
+        prior = _cell_prior(pos, users, pd.read_parquet(artifacts / "data" / "raw" / "users.parquet"), cat, n_cat)
+        grid = {f"history_click_model_cells_smooth{a}": (CLICK_MODEL_DECAY, a) for a in CLICK_MODEL_SMOOTH}
+        click_model |= _estimates(pos, users, cat, n_cat, grid, prior)
+
     scorers = {
         "popularity": lambda sl: np.broadcast_to(count, (sl.stop - sl.start, len(count))),
         "oracle": lambda sl: _click_oracle(latent, sl, items, late[sl]),
@@ -142,6 +195,7 @@ def measure(artifacts: Path, max_users: int = 20_000, only: tuple = ()) -> dict:
         "oracle_pre_shift": lambda sl: _category_scores(latent.pref[sl], cat, lat_global, lat_in_cat),
         "oracle_revealed": lambda sl: _category_scores(revealed[sl], cat, lat_global, lat_in_cat),
         **{name: (lambda sl, q=q: _category_scores(q[sl], cat, emp_global, emp_in_cat)) for name, q in est.items()},
+        **{name: (lambda sl, q=q: _click_oracle(seen_taste, sl, items, q[sl])) for name, q in click_model.items()},
     }
     unknown = sorted(set(only) - set(scorers))
     if unknown:
@@ -161,7 +215,7 @@ def measure(artifacts: Path, max_users: int = 20_000, only: tuple = ()) -> dict:
             "recall@50": M.mean_se(M.per_user_recall(top, truth, 50)),
         }
         print(f"ceiling: {name:40s} ndcg@10 {results[name]['ndcg@10'][0]:.4f} ({time.time() - t0:.0f}s)", flush=True)
-    from_data = {n for n in est.keys() & results.keys() if not n.startswith("history_after_shift")}
+    from_data = {n for n in (est.keys() | click_model.keys()) & results.keys() if not n.startswith("history_after_shift")}
     if from_data:
         best = max(from_data, key=lambda n: results[n]["ndcg@10"][0])
         results["best_history"] = {**results[best], "which": best}

@@ -103,18 +103,46 @@ def test_online_bench_ingestion_replays_the_held_out_events(artifacts, tmp_path)
 def test_synthetic_ceiling_redraws_the_generators_truth(artifacts):
     """The oracle reads the latent preferences `generate` drew (redrawn from the seed): if the redraw were
     wrong it would not beat popularity. The estimate rows read the same users' train positives."""
-    from benchmarks.synthetic_ceiling import ESTIMATES, measure
+    from benchmarks.synthetic_ceiling import CLICK_MODEL_SMOOTH, ESTIMATES, measure
 
     r = measure(artifacts)["results"]
     ndcg = {k: v["ndcg@10"]["mean"] for k, v in r.items()}
     assert ndcg["oracle"] > 1.5 * ndcg["popularity"] and ndcg["oracle_category"] > ndcg["popularity"]
-    assert set(ESTIMATES) <= set(r) and r["best_history"]["which"] in ESTIMATES  # the told-the-shift rows are not in it
+    click_model = {f"history_click_model{cells}_smooth{a}" for a in CLICK_MODEL_SMOOTH for cells in ("", "_cells")}
+    assert all(ndcg[k] > ndcg["popularity"] for k in click_model)
+    assert set(ESTIMATES) | click_model <= set(r)
+    assert r["best_history"]["which"] in set(ESTIMATES) | click_model  # the told-the-shift rows are not in it
     told = {k for k in r if k.startswith("history_after_shift")}
     assert len(told) == 5 and "oracle_revealed" in r  # one per smoothing of the grid
     only = measure(artifacts, only=("oracle_revealed",))["results"]
     assert set(only) == {"popularity", "oracle_revealed"} and only["oracle_revealed"] == r["oracle_revealed"]
     with pytest.raises(SystemExit, match="--only oracle_reveald: no such system"):
         measure(artifacts, only=("oracle_reveald",))
+
+
+def test_synthetic_ceiling_reads_price_tier_and_brands_from_the_positives():
+    import pandas as pd
+
+    from benchmarks.synthetic_ceiling import _price_and_brands
+
+    items = {"rel_price": np.array([1.0, -1.0, 2.0, 0.5]), "brand": np.array([7, 3, 3, 9])}
+    pos = pd.DataFrame({"user_id": [10, 10, 10, 20, 99], "item_row": [1, 2, 2, 3, 0]})
+    got = _price_and_brands(pos, np.array([10, 20, 30]), items)
+    np.testing.assert_allclose(got.tier, [(-1 + 2 + 2) / 4, 0.5 / 2, 0.0])  # one pseudo-click at 0; 99 not evaluated
+    np.testing.assert_array_equal(got.fav_brands, [[3, 3], [9, 9], [-1, -1]])  # brand 3 clicked 3 times: both slots
+
+
+def test_synthetic_ceiling_cell_prior_is_the_mean_taste_of_users_alike():
+    import pandas as pd
+
+    from benchmarks.synthetic_ceiling import _cell_prior
+
+    cat = np.array([0, 1, 2])
+    pos = pd.DataFrame({"user_id": [1, 1, 2, 3], "item_row": [0, 1, 1, 2], "session_id": [5, 5, 6, 7],
+                        "ts": [10, 11, 12, 13]})
+    users = pd.DataFrame({"user_id": [1, 2, 3, 4, 5], "age": [30, 30, 40, 30, 50], "region": ["a", "a", "a", "a", "b"]})
+    got = _cell_prior(pos, np.array([4, 3, 5]), users, cat, 3)
+    np.testing.assert_allclose(got, [[0.25, 0.75, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])  # 5's cell: nobody, uniform
 
 
 def test_reliability_short_form_fuzz_and_soak(artifacts):
