@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -327,7 +328,7 @@ def bundle(name: str, args: argparse.Namespace):
 
 def save(name: str, args: argparse.Namespace, argv, report: dict, seconds: float, to_markdown) -> None:
     """benchmarks/results/<name>_<tag>.{json,md}, with the command, date, machine and seconds; prints the markdown."""
-    meta = {"tag": args.tag, "command": " ".join([f"python -m benchmarks.{name}", *(argv or sys.argv[1:])]),
+    meta = {"tag": args.tag, "command": shlex.join(["python", "-m", f"benchmarks.{name}", *(argv or sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d"), "machine": describe(), "seconds": round(seconds, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

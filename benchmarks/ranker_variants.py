@@ -25,7 +25,15 @@ thing changed from the reference:
 - `served + trending score`: the served ranker with the trending route's score of each candidate as an extra dense
   feature: log(1 + its positives weighted 0.5 ** (age / `serve.trending_half_life_days`)), the age taken at the train
   window's last action (the fit fold's positives for the training lists, all of train's for the evaluated users).
-  Is recent popularity something the ranker lacks? Also paired with `served`.
+  Is recent popularity something the ranker lacks? Also paired with `served`;
+- `served + segment affinity`: the served ranker with each candidate's category lift in the user's segment as an
+  extra dense feature: the users who share every attribute of the user table (categorical values as they are,
+  numbers in SEGMENT_BINS quantile bins) form a segment; the feature is log(the category's share of the segment's
+  positives, shrunk toward its share of all positives by SEGMENT_PRIOR positives / that share), 0 for a user
+  without attributes (the fit fold's positives for the training lists, all of train's for the evaluated users).
+  Do users' attributes say something about their tastes that the ranker does not form itself? Also paired with
+  `served`; only where the data has a user table (`data/raw/users.parquet` with attribute columns).
+`--only NAME ...` trains only those rows (and the reference).
 Before 2026-12-07 (commit 7bbe031's results) the rows came from a copy of the training loop in this file, and an MLP
 of the dense features stood where the deep part stands now.
 Figures: NDCG@10 and Recall@10 of the evaluated users (mean ± s.e.): synthetic shop, warm test users; ml-latest-small,
@@ -41,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from feature_workflows.history import POSITIVE_KIND
 from runtime.candidates import trending_scores
 from shoprec.manifest import verified_path
 
@@ -49,6 +58,8 @@ from training.metrics import mean_se
 SCORE_COLUMNS = ("cf_all", "cf_pos", "cf_recent", "two_tower")
 REFERENCE = "wide, pointwise"  # the row the others are paired with
 SERVED, TRENDING = "served (training/train.py)", "served + trending score"  # the latter also paired with the former
+SEGMENT = "served + segment affinity"  # also paired with SERVED
+SEGMENT_BINS, SEGMENT_PRIOR = 4, 20.0  # numeric user attributes in quartiles; a segment's shares shrunk by 20 positives
 
 
 def with_columns(lists: dict, extra: np.ndarray | None = None, relative: bool = False) -> dict:
@@ -83,6 +94,49 @@ def als_scores(data, actions, users: np.ndarray, rows: np.ndarray) -> np.ndarray
     u = np.zeros((len(users), model.factors), np.float32)
     u[known] = model.user_factors[at[known]]
     return np.einsum("uf,unf->un", u, model.item_factors[np.maximum(rows, 0)]).astype(np.float32)
+
+
+def segment_affinity(data, actions, users: np.ndarray, rows: np.ndarray, user_table) -> np.ndarray:
+    """[U, N]: log lift of each candidate's category in the user's segment (the users sharing all of `user_table`'s
+    attributes, numbers in SEGMENT_BINS quantile bins) over its share of all of `actions`' positives; the segment's
+    counts shrunk toward the global shares by SEGMENT_PRIOR positives. 0 for a user the table lacks."""
+    import pandas as pd
+
+    table = user_table.set_index("user_id")
+    parts = []
+    for col in table.columns:
+        v = table[col]
+        if pd.api.types.is_numeric_dtype(v) and v.nunique() > SEGMENT_BINS:
+            v = pd.qcut(v, SEGMENT_BINS, labels=False, duplicates="drop")
+        parts.append(v.astype(str))
+    codes, cells = pd.factorize(pd.concat(parts, axis=1).agg("|".join, axis=1))
+    cell_of = pd.Series(codes, index=table.index)
+    cat = np.asarray(data.items["category_code"])
+    n_cat = int(cat.max()) + 1
+    pos = actions[actions["kind"] >= POSITIVE_KIND]
+    pos_cell = cell_of.reindex(pos["user_id"].to_numpy()).to_numpy()
+    pos_cat = cat[pos["item_row"].to_numpy()]
+    ok = ~np.isnan(pos_cell) & (pos_cat >= 0)
+    counts = np.zeros((len(cells), n_cat))
+    np.add.at(counts, (pos_cell[ok].astype(np.int64), pos_cat[ok]), 1.0)
+    overall = (counts.sum(0) + 1.0) / (counts.sum() + n_cat)
+    lift = np.log((counts + SEGMENT_PRIOR * overall) / (counts.sum(1, keepdims=True) + SEGMENT_PRIOR) / overall)
+    user_cell = cell_of.reindex(users).to_numpy()
+    known = ~np.isnan(user_cell)
+    c = cat[np.maximum(rows, 0)]
+    out = lift[np.where(known, user_cell, 0).astype(np.int64)[:, None], np.maximum(c, 0)]
+    return np.where(known[:, None] & (c >= 0) & (rows >= 0), out, 0.0).astype(np.float32)
+
+
+def user_table(artifacts: Path):
+    """The data's user attribute table (data/raw/users.parquet), None without one or without attribute columns."""
+    import pandas as pd
+
+    path = artifacts / "data" / "raw" / "users.parquet"
+    if not path.exists():
+        return None
+    table = pd.read_parquet(path)
+    return table if len(table.columns) > 1 else None
 
 
 def stage_a_lists(artifacts: Path, cfg, category_smoothing: tuple[float, ...] = (0.0,)):
@@ -120,21 +174,27 @@ def stage_a_lists(artifacts: Path, cfg, category_smoothing: tuple[float, ...] = 
     return data, fit, train, tt_a, users[:n][keep], out
 
 
-def run(artifacts: Path, cfg, evaluators: dict) -> dict:
-    """evaluators: {part: ablation.Evaluator}; each variant's lists scored on every part."""
+def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
+    """evaluators: {part: ablation.Evaluator}; each variant's lists scored on every part. only: those variants (and
+    the reference) alone."""
     from training import train as T
 
     kc = cfg.ranking
     data, fit, train, tt_a, users_a, lists = stage_a_lists(artifacts, cfg)
     lists = lists[0.0]
     parts = {name: ev.prepare(data, cfg, lists_only=True)["lists"] for name, ev in evaluators.items()}
-    als_a = als_scores(data, fit, users_a, lists["rows"])
-    als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
+    if not only or "+ ALS score" in only:
+        als_a = als_scores(data, fit, users_a, lists["rows"])
+        als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
     trend_fit, trend_all = (np.log1p(trending_scores(a["item_row"].to_numpy(), a["ts"].to_numpy(), a["kind"].to_numpy(),
                                                      data.n_items, cfg.serve.trending_half_life_days,
                                                      float(train["ts"].max()))).astype(np.float32) for a in (fit, train))
     trend_a = trend_fit[np.maximum(lists["rows"], 0)]
     trend_e = {name: trend_all[np.maximum(ev["rows"], 0)] for name, ev in parts.items()}
+    table = user_table(artifacts)
+    if table is not None:
+        seg_a = segment_affinity(data, fit, users_a, lists["rows"], table)
+        seg_e = {name: segment_affinity(data, train, evaluators[name].users, ev["rows"], table) for name, ev in parts.items()}
     report: dict = {"lists": {"train_users": int(len(users_a)), "candidates": int(lists["rows"].shape[1])}, "variants": {}}
 
     per_user: dict = {}
@@ -155,9 +215,17 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
                 "+ list-relative scores": {**wide, "relative": True}, "+ ALS score": {**wide, "als": True},
                 SERVED: {"deep": None, "listwise_weight": kc.listwise_weight},
                 TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "trending": True}}
+    if table is not None:
+        variants[SEGMENT] = {"deep": None, "listwise_weight": kc.listwise_weight, "segment": True}
+    unknown = sorted(set(only) - set(variants))
+    if unknown:
+        raise SystemExit(f"ranker_variants: --only {' '.join(unknown)}: no such variant here (known: {', '.join(variants)})")
+    if only:
+        variants = {k: v for k, v in variants.items() if k == REFERENCE or k in only}
     for name, v in variants.items():
         t0 = time.time()
-        extra_a, extra_e = (als_a, als_e) if v.get("als") else (trend_a, trend_e) if v.get("trending") else (None, {})
+        extra_a, extra_e = ((als_a, als_e) if v.get("als") else (trend_a, trend_e) if v.get("trending")
+                            else (seg_a, seg_e) if v.get("segment") else (None, {}))
         train_lists = with_columns(lists, extra_a, v.get("relative", False))
         model, _ = T.train_ranker(data, dataclasses.replace(kc, listwise_weight=v["listwise_weight"]), train_lists,
                                   {k: x[:0] for k, x in train_lists.items()}, [], data.items["item_cont_fit"], tt_a.item_ids,
@@ -169,9 +237,11 @@ def run(artifacts: Path, cfg, evaluators: dict) -> dict:
             order = np.argsort(-T.ranker_scores(model, data, ev, data.item_cont, kc.cvr_weight, "cpu"), axis=1, kind="stable")
             tops[p] = np.take_along_axis(ev["rows"], order, 1)
         scored(name, tops, seconds)
-    report["variants"][SERVED]["deep"] = bool(T.deep_part_on(kc, len(users_a)))
-    for p in parts:
-        report["variants"][TRENDING][p]["NDCG@10 - served"] = mean_se(per_user[TRENDING][p] - per_user[SERVED][p])
+    if SERVED in report["variants"]:
+        report["variants"][SERVED]["deep"] = bool(T.deep_part_on(kc, len(users_a)))
+        for name in (TRENDING, SEGMENT):
+            for p in parts if name in report["variants"] else ():
+                report["variants"][name][p]["NDCG@10 - served"] = mean_se(per_user[name][p] - per_user[SERVED][p])
     scored("no ranker (merged candidate order)", {p: ev["rows"] for p, ev in parts.items()}, 0.0)
     return report
 
@@ -189,20 +259,22 @@ def markdown(report: dict, meta: dict) -> str:
                  + ("{:+.4f} ± {:.4f}".format(*v[p]["NDCG@10 - reference"]) if name != REFERENCE else "reference")
                  + f" | {v[p]['Recall@10'][0]:.4f}" for p in parts]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['train_seconds']:.0f} |")
-    if TRENDING in report["variants"]:
-        lines += ["", f"`{TRENDING}` minus `{SERVED}`, paired: " + ", ".join(
-            "{} NDCG@10 {:+.4f} ± {:.4f}".format(p, *report["variants"][TRENDING][p]["NDCG@10 - served"]) for p in parts) + "."]
+    for name in (TRENDING, SEGMENT):
+        if name in report["variants"] and "NDCG@10 - served" in report["variants"][name][parts[0]]:
+            lines += ["", f"`{name}` minus `{SERVED}`, paired: " + ", ".join(
+                "{} NDCG@10 {:+.4f} ± {:.4f}".format(p, *report["variants"][name][p]["NDCG@10 - served"]) for p in parts) + "."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     from .ablation import bundle, paired_evaluators, parse, save
 
-    args = parse("ranker_variants", __doc__, argv)
+    args = parse("ranker_variants", __doc__, argv, lambda p: p.add_argument(
+        "--only", nargs="+", default=(), metavar="VARIANT", help="train only these rows (and the reference), by name"))
     cfg, artifacts = bundle("ranker_variants", args)
     evaluators = paired_evaluators(artifacts, args.referee)
     t0 = time.time()
-    report = run(artifacts, cfg, evaluators)
+    report = run(artifacts, cfg, evaluators, tuple(args.only))
     save("ranker_variants", args, argv, report, time.time() - t0, markdown)
     return report
 

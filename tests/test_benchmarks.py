@@ -617,15 +617,20 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     """benchmarks.ranker_variants: stage A's lists train each variant, which re-orders the bundle's candidates for the
     evaluated users; every row is paired with the reference user by user."""
     from benchmarks.ablation import shop_evaluator
-    from benchmarks.ranker_variants import REFERENCE, SERVED, TRENDING, run, with_columns
+    from benchmarks.ranker_variants import REFERENCE, SEGMENT, SERVED, TRENDING, run, with_columns
     from runtime.candidates import trending_scores
 
     report = run(artifacts, cfg.replace("ranking", steps=200), {"test": shop_evaluator(artifacts, per_user=True)})
     rows = report["variants"]
     assert list(rows) == [REFERENCE, "+ listwise loss", "+ deep part", "+ list-relative scores", "+ ALS score",
-                          SERVED, TRENDING, "no ranker (merged candidate order)"]
-    assert rows[TRENDING]["test"]["NDCG@10 - served"][0] == pytest.approx(
-        rows[TRENDING]["test"]["NDCG@10"][0] - rows[SERVED]["test"]["NDCG@10"][0])
+                          SERVED, TRENDING, SEGMENT, "no ranker (merged candidate order)"]
+    for paired in (TRENDING, SEGMENT):
+        assert rows[paired]["test"]["NDCG@10 - served"][0] == pytest.approx(
+            rows[paired]["test"]["NDCG@10"][0] - rows[SERVED]["test"]["NDCG@10"][0])
+    only = run(artifacts, cfg.replace("ranking", steps=50), {"test": shop_evaluator(artifacts, per_user=True)}, (SEGMENT,))
+    assert list(only["variants"]) == [REFERENCE, SEGMENT, "no ranker (merged candidate order)"]
+    with pytest.raises(SystemExit, match="--only served: no such variant"):
+        run(artifacts, cfg, {"test": shop_evaluator(artifacts, per_user=True)}, ("served",))
     assert "NDCG@10 - reference" not in rows[REFERENCE]["test"]
     for name, row in rows.items():
         m = row["test"]
@@ -645,6 +650,25 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     # the trending score at a given end: positives (kind >= 2) only, each halved per half-life of age at t_end
     score = trending_scores(np.array([0, 0, 1, 2]), np.array([7, 0, 7, 7]) * 86400, np.array([2, 3, 2, 1]), 4, 7.0, 14 * 86400)
     np.testing.assert_allclose(score, [0.75, 0.5, 0.0, 0.0])
+
+
+def test_segment_affinity_is_the_category_lift_among_users_with_the_same_attributes():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from benchmarks.ranker_variants import SEGMENT_PRIOR, segment_affinity
+
+    data = SimpleNamespace(items={"category_code": np.array([0, 0, 1])})
+    # two segments: users 1, 2, 5 (age 20, region a) and 3, 4, 6 (age 60, region a; two ages: not binned); 9 unknown
+    table = pd.DataFrame({"user_id": [1, 2, 3, 4, 5, 6], "age": [20, 20, 60, 60, 20, 60], "region": ["a"] * 6})
+    actions = pd.DataFrame({"user_id": [1, 2, 3, 9, 1], "item_row": [0, 1, 2, 2, 2], "kind": [2, 2, 2, 2, 0]})
+    got = segment_affinity(data, actions, np.array([2, 4, 9]), np.array([[0, 2, -1], [2, 0, 1], [0, 1, 2]]), table)
+    overall = (np.array([2, 1]) + 1) / (3 + 2)  # the segments' positives by category (not 9's, not a view), plus one
+    young = (np.array([2, 0]) + SEGMENT_PRIOR * overall) / (2 + SEGMENT_PRIOR) / overall
+    old = (np.array([0, 1]) + SEGMENT_PRIOR * overall) / (1 + SEGMENT_PRIOR) / overall
+    np.testing.assert_allclose(got, np.log([[young[0], young[1], 1.0], [old[1], old[0], old[0]], [1.0, 1.0, 1.0]]),
+                               rtol=1e-6)  # padding and unknown users: 0
 
 
 def test_category_smoothing_retrains_the_ranker_per_alpha_and_pairs_it_with_the_raw_route(artifacts, cfg):
