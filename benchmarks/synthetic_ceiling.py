@@ -33,7 +33,8 @@ Every system scores the whole catalog for each warm test user (seen items exclud
   user's train positives show: the category preference as `history_sessions_decay0.8_smooth*`, the price
   tier as the mean relative price of the items they clicked (shrunk toward 0 by one pseudo-click), the two
   favourite brands as their two most clicked brands. What a model that knew the generator's form and read
-  every parameter from the data would reach (also in `best_history`: it reads no truth);
+  every user's parameters from the data would reach (in `best_history` too: no user's truth is read, though
+  item popularity and the model's coefficients are the generator's);
 - `history_click_model_cells_smooth*`: the same, the category estimate smoothed toward the mean shares of the
   train users of the same age and region (the generator's taste has a prior by age and region) instead of
   toward uniform shares;
