@@ -1,7 +1,7 @@
 """Does the served quality hold on data shaped unlike the development set? Variants of ml-latest-small,
 each scored by the shared referee against its own tuned baselines.
 
-    .venv/bin/python -m benchmarks.referee_variants                     # 2 variants x 2 protocols, ~10 min on 2 cores
+    .venv/bin/python -m benchmarks.referee_variants                     # 3 variants x 2 protocols, ~13 min on 2 cores
     .venv/bin/python -m benchmarks.referee_variants --variants half-users --protocols random-8-1-1
     .venv/bin/python -m benchmarks.referee_variants --variants ml100k-files ml1m-files --tag release_files  # ~25 min
     .venv/bin/python -m benchmarks.referee_variants --variants whole-stars --tag whole_stars  # their reference
@@ -74,7 +74,7 @@ CAVEATS = {"users-x6": "Not a quality figure: each user has 5 sibling copies, an
                         "train ratings (each holds 80 % of the user's), which EASE and ALS memorise. Under user-temporal-8-1-1, what the siblings hold "
                         "and a copy lacks is mostly the 20 % of the user's ratings that copy dropped, which can "
                         "never be its test hits: ALS and EASE fall below popularity. This variant measures cost."}
-DEFAULT_VARIANTS = ("whole-stars-dense", "half-users")  # the others on request (--variants)
+DEFAULT_VARIANTS = ("whole-stars-dense", "half-users", "sparse-users")  # the others on request (--variants)
 HANDED_AS = {"ml100k-files": "ml100k", "ml1m-files": "ml1m-partial"}  # variant -> the release whose files the product gets
 SEED = 2026
 SPARSE_KEEP, SPARSE_MIN = 0.2, 5  # sparse-users: a fifth of each user's ratings, never fewer than 5
