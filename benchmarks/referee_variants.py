@@ -1,7 +1,7 @@
 """Does the served quality hold on data shaped unlike the development set? Variants of ml-latest-small,
 each scored by the shared referee against its own tuned baselines.
 
-    .venv/bin/python -m benchmarks.referee_variants                     # 3 variants x 2 protocols, ~13 min on 2 cores
+    .venv/bin/python -m benchmarks.referee_variants                     # 3 variants x 2 protocols, ~16 min on 2 cores
     .venv/bin/python -m benchmarks.referee_variants --variants half-users --protocols random-8-1-1
     .venv/bin/python -m benchmarks.referee_variants --variants ml100k-files ml1m-files --tag release_files  # ~25 min
     .venv/bin/python -m benchmarks.referee_variants --variants whole-stars --tag whole_stars  # their reference
