@@ -31,26 +31,25 @@ from shoprec.config import REPO_ROOT
 from .machine import publish
 
 
-def _batches(artifacts: Path, users: int, batch: int):
-    """The cpu profile's fused model and the merged request tensors of `users` warm users, `batch` one-user
-    requests per batch (as Triton's batcher merges them)."""
+def fused_batches(artifacts: Path, ids: list[int], batch: int):
+    """The cpu profile's fused model (online store off) and the merged request tensors of the users `ids`, `batch`
+    one-user requests per batch, as Triton's batcher merges them (a last partial batch left out)."""
     from runtime.pipeline import Pipeline
     from runtime.steps import merge_requests
     from shoprec.config import load_config
-
-    from .serving_bench import warm_users
 
     cfg = load_config().replace("serve", online_store="none").serve
     p = Pipeline(artifacts / "serving", cfg=cfg, profile="cpu")
     step = p.graph[-1]
     model = p.steps[step.name]
-    ids = [int(u) for u in warm_users(artifacts)[:users]]
     one = [model.check({t.name: r.get(t.name) for t in step.inputs}) for r in (p.request([u], 10) for u in ids)]
     return model, [merge_requests(step, one[i : i + batch]) for i in range(0, len(one) - batch + 1, batch)]
 
 
 def _worker(artifacts: Path, users: int, batch: int, seconds: float, barrier, results) -> None:
-    model, batches = _batches(artifacts, users, batch)
+    from .serving_bench import warm_users
+
+    model, batches = fused_batches(artifacts, [int(u) for u in warm_users(artifacts)[:users]], batch)
     for b in batches[:5]:  # warm: first calls build the sessions' and the routes' caches
         model.run_requests(b, [1] * batch)
     barrier.wait()

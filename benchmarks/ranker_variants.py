@@ -183,18 +183,17 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
     data, fit, train, tt_a, users_a, lists = stage_a_lists(artifacts, cfg)
     lists = lists[0.0]
     parts = {name: ev.prepare(data, cfg, lists_only=True)["lists"] for name, ev in evaluators.items()}
-    if not only or "+ ALS score" in only:
-        als_a = als_scores(data, fit, users_a, lists["rows"])
-        als_e = {name: als_scores(data, train, evaluators[name].users, ev["rows"]) for name, ev in parts.items()}
-    trend_fit, trend_all = (np.log1p(trending_scores(a["item_row"].to_numpy(), a["ts"].to_numpy(), a["kind"].to_numpy(),
-                                                     data.n_items, cfg.serve.trending_half_life_days,
-                                                     float(train["ts"].max()))).astype(np.float32) for a in (fit, train))
-    trend_a = trend_fit[np.maximum(lists["rows"], 0)]
-    trend_e = {name: trend_all[np.maximum(ev["rows"], 0)] for name, ev in parts.items()}
     table = user_table(artifacts)
-    if table is not None:
-        seg_a = segment_affinity(data, fit, users_a, lists["rows"], table)
-        seg_e = {name: segment_affinity(data, train, evaluators[name].users, ev["rows"], table) for name, ev in parts.items()}
+
+    def trending(actions, rows):
+        score = trending_scores(actions["item_row"].to_numpy(), actions["ts"].to_numpy(), actions["kind"].to_numpy(),
+                                data.n_items, cfg.serve.trending_half_life_days, float(train["ts"].max()))
+        return np.log1p(score).astype(np.float32)[np.maximum(rows, 0)]
+
+    # a variant's extra dense column [U, N]: fn(actions, users, rows), from the fit fold for the training lists and
+    # from all of train for the evaluated users' lists; built only for the rows that run
+    extras = {"als": lambda a, u, r: als_scores(data, a, u, r), "trending": lambda a, u, r: trending(a, r),
+              "segment": lambda a, u, r: segment_affinity(data, a, u, r, table)}
     report: dict = {"lists": {"train_users": int(len(users_a)), "candidates": int(lists["rows"].shape[1])}, "variants": {}}
 
     per_user: dict = {}
@@ -212,11 +211,11 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
 
     wide = dict(deep=False, listwise_weight=0.0)
     variants = {REFERENCE: wide, "+ listwise loss": {**wide, "listwise_weight": 1.0}, "+ deep part": {**wide, "deep": True},
-                "+ list-relative scores": {**wide, "relative": True}, "+ ALS score": {**wide, "als": True},
+                "+ list-relative scores": {**wide, "relative": True}, "+ ALS score": {**wide, "extra": "als"},
                 SERVED: {"deep": None, "listwise_weight": kc.listwise_weight},
-                TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "trending": True}}
+                TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "extra": "trending"}}
     if table is not None:
-        variants[SEGMENT] = {"deep": None, "listwise_weight": kc.listwise_weight, "segment": True}
+        variants[SEGMENT] = {"deep": None, "listwise_weight": kc.listwise_weight, "extra": "segment"}
     unknown = sorted(set(only) - set(variants))
     if unknown:
         raise SystemExit(f"ranker_variants: --only {' '.join(unknown)}: no such variant here (known: {', '.join(variants)})")
@@ -224,8 +223,9 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
         variants = {k: v for k, v in variants.items() if k == REFERENCE or k in only}
     for name, v in variants.items():
         t0 = time.time()
-        extra_a, extra_e = ((als_a, als_e) if v.get("als") else (trend_a, trend_e) if v.get("trending")
-                            else (seg_a, seg_e) if v.get("segment") else (None, {}))
+        extra = extras.get(v.get("extra"))
+        extra_a = extra(fit, users_a, lists["rows"]) if extra else None
+        extra_e = {p: extra(train, evaluators[p].users, ev["rows"]) for p, ev in parts.items()} if extra else {}
         train_lists = with_columns(lists, extra_a, v.get("relative", False))
         model, _ = T.train_ranker(data, dataclasses.replace(kc, listwise_weight=v["listwise_weight"]), train_lists,
                                   {k: x[:0] for k, x in train_lists.items()}, [], data.items["item_cont_fit"], tt_a.item_ids,

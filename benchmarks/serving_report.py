@@ -128,10 +128,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {role} | " + " | ".join(_ms(r.get("cpu_ms_per_request", {}).get(role)) for r in rows.values()) + " |")
     lines.append("| **total** | " + " | ".join(f"**{sum(r.get('cpu_ms_per_request', {}).values()):.3f}**" for r in rows.values()) + " |")
     ip = report["in_process"]
-    batched = " and ".join(f"{ip[f'batch{b}_ms_per_request']:.3f} at batch {b}"
-                           for b in (6, 16) if f"batch{b}_ms_per_request" in ip)
+    sizes = sorted(int(k[5:-15]) for k in ip if k.startswith("batch") and k.endswith("_ms_per_request"))
+    batched = " and ".join(f"{ip[f'batch{b}_ms_per_request']:.3f} at batch {b}" for b in sizes)
+    # before 2026-12-07 the floor had batch 16 alone, one batch of the same users repeated
     lines += ["", f"In-process: {ip['p50_ms']:.3f} ms per request at batch 1, {batched} (ms per request; same steps, "
-              "one process" + (", each batch its own users)" if "batch6_ms_per_request" in ip else ")")
+              "one process" + (", each batch its own users)" if len(sizes) > 1 else ")")
               + (f"; p50 by round {report['in_process']['rounds_p50_ms']}." if "rounds_p50_ms" in report["in_process"] else ".")]
     return "\n".join(lines) + "\n"
 

@@ -57,7 +57,7 @@ def run(artifacts: Path, users: int = 500, rounds: int = 5, batches: tuple[int, 
     if chunk_rows:
         out.update(_ranker_chunks(p, ids, rounds, chunk_rows))
     if fused:
-        out.update(_fused(artifacts, cfg, ids, rounds))
+        out.update(_fused(artifacts, ids, rounds))
     return out
 
 
@@ -86,18 +86,12 @@ def _ranker_chunks(p, ids: list[int], rounds: int, settings: tuple[int, ...]) ->
             "chunk_rows_default": default}
 
 
-def _fused(artifacts: Path, cfg, ids: list[int], rounds: int) -> dict:
+def _fused(artifacts: Path, ids: list[int], rounds: int) -> dict:
     """The cpu profile's fused model over batches of 16 one-user requests, top-k in one call and request by request
     (Fused.one_call), alternated round by round: ms per request, the minimum of the rounds."""
-    from runtime.pipeline import Pipeline
-    from runtime.steps import merge_requests
+    from .graph_cost import fused_batches
 
-    p = Pipeline(artifacts / "serving", cfg=cfg, profile="cpu")
-    step = p.graph[-1]
-    model = p.steps[step.name]
-    batches = [merge_requests(step, [model.check({t.name: r.get(t.name) for t in step.inputs})
-                                     for r in (p.request([u], 10) for u in ids[i : i + 16])])
-               for i in range(0, len(ids) - 15, 16)]
+    model, batches = fused_batches(artifacts, ids, 16)
     times: dict[bool, list[float]] = {True: [], False: []}
     try:
         for r in range(rounds):
