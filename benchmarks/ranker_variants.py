@@ -33,6 +33,10 @@ thing changed from the reference:
   without attributes (the fit fold's positives for the training lists, all of train's for the evaluated users).
   Do users' attributes say something about their tastes that the ranker does not form itself? Also paired with
   `served`; only where the data has a user table (`data/raw/users.parquet` with attribute columns).
+- `served + user x candidate crosses`: the served ranker with a bilinear term in its wide part, each standardised
+  user feature times each candidate feature (`ranking.user_item_cross`): the wide part's user features add the same
+  to every candidate of a list and so cannot change its order; crossed, they can re-weigh the candidate features
+  (a heavy user discounting popularity). Also paired with `served`;
 `--only NAME ...` trains only those rows (and the reference).
 Before 2026-12-07 (commit 7bbe031's results) the rows came from a copy of the training loop in this file, and an MLP
 of the dense features stood where the deep part stands now.
@@ -59,6 +63,7 @@ SCORE_COLUMNS = ("cf_all", "cf_pos", "cf_recent", "two_tower")
 REFERENCE = "wide, pointwise"  # the row the others are paired with
 SERVED, TRENDING = "served (training/train.py)", "served + trending score"  # the latter also paired with the former
 SEGMENT = "served + segment affinity"  # also paired with SERVED
+CROSS = "served + user x candidate crosses"  # also paired with SERVED
 SEGMENT_BINS, SEGMENT_PRIOR = 4, 20.0  # numeric user attributes in quartiles; a segment's shares shrunk by 20 positives
 
 
@@ -212,8 +217,9 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
     wide = dict(deep=False, listwise_weight=0.0)
     variants = {REFERENCE: wide, "+ listwise loss": {**wide, "listwise_weight": 1.0}, "+ deep part": {**wide, "deep": True},
                 "+ list-relative scores": {**wide, "relative": True}, "+ ALS score": {**wide, "extra": "als"},
-                SERVED: {"deep": None, "listwise_weight": kc.listwise_weight},
-                TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "extra": "trending"}}
+                SERVED: {"deep": None, "listwise_weight": kc.listwise_weight, "cross": kc.user_item_cross},
+                TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "extra": "trending"},
+                CROSS: {"deep": None, "listwise_weight": kc.listwise_weight, "cross": True}}
     if table is not None:
         variants[SEGMENT] = {"deep": None, "listwise_weight": kc.listwise_weight, "extra": "segment"}
     unknown = sorted(set(only) - set(variants))
@@ -227,7 +233,8 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
         extra_a = extra(fit, users_a, lists["rows"]) if extra else None
         extra_e = {p: extra(train, evaluators[p].users, ev["rows"]) for p, ev in parts.items()} if extra else {}
         train_lists = with_columns(lists, extra_a, v.get("relative", False))
-        model, _ = T.train_ranker(data, dataclasses.replace(kc, listwise_weight=v["listwise_weight"]), train_lists,
+        setting = dataclasses.replace(kc, listwise_weight=v["listwise_weight"], user_item_cross=v.get("cross", False))
+        model, _ = T.train_ranker(data, setting, train_lists,
                                   {k: x[:0] for k, x in train_lists.items()}, [], data.items["item_cont_fit"], tt_a.item_ids,
                                   "cpu", False, deep=v["deep"])
         seconds = time.time() - t0
@@ -239,7 +246,7 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
         scored(name, tops, seconds)
     if SERVED in report["variants"]:
         report["variants"][SERVED]["deep"] = bool(T.deep_part_on(kc, len(users_a)))
-        for name in (TRENDING, SEGMENT):
+        for name in (TRENDING, SEGMENT, CROSS):
             for p in parts if name in report["variants"] else ():
                 report["variants"][name][p]["NDCG@10 - served"] = mean_se(per_user[name][p] - per_user[SERVED][p])
     scored("no ranker (merged candidate order)", {p: ev["rows"] for p, ev in parts.items()}, 0.0)
@@ -259,7 +266,7 @@ def markdown(report: dict, meta: dict) -> str:
                  + ("{:+.4f} ± {:.4f}".format(*v[p]["NDCG@10 - reference"]) if name != REFERENCE else "reference")
                  + f" | {v[p]['Recall@10'][0]:.4f}" for p in parts]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['train_seconds']:.0f} |")
-    for name in (TRENDING, SEGMENT):
+    for name in (TRENDING, SEGMENT, CROSS):
         if name in report["variants"] and "NDCG@10 - served" in report["variants"][name][parts[0]]:
             lines += ["", f"`{name}` minus `{SERVED}`, paired: " + ", ".join(
                 "{} NDCG@10 {:+.4f} ± {:.4f}".format(p, *report["variants"][name][p]["NDCG@10 - served"]) for p in parts) + "."]

@@ -87,6 +87,7 @@ class RankingConfig:
     din_length: int = 20  # the most recent actions target attention reads
     deep: str = "auto"  # auto: the deep part (embeddings, DIN, dot interactions) tried from deep_min_lists lists, kept if it wins on the validation lists | on | off
     deep_min_lists: int = 10_000  # see configs/default.toml
+    user_item_cross: bool = False  # a bilinear user feature x candidate feature term in the wide part
     ignore_user_features: tuple[str, ...] = ("user_id",)
     cvr_weight: float = 1.0  # score = pCTR * (1 + cvr_weight * pCVR): a purchase counts 1 + w clicks
     cvr_loss_weight: float = 0.5

@@ -120,6 +120,36 @@ def test_ranker_shapes_and_serving_scores(deep):
     assert not r.item_ids.weight.requires_grad  # the two-tower's item-id table, frozen
 
 
+def test_user_item_crosses_let_a_user_feature_reorder_the_list(tmp_path):
+    """Wide alone, a user feature adds the same to every candidate of the list; the cross term (ranking.user_item_cross)
+    is sum_uc x_u W[u, head, c] x_c over standardised features, zero at the start."""
+    torch.manual_seed(0)
+    ids = torch.nn.Embedding(30, 4)
+    r = Ranker([50, 7], [0, 1], [1], 2, [30, 6], [0, 1], 3, 7, 5, dim=4, bottom=[8, 4], top=[8], id_table=ids, deep=False,
+               cross=True).eval()
+    plain = Ranker([50, 7], [0, 1], [1], 2, [30, 6], [0, 1], 3, 7, 5, dim=4, bottom=[8, 4], top=[8], id_table=ids,
+                   deep=False).eval()
+    plain.wide.load_state_dict(r.wide.state_dict())
+    args = [torch.tensor([[3, 2]]), torch.randn(1, 2), torch.tensor([[4, 5, 0, 0, 0]]), torch.tensor([[2, 1, 0, 0, 0]]),
+            torch.randint(3, 6, (1, 11, 2)), torch.randn(1, 11, 3), torch.randn(1, 11, 7)]
+    torch.testing.assert_close(r(*args), plain(*args))  # zero-initialised: the wide ranker it starts from
+    with torch.no_grad():
+        r.cross.normal_()
+    x = torch.cat([args[1].unsqueeze(1).expand(1, 11, 2), args[5], args[6]], -1)
+    w = r.cross.reshape(2, 2, 10)
+    want = plain(*args) + torch.einsum("bnu,ukc,bnc->bnk", x[..., :2], w, x[..., 2:])
+    torch.testing.assert_close(r(*args), want)
+    other = [*args[:1], args[1] + 3.0, *args[2:]]  # another user, the same candidates
+    order = lambda m, a: m(*a)[0, :, 0].argsort()  # noqa: E731
+    assert torch.equal(order(plain, args), order(plain, other))
+    assert not torch.equal(order(r, args), order(r, other))
+    from training.export import _export, parity
+
+    serving = RankerServing(r, cvr_weight=1.0)  # exported with a variable candidate count, as export writes it
+    _export(serving, tuple(args), tmp_path / "ranker.onnx", "ranker")
+    assert parity(tmp_path / "ranker.onnx", serving, tuple(a[:, :5] if a.dim() == 3 else a for a in args), "ranker") < 1e-5
+
+
 def test_a_ranker_input_constant_in_training_is_ignored_not_blown_up():
     """One category in the catalog: the category affinity is 1 for every training candidate. An unknown user's 0
     once became (0 - 1) / 1e-6 and saturated every score; such an input now reads as its mean."""

@@ -306,7 +306,7 @@ class Ranker(nn.Module):
 
     def __init__(self, user_card, user_tables, user_fields, n_user_cont, item_card, item_tables, n_item_cont, n_dense,
                  seq_len: int, dim: int, bottom: list[int], top: list[int], id_table: nn.Embedding, din: bool = True,
-                 dropout: float = 0.0, deep: bool = True, din_length: int = 20):
+                 dropout: float = 0.0, deep: bool = True, din_length: int = 20, cross: bool = False):
         super().__init__()
         self.din_length = min(int(din_length), int(seq_len))  # the most recent actions the deep part reads
         if bottom[-1] != dim:
@@ -333,6 +333,11 @@ class Ranker(nn.Module):
         # wide & deep: a linear model of the standardised features plus the deep part's correction,
         # which starts at zero, so training starts from (and cannot drift far from) the stable part
         self.wide = nn.Linear(n_in, 2)
+        # user x candidate crosses (`ranking.user_item_cross`): inside one user's list the wide part's user
+        # features add the same to every candidate, so they cannot change the order; a bilinear term lets them
+        # re-weigh each candidate feature (a heavy user discounting popularity). Starts at zero, as the deep part.
+        self.n_user_cont = int(n_user_cont)
+        self.cross = nn.Parameter(torch.zeros(n_user_cont, 2 * (n_in - n_user_cont))) if cross and n_user_cont else None
         nn.init.zeros_(self.over[-1].weight)
         nn.init.zeros_(self.over[-1].bias)
         self.register_buffer("deep_on", torch.tensor(1.0 if deep else 0.0))
@@ -349,8 +354,9 @@ class Ranker(nn.Module):
         b, n = item_cat.shape[0], item_cat.shape[1]
         x = torch.cat([user_cont.unsqueeze(1).expand(b, n, user_cont.shape[1]), item_cont, cand_dense], dim=-1)
         x = (x - self.mean) / self.std
+        wide = self.wide(x) if self.cross is None else self.wide(x) + self.crossed(x)
         if not bool(self.deep_on > 0):  # a python branch: the exported graph of a wide-only ranker has no deep part
-            return self.wide(x)
+            return wide
         d = self.dense(x)  # [B, N, D]
         seq, seq_kinds = seq[:, : self.din_length], seq_kinds[:, : self.din_length]
         cand = self.id_proj(self.item_ids(item_cat[..., 0]))  # [B, N, D]
@@ -369,7 +375,13 @@ class Ranker(nn.Module):
             vecs.append(self.din(cand, hist, valid, folded).unsqueeze(2))
         v = torch.cat(vecs, dim=2)  # [B, N, V, D]
         dots = (v @ v.transpose(-1, -2))[..., self.rows, self.cols]
-        return self.wide(x) + self.over(torch.cat([d, dots, x], dim=-1))
+        return wide + self.over(torch.cat([d, dots, x], dim=-1))
+
+    def crossed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, 2]: sum over user feature u and candidate feature c of x_u * W[u, head, c] * x_c."""
+        u, c = x[..., : self.n_user_cont], x[..., self.n_user_cont:]
+        uw = (u @ self.cross).reshape(*c.shape[:-1], 2, c.shape[-1])
+        return (uw * c.unsqueeze(-2)).sum(-1)
 
 
 class RankerServing(nn.Module):

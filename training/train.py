@@ -323,11 +323,13 @@ def fit_categories(data: FeatureData, smoothing: float = 0.0) -> CategoryPrior:
     return CategoryPrior.from_popularity(data.items["category_code"], data.items["popularity_fit"], smoothing=smoothing)
 
 
-def build_ranker(data: FeatureData, cfg: RankingConfig, n_dense: int, id_table: torch.nn.Embedding, deep: bool = True) -> Ranker:
+def build_ranker(data: FeatureData, cfg: RankingConfig, n_dense: int, id_table: torch.nn.Embedding, deep: bool = True,
+                 cross: bool | None = None) -> Ranker:
     fields = [i for i, c in enumerate(data.user_cat_cols) if not any(fnmatch.fnmatch(c, p) for p in cfg.ignore_user_features)]
     return Ranker(data.user_card, data.user_tables, fields, len(data.user_cont_cols), data.item_card, data.item_tables,
                   data.item_cont.shape[1], n_dense, data.seq_len, cfg.embedding_dim, list(cfg.bottom_mlp), list(cfg.top_mlp),
-                  id_table, cfg.din, cfg.dropout, deep, cfg.din_length)
+                  id_table, cfg.din, cfg.dropout, deep, cfg.din_length,
+                  cfg.user_item_cross if cross is None else cross)
 
 
 def ranker_lists(data: FeatureData, gen: CandidateGenerator, q: dict, user_emb: np.ndarray, truth: list[dict],
@@ -790,7 +792,7 @@ def load_ranker(models_dir: str | Path, data: FeatureData, cfg: RankingConfig, d
     state = torch.load(verified_path(models_dir, "ranker.pt"), map_location=device, weights_only=True)
     ids = torch.nn.Embedding(*state["item_ids.weight"].shape)
     model = build_ranker(data, cfg, int(state["mean"].shape[0]) - len(data.user_cont_cols) - data.item_cont.shape[1], ids,
-                         bool(state["deep_on"] > 0))
+                         bool(state["deep_on"] > 0), "cross" in state)
     model.load_state_dict(state)
     return model.to(device).eval()
 
