@@ -617,14 +617,14 @@ def test_ranker_variants_pair_every_variant_with_the_reference_on_the_same_candi
     """benchmarks.ranker_variants: stage A's lists train each variant, which re-orders the bundle's candidates for the
     evaluated users; every row is paired with the reference user by user."""
     from benchmarks.ablation import shop_evaluator
-    from benchmarks.ranker_variants import REFERENCE, SEGMENT, SERVED, TRENDING, run, with_columns
+    from benchmarks.ranker_variants import CROSS, REFERENCE, SEGMENT, SERVED, TRENDING, run, with_columns
     from runtime.candidates import trending_scores
 
     report = run(artifacts, cfg.replace("ranking", steps=200), {"test": shop_evaluator(artifacts, per_user=True)})
     rows = report["variants"]
     assert list(rows) == [REFERENCE, "+ listwise loss", "+ deep part", "+ list-relative scores", "+ ALS score",
-                          SERVED, TRENDING, SEGMENT, "no ranker (merged candidate order)"]
-    for paired in (TRENDING, SEGMENT):
+                          SERVED, TRENDING, CROSS, SEGMENT, "no ranker (merged candidate order)"]
+    for paired in (TRENDING, SEGMENT, CROSS):
         assert rows[paired]["test"]["NDCG@10 - served"][0] == pytest.approx(
             rows[paired]["test"]["NDCG@10"][0] - rows[SERVED]["test"]["NDCG@10"][0])
     only = run(artifacts, cfg.replace("ranking", steps=50), {"test": shop_evaluator(artifacts, per_user=True)}, (SEGMENT,))
