@@ -239,7 +239,10 @@ class OnlineStore:
             except self.watch_error:  # another writer changed one of these users: read again
                 time.sleep(0.001 * attempt)
             except self.redis_errors as exc:  # nothing of this batch was written (MULTI/EXEC is all or nothing)
-                raise OnlineStoreError(f"online store {self.url}: {exc}; {report.accepted} events of earlier batches "
+                full = "used memory > 'maxmemory'" in str(exc)  # Redis' OOM reply, alone or inside a pipeline's
+                why = ("full (its maxmemory; raise serve.online_max_memory_mb, or the server's maxmemory, or lower "
+                       "serve.online_ttl_days); no event of this batch was written" if full else str(exc))
+                raise OnlineStoreError(f"online store {self.url}: {why}; {report.accepted} events of earlier batches "
                                        "were written") from None
         else:
             raise OnlineStoreError(f"online store {self.url}: {len(users)} users kept changing under this batch")

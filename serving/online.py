@@ -1,7 +1,9 @@
 """The private online store `shoprec serve` runs beside Triton: a real redis-server (Debian's package)
 on a unix socket under ARTIFACTS/online (loopback TCP when the path is too long for a socket), its
 append-only file in the same folder, so live user state survives a restart. Memory is capped
-(`serve.online_max_memory_mb`); keys with a TTL are evicted first. An existing Redis is used
+(`serve.online_max_memory_mb`) with `noeviction`: a full instance refuses writes, which `shoprec events`
+reports, rather than drop some user's live actions and leave their state and actions out of step (keys
+expire `serve.online_ttl_days` after a user's last event, which frees memory). An existing Redis is used
 instead with `--online-store redis://host:port/db`. A second server on the same artifacts shares the
 running instance (the one that started it stops it). ARTIFACTS/online/owner names the process that
 looks after it; an instance whose owner is gone (killed without stopping it) is adopted by the server
@@ -70,7 +72,7 @@ class RedisServer:
         log = self.data_dir / "redis.log"
         cmd = [binary, *listen, "--dir", str(self.data_dir), "--logfile", str(log), "--daemonize", "no",
                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-               "--maxmemory", f"{self.max_memory_mb}mb", "--maxmemory-policy", "volatile-lru"]
+               "--maxmemory", f"{self.max_memory_mb}mb", "--maxmemory-policy", "noeviction"]
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:

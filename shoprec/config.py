@@ -155,7 +155,7 @@ class ServeConfig:
     online_max_actions: int = 2000  # live actions kept per user (the latest); bounds memory per user
     online_max_event_ids: int = 10_000  # applied event ids remembered per user for idempotency (the latest)
     online_max_ahead_s: float = 3600.0  # an event later than the writer's clock by more than this is refused (<= 0: never)
-    online_max_memory_mb: int = 1024  # the private instance's maxmemory (keys with a TTL are evicted first)
+    online_max_memory_mb: int = 1024  # the private instance's maxmemory; when full it refuses events (noeviction)
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002

@@ -258,7 +258,7 @@ def test_redis_runs_beside_triton_and_triton_reads_it():
     env = {e["name"]: e.get("value") for e in _container()["env"]}
     assert env["SHOPREC_ONLINE_STORE"] == f"redis://shoprec-redis:{port}/0"
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--maxmemory" in args and "volatile-lru" in args and "--appendonly" in args  # bounded, durable
+    assert "--maxmemory" in args and "noeviction" in args and "--appendonly" in args  # bounded, lossless, durable
 
 
 def test_replicas_disruption_budget_and_network_policies():

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from feature_workflows.history import KIND, NEVER, ActionLog
-from runtime.online_store import IngestReport, OnlineStore
+from runtime.online_store import IngestReport, OnlineStore, OnlineStoreError
 from runtime.request_transform import UserStore, raw_rows
 from runtime.user_state import pack, unpack, user_state
 
@@ -215,6 +215,40 @@ def test_memory_per_user_is_bounded(redis_url, artifacts, cfg, pipeline):
     assert client.hlen(small.key("acts", 900003)) == 4
     ttl = client.ttl(small.key("state", 900003))
     assert 0 < ttl <= cfg.serve.online_ttl_days * 86_400
+
+
+def test_a_full_store_refuses_a_batch_whole_and_keeps_every_earlier_user(redis_url, artifacts, cfg, pipeline):
+    """The private instance runs with noeviction: at its maxmemory a batch of events is refused with a one-line
+    reason, and no earlier user's live actions are dropped (an LRU eviction would take a user's actions and leave
+    their state, or the other way round, and the next event would seed from the snapshot: live events lost)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    store = OnlineStore.open(artifacts / "serving", redis_url, cfg.serve)
+    ids = pipeline.item_table["item_ids"]
+    before = client.config_get("maxmemory")["maxmemory"]
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 300_000)
+    written, refused = [], None
+    try:
+        for user in range(910_000, 912_000):
+            try:
+                store.ingest([{"user_id": user, "item_id": int(ids[(user + j) % len(ids)]), "type": "click",
+                               "timestamp": 1_000 + j} for j in range(40)])
+            except OnlineStoreError as exc:
+                refused = (user, str(exc))
+                break
+            written.append(user)
+    finally:
+        client.config_set("maxmemory", before)
+    assert refused is not None and written, "the store never filled"
+    assert "full (its maxmemory; raise serve.online_max_memory_mb" in refused[1] and "\n" not in refused[1]
+    assert client.hlen(store.key("acts", refused[0])) == 0 and client.get(store.key("state", refused[0])) is None
+    states = store.read(np.array(written))[0]
+    assert all(s is not None and s["activity"] >= 40 for s in states)  # every earlier user whole
+    assert all(client.hlen(store.key("acts", u)) >= 40 for u in written)
+    client.flushall()
 
 
 def test_event_ids_per_user_are_bounded_and_the_latest_still_deduplicate(redis_url, artifacts, cfg, pipeline):
