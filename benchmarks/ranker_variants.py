@@ -214,14 +214,13 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
         print(f"ranker_variants: {name}: " + "  ".join(f"{p} NDCG@10 {m['NDCG@10'][0]:.4f}" for p, m in
                                                       report["variants"][name].items() if p != "train_seconds"), flush=True)
 
-    wide = dict(deep=False, listwise_weight=0.0)
+    wide = dict(deep=False, listwise_weight=0.0, cross=False)
+    served = dict(deep=None, listwise_weight=kc.listwise_weight, cross=kc.user_item_cross)  # as configured
     variants = {REFERENCE: wide, "+ listwise loss": {**wide, "listwise_weight": 1.0}, "+ deep part": {**wide, "deep": True},
                 "+ list-relative scores": {**wide, "relative": True}, "+ ALS score": {**wide, "extra": "als"},
-                SERVED: {"deep": None, "listwise_weight": kc.listwise_weight, "cross": kc.user_item_cross},
-                TRENDING: {"deep": None, "listwise_weight": kc.listwise_weight, "extra": "trending"},
-                CROSS: {"deep": None, "listwise_weight": kc.listwise_weight, "cross": True}}
+                SERVED: served, TRENDING: {**served, "extra": "trending"}, CROSS: {**served, "cross": True}}
     if table is not None:
-        variants[SEGMENT] = {"deep": None, "listwise_weight": kc.listwise_weight, "extra": "segment"}
+        variants[SEGMENT] = {**served, "extra": "segment"}
     unknown = sorted(set(only) - set(variants))
     if unknown:
         raise SystemExit(f"ranker_variants: --only {' '.join(unknown)}: no such variant here (known: {', '.join(variants)})")
@@ -233,7 +232,7 @@ def run(artifacts: Path, cfg, evaluators: dict, only: tuple = ()) -> dict:
         extra_a = extra(fit, users_a, lists["rows"]) if extra else None
         extra_e = {p: extra(train, evaluators[p].users, ev["rows"]) for p, ev in parts.items()} if extra else {}
         train_lists = with_columns(lists, extra_a, v.get("relative", False))
-        setting = dataclasses.replace(kc, listwise_weight=v["listwise_weight"], user_item_cross=v.get("cross", False))
+        setting = dataclasses.replace(kc, listwise_weight=v["listwise_weight"], user_item_cross=v["cross"])
         model, _ = T.train_ranker(data, setting, train_lists,
                                   {k: x[:0] for k, x in train_lists.items()}, [], data.items["item_cont_fit"], tt_a.item_ids,
                                   "cpu", False, deep=v["deep"])

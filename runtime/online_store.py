@@ -98,6 +98,7 @@ class OnlineStore:
 
         self.redis_errors = (redis.RedisError, OSError)
         self.watch_error = redis.WatchError
+        self.full_error = redis.exceptions.OutOfMemoryError  # the maxmemory refusal (noeviction)
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_ms / 1000, socket_connect_timeout=timeout_ms / 1000,
                                            retry_on_timeout=False)
         self.url, self.prefix = url, prefix
@@ -239,9 +240,9 @@ class OnlineStore:
             except self.watch_error:  # another writer changed one of these users: read again
                 time.sleep(0.001 * attempt)
             except self.redis_errors as exc:  # nothing of this batch was written (MULTI/EXEC is all or nothing)
-                full = "used memory > 'maxmemory'" in str(exc)  # Redis' OOM reply, alone or inside a pipeline's
                 why = ("full (its maxmemory; raise serve.online_max_memory_mb, or the server's maxmemory, or lower "
-                       "serve.online_ttl_days); no event of this batch was written" if full else str(exc))
+                       "serve.online_ttl_days); no event of this batch was written" if isinstance(exc, self.full_error)
+                       else str(exc))
                 raise OnlineStoreError(f"online store {self.url}: {why}; {report.accepted} events of earlier batches "
                                        "were written") from None
         else:

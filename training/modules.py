@@ -354,7 +354,9 @@ class Ranker(nn.Module):
         b, n = item_cat.shape[0], item_cat.shape[1]
         x = torch.cat([user_cont.unsqueeze(1).expand(b, n, user_cont.shape[1]), item_cont, cand_dense], dim=-1)
         x = (x - self.mean) / self.std
-        wide = self.wide(x) if self.cross is None else self.wide(x) + self.crossed(x)
+        wide = self.wide(x)
+        if self.cross is not None:
+            wide = wide + self.crossed(x)
         if not bool(self.deep_on > 0):  # a python branch: the exported graph of a wide-only ranker has no deep part
             return wide
         d = self.dense(x)  # [B, N, D]
