@@ -161,6 +161,15 @@ class OnlineStore:
         except self.redis_errors as exc:
             raise OnlineStoreError(f"online store {self.url}: {exc}") from None
 
+    def memory(self) -> tuple[int, int] | None:
+        """(used bytes, maxmemory bytes; 0: no limit) from Redis's INFO memory, None when it does not answer.
+        For the metrics publisher, not the request path."""
+        try:
+            info = self.client.info("memory")
+            return int(info["used_memory"]), int(info.get("maxmemory", 0))
+        except (*self.redis_errors, KeyError, ValueError):
+            return None
+
     # ---- request path -------------------------------------------------------------------------------
 
     def read(self, user_ids: np.ndarray) -> tuple[list, np.ndarray, bool]:

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,9 +239,11 @@ class StepImpl:
 
     `METRICS` names the counters a step class keeps ({name: description}); `count()` adds to them and
     `take_counts()` hands them over: the Triton adapter publishes them as Prometheus counters on the
-    server's metrics port, the in-process pipeline just keeps them."""
+    server's metrics port, the in-process pipeline just keeps them. `GAUGES` names its gauges, whose
+    current values `gauge_values()` gives when the adapter publishes (off the request path)."""
 
     METRICS: dict[str, str] = {}
+    GAUGES: dict[str, str] = {}
 
     def __init__(self, step: contract.Step, bundle: Bundle, cfg: ServeConfig, device: str = "cpu", device_id: int = 0,
                  threads: int = 1):
@@ -253,6 +256,13 @@ class StepImpl:
 
     def metrics(self) -> dict[str, str]:
         return dict(self.METRICS)
+
+    def gauges(self) -> dict[str, str]:
+        return dict(self.GAUGES)
+
+    def gauge_values(self) -> dict[tuple[str, tuple], float]:
+        """{(gauge name, labels): value} now; a gauge left out keeps its last published value."""
+        return {}
 
     def count(self, name: str, value: float, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))
@@ -314,6 +324,12 @@ class Fused(StepImpl):
 
     def take_counts(self) -> dict[tuple[str, tuple], float]:
         return {k: v for _, impl in self.parts for k, v in impl.take_counts().items()}
+
+    def gauges(self) -> dict[str, str]:
+        return {k: v for _, impl in self.parts for k, v in impl.gauges().items()}
+
+    def gauge_values(self) -> dict[tuple[str, tuple], float]:
+        return {k: v for _, impl in self.parts for k, v in impl.gauge_values().items()}
 
     @contextlib.contextmanager
     def batch_counts(self):
@@ -411,6 +427,7 @@ class FeatureTransform(StepImpl):
         self.item_order = np.argsort(self.item_ids, kind="stable")
         url = store_url(self.cfg.online_store)
         self.online = OnlineStore.for_bundle(url, bundle, self.cfg, self.store) if url else None
+        self._memory_at, self._memory = -float("inf"), None  # gauge_values(): the store's memory, read now and then
         # blocked items join the unavailable ones, so every recall route skips them and the lists stay full
         self.blocked = BlockedItems(self.cfg.blocked_items_file, self.item_ids) if self.cfg.blocked_items_file else None
         self._merged = (None, None, None)  # (store's unavailable rows, blocked rows, their union): made once per change
@@ -464,6 +481,22 @@ class FeatureTransform(StepImpl):
                "shoprec_arm_requests_total": "users asked for recommendations, by experiment layer and arm (labels: layer, arm)",
                "shoprec_context_items_total": "context items requests sent (item_detail, cart)",
                "shoprec_context_items_unknown_total": "of them, ids not in the catalog: ignored"}
+    GAUGES = {"shoprec_online_store_used_bytes": "memory the online store (Redis) uses, INFO used_memory, read every "
+                                                 "few seconds; absent without an online store",
+              "shoprec_online_store_max_bytes": "the online store's maxmemory (0: no limit); a full store refuses new "
+                                                "events (noeviction)"}
+    MEMORY_EVERY_S = 5.0  # Redis's INFO is read at most this often, by the publisher, never by a request
+
+    def gauge_values(self) -> dict[tuple[str, tuple], float]:
+        if self.online is None:
+            return {}
+        now = time.monotonic()
+        if now - self._memory_at >= self.MEMORY_EVERY_S:
+            self._memory_at, self._memory = now, self.online.memory()
+        if self._memory is None:  # unreachable: the last values stay (the degraded counter says why)
+            return {}
+        used, limit = self._memory
+        return {("shoprec_online_store_used_bytes", ()): float(used), ("shoprec_online_store_max_bytes", ()): float(limit)}
 
     def run(self, t: dict) -> tuple:
         strategy, context_rows, experiment = self.request_strategy(t)

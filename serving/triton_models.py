@@ -57,6 +57,8 @@ class StepModel:
         # the step's counters on Triton's metrics port, beside Triton's own (one family per name, owned by one step)
         self.families = {name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
                          for name, text in self.impl.metrics().items()}
+        self.families.update({name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
+                              for name, text in self.impl.gauges().items()})
         self.series: dict = {}
         # every increment is a round trip to the server process (~0.1 ms): counts are summed in the step and
         # published twice a second by a thread, off the request path
@@ -78,10 +80,15 @@ class StepModel:
     def publish(self) -> None:
         for (name, labels), value in self.impl.take_counts().items():
             if value:
-                key = (name, labels)
-                if key not in self.series:
-                    self.series[key] = self.families[name].Metric(labels=dict(labels))
-                self.series[key].increment(value)
+                self._series(name, labels).increment(value)
+        for (name, labels), value in self.impl.gauge_values().items():
+            self._series(name, labels).set(value)
+
+    def _series(self, name: str, labels: tuple):
+        key = (name, labels)
+        if key not in self.series:
+            self.series[key] = self.families[name].Metric(labels=dict(labels))
+        return self.series[key]
 
     def parse(self, request) -> dict:
         t = {t.name: _input(request, t.name, not t.optional) for t in self.step.inputs}

@@ -240,10 +240,12 @@ def test_a_full_store_refuses_a_batch_whole_and_keeps_every_earlier_user(redis_u
                 refused = (user, str(exc))
                 break
             written.append(user)
+        used, limit = store.memory()  # what the feature step's gauges publish, and the alert reads
     finally:
         client.config_set("maxmemory", before)
     assert refused is not None and written, "the store never filled"
     assert "full (its maxmemory; raise serve.online_max_memory_mb" in refused[1] and "\n" not in refused[1]
+    assert 0.9 < used / limit < 1.1, (used, limit)  # ShoprecOnlineStoreNearlyFull would fire
     assert client.hlen(store.key("acts", refused[0])) == 0 and client.get(store.key("state", refused[0])) is None
     states = store.read(np.array(written))[0]
     assert all(s is not None and s["activity"] >= 40 for s in states)  # every earlier user whole
@@ -343,6 +345,8 @@ def test_a_dead_store_degrades_to_the_snapshot_without_failing(artifacts, cfg, p
     users = pipeline.steps["feature_transform"].store.user_id[:4]
     got = dead.steps["feature_transform"](users)
     assert got["degraded"] and not got["live"].any()
+    assert dead.steps["feature_transform"].online.memory() is None
+    assert dead.steps["feature_transform"].gauge_values() == {}  # no gauge rather than a made-up value
     for a, b in zip(dead.recommend(users, 10), pipeline.recommend(users, 10)):
         np.testing.assert_array_equal(a[0], b[0])
 

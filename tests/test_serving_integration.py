@@ -417,6 +417,9 @@ def test_step_counters_on_the_metrics_port(triton, artifacts):
     assert delta('shoprec_route_empty_total{route="cf_all"}') >= 2  # the two cold users at least
     assert delta('shoprec_route_candidates_total{route="popular"}') > 0
     assert delta("shoprec_candidates_total") == 5 * triton_candidates(artifacts)
+    # the feature step's gauges: the private Redis's memory, beside the counters
+    limit = after["shoprec_online_store_max_bytes"]
+    assert limit == triton.online_max_memory_mb * 2**20 and 0 < after["shoprec_online_store_used_bytes"] < limit
 
 
 def test_the_response_cache_answers_a_repeated_request_and_never_the_canary(artifacts, cfg):
