@@ -378,6 +378,7 @@ def _query_features(data: _Split, it: _ItemFeatures, cfg: FeatureConfig, out: Pa
     log_all = ActionLog(train_actions, it.category, it.rel_price)
     rows = train_actions[train_actions["kind"] >= POSITIVE_KIND]
     session_start = rows.groupby(["user_id", "session_id"])["ts"].transform("min").values
+    rows = rows.assign(state_ts=session_start)  # the time the row's state is taken at (train.parquet's state_ts)
     state = log_all.states(rows["user_id"].values, session_start, cfg.sequence_length, cfg.recent_categories)
     attrs = _user_attrs(data.users, rows["user_id"].values, qspec)
     hour, weekday = context_from_ts(rows["ts"].values)
@@ -410,7 +411,7 @@ def _training_rows(qw, train_rows, it: _ItemFeatures, cfg: FeatureConfig, out: P
             extra.update({f"seq_kind_{i + 1}": state["seq_kinds"][lo:hi, i] for i in range(cfg.sequence_length)})
             extra.update({"item_row": rows["item_row"].values[lo:hi], "kind": rows["kind"].values[lo:hi],
                           "fold": rows["fold"].values[lo:hi], "user_id_raw": rows["user_id"].values[lo:hi],
-                          "ts": rows["ts"].values[lo:hi]})
+                          "ts": rows["ts"].values[lo:hi], "state_ts": rows["state_ts"].values[lo:hi]})
             table = pa.Table.from_pandas(pd.concat([feats, pd.DataFrame(extra)], axis=1), preserve_index=False)
             if writer is None:
                 schema = table.schema

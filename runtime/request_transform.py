@@ -206,6 +206,14 @@ def raw_rows(spec: dict, state: dict[str, np.ndarray], attrs: dict[str, np.ndarr
     raw: dict[str, np.ndarray] = {"user_id": np.asarray(attrs["user_id"], dtype=np.int64)}
     for col in spec["user_cat"] + spec["user_num"]:
         raw[col] = attrs[col.removeprefix("user_")]
+    raw.update(history_raw(spec, state, category_names))
+    raw.update(context_raw(n, hour, weekday, device))
+    return raw
+
+
+def history_raw(spec: dict, state: dict[str, np.ndarray], category_names: np.ndarray) -> dict[str, np.ndarray]:
+    """The query workflow's raw history columns (recent categories, favourite category, activity, ...) of n
+    states, as `raw_rows` (category codes -1: null)."""
     names = np.asarray(category_names, dtype=object)
 
     def cat_name(codes):
@@ -215,13 +223,13 @@ def raw_rows(spec: dict, state: dict[str, np.ndarray], attrs: dict[str, np.ndarr
                              "categories; the bundle mixes exports (re-run `shoprec export`)")
         return np.where(codes >= 0, names[np.maximum(codes, 0)] if len(names) else None, None)
 
+    raw: dict[str, np.ndarray] = {}
     for i, col in enumerate(c for c in spec["history_cat"] if c.startswith("recent_category_")):
         raw[col] = cat_name(state["recent_categories"][:, i])
     if "fav_category" in spec["history_cat"]:
         raw["fav_category"] = cat_name(state["fav_category"])
     for col in spec["history_num"]:
         raw[col] = np.asarray(state[col], dtype=np.float64)
-    raw.update(context_raw(n, hour, weekday, device))
     return raw
 
 

@@ -52,6 +52,12 @@ class RetrievalConfig:
     # fits stage A with each and keeps the one whose two-tower alone scores the best NDCG@10 on the valid
     # split; one value fixes it
     whole_history_share: tuple[float, ...] = (0.0, 0.5)
+    # where such a row's own item is left out: "sequence" (its slots of the sequence; the state's aggregates
+    # still count it, as the server's state of the user does) or "state" (the whole state, aggregates too)
+    whole_history_leave_out: str = "sequence"
+    # stage A's rows (fit fold) read states built from the fit fold's actions only, not from every train action
+    # (the holdout's included): training.train.FoldStates
+    fold_states: bool = False
     id_dropout: float = 0.1  # item-id dropout in the item tower: attributes carry unseen items
     context_dropout: float = 0.25  # rows trained with the "unknown" context the server gets without one
     dropout: float = 0.1

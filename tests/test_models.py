@@ -732,18 +732,24 @@ def test_training_with_a_sparse_item_table_learns(artifacts, cfg):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
-def test_whole_history_rows_read_the_users_final_state_without_their_own_item(artifacts):
+def _whole_history_applied(artifacts, **kwargs):
+    """(data, batch, its arrays before, after WholeHistory(fit fold, **kwargs) gave every row the whole history,
+    the user-id field, the fit fold's actions)."""
     from training.data import FeatureData
     from training.train import WholeHistory
 
     data = FeatureData(artifacts / "features")
-    whole = WholeHistory(data, (0,))
+    whole = WholeHistory(data, (0,), **kwargs)
     batch = next(data.train_batches(4096, (0,)))
-    cat, cont, seq, kinds = data.arrays(batch)
-    before = [a.copy() for a in (cat, cont, seq, kinds)]
-    whole.apply(cat, cont, seq, kinds, batch["item_row"], 1.0, np.random.default_rng(0))
-    uid = data.user_cat_cols.index("user_id")
+    after = data.arrays(batch)
+    before = [a.copy() for a in after]
+    whole.apply(*after, batch["item_row"], 1.0, np.random.default_rng(0))
     fit = data.actions[(data.actions["split"] == 0) & (data.actions["fold"] == 0)]
+    return data, whole, batch, before, after, data.user_cat_cols.index("user_id"), fit
+
+
+def test_whole_history_rows_read_the_users_final_state_without_their_own_item(artifacts):
+    data, whole, batch, before, (cat, cont, seq, kinds), uid, fit = _whole_history_applied(artifacts)
     users = np.unique(fit["user_id"].values)
     final = data.queries(users, data.action_log(fit))
     row = {int(c): i for i, c in enumerate(final["user_cat"][:, uid])}
@@ -764,6 +770,90 @@ def test_whole_history_rows_read_the_users_final_state_without_their_own_item(ar
     cat2, cont2, seq2, kinds2 = [a.copy() for a in before]
     whole.apply(cat2, cont2, seq2, kinds2, batch["item_row"], 0.0, np.random.default_rng(0))
     np.testing.assert_array_equal(seq2, before[2])  # share 0: rows keep the actions before them
+
+
+def test_whole_history_rows_left_out_of_the_state_read_the_users_other_actions(artifacts):
+    """retrieval.whole_history_leave_out = "state": a row's inputs are exactly the state of the user's fold
+    actions without those on its own item (the favourite category checked where it has no tie)."""
+    data, whole, batch, before, (cat, cont, seq, kinds), uid, fit = _whole_history_applied(artifacts, leave_out="state")
+    by_user = dict(tuple(fit.groupby("user_id")))
+    users = np.unique(fit["user_id"].values)
+    code_of = dict(zip(data.queries(users, data.action_log(fit))["user_cat"][:, uid].tolist(), users.tolist()))
+    fav_at = data.user_cat_cols.index("fav_category")
+    changed = checked_fav = 0
+    for i in range(0, len(cat), 8):  # every 8th row: each one rebuilds its user's state from their actions
+        user, own_row = code_of[int(before[0][i, uid])], int(batch["item_row"][i])
+        acts = by_user[user]
+        rest = acts[acts["item_row"] != own_row]  # the user's fold actions without those on the row's own item
+        expect = data.queries(np.array([user]), data.action_log(rest))
+        own = data.item_codes[own_row]
+        assert own not in seq[i]
+        np.testing.assert_array_equal(seq[i], expect["seq"][0])  # the older actions moved up
+        np.testing.assert_array_equal(kinds[i], expect["seq_kinds"][0])
+        np.testing.assert_array_equal(cat[i, data.context_fields], before[0][i, data.context_fields])  # the row's context
+        others = [c for c in range(cat.shape[1]) if c not in data.context_fields and c != fav_at]
+        np.testing.assert_array_equal(cat[i, others], expect["user_cat"][0, others])  # recent categories included
+        np.testing.assert_allclose(cont[i], expect["user_cont"][0], rtol=1e-5, atol=1e-5)  # activity, price level
+        cats = data.category[rest["item_row"].values]
+        counts = np.sort(np.unique(cats[cats >= 0], return_counts=True)[1])[::-1]
+        if len(counts) and (len(counts) == 1 or counts[0] > counts[1]):  # a favourite without a tie
+            assert cat[i, fav_at] == expect["user_cat"][0, fav_at]
+            checked_fav += 1
+        changed += not np.array_equal(seq[i], before[2][i])
+    n = len(range(0, len(cat), 8))
+    assert changed > n // 2 and checked_fav > n // 2, (changed, checked_fav, n)  # most rows had later actions
+    cat2, cont2, seq2, kinds2 = [a.copy() for a in before]
+    whole.apply(cat2, cont2, seq2, kinds2, batch["item_row"], 0.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(seq2, before[2])  # share 0: rows keep the actions before them
+
+
+def test_fold_states_rebuild_the_rows_inputs_from_the_folds_actions_only(artifacts):
+    """retrieval.fold_states: with every train action, the rebuilt inputs are train.parquet's own (the features
+    stage's state code and workflow, the same numbers); with the fit fold's only, no row's sequence holds an
+    item of a holdout action of its user, and the history columns are the fold's state at the row's time."""
+    from training.data import FeatureData
+    from training.train import FoldStates
+
+    data = FeatureData(artifacts / "features")
+    extra = ("user_id_raw", "state_ts")
+    assert data.has_row_columns(extra) and not data.has_row_columns(("no_such_column",))
+    batch = next(data.train_batches(4096, (0, 1), extra_columns=extra))
+    arrays = data.arrays(batch)
+    rebuilt = [a.copy() for a in arrays]
+    FoldStates(data, (0, 1)).apply(*rebuilt, batch)
+    for a, b in zip(arrays[:1] + arrays[2:], rebuilt[:1] + rebuilt[2:]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(arrays[1], rebuilt[1], rtol=1e-6, atol=1e-6)
+
+    batch = next(data.train_batches(4096, (0,), extra_columns=extra))
+    cat, cont, seq, kinds = data.arrays(batch)
+    before = cat.copy()
+    FoldStates(data, (0,)).apply(cat, cont, seq, kinds, batch)
+    acts = data.actions[data.actions["split"] == 0]
+    fit = acts[acts["fold"] == 0]
+    expect = data.queries(batch["user_id_raw"], data.action_log(fit), at_ts=batch["state_ts"])
+    np.testing.assert_array_equal(seq, expect["seq"])
+    np.testing.assert_array_equal(kinds, expect["seq_kinds"])
+    user_cols = [c for c in range(cat.shape[1]) if c not in data.context_fields]
+    np.testing.assert_array_equal(cat[:, user_cols], expect["user_cat"][:, user_cols])
+    np.testing.assert_array_equal(cat[:, data.context_fields], before[:, data.context_fields])  # the row's context
+    np.testing.assert_allclose(cont, expect["user_cont"], rtol=1e-5, atol=1e-5)
+    hold = acts[acts["fold"] == 1]
+    held = set(zip(hold["user_id"].tolist(), data.item_codes[hold["item_row"].values].tolist()))
+    fit_pairs = set(zip(fit["user_id"].tolist(), data.item_codes[fit["item_row"].values].tolist()))
+    only_held = held - fit_pairs
+    before_seq = data.arrays(batch)[2]
+    leaked = sum((u, c) in only_held for u, row in zip(batch["user_id_raw"].tolist(), before_seq.tolist()) for c in row if c)
+    assert leaked > 0  # train.parquet's rows do hold holdout items: what this removes
+    assert not any((u, c) in only_held for u, row in zip(batch["user_id_raw"].tolist(), seq.tolist()) for c in row if c)
+
+
+def test_whole_history_refuses_an_unknown_leave_out(artifacts):
+    from training.data import FeatureData
+    from training.train import TrainingError, WholeHistory
+
+    with pytest.raises(TrainingError, match=r"retrieval.whole_history_leave_out: 'items' must be one of \['sequence', 'state'\]"):
+        WholeHistory(FeatureData(artifacts / "features"), (0,), leave_out="items")
 
 
 def test_export_refuses_models_of_other_features(artifacts, cfg, tmp_path):

@@ -58,11 +58,11 @@ class FeatureData:
         return [i for i, c in enumerate(self.user_cat_cols) if use_user_id or c != "user_id"]
 
     def train_batches(self, batch_size: int, folds: tuple[int, ...], shuffle_seed: int | None = None,
-                      buffer_rows: int = 262_144, sample_rate: float = 1.0):
+                      buffer_rows: int = 262_144, sample_rate: float = 1.0, extra_columns: tuple[str, ...] = ()):
         """Two-tower rows (positive train actions of the given folds) as dicts of arrays, shuffled within
         a bounded buffer so memory stays flat at any size; with sample_rate < 1 a random share of them
-        (another one for every seed)."""
-        cols = self.user_cat_cols + self.user_cont_cols + self.seq_columns() + ["item_row", "fold"]
+        (another one for every seed). `extra_columns`: more of train.parquet's columns (`has_row_columns`)."""
+        cols = self.user_cat_cols + self.user_cont_cols + self.seq_columns() + ["item_row", "fold", *extra_columns]
         pf = pq.ParquetFile(self.dir / "train.parquet")
         rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
         sampler = rng if rng is not None else np.random.default_rng(0)  # one stream for the whole pass
@@ -88,6 +88,10 @@ class FeatureData:
                 pending, n_pending = [], 0
         if n_pending:
             yield from flush(pending)
+
+    def has_row_columns(self, names) -> bool:
+        """Whether train.parquet holds these columns (features of an older `shoprec features` may not)."""
+        return set(names) <= set(pq.ParquetFile(self.dir / "train.parquet").schema_arrow.names)
 
     def seq_columns(self) -> list[str]:
         return [f"seq_{i}" for i in range(1, self.seq_len + 1)] + [f"seq_kind_{i}" for i in range(1, self.seq_len + 1)]

@@ -32,10 +32,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from feature_workflows.history import NEVER, POSITIVE_KIND
 from runtime.candidates import CandidateGenerator, CategoryPrior, ItemNeighbours, popularity_bias
+from runtime.request_transform import history_raw
 from runtime.steps import best_first, popularity_factor
 from shoprec.config import Config, RankingConfig, RetrievalConfig
 from shoprec.device import torch_device
@@ -146,35 +149,162 @@ def retrieval_recall(model: TwoTower, data: FeatureData, item_cont: np.ndarray, 
     return recall_at(np.concatenate(top), valid["truth"], k) if top else 0.0
 
 
+class HistoryColumns:
+    """The history columns of the packed user inputs (recent categories, favourite category, activity, positives,
+    price level), re-encoded in place from raw states with the query plan the server runs."""
+
+    def __init__(self, data: FeatureData):
+        spec = data.schema["query_spec"]
+        self.data, self.spec = data, spec
+        self.cat = [c for c in spec["history_cat"] if c in data.user_cat_cols]
+        self.cont = [c for c in spec["history_num"] if c in data.user_cont_cols]
+        self.cat_at = [data.user_cat_cols.index(c) for c in self.cat]
+        self.cont_at = [data.user_cont_cols.index(c) for c in self.cont]
+
+    def write(self, cat: np.ndarray, cont: np.ndarray, rows: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """cat / cont rows `rows` get the history columns of `state` (as ActionLog.states gives, one per row)."""
+        if not (self.cat or self.cont):
+            return
+        out = self.data.plan.transform(history_raw(self.spec, state, self.data.category_names),
+                                       only=set(self.cat + self.cont))
+        for c, at in zip(self.cat, self.cat_at):
+            cat[rows, at] = out[c]
+        for c, at in zip(self.cont, self.cont_at):
+            cont[rows, at] = out[c]
+
+
+class FoldStates:
+    """Training rows' user inputs rebuilt from the actions of `folds` only (retrieval.fold_states).
+
+    train.parquet holds each row's state from every train action before its session, the holdout fold's
+    included. Stage A's two-tower is judged on the holdout, and the ranker learns from its scores there; rows
+    whose sequences hold holdout items teach it those items next to the fit items that followed, which it
+    could not know when serving. This gives each row the state of the fold's actions before the same time
+    (its `state_ts`), through the same state code and query plan; the row's attributes and context stay."""
+
+    def __init__(self, data: FeatureData, folds: tuple[int, ...]):
+        acts = data.actions[(data.actions["split"] == 0) & data.actions["fold"].isin(folds)]
+        self.log = data.action_log(acts)
+        self.data, self.columns = data, HistoryColumns(data)
+        self.n_cat = int(data.schema["recent_categories"])
+
+    def apply(self, cat, cont, seq, kinds, batch: dict) -> None:
+        """In place: every row of the batch (its `user_id_raw`, `state_ts`) gets the fold's state."""
+        state = self.log.states(batch["user_id_raw"], batch["state_ts"], seq.shape[1], self.n_cat)
+        s = state["seq_rows"]
+        seq[:] = np.where(s >= 0, self.data.item_codes[np.maximum(s, 0)], 0)
+        kinds[:] = state["seq_kinds"]
+        self.columns.write(cat, cont, np.arange(len(cat)), state)
+
+
 class WholeHistory:
     """Each training user's state after all their training actions of `folds` (the model inputs the server
-    builds for them), looked up by the user-id code of the training rows.
+    builds for them), looked up by the user-id code of the training rows, with the row's own item left out.
 
     A row given this state instead of the actions before it asks the two-tower what else the user picked,
     anywhere in their past, which is what a served user is asked about when the items to find are not only
     the next ones (a random split; on ml-latest-small's stage-A holdout it lifted the two-tower alone's
-    NDCG@10 by a quarter). The row's own item is left out of the sequence; its context stays the row's."""
+    NDCG@10 by a quarter). Its context stays the row's.
 
-    def __init__(self, data: FeatureData, folds: tuple[int, ...], chunk: int = 100_000):
+    `leave_out` (retrieval.whole_history_leave_out) says where the row's own item is left out:
+    - "sequence" (the default): its slots of the sequence become padding; the state's aggregates (recent
+      categories, favourite category, activity, positives, price level) still count it. That is what the
+      server reads for every one of the user's items at once.
+    - "state": the state the user's actions would give without those on the row's own item: they leave the
+      sequence (the older actions move up), the recent categories, activity, positives and price level. The
+      favourite category falls to the runner-up when the own item's actions leave it behind; where the two
+      then tie, the runner-up is taken (the running rule's tie-break by time is not replayed), and
+      uncategorised actions never lead. Measured on ml-latest-small, no better (README, How it recommends)."""
+
+    SPARE = 8  # sequence slots kept beyond the model's, to move up into when the own item's actions leave
+    LEAVE_OUT = ("sequence", "state")
+
+    def __init__(self, data: FeatureData, folds: tuple[int, ...], chunk: int = 100_000, leave_out: str = "sequence"):
+        if leave_out not in self.LEAVE_OUT:
+            raise TrainingError(f"retrieval.whole_history_leave_out: {leave_out!r} must be one of {list(self.LEAVE_OUT)}")
+        self.leave_out = leave_out
         acts = data.actions[(data.actions["split"] == 0) & data.actions["fold"].isin(folds)]
         self.uid = data.user_cat_cols.index("user_id")
         self.ctx = data.context_fields
-        users = np.unique(acts["user_id"].values)
+        self.data = data
+        self.users = users = np.unique(acts["user_id"].values)
+        self.n_cat = int(data.schema["recent_categories"])
+        width = max(data.seq_len, self.n_cat) + self.SPARE
         log_ = data.action_log(acts)
         parts = [data.queries(users[s : s + chunk], log_) for s in range(0, len(users), chunk)]
         join = lambda k, dt: np.concatenate([p[k] for p in parts]).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
         self.cat, self.cont = join("user_cat", np.int64), join("user_cont", np.float32)
-        self.seq, self.kinds = join("seq", np.int32), join("seq_kinds", np.int8)
+        self.seq, self.kinds_enc = join("seq", np.int32), join("seq_kinds", np.int8)
         codes = self.cat[:, self.uid] if len(self.cat) else np.zeros(0, np.int64)
         # codes shared by several users (out of vocabulary) keep their rows' own inputs
-        uniq, counts = np.unique(codes, return_counts=True)
-        single = np.isin(codes, uniq[counts == 1]) & (codes > OOV_CODE)
+        uniq, counts_ = np.unique(codes, return_counts=True)
+        single = np.isin(codes, uniq[counts_ == 1]) & (codes > OOV_CODE)
         self.row_of = np.full(int(data.user_card[self.uid]), -1, np.int64)
         self.row_of[codes[single]] = np.flatnonzero(single)
         self.item_codes = data.item_codes
+        if leave_out == "state":
+            self._state_tables(acts, log_, users, width)
+
+    def _state_tables(self, acts, log_, users: np.ndarray, width: int) -> None:
+        """What `without` needs: a longer sequence of item rows, counts, the price total, each (user, item)'s
+        actions, the favourite category and the runner-up with their counts."""
+        data = self.data
+        state = log_.states(users, NEVER, width, 1)
+        self.rows, self.kinds = state["seq_rows"].astype(np.int32), state["seq_kinds"].astype(np.int8)
+        self.activity, self.positives = state["activity"], state["positives"]
+        self.price_total = state["price_level"] * state["activity"] if "price_level" in state else None
+        u = np.searchsorted(users, acts["user_id"].values)
+        item = acts["item_row"].values.astype(np.int64)
+        pair = pd.DataFrame({"key": u * data.n_items + item, "pos": acts["kind"].values >= POSITIVE_KIND})
+        g = pair.groupby("key", sort=True)["pos"].agg(["size", "sum"])
+        self.pair_key, self.pair_n, self.pair_pos = g.index.values, g["size"].values, g["sum"].values
+        self.fav = self.runner_up = self.fav_count = self.runner_count = None
+        if data.category is not None and (data.category >= 0).any():
+            self.fav = state["fav_category"].astype(np.int64)
+            cats = pd.DataFrame({"u": u, "c": data.category[item]})
+            counts = cats[cats["c"] >= 0].groupby(["u", "c"]).size().reset_index(name="n")
+            self.fav_count = np.zeros(len(users), np.int64)
+            is_fav = counts["c"].values == self.fav[counts["u"].values]
+            self.fav_count[counts["u"].values[is_fav]] = counts["n"].values[is_fav]
+            rest = counts[~is_fav].sort_values(["u", "n"], ascending=[True, False]).drop_duplicates("u")
+            self.runner_up = np.full(len(users), -1, np.int64)
+            self.runner_count = np.zeros(len(users), np.int64)
+            self.runner_up[rest["u"].values], self.runner_count[rest["u"].values] = rest["c"].values, rest["n"].values
+        self.columns = HistoryColumns(data)
 
     def __len__(self) -> int:
         return int((self.row_of >= 0).sum())
+
+    def without(self, r: np.ndarray, item_rows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+        """The raw states (as `ActionLog.states`) of users `r` (rows of this table) without their actions on
+        `item_rows`."""
+        item_rows = np.asarray(item_rows, np.int64)
+        at = np.searchsorted(self.pair_key, r * self.data.n_items + item_rows)
+        at = np.minimum(at, len(self.pair_key) - 1)
+        found = self.pair_key[at] == r * self.data.n_items + item_rows
+        m, m_pos = np.where(found, self.pair_n[at], 0), np.where(found, self.pair_pos[at], 0)
+        rows, kinds = self.rows[r], self.kinds[r]
+        gone = rows == item_rows[:, None]
+        order = np.argsort(gone, axis=1, kind="stable")  # the kept slots first, in their order
+        rows = np.where(np.take_along_axis(gone, order, 1), -1, np.take_along_axis(rows, order, 1)).astype(np.int64)
+        kinds = np.where(rows >= 0, np.take_along_axis(kinds, order, 1), 0)
+        n = self.activity[r] - m
+        out = {"seq_rows": rows[:, :seq_len], "seq_kinds": kinds[:, :seq_len].astype(np.int64),
+               "activity": n, "positives": self.positives[r] - m_pos}
+        category = self.data.category
+        if self.fav is not None:
+            recent = rows[:, : self.n_cat]
+            out["recent_categories"] = np.where(recent >= 0, category[np.maximum(recent, 0)], -1)
+            own = category[item_rows]
+            left = self.fav_count[r] - np.where(own == self.fav[r], m, 0)
+            fav = np.where((own == self.fav[r]) & (self.runner_count[r] >= left) & (self.runner_count[r] > 0),
+                           self.runner_up[r], self.fav[r])
+            out["fav_category"] = np.where((n > 0) & ((left > 0) | (fav != self.fav[r])), fav, -1)
+        if self.price_total is not None:
+            rel = self.data.items["rel_price"]
+            total = self.price_total[r] - m * rel[item_rows]
+            out["price_level"] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        return out
 
     def apply(self, cat, cont, seq, kinds, item_rows: np.ndarray, share: float, rng: np.random.Generator) -> None:
         """In place: a random `share` of the rows get their user's whole-history inputs."""
@@ -187,10 +317,17 @@ class WholeHistory:
         cat[pick] = self.cat[r]
         cat[np.ix_(pick, self.ctx)] = context
         cont[pick] = self.cont[r]
-        s, k = self.seq[r].astype(np.int64), self.kinds[r].astype(np.int64)
-        own = s == self.item_codes[item_rows[pick]][:, None]
-        s[own], k[own] = 0, 0  # the padding code: a sequence slot without an action
-        seq[pick], kinds[pick] = s, k
+        if self.leave_out == "sequence":
+            s, k = self.seq[r].astype(np.int64), self.kinds_enc[r].astype(np.int64)
+            own = s == self.item_codes[item_rows[pick]][:, None]
+            s[own], k[own] = 0, 0  # the padding code: a sequence slot without an action
+            seq[pick], kinds[pick] = s, k
+            return
+        state = self.without(r, item_rows[pick], seq.shape[1])
+        s = state["seq_rows"]
+        seq[pick] = np.where(s >= 0, self.item_codes[np.maximum(s, 0)], 0)  # 0: the padding code
+        kinds[pick] = state["seq_kinds"]
+        self.columns.write(cat, cont, pick, state)
 
 
 def whole_history_shares(cfg: RetrievalConfig) -> tuple[float, ...]:
@@ -220,7 +357,14 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
     if n_rows == 0:
         raise TrainingError(f"{stage}: no positive training actions (click or stronger) to learn from")
     p_item = counts / counts.sum()
-    whole = WholeHistory(data, folds) if share > 0 and "user_id" in data.user_cat_cols else None
+    whole = (WholeHistory(data, folds, leave_out=cfg.whole_history_leave_out)
+             if share > 0 and "user_id" in data.user_cat_cols else None)
+    # rows of part of train (stage A's fit fold) read states of that part's actions only
+    fold_states = FoldStates(data, folds) if cfg.fold_states and not {0, 1} <= set(folds) else None
+    extra_cols = ("user_id_raw", "state_ts") if fold_states is not None else ()
+    if extra_cols and not data.has_row_columns(extra_cols):
+        raise TrainingError(f"{data.dir / 'train.parquet'}: no {list(extra_cols)} columns (written by an older "
+                            "`shoprec features`), which retrieval.fold_states needs: re-run `shoprec features`")
     # big data: an epoch is a random sample of max_rows_per_epoch rows, so early stopping looks often enough
     rate = min(1.0, cfg.max_rows_per_epoch / n_rows) if cfg.max_rows_per_epoch else 1.0
     item_cat, item_cont_t = _t(data.item_cat, device), _t(item_cont, device)
@@ -231,9 +375,12 @@ def train_two_tower(data: FeatureData, cfg: RetrievalConfig, folds: tuple[int, .
         model.train()
         t0 = time.perf_counter()
         losses = []
-        for b in progress_iter(data.train_batches(cfg.batch_size, folds, shuffle_seed=cfg.seed + epoch, sample_rate=rate),
+        for b in progress_iter(data.train_batches(cfg.batch_size, folds, shuffle_seed=cfg.seed + epoch, sample_rate=rate,
+                                                  extra_columns=extra_cols),
                                f"{stage} epoch {epoch}", progress):
             cat, cont, seq, kinds = data.arrays(b)
+            if fold_states is not None:
+                fold_states.apply(cat, cont, seq, kinds, b)
             if whole is not None:
                 whole.apply(cat, cont, seq, kinds, b["item_row"], share, rng)
             if ctx and cfg.context_dropout:
