@@ -256,6 +256,35 @@ def test_ease_over_the_active_items_equals_ease_over_the_whole_catalog():
     assert not b[[2, 7, 11]].any() and not b[:, [2, 7, 11]].any()
 
 
+def test_ease_over_a_bigger_catalog_is_fitted_over_its_most_active_items():
+    """Above cf.ease_max_items active items, EASE covers the most interacted-with ones: the route's weights are
+    EASE's over exactly those (the strongest per item), the others have none, and the evaluation's scorer ranks
+    them after every covered item."""
+    from dataclasses import replace
+
+    import scipy.sparse as sp
+
+    from shoprec.config import CFConfig
+    from training.cf import EaseScorer, ease_block, ease_items, fit_neighbours
+
+    rng = np.random.default_rng(5)
+    pop = np.linspace(0.6, 0.05, 30)
+    dense = (rng.random((200, 30)) < pop).astype(np.float32)
+    dense[:, 29] = 0  # never interacted with
+    x = sp.csr_matrix(dense)
+    cfg = replace(CFConfig(), ease_max_items=10, neighbours=500)
+    head = ease_items(x, 10)
+    assert list(head) == list(np.sort(np.argsort(-dense.sum(0), kind="stable")[:10])) and len(ease_items(x, 50)) == 29
+    route = fit_neighbours(x, cfg, 2.0)
+    w = sp.csr_matrix((route.values, route.indices, route.indptr), shape=(30, 30)).toarray()
+    tail = np.setdiff1d(np.arange(30), head)
+    assert not w[tail].any() and not w[:, tail].any()
+    np.testing.assert_allclose(w[np.ix_(head, head)], ease_block(x, 2.0, head), atol=1e-6)
+    scores = EaseScorer(x, 2.0, 10)(x[:5])
+    assert np.isneginf(scores[:, tail]).all() and np.isfinite(scores[:, head]).all()
+    assert CFConfig().method == "auto" and fit_neighbours(x, replace(cfg, method="knn")).indptr[-1] > 0  # kNN: every item
+
+
 def _generator(n_items=8, exempt=None):
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(n_items, 4)).astype(np.float32)
