@@ -45,7 +45,8 @@ def test_ease_lambda_keeps_the_first_unless_another_wins_by_two_standard_errors(
 
     n = 21
     order = {300.0: np.r_[0.0, np.linspace(2, 1, 10), np.zeros(10)], 100.0: np.r_[0.0, np.zeros(10), np.linspace(2, 1, 10)]}
-    monkeypatch.setattr(cflib, "ease_weights", lambda x, lam: np.vstack([order[lam], np.zeros((n - 1, n))]))
+    monkeypatch.setattr(cflib, "ease_items", lambda x, max_items: np.arange(x.shape[1]))  # every item covered
+    monkeypatch.setattr(cflib, "ease_block", lambda x, lam, items: np.vstack([order[lam], np.zeros((n - 1, n))]))
     users = 400
     x = sp.csr_matrix((np.ones(users, np.float32), (np.arange(users), np.zeros(users, int))), shape=(users, n))
     cfg = CFConfig(method="ease", ease_lambdas=(300.0, 100.0))
