@@ -16,7 +16,7 @@ from shoprec import contract
 from shoprec.config import IndexConfig
 from shoprec.manifest import ArtifactError, sha256_file, verify_manifest, verify_tree, write_manifest
 from training import metrics as M
-from training.cf import _top_abs_dense, active_items, ease_weights, to_neighbours
+from training.cf import _top_abs_dense, active_items, ease_block, ease_items, to_neighbours
 from training.index import build_index
 from training.modules import FieldArch, Ranker, RankerServing, SequenceEncoder, TargetAttention, TwoTower, sampled_softmax_loss
 
@@ -231,7 +231,7 @@ def test_ease_weights_have_zero_diagonal_and_reconstruct():
     import scipy.sparse as sp
 
     x = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], np.float32))
-    b = ease_weights(x, 0.5)
+    b = ease_block(x, 0.5, np.arange(4))
     assert np.allclose(np.diag(b), 0)
     scores = np.asarray(x[0] @ b).ravel()
     assert scores[2] > scores[3]  # item 2 co-occurs with item 1, item 3 with neither of user 0's items
@@ -246,14 +246,15 @@ def test_ease_over_the_active_items_equals_ease_over_the_whole_catalog():
     dense = (rng.random((40, 12)) < 0.3).astype(np.float32)
     dense[:, [2, 7, 11]] = 0  # never interacted with
     x = sp.csr_matrix(dense)
-    assert list(active_items(x)) == [i for i in range(12) if i not in (2, 7, 11)]
-    b = ease_weights(x, 2.0)
+    active = [i for i in range(12) if i not in (2, 7, 11)]
+    assert list(active_items(x)) == active and list(ease_items(x, 12_000)) == active
+    b = ease_block(x, 2.0, np.array(active))
     g = dense.T.astype(np.float64) @ dense + 2.0 * np.eye(12)
     p = np.linalg.inv(g)
     want = -p / np.diag(p)
     np.fill_diagonal(want, 0.0)
-    np.testing.assert_allclose(b, want, atol=1e-5)
-    assert not b[[2, 7, 11]].any() and not b[:, [2, 7, 11]].any()
+    np.testing.assert_allclose(b, want[np.ix_(active, active)], atol=1e-5)
+    assert not want[[2, 7, 11]].any() and not want[:, [2, 7, 11]].any()  # what leaving them out drops
 
 
 def test_ease_over_a_bigger_catalog_is_fitted_over_its_most_active_items():

@@ -24,7 +24,7 @@ from runtime.candidates import ItemNeighbours
 from shoprec.config import CFConfig
 from shoprec.errors import UserError
 
-from .metrics import beats
+from .metrics import beats, rows_per_batch
 
 log = logging.getLogger("shoprec.cf")
 
@@ -87,17 +87,6 @@ class EaseScorer:
         return out
 
 
-def ease_weights(x: sp.csr_matrix, lam: float) -> np.ndarray:
-    """EASE's dense items x items weights over every active item (a small catalog's; zero for inactive items)."""
-    items = active_items(x)
-    b = ease_block(x, lam, items)
-    if len(items) == x.shape[1]:
-        return b
-    full = np.zeros((x.shape[1], x.shape[1]), np.float32)
-    full[np.ix_(items, items)] = b
-    return full
-
-
 def knn_weights(x: sp.csr_matrix, k: int) -> sp.csr_matrix:
     """Cosine item-item similarity, the top k per item (implicit's sparse, multi-threaded kNN)."""
     from implicit.nearest_neighbours import CosineRecommender
@@ -125,8 +114,8 @@ def to_neighbours(w: sp.csr_matrix) -> ItemNeighbours:
     return ItemNeighbours(w.indptr.astype(np.int64), w.indices.astype(np.int64), w.data.astype(np.float32), w.shape[0])
 
 
-def choose_method(n_items: int, cfg: CFConfig) -> str:
-    """The method (auto: EASE, over at most ease_max_items items; `n_items` is kept for the callers)."""
+def choose_method(cfg: CFConfig) -> str:
+    """The method (auto: EASE, over at most ease_max_items items, `ease_items`)."""
     if cfg.method not in ("auto", "ease", "knn", "none"):
         raise ValueError(f"cf.method must be auto, ease, knn or none; got {cfg.method!r}")
     return "ease" if cfg.method == "auto" else cfg.method
@@ -139,7 +128,7 @@ def neighbours_per_item(n_items: int, cfg: CFConfig) -> int:
 
 def fit_neighbours(x: sp.csr_matrix, cfg: CFConfig, lam: float | None = None) -> ItemNeighbours:
     """Sparse item-to-item weights from a users x items matrix (EASE with `lam`, or kNN)."""
-    method = choose_method(x.shape[1], cfg)
+    method = choose_method(cfg)
     if method == "none" or x.nnz == 0:
         return ItemNeighbours.empty(x.shape[1])
     if method == "ease":
@@ -160,14 +149,14 @@ def choose_lambda(x: sp.csr_matrix, eval_x: sp.csr_matrix, truth: list[np.ndarra
 
     x: the fit matrix; eval_x: the rows (users) whose holdout items `truth` are scored; seen: their
     items to exclude."""
-    method = choose_method(x.shape[1], cfg)
+    method = choose_method(cfg)
     if method != "ease" or len(cfg.ease_lambdas) == 1:
         return (cfg.ease_lambdas[0] if method == "ease" else None), {}
     if not len(truth):  # np.mean of nothing: NaN by lambda, and a message about EASE rather than the data
         raise CFError(f"no holdout user has a positive in the fit fold ({x.nnz} positives in it), so nothing can be "
                       "learned or checked: too few clicks, carts or purchases; need more positive events")
     per_user = {}
-    step = max(1, 50_000_000 // max(x.shape[1], 1))  # holdout users scored at a time: bounded memory at any catalog size
+    step = rows_per_batch(x.shape[1])  # holdout users scored at a time: bounded memory at any catalog size
     for lam in cfg.ease_lambdas:
         score = EaseScorer(x, lam, cfg.ease_max_items)
         ndcg = []

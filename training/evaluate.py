@@ -36,6 +36,7 @@ from shoprec.errors import UserError
 
 from . import cf as cflib
 from . import metrics as M
+from .metrics import rows_per_batch
 from .data import FeatureData
 
 log = logging.getLogger("shoprec.evaluate")
@@ -87,11 +88,6 @@ def _seen(users: np.ndarray, train, n_items: int) -> sp.csr_matrix:
                       shape=(len(users), n_items))
     m.sum_duplicates()
     return m
-
-
-def rows_per_batch(n_items: int) -> int:
-    """Users scored against the whole catalog at a time: 1,024, fewer where that would pass 2^27 scores."""
-    return max(1, min(1024, 2**27 // max(n_items, 1)))
 
 
 def top_n_unseen(scores: np.ndarray, seen: sp.csr_matrix, n: int = TOPN) -> np.ndarray:

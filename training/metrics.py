@@ -88,3 +88,8 @@ def per_user_novelty(top: np.ndarray, popularity: np.ndarray, n_users: int, k: i
         t = t[t >= 0]
         out[i] = info[t].mean() if len(t) else 0.0
     return out
+
+
+def rows_per_batch(n_items: int) -> int:
+    """Users scored against the whole catalog at a time: 1,024, fewer where that would pass 2^27 scores."""
+    return max(1, min(1024, 2**27 // max(n_items, 1)))

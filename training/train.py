@@ -227,9 +227,8 @@ class WholeHistory:
         self.uid = data.user_cat_cols.index("user_id")
         self.ctx = data.context_fields
         self.data = data
-        self.users = users = np.unique(acts["user_id"].values)
+        users = np.unique(acts["user_id"].values)
         self.n_cat = int(data.schema["recent_categories"])
-        width = max(data.seq_len, self.n_cat) + self.SPARE
         log_ = data.action_log(acts)
         parts = [data.queries(users[s : s + chunk], log_) for s in range(0, len(users), chunk)]
         join = lambda k, dt: np.concatenate([p[k] for p in parts]).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
@@ -243,13 +242,13 @@ class WholeHistory:
         self.row_of[codes[single]] = np.flatnonzero(single)
         self.item_codes = data.item_codes
         if leave_out == "state":
-            self._state_tables(acts, log_, users, width)
+            self._state_tables(acts, log_, users)
 
-    def _state_tables(self, acts, log_, users: np.ndarray, width: int) -> None:
+    def _state_tables(self, acts, log_, users: np.ndarray) -> None:
         """What `without` needs: a longer sequence of item rows, counts, the price total, each (user, item)'s
         actions, the favourite category and the runner-up with their counts."""
         data = self.data
-        state = log_.states(users, NEVER, width, 1)
+        state = log_.states(users, NEVER, max(data.seq_len, self.n_cat) + self.SPARE, 1)
         self.rows, self.kinds = state["seq_rows"].astype(np.int32), state["seq_kinds"].astype(np.int8)
         self.activity, self.positives = state["activity"], state["positives"]
         self.price_total = state["price_level"] * state["activity"] if "price_level" in state else None
@@ -259,7 +258,7 @@ class WholeHistory:
         g = pair.groupby("key", sort=True)["pos"].agg(["size", "sum"])
         self.pair_key, self.pair_n, self.pair_pos = g.index.values, g["size"].values, g["sum"].values
         self.fav = self.runner_up = self.fav_count = self.runner_count = None
-        if data.category is not None and (data.category >= 0).any():
+        if (data.category >= 0).any():
             self.fav = state["fav_category"].astype(np.int64)
             cats = pd.DataFrame({"u": u, "c": data.category[item]})
             counts = cats[cats["c"] >= 0].groupby(["u", "c"]).size().reset_index(name="n")
@@ -674,7 +673,7 @@ def train_all(features_dir: str | Path, models_dir: str | Path, cfg: Config, dev
     t0 = time.time()
     lam, lam_scores = choose_cf_lambda(data, fit, users, truth, cfg)
     cf_all_a, cf_pos_a = fit_routes(data, fit, cfg, lam)
-    report["cf"] = {"method": cflib.choose_method(data.n_items, cfg.cf), "active_items": int(fit["item_row"].nunique()),
+    report["cf"] = {"method": cflib.choose_method(cfg.cf), "active_items": int(fit["item_row"].nunique()),
                     "ease_lambda": lam,
                     "holdout_ndcg@10_by_lambda": lam_scores, "seconds": round(time.time() - t0, 1)}
     vsel = np.arange(min(len(users), rc.max_valid_users))
